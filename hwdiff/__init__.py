@@ -1,0 +1,43 @@
+"""hwdiff: measure how two devices compute the same model differently, and turn it into AQN noise.
+
+The public API; heavy dependencies (torch, transformers, h5py) load on first use of a name.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+from .errors import HwdiffError
+
+__all__ = [
+    "__version__",
+    "HwdiffError",
+    "load_model",
+    "load_inputs",
+    "resolve_device",
+    "record",
+    "capture",
+    "open_capture",
+    "inspect_capture",
+]
+
+_LAZY = {
+    "load_model": "models",
+    "load_inputs": "inputs",
+    "resolve_device": "devices",
+    "record": "hooks",
+    "capture": "capturing",
+    "open_capture": "store",
+    "inspect_capture": "inspect",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hwdiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,181 @@
+"""``hwdiff.capture``: run fixed inputs through a model and write every selected activation to HDF5."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from . import devices
+from ._version import __version__
+from .errors import HwdiffError, InputsError
+from .inputs import ByteTokenizer, Inputs, load_inputs
+from .models import dtype_name, model_info
+from .hooks import record
+from .store import MODES, CaptureWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """How a capture runs. ``tokens`` is K, the positions kept per sequence in ``sample`` mode;
+    ``max_tokens`` and ``limit`` (first N sequences) apply when inputs are read or tokenized."""
+
+    batch_size: int = 8
+    max_tokens: int | None = 128
+    limit: int | None = None
+    tokens: int = 16
+    seed: int = 0
+    compression: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "tokens"):
+            if getattr(self, name) < 1:
+                raise HwdiffError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.compression not in (None, "gzip", "lzf"):
+            raise HwdiffError(f"compression must be gzip, lzf or none, got {self.compression!r}")
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    """What a capture wrote: the file, how many modules and bytes, seconds, and NaN/Inf modules."""
+
+    path: Path
+    modules: int
+    sequences: int
+    tokens: int
+    bytes: int
+    seconds: float
+    nonfinite_modules: tuple[str, ...] = field(default=())
+
+    def __str__(self) -> str:
+        text = (f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, {self.modules} modules, "
+                f"{self.sequences} x {self.tokens} tokens, {self.seconds:.1f} s)")
+        if self.nonfinite_modules:
+            text += f"; NaN/Inf in {len(self.nonfinite_modules)} module(s), first {self.nonfinite_modules[0]}"
+        return text
+
+
+def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = None,
+            modules: str | Iterable[str] | None = None, kinds: str | Iterable[str] | None = None,
+            mode: str = "full", record_inputs: bool = False, **options: Any) -> CaptureResult:
+    """Run ``inputs`` through ``model`` with hooks and write one capture file at ``path``.
+
+    ``inputs``: None (the shipped prompt set), a file path, an :class:`~hwdiff.inputs.Inputs`, or
+    token ids (see :func:`~hwdiff.load_inputs`). ``modules`` / ``kinds`` select what to record (see
+    :func:`~hwdiff.hooks.select_modules`). ``mode``: ``full`` (every element), ``sample`` (K token
+    positions per sequence) or ``stats`` (float64 statistics only). ``options`` are the fields of
+    :class:`CaptureOptions`. The file appears at ``path`` only when complete; on failure an existing
+    file there is left as it was.
+    """
+    if mode not in MODES:
+        raise HwdiffError(f"unknown capture mode {mode!r}: expected {', '.join(MODES)}")
+    opts = CaptureOptions(**options)
+    started = time.perf_counter()
+    device, dtype = _device_and_dtype(model)
+    inputs = _resolve_inputs(model, inputs, opts)
+    positions = sample_positions(inputs, opts.tokens, opts.seed) if mode == "sample" else None
+    meta = _metadata(model, device, dtype, mode, record_inputs, opts)
+    writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=mode, sample_positions=positions,
+                           compression=opts.compression)
+    try:
+        with record(model, modules, kinds=kinds, mode=mode, record_inputs=record_inputs, sink=writer) as rec:
+            _run_batches(model, rec, inputs, positions, device, opts)
+        final = writer.finish({"capture_seconds": time.perf_counter() - started})
+    except BaseException:
+        writer.abort()
+        raise
+    result = CaptureResult(final, len(rec.registered), inputs.shape[0], inputs.shape[1],
+                           final.stat().st_size, time.perf_counter() - started, tuple(writer.nonfinite))
+    if result.nonfinite_modules:
+        log.warning("NaN/Inf activations in %d module(s), first in forward order: %s",
+                    len(result.nonfinite_modules), result.nonfinite_modules[0])
+    return result
+
+
+def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np.ndarray | None,
+                 device: torch.device, opts: CaptureOptions) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=inputs.shape[0], unit="seq", desc=f"capture on {device}", disable=not opts.progress,
+               leave=False)
+    with bar, torch.inference_mode():
+        for row0, ids, mask in inputs.batches(opts.batch_size):
+            rec.row0 = row0
+            if positions is not None:
+                rec.positions = torch.from_numpy(positions[row0: row0 + len(ids)]).to(device)
+            model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
+                  use_cache=False)
+            bar.update(len(ids))
+        devices.synchronize(device)
+
+
+def sample_positions(inputs: Inputs, k: int, seed: int) -> np.ndarray:
+    """K sorted token positions per sequence, drawn among its real tokens from PCG64(seed, row).
+
+    A sequence with fewer than K real tokens repeats its real positions cyclically.
+    """
+    k = min(k, inputs.shape[1])
+    rows = []
+    for row, mask in enumerate(inputs.attention_mask):
+        valid = np.flatnonzero(mask)
+        rng = np.random.Generator(np.random.PCG64([seed, row]))
+        chosen = np.sort(rng.choice(valid, size=k, replace=False)) if len(valid) >= k else np.resize(valid, k)
+        rows.append(chosen)
+    return np.stack(rows).astype(np.int64)
+
+
+def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    if not floating:
+        raise HwdiffError(f"{type(model).__name__} has no floating-point parameters to capture")
+    return floating[0].device, floating[0].dtype
+
+
+def _resolve_inputs(model: torch.nn.Module, inputs: Any, opts: CaptureOptions) -> Inputs:
+    if not isinstance(inputs, Inputs):
+        inputs = load_inputs(inputs, tokenizer=_tokenizer(model), max_tokens=opts.max_tokens, limit=opts.limit)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int):
+        inputs.check_vocab(vocab)
+    return inputs
+
+
+def _tokenizer(model: torch.nn.Module) -> Any:
+    source = model_info(model).tokenizer
+    if source is None:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise InputsError(f"model {source!r} has no loadable tokenizer ({str(exc).splitlines()[0]}); "
+                          "pass token ids instead (--inputs ids.npy or ids.jsonl)") from exc
+
+
+def _metadata(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, mode: str,
+              record_inputs: bool, opts: CaptureOptions) -> dict[str, Any]:
+    info = model_info(model)
+    config = getattr(model, "config", None)
+    meta = devices.describe(device)
+    meta.update(
+        hwdiff_version=__version__, host=platform.node(), dtype=dtype_name(dtype),
+        model_spec=info.spec, model_fingerprint=info.fingerprint, model_class=type(model).__name__,
+        model_seed=info.seed if info.seed is not None else -1,
+        attn_implementation=str(getattr(config, "_attn_implementation", None) or "unknown"),
+        record_inputs=record_inputs, batch_size=opts.batch_size, seed=opts.seed,
+        sample_tokens=opts.tokens if mode == "sample" else 0,
+    )
+    if config is not None and hasattr(config, "to_dict"):
+        meta["model_config"] = json.dumps(config.to_dict(), default=str, sort_keys=True)
+    return meta

@@ -1,0 +1,233 @@
+"""Scoped forward hooks: ``with hwdiff.record(model) as rec:`` sees every selected module's output.
+
+Hooks are removed in ``finally`` and the model is never modified. Outputs leave the device through
+asynchronous copies into pinned host memory; a sink (the capture writer) waits for each copy's
+event on its own thread, so the forward is not stalled by transfers or file I/O.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import weakref
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from .errors import SelectionError
+from .models import dtype_name
+from .store import Alias, Record, Register
+
+KINDS = ("embedding", "rmsnorm", "linear", "attention", "mlp", "activation", "decoder_layer", "head", "other")
+DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
+
+
+def module_kind(name: str, module: torch.nn.Module) -> str:
+    """Classify a module by type and class name (never by isinstance against transformers classes)."""
+    cls = type(module).__name__.lower()
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if "rmsnorm" in cls:
+        return "rmsnorm"
+    if name.rsplit(".", 1)[-1] == "lm_head":
+        return "head"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if cls.endswith("attention"):
+        return "attention"
+    if "mlp" in cls:
+        return "mlp"
+    if "decoderlayer" in cls:
+        return "decoder_layer"
+    if type(module).__module__ in _ACTIVATION_MODULES or cls.endswith("activation"):
+        return "activation"
+    return "other"
+
+
+def select_modules(model: torch.nn.Module, modules: str | Iterable[str] | None = None,
+                   kinds: str | Iterable[str] | None = None) -> list[tuple[str, torch.nn.Module, str]]:
+    """``(name, module, kind)`` of the modules to record, in registration order.
+
+    ``modules``: regexes searched in qualified names (any kind unless ``kinds`` is given too);
+    ``kinds``: kind names from :data:`KINDS`. Neither → every kind but ``other``. A regex or kind that
+    matches nothing raises :class:`SelectionError`.
+    """
+    patterns = [modules] if isinstance(modules, str) else list(modules or [])
+    wanted = [kinds] if isinstance(kinds, str) else list(kinds or ([] if patterns else DEFAULT_KINDS))
+    unknown = sorted(set(wanted) - set(KINDS))
+    if unknown:
+        raise SelectionError(f"unknown module kind(s) {', '.join(unknown)}: expected {', '.join(KINDS)}")
+    compiled = [_compile(pattern) for pattern in patterns]
+    named = [(name, module, module_kind(name, module)) for name, module in model.named_modules() if name]
+    chosen = [item for item in named
+              if (not wanted or item[2] in wanted) and (not compiled or any(p.search(item[0]) for p in compiled))]
+    for pattern in compiled:
+        if not any(pattern.search(name) for name, _, kind in chosen):
+            raise SelectionError(f"module regex {pattern.pattern!r} matches no module{_kinds_note(wanted, patterns)}; "
+                                 f"module names look like {named[min(2, len(named) - 1)][0]!r}")
+    if not chosen:
+        raise SelectionError(f"no module of kind {', '.join(wanted)} in {type(model).__name__}")
+    return chosen
+
+
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise SelectionError(f"invalid module regex {pattern!r}: {exc}") from exc
+
+
+def _kinds_note(kinds: list[str], patterns: list[str]) -> str:
+    return f" of kind {', '.join(kinds)}" if kinds and patterns else ""
+
+
+def to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``tensor`` to host memory; returns ``(host tensor, event or None)``.
+
+    On an accelerator the copy is asynchronous into pinned memory, ordered on the current stream
+    before any later kernel, and readable once the returned event has completed. On the CPU it is a
+    plain copy, so later in-place changes to the activation cannot reach the recorded value.
+    """
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor.clone(memory_format=torch.contiguous_format), None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    event = getattr(torch, tensor.device.type).Event()
+    event.record()
+    return host, event
+
+
+class MemorySink:
+    """Keeps records in memory: ``activations[(name, call, slot)]`` is a list, one tensor per forward."""
+
+    def __init__(self) -> None:
+        self.activations: dict[tuple[str, int, str], list[torch.Tensor]] = defaultdict(list)
+        self.kinds: dict[str, str] = {}
+
+    def put(self, item: Record | Register | Alias) -> None:
+        if isinstance(item, Register):
+            self.kinds[item.name] = item.kind
+        elif isinstance(item, Alias):
+            name, call, slot = item.target.rsplit("/", 2)
+            self.activations[(item.name, item.call, item.slot)].append(
+                self.activations[(name, int(call), slot)][-1])
+        else:
+            if item.event is not None:
+                item.event.synchronize()
+            self.activations[(item.name, item.call, item.slot)].append(item.array)
+
+
+class Recorder:
+    """The hooks of one :func:`record` scope. Set ``row0`` (and ``positions`` in sample mode) before
+    each forward; call indices restart at every top-level forward of the model."""
+
+    def __init__(self, model: torch.nn.Module, selection: list[tuple[str, torch.nn.Module, str]], *,
+                 mode: str, record_inputs: bool, sink: Any) -> None:
+        self.model, self.selection, self.mode = model, selection, mode
+        self.record_inputs, self.sink = record_inputs, sink
+        self.row0 = 0
+        self.positions: torch.Tensor | None = None
+        self.registered: dict[str, int] = {}
+        self._calls: dict[str, int] = defaultdict(int)
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._weights = {name: module.weight.detach().to("cpu", copy=True)
+                         for name, module, kind in selection if kind == "rmsnorm" and _has_1d_weight(module)}
+        self._handles: list[Any] = []
+
+    @property
+    def activations(self) -> dict[tuple[str, int, str], list[torch.Tensor]]:
+        return self.sink.activations
+
+    def attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
+        for name, module, kind in self.selection:
+            self._handles.append(module.register_forward_hook(self._hook(name, kind), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def _new_forward(self, *_: Any) -> None:
+        self._calls.clear()
+        self._seen.clear()
+
+    def _hook(self, name: str, kind: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            call = self._calls[name]
+            self._calls[name] = call + 1
+            if name not in self.registered:
+                self._register(name, kind, module)
+            self._emit(name, call, "output", _first_tensor(output))
+            if self.record_inputs:
+                self._emit(name, call, "input", _first_input(args, kwargs))
+        return hook
+
+    def _register(self, name: str, kind: str, module: torch.nn.Module) -> None:
+        self.registered[name] = len(self.registered)
+        weight = self._weights.get(name)
+        self.sink.put(Register(name, kind, type(module).__name__, self.registered[name], weight,
+                               dtype_name(weight.dtype) if weight is not None else ""))
+
+    def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None:
+            return
+        key = f"{name}/{call}/{slot}"
+        seen = self._seen.get(id(tensor))
+        if seen is not None and seen[0]() is tensor:
+            self.sink.put(Alias(name, call, slot, seen[1]))
+            return
+        self._seen[id(tensor)] = (weakref.ref(tensor), key)
+        host, event = to_host(self._sampled(tensor))
+        self.sink.put(Record(name, call, slot, self.row0, host, dtype_name(tensor.dtype), event))
+
+    def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
+        positions = self.positions
+        if self.mode != "sample" or positions is None or tensor.dim() < 2 or tensor.shape[0] != positions.shape[0]:
+            return tensor
+        rows = torch.arange(positions.shape[0], device=tensor.device)[:, None]
+        return tensor[rows, positions.to(tensor.device)]
+
+
+def _has_1d_weight(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The primary tensor of a module's output: itself, or the first tensor in a tuple / dict."""
+    if isinstance(value, torch.Tensor):
+        return value
+    items: Iterable[Any] = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return next((item for item in items if isinstance(item, torch.Tensor)), None)
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A module's main input: the first positional tensor, else ``hidden_states``, else any tensor."""
+    tensor = _first_tensor(args)
+    if tensor is None:
+        tensor = kwargs.get("hidden_states") if isinstance(kwargs.get("hidden_states"), torch.Tensor) else None
+    return tensor if tensor is not None else _first_tensor(kwargs)
+
+
+@contextlib.contextmanager
+def record(model: torch.nn.Module, modules: str | Iterable[str] | None = None, *,
+           kinds: str | Iterable[str] | None = None, mode: str = "full", record_inputs: bool = False,
+           sink: Any = None) -> Iterator[Recorder]:
+    """Hook the selected modules of ``model`` for the duration of a ``with`` block.
+
+    Without a ``sink`` the recorded host tensors are kept in memory: ``rec.activations[(name, call,
+    slot)]`` lists one tensor per top-level forward (``slot`` is ``"output"`` or ``"input"``).
+    See :func:`select_modules` for ``modules`` and ``kinds``. Every hook is removed on exit.
+    """
+    selection = select_modules(model, modules, kinds)
+    recorder = Recorder(model, selection, mode=mode, record_inputs=record_inputs,
+                        sink=sink if sink is not None else MemorySink())
+    recorder.attach()
+    try:
+        yield recorder
+    finally:
+        recorder.detach()

@@ -1,0 +1,210 @@
+"""Model loading: built-in seeded random models, local checkpoints and hub ids, with a fingerprint.
+
+The fingerprint hashes the weights as loaded, before any cast or move, so the same checkpoint gives
+the same fingerprint whatever device or dtype a capture runs in.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import weakref
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import ModelSpecError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance of a model loaded by :func:`load_model`.
+
+    ``tokenizer`` is a path or hub id for ``AutoTokenizer``, or None for hwdiff's byte-level ids.
+    """
+
+    spec: str
+    fingerprint: str
+    tokenizer: str | None
+    seed: int | None
+
+
+_INFO: "weakref.WeakKeyDictionary[torch.nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"``, ``"bf16"``, ``torch.bfloat16`` … → ``torch.bfloat16``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelSpecError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16, float64") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def tiny_qwen2_config(attn_implementation: str | None = None) -> Any:
+    """Qwen2 architecture at toy size: 4 layers, hidden 256, byte-level vocabulary, tied embeddings."""
+    return _qwen2_config(
+        vocab_size=320, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        attn_implementation=attn_implementation,
+    )
+
+
+def qwen25_15b_config(attn_implementation: str | None = None) -> Any:
+    """The Qwen2.5-1.5B-Instruct architecture (DESIGN.md, reference facts)."""
+    return _qwen2_config(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+        attn_implementation=attn_implementation,
+    )
+
+
+def _qwen2_config(attn_implementation: str | None, **sizes: int) -> Any:
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(
+        **sizes, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, hidden_act="silu",
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
+    )
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    return config
+
+
+BUILTIN: dict[str, Callable[[str | None], Any]] = {
+    "tiny-qwen2": tiny_qwen2_config,
+    "qwen2.5-1.5b-arch": qwen25_15b_config,
+}
+
+
+def load_model(
+    spec: str,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+    *,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Load a model in eval mode with gradients off, fingerprinted before the cast to ``dtype``.
+
+    ``spec`` is a built-in name (``tiny-qwen2``, ``qwen2.5-1.5b-arch``: seeded random weights from
+    ``seed``), a local checkpoint directory, or a Hugging Face hub id. ``attn_implementation`` None
+    keeps transformers' default (``sdpa``); ``"eager"`` selects the plain matmul-softmax path.
+    """
+    from .devices import resolve_device
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if spec in BUILTIN:
+        model, tokenizer = _build_random(spec, attn_implementation, seed), None
+    else:
+        model, tokenizer = _from_pretrained(spec, attn_implementation), spec
+        seed = None
+    info = ModelInfo(spec=spec, fingerprint=fingerprint(model), tokenizer=tokenizer, seed=seed)
+    model = model.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
+    _INFO[model] = info
+    return model
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """Provenance of ``model``: as recorded by :func:`load_model`, else computed from its weights now.
+
+    A model not loaded by hwdiff is fingerprinted in its current dtype, so captures of it in two
+    dtypes get different fingerprints; load it with :func:`load_model` to avoid that.
+    """
+    info = _INFO.get(model)
+    if info is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        info = ModelInfo(spec=f"object:{name}", fingerprint=fingerprint(model), tokenizer=None, seed=None)
+        _INFO[model] = info
+    return info
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the persistent state, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{dtype_name(data.dtype)}|{tuple(data.shape)}\n".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def _build_random(spec: str, attn_implementation: str | None, seed: int) -> torch.nn.Module:
+    from transformers import Qwen2ForCausalLM
+
+    config = BUILTIN[spec](attn_implementation)
+    model = Qwen2ForCausalLM(config)
+    _seeded_init(model, seed)
+    return model
+
+
+def _seeded_init(model: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter from numpy's PCG64 keyed by (seed, parameter name).
+
+    Independent of transformers' own init (which changes between versions), so two machines with
+    different library versions build bit-identical weights. RMSNorm weights are N(1, 0.1²), spread
+    around one so that calibration math sees weights that are not all equal.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
+            values = rng.standard_normal(tuple(param.shape), dtype=np.float32)
+            param.copy_(torch.from_numpy(values * _init_std(name, param) + _init_mean(name)))
+
+
+def _init_std(name: str, param: torch.Tensor) -> float:
+    if "norm" in name:
+        return 0.1
+    if name.endswith("bias") or "embed" in name:
+        return 0.02
+    return float(param.shape[-1]) ** -0.5  # keeps activations O(1) through each Linear
+
+
+def _init_mean(name: str) -> float:
+    return 1.0 if "norm" in name else 0.0
+
+
+def _from_pretrained(spec: str, attn_implementation: str | None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = Path(os.path.expanduser(spec))
+    if not path.is_dir() and (path.exists() or not _HUB_ID.match(spec)):
+        raise ModelSpecError(
+            f"unknown model spec {spec!r}: expected a built-in ({', '.join(BUILTIN)}), "
+            "a local checkpoint directory, or a Hugging Face hub id"
+        )
+    kwargs: dict[str, Any] = {"dtype": "auto"}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        where = "local checkpoint" if path.is_dir() else "hub id (no local directory of that name)"
+        raise ModelSpecError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

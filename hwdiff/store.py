@@ -1,0 +1,502 @@
+"""The capture file: the one module that writes and reads the HDF5 contract (DESIGN.md).
+
+Layout (schema ``hwdiff/capture/1``)::
+
+    /                       attrs: schema, hwdiff_version, created_utc, device, device_name, dtype,
+                            torch_version, backend versions, numerics flags, model_spec,
+                            model_fingerprint, model_config (JSON), inputs_fingerprint, mode,
+                            batch_size, complete
+    /inputs/input_ids       int64 [sequences, tokens]
+    /inputs/attention_mask  int64 [sequences, tokens]
+    /inputs/sample_positions int64 [sequences, K]          (mode "sample" only)
+    /modules/<name>         attrs: kind, class_name, calls, order; ``weight`` dataset for norms
+    /modules/<name>/<call>/output   [sequences, tokens, ...] (K positions instead of tokens in
+                                    "sample" mode); attrs: dtype, nan_count, inf_count
+    /modules/<name>/<call>/input    the module's first tensor input (``record_inputs``)
+    /modules/<name>/<call>/output_stats  float64 compound record (mode "stats", instead of output)
+
+bfloat16 is stored as its raw uint16 bit patterns with ``dtype = "bfloat16"``; other float dtypes
+natively. A slot holding the very tensor another module already returned is an HDF5 soft link to it
+(attribute ``<slot>_alias_of`` on the call group). Files are written under a temporary name and
+renamed only after ``complete`` is set and flushed, so a partial file is never taken for a whole one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from .errors import CaptureFormatError, HwdiffError
+from .inputs import Inputs
+
+SCHEMA = "hwdiff/capture/1"
+SCHEMA_FAMILY, SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)
+MODES = ("full", "sample", "stats")
+SLOTS = ("output", "input")
+CHUNK_BYTES = 4 << 20
+STATS_FIELDS = ("count", "mean", "std", "rms", "min", "max", "abs_mean", "abs_max", "nan_count", "inf_count")
+STATS_DTYPE = np.dtype([(field, "<f8") for field in STATS_FIELDS])
+
+
+def encode(tensor: Any) -> np.ndarray:
+    """Host torch tensor → the numpy array stored: bfloat16 as its raw uint16 bits, else as is."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored array → exact numpy values: bfloat16 bits widen losslessly to float32."""
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored
+
+
+def nonfinite_counts(stored: np.ndarray, dtype: str) -> tuple[int, int]:
+    """(NaN count, Inf count) of a stored array, read from the bits for bfloat16."""
+    if dtype == "bfloat16":
+        exponent_all_ones = (stored & 0x7F80) == 0x7F80
+        nan = int(np.count_nonzero(exponent_all_ones & ((stored & 0x007F) != 0)))
+        return nan, int(np.count_nonzero(exponent_all_ones)) - nan
+    if stored.dtype.kind != "f":
+        return 0, 0
+    return int(np.count_nonzero(np.isnan(stored))), int(np.count_nonzero(np.isinf(stored)))
+
+
+@dataclass
+class Record:
+    """One host-side tensor on its way to the file: rows ``[row0, row0 + len)`` of a slot."""
+
+    name: str
+    call: int
+    slot: str
+    row0: int
+    array: Any  # torch.Tensor on the host; the writer thread converts it
+    dtype: str
+    event: Any = None  # device event to wait for before the host copy may be read
+
+
+@dataclass
+class Register:
+    """First sight of a module: its group, attributes and (for norms) weight."""
+
+    name: str
+    kind: str
+    class_name: str
+    order: int
+    weight: Any = None
+    weight_dtype: str = ""
+
+
+@dataclass
+class Alias:
+    """``name/call/slot`` is the very tensor stored at ``target`` (``name/call/slot``)."""
+
+    name: str
+    call: int
+    slot: str
+    target: str
+
+
+class _Stats:
+    """Running float64 statistics over the finite values of one slot."""
+
+    def __init__(self) -> None:
+        self.count = self.total = self.squares = self.abs_total = 0.0
+        self.low, self.high, self.abs_high = np.inf, -np.inf, 0.0
+        self.nan = self.inf = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        values = values.astype(np.float64, copy=False).ravel()
+        finite = np.isfinite(values)
+        self.nan += float(np.count_nonzero(np.isnan(values)))
+        self.inf += float(values.size - np.count_nonzero(finite)) - float(np.count_nonzero(np.isnan(values)))
+        values = values[finite] if not finite.all() else values
+        if values.size:
+            self.count += values.size
+            self.total += float(values.sum())
+            self.squares += float(np.dot(values, values))
+            self.abs_total += float(np.abs(values).sum())
+            self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
+            self.abs_high = max(self.abs_high, float(np.abs(values).max()))
+
+    def record(self) -> np.ndarray:
+        n = max(self.count, 1.0)
+        mean = self.total / n
+        row = (self.count, mean, max(self.squares / n - mean * mean, 0.0) ** 0.5, (self.squares / n) ** 0.5,
+               self.low, self.high, self.abs_total / n, self.abs_high, self.nan, self.inf)
+        return np.array(row, dtype=STATS_DTYPE)
+
+
+class CaptureWriter:
+    """Writes one capture file from a background thread; see the module docstring for the layout.
+
+    The forward thread only enqueues host tensors (with the device event of their async copy); the
+    writer thread waits for each copy, encodes it and writes it, so device-to-host transfers and HDF5
+    I/O overlap the forward. The queue is bounded, which bounds host memory.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, meta: dict[str, Any], inputs: Inputs, mode: str,
+                 sample_positions: np.ndarray | None = None, compression: str | None = None,
+                 max_queued: int = 64) -> None:
+        self.path = Path(path)
+        self.mode = mode
+        self.rows = inputs.shape[0]
+        self.compression = compression
+        self._temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self._temp, "w")
+        self._write_header(meta, inputs, sample_positions)
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._error: BaseException | None = None
+        self._stats: dict[tuple[str, int, str], _Stats] = {}
+        self._stats_dtype: dict[tuple[str, int, str], str] = {}
+        self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
+        self._thread = threading.Thread(target=self._run, name="hwdiff-writer", daemon=True)
+        self._thread.start()
+
+    def _write_header(self, meta: dict[str, Any], inputs: Inputs, positions: np.ndarray | None) -> None:
+        attrs = self._file.attrs
+        attrs["schema"] = SCHEMA
+        attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        attrs["mode"] = self.mode
+        attrs["inputs_fingerprint"] = inputs.fingerprint
+        attrs["inputs_source"] = inputs.source
+        for key, value in meta.items():
+            if value is not None:
+                attrs[key] = _attr(value)
+        attrs["complete"] = False
+        group = self._file.create_group("inputs")
+        group.create_dataset("input_ids", data=inputs.input_ids.astype(np.int64))
+        group.create_dataset("attention_mask", data=inputs.attention_mask.astype(np.int64))
+        if positions is not None:
+            group.create_dataset("sample_positions", data=positions.astype(np.int64))
+        self._file.create_group("modules")
+
+    # -- forward thread -------------------------------------------------------------------------
+    def put(self, item: Record | Register | Alias) -> None:
+        """Enqueue work for the writer thread; re-raises a failure of that thread here."""
+        self._raise_if_failed()
+        self._queue.put(item)
+
+    def finish(self, extra_meta: dict[str, Any] | None = None) -> Path:
+        """Drain the queue, set ``complete``, flush, close and rename onto the final path."""
+        self._stop()
+        self._raise_if_failed()
+        for key, value in (extra_meta or {}).items():
+            self._file.attrs[key] = _attr(value)
+        for (name, call, slot), stats in self._stats.items():
+            dataset = self._file[f"modules/{name}/{call}"].create_dataset(f"{slot}_stats", data=stats.record())
+            dataset.attrs["dtype"] = self._stats_dtype[(name, call, slot)]
+        self._file.attrs["complete"] = True
+        self._file.flush()
+        self._file.close()
+        os.replace(self._temp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop writing and delete the temporary file; an existing file at ``path`` is untouched."""
+        self._stop()
+        try:
+            self._file.close()
+        finally:
+            self._temp.unlink(missing_ok=True)
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, HwdiffError):
+                raise error
+            raise RuntimeError(f"the capture writer thread failed: {error!r}") from error
+
+    # -- writer thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so the forward thread never blocks on a full queue
+            try:
+                self._handle(item)
+            except BaseException as exc:  # handed to the forward thread by put() / finish()
+                self._error = exc
+
+    def _handle(self, item: Record | Register | Alias) -> None:
+        if isinstance(item, Register):
+            self._register(item)
+        elif isinstance(item, Alias):
+            self._alias(item)
+        else:
+            if item.event is not None:
+                item.event.synchronize()
+            self._write(item)
+
+    def _register(self, item: Register) -> None:
+        group = self._file["modules"].create_group(item.name)
+        group.attrs.update(kind=item.kind, class_name=item.class_name, order=item.order, calls=0)
+        if item.weight is not None:
+            data = encode(item.weight)
+            group.create_dataset("weight", data=data).attrs["dtype"] = item.weight_dtype
+
+    def _call_group(self, name: str, call: int) -> h5py.Group:
+        module = self._file["modules"][name]
+        if call >= module.attrs["calls"]:
+            module.attrs["calls"] = call + 1
+        return module.require_group(str(call))
+
+    def _alias(self, item: Alias) -> None:
+        group = self._call_group(item.name, item.call)
+        if item.slot in group:
+            return  # the same alias, seen again in a later batch
+        group[item.slot] = h5py.SoftLink(f"/modules/{item.target}")
+        group.attrs[f"{item.slot}_alias_of"] = item.target
+
+    def _write(self, item: Record) -> None:
+        stored = encode(item.array)
+        if self.mode == "stats":
+            key = (item.name, item.call, item.slot)
+            self._call_group(item.name, item.call)
+            self._stats_dtype[key] = item.dtype
+            stats = self._stats.setdefault(key, _Stats())
+            stats.add(decode(stored, item.dtype))
+            if (stats.nan or stats.inf) and item.name not in self.nonfinite:
+                self.nonfinite.append(item.name)
+            return
+        dataset = self._dataset(item, stored)
+        if stored.shape[1:] != dataset.shape[1:]:
+            raise HwdiffError(
+                f"module {item.name} call {item.call} {item.slot} changed shape between batches: "
+                f"{dataset.shape[1:]} then {stored.shape[1:]}"
+            )
+        dataset[item.row0: item.row0 + stored.shape[0]] = stored
+        nan, inf = nonfinite_counts(stored, item.dtype)
+        if nan or inf:
+            if item.name not in self.nonfinite:
+                self.nonfinite.append(item.name)
+            dataset.attrs["nan_count"] += nan
+            dataset.attrs["inf_count"] += inf
+
+    def _dataset(self, item: Record, stored: np.ndarray) -> h5py.Dataset:
+        group = self._call_group(item.name, item.call)
+        if item.slot in group:
+            return group[item.slot]
+        shape = (self.rows, *stored.shape[1:])
+        dataset = group.create_dataset(item.slot, shape=shape, dtype=stored.dtype,
+                                       chunks=_chunk_shape(shape, stored.itemsize),
+                                       compression=self.compression, shuffle=self.compression is not None)
+        dataset.attrs.update(dtype=item.dtype, nan_count=0, inf_count=0)
+        return dataset
+
+
+def _attr(value: Any) -> Any:
+    """A metadata value as an HDF5 attribute: plain bool / int / float, anything else as str."""
+    return value if type(value) in (bool, int, float) else str(value)
+
+
+def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
+    """One row per chunk, its second axis halved until the chunk is at most :data:`CHUNK_BYTES`."""
+    if len(shape) == 0 or 0 in shape:
+        return None
+    chunk = [1, *shape[1:]]
+    while len(chunk) > 1 and chunk[1] > 1 and int(np.prod(chunk)) * itemsize > CHUNK_BYTES:
+        chunk[1] = (chunk[1] + 1) // 2
+    return tuple(chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One captured module: ``shape``/``dtype`` describe call 0's output as stored (decoded dtype)."""
+
+    name: str
+    kind: str
+    class_name: str
+    calls: int
+    order: int
+    shape: tuple[int, ...]
+    dtype: str
+    slots: tuple[str, ...]
+    alias_of: str | None
+    has_weight: bool
+
+
+class Capture:
+    """A complete capture file opened for reading (see :func:`open_capture`)."""
+
+    def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+        self.path = Path(path)
+        self._file = _open_h5(self.path)
+        try:
+            self.meta = _read_meta(self._file, self.path)
+            if not self.meta.get("complete") and not allow_incomplete:
+                raise CaptureFormatError(
+                    f"{self.path} is an incomplete capture (the run that wrote it did not finish); "
+                    "capture again"
+                )
+            self.modules = _read_modules(self._file)
+        except BaseException:
+            self._file.close()
+            raise
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta.get("mode", "full"))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.meta.get("dtype", ""))
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self._file["inputs/input_ids"][...]
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return self._file["inputs/attention_mask"][...]
+
+    @property
+    def inputs(self) -> Inputs:
+        """The exact inputs of the run, as :class:`~hwdiff.inputs.Inputs`."""
+        return Inputs(self.input_ids, self.attention_mask, source=str(self.meta.get("inputs_source", self.path)))
+
+    @property
+    def sample_positions(self) -> np.ndarray | None:
+        node = self._file["inputs"].get("sample_positions")
+        return None if node is None else node[...]
+
+    def activation(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray:
+        """The whole stored slot, decoded exactly (bfloat16 widened to float32)."""
+        dataset = self._dataset(name, call, slot)
+        return decode(dataset[...], dataset.attrs["dtype"])
+
+    def iter_chunks(self, name: str, call: int = 0, slot: str = "output",
+                    rows: int | None = None) -> Iterator[np.ndarray]:
+        """Decoded blocks of ``rows`` sequences (default: as many as fit in about 16 MiB)."""
+        dataset = self._dataset(name, call, slot)
+        dtype = dataset.attrs["dtype"]
+        row_bytes = max(int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize, 1)
+        step = rows or max(1, (16 << 20) // row_bytes)
+        for start in range(0, dataset.shape[0], step):
+            yield decode(dataset[start: start + step], dtype)
+
+    def stats(self, name: str, call: int = 0, slot: str = "output") -> dict[str, float]:
+        """The float64 statistics of a slot (``stats`` mode)."""
+        record = self._node(name, call, f"{slot}_stats")[()]
+        return {field: float(record[field]) for field in STATS_FIELDS}
+
+    def weight(self, name: str) -> np.ndarray | None:
+        """A norm's weight as captured (decoded), or None when the module has none."""
+        group = self._module_group(name)
+        if "weight" not in group:
+            return None
+        return decode(group["weight"][...], group["weight"].attrs["dtype"])
+
+    def nonfinite(self, name: str, call: int = 0, slot: str = "output") -> tuple[int, int]:
+        """(NaN count, Inf count) recorded for a stored slot."""
+        attrs = self._dataset(name, call, slot).attrs
+        return int(attrs["nan_count"]), int(attrs["inf_count"])
+
+    def _module_group(self, name: str) -> h5py.Group:
+        if name not in self.modules:
+            raise HwdiffError(f"{self.path} has no module {name!r}")
+        return self._file["modules"][name]
+
+    def _node(self, name: str, call: int, slot: str) -> Any:
+        group = self._module_group(name)
+        path = f"{call}/{slot}"
+        if path not in group:
+            raise HwdiffError(f"{self.path}: module {name!r} has no {slot!r} for call {call}")
+        return group[path]
+
+    def _dataset(self, name: str, call: int, slot: str) -> h5py.Dataset:
+        if self.mode == "stats":
+            raise HwdiffError(f"{self.path} is a 'stats' capture: it holds statistics, not activations")
+        return self._node(name, call, slot)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Capture({str(self.path)!r}, device={self.meta.get('device')!r}, dtype={self.dtype!r}, "
+                f"mode={self.mode!r}, modules={len(self.modules)})")
+
+
+def open_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Capture:
+    """Open a capture for reading; raises :class:`CaptureFormatError` for anything else.
+
+    Refuses files that are not HDF5, truncated, of another schema or major version, or incomplete
+    (unless ``allow_incomplete``).
+    """
+    return Capture(path, allow_incomplete=allow_incomplete)
+
+
+def _open_h5(path: Path) -> h5py.File:
+    if not path.exists():
+        raise CaptureFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise CaptureFormatError(f"{path} is a directory, not a capture file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        detail = "truncated" if "truncated" in str(exc) else "not an HDF5 file or damaged"
+        raise CaptureFormatError(f"{path} is not a readable capture ({detail}: {exc})") from exc
+
+
+def _read_meta(handle: h5py.File, path: Path) -> dict[str, Any]:
+    meta = {key: _plain(value) for key, value in handle.attrs.items()}
+    schema = meta.get("schema")
+    if not isinstance(schema, str) or not schema.startswith(SCHEMA_FAMILY + "/"):
+        raise CaptureFormatError(f"{path} is an HDF5 file but not an hwdiff capture (schema {schema!r})")
+    if schema.rsplit("/", 1)[1].split(".")[0] != SCHEMA_MAJOR:
+        raise CaptureFormatError(
+            f"{path} has schema {schema!r}; this hwdiff reads {SCHEMA!r}: upgrade hwdiff to read it"
+        )
+    if "model_config" in meta and isinstance(meta["model_config"], str):
+        meta["model_config"] = json.loads(meta["model_config"])
+    return meta
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _read_modules(handle: h5py.File) -> dict[str, ModuleInfo]:
+    modules = []
+    for name, group in handle["modules"].items():
+        first = group.get("0")
+        slots = tuple(slot for slot in SLOTS if first is not None and (slot in first or f"{slot}_stats" in first))
+        output = None if first is None else first.get("output", first.get("output_stats"))
+        modules.append(ModuleInfo(
+            name=name, kind=str(group.attrs["kind"]), class_name=str(group.attrs["class_name"]),
+            calls=int(group.attrs["calls"]), order=int(group.attrs["order"]),
+            shape=tuple(output.shape) if output is not None and "output" in first else (),
+            dtype=str(output.attrs["dtype"]) if output is not None else "",
+            slots=slots,
+            alias_of=_plain(first.attrs.get("output_alias_of")) if first is not None else None,
+            has_weight="weight" in group,
+        ))
+    return {info.name: info for info in sorted(modules, key=lambda info: info.order)}

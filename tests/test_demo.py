@@ -1,0 +1,16 @@
+import numpy as np
+
+import hwdiff
+from hwdiff.demo import run_demo
+
+
+def test_demo_writes_two_captures_that_differ_only_by_attention_kernel(tmp_path, capsys):
+    reference, target = run_demo(tmp_path, limit=4, max_tokens=24, progress=False)
+    assert "wrote" in capsys.readouterr().out
+    with hwdiff.open_capture(reference) as ref, hwdiff.open_capture(target) as tgt:
+        assert ref.meta["attn_implementation"] == "sdpa" and tgt.meta["attn_implementation"] == "eager"
+        assert ref.meta["inputs_fingerprint"] == tgt.meta["inputs_fingerprint"]
+        # the kernel path changes nothing before the first attention, and changes its output
+        assert np.array_equal(ref.activation("model.layers.0.self_attn.q_proj"),
+                              tgt.activation("model.layers.0.self_attn.q_proj"))
+        assert not np.array_equal(ref.activation("model.layers.0.self_attn"), tgt.activation("model.layers.0.self_attn"))
