@@ -2,7 +2,8 @@
 
 Hooks are removed in ``finally`` and the model is never modified. Outputs leave the device through
 asynchronous copies into pinned host memory; a sink (the capture writer) waits for each copy's
-event on its own thread, so the forward is not stalled by transfers or file I/O.
+event on its own thread, so the forward is not stalled by transfers or file I/O. In ``stats`` mode an
+accelerator first reduces each output to a few float64 numbers on the device (:mod:`hwdiff.stats`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from .errors import SelectionError
 from .models import dtype_name
+from .stats import partial_stats
 from .store import Alias, Record, Register
 
 KINDS = ("embedding", "rmsnorm", "linear", "attention", "mlp", "activation", "decoder_layer", "head", "other")
@@ -181,8 +183,9 @@ class Recorder:
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
         self._seen[id(tensor)] = (weakref.ref(tensor), key)
-        host, event = to_host(self._sampled(tensor))
-        self.sink.put(Record(name, call, slot, self.row0, host, dtype_name(tensor.dtype), event))
+        reduce_here = self.mode == "stats" and tensor.device.type != "cpu"
+        host, event = to_host(partial_stats(tensor) if reduce_here else self._sampled(tensor))
+        self.sink.put(Record(name, call, slot, self.row0, host, dtype_name(tensor.dtype), event, reduce_here))
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from . import stats
 from .errors import CaptureFormatError, HwdiffError
 from .inputs import Inputs
 
@@ -42,8 +43,7 @@ SCHEMA_FAMILY, SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)
 MODES = ("full", "sample", "stats")
 SLOTS = ("output", "input")
 CHUNK_BYTES = 4 << 20
-STATS_FIELDS = ("count", "mean", "std", "rms", "min", "max", "abs_mean", "abs_max", "nan_count", "inf_count")
-STATS_DTYPE = np.dtype([(field, "<f8") for field in STATS_FIELDS])
+STATS_FIELDS = stats.FIELDS
 
 
 def encode(tensor: Any) -> np.ndarray:
@@ -84,6 +84,7 @@ class Record:
     array: Any  # torch.Tensor on the host; the writer thread converts it
     dtype: str
     event: Any = None  # device event to wait for before the host copy may be read
+    reduced: bool = False  # ``array`` is already a stats parts vector (stats mode, accelerators)
 
 
 @dataclass
@@ -108,47 +109,18 @@ class Alias:
     target: str
 
 
-class _Stats:
-    """Running float64 statistics over the finite values of one slot."""
-
-    def __init__(self) -> None:
-        self.count = self.total = self.squares = self.abs_total = 0.0
-        self.low, self.high, self.abs_high = np.inf, -np.inf, 0.0
-        self.nan = self.inf = 0.0
-
-    def add(self, values: np.ndarray) -> None:
-        values = values.astype(np.float64, copy=False).ravel()
-        finite = np.isfinite(values)
-        self.nan += float(np.count_nonzero(np.isnan(values)))
-        self.inf += float(values.size - np.count_nonzero(finite)) - float(np.count_nonzero(np.isnan(values)))
-        values = values[finite] if not finite.all() else values
-        if values.size:
-            self.count += values.size
-            self.total += float(values.sum())
-            self.squares += float(np.dot(values, values))
-            self.abs_total += float(np.abs(values).sum())
-            self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
-            self.abs_high = max(self.abs_high, float(np.abs(values).max()))
-
-    def record(self) -> np.ndarray:
-        n = max(self.count, 1.0)
-        mean = self.total / n
-        row = (self.count, mean, max(self.squares / n - mean * mean, 0.0) ** 0.5, (self.squares / n) ** 0.5,
-               self.low, self.high, self.abs_total / n, self.abs_high, self.nan, self.inf)
-        return np.array(row, dtype=STATS_DTYPE)
-
-
 class CaptureWriter:
     """Writes one capture file from a background thread; see the module docstring for the layout.
 
     The forward thread only enqueues host tensors (with the device event of their async copy); the
     writer thread waits for each copy, encodes it and writes it, so device-to-host transfers and HDF5
-    I/O overlap the forward. The queue is bounded, which bounds host memory.
+    I/O overlap the forward. At most ``max_bytes`` of host copies wait in the queue (one larger
+    tensor is let through alone), which bounds pinned host memory.
     """
 
     def __init__(self, path: str | os.PathLike, *, meta: dict[str, Any], inputs: Inputs, mode: str,
                  sample_positions: np.ndarray | None = None, compression: str | None = None,
-                 max_queued: int = 64) -> None:
+                 max_bytes: int = 1 << 30) -> None:
         self.path = Path(path)
         self.mode = mode
         self.rows = inputs.shape[0]
@@ -157,9 +129,11 @@ class CaptureWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = h5py.File(self._temp, "w")
         self._write_header(meta, inputs, sample_positions)
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        self._queue: queue.Queue = queue.Queue()
+        self._max_bytes, self._queued_bytes = max_bytes, 0
+        self._room = threading.Condition()
         self._error: BaseException | None = None
-        self._stats: dict[tuple[str, int, str], _Stats] = {}
+        self._stats: dict[tuple[str, int, str], stats.RunningStats] = {}
         self._stats_dtype: dict[tuple[str, int, str], str] = {}
         self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
         self._thread = threading.Thread(target=self._run, name="hwdiff-writer", daemon=True)
@@ -185,7 +159,13 @@ class CaptureWriter:
 
     # -- forward thread -------------------------------------------------------------------------
     def put(self, item: Record | Register | Alias) -> None:
-        """Enqueue work for the writer thread; re-raises a failure of that thread here."""
+        """Enqueue work for the writer thread; waits while the queue holds ``max_bytes``; re-raises
+        a failure of the writer thread here."""
+        size = _nbytes(item)
+        with self._room:
+            while self._queued_bytes and self._queued_bytes + size > self._max_bytes and self._error is None:
+                self._room.wait(timeout=1.0)
+            self._queued_bytes += size
         self._raise_if_failed()
         self._queue.put(item)
 
@@ -195,8 +175,8 @@ class CaptureWriter:
         self._raise_if_failed()
         for key, value in (extra_meta or {}).items():
             self._file.attrs[key] = _attr(value)
-        for (name, call, slot), stats in self._stats.items():
-            dataset = self._file[f"modules/{name}/{call}"].create_dataset(f"{slot}_stats", data=stats.record())
+        for (name, call, slot), running in self._stats.items():
+            dataset = self._file[f"modules/{name}/{call}"].create_dataset(f"{slot}_stats", data=running.record())
             dataset.attrs["dtype"] = self._stats_dtype[(name, call, slot)]
         self._file.attrs["complete"] = True
         self._file.flush()
@@ -230,12 +210,15 @@ class CaptureWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is not None:
-                continue  # keep draining so the forward thread never blocks on a full queue
             try:
-                self._handle(item)
+                if self._error is None:
+                    self._handle(item)
             except BaseException as exc:  # handed to the forward thread by put() / finish()
                 self._error = exc
+            finally:
+                with self._room:
+                    self._queued_bytes -= _nbytes(item)
+                    self._room.notify_all()
 
     def _handle(self, item: Record | Register | Alias) -> None:
         if isinstance(item, Register):
@@ -268,16 +251,10 @@ class CaptureWriter:
         group.attrs[f"{item.slot}_alias_of"] = item.target
 
     def _write(self, item: Record) -> None:
-        stored = encode(item.array)
         if self.mode == "stats":
-            key = (item.name, item.call, item.slot)
-            self._call_group(item.name, item.call)
-            self._stats_dtype[key] = item.dtype
-            stats = self._stats.setdefault(key, _Stats())
-            stats.add(decode(stored, item.dtype))
-            if (stats.nan or stats.inf) and item.name not in self.nonfinite:
-                self.nonfinite.append(item.name)
+            self._add_stats(item)
             return
+        stored = encode(item.array)
         dataset = self._dataset(item, stored)
         if stored.shape[1:] != dataset.shape[1:]:
             raise HwdiffError(
@@ -292,6 +269,15 @@ class CaptureWriter:
             dataset.attrs["nan_count"] += nan
             dataset.attrs["inf_count"] += inf
 
+    def _add_stats(self, item: Record) -> None:
+        key = (item.name, item.call, item.slot)
+        self._call_group(item.name, item.call)
+        self._stats_dtype[key] = item.dtype
+        running = self._stats.setdefault(key, stats.RunningStats())
+        running.add((item.array if item.reduced else stats.partial_stats(item.array)).numpy())
+        if running.nonfinite and item.name not in self.nonfinite:
+            self.nonfinite.append(item.name)
+
     def _dataset(self, item: Record, stored: np.ndarray) -> h5py.Dataset:
         group = self._call_group(item.name, item.call)
         if item.slot in group:
@@ -302,6 +288,10 @@ class CaptureWriter:
                                        compression=self.compression, shuffle=self.compression is not None)
         dataset.attrs.update(dtype=item.dtype, nan_count=0, inf_count=0)
         return dataset
+
+
+def _nbytes(item: Record | Register | Alias) -> int:
+    return item.array.numel() * item.array.element_size() if isinstance(item, Record) else 0
 
 
 def _attr(value: Any) -> Any:

@@ -20,7 +20,11 @@ from .conftest import L, ROOT
 SMALL = dict(limit=6, max_tokens=24, batch_size=4, progress=False)
 
 
-def _plain_hook_outputs(model, cap, batch_size, slot="output"):
+def _plain_hook_outputs_on(model, cap, device):
+    return _plain_hook_outputs(model, cap, SMALL["batch_size"], device=device)
+
+
+def _plain_hook_outputs(model, cap, batch_size, slot="output", device="cpu"):
     """What plain forward hooks return for the capture's stored inputs, concatenated over batches."""
     seen = {}
 
@@ -34,14 +38,15 @@ def _plain_hook_outputs(model, cap, batch_size, slot="output"):
 
     handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m, _ in select_modules(model)]
     try:
-        ids, mask = torch.from_numpy(cap.input_ids), torch.from_numpy(cap.attention_mask)
+        ids = torch.from_numpy(cap.input_ids).to(device)
+        mask = torch.from_numpy(cap.attention_mask).to(device)
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
                 model(input_ids=ids[start:start + batch_size], attention_mask=mask[start:start + batch_size])
     finally:
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(parts).float().numpy() for name, parts in seen.items()}
+    return {name: torch.cat(parts).float().cpu().numpy() for name, parts in seen.items()}
 
 
 @pytest.mark.parametrize("fixture", ["tiny_fp32", "tiny_bf16"])
@@ -200,3 +205,46 @@ def test_unknown_mode_and_bad_options_are_clear_errors(tmp_path, tiny_fp32):
     with pytest.raises(HwdiffError, match="batch_size"):
         hwdiff.capture(tiny_fp32, tmp_path / "x.h5", batch_size=0)
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_capture_equals_plain_hooks_on_cuda(tmp_path):
+    model = hwdiff.load_model("tiny-qwen2", device="cuda", dtype="bfloat16")
+    path = hwdiff.capture(model, tmp_path / "c.h5", **SMALL).path
+    with hwdiff.open_capture(path) as cap:
+        assert cap.meta["device"] == "cuda:0" and cap.meta["cuda_version"]
+        expected = _plain_hook_outputs_on(model, cap, "cuda")
+        for name in cap.modules:
+            assert np.array_equal(cap.activation(name), expected[name]), name
+
+
+def test_stats_count_nan_and_describe_the_finite_values(tmp_path):
+    model = hwdiff.load_model("tiny-qwen2")
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
+    full = hwdiff.capture(model, tmp_path / "full.h5", **SMALL).path
+    result = hwdiff.capture(model, tmp_path / "st.h5", mode="stats", **SMALL)
+    assert result.nonfinite_modules[0] == "model.layers.2.mlp.up_proj"
+    with hwdiff.open_capture(full) as f, hwdiff.open_capture(result.path) as s:
+        values = f.activation("model.layers.2.mlp.up_proj").astype(np.float64)
+        finite = values[np.isfinite(values)]
+        got = s.stats("model.layers.2.mlp.up_proj")
+        assert got["nan_count"] == 6 * 24 and got["inf_count"] == 0 and got["count"] == finite.size
+        assert got["mean"] == pytest.approx(finite.mean(), rel=1e-12)
+        assert got["min"] == finite.min() and got["abs_max"] == np.abs(finite).max()
+
+
+def test_writer_queue_bounds_host_memory(tmp_path, tiny_fp32):
+    from hwdiff.store import CaptureWriter
+
+    inputs = hwdiff.load_inputs(limit=4, max_tokens=16)
+    writer = CaptureWriter(tmp_path / "w.h5", meta={}, inputs=inputs, mode="full", max_bytes=1)
+    with hwdiff.record(tiny_fp32, sink=writer) as rec:
+        rec.row0 = 0
+        tiny_fp32(input_ids=torch.from_numpy(inputs.input_ids))
+    writer.finish()
+    assert writer._queued_bytes == 0
+    with hwdiff.open_capture(tmp_path / "w.h5") as cap:
+        assert np.array_equal(cap.activation("lm_head"),
+                              tiny_fp32(input_ids=torch.from_numpy(inputs.input_ids)).logits.detach().numpy())
