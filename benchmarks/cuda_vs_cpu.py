@@ -126,7 +126,8 @@ def big_section(work: Path, results: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--sections", default="tiny,big",
+                        help="comma-separated: tiny (reference captures, comparisons), big (1.5B overhead)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import transformers
@@ -136,10 +137,10 @@ def main() -> int:
                "cpu_threads": torch.get_num_threads()}
     report = args.out / "cuda_vs_cpu.json"
     with tempfile.TemporaryDirectory() as tmp:
-        sections = [("tiny", lambda: tiny_section(args.out, Path(tmp), results))]
-        if not args.skip_big:
-            sections.append(("big", lambda: big_section(Path(tmp), results)))
-        for name, section in sections:
+        available = {"tiny": lambda: tiny_section(args.out, Path(tmp), results),
+                     "big": lambda: big_section(Path(tmp), results)}
+        for name in args.sections.split(","):
+            section = available[name]
             started = time.perf_counter()
             try:
                 section()

@@ -66,3 +66,14 @@ def test_unknown_spec_is_a_clear_error(spec):
 def test_unknown_dtype_is_a_clear_error():
     with pytest.raises(ModelSpecError, match="unknown dtype"):
         resolve_dtype("float8")
+
+
+def test_builtin_weights_match_the_reference_capture_made_on_another_machine(tiny_bf16):
+    """data/reference/ was captured on an H100 machine with other torch / transformers versions."""
+    from .conftest import ROOT
+
+    with hwdiff.open_capture(ROOT / "data/reference/tiny-qwen2-cuda-bf16-sdpa.h5") as ref:
+        assert model_info(tiny_bf16).fingerprint == ref.meta["model_fingerprint"]
+        assert tiny_bf16.lm_head.weight is tiny_bf16.model.embed_tokens.weight
+        assert torch.equal(torch.from_numpy(ref.weight("model.layers.1.input_layernorm")),
+                           tiny_bf16.model.layers[1].input_layernorm.weight.float())
