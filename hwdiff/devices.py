@@ -5,6 +5,7 @@ Ascend-specific part is importing torch_npu, which lives in :mod:`hwdiff.ascend`
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -135,6 +136,7 @@ def _cuda_info(index: int) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=None)
 def _nvidia_driver_version(index: int) -> str:
     """The driver version from nvidia-smi; torch does not expose it."""
     try:

@@ -26,7 +26,7 @@ def _header(cap: Capture) -> list[str]:
     lines += [f"{key:<20} {meta[key]}" for key in _HEADLINE if key in meta]
     lines.append(f"{'inputs':<20} {ids.shape[0]} sequences x {ids.shape[1]} tokens "
                  f"({int(cap.attention_mask.sum())} real)")
-    lines += [f"{key:<20} {meta[key]}" for key in sorted(meta) if key not in _SKIP]
+    lines += [f"{key:<20} {_fmt(meta[key])}" for key in sorted(meta) if key not in _SKIP]
     kinds = Counter(info.kind for info in cap.modules.values())
     lines.append(f"{'modules':<20} {len(cap.modules)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")
     return lines
@@ -55,3 +55,7 @@ def _note(cap: Capture, info) -> str:
         if nan or inf:
             notes.append(f"NaN {nan} Inf {inf}")
     return "; ".join(notes)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
