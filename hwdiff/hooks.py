@@ -84,21 +84,23 @@ def _kinds_note(kinds: list[str], patterns: list[str]) -> str:
     return f" of kind {', '.join(kinds)}" if kinds and patterns else ""
 
 
-def to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Start copying ``tensor`` to host memory; returns ``(host tensor, event or None)``.
+def to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+    """Start copying ``tensors`` to host memory; returns ``(host tensors, event or None)``.
 
-    On an accelerator the copy is asynchronous into pinned memory, ordered on the current stream
-    before any later kernel, and readable once the returned event has completed. On the CPU it is a
-    plain copy, so later in-place changes to the activation cannot reach the recorded value.
+    On an accelerator the copies are asynchronous into pinned memory, ordered on the current stream
+    before any later kernel, and readable once the returned event has completed. On the CPU they are
+    plain copies, so later in-place changes to an activation cannot reach the recorded value.
     """
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        return tensor.clone(memory_format=torch.contiguous_format), None
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    event = getattr(torch, tensor.device.type).Event()
+    if tensors[0].device.type == "cpu":
+        return [t.detach().clone(memory_format=torch.contiguous_format) for t in tensors], None
+    hosts = []
+    for tensor in tensors:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor.detach(), non_blocking=True)
+        hosts.append(host)
+    event = getattr(torch, tensors[0].device.type).Event()
     event.record()
-    return host, event
+    return hosts, event
 
 
 class MemorySink:
@@ -183,9 +185,17 @@ class Recorder:
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
         self._seen[id(tensor)] = (weakref.ref(tensor), key)
-        reduce_here = self.mode == "stats" and tensor.device.type != "cpu"
-        host, event = to_host(partial_stats(tensor) if reduce_here else self._sampled(tensor))
-        self.sink.put(Record(name, call, slot, self.row0, host, dtype_name(tensor.dtype), event, reduce_here))
+        dtype = dtype_name(tensor.dtype)
+        if tensor.device.type == "cpu":  # the writer thread reduces / counts on the host
+            (host,), _ = to_host(self._sampled(tensor))
+            self.sink.put(Record(name, call, slot, self.row0, host, dtype))
+        elif self.mode == "stats":
+            (parts,), event = to_host(partial_stats(tensor))
+            self.sink.put(Record(name, call, slot, self.row0, parts, dtype, event, reduced=True))
+        else:  # NaN / Inf are counted where they are nearly free: on the device
+            sampled = self._sampled(tensor)
+            (host, counts), event = to_host(sampled, nonfinite_counts(sampled))
+            self.sink.put(Record(name, call, slot, self.row0, host, dtype, event, nonfinite=counts))
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions
@@ -193,6 +203,13 @@ class Recorder:
             return tensor
         rows = torch.arange(positions.shape[0], device=tensor.device)[:, None]
         return tensor[rows, positions.to(tensor.device)]
+
+
+def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
+    """int64 ``[NaN count, Inf count]`` of a tensor, on its device (no host synchronization)."""
+    if not tensor.is_floating_point():
+        return torch.zeros(2, dtype=torch.int64, device=tensor.device)
+    return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
 
 
 def _has_1d_weight(module: torch.nn.Module) -> bool:

@@ -11,7 +11,8 @@ Layout (schema ``hwdiff/capture/1``)::
     /inputs/sample_positions int64 [sequences, K]          (mode "sample" only)
     /modules/<name>         attrs: kind, class_name, calls, order; ``weight`` dataset for norms
     /modules/<name>/<call>/output   [sequences, tokens, ...] (K positions instead of tokens in
-                                    "sample" mode); attrs: dtype, nan_count, inf_count
+                                    "sample" mode); attrs: dtype, and nan_count /
+                                    inf_count when not zero
     /modules/<name>/<call>/input    the module's first tensor input (``record_inputs``)
     /modules/<name>/<call>/output_stats  float64 compound record (mode "stats", instead of output)
 
@@ -85,6 +86,7 @@ class Record:
     dtype: str
     event: Any = None  # device event to wait for before the host copy may be read
     reduced: bool = False  # ``array`` is already a stats parts vector (stats mode, accelerators)
+    nonfinite: Any = None  # host int64 (NaN count, Inf count), counted on the device, or None
 
 
 @dataclass
@@ -135,6 +137,8 @@ class CaptureWriter:
         self._error: BaseException | None = None
         self._stats: dict[tuple[str, int, str], stats.RunningStats] = {}
         self._stats_dtype: dict[tuple[str, int, str], str] = {}
+        self._groups: dict[tuple[str, int], h5py.Group] = {}
+        self._calls: dict[str, int] = {}
         self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
         self._thread = threading.Thread(target=self._run, name="hwdiff-writer", daemon=True)
         self._thread.start()
@@ -175,6 +179,8 @@ class CaptureWriter:
         self._raise_if_failed()
         for key, value in (extra_meta or {}).items():
             self._file.attrs[key] = _attr(value)
+        for name, calls in self._calls.items():
+            self._file["modules"][name].attrs["calls"] = calls
         for (name, call, slot), running in self._stats.items():
             dataset = self._file[f"modules/{name}/{call}"].create_dataset(f"{slot}_stats", data=running.record())
             dataset.attrs["dtype"] = self._stats_dtype[(name, call, slot)]
@@ -238,10 +244,11 @@ class CaptureWriter:
             group.create_dataset("weight", data=data).attrs["dtype"] = item.weight_dtype
 
     def _call_group(self, name: str, call: int) -> h5py.Group:
-        module = self._file["modules"][name]
-        if call >= module.attrs["calls"]:
-            module.attrs["calls"] = call + 1
-        return module.require_group(str(call))
+        group = self._groups.get((name, call))
+        if group is None:
+            group = self._groups[(name, call)] = self._file["modules"][name].require_group(str(call))
+            self._calls[name] = max(self._calls.get(name, 0), call + 1)
+        return group
 
     def _alias(self, item: Alias) -> None:
         group = self._call_group(item.name, item.call)
@@ -262,12 +269,12 @@ class CaptureWriter:
                 f"{dataset.shape[1:]} then {stored.shape[1:]}"
             )
         dataset[item.row0: item.row0 + stored.shape[0]] = stored
-        nan, inf = nonfinite_counts(stored, item.dtype)
+        nan, inf = item.nonfinite.tolist() if item.nonfinite is not None else nonfinite_counts(stored, item.dtype)
         if nan or inf:
             if item.name not in self.nonfinite:
                 self.nonfinite.append(item.name)
-            dataset.attrs["nan_count"] += nan
-            dataset.attrs["inf_count"] += inf
+            dataset.attrs["nan_count"] = dataset.attrs.get("nan_count", 0) + nan
+            dataset.attrs["inf_count"] = dataset.attrs.get("inf_count", 0) + inf
 
     def _add_stats(self, item: Record) -> None:
         key = (item.name, item.call, item.slot)
@@ -286,7 +293,7 @@ class CaptureWriter:
         dataset = group.create_dataset(item.slot, shape=shape, dtype=stored.dtype,
                                        chunks=_chunk_shape(shape, stored.itemsize),
                                        compression=self.compression, shuffle=self.compression is not None)
-        dataset.attrs.update(dtype=item.dtype, nan_count=0, inf_count=0)
+        dataset.attrs["dtype"] = item.dtype
         return dataset
 
 
@@ -402,7 +409,7 @@ class Capture:
     def nonfinite(self, name: str, call: int = 0, slot: str = "output") -> tuple[int, int]:
         """(NaN count, Inf count) recorded for a stored slot."""
         attrs = self._dataset(name, call, slot).attrs
-        return int(attrs["nan_count"]), int(attrs["inf_count"])
+        return int(attrs.get("nan_count", 0)), int(attrs.get("inf_count", 0))
 
     def _module_group(self, name: str) -> h5py.Group:
         if name not in self.modules:
