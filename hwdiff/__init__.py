@@ -20,6 +20,8 @@ __all__ = [
     "capture",
     "open_capture",
     "inspect_capture",
+    "diff",
+    "DiffResult",
 ]
 
 _LAZY = {
@@ -30,6 +32,8 @@ _LAZY = {
     "capture": "capturing",
     "open_capture": "store",
     "inspect_capture": "inspect",
+    "diff": "compare",
+    "DiffResult": "compare",
 }
 
 

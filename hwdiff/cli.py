@@ -34,6 +34,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .compare import diff
+    from .compare.output import format_table
+
+    result = diff(args.reference, args.target, out=args.output, golden=args.golden, json_path=args.json,
+                  csv_path=args.csv, strict=args.strict, allow_model_mismatch=args.allow_model_mismatch,
+                  fit_samples=args.fit_samples, seed=args.seed, progress=not args.quiet)
+    print(format_table(result, top=args.top))
+    written = [path for path in (args.output, args.json, args.csv) if path]
+    if written:
+        print(f"\nwrote {', '.join(map(str, written))}")
+    return 0
+
+
 def _kinds(text: str) -> list[str]:
     kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
     unknown = [kind for kind in kinds if kind not in KINDS]
@@ -78,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     cap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     cap.set_defaults(handler=_cmd_capture)
+
+    dif = sub.add_parser("diff", help="compare two captures module by module",
+                         description="Compare TARGET against REFERENCE module by module: exactness, ULP, relative "
+                                     "error, error distribution fits, cross-layer correlation, first divergence. "
+                                     "Prints the worst modules first.")
+    dif.add_argument("reference", help="reference capture (.h5)")
+    dif.add_argument("target", help="target capture (.h5), same model and inputs")
+    dif.add_argument("--golden", default=None, help="a third capture (e.g. CPU float32): each side's error against it")
+    dif.add_argument("-o", "--output", default=None, help="write everything, histograms included, to this diff.h5")
+    dif.add_argument("--json", default=None, help="write the summary (schema hwdiff/diff-summary/1) to this file")
+    dif.add_argument("--csv", default=None, help="write a flat table to this file")
+    dif.add_argument("--strict", action="store_true", help="fail when any module or call cannot be paired")
+    dif.add_argument("--allow-model-mismatch", action="store_true", help="compare captures of different weights")
+    dif.add_argument("--fit-samples", type=int, default=20_000,
+                     help="elements per module (seeded sample) for the fits and divergence rule (default: %(default)s)")
+    dif.add_argument("--seed", type=int, default=0, help="seed of the fit samples (default: %(default)s)")
+    dif.add_argument("--top", type=int, default=25, help="rows in the printed table (default: %(default)s)")
+    dif.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    dif.set_defaults(handler=_cmd_diff)
 
     ins = sub.add_parser("inspect", help="print a capture's metadata and module table",
                          description="Print a capture's metadata and one row per module.")

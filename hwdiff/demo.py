@@ -1,7 +1,7 @@
 """``make demo``: the main job on the built-in default, on the CPU.
 
 Two bfloat16 captures of tiny-qwen2 over the shipped prompts that differ for a real reason — the
-attention kernel path (``sdpa`` vs ``eager``) — and the inspection of one of them.
+attention kernel path (``sdpa`` vs ``eager``) — the inspection of one, and their diff.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from .capturing import capture
+from .compare import diff
+from .compare.output import format_table
 from .inspect import inspect_capture
 from .models import load_model
 
@@ -41,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     paths = run_demo(args.out, progress=not args.quiet)
     print()
     print(inspect_capture(paths[0]))
+    outputs = {"out": args.out / "diff.h5", "json_path": args.out / "diff.json", "csv_path": args.out / "diff.csv"}
+    result = diff(*paths, progress=not args.quiet, **outputs)
+    print()
+    print(format_table(result, top=10))
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s; wrote:")
-    for path in paths:
+    for path in (*paths, *outputs.values()):
         print(f"  {path}")
-    print("next: `hwdiff inspect FILE`; the diff, calibrate and report steps come in later releases")
+    print("next: `hwdiff inspect FILE`, `hwdiff diff REF TARGET`; calibrate and report come in later releases")
     return 0
 
 

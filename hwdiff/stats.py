@@ -9,21 +9,29 @@ sqrt(E[x²] − E[x]²), exact enough in float64 for activations whose mean is n
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor is reduced, so readers of captures never load it
+    import torch
 
 FIELDS = ("count", "mean", "std", "rms", "min", "max", "abs_mean", "abs_max", "nan_count", "inf_count")
 DTYPE = np.dtype([(field, "<f8") for field in FIELDS])
 _FLOAT64_DEVICES = ("cpu", "cuda")
 
 
-def accumulation_dtype(device: torch.device) -> torch.dtype:
+def accumulation_dtype(device: "torch.device") -> "torch.dtype":
     """float64 where the device has a fast one, float32 elsewhere (Ascend)."""
+    import torch
+
     return torch.float64 if device.type in _FLOAT64_DEVICES else torch.float32
 
 
-def partial_stats(tensor: torch.Tensor) -> torch.Tensor:
+def partial_stats(tensor: "torch.Tensor") -> "torch.Tensor":
     """The parts vector of one tensor, computed on its device without a host synchronization."""
+    import torch
+
     x = tensor.detach()
     if not x.is_floating_point():
         x = x.to(torch.float64 if x.device.type in _FLOAT64_DEVICES else torch.float32)

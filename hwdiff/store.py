@@ -394,6 +394,21 @@ class Capture:
         for start in range(0, dataset.shape[0], step):
             yield decode(dataset[start: start + step], dtype)
 
+    def read(self, name: str, call: int, slot: str, index: tuple[slice, ...]) -> np.ndarray:
+        """A decoded block ``dataset[index]`` of a slot (see :func:`plan_blocks`)."""
+        dataset = self._dataset(name, call, slot)
+        return decode(dataset[index], dataset.attrs["dtype"])
+
+    def slot_info(self, name: str, call: int = 0, slot: str = "output") -> tuple[tuple[int, ...], str]:
+        """(shape, real dtype) of a stored slot."""
+        dataset = self._dataset(name, call, slot)
+        return tuple(dataset.shape), str(dataset.attrs["dtype"])
+
+    def alias_of(self, name: str, call: int = 0, slot: str = "output") -> str | None:
+        """``name/call/slot`` of the slot this one links to, or None when it is stored itself."""
+        value = self._module_group(name).get(str(call))
+        return None if value is None else _plain(value.attrs.get(f"{slot}_alias_of"))
+
     def stats(self, name: str, call: int = 0, slot: str = "output") -> dict[str, float]:
         """The float64 statistics of a slot (``stats`` mode)."""
         record = self._node(name, call, f"{slot}_stats")[()]
@@ -440,6 +455,22 @@ class Capture:
     def __repr__(self) -> str:
         return (f"Capture({str(self.path)!r}, device={self.meta.get('device')!r}, dtype={self.dtype!r}, "
                 f"mode={self.mode!r}, modules={len(self.modules)})")
+
+
+def plan_blocks(shape: tuple[int, ...], max_elements: int = 1 << 22) -> list[tuple[slice, ...]]:
+    """Index blocks covering an array of ``shape`` in order, each at most ``max_elements`` (when a
+    single sequence is larger, it is split along the token axis). Streaming readers use the same
+    plan for every file of a comparison, whatever their stored dtypes."""
+    if not shape:
+        return [()]
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    if row <= max_elements or len(shape) < 2:
+        step = max(1, max_elements // max(row, 1))
+        return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
+    per_token = max(1, int(np.prod(shape[2:], dtype=np.int64)))
+    tokens = max(1, max_elements // per_token)
+    return [(slice(r, r + 1), slice(t, min(t + tokens, shape[1])))
+            for r in range(shape[0]) for t in range(0, shape[1], tokens)]
 
 
 def open_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Capture:

@@ -14,3 +14,13 @@ def test_demo_writes_two_captures_that_differ_only_by_attention_kernel(tmp_path,
         assert np.array_equal(ref.activation("model.layers.0.self_attn.q_proj"),
                               tgt.activation("model.layers.0.self_attn.q_proj"))
         assert not np.array_equal(ref.activation("model.layers.0.self_attn"), tgt.activation("model.layers.0.self_attn"))
+
+
+def test_demo_main_captures_inspects_and_diffs(tmp_path, capsys):
+    from hwdiff.demo import main
+
+    assert main(["--out", str(tmp_path), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "first divergence  model.layers.0.self_attn" in printed
+    for name in ("reference-cpu-bf16-sdpa.h5", "target-cpu-bf16-eager.h5", "diff.h5", "diff.json", "diff.csv"):
+        assert (tmp_path / name).exists() and str(tmp_path / name) in printed

@@ -1,0 +1,97 @@
+"""Which slots of two captures are compared: matched by qualified module name + call index.
+
+Never by a global op counter: a kernel path that inserts an extra op must not shift every later
+pair. Modules or calls present on one side only, and shape mismatches, are listed, never dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import HwdiffError
+from ..store import Capture
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One slot compared: module ``name``, ``call`` and ``slot`` ("output" or "input")."""
+
+    name: str
+    call: int
+    slot: str
+    kind: str
+    shape: tuple[int, ...]
+    ref_dtype: str
+    target_dtype: str
+    alias_of: str | None  # both sides link this slot to the same stored slot: reuse its numbers
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A slot that could not be compared, and why."""
+
+    name: str
+    call: int
+    slot: str
+    reason: str
+
+
+def check_comparable(reference: Capture, target: Capture, *, allow_model_mismatch: bool = False,
+                     role: str = "target") -> None:
+    """Refuse captures of different inputs, of another model (unless allowed), or of stats mode."""
+    for cap in (reference, target):
+        if cap.mode == "stats":
+            raise HwdiffError(f"{cap.path} is a 'stats' capture; diff needs 'full' or 'sample' captures")
+    if reference.meta["inputs_fingerprint"] != target.meta["inputs_fingerprint"]:
+        raise HwdiffError(
+            f"the captures ran different inputs: {reference.path} has {reference.meta['inputs_fingerprint'][:19]}… "
+            f"({reference.meta.get('inputs_source')}, {reference.input_ids.shape[0]}x{reference.input_ids.shape[1]}), "
+            f"{target.path} has {target.meta['inputs_fingerprint'][:19]}… ({target.meta.get('inputs_source')}, "
+            f"{target.input_ids.shape[0]}x{target.input_ids.shape[1]}); capture both with the same --inputs, "
+            "--limit and --max-tokens")
+    if reference.meta.get("model_fingerprint") != target.meta.get("model_fingerprint") and not allow_model_mismatch:
+        raise HwdiffError(
+            f"the {role} capture is of another model ({target.meta.get('model_spec')}, "
+            f"{str(target.meta.get('model_fingerprint'))[:19]}…) than the reference ({reference.meta.get('model_spec')}, "
+            f"{str(reference.meta.get('model_fingerprint'))[:19]}…); pass --allow-model-mismatch to compare anyway")
+    if reference.mode != target.mode:
+        raise HwdiffError(f"cannot compare a '{reference.mode}' capture with a '{target.mode}' capture")
+    if reference.mode == "sample" and not (reference.sample_positions == target.sample_positions).all():
+        raise HwdiffError("the sample captures kept different token positions; capture both with the same --seed and --tokens")
+
+
+def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatched]]:
+    """The slot pairs to compare, in the reference's forward order, and what could not be paired."""
+    pairs, unmatched = [], []
+    for name, info in reference.modules.items():
+        other = target.modules.get(name)
+        if other is None:
+            unmatched += [Unmatched(name, call, "output", "only in the reference") for call in range(info.calls)]
+            continue
+        for call in range(max(info.calls, other.calls)):
+            if call >= info.calls or call >= other.calls:
+                side = "reference" if call < info.calls else "target"
+                unmatched.append(Unmatched(name, call, "output", f"call {call} only in the {side}"))
+                continue
+            for slot in info.slots:
+                if slot not in other.slots:
+                    if slot == "output":
+                        unmatched.append(Unmatched(name, call, slot, "no output in the target"))
+                    continue
+                pair = _pair(reference, target, name, call, slot, info.kind)
+                if isinstance(pair, Unmatched):
+                    unmatched.append(pair)
+                else:
+                    pairs.append(pair)
+    unmatched += [Unmatched(name, call, "output", "only in the target")
+                  for name, info in target.modules.items() if name not in reference.modules
+                  for call in range(info.calls)]
+    return pairs, unmatched
+
+
+def _pair(reference: Capture, target: Capture, name: str, call: int, slot: str, kind: str) -> Pair | Unmatched:
+    ref_shape, ref_dtype = reference.slot_info(name, call, slot)
+    tgt_shape, tgt_dtype = target.slot_info(name, call, slot)
+    if ref_shape != tgt_shape:
+        return Unmatched(name, call, slot, f"shape {ref_shape} in the reference, {tgt_shape} in the target")
+    ref_alias, tgt_alias = reference.alias_of(name, call, slot), target.alias_of(name, call, slot)
+    return Pair(name, call, slot, kind, ref_shape, ref_dtype, tgt_dtype, ref_alias if ref_alias == tgt_alias else None)

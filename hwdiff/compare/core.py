@@ -1,0 +1,207 @@
+"""``hwdiff.diff``: compare two captures (and optionally each against a golden) slot by slot."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import HwdiffError
+from ..store import Capture, open_capture, plan_blocks
+from .align import Pair, align, check_comparable
+from .correlation import correlate, residual_positions
+from .fit import fit_errors
+from .metrics import Accumulator, beyond_rounding, lower_precision
+from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff
+
+_META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",
+              "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc")
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """``fit_samples``: at most this many elements per slot (a seeded sample) for the fits and the
+    divergence rule; ``block_elements``: elements read per block (bounds memory)."""
+
+    fit_samples: int = 20_000
+    seed: int = 0
+    strict: bool = False
+    allow_model_mismatch: bool = False
+    block_elements: int = 1 << 20
+    progress: bool = True
+
+
+def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Capture,
+         out: str | os.PathLike | None = None, golden: str | os.PathLike | Capture | None = None,
+         *, json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None,
+         **options: Any) -> DiffResult:
+    """Compare ``target`` against ``reference`` module by module; see docs/diff.md for every metric.
+
+    ``golden`` (a third capture, e.g. CPU float32) adds each side's error against it. ``out`` writes
+    diff.h5 (everything, histograms included), ``json_path`` the summary (schema
+    ``hwdiff/diff-summary/1``), ``csv_path`` a flat table; each is written atomically. ``options``
+    are the fields of :class:`DiffOptions`.
+    """
+    from .output import write_outputs
+
+    opts = DiffOptions(**options)
+    with _Opened(reference, target, golden) as (ref, tgt, gold):
+        check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch)
+        if gold is not None:
+            check_comparable(ref, gold, allow_model_mismatch=opts.allow_model_mismatch, role="golden")
+        result = _compare(ref, tgt, gold, opts)
+    write_outputs(result, out=out, json_path=json_path, csv_path=csv_path)
+    return result
+
+
+def _compare(ref: Capture, tgt: Capture, gold: Capture | None, opts: DiffOptions) -> DiffResult:
+    from tqdm.auto import tqdm
+
+    pairs, unmatched = align(ref, tgt)
+    if opts.strict and unmatched:
+        first = unmatched[0]
+        raise HwdiffError(f"{len(unmatched)} slot(s) could not be compared (--strict), first "
+                          f"{first.name}/{first.call}/{first.slot}: {first.reason}")
+    mask = ref.attention_mask.astype(bool) if ref.mode == "full" else None
+    if ref.mode == "sample":
+        mask = np.ones(ref.sample_positions.shape, dtype=bool)
+    layers: dict[tuple[str, int, str], LayerDiff] = {}
+    arrays: dict[str, Any] = {}
+    for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
+        alias = _alias_key(pair)
+        if alias in layers:
+            layers[(pair.name, pair.call, pair.slot)] = dataclasses.replace(
+                layers[alias], name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of)
+            continue
+        layer, layer_arrays = _compare_pair(ref, tgt, gold, pair, mask, opts)
+        layers[layer.key] = layer
+        arrays["/".join(map(str, layer.key))] = layer_arrays
+    positions = residual_positions(pairs)
+    correlation = correlate(ref, tgt, positions, mask, opts.block_elements) if positions else None
+    ordered = tuple(layers[(p.name, p.call, p.slot)] for p in pairs)
+    return DiffResult(
+        reference=_meta(ref), target=_meta(tgt), golden=_meta(gold) if gold is not None else None,
+        layers=ordered, unmatched=tuple(unmatched), correlation=correlation,
+        growth=_growth(ordered, positions), first_divergence=first_divergence(ordered), arrays=arrays)
+
+
+def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
+    if not pair.alias_of:
+        return None
+    name, call, slot = pair.alias_of.rsplit("/", 2)
+    return (name, int(call), slot)
+
+
+def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, pair: Pair, mask: np.ndarray | None,
+                  opts: DiffOptions) -> tuple[LayerDiff, dict[str, np.ndarray]]:
+    has_tokens = mask is not None and len(pair.shape) >= 2 and tuple(pair.shape[:2]) == mask.shape
+    token_mask = mask if has_tokens else None
+    expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if has_tokens else int(np.prod(pair.shape))
+    seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
+    acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=min(1.0, opts.fit_samples / max(expected, 1)),
+                      seed=seed)
+    golden_accs = _golden_accumulators(gold, pair)
+    for index in plan_blocks(pair.shape, opts.block_elements):
+        block_mask = token_mask[index[0], index[1] if len(index) > 1 else slice(None)] if has_tokens else None
+        r = ref.read(pair.name, pair.call, pair.slot, index)
+        t = tgt.read(pair.name, pair.call, pair.slot, index)
+        acc.update(r, t, block_mask)
+        if golden_accs:
+            g = gold.read(pair.name, pair.call, pair.slot, index)
+            golden_accs[0].update(g, r, block_mask)
+            golden_accs[1].update(g, t, block_mask)
+    metrics = acc.metrics()
+    sample_r, sample_t = acc.sample()
+    errors = sample_t - sample_r
+    layer = LayerDiff(
+        name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, shape=pair.shape,
+        ref_dtype=pair.ref_dtype, target_dtype=pair.target_dtype, metrics=metrics,
+        fit=fit_errors(errors, exact=metrics.exact),
+        beyond_rounding_frac=beyond_rounding(sample_r, sample_t, lower_precision(pair.ref_dtype, pair.target_dtype),
+                                             metrics.ref_rms),
+        golden=GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2) if golden_accs else None,
+    )
+    return layer, _layer_arrays(acc, errors)
+
+
+def _golden_accumulators(gold: Capture | None, pair: Pair) -> list[Accumulator]:
+    if gold is None or pair.name not in gold.modules or pair.slot not in gold.modules[pair.name].slots:
+        return []
+    shape, dtype = gold.slot_info(pair.name, pair.call, pair.slot)
+    if shape != pair.shape:
+        return []
+    return [Accumulator(dtype, side, sample_fraction=0.0, seed=0, light=True) for side in (pair.ref_dtype, pair.target_dtype)]
+
+
+def _layer_arrays(acc: Accumulator, errors: np.ndarray) -> dict[str, np.ndarray]:
+    differing = errors[errors != 0]
+    spread = float(np.std(differing)) if differing.size else 0.0
+    edges = np.linspace(-6 * spread, 6 * spread, 122) if spread else np.array([-1.0, 1.0])
+    counts, _ = np.histogram(errors, bins=edges)
+    rng = np.random.Generator(np.random.PCG64(0))
+    keep = rng.choice(errors.size, size=min(4096, errors.size), replace=False) if errors.size else []
+    return {"ulp_hist": acc.hist.copy(), "err_hist": counts, "err_edges": edges,
+            "err_sample": errors[np.sort(keep)].astype(np.float32),
+            "token_norms": np.concatenate(acc.token_norms).astype(np.float32) if acc.token_norms else np.zeros(0)}
+
+
+def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
+    """The earliest diverging module output, attributed to its parent when its input already diverges."""
+    inputs = {(l.name, l.call): l for l in layers if l.slot == "input"}
+    for layer in layers:
+        if layer.slot != "output" or not layer.diverges:
+            continue
+        recorded_input = inputs.get((layer.name, layer.call))
+        if recorded_input is not None and recorded_input.diverges and "." in layer.name:
+            parent = layer.name.rsplit(".", 1)[0]
+            return FirstDivergence(parent, layer.call, layer.name, "input", recorded_input.beyond_rounding_frac,
+                                   recorded_input.metrics.rel_l2)
+        return FirstDivergence(layer.name, layer.call, layer.name, "output", layer.beyond_rounding_frac,
+                               layer.metrics.rel_l2)
+    return None
+
+
+def _growth(layers: tuple[LayerDiff, ...], positions: list[Pair]) -> Growth | None:
+    if not positions:
+        return None
+    by_key = {layer.key: layer for layer in layers}
+    chosen = [by_key[(p.name, p.call, p.slot)] for p in positions]
+    return Growth(tuple(l.name for l in chosen), tuple(l.metrics.rel_l2 for l in chosen))
+
+
+def _meta(cap: Capture) -> dict[str, Any]:
+    meta = {key: cap.meta[key] for key in _META_KEYS if key in cap.meta}
+    meta["path"] = str(cap.path)
+    return meta
+
+
+class _Opened:
+    """Open what was given as a path; leave Capture objects the caller opened alone."""
+
+    def __init__(self, *items: Any) -> None:
+        self.items = items
+        self.owned: list[Capture] = []
+
+    def __enter__(self) -> list[Capture | None]:
+        opened = []
+        try:
+            for item in self.items:
+                if item is None or isinstance(item, Capture):
+                    opened.append(item)
+                else:
+                    cap = open_capture(item)
+                    self.owned.append(cap)
+                    opened.append(cap)
+        except BaseException:
+            self.__exit__()
+            raise
+        return opened
+
+    def __exit__(self, *exc: object) -> None:
+        for cap in self.owned:
+            cap.close()
+
+
+__all__ = ["DiffOptions", "diff", "first_divergence"]

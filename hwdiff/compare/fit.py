@@ -1,0 +1,129 @@
+"""Distribution fits of an error sample: Gaussian, Student-t and Laplace by maximum likelihood.
+
+The Student-t fit profiles the likelihood over the degrees of freedom (bounded to [0.5, 1000]) with
+location and scale from an EM iteration at each df; it takes ~0.1 s for 50,000 values, where
+``scipy.stats.t.fit``'s generic optimizer takes seconds. Goodness of fit: the KS statistic and
+p-value against each fitted distribution, and AIC = 2k − 2 ln L (k = 2, 3, 2). Best = lowest AIC.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MIN_SAMPLES = 50  # fewer differing elements than this: too few for a meaningful fit
+_DF_BOUNDS = (0.5, 1000.0)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One fitted distribution: its parameters, log-likelihood, AIC and KS test."""
+
+    params: dict[str, float]
+    loglik: float
+    aic: float
+    ks_stat: float
+    ks_p: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {**self.params, "loglik": self.loglik, "aic": self.aic, "ks_stat": self.ks_stat, "ks_p": self.ks_p}
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Fits of one module's error sample; ``best`` is "none" (with ``reason``) when not fitted."""
+
+    best: str
+    n: int
+    reason: str = ""
+    skew: float = float("nan")
+    excess_kurtosis: float = float("nan")
+    fits: dict[str, Fit] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out: dict = {"best": self.best, "n": self.n}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.fits:
+            out.update(skew=self.skew, excess_kurtosis=self.excess_kurtosis)
+            out.update({name: fit.to_dict() for name, fit in self.fits.items()})
+        return out
+
+
+def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:
+    """Fit the differing elements' errors (zeros, the bit-identical elements, are left out)."""
+    if exact:
+        return FitResult(best="none", n=0, reason="bit-identical: no error to fit")
+    x = np.asarray(errors, dtype=np.float64)
+    x = x[x != 0]
+    if x.size < MIN_SAMPLES or np.ptp(x) == 0:
+        return FitResult(best="none", n=int(x.size), reason=f"only {x.size} differing values in the sample")
+    from scipy import stats
+
+    fits = {"gaussian": _gaussian(x, stats), "student_t": _student_t(x, stats), "laplace": _laplace(x, stats)}
+    centred = x - x.mean()
+    m2 = float(np.mean(centred ** 2))
+    skew = float(np.mean(centred ** 3) / m2 ** 1.5)
+    kurt = float(np.mean(centred ** 4) / m2 ** 2 - 3.0)
+    best = min(fits, key=lambda name: fits[name].aic)
+    return FitResult(best=best, n=int(x.size), skew=skew, excess_kurtosis=kurt, fits=fits)
+
+
+def _finish(x: np.ndarray, params: dict[str, float], loglik: float, k: int, cdf) -> Fit:
+    ks = _ks(x, cdf)
+    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, ks_stat=ks[0], ks_p=ks[1])
+
+
+def _ks(x: np.ndarray, cdf) -> tuple[float, float]:
+    from scipy import stats
+
+    result = stats.kstest(x, cdf, method="asymp")
+    return float(result.statistic), float(result.pvalue)
+
+
+def _gaussian(x: np.ndarray, stats) -> Fit:
+    mu, sigma = float(x.mean()), float(x.std())
+    loglik = float(np.sum(stats.norm.logpdf(x, mu, sigma)))
+    return _finish(x, {"mu": mu, "sigma": sigma}, loglik, 2, stats.norm(mu, sigma).cdf)
+
+
+def _laplace(x: np.ndarray, stats) -> Fit:
+    loc = float(np.median(x))
+    scale = float(np.mean(np.abs(x - loc)))
+    loglik = float(-x.size * math.log(2 * scale) - np.sum(np.abs(x - loc)) / scale)
+    return _finish(x, {"loc": loc, "scale": scale}, loglik, 2, stats.laplace(loc, scale).cdf)
+
+
+def _student_t(x: np.ndarray, stats) -> Fit:
+    from scipy import optimize
+
+    state = [float(np.median(x)), 1.4826 * float(np.median(np.abs(x - np.median(x)))) or float(x.std())]
+
+    def negative_loglik(log_df: float) -> float:
+        loc, scale, loglik = _t_em(x, math.exp(log_df), *state)
+        state[:] = [loc, scale]  # warm start: neighbouring df have nearly the same loc and scale
+        return -loglik
+
+    found = optimize.minimize_scalar(negative_loglik, bounds=tuple(map(math.log, _DF_BOUNDS)), method="bounded",
+                                     options={"xatol": 1e-3})
+    df = math.exp(found.x)
+    loc, scale, loglik = _t_em(x, df, *state)
+    return _finish(x, {"df": df, "loc": loc, "scale": scale}, loglik, 3, stats.t(df, loc, scale).cdf)
+
+
+def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 50) -> tuple[float, float, float]:
+    """EM for a Student-t's location and scale at fixed ``df``; returns (loc, scale, log-likelihood)."""
+    for _ in range(iterations):
+        z2 = ((x - loc) / scale) ** 2
+        weights = (df + 1.0) / (df + z2)
+        new_loc = float(np.dot(weights, x) / weights.sum())
+        new_scale = math.sqrt(float(np.dot(weights, (x - new_loc) ** 2)) / x.size)
+        converged = abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+        loc, scale = new_loc, new_scale
+        if converged:
+            break
+    z2 = ((x - loc) / scale) ** 2
+    loglik = x.size * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
+        - (df + 1) / 2 * float(np.sum(np.log1p(z2 / df)))
+    return loc, scale, loglik

@@ -1,0 +1,201 @@
+"""Writing a :class:`DiffResult`: JSON summary, CSV table, diff.h5, and the terminal table.
+
+Every file is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .._version import __version__
+from .metrics import ulp_edges
+from .results import DiffResult, LayerDiff
+
+SUMMARY_SCHEMA = "hwdiff/diff-summary/1"
+DIFF_SCHEMA = "hwdiff/diff/1"
+
+
+def _num(value: float) -> float | None:
+    """JSON has no inf / nan: they become null (an exact module says ``exact: true`` beside it)."""
+    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
+def layer_summary(layer: LayerDiff) -> dict[str, Any]:
+    m = layer.metrics
+    out: dict[str, Any] = {
+        "name": layer.name, "call": layer.call, "slot": layer.slot, "kind": layer.kind, "shape": list(layer.shape),
+        "numel": m.numel, "ref_dtype": layer.ref_dtype, "target_dtype": layer.target_dtype, "exact": layer.exact,
+        "equal_frac": m.equal_frac, "rel_l2": _num(m.rel_l2), "sqnr_db": _num(m.sqnr_db), "cosine": m.cosine,
+        "one_minus_cos": m.one_minus_cos, "rmse": m.rmse, "max_abs": m.max_abs, "mean_abs": m.mean_abs,
+        "bias": m.bias, "err_std": m.err_std,
+        "ulp": {"p50": m.ulp.p50, "p99": m.ulp.p99, "max": m.ulp.max, "le1_frac": m.ulp.le1_frac},
+        "thousandth_frac": m.thousandth_frac, "five_thousandth_frac": m.five_thousandth_frac,
+        "nan_inf": {"ref_nan": m.nan_inf.ref_nan, "ref_inf": m.nan_inf.ref_inf,
+                    "target_nan": m.nan_inf.target_nan, "target_inf": m.nan_inf.target_inf},
+        "beyond_rounding_frac": layer.beyond_rounding_frac, "diverges": layer.diverges, "alias_of": layer.alias_of,
+        "fit": _clean(layer.fit.to_dict()),
+    }
+    if layer.golden is not None:
+        out["golden"] = {"reference_rel_l2": layer.golden.reference_rel_l2,
+                         "target_rel_l2": layer.golden.target_rel_l2, "ratio": _num(layer.golden.ratio)}
+    return out
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    return _num(value) if isinstance(value, float) else value
+
+
+def summary(result: DiffResult) -> dict[str, Any]:
+    """The JSON summary (schema ``hwdiff/diff-summary/1``)."""
+    corr = result.correlation
+    first = result.first_divergence
+    return {
+        "schema": SUMMARY_SCHEMA, "hwdiff_version": __version__,
+        "reference": result.reference, "target": result.target, "golden": result.golden,
+        "exact": result.exact,
+        "modules": [layer_summary(layer) for layer in result.layers],
+        "unmatched": [{"name": u.name, "call": u.call, "slot": u.slot, "reason": u.reason} for u in result.unmatched],
+        "correlation": None if corr is None else {
+            "names": list(corr.names), "exact": list(corr.exact),
+            "accumulated": _matrix(corr.accumulated), "increments": _matrix(corr.increments)},
+        "growth": None if result.growth is None else {
+            "names": list(result.growth.names), "rel_l2": [_num(v) for v in result.growth.rel_l2],
+            "factor_per_layer": _num(result.growth.factor_per_layer)},
+        "first_divergence": None if first is None else {
+            "name": first.name, "call": first.call, "detected_at": first.detected_at, "origin": first.origin,
+            "beyond_rounding_frac": first.beyond_rounding_frac, "rel_l2": _num(first.rel_l2), "rule": first.rule},
+    }
+
+
+def _matrix(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[_num(float(v)) for v in row] for row in matrix]
+
+
+CSV_COLUMNS = ("name", "call", "slot", "kind", "shape", "numel", "exact", "equal_frac", "rel_l2", "sqnr_db", "cosine",
+               "one_minus_cos", "rmse", "max_abs", "mean_abs", "bias", "err_std", "ulp_p50", "ulp_p99", "ulp_max",
+               "ulp_le1_frac", "thousandth_frac", "five_thousandth_frac", "ref_nan", "ref_inf", "target_nan",
+               "target_inf", "beyond_rounding_frac", "diverges", "fit_best", "gaussian_mu", "gaussian_sigma",
+               "gaussian_ks_stat", "gaussian_ks_p", "student_t_df", "student_t_loc", "student_t_scale",
+               "laplace_loc", "laplace_scale", "golden_reference_rel_l2", "golden_target_rel_l2", "golden_ratio")
+
+
+def _csv_rows(result: DiffResult) -> Iterator[dict[str, Any]]:
+    for layer in result.layers:
+        flat = layer_summary(layer)
+        row = {key: flat[key] for key in CSV_COLUMNS if key in flat}
+        row["shape"] = "x".join(map(str, layer.shape))
+        row.update({f"ulp_{k}": v for k, v in flat["ulp"].items()})
+        row.update(flat["nan_inf"])
+        row["fit_best"] = flat["fit"]["best"]
+        for model, keys in (("gaussian", ("mu", "sigma", "ks_stat", "ks_p")), ("student_t", ("df", "loc", "scale")),
+                            ("laplace", ("loc", "scale"))):
+            for key in keys:
+                row[f"{model}_{key}"] = flat["fit"].get(model, {}).get(key, "")
+        for key, value in flat.get("golden", {}).items():
+            row[f"golden_{key}"] = value
+        yield row
+
+
+def write_outputs(result: DiffResult, *, out: Any = None, json_path: Any = None, csv_path: Any = None) -> None:
+    if json_path is not None:
+        _atomic(Path(json_path), lambda path: path.write_text(json.dumps(summary(result), indent=1)))
+    if csv_path is not None:
+        _atomic(Path(csv_path), lambda path: _write_csv(result, path))
+    if out is not None:
+        _atomic(Path(out), lambda path: _write_h5(result, path))
+
+
+def _write_csv(result: DiffResult, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(_csv_rows(result))
+
+
+def _write_h5(result: DiffResult, path: Path) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.attrs.update(schema=DIFF_SCHEMA, summary=json.dumps(summary(result)), complete=False)
+        handle.create_dataset("ulp_edges", data=ulp_edges())
+        for key, arrays in result.arrays.items():
+            group = handle.require_group(f"layers/{key}")
+            for name, array in arrays.items():
+                group.create_dataset(name, data=array)
+        if result.correlation is not None:
+            group = handle.create_group("correlation")
+            group.attrs["names"] = json.dumps(list(result.correlation.names))
+            group.create_dataset("accumulated", data=result.correlation.accumulated)
+            group.create_dataset("increments", data=result.correlation.increments)
+        _write_token_correlation(result, handle)
+        handle.attrs["complete"] = True
+
+
+def _write_token_correlation(result: DiffResult, handle: Any) -> None:
+    from .correlation import token_correlation
+
+    names, norms = [], []
+    for key, arrays in result.arrays.items():
+        if key.endswith("/output") and arrays["token_norms"].size:
+            names.append(key)
+            norms.append(arrays["token_norms"].astype(np.float64))
+    if len({n.size for n in norms}) == 1 and len(norms) >= 2:
+        group = handle.create_group("token_correlation")
+        group.attrs["names"] = json.dumps(names)
+        group.create_dataset("matrix", data=token_correlation(names, norms))
+
+
+def _atomic(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def format_table(result: DiffResult, top: int = 25) -> str:
+    """The terminal report: what was compared, the first divergence, and the worst modules first."""
+    ref, tgt = result.reference, result.target
+    lines = [f"reference  {ref['path']}  ({ref.get('device')}, {ref.get('dtype')}, {ref.get('attn_implementation')})",
+             f"target     {tgt['path']}  ({tgt.get('device')}, {tgt.get('dtype')}, {tgt.get('attn_implementation')})"]
+    if result.golden:
+        lines.append(f"golden     {result.golden['path']}  ({result.golden.get('device')}, {result.golden.get('dtype')})")
+    outputs = result.outputs
+    exact = sum(layer.exact for layer in outputs)
+    lines.append(f"compared   {len(outputs)} module outputs ({exact} bit-identical), "
+                 f"{len(result.layers) - len(outputs)} inputs, {len(result.unmatched)} unmatched")
+    lines.append(f"first divergence  {result.first_divergence or 'none: every slot within one ulp of rounding'}")
+    if result.growth and not math.isnan(result.growth.factor_per_layer):
+        lines.append(f"growth     x{result.growth.factor_per_layer:.3g} per decoder layer "
+                     f"(rel L2 {result.growth.rel_l2[0]:.3g} -> {result.growth.rel_l2[-1]:.3g})")
+    lines += ["", *_table(result, top)]
+    for item in result.unmatched[:10]:
+        lines.append(f"unmatched  {item.name}/{item.call}/{item.slot}: {item.reason}")
+    return "\n".join(lines)
+
+
+def _table(result: DiffResult, top: int) -> list[str]:
+    header = ["module", "kind", "rel_l2", "1-cos", "equal", "ulp p99", "max_abs", "fit"]
+    if result.golden:
+        header.append("tgt/ref vs golden")
+    rows = [header]
+    for layer in [layer for layer in result.worst() if not layer.alias_of][:top]:
+        m = layer.metrics
+        row = [layer.name + (f"#{layer.call}" if layer.call else ""), layer.kind, f"{m.rel_l2:.3g}",
+               f"{m.one_minus_cos:.2g}", f"{m.equal_frac:.1%}", f"{m.ulp.p99:.3g}", f"{m.max_abs:.3g}",
+               "exact" if layer.exact else layer.fit.best + (" !" if layer.diverges else "")]
+        if result.golden:
+            row.append(f"{layer.golden.ratio:.3g}" if layer.golden else "-")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
