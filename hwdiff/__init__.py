@@ -22,6 +22,7 @@ __all__ = [
     "inspect_capture",
     "diff",
     "DiffResult",
+    "replay",
 ]
 
 _LAZY = {
@@ -34,6 +35,7 @@ _LAZY = {
     "inspect_capture": "inspect",
     "diff": "compare",
     "DiffResult": "compare",
+    "replay": "replaying",
 }
 
 

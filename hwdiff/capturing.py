@@ -110,7 +110,7 @@ def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np
                leave=False)
     with bar, torch.inference_mode():
         for row0, ids, mask in inputs.batches(opts.batch_size):
-            rec.row0 = row0
+            rec.row0, rec.tokens = row0, ids.shape[1]
             if positions is not None:
                 rec.positions = torch.from_numpy(positions[row0: row0 + len(ids)]).to(device)
             model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),

@@ -27,6 +27,16 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .replaying import model_for, replay
+
+    model = model_for(args.reference, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
+                      spec=args.model)
+    print(replay(model, args.reference, args.output, allow_model_mismatch=args.allow_model_mismatch,
+                 progress=not args.quiet))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_capture
 
@@ -38,7 +48,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     from .compare import diff
     from .compare.output import format_table
 
-    result = diff(args.reference, args.target, out=args.output, golden=args.golden, json_path=args.json,
+    result = diff(args.reference, args.target, out=args.output, golden=args.golden, local=args.local, json_path=args.json,
                   csv_path=args.csv, strict=args.strict, allow_model_mismatch=args.allow_model_mismatch,
                   fit_samples=args.fit_samples, seed=args.seed, progress=not args.quiet)
     print(format_table(result, top=args.top))
@@ -100,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("reference", help="reference capture (.h5)")
     dif.add_argument("target", help="target capture (.h5), same model and inputs")
     dif.add_argument("--golden", default=None, help="a third capture (e.g. CPU float32): each side's error against it")
+    dif.add_argument("--local", default=None,
+                     help="a replay of the reference's inputs on the target's device (hwdiff replay): adds each "
+                          "module's local error, the propagated part and the amplification")
     dif.add_argument("-o", "--output", default=None, help="write everything, histograms included, to this diff.h5")
     dif.add_argument("--json", default=None, help="write the summary (schema hwdiff/diff-summary/1) to this file")
     dif.add_argument("--csv", default=None, help="write a flat table to this file")
@@ -111,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("--top", type=int, default=25, help="rows in the printed table (default: %(default)s)")
     dif.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     dif.set_defaults(handler=_cmd_diff)
+
+    rep = sub.add_parser("replay", help="run each recorded module on the reference's own inputs",
+                         description="Call every module whose inputs REFERENCE recorded (--record-inputs) with exactly "
+                                     "those inputs, on --device in --dtype, and write the outputs as a capture: "
+                                     "`hwdiff diff REFERENCE LOCAL` is then each module's local error.")
+    rep.add_argument("reference", help="reference capture made with --record-inputs")
+    rep.add_argument("--device", default="auto", help="cpu, cuda[:N], npu[:N] or auto (default: %(default)s)")
+    rep.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64 (default: the reference's)")
+    rep.add_argument("--attn-impl", default=None, help="attention kernel path (default: transformers')")
+    rep.add_argument("--model", default=None, help="model spec (default: the one the reference was captured from)")
+    rep.add_argument("--allow-model-mismatch", action="store_true", help="replay with different weights")
+    rep.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
+    rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    rep.set_defaults(handler=_cmd_replay)
 
     ins = sub.add_parser("inspect", help="print a capture's metadata and module table",
                          description="Print a capture's metadata and one row per module.")

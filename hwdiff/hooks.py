@@ -8,6 +8,7 @@ accelerator first reduces each output to a few float64 numbers on the device (:m
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import weakref
 from collections import defaultdict
@@ -18,7 +19,8 @@ import torch
 from .errors import SelectionError
 from .models import dtype_name
 from .stats import partial_stats
-from .store import Alias, Record, Register
+from .callspec import encode_call
+from .store import Alias, Record, Register, Signature
 
 KINDS = ("embedding", "rmsnorm", "linear", "attention", "mlp", "activation", "decoder_layer", "head", "other")
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
@@ -110,7 +112,9 @@ class MemorySink:
         self.activations: dict[tuple[str, int, str], list[torch.Tensor]] = defaultdict(list)
         self.kinds: dict[str, str] = {}
 
-    def put(self, item: Record | Register | Alias) -> None:
+    def put(self, item: Record | Register | Alias | Signature) -> None:
+        if isinstance(item, Signature):
+            return
         if isinstance(item, Register):
             self.kinds[item.name] = item.kind
         elif isinstance(item, Alias):
@@ -124,18 +128,20 @@ class MemorySink:
 
 
 class Recorder:
-    """The hooks of one :func:`record` scope. Set ``row0`` (and ``positions`` in sample mode) before
-    each forward; call indices restart at every top-level forward of the model."""
+    """The hooks of one :func:`record` scope. Set ``row0`` (and ``tokens`` and ``positions`` in
+    sample mode) before each forward; call indices restart at every top-level forward of the model."""
 
     def __init__(self, model: torch.nn.Module, selection: list[tuple[str, torch.nn.Module, str]], *,
                  mode: str, record_inputs: bool, sink: Any) -> None:
         self.model, self.selection, self.mode = model, selection, mode
         self.record_inputs, self.sink = record_inputs, sink
         self.row0 = 0
+        self.tokens = 0  # sequence length of the inputs: sample mode gathers along an axis of this size
         self.positions: torch.Tensor | None = None
         self.registered: dict[str, int] = {}
         self._calls: dict[str, int] = defaultdict(int)
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._specs: set[tuple[str, int]] = set()
         self._weights = {name: module.weight.detach().to("cpu", copy=True)
                          for name, module, kind in selection if kind == "rmsnorm" and _has_1d_weight(module)}
         self._handles: list[Any] = []
@@ -167,8 +173,21 @@ class Recorder:
                 self._register(name, kind, module)
             self._emit(name, call, "output", _first_tensor(output))
             if self.record_inputs:
-                self._emit(name, call, "input", _first_input(args, kwargs))
+                self._record_call(name, call, args, kwargs)
         return hook
+
+    def _record_call(self, name: str, call: int, args: tuple, kwargs: dict) -> None:
+        """The main input; in full mode also every other argument, for replay (:mod:`hwdiff.callspec`)."""
+        if self.mode != "full":
+            self._emit(name, call, "input", _first_input(args, kwargs))
+            return
+        spec, tensors = encode_call(args, kwargs)
+        if (name, call) not in self._specs:
+            self._specs.add((name, call))
+            self.sink.put(Signature(name, call, json.dumps(spec)))
+        rows = tensors[0][1].shape[0] if tensors else 1
+        for slot, tensor in tensors:
+            self._emit(name, call, slot, tensor, rows=rows)
 
     def _register(self, name: str, kind: str, module: torch.nn.Module) -> None:
         self.registered[name] = len(self.registered)
@@ -176,7 +195,9 @@ class Recorder:
         self.sink.put(Register(name, kind, type(module).__name__, self.registered[name], weight,
                                dtype_name(weight.dtype) if weight is not None else ""))
 
-    def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None) -> None:
+    def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None) -> None:
+        """Send one slot to the sink; a tensor already sent in this forward becomes a link to it.
+        ``rows``: expand a broadcast first axis of 1 to the batch (recorded call arguments)."""
         if tensor is None:
             return
         key = f"{name}/{call}/{slot}"
@@ -185,6 +206,8 @@ class Recorder:
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
         self._seen[id(tensor)] = (weakref.ref(tensor), key)
+        if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
+            tensor = tensor.expand(rows, *tensor.shape[1:])
         dtype = dtype_name(tensor.dtype)
         if tensor.device.type == "cpu":  # the writer thread reduces / counts on the host
             (host,), _ = to_host(self._sampled(tensor))
@@ -199,7 +222,8 @@ class Recorder:
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions
-        if self.mode != "sample" or positions is None or tensor.dim() < 2 or tensor.shape[0] != positions.shape[0]:
+        if self.mode != "sample" or positions is None or tensor.dim() < 2 or tensor.shape[0] != positions.shape[0] \
+                or tensor.shape[1] != self.tokens:
             return tensor
         rows = torch.arange(positions.shape[0], device=tensor.device)[:, None]
         return tensor[rows, positions.to(tensor.device)]

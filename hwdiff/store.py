@@ -13,7 +13,9 @@ Layout (schema ``hwdiff/capture/1``)::
     /modules/<name>/<call>/output   [sequences, tokens, ...] (K positions instead of tokens in
                                     "sample" mode); attrs: dtype, and nan_count /
                                     inf_count when not zero
-    /modules/<name>/<call>/input    the module's first tensor input (``record_inputs``)
+    /modules/<name>/<call>/input    the module's main input (``record_inputs``); in full mode also
+                                    ``input.<argument>`` for its other tensor arguments and a JSON
+                                    ``call_spec`` attribute, so that replay can call it again
     /modules/<name>/<call>/output_stats  float64 compound record (mode "stats", instead of output)
 
 bfloat16 is stored as its raw uint16 bit patterns with ``dtype = "bfloat16"``; other float dtypes
@@ -102,6 +104,15 @@ class Register:
 
 
 @dataclass
+class Signature:
+    """How module ``name`` was called at ``call``: a :mod:`hwdiff.callspec` JSON spec."""
+
+    name: str
+    call: int
+    spec: str
+
+
+@dataclass
 class Alias:
     """``name/call/slot`` is the very tensor stored at ``target`` (``name/call/slot``)."""
 
@@ -162,7 +173,7 @@ class CaptureWriter:
         self._file.create_group("modules")
 
     # -- forward thread -------------------------------------------------------------------------
-    def put(self, item: Record | Register | Alias) -> None:
+    def put(self, item: Record | Register | Alias | Signature) -> None:
         """Enqueue work for the writer thread; waits while the queue holds ``max_bytes``; re-raises
         a failure of the writer thread here."""
         size = _nbytes(item)
@@ -226,9 +237,11 @@ class CaptureWriter:
                     self._queued_bytes -= _nbytes(item)
                     self._room.notify_all()
 
-    def _handle(self, item: Record | Register | Alias) -> None:
+    def _handle(self, item: Record | Register | Alias | Signature) -> None:
         if isinstance(item, Register):
             self._register(item)
+        elif isinstance(item, Signature):
+            self._call_group(item.name, item.call).attrs["call_spec"] = item.spec
         elif isinstance(item, Alias):
             self._alias(item)
         else:
@@ -271,7 +284,7 @@ class CaptureWriter:
         dataset[item.row0: item.row0 + stored.shape[0]] = stored
         nan, inf = item.nonfinite.tolist() if item.nonfinite is not None else nonfinite_counts(stored, item.dtype)
         if nan or inf:
-            if item.name not in self.nonfinite:
+            if item.slot == "output" and item.name not in self.nonfinite:  # -inf in an attention mask is fine
                 self.nonfinite.append(item.name)
             dataset.attrs["nan_count"] = dataset.attrs.get("nan_count", 0) + nan
             dataset.attrs["inf_count"] = dataset.attrs.get("inf_count", 0) + inf
@@ -297,7 +310,7 @@ class CaptureWriter:
         return dataset
 
 
-def _nbytes(item: Record | Register | Alias) -> int:
+def _nbytes(item: Record | Register | Alias | Signature) -> int:
     return item.array.numel() * item.array.element_size() if isinstance(item, Record) else 0
 
 
@@ -408,6 +421,12 @@ class Capture:
         """``name/call/slot`` of the slot this one links to, or None when it is stored itself."""
         value = self._module_group(name).get(str(call))
         return None if value is None else _plain(value.attrs.get(f"{slot}_alias_of"))
+
+    def call_spec(self, name: str, call: int = 0) -> dict | None:
+        """The recorded call arguments of a module call (:mod:`hwdiff.callspec`), or None."""
+        group = self._module_group(name).get(str(call))
+        spec = None if group is None else group.attrs.get("call_spec")
+        return None if spec is None else json.loads(spec)
 
     def stats(self, name: str, call: int = 0, slot: str = "output") -> dict[str, float]:
         """The float64 statistics of a slot (``stats`` mode)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from .align import Pair, align, check_comparable
 from .correlation import correlate, residual_positions
 from .fit import fit_errors
 from .metrics import Accumulator, beyond_rounding, lower_precision
-from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff
+from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff
 
 _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",
               "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc")
@@ -35,11 +36,13 @@ class DiffOptions:
 
 def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Capture,
          out: str | os.PathLike | None = None, golden: str | os.PathLike | Capture | None = None,
-         *, json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None,
-         **options: Any) -> DiffResult:
+         *, local: str | os.PathLike | Capture | None = None, json_path: str | os.PathLike | None = None,
+         csv_path: str | os.PathLike | None = None, **options: Any) -> DiffResult:
     """Compare ``target`` against ``reference`` module by module; see docs/diff.md for every metric.
 
-    ``golden`` (a third capture, e.g. CPU float32) adds each side's error against it. ``out`` writes
+    ``golden`` (a third capture, e.g. CPU float32) adds each side's error against it. ``local`` (a
+    replay of the reference's inputs on the target's device, :func:`hwdiff.replay`) adds each module's
+    local error, the propagated part and the amplification (:class:`LocalDiff`). ``out`` writes
     diff.h5 (everything, histograms included), ``json_path`` the summary (schema
     ``hwdiff/diff-summary/1``), ``csv_path`` a flat table; each is written atomically. ``options``
     are the fields of :class:`DiffOptions`.
@@ -47,16 +50,17 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
     from .output import write_outputs
 
     opts = DiffOptions(**options)
-    with _Opened(reference, target, golden) as (ref, tgt, gold):
+    with _Opened(reference, target, golden, local) as (ref, tgt, gold, loc):
         check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch)
-        if gold is not None:
-            check_comparable(ref, gold, allow_model_mismatch=opts.allow_model_mismatch, role="golden")
-        result = _compare(ref, tgt, gold, opts)
+        for extra, role in ((gold, "golden"), (loc, "local")):
+            if extra is not None:
+                check_comparable(ref, extra, allow_model_mismatch=opts.allow_model_mismatch, role=role)
+        result = _compare(ref, tgt, gold, loc, opts)
     write_outputs(result, out=out, json_path=json_path, csv_path=csv_path)
     return result
 
 
-def _compare(ref: Capture, tgt: Capture, gold: Capture | None, opts: DiffOptions) -> DiffResult:
+def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions) -> DiffResult:
     from tqdm.auto import tqdm
 
     pairs, unmatched = align(ref, tgt)
@@ -73,14 +77,15 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, opts: DiffOptions
         alias = _alias_key(pair)
         if alias in layers:
             layers[(pair.name, pair.call, pair.slot)] = dataclasses.replace(
-                layers[alias], name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of)
+                layers[alias], name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of,
+                local=_local_only(ref, loc, pair, mask, layers[alias].metrics.rel_l2, opts))
             continue
-        layer, layer_arrays = _compare_pair(ref, tgt, gold, pair, mask, opts)
+        layer, layer_arrays = _compare_pair(ref, tgt, gold, loc, pair, mask, opts)
         layers[layer.key] = layer
         arrays["/".join(map(str, layer.key))] = layer_arrays
     positions = residual_positions(pairs)
     correlation = correlate(ref, tgt, positions, mask, opts.block_elements) if positions else None
-    ordered = tuple(layers[(p.name, p.call, p.slot)] for p in pairs)
+    ordered = _with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs))
     return DiffResult(
         reference=_meta(ref), target=_meta(tgt), golden=_meta(gold) if gold is not None else None,
         layers=ordered, unmatched=tuple(unmatched), correlation=correlation,
@@ -94,15 +99,16 @@ def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
     return (name, int(call), slot)
 
 
-def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, pair: Pair, mask: np.ndarray | None,
-                  opts: DiffOptions) -> tuple[LayerDiff, dict[str, np.ndarray]]:
+def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, pair: Pair,
+                  mask: np.ndarray | None, opts: DiffOptions) -> tuple[LayerDiff, dict[str, np.ndarray]]:
     has_tokens = mask is not None and len(pair.shape) >= 2 and tuple(pair.shape[:2]) == mask.shape
     token_mask = mask if has_tokens else None
     expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if has_tokens else int(np.prod(pair.shape))
     seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
     acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=min(1.0, opts.fit_samples / max(expected, 1)),
                       seed=seed)
-    golden_accs = _golden_accumulators(gold, pair)
+    golden_accs = _side_accumulators(gold, pair, ("ref", "target"))
+    local_accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
     for index in plan_blocks(pair.shape, opts.block_elements):
         block_mask = token_mask[index[0], index[1] if len(index) > 1 else slice(None)] if has_tokens else None
         r = ref.read(pair.name, pair.call, pair.slot, index)
@@ -112,6 +118,8 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, pair: Pair, 
             g = gold.read(pair.name, pair.call, pair.slot, index)
             golden_accs[0].update(g, r, block_mask)
             golden_accs[1].update(g, t, block_mask)
+        if local_accs:
+            local_accs[0].update(r, loc.read(pair.name, pair.call, pair.slot, index), block_mask)
     metrics = acc.metrics()
     sample_r, sample_t = acc.sample()
     errors = sample_t - sample_r
@@ -122,17 +130,43 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, pair: Pair, 
         beyond_rounding_frac=beyond_rounding(sample_r, sample_t, lower_precision(pair.ref_dtype, pair.target_dtype),
                                              metrics.ref_rms),
         golden=GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2) if golden_accs else None,
+        local=LocalDiff(local_accs[0].metrics().rel_l2, metrics.rel_l2, math.nan) if local_accs else None,
     )
     return layer, _layer_arrays(acc, errors)
 
 
-def _golden_accumulators(gold: Capture | None, pair: Pair) -> list[Accumulator]:
-    if gold is None or pair.name not in gold.modules or pair.slot not in gold.modules[pair.name].slots:
+def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray | None, total: float,
+                opts: DiffOptions) -> LocalDiff | None:
+    """The local error of a slot whose other numbers are shared with the slot it links to: a replay
+    runs each module by itself, so a parent's local output is not its child's."""
+    accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
+    if not accs:
+        return None
+    has_tokens = mask is not None and len(pair.shape) >= 2 and tuple(pair.shape[:2]) == mask.shape
+    for index in plan_blocks(pair.shape, opts.block_elements):
+        block_mask = mask[index[0], index[1] if len(index) > 1 else slice(None)] if has_tokens else None
+        accs[0].update(ref.read(pair.name, pair.call, pair.slot, index), loc.read(pair.name, pair.call, pair.slot, index),
+                       block_mask)
+    return LocalDiff(accs[0].metrics().rel_l2, total, math.nan)
+
+
+def _side_accumulators(extra: Capture | None, pair: Pair, sides: tuple[str, ...]) -> list[Accumulator]:
+    """Light accumulators against a third capture (golden or local) that has this slot, else []."""
+    info = None if extra is None else extra.modules.get(pair.name)
+    if info is None or pair.slot not in info.slots or pair.call >= info.calls:
         return []
-    shape, dtype = gold.slot_info(pair.name, pair.call, pair.slot)
+    shape, dtype = extra.slot_info(pair.name, pair.call, pair.slot)
     if shape != pair.shape:
         return []
-    return [Accumulator(dtype, side, sample_fraction=0.0, seed=0, light=True) for side in (pair.ref_dtype, pair.target_dtype)]
+    return [Accumulator(dtype, dtype, sample_fraction=0.0, seed=0, light=True) for _ in sides]
+
+
+def _with_inputs(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
+    """Give each output's LocalDiff the error of the module's recorded input (for the amplification)."""
+    inputs = {(layer.name, layer.call): layer.metrics.rel_l2 for layer in layers if layer.slot == "input"}
+    return tuple(dataclasses.replace(layer, local=dataclasses.replace(
+        layer.local, input_rel_l2=inputs.get((layer.name, layer.call), math.nan)))
+        if layer.local is not None else layer for layer in layers)
 
 
 def _layer_arrays(acc: Accumulator, errors: np.ndarray) -> dict[str, np.ndarray]:

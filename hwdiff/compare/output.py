@@ -41,6 +41,9 @@ def layer_summary(layer: LayerDiff) -> dict[str, Any]:
         "beyond_rounding_frac": layer.beyond_rounding_frac, "diverges": layer.diverges, "alias_of": layer.alias_of,
         "fit": _clean(layer.fit.to_dict()),
     }
+    if layer.local is not None:
+        out.update(local_rel_l2=layer.local.local_rel_l2, propagated_rel_l2=layer.local.propagated_rel_l2,
+                   input_rel_l2=_num(layer.local.input_rel_l2), amplification=_num(layer.local.amplification))
     if layer.golden is not None:
         out["golden"] = {"reference_rel_l2": layer.golden.reference_rel_l2,
                          "target_rel_l2": layer.golden.target_rel_l2, "ratio": _num(layer.golden.ratio)}
@@ -84,7 +87,8 @@ CSV_COLUMNS = ("name", "call", "slot", "kind", "shape", "numel", "exact", "equal
                "ulp_le1_frac", "thousandth_frac", "five_thousandth_frac", "ref_nan", "ref_inf", "target_nan",
                "target_inf", "beyond_rounding_frac", "diverges", "fit_best", "gaussian_mu", "gaussian_sigma",
                "gaussian_ks_stat", "gaussian_ks_p", "student_t_df", "student_t_loc", "student_t_scale",
-               "laplace_loc", "laplace_scale", "golden_reference_rel_l2", "golden_target_rel_l2", "golden_ratio")
+               "laplace_loc", "laplace_scale", "local_rel_l2", "propagated_rel_l2", "input_rel_l2", "amplification",
+               "golden_reference_rel_l2", "golden_target_rel_l2", "golden_ratio")
 
 
 def _csv_rows(result: DiffResult) -> Iterator[dict[str, Any]]:
@@ -186,6 +190,9 @@ def format_table(result: DiffResult, top: int = 25) -> str:
 
 def _table(result: DiffResult, top: int) -> list[str]:
     header = ["module", "kind", "rel_l2", "1-cos", "equal", "ulp p99", "max_abs", "fit"]
+    has_local = any(layer.local is not None for layer in result.outputs)
+    if has_local:
+        header += ["local", "amplif."]
     if result.golden:
         header.append("tgt/ref vs golden")
     rows = [header]
@@ -194,6 +201,8 @@ def _table(result: DiffResult, top: int) -> list[str]:
         row = [layer.name + (f"#{layer.call}" if layer.call else ""), layer.kind, f"{m.rel_l2:.3g}",
                f"{m.one_minus_cos:.2g}", f"{m.equal_frac:.1%}", f"{m.ulp.p99:.3g}", f"{m.max_abs:.3g}",
                "exact" if layer.exact else layer.fit.best + (" !" if layer.diverges else "")]
+        if has_local:
+            row += [f"{layer.local.local_rel_l2:.3g}", f"{layer.local.amplification:.3g}"] if layer.local else ["-", "-"]
         if result.golden:
             row.append(f"{layer.golden.ratio:.3g}" if layer.golden else "-")
         rows.append(row)

@@ -35,6 +35,28 @@ class GoldenDiff:
 
 
 @dataclass(frozen=True)
+class LocalDiff:
+    """Local vs propagated error of one module output (``--local``: a replay of the reference's
+    inputs on the target's device). The local and inherited parts are taken as independent:
+    propagated² = total² − local². ``amplification`` = propagated / the error of the module's input
+    (how much the module magnifies the error it receives; NaN when the input is exact or unknown)."""
+
+    local_rel_l2: float
+    total_rel_l2: float
+    input_rel_l2: float
+
+    @property
+    def propagated_rel_l2(self) -> float:
+        return math.sqrt(max(self.total_rel_l2 ** 2 - self.local_rel_l2 ** 2, 0.0))
+
+    @property
+    def amplification(self) -> float:
+        if not self.input_rel_l2 or math.isnan(self.input_rel_l2):
+            return math.nan
+        return self.propagated_rel_l2 / self.input_rel_l2
+
+
+@dataclass(frozen=True)
 class LayerDiff:
     """One compared slot: module ``name``, ``call`` and ``slot``, with its metrics and fits."""
 
@@ -50,6 +72,7 @@ class LayerDiff:
     beyond_rounding_frac: float
     golden: GoldenDiff | None = None
     alias_of: str | None = None  # the same tensor as this slot (numbers shared, listed once in tables)
+    local: LocalDiff | None = None
 
     @property
     def exact(self) -> bool:

@@ -1,0 +1,185 @@
+"""``hwdiff.replay``: run each recorded module on the reference's own inputs, on another device.
+
+A divergence measured at layer 20 is mostly inherited from layers 0–19. Replay separates the error
+a module *adds* (local) from the error it *receives*: every module whose call arguments the
+reference recorded (``--record-inputs``, full mode) is called again with exactly those arguments,
+batch by batch with the reference's batch size, and its output is written in the capture format.
+``hwdiff diff REF LOCAL`` then gives the local error of each module; ``hwdiff diff REF TARGET
+--local LOCAL`` puts local and propagated error side by side.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .callspec import decode_call, unsupported
+from .capturing import CaptureOptions, CaptureResult, _device_and_dtype, _metadata
+from .errors import HwdiffError
+from .hooks import _first_tensor, module_kind, nonfinite_counts, to_host
+from .models import dtype_name, model_info
+from .store import Capture, CaptureWriter, Record, Register, open_capture
+
+log = logging.getLogger(__name__)
+
+
+def replay(model: torch.nn.Module, reference: str | os.PathLike | Capture, path: str | os.PathLike, *,
+           allow_model_mismatch: bool = False, progress: bool = True) -> CaptureResult:
+    """Call every module of ``model`` that ``reference`` recorded inputs for, on those inputs, and
+    write the outputs to a capture at ``path`` (atomically). ``model`` may be on any device and dtype:
+    inputs are moved there and floating-point ones cast to the model's dtype."""
+    ref = reference if isinstance(reference, Capture) else open_capture(reference)
+    try:
+        return _replay(model, ref, path, allow_model_mismatch, progress)
+    finally:
+        if ref is not reference:
+            ref.close()
+
+
+def model_for(reference: str | os.PathLike, *, device: str = "auto", dtype: str | None = None,
+              attn_implementation: str | None = None, spec: str | None = None) -> torch.nn.Module:
+    """Load the model a reference capture was made of (its spec and seed), or ``spec`` instead,
+    in ``dtype`` (default: the reference's) on ``device``."""
+    from .models import load_model
+
+    with open_capture(reference) as ref:
+        meta = ref.meta
+    seed = int(meta.get("model_seed", 0))
+    model_spec = spec or str(meta.get("model_spec", ""))
+    if model_spec.startswith("object:"):
+        raise HwdiffError(f"{reference} was captured from a model object ({model_spec}); pass --model SPEC")
+    return load_model(model_spec, device=device, dtype=dtype or str(meta.get("dtype", "float32")),
+                      attn_implementation=attn_implementation, seed=max(seed, 0))
+
+
+def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatch: bool,
+            progress: bool) -> CaptureResult:
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    targets = _replayable(ref)
+    _check_model(model, ref, allow_model_mismatch)
+    device, dtype = _device_and_dtype(model)
+    batch = int(ref.meta.get("batch_size", ref.input_ids.shape[0]))
+    meta = _metadata(model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress))
+    meta.update(replay_of=str(ref.path), replay_of_device=str(ref.meta.get("device")),
+                replay_of_dtype=str(ref.meta.get("dtype")))
+    masks = _MaskRebuilder(model, ref, device, dtype)
+    writer = CaptureWriter(path, meta=meta, inputs=ref.inputs, mode="full")
+    try:
+        bar = tqdm(total=len(targets), desc=f"replay on {device}", unit="module", disable=not progress, leave=False)
+        with bar, torch.inference_mode():
+            for order, (name, calls) in enumerate(targets):
+                module = _submodule(model, name)
+                writer.put(Register(name, module_kind(name, module), type(module).__name__, order, *_weight(module)))
+                for call, spec in calls:
+                    _replay_call(ref, writer, module, name, call, spec, batch, device, dtype, masks)
+                bar.update()
+        final = writer.finish({"capture_seconds": time.perf_counter() - started})
+    except BaseException:
+        writer.abort()
+        raise
+    return CaptureResult(final, len(targets), *ref.input_ids.shape, final.stat().st_size,
+                         time.perf_counter() - started, tuple(writer.nonfinite))
+
+
+def _replayable(ref: Capture) -> list[tuple[str, list[tuple[int, dict]]]]:
+    if ref.mode != "full":
+        raise HwdiffError(f"{ref.path} is a '{ref.mode}' capture; replay needs a full capture made with --record-inputs")
+    targets, skipped = [], []
+    for name, info in ref.modules.items():
+        calls = []
+        for call in range(info.calls):
+            spec = ref.call_spec(name, call)
+            reason = "no recorded arguments" if spec is None else unsupported(spec)
+            if reason:
+                skipped.append(f"{name} ({reason})")
+            else:
+                calls.append((call, spec))
+        if calls:
+            targets.append((name, calls))
+    if not targets:
+        raise HwdiffError(f"{ref.path} has no recorded module inputs; capture the reference with --record-inputs")
+    if skipped:
+        log.warning("not replayed: %s", "; ".join(skipped))
+    return targets
+
+
+def _check_model(model: torch.nn.Module, ref: Capture, allow_model_mismatch: bool) -> None:
+    found = model_info(model).fingerprint
+    if found != ref.meta.get("model_fingerprint") and not allow_model_mismatch:
+        raise HwdiffError(f"the model to replay ({found[:19]}…) is not the one captured in {ref.path} "
+                          f"({str(ref.meta.get('model_fingerprint'))[:19]}…, {ref.meta.get('model_spec')}); "
+                          "pass the same checkpoint, or --allow-model-mismatch")
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise HwdiffError(f"the model has no module {name!r}, which the reference captured") from None
+
+
+def _weight(module: torch.nn.Module) -> tuple[Any, str]:
+    weight = getattr(module, "weight", None)
+    if "rmsnorm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.detach().to("cpu", copy=True), dtype_name(weight.dtype)
+    return None, ""
+
+
+def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, name: str, call: int, spec: dict,
+                 batch: int, device: torch.device, dtype: torch.dtype, masks: "_MaskRebuilder") -> None:
+    rows = ref.input_ids.shape[0]
+    for row0 in range(0, rows, batch):
+        index = (slice(row0, min(row0 + batch, rows)),)
+
+        def load(slot: str) -> torch.Tensor:
+            values = torch.from_numpy(np.ascontiguousarray(ref.read(name, call, slot, index))).to(device)
+            return values.to(dtype) if values.is_floating_point() else values
+
+        args, kwargs = decode_call(spec, load)
+        if "attention_mask" in kwargs and masks.needed:
+            kwargs["attention_mask"] = masks.build(index[0])
+        output = _first_tensor(module(*args, **kwargs))
+        if output is None:
+            raise HwdiffError(f"module {name} returned no tensor when replayed")
+        if device.type == "cpu":  # the writer thread counts NaN / Inf on the host
+            (host,), event = to_host(output)
+            counts = None
+        else:
+            (host, counts), event = to_host(output, nonfinite_counts(output))
+        writer.put(Record(name, call, "output", row0, host, dtype_name(output.dtype), event, nonfinite=counts))
+
+
+class _MaskRebuilder:
+    """Attention masks are specific to the attention implementation: sdpa may pass None (it is causal
+    by itself) where eager needs an explicit additive mask. When the replaying model's implementation
+    differs from the reference's, each attention mask argument is rebuilt from the stored 2-D mask
+    by transformers' own ``create_causal_mask`` for the replaying implementation."""
+
+    def __init__(self, model: torch.nn.Module, ref: Capture, device: torch.device, dtype: torch.dtype) -> None:
+        config = getattr(model, "config", None)
+        mine = str(getattr(config, "_attn_implementation", None))
+        self.needed = config is not None and mine != str(ref.meta.get("attn_implementation"))
+        self.config, self.device, self.dtype = config, device, dtype
+        self.mask2d = torch.from_numpy(ref.attention_mask)
+        if self.needed:
+            log.info("rebuilding attention masks for %s (the reference used %s)", mine, ref.meta.get("attn_implementation"))
+
+    def build(self, rows: slice) -> Any:
+        from transformers import masking_utils
+
+        mask = self.mask2d[rows].to(self.device)
+        batch, tokens = mask.shape
+        embeds = torch.zeros(batch, tokens, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        positions = torch.arange(tokens, device=self.device)
+        offered = {"config": self.config, "inputs_embeds": embeds, "input_embeds": embeds, "attention_mask": mask,
+                   "cache_position": positions, "position_ids": positions[None].expand(batch, -1),
+                   "past_key_values": None, "cache": None}
+        accepted = inspect.signature(masking_utils.create_causal_mask).parameters
+        return masking_utils.create_causal_mask(**{k: v for k, v in offered.items() if k in accepted})
