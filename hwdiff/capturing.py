@@ -15,6 +15,7 @@ import torch
 
 from . import devices
 from ._version import __version__
+from .emulate import describe, emulation
 from .errors import HwdiffError, InputsError
 from .inputs import ByteTokenizer, Inputs, load_inputs
 from .models import dtype_name, model_info
@@ -67,13 +68,15 @@ class CaptureResult:
 
 def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = None,
             modules: str | Iterable[str] | None = None, kinds: str | Iterable[str] | None = None,
-            mode: str = "full", record_inputs: bool = False, **options: Any) -> CaptureResult:
+            mode: str = "full", record_inputs: bool = False, emulate: list[str] | None = None,
+            **options: Any) -> CaptureResult:
     """Run ``inputs`` through ``model`` with hooks and write one capture file at ``path``.
 
     ``inputs``: None (the shipped prompt set), a file path, an :class:`~hwdiff.inputs.Inputs`, or
     token ids (see :func:`~hwdiff.load_inputs`). ``modules`` / ``kinds`` select what to record (see
     :func:`~hwdiff.hooks.select_modules`). ``mode``: ``full`` (every element), ``sample`` (K token
-    positions per sequence) or ``stats`` (float64 statistics only). ``options`` are the fields of
+    positions per sequence) or ``stats`` (float64 statistics only). ``emulate``: emulation profiles
+    (:mod:`hwdiff.emulate`) applied during the run. ``options`` are the fields of
     :class:`CaptureOptions`. The file appears at ``path`` only when complete; on failure an existing
     file there is left as it was.
     """
@@ -85,15 +88,17 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
     inputs = _resolve_inputs(model, inputs, opts)
     positions = sample_positions(inputs, opts.tokens, opts.seed) if mode == "sample" else None
     meta = _metadata(model, device, dtype, mode, record_inputs, opts)
-    writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=mode, sample_positions=positions,
-                           compression=opts.compression)
-    try:
-        with record(model, modules, kinds=kinds, mode=mode, record_inputs=record_inputs, sink=writer) as rec:
-            _run_batches(model, rec, inputs, positions, device, opts)
-        final = writer.finish({"capture_seconds": time.perf_counter() - started})
-    except BaseException:
-        writer.abort()
-        raise
+    with emulation(model, emulate) as profiles:
+        meta["emulate"] = describe(profiles)
+        writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=mode, sample_positions=positions,
+                               compression=opts.compression)
+        try:
+            with record(model, modules, kinds=kinds, mode=mode, record_inputs=record_inputs, sink=writer) as rec:
+                _run_batches(model, rec, inputs, positions, device, opts)
+            final = writer.finish({"capture_seconds": time.perf_counter() - started})
+        except BaseException:
+            writer.abort()
+            raise
     result = CaptureResult(final, len(rec.registered), inputs.shape[0], inputs.shape[1],
                            final.stat().st_size, time.perf_counter() - started, tuple(writer.nonfinite))
     if result.nonfinite_modules:

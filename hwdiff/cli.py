@@ -20,7 +20,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        attn_implementation=args.attn_impl, seed=args.seed)
     result = capture(model, args.output, inputs=args.inputs, modules=args.modules, kinds=args.kinds,
-                     mode=args.mode, record_inputs=args.record_inputs, batch_size=args.batch_size,
+                     mode=args.mode, record_inputs=args.record_inputs, emulate=args.emulate, batch_size=args.batch_size,
                      max_tokens=args.max_tokens, limit=args.limit, tokens=args.tokens, seed=args.seed,
                      compression=args.compression, progress=not args.quiet)
     print(result)
@@ -32,8 +32,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     model = model_for(args.reference, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
                       spec=args.model)
-    print(replay(model, args.reference, args.output, allow_model_mismatch=args.allow_model_mismatch,
-                 progress=not args.quiet))
+    print(replay(model, args.reference, args.output, emulate=args.emulate,
+                 allow_model_mismatch=args.allow_model_mismatch, progress=not args.quiet))
     return 0
 
 
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "stats: float64 statistics only (default: %(default)s)")
     cap.add_argument("--tokens", type=int, default=16, help="positions per sequence in sample mode (default: %(default)s)")
     cap.add_argument("--attn-impl", default=None, help="attention kernel path: eager, sdpa, ... (default: transformers')")
+    cap.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
+                     help="apply a documented numerical perturbation (repeatable): aqn[:sigma=,seed=], "
+                          "bf16-truncate, bf16-block-accum[:block=], approx-silu, rmsnorm-order[:chunk=]")
     cap.add_argument("--record-inputs", action="store_true", help="also store each module's input (for replay)")
     cap.add_argument("--seed", type=int, default=0,
                      help="seed of built-in model weights and of sample positions (default: %(default)s)")
@@ -134,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64 (default: the reference's)")
     rep.add_argument("--attn-impl", default=None, help="attention kernel path (default: transformers')")
     rep.add_argument("--model", default=None, help="model spec (default: the one the reference was captured from)")
+    rep.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
+                     help="apply a documented numerical perturbation (repeatable): aqn[:sigma=,seed=], "
+                          "bf16-truncate, bf16-block-accum[:block=], approx-silu, rmsnorm-order[:chunk=]")
     rep.add_argument("--allow-model-mismatch", action="store_true", help="replay with different weights")
     rep.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")

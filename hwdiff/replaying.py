@@ -20,6 +20,7 @@ import torch
 
 from .callspec import decode_call, unsupported
 from .capturing import CaptureOptions, CaptureResult, _device_and_dtype, _metadata
+from .emulate import describe, emulation
 from .errors import HwdiffError
 from .hooks import _first_tensor, module_kind, nonfinite_counts, to_host
 from .models import dtype_name, model_info
@@ -29,13 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def replay(model: torch.nn.Module, reference: str | os.PathLike | Capture, path: str | os.PathLike, *,
-           allow_model_mismatch: bool = False, progress: bool = True) -> CaptureResult:
+           emulate: list[str] | None = None, allow_model_mismatch: bool = False,
+           progress: bool = True) -> CaptureResult:
     """Call every module of ``model`` that ``reference`` recorded inputs for, on those inputs, and
     write the outputs to a capture at ``path`` (atomically). ``model`` may be on any device and dtype:
-    inputs are moved there and floating-point ones cast to the model's dtype."""
+    inputs are moved there and floating-point ones cast to the model's dtype. ``emulate``: emulation
+    profiles (:mod:`hwdiff.emulate`) active during the replay."""
     ref = reference if isinstance(reference, Capture) else open_capture(reference)
     try:
-        return _replay(model, ref, path, allow_model_mismatch, progress)
+        with emulation(model, emulate) as profiles:
+            return _replay(model, ref, path, allow_model_mismatch, progress, describe(profiles))
     finally:
         if ref is not reference:
             ref.close()
@@ -58,7 +62,7 @@ def model_for(reference: str | os.PathLike, *, device: str = "auto", dtype: str 
 
 
 def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatch: bool,
-            progress: bool) -> CaptureResult:
+            progress: bool, emulated: str) -> CaptureResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -68,7 +72,7 @@ def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatc
     batch = int(ref.meta.get("batch_size", ref.input_ids.shape[0]))
     meta = _metadata(model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress))
     meta.update(replay_of=str(ref.path), replay_of_device=str(ref.meta.get("device")),
-                replay_of_dtype=str(ref.meta.get("dtype")))
+                replay_of_dtype=str(ref.meta.get("dtype")), emulate=emulated)
     masks = _MaskRebuilder(model, ref, device, dtype)
     writer = CaptureWriter(path, meta=meta, inputs=ref.inputs, mode="full")
     try:
