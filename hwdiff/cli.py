@@ -37,6 +37,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe_ops(args: argparse.Namespace) -> int:
+    from .probe_ops import probe_ops
+
+    print(probe_ops(args.output, device=args.device, dtype=args.dtype, seed=args.seed, emulate=args.emulate,
+                    progress=not args.quiet))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_capture
 
@@ -144,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     rep.set_defaults(handler=_cmd_replay)
+
+    ops = sub.add_parser("probe-ops", help="measure matmul, casts, activations, softmax, RMSNorm, reductions op by op",
+                         description="Run single ops (matmul for K = 64 ... 16384, dtype cast, silu, gelu, exp, tanh, "
+                                     "softmax, RMSNorm, sum, mean) on seeded inputs exactly representable in every "
+                                     "dtype, and store the outputs in the capture format: `hwdiff diff` compares "
+                                     "two devices op by op; --device cpu --dtype float64 is the golden.")
+    ops.add_argument("--device", default="auto", help="cpu, cuda[:N], npu[:N] or auto (default: %(default)s)")
+    ops.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16, float64 (default: %(default)s)")
+    ops.add_argument("--seed", type=int, default=0, help="seed of the op inputs (default: %(default)s)")
+    ops.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
+                     help="apply an emulation profile (e.g. bf16-block-accum:block=64)")
+    ops.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
+    ops.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    ops.set_defaults(handler=_cmd_probe_ops)
 
     ins = sub.add_parser("inspect", help="print a capture's metadata and module table",
                          description="Print a capture's metadata and one row per module.")

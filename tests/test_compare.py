@@ -242,3 +242,18 @@ def test_accumulator_streams_blocks_like_one_pass():
         parts.update(r[rows], t[rows], mask[rows])
     a, b = whole.metrics(), parts.metrics()
     assert a.rel_l2 == pytest.approx(b.rel_l2, rel=1e-12) and a.ulp == b.ulp and a.max_abs == b.max_abs
+
+
+def test_real_h100_capture_against_cpu_from_data_reference():
+    """data/reference/ holds tiny-qwen2 captured on an H100 and on its host CPU (bf16) and a CPU float32 golden."""
+    from .conftest import ROOT
+
+    ref = ROOT / "data/reference"
+    result = hwdiff.diff(ref / "tiny-qwen2-cpu-bf16-sdpa.h5", ref / "tiny-qwen2-cuda-bf16-sdpa.h5",
+                         golden=ref / "tiny-qwen2-cpu-fp32-eager.h5", progress=False)
+    assert result.target["device"] == "cuda:0" and "H100" in result.target["device_name"]
+    for name in ("model.embed_tokens", "model.layers.0.input_layernorm", "model.layers.0.self_attn.q_proj"):
+        assert result.layer(name).exact
+    assert result.first_divergence.name == "model.layers.0.self_attn.o_proj"  # the attention kernels differ
+    assert result.layer("model.embed_tokens").golden.reference_rel_l2 == pytest.approx(BF16_ROUNDING, rel=0.1)
+    assert result.layer("lm_head").golden.ratio == pytest.approx(1.0, abs=0.05)  # neither device is the odd one
