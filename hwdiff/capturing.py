@@ -84,10 +84,10 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
         raise HwdiffError(f"unknown capture mode {mode!r}: expected {', '.join(MODES)}")
     opts = CaptureOptions(**options)
     started = time.perf_counter()
-    device, dtype = _device_and_dtype(model)
+    device, dtype = model_device_and_dtype(model)
     inputs = _resolve_inputs(model, inputs, opts)
     positions = sample_positions(inputs, opts.tokens, opts.seed) if mode == "sample" else None
-    meta = _metadata(model, device, dtype, mode, record_inputs, opts)
+    meta = capture_metadata(model, device, dtype, mode, record_inputs, opts)
     with emulation(model, emulate) as profiles:
         meta["emulate"] = describe(profiles)
         writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=mode, sample_positions=positions,
@@ -139,7 +139,7 @@ def sample_positions(inputs: Inputs, k: int, seed: int) -> np.ndarray:
     return np.stack(rows).astype(np.int64)
 
 
-def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+def model_device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     floating = [p for p in model.parameters() if p.is_floating_point()]
     if not floating:
         raise HwdiffError(f"{type(model).__name__} has no floating-point parameters to capture")
@@ -168,7 +168,7 @@ def _tokenizer(model: torch.nn.Module) -> Any:
                           "pass token ids instead (--inputs ids.npy or ids.jsonl)") from exc
 
 
-def _metadata(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, mode: str,
+def capture_metadata(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, mode: str,
               record_inputs: bool, opts: CaptureOptions) -> dict[str, Any]:
     info = model_info(model)
     config = getattr(model, "config", None)

@@ -171,7 +171,7 @@ class Recorder:
             self._calls[name] = call + 1
             if name not in self.registered:
                 self._register(name, kind, module)
-            self._emit(name, call, "output", _first_tensor(output))
+            self._emit(name, call, "output", first_tensor(output))
             if self.record_inputs:
                 self._record_call(name, call, args, kwargs)
         return hook
@@ -208,17 +208,11 @@ class Recorder:
         self._seen[id(tensor)] = (weakref.ref(tensor), key)
         if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
             tensor = tensor.expand(rows, *tensor.shape[1:])
-        dtype = dtype_name(tensor.dtype)
-        if tensor.device.type == "cpu":  # the writer thread reduces / counts on the host
-            (host,), _ = to_host(self._sampled(tensor))
-            self.sink.put(Record(name, call, slot, self.row0, host, dtype))
-        elif self.mode == "stats":
+        if self.mode == "stats" and tensor.device.type != "cpu":  # reduce where the tensor is
             (parts,), event = to_host(partial_stats(tensor))
-            self.sink.put(Record(name, call, slot, self.row0, parts, dtype, event, reduced=True))
-        else:  # NaN / Inf are counted where they are nearly free: on the device
-            sampled = self._sampled(tensor)
-            (host, counts), event = to_host(sampled, nonfinite_counts(sampled))
-            self.sink.put(Record(name, call, slot, self.row0, host, dtype, event, nonfinite=counts))
+            self.sink.put(Record(name, call, slot, self.row0, parts, dtype_name(tensor.dtype), event, reduced=True))
+        else:  # on the CPU the writer thread reduces (stats mode) or counts NaN / Inf
+            self.sink.put(slot_record(name, call, slot, self.row0, self._sampled(tensor)))
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions
@@ -227,6 +221,18 @@ class Recorder:
             return tensor
         rows = torch.arange(positions.shape[0], device=tensor.device)[:, None]
         return tensor[rows, positions.to(tensor.device)]
+
+
+def slot_record(name: str, call: int, slot: str, row0: int, tensor: torch.Tensor) -> Record:
+    """A :class:`Record` of ``tensor`` on its way to the host. On an accelerator the copy is
+    asynchronous and NaN / Inf are counted on the device, where that is nearly free; on the CPU the
+    writer thread counts them."""
+    dtype = dtype_name(tensor.dtype)
+    if tensor.device.type == "cpu":
+        (host,), _ = to_host(tensor)
+        return Record(name, call, slot, row0, host, dtype)
+    (host, counts), event = to_host(tensor, nonfinite_counts(tensor))
+    return Record(name, call, slot, row0, host, dtype, event, nonfinite=counts)
 
 
 def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
@@ -241,7 +247,7 @@ def _has_1d_weight(module: torch.nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dim() == 1
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+def first_tensor(value: Any) -> torch.Tensor | None:
     """The primary tensor of a module's output: itself, or the first tensor in a tuple / dict."""
     if isinstance(value, torch.Tensor):
         return value
@@ -251,10 +257,10 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """A module's main input: the first positional tensor, else ``hidden_states``, else any tensor."""
-    tensor = _first_tensor(args)
+    tensor = first_tensor(args)
     if tensor is None:
         tensor = kwargs.get("hidden_states") if isinstance(kwargs.get("hidden_states"), torch.Tensor) else None
-    return tensor if tensor is not None else _first_tensor(kwargs)
+    return tensor if tensor is not None else first_tensor(kwargs)
 
 
 @contextlib.contextmanager

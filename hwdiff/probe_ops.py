@@ -29,10 +29,10 @@ from . import devices
 from ._version import __version__
 from .capturing import CaptureResult
 from .emulate import describe, emulation
-from .hooks import nonfinite_counts, to_host
+from .hooks import slot_record
 from .inputs import Inputs
 from .models import dtype_name, resolve_dtype
-from .store import CaptureWriter, Record, Register
+from .store import CaptureWriter, Register
 
 MATMUL_KS = tuple(64 * 2 ** i for i in range(9))  # 64 … 16384
 ROWS = 64
@@ -152,9 +152,4 @@ def _run_op(writer: CaptureWriter, order: int, name: str, module: torch.nn.Modul
         x = x.to(dtype)
     output = module(x).unsqueeze(0)  # a leading "batch" axis of 1, as every capture slot has
     writer.put(Register(name, "op", type(module).__name__ if not isinstance(module, Lambda) else module.label, order))
-    if device.type == "cpu":  # the writer thread counts NaN / Inf on the host
-        (host,), event = to_host(output)
-        counts = None
-    else:
-        (host, counts), event = to_host(output, nonfinite_counts(output))
-    writer.put(Record(name, 0, "output", 0, host, dtype_name(output.dtype), event, nonfinite=counts))
+    writer.put(slot_record(name, 0, "output", 0, output))

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from .callspec import decode_call, unsupported
-from .capturing import CaptureOptions, CaptureResult, _device_and_dtype, _metadata
+from .capturing import CaptureOptions, CaptureResult, model_device_and_dtype, capture_metadata
 from .emulate import describe, emulation
 from .errors import HwdiffError
-from .hooks import _first_tensor, module_kind, nonfinite_counts, to_host
+from .hooks import first_tensor, module_kind, slot_record
 from .models import dtype_name, model_info
-from .store import Capture, CaptureWriter, Record, Register, open_capture
+from .store import Capture, CaptureWriter, Register, open_capture
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatc
     started = time.perf_counter()
     targets = _replayable(ref)
     _check_model(model, ref, allow_model_mismatch)
-    device, dtype = _device_and_dtype(model)
+    device, dtype = model_device_and_dtype(model)
     batch = int(ref.meta.get("batch_size", ref.input_ids.shape[0]))
-    meta = _metadata(model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress))
+    meta = capture_metadata(model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress))
     meta.update(replay_of=str(ref.path), replay_of_device=str(ref.meta.get("device")),
                 replay_of_dtype=str(ref.meta.get("dtype")), emulate=emulated)
     masks = _MaskRebuilder(model, ref, device, dtype)
@@ -149,15 +149,10 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
         args, kwargs = decode_call(spec, load)
         if "attention_mask" in kwargs and masks.needed:
             kwargs["attention_mask"] = masks.build(index[0])
-        output = _first_tensor(module(*args, **kwargs))
+        output = first_tensor(module(*args, **kwargs))
         if output is None:
             raise HwdiffError(f"module {name} returned no tensor when replayed")
-        if device.type == "cpu":  # the writer thread counts NaN / Inf on the host
-            (host,), event = to_host(output)
-            counts = None
-        else:
-            (host, counts), event = to_host(output, nonfinite_counts(output))
-        writer.put(Record(name, call, "output", row0, host, dtype_name(output.dtype), event, nonfinite=counts))
+        writer.put(slot_record(name, call, "output", row0, output))
 
 
 class _MaskRebuilder:

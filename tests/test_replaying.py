@@ -1,7 +1,6 @@
 import json
 
 import h5py
-import numpy as np
 import pytest
 
 import hwdiff
