@@ -23,6 +23,11 @@ __all__ = [
     "diff",
     "DiffResult",
     "replay",
+    "calibrate",
+    "SigmaSchedule",
+    "AQNInjector",
+    "load_sigma",
+    "save_sigma",
 ]
 
 _LAZY = {
@@ -36,6 +41,11 @@ _LAZY = {
     "diff": "compare",
     "DiffResult": "compare",
     "replay": "replaying",
+    "calibrate": "calibration",
+    "SigmaSchedule": "schedule",
+    "AQNInjector": "aqn",
+    "load_sigma": "calibration",
+    "save_sigma": "calibration",
 }
 
 

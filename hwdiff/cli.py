@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from ._version import __version__
@@ -42,6 +44,37 @@ def _cmd_probe_ops(args: argparse.Namespace) -> int:
 
     print(probe_ops(args.output, device=args.device, dtype=args.dtype, seed=args.seed, emulate=args.emulate,
                     progress=not args.quiet))
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate, export, format_calibration, hydra_overrides, reference_model, save, verify
+
+    needs_model = args.verify or args.conversion == "measured"
+    model = reference_model(args.diff, spec=args.model, device=args.device) if needs_model else None
+    result = calibrate(args.diff, factor=args.factor, num_stages=args.stages, kind=args.schedule,
+                       model=model if args.conversion == "measured" else None)
+    if args.verify:
+        result = dataclasses.replace(result, verify=verify(result, model, progress=not args.quiet))
+    written = [save(result, args.output)]
+    for target in args.export or []:
+        written.append(export(result, target, Path(args.output).with_suffix(f".{target}.yaml")))
+    print(format_calibration(result))
+    if "verl" in (args.export or []):
+        print("\nHydra overrides for verl:\n  " + " \\\n  ".join(hydra_overrides(result)))
+    print(f"\nwrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _cmd_aqn_check(args: argparse.Namespace) -> int:
+    from .aqn import AQNInjector, check_effectiveness, format_checks
+    from .calibration import load_sigma
+    from .models import load_model, resolve_dtype
+
+    sigma = load_sigma(args.sigma)
+    model = load_model(args.model, device="cpu", dtype=args.dtype)
+    targets = AQNInjector(model, sigma).targets
+    print(format_checks(targets, check_effectiveness(model, sigma, resolve_dtype(args.dtype))))
     return 0
 
 
@@ -166,6 +199,39 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     ops.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
     ops.set_defaults(handler=_cmd_probe_ops)
+
+    cal = sub.add_parser("calibrate", help="turn a diff into per-norm AQN sigma schedules (hwdiff, verl, QeRL)",
+                         description="For every RMSNorm: the error the hardware introduces in the norm and in the "
+                                     "sub-block it feeds (local errors from diff --local, else divergence increments), "
+                                     "converted to an equivalent sigma at the norm's weight; writes sigma.yaml "
+                                     "(schema hwdiff/sigma/1) and optional exports.")
+    cal.add_argument("diff", help="diff.h5 or diff JSON summary (hwdiff diff -o / --json)")
+    cal.add_argument("-o", "--output", default="sigma.yaml", help="sigma file to write (default: %(default)s)")
+    cal.add_argument("--factor", type=float, default=100.0, help="sigma_start / sigma_end (default: %(default)s, QeRL's)")
+    cal.add_argument("--stages", type=int, default=10, help="number of stages K (default: %(default)s)")
+    cal.add_argument("--schedule", default="qerl-code", choices=("qerl-code", "qerl-paper", "linear", "constant"),
+                     help="schedule shape (default: %(default)s, what the verl fork runs)")
+    cal.add_argument("--conversion", default="rms", choices=("rms", "measured"),
+                     help="sigma = error x rms(weight), or measured on the model (default: %(default)s)")
+    cal.add_argument("--verify", action="store_true",
+                     help="inject the calibrated sigma_end on the reference device and report induced / measured error")
+    cal.add_argument("--model", default=None, help="model for --conversion measured / --verify (default: the diff's reference model)")
+    cal.add_argument("--device", default="cpu", help="device for --conversion measured / --verify (default: %(default)s)")
+    cal.add_argument("--export", action="append", choices=("verl", "qerl"), default=None,
+                     help="also write SIGMA.verl.yaml (trainer.noise_injection block; prints Hydra ++ lines) or "
+                          "SIGMA.qerl.yaml (global schedule only)")
+    cal.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    cal.set_defaults(handler=_cmd_calibrate)
+
+    chk = sub.add_parser("aqn-check", help="show which norms AQN matches and how much of each sigma survives the dtype",
+                         description="Match the RMSNorms of --model as the injector does, and for every stage and norm "
+                                     "report the effective sigma after the cast to --dtype and the fraction of weight "
+                                     "elements that actually change; warns where the noise is rounded away.")
+    chk.add_argument("--model", required=True, help="model spec (built-in, local checkpoint or hub id)")
+    chk.add_argument("--sigma", required=True, help="sigma.yaml from hwdiff calibrate")
+    chk.add_argument("--dtype", default="bfloat16", help="dtype the weights live in during training (default: %(default)s)")
+    chk.add_argument("-q", "--quiet", action="store_true", help="no log lines")
+    chk.set_defaults(handler=_cmd_aqn_check)
 
     ins = sub.add_parser("inspect", help="print a capture's metadata and module table",
                          description="Print a capture's metadata and one row per module.")

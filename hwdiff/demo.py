@@ -1,7 +1,9 @@
 """``make demo``: the main job on the built-in default, on the CPU.
 
 Two bfloat16 captures of tiny-qwen2 over the shipped prompts that differ for a real reason — the
-attention kernel path (``sdpa`` vs ``eager``) — the inspection of one, and their diff.
+attention kernel path (``sdpa`` vs ``eager``) — the inspection of one, a replay of the reference's
+inputs through the target's kernels (local error), the diff, and the calibrated AQN sigma schedule
+with its verl export.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from .calibration import calibrate, export, format_calibration, save
 from .capturing import capture
 from .compare import diff
 from .compare.output import format_table
 from .inspect import inspect_capture
 from .models import load_model
+from .replaying import replay
 
 PAIR = (("reference", "sdpa"), ("target", "eager"))
 
@@ -40,17 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="hwdiff: %(message)s")
     started = time.perf_counter()
-    paths = run_demo(args.out, progress=not args.quiet)
+    progress = not args.quiet
+    paths = run_demo(args.out, progress=progress)
     print()
     print(inspect_capture(paths[0]))
+    target_kernels = load_model("tiny-qwen2", device="cpu", dtype="bfloat16", attn_implementation=PAIR[1][1])
+    local = replay(target_kernels, paths[0], args.out / "local.h5", progress=progress).path
     outputs = {"out": args.out / "diff.h5", "json_path": args.out / "diff.json", "csv_path": args.out / "diff.csv"}
-    result = diff(*paths, progress=not args.quiet, **outputs)
+    result = diff(*paths, local=local, progress=progress, **outputs)
     print()
     print(format_table(result, top=10))
+    calibration = calibrate(outputs["out"])
+    sigma = save(calibration, args.out / "sigma.yaml")
+    verl = export(calibration, "verl", args.out / "sigma.verl.yaml")
+    print()
+    print(format_calibration(calibration))
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s; wrote:")
-    for path in (*paths, *outputs.values()):
+    for path in (*paths, local, *outputs.values(), sigma, verl):
         print(f"  {path}")
-    print("next: `hwdiff inspect FILE`, `hwdiff diff REF TARGET`; calibrate and report come in later releases")
+    print("next: `hwdiff inspect FILE`, `hwdiff diff REF TARGET`, `hwdiff aqn-check --model tiny-qwen2 "
+          f"--sigma {sigma}`; the HTML report comes in a later release")
     return 0
 
 

@@ -9,16 +9,17 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_readme_python_examples_run_in_order(tmp_path, monkeypatch):
-    from hwdiff.demo import run_demo
+    from hwdiff.demo import main
 
     monkeypatch.chdir(tmp_path)
-    run_demo(tmp_path / "demo", limit=4, max_tokens=24, progress=False)  # what `make demo` leaves behind
+    assert main(["--out", "demo", "-q"]) == 0  # what `make demo` leaves behind
     namespace: dict = {}
     for block in re.findall(r"```python\n(.*?)```", README, re.S):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["norm_out"].dtype == np.float32 and namespace["weight"].shape == (256,)
     assert (tmp_path / "cpu.h5").exists() and (tmp_path / "diff.json").exists()
     assert str(namespace["result"].first_divergence).startswith("model.layers.0.self_attn")
+    assert (tmp_path / "sigma.yaml").exists() and namespace["used"]["model.layers.0.input_layernorm"] > 0
 
 
 def test_readme_cli_example_runs(tmp_path):

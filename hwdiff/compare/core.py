@@ -131,8 +131,16 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
                                              metrics.ref_rms),
         golden=GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2) if golden_accs else None,
         local=LocalDiff(local_accs[0].metrics().rel_l2, metrics.rel_l2, math.nan) if local_accs else None,
+        weight_rms=_weight_rms(ref, pair),
     )
     return layer, _layer_arrays(acc, errors)
+
+
+def _weight_rms(ref: Capture, pair: Pair) -> float | None:
+    if pair.slot != "output" or not ref.modules[pair.name].has_weight:
+        return None
+    weight = ref.weight(pair.name).astype(np.float64)
+    return float(np.sqrt(np.mean(weight * weight)))
 
 
 def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray | None, total: float,

@@ -41,6 +41,8 @@ def layer_summary(layer: LayerDiff) -> dict[str, Any]:
         "beyond_rounding_frac": layer.beyond_rounding_frac, "diverges": layer.diverges, "alias_of": layer.alias_of,
         "fit": _clean(layer.fit.to_dict()),
     }
+    if layer.weight_rms is not None:
+        out["weight_rms"] = layer.weight_rms
     if layer.local is not None:
         out.update(local_rel_l2=layer.local.local_rel_l2, propagated_rel_l2=layer.local.propagated_rel_l2,
                    input_rel_l2=_num(layer.local.input_rel_l2), amplification=_num(layer.local.amplification))

@@ -1,0 +1,216 @@
+"""The AQN injector: Gaussian noise on RMSNorm weights (QeRL eq. 10), that cannot silently do nothing.
+
+Norms are found by class name (``'rmsnorm' in type(m).__name__.lower()`` with a 1-D weight), never
+by isinstance against transformers' classes: vLLM's ``RMSNorm`` and vLLM-Ascend's ``AscendRMSNorm``
+match as well as HF's ``Qwen2RMSNorm``. Every ``apply`` draws fresh float32 noise and adds it to a
+float32 copy of the clean weights, cast once to the weight's dtype — noise never accumulates, and a
+bf16 weight is not rounded twice. ``restore`` puts back the original tensors bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .errors import HwdiffError
+from .schedule import SigmaSchedule
+
+log = logging.getLogger(__name__)
+_KNOWN_LAYOUTS = ("qwen2", "llama", "mistral")  # 2 norms per decoder layer + the final norm
+
+
+def find_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every RMSNorm with a 1-D weight, by class name."""
+    found = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if "rmsnorm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            found.append((name, module))
+    return found
+
+
+def expected_norm_count(model: torch.nn.Module) -> int | None:
+    """2L + 1 for the dense layouts hwdiff knows (Qwen2.5-1.5B: 57), else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in _KNOWN_LAYOUTS and isinstance(getattr(config, "num_hidden_layers", None), int):
+        return 2 * config.num_hidden_layers + 1
+    return None
+
+
+@dataclass(frozen=True)
+class Effectiveness:
+    """What σ actually does to one weight vector once cast to ``dtype``."""
+
+    name: str
+    sigma: float
+    effective_sigma: float  # std of (cast(w + z) − w)
+    changed_frac: float  # fraction of elements whose stored value changed
+
+
+def effectiveness(name: str, weight: torch.Tensor, sigma: float, dtype: torch.dtype, seed: int = 0) -> Effectiveness:
+    """Draw the injector's noise once for ``weight`` and measure it after the cast to ``dtype``."""
+    clean = weight.detach().float().cpu()
+    stored = clean.to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    noisy = (clean + torch.randn(clean.shape, generator=generator) * sigma).to(dtype)
+    delta = noisy.float() - stored.float()
+    return Effectiveness(name, sigma, float(delta.double().pow(2).mean().sqrt()), float((noisy != stored).float().mean()))
+
+
+class AQNInjector:
+    """Adds N(0, σ²) to each RMSNorm weight of ``model``.
+
+    ``sigma``: a float (every norm), a ``{module name: σ}`` mapping (norms it does not name get no
+    noise), or a :class:`~hwdiff.calibration.Calibration` (per-layer schedules; pass ``step`` and
+    ``total_steps`` to :meth:`apply`). ``expected_count`` (default: 2L + 1 for Qwen2 / Llama /
+    Mistral configs) makes a wrong number of matched norms an error.
+    """
+
+    def __init__(self, model: torch.nn.Module, sigma: Any, *, expected_count: int | None = None) -> None:
+        self.model = model
+        self._norms = find_norms(model)
+        if not self._norms:
+            raise HwdiffError(f"no RMSNorm found in {type(model).__name__}: AQN would inject into 0 layers "
+                              "(norms are matched by 'rmsnorm' in the class name, with a 1-D weight)")
+        expected = expected_count if expected_count is not None else expected_norm_count(model)
+        if expected is not None and expected != len(self._norms):
+            raise HwdiffError(f"AQN matched {len(self._norms)} RMSNorm layers, expected {expected}: "
+                              f"{', '.join(n for n, _ in self._norms[:4])} …")
+        self._sigma = sigma
+        self._check_names(sigma)
+        self._originals = {name: module.weight.detach().clone() for name, module in self._norms}
+        self._masters = {name: weight.float() for name, weight in self._originals.items()}
+        self._applied = False
+
+    @property
+    def targets(self) -> list[str]:
+        return [name for name, _ in self._norms]
+
+    def _check_names(self, sigma: Any) -> None:
+        names = _layer_names(sigma)
+        unknown = sorted(set(names) - set(self.targets)) if names is not None else []
+        if unknown:
+            raise HwdiffError(f"σ given for {len(unknown)} module(s) that are not RMSNorms of this model: "
+                              f"{', '.join(unknown[:4])}")
+
+    def sigmas(self, step: int | None = None, total_steps: int | None = None) -> dict[str, float]:
+        """σ per norm at ``step`` (schedules need ``step`` and ``total_steps``)."""
+        return {name: _sigma_for(self._sigma, name, step, total_steps) for name in self.targets}
+
+    def apply(self, step: int | None = None, total_steps: int | None = None, seed: int | None = None) -> dict[str, float]:
+        """Fresh noise on every target from its clean float32 master; returns the σ used per norm."""
+        sigmas = self.sigmas(step, total_steps)
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        with torch.no_grad():
+            for name, module in self._norms:
+                master = self._masters[name]
+                noise = torch.randn(master.shape, generator=generator, dtype=torch.float32) * sigmas[name]
+                module.weight.copy_((master + noise.to(master.device)).to(module.weight.dtype))
+        self._applied = True
+        noisy = [f"{name}={value:.3g}" for name, value in sigmas.items() if value > 0]
+        log.info("applied noise to %d RMSNorm layers: %s", len(noisy), ", ".join(noisy))
+        return sigmas
+
+    def restore(self) -> None:
+        """Put back the clean weights, bit for bit."""
+        with torch.no_grad():
+            for name, module in self._norms:
+                module.weight.copy_(self._originals[name])
+        self._applied = False
+
+    def __enter__(self) -> "AQNInjector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+def _layer_names(sigma: Any) -> list[str] | None:
+    if isinstance(sigma, Mapping):
+        return list(sigma)
+    layers = getattr(sigma, "layers", None)
+    return [layer.name for layer in layers] if layers is not None else None
+
+
+def _sigma_for(sigma: Any, name: str, step: int | None, total_steps: int | None) -> float:
+    if isinstance(sigma, (int, float, np.floating)):
+        value = float(sigma)
+    elif isinstance(sigma, Mapping):
+        value = float(sigma.get(name, 0.0))
+    elif hasattr(sigma, "schedule_for"):
+        schedule: SigmaSchedule | None = sigma.schedule_for(name)
+        if schedule is None:
+            return 0.0
+        if step is None or total_steps is None:
+            value = schedule.sigma_end
+        else:
+            value = schedule.at(step, total_steps)
+    else:
+        raise HwdiffError(f"sigma must be a float, a {{module name: σ}} mapping or a calibration, got {type(sigma).__name__}")
+    if value < 0 or not np.isfinite(value):
+        raise HwdiffError(f"σ must be finite and ≥ 0, got {value} for {name}")
+    return value
+
+
+CHANGED_WARNING = 0.5  # below this fraction of changed elements the noise is mostly rounded away
+
+
+@dataclass(frozen=True)
+class StageCheck:
+    """Effectiveness of every norm's σ at one training stage."""
+
+    stage: int
+    layers: tuple[Effectiveness, ...]
+
+    @property
+    def min_changed_frac(self) -> float:
+        return min(layer.changed_frac for layer in self.layers)
+
+    @property
+    def weak(self) -> tuple[Effectiveness, ...]:
+        return tuple(layer for layer in self.layers if layer.sigma > 0 and layer.changed_frac < CHANGED_WARNING)
+
+
+def check_effectiveness(model: torch.nn.Module, sigma: Any, dtype: torch.dtype | None = None,
+                        seed: int = 0) -> list[StageCheck]:
+    """Per stage (1 … K−1 of a calibration's schedule; one row for a plain σ) and per norm: the σ
+    that survives the cast to ``dtype`` (default: the weights' dtype) and the fraction of elements
+    that change. Logs a warning for each stage where some norm changes < 50% of its elements."""
+    injector = AQNInjector(model, sigma)
+    weights = {name: module.weight.detach() for name, module in injector._norms}
+    schedule = getattr(sigma, "schedule", None)
+    total = schedule.num_stages if schedule is not None else 1
+    checks = []
+    for stage in range(1, total) if schedule is not None else [1]:
+        step = stage if schedule is not None else None
+        sigmas = injector.sigmas(step, total if schedule is not None else None)
+        layers = tuple(effectiveness(name, weights[name], sigmas[name], dtype or weights[name].dtype, seed)
+                       for name in injector.targets)
+        check = StageCheck(stage, layers)
+        if check.weak:
+            worst = min(check.weak, key=lambda layer: layer.changed_frac)
+            log.warning("stage %d: σ=%.3g changes only %.1f%% of %s's elements in %s — the noise is mostly rounded "
+                        "away (%d norm(s) below %.0f%%)", stage, worst.sigma, 100 * worst.changed_frac, worst.name,
+                        str(dtype or weights[worst.name].dtype).removeprefix("torch."), len(check.weak),
+                        100 * CHANGED_WARNING)
+        checks.append(check)
+    return checks
+
+
+def format_checks(injector_targets: list[str], checks: list[StageCheck]) -> str:
+    lines = [f"matched {len(injector_targets)} RMSNorm layers: {', '.join(injector_targets[:3])}"
+             + (f" … {injector_targets[-1]}" if len(injector_targets) > 3 else ""), "",
+             "stage  sigma (min-max)        effective/sigma (median)  changed elements (min)  warning"]
+    for check in checks:
+        sigmas = [layer.sigma for layer in check.layers if layer.sigma > 0]
+        ratios = sorted(layer.effective_sigma / layer.sigma for layer in check.layers if layer.sigma > 0)
+        if not sigmas:
+            lines.append(f"{check.stage:<6} 0")
+            continue
+        lines.append(f"{check.stage:<6} {min(sigmas):.3g} - {max(sigmas):<12.3g} {ratios[len(ratios) // 2]:<25.3f} "
+                     f"{check.min_changed_frac:<23.1%} {'ROUNDED AWAY in ' + str(len(check.weak)) + ' norm(s)' if check.weak else ''}")
+    return "\n".join(lines)
