@@ -28,6 +28,7 @@ __all__ = [
     "AQNInjector",
     "load_sigma",
     "save_sigma",
+    "report",
 ]
 
 _LAZY = {
@@ -46,6 +47,7 @@ _LAZY = {
     "AQNInjector": "aqn",
     "load_sigma": "calibration",
     "save_sigma": "calibration",
+    "report": "reporting",
 }
 
 

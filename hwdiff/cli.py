@@ -78,6 +78,13 @@ def _cmd_aqn_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .reporting import report
+
+    print(report(args.diff, args.output, sigma=args.sigma))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_capture
 
@@ -232,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--dtype", default="bfloat16", help="dtype the weights live in during training (default: %(default)s)")
     chk.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     chk.set_defaults(handler=_cmd_aqn_check)
+
+    rpt = sub.add_parser("report", help="write an HTML report (figures, summary, sigma) of a diff",
+                         description="Write DIR/index.html (opens from disk, no network), DIR/report.md and "
+                                     "DIR/figures/*.png: where the devices first diverge, the worst layers, error "
+                                     "distributions, correlations, local vs propagated and golden attribution, and "
+                                     "with --sigma the schedules, bf16 effectiveness and QeRL's default against the "
+                                     "measured hardware error.")
+    rpt.add_argument("diff", help="diff.h5 from hwdiff diff -o (the JSON summary works, without histograms)")
+    rpt.add_argument("--sigma", default=None, help="sigma.yaml from hwdiff calibrate")
+    rpt.add_argument("-o", "--output", default="report", help="output folder (default: %(default)s)")
+    rpt.add_argument("-q", "--quiet", action="store_true", help="no log lines")
+    rpt.set_defaults(handler=_cmd_report)
 
     ins = sub.add_parser("inspect", help="print a capture's metadata and module table",
                          description="Print a capture's metadata and one row per module.")

@@ -2,8 +2,8 @@
 
 Two bfloat16 captures of tiny-qwen2 over the shipped prompts that differ for a real reason — the
 attention kernel path (``sdpa`` vs ``eager``) — the inspection of one, a replay of the reference's
-inputs through the target's kernels (local error), the diff, and the calibrated AQN sigma schedule
-with its verl export.
+inputs through the target's kernels (local error), the diff, the calibrated AQN sigma schedule
+with its verl export, and the HTML report.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .compare.output import format_table
 from .inspect import inspect_capture
 from .models import load_model
 from .replaying import replay
+from .reporting import report
 
 PAIR = (("reference", "sdpa"), ("target", "eager"))
 
@@ -59,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     verl = export(calibration, "verl", args.out / "sigma.verl.yaml")
     print()
     print(format_calibration(calibration))
+    page = report(outputs["out"], args.out / "report", sigma=sigma)
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s; wrote:")
     for path in (*paths, local, *outputs.values(), sigma, verl):
         print(f"  {path}")
-    print("next: `hwdiff inspect FILE`, `hwdiff diff REF TARGET`, `hwdiff aqn-check --model tiny-qwen2 "
-          f"--sigma {sigma}`; the HTML report comes in a later release")
+    print(f"\nreport: {page.index.resolve()}  (open it in a browser)")
+    print(f"next: `hwdiff aqn-check --model tiny-qwen2 --sigma {sigma}`")
     return 0
 
 

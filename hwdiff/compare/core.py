@@ -18,7 +18,10 @@ from .metrics import Accumulator, beyond_rounding, lower_precision
 from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff
 
 _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",
-              "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc")
+              "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc",
+              "cuda_version", "cudnn_version", "driver_version", "torch_npu_version", "cann_version",
+              "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "npu_matmul_allow_hf32", "deterministic_algorithms",
+              "cpu_threads", "emulate", "replay_of")
 
 
 @dataclass(frozen=True)

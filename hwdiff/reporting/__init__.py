@@ -1,0 +1,292 @@
+"""``hwdiff report``: an HTML page (plus Markdown) with figures, readable offline, answering three
+questions first — where do the devices first diverge, which layers are worst, which σ to use."""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..compare.metrics import unit_roundoff
+from ..errors import HwdiffError
+from . import figures
+
+_FLAG_KEYS = ("device_name", "dtype", "torch_version", "cuda_version", "cudnn_version", "driver_version",
+              "torch_npu_version", "cann_version", "attn_implementation", "cuda_matmul_allow_tf32", "cudnn_allow_tf32",
+              "npu_matmul_allow_hf32", "deterministic_algorithms", "cpu_threads", "emulate", "model_spec",
+              "model_fingerprint", "inputs_fingerprint", "hwdiff_version", "created_utc")
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    index: Path
+    markdown: Path
+    figures: tuple[Path, ...]
+
+    def __str__(self) -> str:
+        return f"wrote {self.index} ({len(self.figures)} figures, Markdown in {self.markdown.name})"
+
+
+def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> ReportResult:
+    """Write ``out_dir/index.html``, ``out_dir/report.md`` and ``out_dir/figures/*.png``.
+
+    ``diff``: a diff.h5 (histograms included) or a :class:`DiffResult`; ``sigma``: a sigma.yaml or
+    :class:`~hwdiff.calibration.Calibration` (adds the σ figures, the bf16 effectiveness table and the
+    QeRL comparison). The folder is built under a temporary name and renamed when complete.
+    """
+    from ..calibration import Calibration, calibrate, load_sigma, load_summary
+
+    summary, arrays, edges = _load(diff)
+    calibration = sigma if isinstance(sigma, Calibration) or sigma is None else load_sigma(sigma)
+    if calibration is None:
+        try:
+            implied = calibrate(diff if not isinstance(diff, (str, os.PathLike)) else Path(diff))
+        except HwdiffError:
+            implied = None
+    else:
+        implied = calibration
+    out = Path(out_dir)
+    temp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(temp, ignore_errors=True)
+    (temp / "figures").mkdir(parents=True)
+    try:
+        sections = _figures(summary, arrays, edges, calibration, implied, temp / "figures")
+        facts = _facts(summary, calibration, implied)
+        (temp / "index.html").write_text(_html(summary, facts, sections, calibration))
+        (temp / "report.md").write_text(_markdown(summary, facts, sections))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(temp, out)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return ReportResult(out / "index.html", out / "report.md", tuple(sorted((out / "figures").glob("*.png"))))
+
+
+def _load(diff: Any) -> tuple[dict, dict, np.ndarray]:
+    from ..calibration import load_summary
+    from ..compare.metrics import ulp_edges
+
+    if hasattr(diff, "arrays"):
+        return load_summary(diff), diff.arrays, ulp_edges()
+    path = Path(diff)
+    if path.suffix == ".json":
+        return load_summary(path), {}, ulp_edges()
+    import h5py
+
+    summary = load_summary(path)
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    with h5py.File(path, "r") as handle:
+        def visit(name: str, node: Any) -> None:
+            if isinstance(node, h5py.Dataset) and name.startswith("layers/"):
+                key, field = name[len("layers/"):].rsplit("/", 1)
+                arrays.setdefault(key, {})[field] = node[...]
+        handle.visititems(visit)
+        edges = handle["ulp_edges"][...]
+    return summary, arrays, edges
+
+
+def _floor(summary: dict) -> tuple[float, str]:
+    dtypes = [summary["reference"].get("dtype", "float32"), summary["target"].get("dtype", "float32")]
+    dtype = max(dtypes, key=unit_roundoff)
+    return 0.425 * unit_roundoff(dtype), dtype
+
+
+def _figures(summary: dict, arrays: dict, edges: np.ndarray, calibration: Any, implied: Any, folder: Path) -> list[tuple[str, str, str]]:
+    """(title, file name, caption) of every figure drawn."""
+    floor, _ = _floor(summary)
+    drawn = [("Error vs depth", "error_vs_depth.png", figures.error_vs_depth(summary, folder / "error_vs_depth.png", floor)),
+             ("1 − cos vs depth", "one_minus_cos.png", figures.one_minus_cos(summary, folder / "one_minus_cos.png"))]
+    if arrays:
+        drawn.append(("ULP distribution", "ulp.png", figures.ulp_by_kind(summary, arrays, edges, folder / "ulp.png")))
+        for index, module in enumerate(_chosen(summary)):
+            name = f"errors_{index}.png"
+            drawn.append((f"Error distribution: {module['name']}", name, figures.error_histogram(module, arrays, folder / name)))
+    for title, name, draw in (("Cross-layer correlation", "correlation.png", figures.correlation),
+                              ("Local vs propagated error", "local.png", figures.local_vs_propagated),
+                              ("Golden attribution", "golden.png", figures.golden)):
+        caption = draw(summary, folder / name)
+        if caption:
+            drawn.append((title, name, caption))
+    if calibration is not None:
+        drawn.append(("σ schedule per norm", "sigma.png", figures.sigma_schedule(calibration, folder / "sigma.png")))
+    if implied is not None:
+        caption, _ = figures.qerl_vs_hardware({l.name: l.sigma_end for l in implied.layers}, folder / "qerl.png")
+        drawn.insert(0, ("Are QeRL's σ values right for hardware errors?", "qerl.png", caption))
+    return drawn
+
+
+def _chosen(summary: dict) -> list[dict]:
+    """Histograms for: the worst module, the first divergence, and one norm per block (first, middle, last)."""
+    outputs = [m for m in summary["modules"] if m["slot"] == "output" and not m["exact"] and not m.get("alias_of")]
+    if not outputs:
+        return []
+    chosen = [max(outputs, key=lambda m: m["rel_l2"] or 0)]
+    first = summary.get("first_divergence")
+    if first:
+        chosen += [m for m in outputs if m["name"] == first["detected_at"]]
+    norms = [m for m in outputs if m["kind"] == "rmsnorm"]
+    if norms:
+        chosen += [norms[0], norms[len(norms) // 2], norms[-1]]
+    unique = []
+    for module in chosen:
+        if module["name"] not in [m["name"] for m in unique]:
+            unique.append(module)
+    return unique[:5]
+
+
+def _facts(summary: dict, calibration: Any, implied: Any) -> dict[str, str]:
+    floor, dtype = _floor(summary)
+    outputs = [m for m in summary["modules"] if m["slot"] == "output"]
+    worst = sorted((m for m in outputs if not m.get("alias_of")), key=lambda m: -(m["rel_l2"] or 0))[:5]
+    last = outputs[-1] if outputs else None
+    first = summary.get("first_divergence")
+    facts = {
+        "first": (f"{first['name']}" + (f" (seen at the input of {first['detected_at']})" if first["origin"] == "input" else "")
+                  + f": {first['beyond_rounding_frac']:.1%} of elements differ by more than one ulp, relative L2 "
+                  f"{first['rel_l2']:.3g}") if first else "none: every module stays within one ulp of rounding",
+        "rule": first["rule"] if first else "",
+        "worst": "; ".join(f"{m['name']} ({m['rel_l2']:.3g} = {m['rel_l2'] / floor:.1f}× one {dtype} rounding)"
+                           for m in worst if m["rel_l2"]) or "none: the captures are bit-identical",
+        "verdict": _verdict(last, floor, dtype) if last else "no modules were compared",
+    }
+    facts["sigma"] = _sigma_fact(calibration or implied, calibration is None)
+    return facts
+
+
+def _verdict(last: dict, floor: float, dtype: str) -> str:
+    if last["exact"]:
+        return f"The final output ({last['name']}) is bit-identical on both sides."
+    ratio = last["rel_l2"] / floor
+    size = "within a few" if ratio < 3 else "well above one"
+    return (f"At the final output ({last['name']}) the two sides differ by relative L2 {last['rel_l2']:.3g}, "
+            f"{ratio:.1f}× the error of a single {dtype} rounding ({floor:.3g}): {size} roundings of the dtype; "
+            f"{last['equal_frac']:.1%} of its elements are bit-identical.")
+
+
+def _sigma_fact(calibration: Any, implied: bool) -> str:
+    if calibration is None:
+        return "no σ: the diff has no RMSNorm outputs"
+    active = [l.sigma_end for l in calibration.layers if l.sigma_end > 0]
+    s = calibration.schedule
+    source = "estimated here from the diff with the rms conversion (run hwdiff calibrate for the file)" if implied \
+        else f"from the sigma file ({calibration.method}, {calibration.conversion} conversion)"
+    span = f"{min(active):.3g} – {max(active):.3g}" if active else "0"
+    return (f"σ_end {s.sigma_end:.3g} (median over norms; per norm {span}), σ_start {s.sigma_start:.3g}, "
+            f"{s.num_stages} stages — {source}.")
+
+
+def _meta_rows(summary: dict) -> list[tuple[str, str, str]]:
+    ref, tgt = summary["reference"], summary["target"]
+    def show(value: Any) -> str:
+        text = str(value)
+        return text[:23] + "…" if text.startswith("sha256:") else text
+
+    return [(key, show(ref.get(key, "—")), show(tgt.get(key, "—"))) for key in ("device", *_FLAG_KEYS)
+            if key in ref or key in tgt]
+
+
+def _worst_rows(summary: dict, count: int = 15) -> list[dict]:
+    outputs = [m for m in summary["modules"] if m["slot"] == "output" and not m.get("alias_of")]
+    return sorted(outputs, key=lambda m: -(m["rel_l2"] or 0))[:count]
+
+
+def _html(summary: dict, facts: dict, sections: list, calibration: Any) -> str:
+    e = html.escape
+    ref, tgt = summary["reference"], summary["target"]
+    meta = "".join(f"<tr><td>{e(k)}</td><td>{e(a)}</td><td>{e(b)}</td></tr>" for k, a, b in _meta_rows(summary))
+    rows = "".join(
+        f"<tr><td>{e(m['name'])}</td><td>{e(m['kind'])}</td><td>{m['rel_l2'] or 0:.3g}</td><td>{m['one_minus_cos']:.2g}</td>"
+        f"<td>{m['equal_frac']:.1%}</td><td>{m['ulp']['p99']:.3g}</td><td>{e(m['fit']['best'])}</td></tr>"
+        for m in _worst_rows(summary))
+    figs = "".join(f"<figure><h3>{e(t)}</h3><img src=\"figures/{n}\" alt=\"{e(t)}\"><figcaption>{e(c)}</figcaption></figure>"
+                   for t, n, c in sections)
+    effect = _effectiveness_html(summary, calibration)
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>hwdiff: {e(str(tgt.get('device')))} vs {e(str(ref.get('device')))}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}}
+.answers{{background:#f3f6fb;border-left:5px solid #2a5db0;padding:.6em 1em}} .answers dt{{font-weight:bold;margin-top:.5em}}
+table{{border-collapse:collapse;font-size:.85em}} td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}
+img{{max-width:100%}} figure{{margin:1.5em 0}} figcaption{{font-size:.85em;color:#555}}</style></head><body>
+<h1>hwdiff report</h1>
+<p>target <b>{e(str(tgt.get('device')))}</b> ({e(str(tgt.get('device_name')))}, {e(str(tgt.get('dtype')))}) against reference
+<b>{e(str(ref.get('device')))}</b> ({e(str(ref.get('device_name')))}, {e(str(ref.get('dtype')))}){', golden ' + e(str(summary['golden'].get('device'))) + ' ' + e(str(summary['golden'].get('dtype'))) if summary.get('golden') else ''}</p>
+<dl class="answers">
+<dt>Where do the devices first diverge?</dt><dd>{e(facts['first'])}<br><small>{e(facts['rule'])}</small></dd>
+<dt>Which layers are worst?</dt><dd>{e(facts['worst'])}</dd>
+<dt>Verdict</dt><dd>{e(facts['verdict'])}</dd>
+<dt>Which σ to use?</dt><dd>{e(facts['sigma'])}</dd>
+</dl>
+<h2>Captures</h2><table><tr><th></th><th>reference</th><th>target</th></tr>{meta}</table>
+<h2>Worst modules</h2><table><tr><th>module</th><th>kind</th><th>rel L2</th><th>1−cos</th><th>bit-identical</th><th>ULP p99</th><th>best fit</th></tr>{rows}</table>
+{effect}
+<h2>Figures</h2>{figs}
+<p style="font-size:.8em;color:#777">hwdiff {e(str(summary.get('hwdiff_version')))} · definitions: docs/diff.md, docs/calibrate.md</p>
+</body></html>
+"""
+
+
+def _effectiveness_html(summary: dict, calibration: Any) -> str:
+    if calibration is None:
+        return ""
+    rows = _effectiveness_rows(summary, calibration)
+    if not rows:
+        return ("<h2>bf16 effectiveness</h2><p>The reference capture's norm weights were not found "
+                f"({html.escape(str(summary['reference'].get('path')))}); run <code>hwdiff aqn-check</code>.</p>")
+    body = "".join(f"<tr><td>{stage}</td><td>{lo:.3g} – {hi:.3g}</td><td>{changed:.1%}</td><td>{warn}</td></tr>"
+                   for stage, lo, hi, changed, warn in rows)
+    return (f"<h2>bf16 effectiveness ({html.escape(str(summary['reference'].get('dtype')))} weights)</h2><table><tr><th>stage</th>"
+            f"<th>σ (min – max over norms)</th><th>changed elements (min over norms)</th><th></th></tr>{body}</table>")
+
+
+def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
+    """Per stage: σ range and the smallest fraction of weight elements that change in the training dtype."""
+    import torch
+
+    from ..aqn import CHANGED_WARNING, effectiveness
+    from ..models import resolve_dtype
+    from ..store import open_capture
+
+    path = summary["reference"].get("path")
+    if not path or not Path(path).is_file():
+        return []
+    with open_capture(path) as cap:
+        weights = {layer.name: cap.weight(layer.name) for layer in calibration.layers if layer.name in cap.modules}
+    dtype = resolve_dtype(summary["reference"].get("dtype", "float32"))
+    rows = []
+    for stage in range(1, calibration.schedule.num_stages):
+        checks = []
+        for layer in calibration.layers:
+            schedule = calibration.schedule_for(layer.name)
+            if schedule is None or weights.get(layer.name) is None:
+                continue
+            sigma = schedule.values[stage - 1]
+            checks.append(effectiveness(layer.name, torch.from_numpy(weights[layer.name]), sigma, dtype))
+        if checks:
+            changed = min(c.changed_frac for c in checks)
+            rows.append((stage, min(c.sigma for c in checks), max(c.sigma for c in checks), changed,
+                         "noise mostly rounded away" if changed < CHANGED_WARNING else ""))
+    return rows
+
+
+def _markdown(summary: dict, facts: dict, sections: list) -> str:
+    ref, tgt = summary["reference"], summary["target"]
+    lines = [f"# hwdiff report: {tgt.get('device')} vs {ref.get('device')}", "",
+             f"- **First divergence**: {facts['first']}", f"- **Worst layers**: {facts['worst']}",
+             f"- **Verdict**: {facts['verdict']}", f"- **σ to use**: {facts['sigma']}", "",
+             "| | reference | target |", "|---|---|---|"]
+    lines += [f"| {k} | {a} | {b} |" for k, a, b in _meta_rows(summary)]
+    lines += ["", "| module | kind | rel L2 | bit-identical | best fit |", "|---|---|---|---|---|"]
+    lines += [f"| {m['name']} | {m['kind']} | {m['rel_l2'] or 0:.3g} | {m['equal_frac']:.1%} | {m['fit']['best']} |"
+              for m in _worst_rows(summary)]
+    for title, name, caption in sections:
+        lines += ["", f"## {title}", "", f"![{title}](figures/{name})", "", caption]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["report", "ReportResult"]
