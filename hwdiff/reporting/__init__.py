@@ -3,8 +3,6 @@ questions first — where do the devices first diverge, which layers are worst, 
 from __future__ import annotations
 
 import html
-import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> Repor
     :class:`~hwdiff.calibration.Calibration` (adds the σ figures, the bf16 effectiveness table and the
     QeRL comparison). The folder is built under a temporary name and renamed when complete.
     """
-    from ..calibration import Calibration, calibrate, load_sigma, load_summary
+    from ..calibration import Calibration, calibrate, load_sigma
 
     summary, arrays, edges = _load(diff)
     calibration = sigma if isinstance(sigma, Calibration) or sigma is None else load_sigma(sigma)
