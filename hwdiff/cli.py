@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .errors import HwdiffError
@@ -119,14 +119,39 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hwdiff", description="Measure how two devices compute the same model differently.")
     parser.add_argument("--version", action="version", version=f"hwdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_capture(sub)
+    _add_diff(sub)
+    _add_replay(sub)
+    _add_probe_ops(sub)
+    _add_calibrate(sub)
+    _add_aqn_check(sub)
+    _add_report(sub)
+    _add_inspect(sub)
+    return parser
 
+
+def _device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda[:N], npu[:N] or auto (default: %(default)s)")
+
+
+def _quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+
+
+def _emulate_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
+                        help="apply a documented numerical perturbation (repeatable): aqn[:sigma=,seed=], "
+                             "bf16-truncate, bf16-block-accum[:block=], approx-silu, rmsnorm-order[:chunk=]")
+
+
+def _add_capture(sub: Any) -> None:
     cap = sub.add_parser("capture", help="record per-module activations of a model into one HDF5 file",
                          description="Run fixed inputs through a model with forward hooks and write every "
                                      "selected module's output to one self-describing HDF5 file.")
     cap.add_argument("--model", default="tiny-qwen2",
                      help="tiny-qwen2, qwen2.5-1.5b-arch, a local checkpoint directory or a hub id "
                           "(default: %(default)s)")
-    cap.add_argument("--device", default="auto", help="cpu, cuda[:N], npu[:N] or auto (default: %(default)s)")
+    _device_arg(cap)
     cap.add_argument("--dtype", default="bfloat16",
                      help="float32, bfloat16, float16 or float64 (default: %(default)s)")
     cap.add_argument("--inputs", default=None,
@@ -143,17 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "stats: float64 statistics only (default: %(default)s)")
     cap.add_argument("--tokens", type=int, default=16, help="positions per sequence in sample mode (default: %(default)s)")
     cap.add_argument("--attn-impl", default=None, help="attention kernel path: eager, sdpa, ... (default: transformers')")
-    cap.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
-                     help="apply a documented numerical perturbation (repeatable): aqn[:sigma=,seed=], "
-                          "bf16-truncate, bf16-block-accum[:block=], approx-silu, rmsnorm-order[:chunk=]")
+    _emulate_arg(cap)
     cap.add_argument("--record-inputs", action="store_true", help="also store each module's input (for replay)")
     cap.add_argument("--seed", type=int, default=0,
                      help="seed of built-in model weights and of sample positions (default: %(default)s)")
     cap.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="HDF5 compression (default: none)")
     cap.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
-    cap.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    _quiet_arg(cap)
     cap.set_defaults(handler=_cmd_capture)
 
+
+def _add_diff(sub: Any) -> None:
     dif = sub.add_parser("diff", help="compare two captures module by module",
                          description="Compare TARGET against REFERENCE module by module: exactness, ULP, relative "
                                      "error, error distribution fits, cross-layer correlation, first divergence. "
@@ -173,40 +198,44 @@ def build_parser() -> argparse.ArgumentParser:
                      help="elements per module (seeded sample) for the fits and divergence rule (default: %(default)s)")
     dif.add_argument("--seed", type=int, default=0, help="seed of the fit samples (default: %(default)s)")
     dif.add_argument("--top", type=int, default=25, help="rows in the printed table (default: %(default)s)")
-    dif.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    _quiet_arg(dif)
     dif.set_defaults(handler=_cmd_diff)
 
+
+def _add_replay(sub: Any) -> None:
     rep = sub.add_parser("replay", help="run each recorded module on the reference's own inputs",
                          description="Call every module whose inputs REFERENCE recorded (--record-inputs) with exactly "
                                      "those inputs, on --device in --dtype, and write the outputs as a capture: "
                                      "`hwdiff diff REFERENCE LOCAL` is then each module's local error.")
     rep.add_argument("reference", help="reference capture made with --record-inputs")
-    rep.add_argument("--device", default="auto", help="cpu, cuda[:N], npu[:N] or auto (default: %(default)s)")
+    _device_arg(rep)
     rep.add_argument("--dtype", default=None, help="float32, bfloat16, float16, float64 (default: the reference's)")
     rep.add_argument("--attn-impl", default=None, help="attention kernel path (default: transformers')")
     rep.add_argument("--model", default=None, help="model spec (default: the one the reference was captured from)")
-    rep.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
-                     help="apply a documented numerical perturbation (repeatable): aqn[:sigma=,seed=], "
-                          "bf16-truncate, bf16-block-accum[:block=], approx-silu, rmsnorm-order[:chunk=]")
+    _emulate_arg(rep)
     rep.add_argument("--allow-model-mismatch", action="store_true", help="replay with different weights")
     rep.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
-    rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    _quiet_arg(rep)
     rep.set_defaults(handler=_cmd_replay)
 
+
+def _add_probe_ops(sub: Any) -> None:
     ops = sub.add_parser("probe-ops", help="measure matmul, casts, activations, softmax, RMSNorm, reductions op by op",
                          description="Run single ops (matmul for K = 64 ... 16384, dtype cast, silu, gelu, exp, tanh, "
                                      "softmax, RMSNorm, sum, mean) on seeded inputs exactly representable in every "
                                      "dtype, and store the outputs in the capture format: `hwdiff diff` compares "
                                      "two devices op by op; --device cpu --dtype float64 is the golden.")
-    ops.add_argument("--device", default="auto", help="cpu, cuda[:N], npu[:N] or auto (default: %(default)s)")
+    _device_arg(ops)
     ops.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16, float64 (default: %(default)s)")
     ops.add_argument("--seed", type=int, default=0, help="seed of the op inputs (default: %(default)s)")
     ops.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
                      help="apply an emulation profile (e.g. bf16-block-accum:block=64)")
     ops.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
-    ops.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    _quiet_arg(ops)
     ops.set_defaults(handler=_cmd_probe_ops)
 
+
+def _add_calibrate(sub: Any) -> None:
     cal = sub.add_parser("calibrate", help="turn a diff into per-norm AQN sigma schedules (hwdiff, verl, QeRL)",
                          description="For every RMSNorm: the error the hardware introduces in the norm and in the "
                                      "sub-block it feeds (local errors from diff --local, else divergence increments), "
@@ -227,9 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--export", action="append", choices=("verl", "qerl"), default=None,
                      help="also write SIGMA.verl.yaml (trainer.noise_injection block; prints Hydra ++ lines) or "
                           "SIGMA.qerl.yaml (global schedule only)")
-    cal.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    _quiet_arg(cal)
     cal.set_defaults(handler=_cmd_calibrate)
 
+
+def _add_aqn_check(sub: Any) -> None:
     chk = sub.add_parser("aqn-check", help="show which norms AQN matches and how much of each sigma survives the dtype",
                          description="Match the RMSNorms of --model as the injector does, and for every stage and norm "
                                      "report the effective sigma after the cast to --dtype and the fraction of weight "
@@ -240,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     chk.set_defaults(handler=_cmd_aqn_check)
 
+
+def _add_report(sub: Any) -> None:
     rpt = sub.add_parser("report", help="write an HTML report (figures, summary, sigma) of a diff",
                          description="Write DIR/index.html (opens from disk, no network), DIR/report.md and "
                                      "DIR/figures/*.png: where the devices first diverge, the worst layers, error "
@@ -252,13 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     rpt.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     rpt.set_defaults(handler=_cmd_report)
 
+
+def _add_inspect(sub: Any) -> None:
     ins = sub.add_parser("inspect", help="print a capture's metadata and module table",
                          description="Print a capture's metadata and one row per module.")
     ins.add_argument("file", help="capture file (.h5)")
     ins.add_argument("--allow-incomplete", action="store_true", help="show a capture whose run did not finish")
     ins.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     ins.set_defaults(handler=_cmd_inspect)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
