@@ -257,3 +257,18 @@ def test_real_h100_capture_against_cpu_from_data_reference():
     assert result.first_divergence.name == "model.layers.0.self_attn.o_proj"  # the attention kernels differ
     assert result.layer("model.embed_tokens").golden.reference_rel_l2 == pytest.approx(BF16_ROUNDING, rel=0.1)
     assert result.layer("lm_head").golden.ratio == pytest.approx(1.0, abs=0.05)  # neither device is the odd one
+
+
+def test_one_error_norm_per_real_token(tmp_path, tiny_fp32, tiny_bf16):
+    padded = dict(limit=6, max_tokens=None, batch_size=3, progress=False)
+    paths = [hwdiff.capture(m, tmp_path / f"{i}.h5", **padded).path for i, m in enumerate((tiny_fp32, tiny_bf16))]
+    result = hwdiff.diff(*paths, progress=False, block_elements=5000)  # small blocks: some hold padding only
+    with hwdiff.open_capture(paths[0]) as cap:
+        real = int(cap.attention_mask.sum())
+        assert real < cap.attention_mask.size  # the shipped prompts are padded
+        r = cap.activation("model.layers.1.mlp.act_fn")[cap.attention_mask.astype(bool)].astype(np.float64)
+    with hwdiff.open_capture(paths[1]) as cap:
+        t = cap.activation("model.layers.1.mlp.act_fn")[cap.attention_mask.astype(bool)].astype(np.float64)
+    norms = result.arrays["model.layers.1.mlp.act_fn/0/output"]["token_norms"]
+    assert norms.shape == (real,)
+    assert np.allclose(norms, np.linalg.norm(t - r, axis=1), rtol=1e-6)

@@ -143,9 +143,14 @@ class Accumulator:
 
     def update(self, r: np.ndarray, t: np.ndarray, mask: np.ndarray | None) -> None:
         """Add one block; ``mask`` [rows, tokens] selects real tokens when the block has that axis."""
-        if mask is not None:
-            r, t = (r, t) if mask.all() else (r[mask], t[mask])
-            r, t = r.reshape(-1, *r.shape[mask.ndim:]), t.reshape(-1, *t.shape[mask.ndim:])  # [tokens, ...]
+        if mask is not None:  # → [real tokens, ...]
+            trailing = r.shape[mask.ndim:]
+            if mask.all():
+                r, t = r.reshape(-1, *trailing), t.reshape(-1, *trailing)
+            else:
+                r, t = r[mask], t[mask]
+            if not r.shape[0]:
+                return  # a block of padding only
         r64, t64 = r.astype(np.float64), t.astype(np.float64)
         e = t64 - r64
         flat = e.reshape(e.shape[0], -1) if e.ndim > 1 else e.reshape(-1, 1)

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""hwdiff side by side with Huawei's msprobe (PyPI mindstudio-probe) on workload A, in one run.
+
+    python benchmarks/vs_msprobe.py --work /tmp/hwdiff-vs-msprobe     # writes docs/benchmarks.json
+
+Workload A: a random Qwen2 (vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 heads / 2 KV
+heads), float32, input 2 × 256 seeded ids, no_grad; its weights are saved once and loaded by both
+tools. msprobe runs in its own virtual environment (made here on first use, with the same torch and
+transformers). Times are medians of --repeats runs; ratios are to the plain forward measured in the
+same process. The diff / compare pair is sdpa (reference) vs eager (target) attention.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VENV = ROOT / "benchmarks" / ".msprobe-venv"
+
+
+def msprobe_venv() -> Path:
+    python = VENV / "bin" / "python"
+    if not (VENV / "bin" / "msprobe").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        pins = [line for line in (ROOT / "requirements" / "pinned.txt").read_text().splitlines()
+                if line.startswith(("torch==", "transformers=="))]
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *pins, "mindstudio-probe"], check=True)
+    return python
+
+
+def save_workload(work: Path) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    ids = torch.randint(0, 8192, (2, 256), generator=torch.Generator().manual_seed(1))
+    torch.save((config, model.state_dict(), ids), work / "workload_a.pt")
+
+
+def load_model(work: Path, attn: str):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    config, state, ids = torch.load(work / "workload_a.pt", weights_only=False)
+    config._attn_implementation = attn
+    model = Qwen2ForCausalLM(config).eval()
+    model.load_state_dict(state)
+    return model, ids
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hwdiff_side(work: Path, repeats: int) -> dict:
+    import torch
+
+    import hwdiff
+
+    model, ids = load_model(work, "sdpa")
+    inputs = hwdiff.load_inputs(ids, max_tokens=None)  # all 256 tokens (the default cuts at 128)
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    forward()
+    result = {"plain_forward_s": timed(forward, repeats)}
+    for mode in ("full", "sample", "stats"):
+        path = work / f"hw-{mode}.h5"
+        result[f"{mode}_s"] = timed(lambda: hwdiff.capture(model, path, inputs=inputs, mode=mode, batch_size=2,
+                                                           progress=False), repeats)
+        result[f"{mode}_bytes"] = path.stat().st_size
+    result["plain_forward_after_s"] = timed(forward, repeats)
+    for attn in ("sdpa", "eager"):
+        m, _ = load_model(work, attn)
+        hwdiff.capture(m, work / f"hw-{attn}.h5", inputs=inputs, batch_size=2, progress=False)
+    return result
+
+
+# ru_maxrss of a child keeps the peak of the process it was forked from across exec, so the command
+# runs under a small launcher process and the launcher reports its child's peak RSS.
+LAUNCHER = ("import resource, subprocess, sys, time; s = time.perf_counter(); "
+            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            "print(time.perf_counter() - s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def run_peak(command: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of a command."""
+    out = subprocess.run(["/usr/bin/env", "python3", "-c", LAUNCHER, *command], capture_output=True, text=True,
+                         check=True)
+    seconds, rss_kb = out.stdout.split()
+    return float(seconds), float(rss_kb) / 1024
+
+
+def diff_vs_compare(work: Path, python: Path, repeats: int) -> dict:
+    hw = [work / "hw-sdpa.h5", work / "hw-eager.h5"]
+    hw_bytes = sum(p.stat().st_size for p in hw)
+    snippet = "import sys, hwdiff; hwdiff.diff(sys.argv[1], sys.argv[2], progress=False)"
+    env_python = [sys.executable, "-c", snippet, *map(str, hw)]
+    os.environ["PYTHONPATH"] = str(ROOT)
+    diffs = [run_peak(env_python) for _ in range(repeats)]
+    msp_dirs = [work / "msp-eager" / "step0", work / "msp-sdpa" / "step0"]
+    msp_bytes = sum(p.stat().st_size for d in msp_dirs for p in d.rglob("*") if p.is_file())
+    msprobe = str(python.parent / "msprobe")
+    compares = [run_peak([msprobe, "compare", "-tp", str(msp_dirs[0]), "-gp", str(msp_dirs[1]), "-o",
+                          str(work / "msp-compare")]) for _ in range(repeats)]
+    diff_s, compare_s = statistics.median(d[0] for d in diffs), statistics.median(c[0] for c in compares)
+    return {"hwdiff_diff_s": diff_s, "hwdiff_diff_bytes": hw_bytes, "hwdiff_diff_gb_per_s": hw_bytes / diff_s / 1e9,
+            "hwdiff_diff_peak_rss_mb": max(d[1] for d in diffs),
+            "msprobe_compare_s": compare_s, "msprobe_compare_bytes": msp_bytes,
+            "msprobe_compare_gb_per_s": msp_bytes / compare_s / 1e9,
+            "msprobe_compare_peak_rss_mb": max(c[1] for c in compares), "speedup": compare_s / diff_s}
+
+
+def cross_check(work: Path) -> dict:
+    """hwdiff's cosine and max abs error against msprobe's, for every module output both report."""
+    import hwdiff
+
+    result = hwdiff.diff(work / "hw-sdpa.h5", work / "hw-eager.h5", progress=False)
+    table = sorted((work / "msp-compare").glob("compare_result_*.csv"))[-1]
+    pattern = re.compile(r"^Module\.(.+)\.[A-Za-z0-9_]+\.forward\.0\.output\.0$")
+    rows, worst_cos, worst_max, identical = 0, 0.0, 0.0, 0
+    for row in csv.DictReader(table.open()):
+        match = pattern.match(row["NPU Name"])
+        if not match:
+            continue
+        try:
+            layer = result.layer(match.group(1))
+        except KeyError:
+            continue
+        rows += 1
+        identical += _same_tensors(work, match.group(1))
+        cos, max_abs = float(row["Cosine"]), float(row["MaxAbsErr"])
+        worst_cos = max(worst_cos, abs(layer.metrics.cosine - cos) / abs(cos))
+        worst_max = max(worst_max, abs(layer.metrics.max_abs - max_abs) / max(abs(max_abs), 1e-30))
+    return {"modules_compared": rows, "tensors_bit_identical_between_tools": identical,
+            "max_rel_diff_cosine": worst_cos, "max_rel_diff_max_abs": worst_max,
+            "note": "msprobe prints MaxAbsErr with 6 significant digits: relative differences up to 5e-6 are "
+                    "that rounding"}
+
+
+def _same_tensors(work: Path, name: str) -> int:
+    """1 when msprobe's dumped output of ``name`` equals hwdiff's captured one, bit for bit, on both sides."""
+    import numpy as np
+    import torch
+
+    import hwdiff
+
+    same = 1
+    exact = re.compile(rf"^Module\.{re.escape(name)}\.[A-Za-z0-9_]+\.forward\.0\.output\.0\.pt$")
+    for attn in ("sdpa", "eager"):
+        dumped = next((p for p in (work / f"msp-{attn}").rglob("*.pt") if exact.match(p.name)), None)
+        if dumped is None:
+            return 0
+        with hwdiff.open_capture(work / f"hw-{attn}.h5") as cap:
+            same &= int(np.array_equal(torch.load(dumped, weights_only=False).numpy(), cap.activation(name)))
+    return same
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/hwdiff-vs-msprobe"))
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.json")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    python = msprobe_venv()
+    save_workload(args.work)
+    hw = hwdiff_side(args.work, args.repeats)
+    worker = subprocess.run([str(python), str(ROOT / "benchmarks" / "_msprobe_worker.py"), str(args.work),
+                             str(args.repeats)], capture_output=True, text=True, check=True)
+    msp = json.loads(worker.stdout.strip().splitlines()[-1])
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+              "repeats": args.repeats, "hwdiff": hw, "msprobe": msp,
+              "ratios": {"hwdiff_full": hw["full_s"] / hw["plain_forward_s"], "hwdiff_sample": hw["sample_s"] / hw["plain_forward_s"],
+                         "hwdiff_stats": hw["stats_s"] / hw["plain_forward_s"],
+                         "msprobe_tensor": msp["tensor_s"] / msp["plain_forward_s"],
+                         "msprobe_statistics": msp["statistics_s"] / msp["plain_forward_s"],
+                         "size_hwdiff_full_over_msprobe_outputs": hw["full_bytes"] / msp["tensor_dump_output_bytes"]},
+              "compare": diff_vs_compare(args.work, python, min(args.repeats, 3)),
+              "cross_check": cross_check(args.work)}
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
