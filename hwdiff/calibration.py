@@ -238,12 +238,12 @@ def _measure_gains(model: Any, norms: list[tuple[str, str | None]], probe_sigma:
     import torch
 
     from .aqn import AQNInjector
-    from .capturing import _tokenizer
+    from .capturing import model_tokenizer
     from .hooks import record
     from .inputs import load_inputs
 
     names = [name for name, _ in norms] + [block for _, block in norms if block]
-    inputs = load_inputs(tokenizer=_tokenizer(model), max_tokens=64, limit=4)
+    inputs = load_inputs(tokenizer=model_tokenizer(model), max_tokens=64, limit=4)
     device = next(model.parameters()).device
     ids, mask = (torch.from_numpy(a).to(device) for a in (inputs.input_ids, inputs.attention_mask))
 

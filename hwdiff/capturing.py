@@ -148,14 +148,14 @@ def model_device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.
 
 def _resolve_inputs(model: torch.nn.Module, inputs: Any, opts: CaptureOptions) -> Inputs:
     if not isinstance(inputs, Inputs):
-        inputs = load_inputs(inputs, tokenizer=_tokenizer(model), max_tokens=opts.max_tokens, limit=opts.limit)
+        inputs = load_inputs(inputs, tokenizer=model_tokenizer(model), max_tokens=opts.max_tokens, limit=opts.limit)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int):
         inputs.check_vocab(vocab)
     return inputs
 
 
-def _tokenizer(model: torch.nn.Module) -> Any:
+def model_tokenizer(model: torch.nn.Module) -> Any:
     source = model_info(model).tokenizer
     if source is None:
         return ByteTokenizer()

@@ -102,18 +102,28 @@ def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
     return (name, int(call), slot)
 
 
+def _token_mask(pair: Pair, mask: np.ndarray | None) -> np.ndarray | None:
+    """The real-token mask when the slot has [sequences, tokens, ...] axes, else None."""
+    has_tokens = mask is not None and len(pair.shape) >= 2 and tuple(pair.shape[:2]) == mask.shape
+    return mask if has_tokens else None
+
+
+def _blocks(pair: Pair, token_mask: np.ndarray | None, opts: DiffOptions):
+    """(index, mask of that block or None) over the slot, in the order every reader uses."""
+    for index in plan_blocks(pair.shape, opts.block_elements):
+        yield index, None if token_mask is None else token_mask[index[0], index[1] if len(index) > 1 else slice(None)]
+
+
 def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, pair: Pair,
                   mask: np.ndarray | None, opts: DiffOptions) -> tuple[LayerDiff, dict[str, np.ndarray]]:
-    has_tokens = mask is not None and len(pair.shape) >= 2 and tuple(pair.shape[:2]) == mask.shape
-    token_mask = mask if has_tokens else None
-    expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if has_tokens else int(np.prod(pair.shape))
+    token_mask = _token_mask(pair, mask)
+    expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if token_mask is not None else int(np.prod(pair.shape))
     seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
     acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=min(1.0, opts.fit_samples / max(expected, 1)),
                       seed=seed)
     golden_accs = _side_accumulators(gold, pair, ("ref", "target"))
     local_accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
-    for index in plan_blocks(pair.shape, opts.block_elements):
-        block_mask = token_mask[index[0], index[1] if len(index) > 1 else slice(None)] if has_tokens else None
+    for index, block_mask in _blocks(pair, token_mask, opts):
         r = ref.read(pair.name, pair.call, pair.slot, index)
         t = tgt.read(pair.name, pair.call, pair.slot, index)
         acc.update(r, t, block_mask)
@@ -153,9 +163,7 @@ def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray 
     accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
     if not accs:
         return None
-    has_tokens = mask is not None and len(pair.shape) >= 2 and tuple(pair.shape[:2]) == mask.shape
-    for index in plan_blocks(pair.shape, opts.block_elements):
-        block_mask = mask[index[0], index[1] if len(index) > 1 else slice(None)] if has_tokens else None
+    for index, block_mask in _blocks(pair, _token_mask(pair, mask), opts):
         accs[0].update(ref.read(pair.name, pair.call, pair.slot, index), loc.read(pair.name, pair.call, pair.slot, index),
                        block_mask)
     return LocalDiff(accs[0].metrics().rel_l2, total, math.nan)
