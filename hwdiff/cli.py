@@ -228,8 +228,7 @@ def _add_probe_ops(sub: Any) -> None:
     _device_arg(ops)
     ops.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16, float64 (default: %(default)s)")
     ops.add_argument("--seed", type=int, default=0, help="seed of the op inputs (default: %(default)s)")
-    ops.add_argument("--emulate", action="append", default=None, metavar="PROFILE[:k=v,...]",
-                     help="apply an emulation profile (e.g. bf16-block-accum:block=64)")
+    _emulate_arg(ops)
     ops.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     _quiet_arg(ops)
     ops.set_defaults(handler=_cmd_probe_ops)

@@ -19,7 +19,7 @@ import torch
 from .errors import SelectionError
 from .models import dtype_name
 from .stats import partial_stats
-from .callspec import encode_call
+from .callspec import encode_call, main_input_path
 from .store import Alias, Record, Register, Signature
 
 KINDS = ("embedding", "rmsnorm", "linear", "attention", "mlp", "activation", "decoder_layer", "head", "other")
@@ -256,11 +256,11 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """A module's main input: the first positional tensor, else ``hidden_states``, else any tensor."""
-    tensor = first_tensor(args)
-    if tensor is None:
-        tensor = kwargs.get("hidden_states") if isinstance(kwargs.get("hidden_states"), torch.Tensor) else None
-    return tensor if tensor is not None else first_tensor(kwargs)
+    """A module's main input, found as :func:`hwdiff.callspec.main_input_path` finds it for replay."""
+    path = main_input_path(args, kwargs)
+    if path is None:
+        return None
+    return args[path[1]] if path[0] == "arg" else kwargs[path[1]]
 
 
 @contextlib.contextmanager

@@ -167,7 +167,11 @@ class _MaskRebuilder:
         self.needed = config is not None and mine != str(ref.meta.get("attn_implementation"))
         self.config, self.device, self.dtype = config, device, dtype
         self.mask2d = torch.from_numpy(ref.attention_mask)
+        self.accepted: set[str] = set()
         if self.needed:
+            from transformers import masking_utils
+
+            self.accepted = set(inspect.signature(masking_utils.create_causal_mask).parameters)
             log.info("rebuilding attention masks for %s (the reference used %s)", mine, ref.meta.get("attn_implementation"))
 
     def build(self, rows: slice) -> Any:
@@ -180,5 +184,4 @@ class _MaskRebuilder:
         offered = {"config": self.config, "inputs_embeds": embeds, "input_embeds": embeds, "attention_mask": mask,
                    "cache_position": positions, "position_ids": positions[None].expand(batch, -1),
                    "past_key_values": None, "cache": None}
-        accepted = inspect.signature(masking_utils.create_causal_mask).parameters
-        return masking_utils.create_causal_mask(**{k: v for k, v in offered.items() if k in accepted})
+        return masking_utils.create_causal_mask(**{k: v for k, v in offered.items() if k in self.accepted})
