@@ -354,6 +354,7 @@ class Capture:
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
         self.path = Path(path)
         self._file = _open_h5(self.path)
+        self._opened: dict[tuple[str, int, str], tuple[h5py.Dataset, str]] = {}
         try:
             self.meta = _read_meta(self._file, self.path)
             if not self.meta.get("complete") and not allow_incomplete:
@@ -409,8 +410,12 @@ class Capture:
 
     def read(self, name: str, call: int, slot: str, index: tuple[slice, ...]) -> np.ndarray:
         """A decoded block ``dataset[index]`` of a slot (see :func:`plan_blocks`)."""
-        dataset = self._dataset(name, call, slot)
-        return decode(dataset[index], dataset.attrs["dtype"])
+        key = (name, call, slot)
+        opened = self._opened.get(key)
+        if opened is None:  # the lookups cost more than reading a small block: once per slot
+            dataset = self._dataset(name, call, slot)
+            opened = self._opened[key] = (dataset, str(dataset.attrs["dtype"]))
+        return decode(opened[0][index], opened[1])
 
     def slot_info(self, name: str, call: int = 0, slot: str = "output") -> tuple[tuple[int, ...], str]:
         """(shape, real dtype) of a stored slot."""

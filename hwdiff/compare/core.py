@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,16 +77,24 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
         mask = np.ones(ref.sample_positions.shape, dtype=bool)
     layers: dict[tuple[str, int, str], LayerDiff] = {}
     arrays: dict[str, Any] = {}
-    for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
-        alias = _alias_key(pair)
-        if alias in layers:
-            layers[(pair.name, pair.call, pair.slot)] = dataclasses.replace(
-                layers[alias], name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of,
-                local=_local_only(ref, loc, pair, mask, layers[alias].metrics.rel_l2, opts))
-            continue
-        layer, layer_arrays = _compare_pair(ref, tgt, gold, loc, pair, mask, opts)
-        layers[layer.key] = layer
-        arrays["/".join(map(str, layer.key))] = layer_arrays
+    pending: dict[tuple[str, int, str], Future] = {}
+    aliases: list[tuple[Pair, tuple[str, int, str], Any]] = []
+    # The fits of one slot run on a worker thread while the next slots are read and reduced.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwdiff-fit") as fitter, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwdiff-read") as reader:
+        for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
+            alias = _alias_key(pair)
+            if alias in pending:
+                aliases.append((pair, alias, _local_only(ref, loc, pair, mask, opts)))
+                continue
+            pending[(pair.name, pair.call, pair.slot)] = _compare_pair(ref, tgt, gold, loc, pair, mask, opts, fitter, reader)
+        for key, future in pending.items():
+            layers[key], arrays["/".join(map(str, key))] = future.result()
+    for pair, alias, local_rel_l2 in aliases:
+        target = layers[alias]
+        local = None if local_rel_l2 is None else LocalDiff(local_rel_l2, target.metrics.rel_l2, math.nan)
+        layers[(pair.name, pair.call, pair.slot)] = dataclasses.replace(
+            target, name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of, local=local)
     positions = residual_positions(pairs)
     correlation = correlate(ref, tgt, positions, mask, opts.block_elements) if positions else None
     ordered = _with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs))
@@ -115,7 +124,11 @@ def _blocks(pair: Pair, token_mask: np.ndarray | None, opts: DiffOptions):
 
 
 def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, pair: Pair,
-                  mask: np.ndarray | None, opts: DiffOptions) -> tuple[LayerDiff, dict[str, np.ndarray]]:
+                  mask: np.ndarray | None, opts: DiffOptions, fitter: ThreadPoolExecutor,
+                  reader: ThreadPoolExecutor) -> Future:
+    """Stream the slot's blocks through the accumulators here; the fits and the rest of the
+    :class:`LayerDiff` (a future of it and its arrays) are finished on ``fitter``; ``reader`` reads
+    the next block while this one is reduced."""
     token_mask = _token_mask(pair, mask)
     expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if token_mask is not None else int(np.prod(pair.shape))
     seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
@@ -123,16 +136,26 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
                       seed=seed)
     golden_accs = _side_accumulators(gold, pair, ("ref", "target"))
     local_accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
-    for index, block_mask in _blocks(pair, token_mask, opts):
-        r = ref.read(pair.name, pair.call, pair.slot, index)
-        t = tgt.read(pair.name, pair.call, pair.slot, index)
+    sources = [ref, tgt] + ([gold] if golden_accs else []) + ([loc] if local_accs else [])
+
+    def read(index: tuple[slice, ...]) -> list[np.ndarray]:
+        return [source.read(pair.name, pair.call, pair.slot, index) for source in sources]
+
+    for block_mask, (r, t, *extra) in _prefetched(_blocks(pair, token_mask, opts), read, reader):
         acc.update(r, t, block_mask)
         if golden_accs:
-            g = gold.read(pair.name, pair.call, pair.slot, index)
-            golden_accs[0].update(g, r, block_mask)
-            golden_accs[1].update(g, t, block_mask)
+            golden_accs[0].update(extra[0], r, block_mask)
+            golden_accs[1].update(extra[0], t, block_mask)
         if local_accs:
-            local_accs[0].update(r, loc.read(pair.name, pair.call, pair.slot, index), block_mask)
+            local_accs[0].update(r, extra[-1], block_mask)
+    golden = GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2) if golden_accs else None
+    local = local_accs[0].metrics().rel_l2 if local_accs else None
+    return fitter.submit(_finish_pair, pair, acc, golden, local, _weight_rms(ref, pair))
+
+
+def _finish_pair(pair: Pair, acc: Accumulator, golden: GoldenDiff | None, local_rel_l2: float | None,
+                 weight_rms: float | None) -> tuple[LayerDiff, dict[str, np.ndarray]]:
+    """The fits, the divergence rule and the arrays of a slot whose blocks are all reduced (no file access)."""
     metrics = acc.metrics()
     sample_r, sample_t = acc.sample()
     errors = sample_t - sample_r
@@ -142,11 +165,22 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
         fit=fit_errors(errors, exact=metrics.exact),
         beyond_rounding_frac=beyond_rounding(sample_r, sample_t, lower_precision(pair.ref_dtype, pair.target_dtype),
                                              metrics.ref_rms),
-        golden=GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2) if golden_accs else None,
-        local=LocalDiff(local_accs[0].metrics().rel_l2, metrics.rel_l2, math.nan) if local_accs else None,
-        weight_rms=_weight_rms(ref, pair),
+        golden=golden, local=None if local_rel_l2 is None else LocalDiff(local_rel_l2, metrics.rel_l2, math.nan),
+        weight_rms=weight_rms,
     )
     return layer, _layer_arrays(acc, errors)
+
+
+def _prefetched(blocks, read, reader: ThreadPoolExecutor):
+    """(block mask, what ``read`` returns for the block) over ``blocks`` (index, mask), the next
+    block read on ``reader`` while the caller works on this one (one block ahead: memory stays bounded)."""
+    upcoming = None
+    for index, block_mask in blocks:
+        current, upcoming = upcoming, (block_mask, reader.submit(read, index))
+        if current is not None:
+            yield current[0], current[1].result()
+    if upcoming is not None:
+        yield upcoming[0], upcoming[1].result()
 
 
 def _weight_rms(ref: Capture, pair: Pair) -> float | None:
@@ -156,17 +190,17 @@ def _weight_rms(ref: Capture, pair: Pair) -> float | None:
     return float(np.sqrt(np.mean(weight * weight)))
 
 
-def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray | None, total: float,
-                opts: DiffOptions) -> LocalDiff | None:
-    """The local error of a slot whose other numbers are shared with the slot it links to: a replay
-    runs each module by itself, so a parent's local output is not its child's."""
+def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray | None,
+                opts: DiffOptions) -> float | None:
+    """The local rel. L2 of a slot whose other numbers are shared with the slot it links to: a
+    replay runs each module by itself, so a parent's local output is not its child's."""
     accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
     if not accs:
         return None
     for index, block_mask in _blocks(pair, _token_mask(pair, mask), opts):
         accs[0].update(ref.read(pair.name, pair.call, pair.slot, index), loc.read(pair.name, pair.call, pair.slot, index),
                        block_mask)
-    return LocalDiff(accs[0].metrics().rel_l2, total, math.nan)
+    return accs[0].metrics().rel_l2
 
 
 def _side_accumulators(extra: Capture | None, pair: Pair, sides: tuple[str, ...]) -> list[Accumulator]:

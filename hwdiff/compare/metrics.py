@@ -12,7 +12,8 @@ Definitions (e = t − r, over real tokens; elements that are NaN/Inf on either 
   floor = :data:`SMALL_VALUE` of the lower-precision dtype (msprobe's ratios, never a division by an
   exact zero).
 - ULP distance in the target's dtype: when both sides have the same dtype, the exact count of
-  representable values between t and r; otherwise |e| / ulp_target(r). p50 / p99 come from a
+  representable values between t and r; otherwise |e| / ulp_target(r), the ulp taken at t where r is
+  exactly 0 (the spacing at 0 is the format's smallest). p50 / p99 come from a
   histogram with bins of 1/16 ulp below 16 ulp and quarter octaves above (so p99 = 35 reads 32);
   ``max`` and ``le1_frac`` are exact.
 """
@@ -23,11 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernel
+
 MANTISSA_BITS = {"bfloat16": 7, "float16": 10, "float32": 23, "float64": 52}
 MIN_EXPONENT = {"bfloat16": -126, "float16": -14, "float32": -126, "float64": -1022}
 SMALL_VALUE = {"bfloat16": 1e-3, "float16": 1e-3, "float32": 1e-6, "float64": 1e-9}
 _FINE, _OCTAVES, _PER_OCTAVE = 16, 40, 4  # ULP histogram: 1/16 bins up to 16, quarter octaves up to 2^44
 ULP_BINS = _FINE * 16 + _OCTAVES * _PER_OCTAVE + 1
+QUARTER_STEPS = 2.0 ** (np.arange(_PER_OCTAVE) / _PER_OCTAVE)  # 1, 2^¼, 2^½, 2^¾
 
 
 def unit_roundoff(dtype: str) -> float:
@@ -43,23 +47,32 @@ def lower_precision(a: str, b: str) -> str:
 def ulp_at(x: np.ndarray, dtype: str) -> np.ndarray:
     """Spacing of ``dtype``'s representable values at |x| (float64)."""
     _, exponent = np.frexp(np.abs(x))
-    exponent = np.maximum(exponent - 1, MIN_EXPONENT.get(dtype, -1022))
+    lowest = MIN_EXPONENT.get(dtype, -1022)
+    exponent = np.where(x == 0, lowest, np.maximum(exponent - 1, lowest))  # frexp(0) has exponent 0
     return np.ldexp(1.0, exponent - MANTISSA_BITS.get(dtype, 52))
 
 
 def ulp_edges() -> np.ndarray:
     """Lower edges of the ULP histogram bins (the last bin is open above)."""
     fine = np.arange(_FINE * 16) / 16.0
-    coarse = 16.0 * 2.0 ** (np.arange(_OCTAVES * _PER_OCTAVE + 1) / _PER_OCTAVE)
+    k = np.arange(_OCTAVES * _PER_OCTAVE + 1)
+    coarse = np.ldexp(_FINE * QUARTER_STEPS[k % _PER_OCTAVE], k // _PER_OCTAVE)  # exactly 16·2^j·2^(q/4)
     return np.concatenate([fine, coarse])
 
 
+_COARSE_EDGES = ulp_edges()[_FINE * 16:]
+
+
 def _ulp_bins(u: np.ndarray) -> np.ndarray:
+    """Histogram bin of each ULP distance: exact comparisons with :func:`ulp_edges`, as the kernel does."""
     index = (np.minimum(u, float(_FINE)) * 16).astype(np.int64)
     big = u >= _FINE
     if big.any():
-        index[big] = _FINE * 16 + np.minimum(np.floor(np.log2(u[big] / _FINE) * _PER_OCTAVE), _OCTAVES * _PER_OCTAVE)
+        index[big] = _FINE * 16 + np.searchsorted(_COARSE_EDGES, u[big], side="right") - 1
     return index
+
+
+_SMALL_BINS = _ulp_bins(np.arange(16384, dtype=np.float64))  # the bin of each small integer ULP distance
 
 
 def _ordered(bits: np.ndarray, top: int) -> np.ndarray:
@@ -74,7 +87,9 @@ def ulp_distance(r: np.ndarray, t: np.ndarray, r_dtype: str, t_dtype: str) -> np
         a, b = (_ordered(x.astype(storage, copy=False).view(view), top) for x in (r, t))
         distance = np.abs(np.subtract(b, a, dtype=np.int64))
         return (distance >> 16 if r_dtype == "bfloat16" else distance).astype(np.float64)
-    return np.abs(t.astype(np.float64) - r) / ulp_at(r, t_dtype)
+    t64 = t.astype(np.float64)
+    with np.errstate(over="ignore"):  # |e| over a float64 subnormal spacing can exceed the range: inf
+        return np.abs(t64 - r) / ulp_at(np.where(r == 0, t64, r), t_dtype)
 
 
 @dataclass(frozen=True)
@@ -125,11 +140,13 @@ class Metrics:
 
 class Accumulator:
     """Float64 running sums for :class:`Metrics`, plus a seeded sample of (r, t) pairs and the
-    error norm of every real token (``light``: the sums only, for golden comparisons)."""
+    error norm of every real token (``light``: the sums only, for golden comparisons). ``fused``:
+    the compiled one-pass kernel (:mod:`.kernel`; default: when available) or the numpy path."""
 
     def __init__(self, ref_dtype: str, target_dtype: str, *, sample_fraction: float, seed: int,
-                 light: bool = False) -> None:
+                 light: bool = False, fused: bool | None = None) -> None:
         self.ref_dtype, self.target_dtype, self.light = ref_dtype, target_dtype, light
+        self.fused = kernel.available() if fused is None else fused
         self.floor = SMALL_VALUE.get(lower_precision(ref_dtype, target_dtype), 1e-9)
         self.sample_fraction = sample_fraction
         self.rng = np.random.Generator(np.random.PCG64(seed))
@@ -151,8 +168,41 @@ class Accumulator:
                 r, t = r[mask], t[mask]
             if not r.shape[0]:
                 return  # a block of padding only
+        if not r.size:
+            return
+        if self.fused:
+            self._update_fused(r, t, tokens=mask is not None)
+        else:
+            self._update_numpy(r, t, tokens=mask is not None)
+
+    def _update_fused(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> None:
+        width = int(np.prod(r.shape[1:], dtype=np.int64)) if tokens and not self.light else 0
+        block = kernel.reduce_block(
+            r, t, ref_dtype=self.ref_dtype, target_dtype=self.target_dtype, floor=self.floor, light=self.light,
+            width=width, mantissa=MANTISSA_BITS.get(self.target_dtype, 52),
+            min_exponent=MIN_EXPONENT.get(self.target_dtype, -1022), quarter_steps=QUARTER_STEPS,
+            small_bins=_SMALL_BINS, bins=ULP_BINS)
+        for key, value in block.sums.items():
+            self.sums[key] += value
+        self.max_abs = max(self.max_abs, block.max_abs)
+        self.max_ulp = max(self.max_ulp, block.max_ulp)
+        self.nonfinite += block.nonfinite
+        self.hist += block.hist
+        if width:
+            self.token_norms.append(np.sqrt(block.token_squares))
+        if not self.light:
+            r, t = r.ravel(), t.ravel()
+            if block.nonfinite.any():
+                with np.errstate(invalid="ignore"):  # inf − inf: left out, as counted
+                    keep = np.isfinite(t.astype(np.float64) - r.astype(np.float64))
+                r, t = r[keep], t[keep]
+            self._add_sample(r, t)
+
+    def _update_numpy(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> None:
+        """The reference implementation: numpy passes over float64 copies (see :mod:`.kernel`)."""
         r64, t64 = r.astype(np.float64), t.astype(np.float64)
-        e = t64 - r64
+        with np.errstate(invalid="ignore"):  # inf − inf: left out, as counted
+            e = t64 - r64
         flat = e.reshape(e.shape[0], -1) if e.ndim > 1 else e.reshape(-1, 1)
         squares = np.einsum("ij,ij->i", flat, flat)  # per-token ‖e‖², finite iff every e is
         finite = None
@@ -162,7 +212,7 @@ class Accumulator:
             e = np.where(finite, e, 0.0)
             flat = e.reshape(flat.shape)
             squares = np.einsum("ij,ij->i", flat, flat)
-        if mask is not None and not self.light:
+        if tokens and not self.light:
             self.token_norms.append(np.sqrt(squares))
         r64, t64, e, rk, tk = (x.ravel() for x in (r64, t64, e, r, t))
         if finite is not None:
@@ -205,10 +255,10 @@ class Accumulator:
 
     def _add_sample(self, r: np.ndarray, t: np.ndarray) -> None:
         if self.sample_fraction >= 1:
-            self.samples.append((r, t))
+            self.samples.append((r.astype(np.float64), t.astype(np.float64)))
         elif r.size:  # each element kept with probability sample_fraction (with rare repeats)
             index = self.rng.integers(0, r.size, self.rng.binomial(r.size, self.sample_fraction))
-            self.samples.append((r[index], t[index]))
+            self.samples.append((r[index].astype(np.float64), t[index].astype(np.float64)))
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """The sampled (r, t) pairs, in float64."""

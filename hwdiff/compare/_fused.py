@@ -1,0 +1,149 @@
+"""The numba kernel behind :mod:`.kernel` (imported only when numba is installed)."""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba.cpython.unsafe.numbers import leading_zeros
+
+COLUMNS = 17  # count, equal, rr, tt, ee, re, e, |e|, le1, r1, r5, max|e|, max ulp, r NaN, r Inf, t NaN, t Inf
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _ordered(bits, top):
+    """Sign-magnitude float bits → integers in value order (+0 and −0 both map to 0)."""
+    negative = np.int64(bits < 0)  # branchless: the sign of activations is a coin flip for the predictor
+    return ((bits & top) ^ -negative) + negative
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_exponent, floor, light, width,
+                 quarter_steps, thresholds, partial, hist, exact_counts, row_ee):
+    """Reduce one block of element pairs into one row per chunk of ``partial`` [chunks, COLUMNS],
+    ``hist`` [chunks, bins] and ``exact_counts`` [chunks, small]; chunks end on token boundaries.
+
+    r, t: 1-D float arrays (float32 or float64). Same dtype: the ULP distance is the integer
+    d = |ordered(tbits) − ordered(rbits)| >> shift; d < small is counted exactly in
+    ``exact_counts`` (binned afterwards), larger d goes to quarter-octave bin 256 + 4(j − 4) + q with
+    j = ⌊log2 d⌋ and q the number of ``thresholds[j, 1:4]`` (⌈2^j·2^(q/4)⌉) that d reaches. Otherwise
+    u = |e| / ulp at r (at t where r is 0) of a format with ``mantissa`` bits and ``min_exponent``,
+    binned by 1/16 below 16 and by quarter octaves 16·2^j·quarter_steps[q] above, read off u/16's
+    exponent and fraction fields. Either way the bins are the numpy path's edges, compared exactly.
+    ``width`` > 0: elements per token, each token's ‖e‖² goes to ``row_ee``.
+    """
+    n = r.size
+    chunks = partial.shape[0]
+    last_bin = hist.shape[1] - 1
+    small = exact_counts.shape[1]
+    rows = n // width if width > 0 else 0
+    fraction_mask = np.int64(0xFFFFFFFFFFFFF)
+    step_bits = quarter_steps.view(np.int64) & fraction_mask  # fraction fields of 1, 2^¼, 2^½, 2^¾
+    step1, step2, step3 = step_bits[1], step_bits[2], step_bits[3]
+    for c in numba.prange(chunks):
+        if width > 0:
+            lo = (c * rows // chunks) * width
+            hi = ((c + 1) * rows // chunks) * width
+            segment = width
+        else:
+            lo = c * n // chunks
+            hi = (c + 1) * n // chunks
+            segment = max(hi - lo, 1)
+        count = 0.0
+        equal = 0.0
+        rr = 0.0
+        tt = 0.0
+        ee = 0.0
+        re = 0.0
+        es = 0.0
+        abs_sum = 0.0
+        le1 = 0.0
+        r1 = 0.0
+        r5 = 0.0
+        max_abs = 0.0
+        max_ulp = 0.0
+        max_distance = np.int64(0)
+        r_nan = 0.0
+        r_inf = 0.0
+        t_nan = 0.0
+        t_inf = 0.0
+        scratch = np.empty(1, dtype=np.float64)
+        scratch_bits = scratch.view(np.int64)
+        start = lo
+        while start < hi:
+            stop = min(start + segment, hi)
+            row = 0.0
+            for k in range(start, stop):
+                rv = np.float64(r[k])
+                tv = np.float64(t[k])
+                e = tv - rv
+                if not math.isfinite(e):
+                    if math.isnan(rv):
+                        r_nan += 1.0
+                    elif math.isinf(rv):
+                        r_inf += 1.0
+                    if math.isnan(tv):
+                        t_nan += 1.0
+                    elif math.isinf(tv):
+                        t_inf += 1.0
+                    continue
+                a = abs(e)
+                row += e * e
+                count += 1.0
+                rr += rv * rv
+                tt += tv * tv
+                re += rv * e
+                es += e
+                abs_sum += a
+                # Counts and maxima without branches: most of these comparisons are unpredictable.
+                equal += e == 0.0
+                scale = max(abs(rv), floor)
+                r1 += a <= 1e-3 * scale
+                r5 += a <= 5e-3 * scale
+                max_abs = max(max_abs, a)
+                if light:
+                    continue
+                if same_dtype:
+                    d = abs(_ordered(np.int64(tbits[k]), top) - _ordered(np.int64(rbits[k]), top)) >> shift
+                    max_distance = max(max_distance, d)
+                    if d < small:
+                        exact_counts[c, d] += 1
+                    else:
+                        j = 63 - leading_zeros(d)
+                        quarter = (np.int64(d >= thresholds[j, 1]) + np.int64(d >= thresholds[j, 2])
+                                   + np.int64(d >= thresholds[j, 3]))
+                        hist[c, min(256 + (j - 4) * 4 + quarter, last_bin)] += 1
+                    continue
+                at = abs(rv) if rv != 0.0 else abs(tv)
+                exponent = max(math.frexp(at)[1] - 1, min_exponent) if at != 0.0 else min_exponent
+                u = a / math.ldexp(1.0, exponent - mantissa)
+                le1 += u <= 1.0
+                max_ulp = max(max_ulp, u)
+                scratch[0] = u / 16.0
+                bits = scratch_bits[0]
+                quarter = (np.int64((bits & fraction_mask) >= step1) + np.int64((bits & fraction_mask) >= step2)
+                           + np.int64((bits & fraction_mask) >= step3))
+                coarse = min(256 + (((bits >> 52) & 0x7FF) - 1023) * 4 + quarter, last_bin)
+                hist[c, np.int64(u * 16.0) if u < 16.0 else coarse] += 1
+            ee += row
+            if width > 0:
+                row_ee[start // width] = row
+            start = stop
+        out = partial[c]
+        out[0] = count
+        out[1] = equal
+        out[2] = rr
+        out[3] = tt
+        out[4] = ee
+        out[5] = re
+        out[6] = es
+        out[7] = abs_sum
+        out[8] = le1
+        out[9] = r1
+        out[10] = r5
+        out[11] = max_abs
+        out[12] = max(max_ulp, np.float64(max_distance))
+        out[13] = r_nan
+        out[14] = r_inf
+        out[15] = t_nan
+        out[16] = t_inf

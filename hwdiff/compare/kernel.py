@@ -1,0 +1,117 @@
+"""One fused, compiled pass per block for :class:`~hwdiff.compare.metrics.Accumulator`.
+
+The numpy path in :mod:`.metrics` makes about forty passes over float64 copies of a block; the numba
+kernel (:mod:`._fused`) reads each element pair once, in its stored dtype, and accumulates every sum,
+the ULP histogram bin, the 1‰/5‰ counts, the non-finite counts and each token's ‖e‖² in registers.
+A block is cut into a fixed number of chunks (on token boundaries) reduced on parallel threads, each
+into its own row of partial results, and the rows are added in a fixed order: results do not depend
+on the thread count, and a rerun is bit-identical. Definitions are the numpy path's; the tests hold
+the two paths to each other (counts and maxima exactly, sums to 1e-12 relative).
+
+numba is optional: without it, or with ``HWDIFF_JIT=0`` in the environment, the numpy path is used.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNKS = 16  # partial-result rows per block: fixed, so that results do not depend on the thread count
+SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
+_MAX_ABS, _MAX_ULP, _NONFINITE = 11, 12, slice(13, 17)
+
+_state: dict = {}
+
+
+def available() -> bool:
+    """True when the compiled kernel is used (numba importable and not disabled by HWDIFF_JIT=0)."""
+    return _function() is not None
+
+
+def why_unavailable() -> str:
+    """Why the numpy path is used ('' when the kernel is available)."""
+    _function()
+    return str(_state.get("why", ""))
+
+
+def _function():
+    if "function" not in _state:
+        _state["function"] = None
+        if os.environ.get("HWDIFF_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
+            _state["why"] = "disabled by HWDIFF_JIT=0"
+        else:
+            try:
+                from ._fused import reduce_block
+            except ImportError as error:
+                _state["why"] = f"numba is not importable ({error}); pip install numba for a faster diff"
+            else:
+                _state["function"] = reduce_block
+    return _state["function"]
+
+
+@dataclass(frozen=True)
+class BlockSums:
+    """What one block adds: the sums named in :data:`SUMS`, the maxima, non-finite counts
+    (ref NaN, ref Inf, target NaN, target Inf), the ULP histogram and each token's ‖e‖²."""
+
+    sums: dict[str, float]
+    max_abs: float
+    max_ulp: float
+    nonfinite: np.ndarray
+    hist: np.ndarray
+    token_squares: np.ndarray
+
+
+_BITS = {"float16": (np.int16, 0x7FFF, 0), "float32": (np.int32, 0x7FFFFFFF, 0),
+         "bfloat16": (np.int32, 0x7FFFFFFF, 16)}  # bfloat16 arrives widened to float32: its bits << 16
+_CHUNK_ELEMENTS = 1 << 16  # a block gets one chunk per this many elements, at most CHUNKS
+
+
+def _thresholds(quarter_steps: np.ndarray) -> np.ndarray:
+    """[62, 4] int64: ⌈2^j·quarter_steps[q]⌉, so that for an integer d, d ≥ 2^j·step ⇔ d ≥ entry."""
+    return np.ceil(np.ldexp(quarter_steps[None, :], np.arange(62)[:, None])).astype(np.int64)
+
+
+def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: str, floor: float,
+                 light: bool, width: int, mantissa: int, min_exponent: int, quarter_steps: np.ndarray,
+                 small_bins: np.ndarray, bins: int) -> BlockSums:
+    """Reduce a block of decoded (r, t) values; ``width`` > 0 gives per-token ‖e‖² of that many
+    elements each. ``mantissa`` / ``min_exponent`` describe the target dtype for the ULP distance;
+    ``small_bins[d]`` is the histogram bin of an integer distance d < len(small_bins)."""
+    function = _function()
+    if function is None:
+        raise RuntimeError(why_unavailable())
+    r, t = np.ascontiguousarray(r).ravel(), np.ascontiguousarray(t).ravel()
+    same = ref_dtype == target_dtype and ref_dtype in _BITS
+    if same:
+        view, top, shift = _BITS[ref_dtype]
+        rbits, tbits = r.view(view), t.view(view)
+    else:
+        top, shift, rbits, tbits = 0, 0, r, t
+    if r.dtype == np.float16:  # numba's CPU target has no float16 arithmetic; the widening is exact
+        r, t = r.astype(np.float32), t.astype(np.float32)
+    chunks = int(min(CHUNKS, max(1, -(-r.size // _CHUNK_ELEMENTS))))  # depends on the size only
+    partial = np.zeros((chunks, 17), dtype=np.float64)
+    hist = np.zeros((chunks, bins), dtype=np.int64)
+    exact = np.zeros((chunks, small_bins.size if same and not light else 1), dtype=np.int64)
+    row_ee = np.zeros(r.size // width if width > 0 else 0, dtype=np.float64)
+    function(r, t, rbits, tbits, top, shift, same, mantissa, min_exponent, float(floor), light, width,
+             quarter_steps, _thresholds_for(quarter_steps), partial, hist, exact, row_ee)
+    total = partial.sum(axis=0)
+    sums = dict(zip(SUMS, map(float, total[:len(SUMS)])))
+    histogram = hist.sum(axis=0)
+    if same and not light:
+        counts = exact.sum(axis=0)
+        histogram += np.bincount(small_bins, weights=counts, minlength=bins).astype(np.int64)
+        sums["le1"] = float(counts[:2].sum())  # d ≤ 1
+    return BlockSums(sums=sums, max_abs=float(partial[:, _MAX_ABS].max()), max_ulp=float(partial[:, _MAX_ULP].max()),
+                     nonfinite=total[_NONFINITE].astype(np.int64), hist=histogram, token_squares=row_ee)
+
+
+def _thresholds_for(quarter_steps: np.ndarray) -> np.ndarray:
+    key = quarter_steps.tobytes()
+    cached = _state.get(("thresholds", key))
+    if cached is None:
+        cached = _state[("thresholds", key)] = _thresholds(quarter_steps)
+    return cached

@@ -1,0 +1,152 @@
+"""The compiled one-pass diff kernel against the numpy reference path (hwdiff.compare.kernel)."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import hwdiff
+from hwdiff.compare import kernel
+from hwdiff.compare.metrics import Accumulator, ulp_distance
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason=f"compiled kernel unavailable: {kernel.why_unavailable()}")
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """Round to bfloat16 (nearest even) and widen back to float32, as captures store it."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).bfloat16().float().numpy()
+
+
+def _hard_pair(shape, seed=0):
+    """r, t float32 with every case the metrics treat specially: exact and ±0 ties, zeros in r,
+    subnormals, NaN/Inf on either side, ULP distances from 1 to far beyond the exact-count range."""
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal(shape).astype(np.float32)
+    scale = rng.choice([0.0, 1e-7, 1e-5, 1e-3, 1e-1], size=shape, p=[0.2, 0.3, 0.2, 0.2, 0.1])
+    t = (r * (1 + scale * rng.standard_normal(shape))).astype(np.float32)
+    flat_r, flat_t = r.reshape(-1), t.reshape(-1)
+    flat_r[:6] = [0.0, 0.0, -0.0, 1e-42, 3.0, -2.5]
+    flat_t[:6] = [1e-3, -0.0, 0.0, -1e-42, 3.0000002, -2.4]
+    flat_r[6:12] = [np.nan, 1.0, np.inf, 2.0, -np.inf, np.inf]
+    flat_t[6:12] = [1.0, np.nan, 1.0, -np.inf, -np.inf, np.inf]
+    return r, t
+
+
+CASES = {
+    "float32": lambda r, t: (r, t, "float32", "float32"),
+    "bfloat16": lambda r, t: (_bf16(r), _bf16(t), "bfloat16", "bfloat16"),
+    "float16": lambda r, t: (r.astype(np.float16), t.astype(np.float16), "float16", "float16"),
+    "float64 vs bfloat16": lambda r, t: (r.astype(np.float64), _bf16(t), "float64", "bfloat16"),
+    "float32 vs float64": lambda r, t: (r, t.astype(np.float64), "float32", "float64"),
+}
+
+
+def _accumulate(fused, r, t, ref_dtype, target_dtype, mask, light):
+    acc = Accumulator(ref_dtype, target_dtype, sample_fraction=0.05, seed=3, light=light, fused=fused)
+    rows = r.shape[0]
+    for block in (slice(0, rows // 3), slice(rows // 3, rows)):  # two blocks, as the differ streams them
+        acc.update(r[block], t[block], None if mask is None else mask[block])
+    return acc
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("light", [False, True])
+@pytest.mark.parametrize("masked", [True, False])
+def test_kernel_equals_the_numpy_path(case, light, masked):
+    r, t, ref_dtype, target_dtype = CASES[case](*_hard_pair((6, 40, 96)))
+    mask = None
+    if masked:
+        mask = np.ones((6, 40), dtype=bool)
+        mask[1, 25:] = False  # right padding
+        mask[4, :] = False  # a sequence of padding only in the second block
+    numpy_path = _accumulate(False, r, t, ref_dtype, target_dtype, mask, light)
+    fused = _accumulate(True, r, t, ref_dtype, target_dtype, mask, light)
+    a, b = numpy_path.metrics(), fused.metrics()
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, float) and np.isfinite(x) and x != y:
+            assert y == pytest.approx(x, rel=1e-12), field.name
+        else:
+            assert x == y, field.name  # counts, maxima, ULP statistics, NaN/Inf counts: exactly
+    assert np.array_equal(numpy_path.hist, fused.hist)
+    assert a.nan_inf.any and a.numel > 0.9 * r.size * (1 if mask is None else mask.mean())
+    if not light and ref_dtype == target_dtype == "float32":
+        assert a.ulp.max > 1 << 20  # beyond the exactly counted range: the bit-length bins are exercised
+    if masked and not light:
+        assert np.allclose(np.concatenate(numpy_path.token_norms), np.concatenate(fused.token_norms), rtol=1e-12, atol=0)
+    assert all(np.array_equal(x, y) for x, y in zip(numpy_path.sample(), fused.sample()))
+
+
+def test_histogram_bins_cover_every_exact_distance_the_same_way():
+    """Integer distances from 0 to 2^20 (the kernel counts small ones exactly and bins the rest
+    from their bit length) land in the bins the numpy path gives them."""
+    base = np.full(1 << 20, 1.0, dtype=np.float32)
+    bits = base.view(np.int32) + np.arange(base.size, dtype=np.int32)
+    target = bits.view(np.float32)
+    numpy_path = Accumulator("float32", "float32", sample_fraction=0, seed=0, fused=False)
+    fused = Accumulator("float32", "float32", sample_fraction=0, seed=0, fused=True)
+    numpy_path.update(base, target, None)
+    fused.update(base, target, None)
+    assert np.array_equal(numpy_path.hist, fused.hist)
+    assert fused.metrics().ulp.max == base.size - 1
+    assert np.array_equal(ulp_distance(base, target, "float32", "float32"), np.arange(base.size, dtype=np.float64))
+
+
+def test_results_do_not_depend_on_the_thread_count_and_reruns_are_bit_identical():
+    import numba
+
+    r, t, ref_dtype, target_dtype = CASES["float32"](*_hard_pair((8, 64, 256), seed=1))
+    mask = np.ones((8, 64), dtype=bool)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, before, before):
+            numba.set_num_threads(threads)
+            acc = _accumulate(True, r, t, ref_dtype, target_dtype, mask, False)
+            results.append((acc.metrics(), acc.hist.copy(), np.concatenate(acc.token_norms)))
+    finally:
+        numba.set_num_threads(before)
+    for metrics, hist, norms in results[1:]:
+        assert metrics == results[0][0]  # every float bit for bit
+        assert np.array_equal(hist, results[0][1]) and np.array_equal(norms, results[0][2])
+
+
+def test_a_whole_diff_agrees_with_the_numpy_path(tmp_path, tiny_fp32, tiny_bf16):
+    """`HWDIFF_JIT=0` selects the numpy path; its JSON summary matches the kernel's to 1e-12."""
+    cap = dict(limit=4, max_tokens=24, batch_size=4, progress=False)
+    a = hwdiff.capture(tiny_fp32, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(tiny_bf16, tmp_path / "b.h5", **cap).path
+    hwdiff.diff(a, b, json_path=tmp_path / "fused.json", progress=False)
+    env = {**os.environ, "HWDIFF_JIT": "0", "PYTHONPATH": str(ROOT)}
+    script = ("import sys, hwdiff; from hwdiff.compare import kernel; assert not kernel.available(), 'jit on'; "
+              "print(kernel.why_unavailable()); hwdiff.diff(sys.argv[1], sys.argv[2], json_path=sys.argv[3], progress=False)")
+    proc = subprocess.run([sys.executable, "-c", script, str(a), str(b), str(tmp_path / "numpy.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HWDIFF_JIT=0" in proc.stdout
+    fused = json.loads((tmp_path / "fused.json").read_text())
+    reference = json.loads((tmp_path / "numpy.json").read_text())
+    assert [layer["name"] for layer in fused["modules"]] == [layer["name"] for layer in reference["modules"]]
+    for x, y in zip(reference["modules"], fused["modules"]):
+        _assert_close(x, y, x["name"])
+
+
+def _assert_close(x, y, where):
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for key in x:
+            _assert_close(x[key], y[key], f"{where}.{key}")
+    elif isinstance(x, list):
+        assert len(x) == len(y), where
+        for i, (p, q) in enumerate(zip(x, y)):
+            _assert_close(p, q, f"{where}[{i}]")
+    elif isinstance(x, float) and isinstance(y, float):
+        assert y == pytest.approx(x, rel=1e-9, abs=1e-300), where
+    else:
+        assert x == y, where
