@@ -90,8 +90,9 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
     meta = capture_metadata(model, device, dtype, mode, record_inputs, opts)
     with emulation(model, emulate) as profiles:
         meta["emulate"] = describe(profiles)
+        # On the CPU the hooks write synchronously: a writer thread would take cores from the forward.
         writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=mode, sample_positions=positions,
-                               compression=opts.compression)
+                               compression=opts.compression, synchronous=device.type == "cpu")
         try:
             with record(model, modules, kinds=kinds, mode=mode, record_inputs=record_inputs, sink=writer) as rec:
                 _run_batches(model, rec, inputs, positions, device, opts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import weakref
 from collections import defaultdict
@@ -135,6 +136,7 @@ class Recorder:
                  mode: str, record_inputs: bool, sink: Any) -> None:
         self.model, self.selection, self.mode = model, selection, mode
         self.record_inputs, self.sink = record_inputs, sink
+        self.views = bool(getattr(sink, "synchronous", False))  # the sink is done with a tensor when put() returns
         self.row0 = 0
         self.tokens = 0  # sequence length of the inputs: sample mode gathers along an axis of this size
         self.positions: torch.Tensor | None = None
@@ -208,11 +210,15 @@ class Recorder:
         self._seen[id(tensor)] = (weakref.ref(tensor), key)
         if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
             tensor = tensor.expand(rows, *tensor.shape[1:])
-        if self.mode == "stats" and tensor.device.type != "cpu":  # reduce where the tensor is
+        on_cpu = tensor.device.type == "cpu"
+        if self.mode == "stats" and not on_cpu:  # reduce where the tensor is
             (parts,), event = to_host(partial_stats(tensor))
             self.sink.put(Record(name, call, slot, self.row0, parts, dtype_name(tensor.dtype), event, reduced=True))
-        else:  # on the CPU the writer thread reduces (stats mode) or counts NaN / Inf
-            self.sink.put(slot_record(name, call, slot, self.row0, self._sampled(tensor)))
+        elif self.mode == "stats" and self.views:  # reduced now, before anything can change the tensor
+            self.sink.put(Record(name, call, slot, self.row0, partial_stats(tensor), dtype_name(tensor.dtype),
+                                 reduced=True))
+        else:  # a queued CPU copy is reduced (stats mode) or its NaN / Inf counted by the writer thread
+            self.sink.put(slot_record(name, call, slot, self.row0, self._sampled(tensor), copy=not self.views))
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions
@@ -223,12 +229,16 @@ class Recorder:
         return tensor[rows, positions.to(tensor.device)]
 
 
-def slot_record(name: str, call: int, slot: str, row0: int, tensor: torch.Tensor) -> Record:
+def slot_record(name: str, call: int, slot: str, row0: int, tensor: torch.Tensor, *, copy: bool = True) -> Record:
     """A :class:`Record` of ``tensor`` on its way to the host. On an accelerator the copy is
-    asynchronous and NaN / Inf are counted on the device, where that is nearly free; on the CPU the
-    writer thread counts them."""
+    asynchronous and NaN / Inf are counted on the device, where that is nearly free. On the CPU the
+    tensor is copied for a writer thread, which counts them; with ``copy=False`` (a synchronous
+    sink) it is passed as a contiguous view, counted here."""
     dtype = dtype_name(tensor.dtype)
     if tensor.device.type == "cpu":
+        if not copy:
+            host = tensor.detach().contiguous()
+            return Record(name, call, slot, row0, host, dtype, nonfinite=nonfinite_counts(host))
         (host,), _ = to_host(tensor)
         return Record(name, call, slot, row0, host, dtype)
     (host, counts), event = to_host(tensor, nonfinite_counts(tensor))
@@ -236,9 +246,14 @@ def slot_record(name: str, call: int, slot: str, row0: int, tensor: torch.Tensor
 
 
 def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
-    """int64 ``[NaN count, Inf count]`` of a tensor, on its device (no host synchronization)."""
-    if not tensor.is_floating_point():
+    """int64 ``[NaN count, Inf count]`` of a tensor, on its device (on an accelerator without a host
+    synchronization; on the CPU one min/max pass settles the common all-finite case)."""
+    if not tensor.is_floating_point() or not tensor.numel():
         return torch.zeros(2, dtype=torch.int64, device=tensor.device)
+    if tensor.device.type == "cpu":
+        low, high = torch.aminmax(tensor)  # NaN propagates: both finite means neither NaN nor Inf
+        if math.isfinite(low.item()) and math.isfinite(high.item()):
+            return torch.zeros(2, dtype=torch.int64)
     return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import jit
+
 if TYPE_CHECKING:  # torch is imported where a tensor is reduced, so readers of captures never load it
     import torch
 
@@ -33,11 +35,15 @@ def partial_stats(tensor: "torch.Tensor") -> "torch.Tensor":
     import torch
 
     x = tensor.detach()
+    if x.device.type == "cpu" and x.is_floating_point() and jit.available():
+        return _compiled_parts(x)
     if not x.is_floating_point():
         x = x.to(torch.float64 if x.device.type in _FLOAT64_DEVICES else torch.float32)
     acc = accumulation_dtype(x.device)
-    if x.device.type == "cpu" and bool(torch.isfinite(x).all()):
-        low, high = torch.aminmax(x)  # fast path: a host sync costs nothing on the CPU
+    low = high = None
+    if x.device.type == "cpu" and x.numel():
+        low, high = torch.aminmax(x)  # NaN propagates: both finite means neither NaN nor Inf
+    if low is not None and bool(torch.isfinite(low) & torch.isfinite(high)):
         finite, nan, inf = x, x.new_zeros((), dtype=acc), x.new_zeros((), dtype=acc)
     else:
         is_finite = torch.isfinite(x)
@@ -51,6 +57,24 @@ def partial_stats(tensor: "torch.Tensor") -> "torch.Tensor":
              torch.linalg.vector_norm(finite, 1, dtype=acc), low.to(acc), high.to(acc), nan, inf,
              x.new_zeros((), dtype=acc)]
     return torch.stack([part.to(acc).reshape(()) for part in parts])
+
+
+_CHUNK = 1 << 16  # elements per chunk of the compiled pass, at most 16 chunks: fixed by the size alone
+
+
+def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
+    """The parts vector of a CPU float tensor in one compiled pass (:mod:`hwdiff.jit`), float64."""
+    import torch
+
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # bfloat16 / float16 widen exactly
+    values = x.contiguous().view(-1).numpy()
+    partial = np.zeros((int(min(16, max(1, -(-values.size // _CHUNK)))), 8))
+    jit.kernels().stats_parts(values, partial)
+    count, total, squares, absolute = partial[:, :4].sum(axis=0)
+    nan, inf = partial[:, 6:].sum(axis=0)
+    parts = [count, total, squares, absolute, partial[:, 4].min(), partial[:, 5].max(), nan, inf, 0.0]
+    return torch.tensor(parts, dtype=torch.float64)
 
 
 class RunningStats:

@@ -22,6 +22,8 @@ bfloat16 is stored as its raw uint16 bit patterns with ``dtype = "bfloat16"``; o
 natively. A slot holding the very tensor another module already returned is an HDF5 soft link to it
 (attribute ``<slot>_alias_of`` on the call group). Files are written under a temporary name and
 renamed only after ``complete`` is set and flushed, so a partial file is never taken for a whole one.
+New files use the HDF5 1.10 object format (``libver="v110"``: smaller and quicker to write for many
+small groups and attributes; any HDF5 ≥ 1.10 reads them); files written in the older format read alike.
 """
 from __future__ import annotations
 
@@ -129,18 +131,23 @@ class CaptureWriter:
     writer thread waits for each copy, encodes it and writes it, so device-to-host transfers and HDF5
     I/O overlap the forward. At most ``max_bytes`` of host copies wait in the queue (one larger
     tensor is let through alone), which bounds pinned host memory.
+
+    ``synchronous``: no thread; :meth:`put` writes before it returns, so the caller may pass views of
+    live tensors (no copies). That is the faster choice on the CPU, where the forward and a writer
+    thread would compete for the same cores (docs/benchmarks.md).
     """
 
     def __init__(self, path: str | os.PathLike, *, meta: dict[str, Any], inputs: Inputs, mode: str,
                  sample_positions: np.ndarray | None = None, compression: str | None = None,
-                 max_bytes: int = 1 << 30) -> None:
+                 max_bytes: int = 1 << 30, synchronous: bool = False) -> None:
         self.path = Path(path)
         self.mode = mode
+        self.synchronous = synchronous
         self.rows = inputs.shape[0]
         self.compression = compression
         self._temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self._temp, "w")
+        self._file = h5py.File(self._temp, "w", libver=("v110", "v110"))
         self._write_header(meta, inputs, sample_positions)
         self._queue: queue.Queue = queue.Queue()
         self._max_bytes, self._queued_bytes = max_bytes, 0
@@ -151,8 +158,10 @@ class CaptureWriter:
         self._groups: dict[tuple[str, int], h5py.Group] = {}
         self._calls: dict[str, int] = {}
         self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
-        self._thread = threading.Thread(target=self._run, name="hwdiff-writer", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not synchronous:
+            self._thread = threading.Thread(target=self._run, name="hwdiff-writer", daemon=True)
+            self._thread.start()
 
     def _write_header(self, meta: dict[str, Any], inputs: Inputs, positions: np.ndarray | None) -> None:
         attrs = self._file.attrs
@@ -176,6 +185,9 @@ class CaptureWriter:
     def put(self, item: Record | Register | Alias | Signature) -> None:
         """Enqueue work for the writer thread; waits while the queue holds ``max_bytes``; re-raises
         a failure of the writer thread here."""
+        if self.synchronous:
+            self._handle(item)
+            return
         size = _nbytes(item)
         with self._room:
             while self._queued_bytes and self._queued_bytes + size > self._max_bytes and self._error is None:
@@ -210,7 +222,7 @@ class CaptureWriter:
             self._temp.unlink(missing_ok=True)
 
     def _stop(self) -> None:
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
 

@@ -248,3 +248,62 @@ def test_writer_queue_bounds_host_memory(tmp_path, tiny_fp32):
     with hwdiff.open_capture(tmp_path / "w.h5") as cap:
         assert np.array_equal(cap.activation("lm_head"),
                               tiny_fp32(input_ids=torch.from_numpy(inputs.input_ids)).logits.detach().numpy())
+
+
+@pytest.mark.parametrize("mode", ["full", "stats", "sample"])
+def test_cpu_captures_write_synchronously_and_match_the_writer_thread(monkeypatch, tmp_path, tiny_bf16, mode):
+    """On the CPU the hooks write without copies; the writer-thread path (used on accelerators)
+    must store the very same bits and statistics."""
+    import hwdiff.capturing as capturing
+    from hwdiff.store import CaptureWriter
+
+    made = []
+
+    class Recording(CaptureWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.synchronous)
+
+    monkeypatch.setattr(capturing, "CaptureWriter", Recording)
+    direct = hwdiff.capture(tiny_bf16, tmp_path / "direct.h5", mode=mode, record_inputs=True, **SMALL).path
+    monkeypatch.setattr(capturing, "CaptureWriter",
+                        lambda *args, **kwargs: Recording(*args, **{**kwargs, "synchronous": False}))
+    threaded = hwdiff.capture(tiny_bf16, tmp_path / "threaded.h5", mode=mode, record_inputs=True, **SMALL).path
+    assert made == [True, False]
+    with h5py.File(direct) as a, h5py.File(threaded) as b:
+        names = []
+        a["modules"].visit(names.append)
+        datasets = [n for n in names if isinstance(a["modules"][n], h5py.Dataset)]
+        assert datasets and datasets == [n for n in _visit(b["modules"]) if isinstance(b["modules"][n], h5py.Dataset)]
+        for name in datasets:
+            x, y = a["modules"][name], b["modules"][name]
+            assert np.array_equal(x[...], y[...], equal_nan=x.dtype.kind == "f") if x.dtype.names is None \
+                else x[...].tobytes() == y[...].tobytes(), name
+            assert dict(x.attrs) == dict(y.attrs), name
+
+
+def _visit(group):
+    names = []
+    group.visit(names.append)
+    return names
+
+
+def test_an_activation_changed_in_place_after_its_hook_is_stored_as_it_was(tmp_path):
+    class Doubles(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            x = self.inner(input_ids.float()[..., None].expand(*input_ids.shape, 4) / 256)
+            y = x.clone()
+            x.mul_(2.0)  # the recorded output of `inner` changes after its hook ran
+            return x + y
+
+    model = Doubles()
+    inputs = hwdiff.load_inputs(limit=2, max_tokens=8)
+    path = hwdiff.capture(model, tmp_path / "c.h5", inputs=inputs, modules="inner", progress=False).path
+    with hwdiff.open_capture(path) as cap, torch.no_grad():
+        ids = torch.from_numpy(cap.input_ids)
+        expected = model.inner(ids.float()[..., None].expand(*ids.shape, 4) / 256).numpy()
+        assert np.array_equal(cap.activation("inner"), expected)

@@ -150,3 +150,23 @@ def _assert_close(x, y, where):
         assert y == pytest.approx(x, rel=1e-9, abs=1e-300), where
     else:
         assert x == y, where
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_compiled_statistics_equal_the_torch_path(dtype):
+    from hwdiff import jit, stats
+
+    x = torch.randn(3, 70, 500, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x[0, 0, :3] = float("nan")
+    x[1, 5, 7], x[2, 9, 9] = float("inf"), -float("inf")
+    compiled = stats.partial_stats(x).numpy()
+    saved = dict(jit._state)
+    try:
+        jit._state.update(module=None, why="forced off by the test")
+        reference = stats.partial_stats(x).numpy()
+    finally:
+        jit._state.clear()
+        jit._state.update(saved)
+    assert compiled[[0, 4, 5, 6, 7]].tolist() == reference[[0, 4, 5, 6, 7]].tolist()  # count, min, max, NaN, Inf
+    assert compiled[1:4] == pytest.approx(reference[1:4], rel=1e-12)
+    assert compiled[6:8].tolist() == [3, 2]

@@ -1,7 +1,7 @@
 """One fused, compiled pass per block for :class:`~hwdiff.compare.metrics.Accumulator`.
 
 The numpy path in :mod:`.metrics` makes about forty passes over float64 copies of a block; the numba
-kernel (:mod:`._fused`) reads each element pair once, in its stored dtype, and accumulates every sum,
+kernel (:mod:`hwdiff._numba_kernels`) reads each element pair once, in its stored dtype, and accumulates every sum,
 the ULP histogram bin, the 1‰/5‰ counts, the non-finite counts and each token's ‖e‖² in registers.
 A block is cut into a fixed number of chunks (on token boundaries) reduced on parallel threads, each
 into its own row of partial results, and the rows are added in a fixed order: results do not depend
@@ -12,42 +12,26 @@ numba is optional: without it, or with ``HWDIFF_JIT=0`` in the environment, the 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from .. import jit
 
 CHUNKS = 16  # partial-result rows per block: fixed, so that results do not depend on the thread count
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
 _MAX_ABS, _MAX_ULP, _NONFINITE = 11, 12, slice(13, 17)
 
-_state: dict = {}
 
 
 def available() -> bool:
     """True when the compiled kernel is used (numba importable and not disabled by HWDIFF_JIT=0)."""
-    return _function() is not None
+    return jit.available()
 
 
 def why_unavailable() -> str:
     """Why the numpy path is used ('' when the kernel is available)."""
-    _function()
-    return str(_state.get("why", ""))
-
-
-def _function():
-    if "function" not in _state:
-        _state["function"] = None
-        if os.environ.get("HWDIFF_JIT", "1").strip().lower() in ("0", "false", "no", "off"):
-            _state["why"] = "disabled by HWDIFF_JIT=0"
-        else:
-            try:
-                from ._fused import reduce_block
-            except ImportError as error:
-                _state["why"] = f"numba is not importable ({error}); pip install numba for a faster diff"
-            else:
-                _state["function"] = reduce_block
-    return _state["function"]
+    return jit.why_unavailable()
 
 
 @dataclass(frozen=True)
@@ -79,9 +63,10 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
     """Reduce a block of decoded (r, t) values; ``width`` > 0 gives per-token ‖e‖² of that many
     elements each. ``mantissa`` / ``min_exponent`` describe the target dtype for the ULP distance;
     ``small_bins[d]`` is the histogram bin of an integer distance d < len(small_bins)."""
-    function = _function()
-    if function is None:
+    compiled = jit.kernels()
+    if compiled is None:
         raise RuntimeError(why_unavailable())
+    function = compiled.reduce_block
     r, t = np.ascontiguousarray(r).ravel(), np.ascontiguousarray(t).ravel()
     same = ref_dtype == target_dtype and ref_dtype in _BITS
     if same:
@@ -109,9 +94,11 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
                      nonfinite=total[_NONFINITE].astype(np.int64), hist=histogram, token_squares=row_ee)
 
 
+_thresholds_cache: dict[bytes, np.ndarray] = {}
+
+
 def _thresholds_for(quarter_steps: np.ndarray) -> np.ndarray:
     key = quarter_steps.tobytes()
-    cached = _state.get(("thresholds", key))
-    if cached is None:
-        cached = _state[("thresholds", key)] = _thresholds(quarter_steps)
-    return cached
+    if key not in _thresholds_cache:
+        _thresholds_cache[key] = _thresholds(quarter_steps)
+    return _thresholds_cache[key]

@@ -1,4 +1,4 @@
-"""The numba kernel behind :mod:`.kernel` (imported only when numba is installed)."""
+"""The numba kernels behind :mod:`hwdiff.jit` (imported only when numba is installed and wanted)."""
 from __future__ import annotations
 
 import math
@@ -147,3 +147,42 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
         out[14] = r_inf
         out[15] = t_nan
         out[16] = t_inf
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def stats_parts(x, partial):
+    """One pass over a 1-D float array: per chunk (``partial`` [chunks, 8]) the count, sum, sum of
+    squares, sum of |x|, min and max of the finite values, and the NaN and Inf counts."""
+    n = x.size
+    chunks = partial.shape[0]
+    for c in numba.prange(chunks):
+        count = 0.0
+        total = 0.0
+        squares = 0.0
+        absolute = 0.0
+        low = np.inf
+        high = -np.inf
+        nan = 0.0
+        inf = 0.0
+        for k in range(c * n // chunks, (c + 1) * n // chunks):
+            v = np.float64(x[k])
+            if math.isfinite(v):
+                count += 1.0
+                total += v
+                squares += v * v
+                absolute += abs(v)
+                low = min(low, v)
+                high = max(high, v)
+            elif math.isnan(v):
+                nan += 1.0
+            else:
+                inf += 1.0
+        out = partial[c]
+        out[0] = count
+        out[1] = total
+        out[2] = squares
+        out[3] = absolute
+        out[4] = low
+        out[5] = high
+        out[6] = nan
+        out[7] = inf
