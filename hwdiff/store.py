@@ -426,7 +426,10 @@ class Capture:
         opened = self._opened.get(key)
         if opened is None:  # the lookups cost more than reading a small block: once per slot
             dataset = self._dataset(name, call, slot)
-            opened = self._opened[key] = (dataset, str(dataset.attrs["dtype"]))
+            opened = (dataset, str(dataset.attrs["dtype"]))
+            if len(self._opened) >= 4:  # an open dataset keeps its chunk cache: hold only the last few
+                del self._opened[next(iter(self._opened))]
+            self._opened[key] = opened
         return decode(opened[0][index], opened[1])
 
     def slot_info(self, name: str, call: int = 0, slot: str = "output") -> tuple[tuple[int, ...], str]:
