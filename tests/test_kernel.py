@@ -44,6 +44,8 @@ CASES = {
     "float16": lambda r, t: (r.astype(np.float16), t.astype(np.float16), "float16", "float16"),
     "float64 vs bfloat16": lambda r, t: (r.astype(np.float64), _bf16(t), "float64", "bfloat16"),
     "float32 vs float64": lambda r, t: (r, t.astype(np.float64), "float32", "float64"),
+    "float16 vs float64": lambda r, t: (r.astype(np.float16), t.astype(np.float64), "float16", "float64"),
+    "float32 vs float16": lambda r, t: (r, t.astype(np.float16), "float32", "float16"),
 }
 
 

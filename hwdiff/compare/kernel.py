@@ -69,13 +69,11 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
     function = compiled.reduce_block
     r, t = np.ascontiguousarray(r).ravel(), np.ascontiguousarray(t).ravel()
     same = ref_dtype == target_dtype and ref_dtype in _BITS
-    if same:
-        view, top, shift = _BITS[ref_dtype]
-        rbits, tbits = r.view(view), t.view(view)
-    else:
-        top, shift, rbits, tbits = 0, 0, r, t
-    if r.dtype == np.float16:  # numba's CPU target has no float16 arithmetic; the widening is exact
-        r, t = r.astype(np.float32), t.astype(np.float32)
+    view, top, shift = _BITS[ref_dtype] if same else (None, 0, 0)
+    bits = (r.view(view), t.view(view)) if same else None
+    # numba's CPU target has no float16 arithmetic; the widening is exact (the bits are viewed before)
+    r, t = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (r, t))
+    rbits, tbits = bits if same else (r, t)  # unused unless same: any array of the right length
     chunks = int(min(CHUNKS, max(1, -(-r.size // _CHUNK_ELEMENTS))))  # depends on the size only
     partial = np.zeros((chunks, 17), dtype=np.float64)
     hist = np.zeros((chunks, bins), dtype=np.int64)
