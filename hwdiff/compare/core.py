@@ -82,14 +82,19 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     # The fits of one slot run on a worker thread while the next slots are read and reduced.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwdiff-fit") as fitter, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwdiff-read") as reader:
-        for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
-            alias = _alias_key(pair)
-            if alias in pending:
-                aliases.append((pair, alias, _local_only(ref, loc, pair, mask, opts)))
-                continue
-            pending[(pair.name, pair.call, pair.slot)] = _compare_pair(ref, tgt, gold, loc, pair, mask, opts, fitter, reader)
-        for key, future in pending.items():
-            layers[key], arrays["/".join(map(str, key))] = future.result()
+        try:
+            for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
+                alias = _alias_key(pair)
+                if alias in pending:
+                    aliases.append((pair, alias, _local_only(ref, loc, pair, mask, opts)))
+                    continue
+                pending[(pair.name, pair.call, pair.slot)] = _compare_pair(ref, tgt, gold, loc, pair, mask, opts,
+                                                                           fitter, reader)
+            for key, future in pending.items():
+                layers[key], arrays["/".join(map(str, key))] = future.result()
+        except BaseException:  # an error or Ctrl-C: drop the queued fits instead of finishing them
+            fitter.shutdown(cancel_futures=True)
+            raise
     for pair, alias, local_rel_l2 in aliases:
         target = layers[alias]
         local = None if local_rel_l2 is None else LocalDiff(local_rel_l2, target.metrics.rel_l2, math.nan)
