@@ -6,8 +6,11 @@ limits the kernels' threads; their results do not depend on it.
 """
 from __future__ import annotations
 
+import logging
 import os
 from types import ModuleType
+
+log = logging.getLogger(__name__)
 
 _state: dict = {}
 
@@ -23,6 +26,8 @@ def kernels() -> ModuleType | None:
                 from . import _numba_kernels
             except ImportError as error:
                 _state["why"] = f"numba is not importable ({error}); pip install numba for the compiled kernels"
+                log.warning("hwdiff: %s; using the numpy/torch paths (same numbers, several times slower)",
+                            _state["why"])
             else:
                 _state["module"] = _numba_kernels
     return _state["module"]

@@ -193,3 +193,22 @@ def test_compiled_student_t_em_equals_the_numpy_iteration():
         jit._state.update(saved)
     assert compiled[1:] == pytest.approx(reference[1:], rel=1e-9)
     assert compiled[0] == pytest.approx(reference[0], rel=1e-6, abs=1e-12)  # loc ≈ 0: relative to the scale
+
+
+def test_a_missing_numba_is_said_once_and_the_numpy_path_is_used(tmp_path):
+    """Without numba the diff still runs (numpy path) and says why, once, through logging."""
+    blocker = tmp_path / "no_numba"
+    blocker.mkdir()
+    (blocker / "numba.py").write_text("raise ImportError('numba blocked by the test')\n")
+    script = ("import logging, numpy as np; logging.basicConfig(level=logging.WARNING); "
+              "from hwdiff.compare.metrics import Accumulator; from hwdiff import jit; "
+              "a = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
+              "b = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
+              "a.update(np.ones(4, np.float32), np.ones(4, np.float32), None); "
+              "print(a.fused, b.fused, jit.why_unavailable())")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
+    env.pop("HWDIFF_JIT", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("False False numba is not importable (numba blocked by the test)")
+    assert proc.stderr.count("numba is not importable") == 1
