@@ -98,6 +98,28 @@ def test_planted_correlation_shows_in_the_increments(tmp_path, captures, same, e
     assert "model.layers.0" in corr.exact and np.isnan(corr.accumulated[0, i])
 
 
+def test_nan_in_the_residual_stream_counts_as_zero_error_in_the_correlation(tmp_path, captures):
+    rng = np.random.default_rng(4)
+    with h5py.File(captures["fp32"]) as handle:
+        shape = handle["modules/model.layers.1/0/output"].shape
+    noise = rng.normal(0, 1e-3, shape)
+
+    def plant(handle, poison):
+        _add(handle, "model.layers.1", lambda _: noise)
+        _add(handle, "model.layers.3", lambda _: noise)
+        if poison:
+            dataset = handle["modules/model.layers.3/0/output"]
+            values = dataset[...]
+            values[0, 0, :2] = [np.nan, np.inf]
+            dataset[...] = values
+
+    clean, poisoned = (hwdiff.diff(captures["fp32"], _copy(captures["fp32"], tmp_path / f"{p}.h5", lambda h: plant(h, p)),
+                                   progress=False).correlation for p in (False, True))
+    i, j = clean.names.index("model.layers.1"), clean.names.index("model.layers.3")
+    assert np.isfinite(poisoned.accumulated[i, j]) and np.isfinite(poisoned.increments[i, j])
+    assert poisoned.accumulated[i, j] == pytest.approx(clean.accumulated[i, j], abs=1e-3)  # 2 of ~60k elements
+
+
 def test_float32_vs_bfloat16_embedding_error_is_one_bf16_rounding(captures):
     result = hwdiff.diff(captures["fp32"], captures["bf16"], progress=False)
     embedding = result.layer("model.embed_tokens")

@@ -64,7 +64,11 @@ def correlate(reference: Capture, target: Capture, positions: list[Pair], mask: 
     shape = positions[0].shape
     for index in plan_blocks(shape, max(1, max_elements // len(positions))):
         block_mask = mask[index[0], index[1] if len(index) > 1 else slice(None)] if mask is not None else None
-        errors = np.stack([_errors(reference, target, pair, index, block_mask) for pair in positions])
+        errors = None
+        for row, pair in enumerate(positions):
+            errors = _errors(reference, target, pair, index, block_mask, errors, row, len(positions))
+        if not np.isfinite(errors.sum()):  # rare: NaN/Inf elements count as zero error
+            errors = np.nan_to_num(errors, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
         accumulated.add(errors)
         errors[1:] -= errors[:-1].copy()
         increments.add(errors)
@@ -73,13 +77,19 @@ def correlate(reference: Capture, target: Capture, positions: list[Pair], mask: 
     return Correlation(tuple(p.name for p in positions), acc, increments.pearson(), exact)
 
 
-def _errors(reference: Capture, target: Capture, pair: Pair, index: tuple, mask: np.ndarray | None) -> np.ndarray:
+def _errors(reference: Capture, target: Capture, pair: Pair, index: tuple, mask: np.ndarray | None,
+            errors: np.ndarray | None, row: int, rows: int) -> np.ndarray:
+    """Write t − r (float64, real tokens, flattened) of one position into ``errors[row]``, allocating
+    ``errors`` [rows, elements] on the first call; returns it."""
     r = reference.read(pair.name, pair.call, pair.slot, index)
     t = target.read(pair.name, pair.call, pair.slot, index)
-    if mask is not None:
+    if mask is not None and not mask.all():
         r, t = r[mask], t[mask]
-    e = t.astype(np.float64) - r
-    return np.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0).ravel()
+    if errors is None:
+        errors = np.empty((rows, r.size))
+    with np.errstate(invalid="ignore"):  # inf − inf: zeroed with the other non-finite errors
+        np.subtract(t.reshape(-1), r.reshape(-1), out=errors[row], dtype=np.float64)
+    return errors
 
 
 def token_correlation(names: list[str], norms: list[np.ndarray]) -> np.ndarray:
