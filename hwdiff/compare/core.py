@@ -79,8 +79,9 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     arrays: dict[str, Any] = {}
     pending: dict[tuple[str, int, str], Future] = {}
     aliases: list[tuple[Pair, tuple[str, int, str], Any]] = []
-    # The fits of one slot run on a worker thread while the next slots are read and reduced.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwdiff-fit") as fitter, \
+    # The fits of finished slots run on worker threads while the next slots are read and reduced
+    # (each fit is deterministic: the results do not depend on how many workers there are).
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="hwdiff-fit") as fitter, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwdiff-read") as reader:
         try:
             for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
