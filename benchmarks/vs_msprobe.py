@@ -202,7 +202,9 @@ def main() -> int:
                          "size_hwdiff_full_over_msprobe_outputs": hw["full_bytes"] / msp["tensor_dump_output_bytes"]},
               "compare": diff_vs_compare(args.work, python, min(args.repeats, 3)),
               "cross_check": cross_check(args.work)}
-    args.out.write_text(json.dumps(result, indent=1))
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    kept = {key: previous[key] for key in ("workload_b", "capture_scaling") if key in previous}  # other scripts' parts
+    args.out.write_text(json.dumps({**result, **kept}, indent=1))
     print(json.dumps(result, indent=1))
     return 0
 
