@@ -5,8 +5,8 @@
 
 Workload A's random Qwen2 (vocab 8192, hidden 512, 8 layers; saved by benchmarks/vs_msprobe.py in
 --work, made here when missing), float32, no_grad, batches of 2: for each input size the plain
-forward over all batches and hwdiff's capture in stats and full mode (medians; the previous file
-is removed before the clock starts).
+forward over all batches and hwdiff's capture in stats and full mode, and full mode with lzf and
+gzip compression (time and bytes); medians, the previous file removed before the clock starts.
 """
 from __future__ import annotations
 
@@ -55,6 +55,13 @@ def main() -> int:
                 lambda: hwdiff.capture(model, path, inputs=inputs, mode=mode, batch_size=2, progress=False),
                 args.repeats, setup=lambda: path.unlink(missing_ok=True))
             row[f"{mode}_ratio"] = row[f"{mode}_s"] / row["plain_forward_s"]
+        for compression in ("lzf", "gzip"):  # full mode, HDF5 filters with byte shuffle: lossless size
+            path = args.work / f"scaling-{compression}.h5"
+            row[f"full_{compression}_s"] = vs_msprobe.timed(
+                lambda: hwdiff.capture(model, path, inputs=inputs, batch_size=2, compression=compression,
+                                       progress=False), args.repeats, setup=lambda: path.unlink(missing_ok=True))
+            row[f"full_{compression}_bytes"] = path.stat().st_size
+        row["full_bytes"] = (args.work / "scaling-full.h5").stat().st_size
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
