@@ -60,6 +60,7 @@ def test_planted_gaussian_noise_is_recovered_and_localized(tmp_path, captures):
         if layer.name in planted:
             gaussian = layer.fit.fits["gaussian"]
             assert layer.fit.best == "gaussian", layer.fit
+            assert gaussian.bic < min(layer.fit.fits[name].bic for name in ("student_t", "laplace"))
             assert gaussian.params["sigma"] == pytest.approx(sigma, rel=0.02)
             assert layer.metrics.err_std == pytest.approx(sigma, rel=0.02)
             assert abs(layer.metrics.bias) < 3 * sigma / np.sqrt(layer.metrics.numel)

@@ -1,9 +1,10 @@
 """Distribution fits of an error sample: Gaussian, Student-t and Laplace by maximum likelihood.
 
 The Student-t fit profiles the likelihood over the degrees of freedom (bounded to [0.5, 1000]) with
-location and scale from an EM iteration at each df; it takes ~0.1 s for 50,000 values, where
+location and scale from an EM iteration at each df; it takes ~15 ms for the default 20,000 values, where
 ``scipy.stats.t.fit``'s generic optimizer takes seconds. Goodness of fit: the KS statistic and
-p-value against each fitted distribution, and AIC = 2k − 2 ln L (k = 2, 3, 2). Best = lowest AIC.
+p-value against each fitted distribution, AIC = 2k − 2 ln L and BIC = k ln n − 2 ln L (k = 2, 3, 2).
+Best = lowest AIC.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ class Fit:
     params: dict[str, float]
     loglik: float
     aic: float
+    bic: float
     ks_stat: float
     ks_p: float
 
     def to_dict(self) -> dict[str, float]:
-        return {**self.params, "loglik": self.loglik, "aic": self.aic, "ks_stat": self.ks_stat, "ks_p": self.ks_p}
+        return {**self.params, "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "ks_stat": self.ks_stat,
+                "ks_p": self.ks_p}
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:
 
 def _finish(x: np.ndarray, params: dict[str, float], loglik: float, k: int, cdf: np.ndarray) -> Fit:
     ks = _ks(cdf)
-    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, ks_stat=ks[0], ks_p=ks[1])
+    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, bic=k * math.log(x.size) - 2 * loglik,
+               ks_stat=ks[0], ks_p=ks[1])
 
 
 def _ks(cdf: np.ndarray) -> tuple[float, float]:
