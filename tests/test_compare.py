@@ -295,3 +295,28 @@ def test_one_error_norm_per_real_token(tmp_path, tiny_fp32, tiny_bf16):
     norms = result.arrays["model.layers.1.mlp.act_fn/0/output"]["token_norms"]
     assert norms.shape == (real,)
     assert np.allclose(norms, np.linalg.norm(t - r, axis=1), rtol=1e-6)
+
+
+def test_fit_ks_statistics_equal_scipy_on_tied_and_continuous_samples():
+    """The KS test evaluates each fitted CDF once per distinct value; with runs of ties (errors that
+    are multiples of an ulp) and without, it must give scipy.stats.kstest's numbers."""
+    from scipy import stats
+
+    from hwdiff.compare.fit import fit_errors
+
+    rng = np.random.default_rng(6)
+    tied = np.round(rng.standard_t(4, 20_000) * 3) * 2.0 ** -9  # a few dozen distinct values
+    continuous = rng.laplace(0, 1e-3, 20_000)
+    for sample in (tied, continuous):
+        result = fit_errors(sample)
+        x = sample[sample != 0]
+        params = {name: fit.params for name, fit in result.fits.items()}
+        dists = {"gaussian": stats.norm(params["gaussian"]["mu"], params["gaussian"]["sigma"]),
+                 "student_t": stats.t(params["student_t"]["df"], params["student_t"]["loc"], params["student_t"]["scale"]),
+                 "laplace": stats.laplace(params["laplace"]["loc"], params["laplace"]["scale"])}
+        for name, dist in dists.items():
+            expected = stats.kstest(x, dist.cdf, method="asymp")
+            assert result.fits[name].ks_stat == pytest.approx(expected.statistic, rel=1e-12), name
+            assert result.fits[name].ks_p == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-300), name
+            assert result.fits[name].loglik == pytest.approx(float(np.sum(dist.logpdf(x))), rel=1e-9), name
+    assert len(np.unique(tied)) < 100

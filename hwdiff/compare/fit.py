@@ -65,52 +65,71 @@ def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:
     if x.size < MIN_SAMPLES or np.ptp(x) == 0:
         return FitResult(best="none", n=int(x.size), reason=f"only {x.size} differing values in the sample")
     x = np.sort(x)  # sorted once: the KS statistics and the Laplace median read it
-    fits = {"gaussian": _gaussian(x), "student_t": _student_t(x), "laplace": _laplace(x)}
+    sample = _Sample(x)
+    fits = {"gaussian": _gaussian(sample), "student_t": _student_t(sample), "laplace": _laplace(sample)}
     centred = x - x.mean()
-    m2 = float(np.mean(centred ** 2))
-    skew = float(np.mean(centred ** 3) / m2 ** 1.5)
-    kurt = float(np.mean(centred ** 4) / m2 ** 2 - 3.0)
+    squared = centred * centred
+    m2 = float(np.mean(squared))
+    skew = float(np.mean(squared * centred) / m2 ** 1.5)
+    kurt = float(np.mean(squared * squared) / m2 ** 2 - 3.0)
     best = min(fits, key=lambda name: fits[name].aic)
     return FitResult(best=best, n=int(x.size), skew=skew, excess_kurtosis=kurt, fits=fits)
 
 
-def _finish(x: np.ndarray, params: dict[str, float], loglik: float, k: int, cdf: np.ndarray) -> Fit:
-    ks = _ks(cdf)
-    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, bic=k * math.log(x.size) - 2 * loglik,
+class _Sample:
+    """A sorted sample and its distinct values: the first and last index of each run of ties (error
+    samples of low-precision outputs are multiples of an ulp, often a few hundred distinct values)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        starts = np.flatnonzero(np.diff(x)) + 1
+        self.first = np.concatenate([[0], starts])
+        self.last = np.concatenate([starts - 1, [x.size - 1]])
+        self.values = x[self.first]
+
+
+def _finish(sample: _Sample, params: dict[str, float], loglik: float, k: int, cdf: np.ndarray) -> Fit:
+    ks = _ks(sample, cdf)
+    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, bic=k * math.log(sample.x.size) - 2 * loglik,
                ks_stat=ks[0], ks_p=ks[1])
 
 
-def _ks(cdf: np.ndarray) -> tuple[float, float]:
-    """Two-sided KS statistic of the fitted CDF at the sorted sample, asymptotic p-value (what
-    ``scipy.stats.kstest(x, cdf, method="asymp")`` computes, without its per-call overhead)."""
+def _ks(sample: _Sample, cdf: np.ndarray) -> tuple[float, float]:
+    """Two-sided KS statistic of the fitted CDF (given at the sample's distinct values) with its
+    asymptotic p-value: what ``scipy.stats.kstest(x, cdf, method="asymp")`` computes. Within a run of
+    ties D+ = i/n − F peaks at the run's last element and D− = F − (i−1)/n at its first."""
     from scipy import special
 
-    n = cdf.size
-    d_plus = float(np.max(np.arange(1, n + 1) / n - cdf))
-    d_minus = float(np.max(cdf - np.arange(n) / n))
+    n = sample.x.size
+    d_plus = float(np.max((sample.last + 1) / n - cdf))
+    d_minus = float(np.max(cdf - sample.first / n))
     statistic = max(d_plus, d_minus)
     return statistic, float(np.clip(special.kolmogorov(statistic * math.sqrt(n)), 0.0, 1.0))
 
 
-def _gaussian(x: np.ndarray) -> Fit:
+def _gaussian(sample: _Sample) -> Fit:
     from scipy import special
 
+    x = sample.x
     mu, sigma = float(x.mean()), float(x.std())
     loglik = float(-0.5 * x.size * math.log(2 * math.pi * sigma * sigma) - 0.5 * np.sum(((x - mu) / sigma) ** 2))
-    return _finish(x, {"mu": mu, "sigma": sigma}, loglik, 2, special.ndtr((x - mu) / sigma))
+    return _finish(sample, {"mu": mu, "sigma": sigma}, loglik, 2, special.ndtr((sample.values - mu) / sigma))
 
 
-def _laplace(x: np.ndarray) -> Fit:
+def _laplace(sample: _Sample) -> Fit:
+    x = sample.x
     loc = float(np.median(x))
     scale = float(np.mean(np.abs(x - loc)))
     loglik = float(-x.size * math.log(2 * scale) - np.sum(np.abs(x - loc)) / scale)
-    z = (x - loc) / scale
+    z = (sample.values - loc) / scale
     cdf = np.where(z > 0, 1.0 - 0.5 * np.exp(-np.abs(z)), 0.5 * np.exp(-np.abs(z)))
-    return _finish(x, {"loc": loc, "scale": scale}, loglik, 2, cdf)
+    return _finish(sample, {"loc": loc, "scale": scale}, loglik, 2, cdf)
 
 
-def _student_t(x: np.ndarray) -> Fit:
+def _student_t(sample: _Sample) -> Fit:
     from scipy import optimize, special
+
+    x = sample.x
 
     state = [float(np.median(x)), 1.4826 * float(np.median(np.abs(x - np.median(x)))) or float(x.std())]
 
@@ -123,7 +142,8 @@ def _student_t(x: np.ndarray) -> Fit:
                                      options={"xatol": 1e-2})
     df = math.exp(found.x)
     loc, scale, loglik = _t_em(x, df, *state)
-    return _finish(x, {"df": df, "loc": loc, "scale": scale}, loglik, 3, special.stdtr(df, (x - loc) / scale))
+    return _finish(sample, {"df": df, "loc": loc, "scale": scale}, loglik, 3,
+                   special.stdtr(df, (sample.values - loc) / scale))
 
 
 def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 50) -> tuple[float, float, float]:
