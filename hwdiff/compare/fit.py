@@ -1,7 +1,7 @@
 """Distribution fits of an error sample: Gaussian, Student-t and Laplace by maximum likelihood.
 
 The Student-t fit profiles the likelihood over the degrees of freedom (bounded to [0.5, 1000]) with
-location and scale from an EM iteration at each df; it takes ~15 ms for the default 20,000 values, where
+location and scale from an EM iteration at each df; it takes 5–15 ms for the default 20,000 values, where
 ``scipy.stats.t.fit``'s generic optimizer takes seconds. Goodness of fit: the KS statistic and
 p-value against each fitted distribution, AIC = 2k − 2 ln L and BIC = k ln n − 2 ln L (k = 2, 3, 2).
 Best = lowest AIC.
