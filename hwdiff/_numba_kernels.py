@@ -5,9 +5,39 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
 from numba.cpython.unsafe.numbers import leading_zeros
+from numba.extending import intrinsic, overload
 
 COLUMNS = 17  # count, equal, rr, tt, ee, re, e, |e|, le1, r1, r5, max|e|, max ulp, r NaN, r Inf, t NaN, t Inf
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret a uint32 as the float32 with those bits."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_of_float64(typingctx, value):
+    """Reinterpret a float64 as the int64 with its bits."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+def _value(x):
+    """An element as float64: floats widen; uint16 elements are bfloat16 bit patterns, as stored."""
+
+
+@overload(_value, inline="always")
+def _value_impl(x):
+    if isinstance(x, types.Integer):
+        return lambda x: np.float64(_float32_from_bits(np.uint32(x) << np.uint32(16)))
+    return lambda x: np.float64(x)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -23,7 +53,8 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
     """Reduce one block of element pairs into one row per chunk of ``partial`` [chunks, COLUMNS],
     ``hist`` [chunks, bins] and ``exact_counts`` [chunks, small]; chunks end on token boundaries.
 
-    r, t: 1-D float arrays (float32 or float64). Same dtype: the ULP distance is the integer
+    r, t: 1-D arrays, float32 / float64 values or uint16 bfloat16 bit patterns as stored (each
+    side on its own). Same dtype: the ULP distance is the integer
     d = |ordered(tbits) − ordered(rbits)| >> shift; d < small is counted exactly in
     ``exact_counts`` (binned afterwards), larger d goes to quarter-octave bin 256 + 4(j − 4) + q with
     j = ⌊log2 d⌋ and q the number of ``thresholds[j, 1:4]`` (⌈2^j·2^(q/4)⌉) that d reaches. Otherwise
@@ -67,15 +98,13 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
         r_inf = 0.0
         t_nan = 0.0
         t_inf = 0.0
-        scratch = np.empty(1, dtype=np.float64)
-        scratch_bits = scratch.view(np.int64)
         start = lo
         while start < hi:
             stop = min(start + segment, hi)
             row = 0.0
             for k in range(start, stop):
-                rv = np.float64(r[k])
-                tv = np.float64(t[k])
+                rv = _value(r[k])
+                tv = _value(t[k])
                 e = tv - rv
                 if not math.isfinite(e):
                     if math.isnan(rv):
@@ -119,8 +148,7 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
                 u = a / math.ldexp(1.0, exponent - mantissa)
                 le1 += u <= 1.0
                 max_ulp = max(max_ulp, u)
-                scratch[0] = u / 16.0
-                bits = scratch_bits[0]
+                bits = _bits_of_float64(u / 16.0)
                 quarter = (np.int64((bits & fraction_mask) >= step1) + np.int64((bits & fraction_mask) >= step2)
                            + np.int64((bits & fraction_mask) >= step3))
                 coarse = min(256 + (((bits >> 52) & 0x7FF) - 1023) * 4 + quarter, last_bin)
@@ -165,7 +193,7 @@ def stats_parts(x, partial):
         nan = 0.0
         inf = 0.0
         for k in range(c * n // chunks, (c + 1) * n // chunks):
-            v = np.float64(x[k])
+            v = _value(x[k])
             if math.isfinite(v):
                 count += 1.0
                 total += v

@@ -66,9 +66,10 @@ def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
     """The parts vector of a CPU float tensor in one compiled pass (:mod:`hwdiff.jit`), float64."""
     import torch
 
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # bfloat16 / float16 widen exactly
-    values = x.contiguous().view(-1).numpy()
+    if x.dtype == torch.bfloat16:  # its bit patterns: the kernel widens them as it reads
+        values = x.contiguous().view(-1).view(torch.int16).numpy().view(np.uint16)
+    else:
+        values = (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().view(-1).numpy()
     partial = np.zeros((int(min(16, max(1, -(-values.size // _CHUNK)))), 8))
     jit.kernels().stats_parts(values, partial)
     count, total, squares, absolute = partial[:, :4].sum(axis=0)

@@ -420,17 +420,18 @@ class Capture:
         for start in range(0, dataset.shape[0], step):
             yield decode(dataset[start: start + step], dtype)
 
-    def read(self, name: str, call: int, slot: str, index: tuple[slice, ...]) -> np.ndarray:
-        """A decoded block ``dataset[index]`` of a slot (see :func:`plan_blocks`)."""
+    def read(self, name: str, call: int, slot: str, index: tuple[slice, ...], *, stored: bool = False) -> np.ndarray:
+        """A decoded block ``dataset[index]`` of a slot (see :func:`plan_blocks`); ``stored``: as
+        stored instead (bfloat16 as its uint16 bit patterns, for readers that decode it themselves)."""
         key = (name, call, slot)
         opened = self._opened.get(key)
         if opened is None:  # the lookups cost more than reading a small block: once per slot
             dataset = self._dataset(name, call, slot)
             opened = (dataset, str(dataset.attrs["dtype"]))
-            if len(self._opened) >= 4:  # an open dataset keeps its chunk cache: hold only the last few
+            if len(self._opened) >= 64:  # e.g. every residual-stream position of the correlation pass
                 del self._opened[next(iter(self._opened))]
             self._opened[key] = opened
-        return decode(opened[0][index], opened[1])
+        return opened[0][index] if stored else decode(opened[0][index], opened[1])
 
     def slot_info(self, name: str, call: int = 0, slot: str = "output") -> tuple[tuple[int, ...], str]:
         """(shape, real dtype) of a stored slot."""
@@ -527,7 +528,9 @@ def _open_h5(path: Path) -> h5py.File:
     if path.is_dir():
         raise CaptureFormatError(f"{path} is a directory, not a capture file")
     try:
-        return h5py.File(path, "r")
+        # No HDF5 chunk cache: readers take whole rows (whole chunks) once, and the cache only copied
+        # every chunk once more and held ~1 MB per open dataset (4x slower reads of a capture).
+        return h5py.File(path, "r", rdcc_nbytes=0)
     except OSError as exc:
         detail = "truncated" if "truncated" in str(exc) else "not an HDF5 file or damaged"
         raise CaptureFormatError(f"{path} is not a readable capture ({detail}: {exc})") from exc

@@ -38,8 +38,17 @@ def _hard_pair(shape, seed=0):
     return r, t
 
 
+def _bf16_stored(x: np.ndarray) -> np.ndarray:
+    """bfloat16 as captures store it: the uint16 bit patterns."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).bfloat16().view(torch.int16).numpy().view(np.uint16)
+
+
 CASES = {
     "float32": lambda r, t: (r, t, "float32", "float32"),
+    "bfloat16 as stored": lambda r, t: (_bf16_stored(r), _bf16_stored(t), "bfloat16", "bfloat16"),
+    "bfloat16 stored vs widened": lambda r, t: (_bf16_stored(r), _bf16(t), "bfloat16", "bfloat16"),
+    "float32 vs bfloat16 as stored": lambda r, t: (r, _bf16_stored(t), "float32", "bfloat16"),
+    "golden labels, bfloat16 as stored": lambda r, t: (r, _bf16_stored(t), "float32", "float32"),
     "bfloat16": lambda r, t: (_bf16(r), _bf16(t), "bfloat16", "bfloat16"),
     "float16": lambda r, t: (r.astype(np.float16), t.astype(np.float16), "float16", "float16"),
     "float64 vs bfloat16": lambda r, t: (r.astype(np.float64), _bf16(t), "float64", "bfloat16"),

@@ -143,9 +143,10 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
     golden_accs = _side_accumulators(gold, pair, ("ref", "target"))
     local_accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
     sources = [ref, tgt] + ([gold] if golden_accs else []) + ([loc] if local_accs else [])
+    stored = acc.fused  # the compiled kernel decodes bfloat16 bits itself, in the same pass
 
     def read(index: tuple[slice, ...]) -> list[np.ndarray]:
-        return [source.read(pair.name, pair.call, pair.slot, index) for source in sources]
+        return [source.read(pair.name, pair.call, pair.slot, index, stored=stored) for source in sources]
 
     for block_mask, (r, t, *extra) in _prefetched(_blocks(pair, token_mask, opts), read, reader):
         acc.update(r, t, block_mask)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import jit
+from ..store import decode
 
 CHUNKS = 16  # partial-result rows per block: fixed, so that results do not depend on the thread count
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
@@ -47,8 +48,10 @@ class BlockSums:
     token_squares: np.ndarray
 
 
-_BITS = {"float16": (np.int16, 0x7FFF, 0), "float32": (np.int32, 0x7FFFFFFF, 0),
-         "bfloat16": (np.int32, 0x7FFFFFFF, 16)}  # bfloat16 arrives widened to float32: its bits << 16
+# Integer view, magnitude mask and shift of the ULP distance, by (dtype, storage): bfloat16 arrives
+# either as stored (uint16 bit patterns) or widened to float32 (its bits << 16).
+_BITS = {("float16", "float16"): (np.int16, 0x7FFF, 0), ("float32", "float32"): (np.int32, 0x7FFFFFFF, 0),
+         ("bfloat16", "uint16"): (np.int16, 0x7FFF, 0), ("bfloat16", "float32"): (np.int32, 0x7FFFFFFF, 16)}
 _CHUNK_ELEMENTS = 1 << 16  # a block gets one chunk per this many elements, at most CHUNKS
 
 
@@ -60,16 +63,19 @@ def _thresholds(quarter_steps: np.ndarray) -> np.ndarray:
 def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: str, floor: float,
                  light: bool, width: int, mantissa: int, min_exponent: int, quarter_steps: np.ndarray,
                  small_bins: np.ndarray, bins: int) -> BlockSums:
-    """Reduce a block of decoded (r, t) values; ``width`` > 0 gives per-token ‖e‖² of that many
-    elements each. ``mantissa`` / ``min_exponent`` describe the target dtype for the ULP distance;
-    ``small_bins[d]`` is the histogram bin of an integer distance d < len(small_bins)."""
+    """Reduce a block of (r, t) values, decoded or as stored (bfloat16 as uint16 bit patterns, read
+    without a decoding pass); ``width`` > 0 gives per-token ‖e‖² of that many elements each.
+    ``mantissa`` / ``min_exponent`` describe the target dtype for the ULP distance; ``small_bins[d]``
+    is the histogram bin of an integer distance d < len(small_bins)."""
     compiled = jit.kernels()
     if compiled is None:
         raise RuntimeError(why_unavailable())
     function = compiled.reduce_block
     r, t = np.ascontiguousarray(r).ravel(), np.ascontiguousarray(t).ravel()
-    same = ref_dtype == target_dtype and ref_dtype in _BITS
-    view, top, shift = _BITS[ref_dtype] if same else (None, 0, 0)
+    if r.dtype != t.dtype:  # one side as stored, one decoded (uint16 is always bfloat16 bits)
+        r, t = (decode(x, "bfloat16") if x.dtype == np.uint16 else x for x in (r, t))
+    same = ref_dtype == target_dtype and r.dtype == t.dtype and (ref_dtype, r.dtype.name) in _BITS
+    view, top, shift = _BITS[(ref_dtype, r.dtype.name)] if same else (None, 0, 0)
     bits = (r.view(view), t.view(view)) if same else None
     # numba's CPU target has no float16 arithmetic; the widening is exact (the bits are viewed before)
     r, t = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (r, t))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..store import decode
 from . import kernel
 
 MANTISSA_BITS = {"bfloat16": 7, "float16": 10, "float32": 23, "float64": 52}
@@ -173,7 +174,15 @@ class Accumulator:
         if self.fused:
             self._update_fused(r, t, tokens=mask is not None)
         else:
-            self._update_numpy(r, t, tokens=mask is not None)
+            self._update_numpy(self._decoded(r, self.ref_dtype), self._decoded(t, self.target_dtype),
+                               tokens=mask is not None)
+
+    @staticmethod
+    def _decoded(x: np.ndarray, dtype: str) -> np.ndarray:
+        """Values of a block given as stored or already decoded: captures store only bfloat16 as
+        integers (uint16 bit patterns), so a uint16 block is bfloat16 whatever ``dtype`` says (a
+        golden comparison labels both sides with the golden's dtype)."""
+        return decode(x, "bfloat16") if x.dtype == np.uint16 else x
 
     def _update_fused(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> None:
         width = int(np.prod(r.shape[1:], dtype=np.int64)) if tokens and not self.light else 0
@@ -193,6 +202,7 @@ class Accumulator:
         if not self.light:
             r, t = r.ravel(), t.ravel()
             if block.nonfinite.any():
+                r, t = self._decoded(r, self.ref_dtype), self._decoded(t, self.target_dtype)
                 with np.errstate(invalid="ignore"):  # inf − inf: left out, as counted
                     keep = np.isfinite(t.astype(np.float64) - r.astype(np.float64))
                 r, t = r[keep], t[keep]
@@ -254,11 +264,12 @@ class Accumulator:
         self.hist += np.bincount(_ulp_bins(u), minlength=ULP_BINS)
 
     def _add_sample(self, r: np.ndarray, t: np.ndarray) -> None:
-        if self.sample_fraction >= 1:
-            self.samples.append((r.astype(np.float64), t.astype(np.float64)))
-        elif r.size:  # each element kept with probability sample_fraction (with rare repeats)
+        if self.sample_fraction < 1 and r.size:  # each element kept with probability sample_fraction (rare repeats)
             index = self.rng.integers(0, r.size, self.rng.binomial(r.size, self.sample_fraction))
-            self.samples.append((r[index].astype(np.float64), t[index].astype(np.float64)))
+            r, t = r[index], t[index]
+        if r.size:
+            self.samples.append((self._decoded(r, self.ref_dtype).astype(np.float64),
+                                 self._decoded(t, self.target_dtype).astype(np.float64)))
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """The sampled (r, t) pairs, in float64."""
