@@ -320,3 +320,15 @@ def test_fit_ks_statistics_equal_scipy_on_tied_and_continuous_samples():
             assert result.fits[name].ks_p == pytest.approx(expected.pvalue, rel=1e-9, abs=1e-300), name
             assert result.fits[name].loglik == pytest.approx(float(np.sum(dist.logpdf(x))), rel=1e-9), name
     assert len(np.unique(tied)) < 100
+
+
+def test_fit_and_read_ahead_threads_do_not_change_a_single_number(tmp_path, captures, monkeypatch):
+    """On two cores the differ runs inline; with cores to spare, fits and read-ahead use threads.
+    Both give the very same summary."""
+    outputs = {}
+    for threads in ("0,0", "3,1"):
+        monkeypatch.setenv("HWDIFF_DIFF_THREADS", threads)
+        hwdiff.diff(captures["fp32"], captures["bf16"], json_path=tmp_path / f"{threads}.json", progress=False)
+        outputs[threads] = json.loads((tmp_path / f"{threads}.json").read_text())
+    assert outputs["0,0"]["modules"] == outputs["3,1"]["modules"]
+    assert outputs["0,0"]["correlation"] == outputs["3,1"]["correlation"]

@@ -79,10 +79,12 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     arrays: dict[str, Any] = {}
     pending: dict[tuple[str, int, str], Future] = {}
     aliases: list[tuple[Pair, tuple[str, int, str], Any]] = []
-    # The fits of finished slots run on worker threads while the next slots are read and reduced
-    # (each fit is deterministic: the results do not depend on how many workers there are).
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="hwdiff-fit") as fitter, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwdiff-read") as reader:
+    # With cores to spare, the fits of finished slots run on worker threads while the next slots are
+    # read and reduced, and the next block is read while one is reduced; on two cores the kernel's
+    # threads have them all (measured: threads there only slowed it). Each fit is deterministic: the
+    # results do not depend on any of this.
+    fit_workers, read_ahead = _helpers()
+    with _executor(fit_workers, "hwdiff-fit") as fitter, _executor(read_ahead, "hwdiff-read") as reader:
         try:
             for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
                 alias = _alias_key(pair)
@@ -176,6 +178,41 @@ def _finish_pair(pair: Pair, acc: Accumulator, golden: GoldenDiff | None, local_
         weight_rms=weight_rms,
     )
     return layer, _layer_arrays(acc, errors)
+
+
+def _helpers() -> tuple[int, int]:
+    """(fit worker threads, read-ahead threads) for this machine; HWDIFF_DIFF_THREADS="F,R" overrides."""
+    override = os.environ.get("HWDIFF_DIFF_THREADS")
+    if override:
+        fits, reads = (int(part) for part in override.split(","))
+        return fits, reads
+    spare = (os.cpu_count() or 1) - 2
+    return max(0, min(4, spare)), 1 if spare > 0 else 0
+
+
+class _Inline:
+    """A stand-in executor that runs each task at once, in the calling thread."""
+
+    def __enter__(self) -> "_Inline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # delivered by result(), as a thread pool would
+            future.set_exception(error)
+        return future
+
+    def shutdown(self, **_: object) -> None:
+        return None
+
+
+def _executor(workers: int, name: str):
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else _Inline()
 
 
 def _prefetched(blocks, read, reader: ThreadPoolExecutor):
