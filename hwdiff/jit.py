@@ -42,3 +42,13 @@ def why_unavailable() -> str:
     """Why the reference paths are used ('' when the kernels are available)."""
     kernels()
     return _state["why"]
+
+
+CHUNK_ELEMENTS, MAX_CHUNKS = 1 << 16, 16
+
+
+def chunks(size: int) -> int:
+    """Chunks (rows of partial results) a kernel cuts ``size`` elements into: one per
+    CHUNK_ELEMENTS, at most MAX_CHUNKS. It depends on the size alone, so that results do not depend
+    on the number of threads that reduce the chunks."""
+    return int(min(MAX_CHUNKS, max(1, -(-size // CHUNK_ELEMENTS))))

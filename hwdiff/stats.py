@@ -59,9 +59,6 @@ def partial_stats(tensor: "torch.Tensor") -> "torch.Tensor":
     return torch.stack([part.to(acc).reshape(()) for part in parts])
 
 
-_CHUNK = 1 << 16  # elements per chunk of the compiled pass, at most 16 chunks: fixed by the size alone
-
-
 def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
     """The parts vector of a CPU float tensor in one compiled pass (:mod:`hwdiff.jit`), float64."""
     import torch
@@ -70,7 +67,7 @@ def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
         values = x.contiguous().view(-1).view(torch.int16).numpy().view(np.uint16)
     else:
         values = (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().view(-1).numpy()
-    partial = np.zeros((int(min(16, max(1, -(-values.size // _CHUNK)))), 8))
+    partial = np.zeros((jit.chunks(values.size), 8))
     jit.kernels().stats_parts(values, partial)
     count, total, squares, absolute = partial[:, :4].sum(axis=0)
     nan, inf = partial[:, 6:].sum(axis=0)

@@ -67,6 +67,12 @@ def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
     return stored
 
 
+def decoded(array: np.ndarray) -> np.ndarray:
+    """Values of an array given as stored or already decoded: bfloat16 is the only dtype stored as
+    integers (uint16 bit patterns), so a uint16 array is widened and anything else returned as is."""
+    return decode(array, "bfloat16") if array.dtype == np.uint16 else array
+
+
 def nonfinite_counts(stored: np.ndarray, dtype: str) -> tuple[int, int]:
     """(NaN count, Inf count) of a stored array, read from the bits for bfloat16."""
     if dtype == "bfloat16":

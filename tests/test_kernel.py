@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff.compare import kernel
+from hwdiff import jit
 from hwdiff.compare.metrics import Accumulator, ulp_distance
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not kernel.available(), reason=f"compiled kernel unavailable: {kernel.why_unavailable()}")
+pytestmark = pytest.mark.skipif(not jit.available(), reason=f"compiled kernel unavailable: {jit.why_unavailable()}")
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -136,8 +136,8 @@ def test_a_whole_diff_agrees_with_the_numpy_path(tmp_path, tiny_fp32, tiny_bf16)
     b = hwdiff.capture(tiny_bf16, tmp_path / "b.h5", **cap).path
     hwdiff.diff(a, b, json_path=tmp_path / "fused.json", progress=False)
     env = {**os.environ, "HWDIFF_JIT": "0", "PYTHONPATH": str(ROOT)}
-    script = ("import sys, hwdiff; from hwdiff.compare import kernel; assert not kernel.available(), 'jit on'; "
-              "print(kernel.why_unavailable()); hwdiff.diff(sys.argv[1], sys.argv[2], json_path=sys.argv[3], progress=False)")
+    script = ("import sys, hwdiff; from hwdiff import jit; assert not jit.available(), 'jit on'; "
+              "print(jit.why_unavailable()); hwdiff.diff(sys.argv[1], sys.argv[2], json_path=sys.argv[3], progress=False)")
     proc = subprocess.run([sys.executable, "-c", script, str(a), str(b), str(tmp_path / "numpy.json")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -17,22 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import jit
-from ..store import decode
+from ..store import decoded
 
-CHUNKS = 16  # partial-result rows per block: fixed, so that results do not depend on the thread count
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
 _MAX_ABS, _MAX_ULP, _NONFINITE = 11, 12, slice(13, 17)
-
-
-
-def available() -> bool:
-    """True when the compiled kernel is used (numba importable and not disabled by HWDIFF_JIT=0)."""
-    return jit.available()
-
-
-def why_unavailable() -> str:
-    """Why the numpy path is used ('' when the kernel is available)."""
-    return jit.why_unavailable()
 
 
 @dataclass(frozen=True)
@@ -52,41 +40,36 @@ class BlockSums:
 # either as stored (uint16 bit patterns) or widened to float32 (its bits << 16).
 _BITS = {("float16", "float16"): (np.int16, 0x7FFF, 0), ("float32", "float32"): (np.int32, 0x7FFFFFFF, 0),
          ("bfloat16", "uint16"): (np.int16, 0x7FFF, 0), ("bfloat16", "float32"): (np.int32, 0x7FFFFFFF, 16)}
-_CHUNK_ELEMENTS = 1 << 16  # a block gets one chunk per this many elements, at most CHUNKS
-
-
-def _thresholds(quarter_steps: np.ndarray) -> np.ndarray:
-    """[62, 4] int64: ⌈2^j·quarter_steps[q]⌉, so that for an integer d, d ≥ 2^j·step ⇔ d ≥ entry."""
-    return np.ceil(np.ldexp(quarter_steps[None, :], np.arange(62)[:, None])).astype(np.int64)
 
 
 def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: str, floor: float,
                  light: bool, width: int, mantissa: int, min_exponent: int, quarter_steps: np.ndarray,
-                 small_bins: np.ndarray, bins: int) -> BlockSums:
+                 thresholds: np.ndarray, small_bins: np.ndarray, bins: int) -> BlockSums:
     """Reduce a block of (r, t) values, decoded or as stored (bfloat16 as uint16 bit patterns, read
     without a decoding pass); ``width`` > 0 gives per-token ‖e‖² of that many elements each.
     ``mantissa`` / ``min_exponent`` describe the target dtype for the ULP distance; ``small_bins[d]``
-    is the histogram bin of an integer distance d < len(small_bins)."""
+    is the histogram bin of an integer distance d < len(small_bins), ``thresholds`` the quarter-octave
+    edges of larger ones by bit length (:mod:`.metrics` defines the bins)."""
     compiled = jit.kernels()
     if compiled is None:
-        raise RuntimeError(why_unavailable())
+        raise RuntimeError(jit.why_unavailable())
     function = compiled.reduce_block
     r, t = np.ascontiguousarray(r).ravel(), np.ascontiguousarray(t).ravel()
     if r.dtype != t.dtype:  # one side as stored, one decoded (uint16 is always bfloat16 bits)
-        r, t = (decode(x, "bfloat16") if x.dtype == np.uint16 else x for x in (r, t))
+        r, t = decoded(r), decoded(t)
     same = ref_dtype == target_dtype and r.dtype == t.dtype and (ref_dtype, r.dtype.name) in _BITS
     view, top, shift = _BITS[(ref_dtype, r.dtype.name)] if same else (None, 0, 0)
     bits = (r.view(view), t.view(view)) if same else None
     # numba's CPU target has no float16 arithmetic; the widening is exact (the bits are viewed before)
     r, t = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (r, t))
     rbits, tbits = bits if same else (r, t)  # unused unless same: any array of the right length
-    chunks = int(min(CHUNKS, max(1, -(-r.size // _CHUNK_ELEMENTS))))  # depends on the size only
+    chunks = jit.chunks(r.size)
     partial = np.zeros((chunks, 17), dtype=np.float64)
     hist = np.zeros((chunks, bins), dtype=np.int64)
     exact = np.zeros((chunks, small_bins.size if same and not light else 1), dtype=np.int64)
     row_ee = np.zeros(r.size // width if width > 0 else 0, dtype=np.float64)
     function(r, t, rbits, tbits, top, shift, same, mantissa, min_exponent, float(floor), light, width,
-             quarter_steps, _thresholds_for(quarter_steps), partial, hist, exact, row_ee)
+             quarter_steps, thresholds, partial, hist, exact, row_ee)
     total = partial.sum(axis=0)
     sums = dict(zip(SUMS, map(float, total[:len(SUMS)])))
     histogram = hist.sum(axis=0)
@@ -96,13 +79,3 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
         sums["le1"] = float(counts[:2].sum())  # d ≤ 1
     return BlockSums(sums=sums, max_abs=float(partial[:, _MAX_ABS].max()), max_ulp=float(partial[:, _MAX_ULP].max()),
                      nonfinite=total[_NONFINITE].astype(np.int64), hist=histogram, token_squares=row_ee)
-
-
-_thresholds_cache: dict[bytes, np.ndarray] = {}
-
-
-def _thresholds_for(quarter_steps: np.ndarray) -> np.ndarray:
-    key = quarter_steps.tobytes()
-    if key not in _thresholds_cache:
-        _thresholds_cache[key] = _thresholds(quarter_steps)
-    return _thresholds_cache[key]

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..store import decode
+from .. import jit
+from ..store import decoded
 from . import kernel
 
 MANTISSA_BITS = {"bfloat16": 7, "float16": 10, "float32": 23, "float64": 52}
@@ -74,6 +75,8 @@ def _ulp_bins(u: np.ndarray) -> np.ndarray:
 
 
 _SMALL_BINS = _ulp_bins(np.arange(16384, dtype=np.float64))  # the bin of each small integer ULP distance
+# [62, 4]: ⌈2^j·2^(q/4)⌉, so that for an integer distance d, d ≥ 2^j·2^(q/4) ⇔ d ≥ entry (the kernel's bins)
+_DISTANCE_THRESHOLDS = np.ceil(np.ldexp(QUARTER_STEPS[None, :], np.arange(62)[:, None])).astype(np.int64)
 
 
 def _ordered(bits: np.ndarray, top: int) -> np.ndarray:
@@ -147,7 +150,7 @@ class Accumulator:
     def __init__(self, ref_dtype: str, target_dtype: str, *, sample_fraction: float, seed: int,
                  light: bool = False, fused: bool | None = None) -> None:
         self.ref_dtype, self.target_dtype, self.light = ref_dtype, target_dtype, light
-        self.fused = kernel.available() if fused is None else fused
+        self.fused = jit.available() if fused is None else fused
         self.floor = SMALL_VALUE.get(lower_precision(ref_dtype, target_dtype), 1e-9)
         self.sample_fraction = sample_fraction
         self.rng = np.random.Generator(np.random.PCG64(seed))
@@ -174,15 +177,8 @@ class Accumulator:
         if self.fused:
             self._update_fused(r, t, tokens=mask is not None)
         else:
-            self._update_numpy(self._decoded(r, self.ref_dtype), self._decoded(t, self.target_dtype),
+            self._update_numpy(decoded(r), decoded(t),
                                tokens=mask is not None)
-
-    @staticmethod
-    def _decoded(x: np.ndarray, dtype: str) -> np.ndarray:
-        """Values of a block given as stored or already decoded: captures store only bfloat16 as
-        integers (uint16 bit patterns), so a uint16 block is bfloat16 whatever ``dtype`` says (a
-        golden comparison labels both sides with the golden's dtype)."""
-        return decode(x, "bfloat16") if x.dtype == np.uint16 else x
 
     def _update_fused(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> None:
         width = int(np.prod(r.shape[1:], dtype=np.int64)) if tokens and not self.light else 0
@@ -190,7 +186,7 @@ class Accumulator:
             r, t, ref_dtype=self.ref_dtype, target_dtype=self.target_dtype, floor=self.floor, light=self.light,
             width=width, mantissa=MANTISSA_BITS.get(self.target_dtype, 52),
             min_exponent=MIN_EXPONENT.get(self.target_dtype, -1022), quarter_steps=QUARTER_STEPS,
-            small_bins=_SMALL_BINS, bins=ULP_BINS)
+            thresholds=_DISTANCE_THRESHOLDS, small_bins=_SMALL_BINS, bins=ULP_BINS)
         for key, value in block.sums.items():
             self.sums[key] += value
         self.max_abs = max(self.max_abs, block.max_abs)
@@ -202,7 +198,7 @@ class Accumulator:
         if not self.light:
             r, t = r.ravel(), t.ravel()
             if block.nonfinite.any():
-                r, t = self._decoded(r, self.ref_dtype), self._decoded(t, self.target_dtype)
+                r, t = decoded(r), decoded(t)
                 with np.errstate(invalid="ignore"):  # inf − inf: left out, as counted
                     keep = np.isfinite(t.astype(np.float64) - r.astype(np.float64))
                 r, t = r[keep], t[keep]
@@ -268,8 +264,8 @@ class Accumulator:
             index = self.rng.integers(0, r.size, self.rng.binomial(r.size, self.sample_fraction))
             r, t = r[index], t[index]
         if r.size:
-            self.samples.append((self._decoded(r, self.ref_dtype).astype(np.float64),
-                                 self._decoded(t, self.target_dtype).astype(np.float64)))
+            self.samples.append((decoded(r).astype(np.float64),
+                                 decoded(t).astype(np.float64)))
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """The sampled (r, t) pairs, in float64."""
