@@ -9,6 +9,8 @@ bf16 weight is not rounded twice. ``restore`` puts back the original tensors bit
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -69,25 +71,39 @@ class AQNInjector:
     Mistral configs) makes a wrong number of matched norms an error.
     """
 
-    def __init__(self, model: torch.nn.Module, sigma: Any, *, expected_count: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, sigma: Any, *, expected_count: int | None = None,
+                 check_count: bool = True) -> None:
         self.model = model
         self._norms = find_norms(model)
         if not self._norms:
             raise HwdiffError(f"no RMSNorm found in {type(model).__name__}: AQN would inject into 0 layers "
                               "(norms are matched by 'rmsnorm' in the class name, with a 1-D weight)")
         expected = expected_count if expected_count is not None else expected_norm_count(model)
-        if expected is not None and expected != len(self._norms):
+        if check_count and expected is not None and expected != len(self._norms):
             raise HwdiffError(f"AQN matched {len(self._norms)} RMSNorm layers, expected {expected}: "
                               f"{', '.join(n for n, _ in self._norms[:4])} …")
         self._sigma = sigma
         self._check_names(sigma)
         self._originals = {name: module.weight.detach().clone() for name, module in self._norms}
         self._masters = {name: weight.float() for name, weight in self._originals.items()}
+        self._applied_weights: dict[str, torch.Tensor | None] = dict.fromkeys(self.targets)
         self._applied = False
 
     @property
     def targets(self) -> list[str]:
         return [name for name, _ in self._norms]
+
+    def resync(self) -> list[str]:
+        """Take as clean every norm weight that changed since the last :meth:`apply` (a weight sync
+        from the trainer overwrote it); returns their names."""
+        changed = []
+        with torch.no_grad():
+            for name, module in self._norms:
+                if self._applied_weights.get(name) is None or not torch.equal(module.weight, self._applied_weights[name]):
+                    self._originals[name] = module.weight.detach().clone()
+                    self._masters[name] = self._originals[name].float()
+                    changed.append(name)
+        return changed
 
     def _check_names(self, sigma: Any) -> None:
         names = _layer_names(sigma)
@@ -110,6 +126,7 @@ class AQNInjector:
                 master = self._masters[name]
                 noise = torch.randn(master.shape, generator=generator, dtype=torch.float32) * sigmas[name]
                 module.weight.copy_((master + noise.to(master.device)).to(module.weight.dtype))
+                self._applied_weights[name] = module.weight.detach().clone()
         self._applied = True
         noisy = [f"{name}={value:.3g}" for name, value in sigmas.items() if value > 0]
         log.info("applied noise to %d RMSNorm layers: %s", len(noisy), ", ".join(noisy))
@@ -120,6 +137,7 @@ class AQNInjector:
         with torch.no_grad():
             for name, module in self._norms:
                 module.weight.copy_(self._originals[name])
+        self._applied_weights = dict.fromkeys(self.targets)
         self._applied = False
 
     def __enter__(self) -> "AQNInjector":
@@ -204,13 +222,47 @@ def check_effectiveness(model: torch.nn.Module, sigma: Any, dtype: torch.dtype |
 def format_checks(injector_targets: list[str], checks: list[StageCheck]) -> str:
     lines = [f"matched {len(injector_targets)} RMSNorm layers: {', '.join(injector_targets[:3])}"
              + (f" … {injector_targets[-1]}" if len(injector_targets) > 3 else ""), "",
-             "stage  sigma (min-max)        effective/sigma (median)  changed elements (min)  warning"]
+             "stage  sigma (min-max)        effective/sigma (median)  changed elements (min over noised norms)  warning"]
     for check in checks:
         sigmas = [layer.sigma for layer in check.layers if layer.sigma > 0]
         ratios = sorted(layer.effective_sigma / layer.sigma for layer in check.layers if layer.sigma > 0)
         if not sigmas:
             lines.append(f"{check.stage:<6} 0")
             continue
+        changed = min(layer.changed_frac for layer in check.layers if layer.sigma > 0)  # norms with no noise aside
         lines.append(f"{check.stage:<6} {min(sigmas):.3g} - {max(sigmas):<12.3g} {ratios[len(ratios) // 2]:<25.3f} "
-                     f"{check.min_changed_frac:<23.1%} {'ROUNDED AWAY in ' + str(len(check.weak)) + ' norm(s)' if check.weak else ''}")
+                     f"{changed:<23.1%} {'ROUNDED AWAY in ' + str(len(check.weak)) + ' norm(s)' if check.weak else ''}")
     return "\n".join(lines)
+
+
+_SCHEDULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, AQNInjector]]" = weakref.WeakKeyDictionary()
+
+
+def apply_schedule(model: torch.nn.Module, sigma_config: Any, step: int, total_steps: int,
+                   seed: int | None = None) -> dict[str, float]:
+    """One call per rollout step: fresh AQN noise at ``step`` of ``total_steps`` on every RMSNorm of
+    ``model`` (an HF or a vLLM / vLLM-Ascend module tree: norms found by class name, count checked).
+
+    ``sigma_config``: a sigma.yaml path, a :class:`~hwdiff.calibration.Calibration`, a {norm: σ}
+    mapping or one σ. Call it after each weight sync, before generating (in verl: at the end of the
+    rollout's weight update, where the fork calls ``generate_expert_gaussian_noise``). The clean
+    weights are kept in float32; a norm whose weight changed since the previous call (a full sync
+    overwrote the noise) is taken as the new clean weight, one that did not (LoRA-only sync) is reset
+    from the kept clean copy — noise never accumulates. Returns σ per norm; logs how many got noise.
+    """
+    key = str(sigma_config) if isinstance(sigma_config, (str, os.PathLike)) else id(sigma_config)
+    state = _SCHEDULES.get(model)
+    if state is not None:
+        state[1].resync()  # weights the trainer re-synced since the last call are the clean ones now
+    if state is None or state[0] != key:
+        if state is not None:
+            state[1].restore()  # back to clean before another configuration takes over
+        if isinstance(sigma_config, (str, os.PathLike)):
+            from .calibration import load_sigma
+
+            sigma_config = load_sigma(sigma_config)
+        state = _SCHEDULES[model] = (key, AQNInjector(model, sigma_config))
+    sigmas = state[1].apply(step, total_steps, seed)
+    log.info("AQN step %d/%d: noise on %d of %d RMSNorm layers", step, total_steps,
+             sum(1 for value in sigmas.values() if value > 0), len(sigmas))
+    return sigmas

@@ -1,20 +1,25 @@
-"""From measured error to AQN noise: per-norm σ schedules, exports for verl and QeRL.
+"""From measured error to AQN noise: the σ math and the sigma file (torch-free).
 
-AQN adds Z ~ N(0, σ²) to an RMSNorm weight w, so the norm output w⊙x̂ becomes (w+Z)⊙x̂: a relative
-perturbation of RMS ≈ σ/rms(w). Reading that backwards, a relative error ε at the place a norm
-feeds is matched by σ ≈ ε·rms(w) (the "rms" conversion). For each norm hwdiff takes the error the
-hardware introduces in the norm itself (ε_norm) and in the sub-block it feeds (ε_block:
-input_layernorm → self_attn, post_attention_layernorm → mlp, final norm → lm_head), as local errors
-from a replay (``diff --local``), combines them as independent powers and converts:
-σ_end = rms(w)·√(ε_norm² + ε_block²). With a model at hand the conversion can be measured instead
-("measured"): a small known σ₀ injected at that norm alone induces relative errors g_norm·σ₀ at
-the norm and g_block·σ₀ at the sub-block output, and σ_end = √((ε_norm/g_norm)² + (ε_block/g_block)²).
-Without local errors the divergence *increments* stand in (ε_norm: the error added between the
-norm's input and output; ε_block: between the norm's output and the sub-block's), a weaker estimate
-that the output names.
+AQN adds Z ~ N(0, σ²) channel-wise to an RMSNorm weight w (QeRL eq. 10): the norm output
+y = w⊙x̂ becomes (w+Z)⊙x̂, so Δy = Z⊙x̂ and E‖Δy‖² = σ²·Σ_t‖x̂_t‖² = σ²·N (x̂ has unit rms per
+token; N = tokens × channels). A relative error ε of the norm output is therefore reproduced by
 
-Per norm: σ_end as above, σ_start = factor·σ_end (QeRL's ratio 100 by default), K stages; the global
-schedule uses the median σ_end and each norm's ``multiplier`` = its σ_end / the median.
+    σ = ε · rms(y_ref)            (conversion ``output-rms``, exact in expectation)
+
+with rms(y_ref) the rms of the reference norm output over real tokens — whatever the weights and
+however x̂'s power is spread over channels (the old shortcut ε·rms(w) is off by several times with
+outlier channels). Gemma's y = (1+w)⊙x̂ changes nothing: Δy is still Z⊙x̂.
+
+Which ε: for every norm, the local error (a replay, ``diff --local``) the hardware adds in the norm
+(ε_norm) and in the sub-block it feeds (ε_block). Noise at the norm reaches the sub-block's output
+through a gain g (relative error there per unit σ): ``output-rms`` assumes g = 1/rms(y) (the
+sub-block passes a relative error on unchanged); ``measured`` measures g on a float32 copy of the
+model (:mod:`hwdiff.sigma_probe`). Then σ_end = √((ε_norm·rms(y))² + (ε_block/g)²). Without local
+errors calibrate refuses: the divergence-increment estimate was measured 1.1–21× off.
+
+The schedule: σ_end per norm; one global schedule (the median σ_end, QeRL's stage formula) and a
+multiplier per norm, as the verl fork applies it. σ_start follows a stated rule
+(:func:`start_rule`): ``factor``·σ_end, capped at QeRL's largest σ_start relative to the weights.
 """
 from __future__ import annotations
 
@@ -33,41 +38,122 @@ from .errors import HwdiffError
 from .schedule import SigmaSchedule
 
 log = logging.getLogger(__name__)
-SCHEMA = "hwdiff/sigma/1"
+SCHEMA = "hwdiff/sigma/2"
+READABLE_SCHEMAS = ("hwdiff/sigma/1", SCHEMA)
+CONVERSIONS = ("output-rms", "measured")
 SUB_BLOCK_KINDS = ("attention", "mlp", "head")
+QERL_PRESETS = {"QeRL config default": (5e-2, 5e-4), "QeRL shipped scripts": (1e-2, 1e-4)}
+QERL_MAX_START = 5e-2  # QeRL's largest σ_start, for weights ≈ 1: the cap relative to rms(w_eff)
+LOCAL_OVER_TOTAL = 2.0  # a local error this many times the total error is not a measurement to trust
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class LayerSigma:
-    """The calibrated noise of one RMSNorm."""
+    """The calibrated noise of one RMSNorm (σ absolute, on the weight; errors relative L2)."""
 
     name: str
     layer_index: int | None
     sub_block: str | None
-    norm_error: float  # relative error the hardware adds in the norm
-    block_error: float  # relative error the hardware adds in the sub-block the norm feeds
-    weight_rms: float
+    norm_error: float  # relative error the hardware adds in the norm (local)
+    block_error: float  # relative error the hardware adds in the sub-block the norm feeds (local)
+    output_rms: float  # rms of the reference norm output over real tokens
+    weight_rms: float  # rms of the effective weight (1+w for Gemma-style norms)
     sigma_end: float
     sigma_start: float
     multiplier: float
-    gain_norm: float | None = None  # measured conversion: relative error per unit σ at the norm
-    gain_block: float | None = None  # ... and at the sub-block's output
+    gain_block: float | None = None  # measured: relative sub-block error per unit realized σ
 
     @property
-    def measured_error(self) -> float:
-        return math.hypot(self.norm_error, self.block_error)
+    def assumed_gain(self) -> float:
+        """Relative error at the sub-block output per unit σ that the conversion assumed."""
+        if self.gain_block is not None:
+            return self.gain_block
+        return 1.0 / self.output_rms if self.output_rms else math.nan
+
+    @property
+    def target_error(self) -> float:
+        """The error σ_end is meant to reproduce at the sub-block output (at the norm when it feeds none):
+        the sub-block's local error with the norm's own error carried there through the gain."""
+        carried = self.norm_error * self.output_rms * self.assumed_gain
+        return math.hypot(carried, self.block_error)
+
+
+@dataclass(frozen=True)
+class VerifyLayer:
+    """Closed-loop check of one norm: σ_end injected alone, error induced where the claim lives."""
+
+    name: str
+    measured_at: str  # module whose output was compared (the sub-block, else the norm)
+    target_error: float
+    induced_error: float  # rms over seeds of the relative L2 error induced there
+    realized_sigma: float  # rms over seeds of the power-weighted realized σ (rms of Δy at the norm)
+
+    @property
+    def ratio(self) -> float:
+        return self.induced_error / self.target_error if self.target_error else math.nan
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    layers: tuple[VerifyLayer, ...]
+    band: tuple[float, float]
+    seeds: int
+    method: str
+
+    @property
+    def failed(self) -> tuple[VerifyLayer, ...]:
+        lo, hi = self.band
+        return tuple(layer for layer in self.layers if not lo <= layer.ratio <= hi)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def layer(self, name: str) -> VerifyLayer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "band": list(self.band), "seeds": self.seeds, "passed": self.passed,
+                "layers": {l.name: {"measured_at": l.measured_at, "target_error": l.target_error,
+                                    "induced_error": l.induced_error, "realized_sigma": l.realized_sigma,
+                                    "ratio": _num(l.ratio)} for l in self.layers}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VerifyResult":
+        layers = tuple(VerifyLayer(name, e["measured_at"], float(e["target_error"]), float(e["induced_error"]),
+                                   float(e["realized_sigma"])) for name, e in data["layers"].items())
+        return cls(layers, tuple(data["band"]), int(data["seeds"]), data["method"])
+
+
+@dataclass(frozen=True)
+class StageRounding:
+    """Per stage: the fraction of weight elements σ changes once cast to the weights' dtype."""
+
+    stage: int
+    sigma: float  # the global σ of the stage
+    min_changed: float  # over norms with σ > 0
+    median_changed: float
+    weakest: str
 
 
 @dataclass(frozen=True)
 class Calibration:
     layers: tuple[LayerSigma, ...]
     schedule: SigmaSchedule
-    method: str  # "local" or "increments"
-    conversion: str  # "rms" or "measured"
-    factor: float
+    method: str  # "local"
+    conversion: str  # "output-rms" or "measured"
+    start_rule: str
     provenance: dict[str, Any] = field(default_factory=dict)
-    verify: dict[str, Any] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # norm → why it got no σ
+    rounding: tuple[StageRounding, ...] = ()
+    rounding_dtype: str | None = None
+    verify: VerifyResult | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def factor(self) -> float:
+        return self.schedule.sigma_start / self.schedule.sigma_end
 
     def layer(self, name: str) -> LayerSigma:
         for layer in self.layers:
@@ -76,79 +162,251 @@ class Calibration:
         raise KeyError(name)
 
     def schedule_for(self, name: str) -> SigmaSchedule | None:
-        """The per-norm schedule (the global one times the norm's multiplier), or None if not calibrated."""
+        """The norm's schedule (the global one times its multiplier), or None: no noise there."""
         try:
             layer = self.layer(name)
         except KeyError:
             return None
         if layer.sigma_end == 0:
-            return None  # the hardware adds no error here: no noise
+            return None
         return replace(self.schedule, sigma_start=layer.sigma_start, sigma_end=layer.sigma_end)
 
     def to_dict(self) -> dict[str, Any]:
+        s = self.schedule
         return {
             "schema": SCHEMA, "hwdiff_version": __version__, "method": self.method,
-            "method_note": METHOD_NOTES[self.method], "conversion": self.conversion,
-            "schedule": {"kind": self.schedule.kind, "sigma_start": self.schedule.sigma_start,
-                         "sigma_end": self.schedule.sigma_end, "num_stages": self.schedule.num_stages,
-                         "factor": self.factor, "values": list(self.schedule.values)},
+            "method_note": METHOD_NOTE, "conversion": self.conversion, "conversion_note": CONVERSION_NOTES[self.conversion],
+            "schedule": {"kind": s.kind, "sigma_start": s.sigma_start, "sigma_end": s.sigma_end,
+                         "num_stages": s.num_stages, "factor": self.factor, "start_rule": self.start_rule,
+                         "values": list(s.values)},
+            "qerl_presets": {name: {"sigma_start": a, "sigma_end": b} for name, (a, b) in QERL_PRESETS.items()},
             "layers": {layer.name: _layer_dict(layer) for layer in self.layers},
+            "skipped": dict(self.skipped),
+            "rounding": None if self.rounding_dtype is None else {
+                "dtype": self.rounding_dtype, "stages": [{"stage": r.stage, "sigma": r.sigma, "min_changed": r.min_changed,
+                                                          "median_changed": r.median_changed, "weakest": r.weakest}
+                                                         for r in self.rounding]},
+            "warnings": list(self.warnings),
             "provenance": self.provenance,
-            **({"verify": self.verify} if self.verify is not None else {}),
+            **({"verify": self.verify.to_dict()} if self.verify is not None else {}),
         }
 
 
-METHOD_NOTES = {
-    "local": "local errors from a replay of the reference's inputs on the target device (diff --local)",
-    "increments": "WEAKER ESTIMATE: no local errors were given, so the measured divergence increments "
-                  "(error added between a norm's input and its sub-block's output, inherited error included "
-                  "only as far as it grows there) stand in; replay the reference on the target device and "
-                  "diff with --local for the preferred measurement",
+METHOD_NOTE = "local errors from a replay of the reference's inputs on the target device (diff --local)"
+CONVERSION_NOTES = {
+    "output-rms": "sigma = rms(y_ref) * sqrt(eps_norm^2 + eps_block^2): exact for the norm's own error; assumes the "
+                  "sub-block passes a relative error on unchanged (gain 1/rms(y)); --verify measures that",
+    "measured": "sigma = sqrt((eps_norm * rms(y_ref))^2 + (eps_block / g)^2), g = relative sub-block error per unit "
+                "realized sigma, measured on a float32 copy of the model",
 }
 
 
+def _num(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value
+
+
 def _layer_dict(layer: LayerSigma) -> dict[str, Any]:
-    out = {"layer_index": layer.layer_index, "sub_block": layer.sub_block, "measured_error": layer.measured_error,
-           "norm_error": layer.norm_error, "block_error": layer.block_error, "weight_rms": layer.weight_rms,
-           "sigma_start": layer.sigma_start, "sigma_end": layer.sigma_end, "multiplier": layer.multiplier}
-    if layer.gain_norm is not None:
-        out.update(gain_norm=layer.gain_norm, gain_block=layer.gain_block)
+    out = {"layer_index": layer.layer_index, "sub_block": layer.sub_block, "norm_error": layer.norm_error,
+           "block_error": layer.block_error, "target_error": layer.target_error, "output_rms": layer.output_rms,
+           "weight_rms": layer.weight_rms, "sigma_start": layer.sigma_start, "sigma_end": layer.sigma_end,
+           "multiplier": layer.multiplier}
+    if layer.gain_block is not None:
+        out["gain_block"] = layer.gain_block
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: str = "qerl-code",
-              model: Any = None, probe_sigma: float = 1e-3) -> Calibration:
-    """Per-norm σ schedules from a diff (a DiffResult, a diff.h5 or a diff JSON summary).
+@dataclass(frozen=True)
+class NormError:
+    """What the diff says about one norm: its local errors, output rms and sub-block."""
 
-    ``model``: when given, the σ ↔ error conversion is measured on it (see the module docstring)
-    instead of assumed. Raises :class:`HwdiffError` for a diff without RMSNorm outputs, a diff
-    with no error at all, or an out-of-range schedule.
+    name: str
+    norm_error: float
+    block_error: float
+    output_rms: float
+    weight_rms: float
+    sub_block: str | None
+    skip_reason: str | None = None
+
+
+def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: str = "qerl-code",
+              model: Any = None, sigma_start: float | None = None, weights: Any = None,
+              weight_dtype: str | None = None) -> Calibration:
+    """Per-norm σ schedules from a diff with local errors (a DiffResult, a diff.h5 or a diff JSON).
+
+    ``model``: when given, the sub-block gain is measured on a float32 copy of it (conversion
+    ``measured``); else ``output-rms``. ``factor``: σ_start / σ_end before the cap of
+    :func:`start_rule`; ``sigma_start``: the global σ_start itself (overrides the rule, warned when
+    above QeRL's range). ``weights`` ({norm: numpy array}) and ``weight_dtype`` (default: the
+    reference's dtype) feed the per-stage rounding check; by default the weights are read from the
+    reference capture when it is on disk. Raises :class:`HwdiffError` for a diff without RMSNorm
+    outputs or local errors, a diff with no error at any norm, or an out-of-range schedule.
     """
     if not (factor >= 1 and math.isfinite(factor)):
         raise HwdiffError(f"factor (σ_start / σ_end) must be ≥ 1, got {factor}")
     summary = load_summary(diff)
-    modules = [m for m in summary["modules"]]
-    norms = [m for m in modules if m["kind"] == "rmsnorm" and m["slot"] == "output"]
-    if not norms:
-        raise HwdiffError("the diff has no RMSNorm outputs: capture the norms (the default module selection does)")
-    method = "local" if all(m.get("local_rel_l2") is not None for m in norms) else "increments"
-    errors = {m["name"]: _errors(m, modules, method) for m in norms}
-    gains = _measure_gains(model, [(m["name"], errors[m["name"]][2]) for m in norms], probe_sigma) if model else {}
-    sigmas = {name: _sigma(errors[name], _weight_rms(m), gains.get(name)) for name, m in
-              ((m["name"], m) for m in norms)}
+    errors = norm_errors(summary)
+    gains = {}
+    if model is not None:
+        from .sigma_probe import measure_gains
+        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None])
+    sigmas = {e.name: sigma_end(e, gains.get(e.name)) for e in errors if e.skip_reason is None}
     positive = [value for value in sigmas.values() if value > 0]
     if not positive:
-        raise HwdiffError("the diff shows no error at any RMSNorm or sub-block: there is nothing to calibrate")
-    center = statistics.median(positive)
-    schedule = SigmaSchedule(factor * center, center, num_stages, kind)
+        raise HwdiffError("the diff shows no local error at any RMSNorm or its sub-block: there is nothing to calibrate")
+    end = statistics.median(positive)
+    w_rms = statistics.median(e.weight_rms for e in errors if e.skip_reason is None)
+    start, rule, warnings = start_rule(end, w_rms, factor=factor, sigma_start=sigma_start)
+    schedule = SigmaSchedule(start, end, num_stages, kind)
     layers = tuple(LayerSigma(
-        name=m["name"], layer_index=_layer_index(m["name"]), sub_block=errors[m["name"]][2],
-        norm_error=errors[m["name"]][0], block_error=errors[m["name"]][1], weight_rms=_weight_rms(m),
-        sigma_end=sigmas[m["name"]], sigma_start=factor * sigmas[m["name"]], multiplier=sigmas[m["name"]] / center,
-        gain_norm=gains.get(m["name"], (None, None))[0], gain_block=gains.get(m["name"], (None, None))[1],
-    ) for m in norms)
-    return Calibration(layers, schedule, method, "measured" if gains else "rms", factor, _provenance(summary, diff))
+        name=e.name, layer_index=_layer_index(e.name), sub_block=e.sub_block, norm_error=e.norm_error,
+        block_error=e.block_error, output_rms=e.output_rms, weight_rms=e.weight_rms, sigma_end=sigmas[e.name],
+        sigma_start=start * sigmas[e.name] / end, multiplier=sigmas[e.name] / end, gain_block=gains.get(e.name),
+    ) for e in errors if e.skip_reason is None)
+    skipped = {e.name: e.skip_reason for e in errors if e.skip_reason is not None}
+    calibration = Calibration(layers, schedule, "local", "measured" if gains else "output-rms", rule,
+                              _provenance(summary, diff), skipped, warnings=tuple(warnings))
+    return with_rounding(calibration, weights if weights is not None else _reference_weights(summary, layers),
+                         weight_dtype or str(summary.get("reference", {}).get("dtype", "float32")))
+
+
+def with_sigmas(calibration: Calibration, other: Calibration) -> Calibration:
+    """``calibration`` (its measured errors and targets) carrying the σ of ``other`` (e.g. a hand-edited
+    sigma file) per norm and its schedule — to verify those σ against this measurement."""
+    layers = []
+    for layer in calibration.layers:
+        try:
+            theirs = other.layer(layer.name)
+        except KeyError:
+            raise HwdiffError(f"the sigma file has no entry for {layer.name}") from None
+        layers.append(replace(layer, sigma_end=theirs.sigma_end, sigma_start=theirs.sigma_start,
+                              multiplier=theirs.multiplier))
+    return replace(calibration, layers=tuple(layers), schedule=other.schedule, start_rule="from the sigma file",
+                   provenance={**calibration.provenance, "sigma_file": other.provenance.get("diff")})
+
+
+def sigma_end(error: NormError, gain_block: float | None) -> float:
+    """σ_end of one norm (see the module docstring)."""
+    norm_part = error.norm_error * error.output_rms
+    if gain_block is None:
+        return error.output_rms * math.hypot(error.norm_error, error.block_error)
+    block_part = error.block_error / gain_block if gain_block > 0 else 0.0
+    return math.hypot(norm_part, block_part)
+
+
+def start_rule(sigma_end: float, weight_rms: float, *, factor: float = 100.0,
+               sigma_start: float | None = None) -> tuple[float, str, list[str]]:
+    """Global σ_start, the rule in words, and warnings.
+
+    Default: min(factor·σ_end, 0.05·rms(w_eff)) — QeRL's ratio, capped at QeRL's largest σ_start
+    (0.05 for weights ≈ 1) relative to the median rms of the effective norm weights; never below
+    σ_end. An explicit ``sigma_start`` is kept, with a warning when above that cap."""
+    cap = QERL_MAX_START * weight_rms
+    warnings = []
+    if sigma_start is not None:
+        if not (math.isfinite(sigma_start) and sigma_start > 0):
+            raise HwdiffError(f"sigma_start must be a finite σ > 0, got {sigma_start}")
+        if sigma_start < sigma_end:
+            raise HwdiffError(f"sigma_start {sigma_start:.3g} is below the measured sigma_end {sigma_end:.3g}")
+        if sigma_start > cap:
+            warnings.append(f"sigma_start {sigma_start:.3g} is above QeRL's range (its largest, 0.05, relative to "
+                            f"weights of rms {weight_rms:.3g}: {cap:.3g})")
+        return sigma_start, f"given: sigma_start = {sigma_start:.6g}", warnings
+    start = min(factor * sigma_end, cap)
+    if sigma_end >= cap:
+        warnings.append(f"the measured sigma_end {sigma_end:.3g} is at or above QeRL's largest sigma_start "
+                        f"({cap:.3g} for weights of rms {weight_rms:.3g}): the schedule is constant")
+        start = sigma_end
+    rule = (f"min({factor:g} x sigma_end, 0.05 x median rms(w_eff) = {cap:.3g})"
+            + (" — capped" if start < factor * sigma_end else ""))
+    return start, rule, warnings
+
+
+def norm_errors(summary: dict[str, Any]) -> list[NormError]:
+    """Local errors, output rms and sub-block of every RMSNorm output in a diff summary."""
+    modules = summary["modules"]
+    outputs = [m for m in modules if m["slot"] == "output"]
+    norms = [m for m in outputs if m["kind"] == "rmsnorm"]
+    if not norms:
+        others = sorted({m["kind"] for m in outputs})
+        layernorms = [m["name"] for m in outputs if m["kind"] == "layernorm"]
+        if layernorms:
+            raise HwdiffError(f"AQN needs RMSNorm weights; this model has LayerNorm instead ({', '.join(layernorms[:3])} …): "
+                              "AQN on LayerNorm is not supported yet")
+        raise HwdiffError(f"the diff has no RMSNorm outputs (kinds present: {', '.join(others) or 'none'}): capture "
+                          "with the default module selection or --kinds rmsnorm,attention,mlp,head")
+    missing = [m["name"] for m in norms if m.get("local_rel_l2") is None]
+    if missing:
+        raise HwdiffError(f"calibrate needs local errors and the diff has none for {missing[0]}"
+                          f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: replay the reference on the "
+                          "target (hwdiff replay REF.h5 --device TARGET -o local.h5) and diff with --local local.h5 "
+                          "(the divergence-increment estimate was measured 1.1-21x off, so it is not offered)")
+    by_name = {m["name"]: m for m in outputs}
+    blocks = sub_blocks([m["name"] for m in norms], outputs)
+    return [_norm_error(m, by_name.get(blocks[m["name"]]) if blocks[m["name"]] else None) for m in norms]
+
+
+def sub_blocks(norm_names: list[str], outputs: list[dict[str, Any]]) -> dict[str, str | None]:
+    """The sub-block each norm feeds, from module names and kinds: a pre-attention norm feeds its
+    layer's attention, a pre-MLP norm its MLP / MoE block, the final norm the head; a post-norm
+    (Gemma's post_attention/post_feedforward norms, which follow their sub-block) and a norm whose
+    sub-block was not recorded feed none: their error is taken at their own output."""
+    kinds = {m["name"]: m["kind"] for m in outputs}
+    return {name: _sub_block(name, kinds) for name in norm_names}
+
+
+_MLP = ("mlp", "block_sparse_moe", "feed_forward")
+_ROLE_BLOCK = {"input_layernorm": ("self_attn", "attention"), "pre_feedforward_layernorm": _MLP,
+               "post_attention_layernorm": _MLP}
+
+
+def _sub_block(norm: str, kinds: dict[str, str]) -> str | None:
+    prefix, _, role = norm.rpartition(".")
+    if role in ("post_attention_layernorm", "post_feedforward_layernorm") and f"{prefix}.pre_feedforward_layernorm" in kinds:
+        return None  # Gemma 2/3: post-norms of the sub-block's output
+    if role in _ROLE_BLOCK:
+        return next((f"{prefix}.{c}" for c in _ROLE_BLOCK[role] if f"{prefix}.{c}" in kinds), None)
+    if _layer_index(norm) is None:
+        return next((name for name, kind in kinds.items() if kind == "head"), None)
+    return None
+
+
+def _norm_error(norm: dict, block: dict | None) -> NormError:
+    output_rms = norm.get("ref_rms")
+    if output_rms is None:
+        raise HwdiffError(f"the diff has no reference output rms for {norm['name']}: rerun hwdiff diff with this version")
+    weight_rms = norm.get("weight_rms")
+    if weight_rms is None:
+        raise HwdiffError(f"the diff has no weight for {norm['name']}: diff captures that store norm weights")
+    norm_local = float(norm["local_rel_l2"])
+    block_local = float(block.get("local_rel_l2") or 0.0) if block else 0.0
+    reason = _untrusted(norm) or (_untrusted(block) if block else None)
+    if reason:
+        log.warning("%s: %s — no σ for this norm", norm["name"], reason)
+    return NormError(norm["name"], norm_local, block_local, float(output_rms), float(weight_rms),
+                     block["name"] if block else None, reason)
+
+
+def _untrusted(module: dict) -> str | None:
+    local, total = module.get("local_rel_l2"), module.get("rel_l2")
+    if local is None or total is None or not math.isfinite(local):
+        return None
+    if local > LOCAL_OVER_TOTAL * total and local > 1e-6:
+        return (f"local error {local:.3g} at {module['name']} exceeds its total error {total:.3g} by more than "
+                f"{LOCAL_OVER_TOTAL:g}x: the replay did not reproduce that module's inputs (a mask or state it "
+                "could not rebuild)")
+    return None
+
+
+def _layer_index(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _provenance(summary: dict, diff: Any) -> dict[str, Any]:
+    return {"diff": str(diff) if isinstance(diff, (str, os.PathLike)) else "in memory",
+            "reference": summary.get("reference"), "target": summary.get("target"),
+            "golden": summary.get("golden"), "hwdiff_version": __version__}
 
 
 def load_summary(diff: Any) -> dict[str, Any]:
@@ -179,252 +437,101 @@ def load_summary(diff: Any) -> dict[str, Any]:
         raise HwdiffError(f"{path} is not a readable diff file ({exc})") from exc
 
 
-def _errors(norm: dict, modules: list[dict], method: str) -> tuple[float, float, str | None]:
-    """(ε_norm, ε_block, sub-block name) of one norm."""
-    outputs = [m for m in modules if m["slot"] == "output"]
-    position = next(i for i, m in enumerate(outputs) if m["name"] == norm["name"])
-    block = next((m for m in outputs[position + 1:] if m["kind"] in SUB_BLOCK_KINDS), None)
-    if method == "local":
-        block_error = (block.get("local_rel_l2") or 0.0) if block else 0.0
-        return float(norm["local_rel_l2"]), float(block_error), block["name"] if block else None
-    before = _input_error(norm, modules, outputs[:position])
-    norm_error = math.sqrt(max(_rel(norm) ** 2 - before ** 2, 0.0))
-    block_error = math.sqrt(max(_rel(block) ** 2 - _rel(norm) ** 2, 0.0)) if block else 0.0
-    return norm_error, block_error, block["name"] if block else None
+# ------------------------------------------------------------------------------------------------
+def with_rounding(calibration: Calibration, weights: dict[str, Any] | None, dtype: str) -> Calibration:
+    """Add the per-stage rounding check (``weights``: {norm: stored weight values}); warns when
+    late stages are mostly rounded away in ``dtype``."""
+    from .rounding import changed_fraction
+
+    if not weights:
+        note = "the norm weights are not at hand (reference capture not found): no per-stage rounding check"
+        return replace(calibration, warnings=calibration.warnings + (note,))
+    rows, warnings = [], list(calibration.warnings)
+    values = calibration.schedule.values
+    for stage, value in enumerate(values, start=1):
+        changed = {l.name: changed_fraction(weights[l.name], value * l.multiplier, dtype)
+                   for l in calibration.layers if l.multiplier > 0 and l.name in weights}
+        if not changed:
+            continue
+        weakest = min(changed, key=changed.get)
+        rows.append(StageRounding(stage, value, changed[weakest], statistics.median(changed.values()), weakest))
+    late = [r for r in rows if r.min_changed < 0.5]
+    if late:
+        warnings.append(f"in {dtype}, stages {', '.join(str(r.stage) for r in late)} change fewer than half of some "
+                        f"norm's weight elements (stage {late[-1].stage}: {late[-1].min_changed:.1%} of "
+                        f"{late[-1].weakest}): the noise is mostly rounded away there. Drawing it in float32 on a clean "
+                        "master copy (hwdiff's injector, apply_schedule) avoids accumulation, not this: it survives "
+                        "only where the noisy forward reads float32 norm weights")
+    return replace(calibration, rounding=tuple(rows), rounding_dtype=dtype, warnings=tuple(warnings))
 
 
-def _input_error(norm: dict, modules: list[dict], earlier: list[dict]) -> float:
-    recorded = next((m for m in modules if m["name"] == norm["name"] and m["slot"] == "input"), None)
-    if recorded is not None:
-        return _rel(recorded)
-    stream = [m for m in earlier if m["kind"] in ("decoder_layer", "embedding")]
-    return _rel(stream[-1]) if stream else 0.0
+def _reference_weights(summary: dict, layers: tuple[LayerSigma, ...]) -> dict[str, Any] | None:
+    path = (summary.get("reference") or {}).get("path")
+    if not path or not Path(path).is_file():
+        return None
+    from .store import open_capture
 
-
-def _rel(module: dict | None) -> float:
-    value = None if module is None else module.get("rel_l2")
-    return float(value) if value is not None and math.isfinite(value) else 0.0
-
-
-def _weight_rms(norm: dict) -> float:
-    value = norm.get("weight_rms")
-    if value is None:
-        raise HwdiffError(f"the diff has no weight for {norm['name']}: diff captures that store norm weights "
-                          "(every capture of hwdiff ≥ 0.1 does)")
-    return float(value)
-
-
-def _sigma(errors: tuple[float, float, str | None], weight_rms: float, gains: tuple[float, float] | None) -> float:
-    norm_error, block_error, _ = errors
-    if gains is None:
-        return weight_rms * math.hypot(norm_error, block_error)
-    gain_norm, gain_block = gains
-    return math.hypot(norm_error / gain_norm if gain_norm else 0.0, block_error / gain_block if gain_block else 0.0)
-
-
-def _layer_index(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
-def _provenance(summary: dict, diff: Any) -> dict[str, Any]:
-    return {"diff": str(diff) if isinstance(diff, (str, os.PathLike)) else "in memory",
-            "reference": summary.get("reference"), "target": summary.get("target"),
-            "golden": summary.get("golden"), "hwdiff_version": __version__}
-
-
-def _measure_gains(model: Any, norms: list[tuple[str, str | None]], probe_sigma: float) -> dict[str, tuple[float, float]]:
-    """Relative error per unit σ at each norm and at its sub-block output, injecting σ₀ at one norm at a time."""
-    import torch
-
-    from .aqn import AQNInjector
-    from .capturing import model_tokenizer
-    from .hooks import record
-    from .inputs import load_inputs
-
-    names = [name for name, _ in norms] + [block for _, block in norms if block]
-    inputs = load_inputs(tokenizer=model_tokenizer(model), max_tokens=64, limit=4)
-    device = next(model.parameters()).device
-    ids, mask = (torch.from_numpy(a).to(device) for a in (inputs.input_ids, inputs.attention_mask))
-
-    def run() -> dict[str, torch.Tensor]:
-        with torch.inference_mode(), record(model, [f"^{re.escape(n)}$" for n in names]) as rec:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return {key[0]: values[0].double() for key, values in rec.activations.items() if key[2] == "output"}
-
-    clean = run()
-    gains = {}
-    for index, (name, block) in enumerate(norms):
-        with AQNInjector(model, {name: probe_sigma}) as injector:
-            injector.apply(seed=index)
-            noisy = run()
-        gains[name] = (_relative(clean[name], noisy[name]) / probe_sigma,
-                       _relative(clean[block], noisy[block]) / probe_sigma if block else 0.0)
-    return gains
-
-
-def _relative(reference: Any, other: Any) -> float:
-    return float((other - reference).norm() / reference.norm())
+    try:
+        with open_capture(path) as cap:
+            weights = {l.name: cap.weight(l.name) for l in layers if l.name in cap.modules}
+    except HwdiffError:
+        return None
+    return {name: w for name, w in weights.items() if w is not None} or None
 
 
 # ------------------------------------------------------------------------------------------------
 def save_sigma(calibration: Calibration, path: str | os.PathLike) -> Path:
-    """Write ``sigma.yaml`` (schema ``hwdiff/sigma/1``) atomically."""
-    return _write_yaml(Path(path), calibration.to_dict())
+    """Write ``sigma.yaml`` (schema ``hwdiff/sigma/2``) atomically."""
+    from .sigmafile import write_yaml
+
+    return write_yaml(Path(path), calibration.to_dict())
 
 
 def load_sigma(path: str | os.PathLike) -> Calibration:
-    """Read a ``sigma.yaml``; refuses other schemas and out-of-range values with a clear message."""
-    import yaml
+    """Read a ``sigma.yaml`` (schema 2, or 1 of hwdiff 0.1); refuses other schemas and out-of-range values."""
+    from .sigmafile import read_sigma
 
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise HwdiffError(f"cannot read sigma file {path}: {exc}") from exc
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise HwdiffError(f"{path} is not a sigma file of schema {SCHEMA} (schema {data.get('schema') if isinstance(data, dict) else None!r})")
-    try:
-        sched = data["schedule"]
-        schedule = SigmaSchedule(float(sched["sigma_start"]), float(sched["sigma_end"]), int(sched["num_stages"]),
-                                 sched.get("kind", "qerl-code"))
-        layers = tuple(_layer_from(name, entry) for name, entry in data["layers"].items())
-    except (KeyError, TypeError, ValueError) as exc:
-        raise HwdiffError(f"{path}: malformed sigma file ({exc!r})") from exc
-    return Calibration(layers, schedule, data.get("method", "local"), data.get("conversion", "rms"),
-                       float(sched.get("factor", 100.0)), data.get("provenance", {}), data.get("verify"))
-
-
-def _layer_from(name: str, entry: dict) -> LayerSigma:
-    values = {key: float(entry[key]) for key in ("sigma_start", "sigma_end", "multiplier", "weight_rms")}
-    if min(values.values()) < 0 or not all(map(math.isfinite, values.values())):
-        raise ValueError(f"negative or non-finite value for {name}")
-    return LayerSigma(name=name, layer_index=entry.get("layer_index"), sub_block=entry.get("sub_block"),
-                      norm_error=float(entry.get("norm_error", entry.get("measured_error", 0.0))),
-                      block_error=float(entry.get("block_error", 0.0)), gain_norm=entry.get("gain_norm"),
-                      gain_block=entry.get("gain_block"), **values)
-
-
-def _write_yaml(path: Path, data: dict) -> Path:
-    import yaml
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        temp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    return read_sigma(Path(path))
 
 
 save = save_sigma
 
 
-# ------------------------------------------------------------------------------------------------
-def layer_multipliers(calibration: Calibration) -> tuple[dict[str, float], float]:
-    """verl's per-decoder-layer multipliers and its default multiplier.
-
-    verl scales both norms of a decoder layer by one multiplier; when the two calibrated norms differ,
-    hwdiff takes their root mean square, which keeps the layer's total injected noise power. The final
-    norm has no layer index and sets ``default_multiplier``."""
-    by_index: dict[int, list[float]] = {}
-    default = 1.0
-    for layer in calibration.layers:
-        if layer.layer_index is None:
-            default = layer.multiplier
-        else:
-            by_index.setdefault(layer.layer_index, []).append(layer.multiplier)
-    return ({str(i): math.sqrt(sum(m * m for m in ms) / len(ms)) for i, ms in sorted(by_index.items())}, default)
-
-
-def verl_block(calibration: Calibration) -> dict[str, Any]:
-    multipliers, default = layer_multipliers(calibration)
-    s = calibration.schedule
-    return {"trainer": {"noise_injection": {
-        "enabled": True, "sigma_start": s.sigma_start, "sigma_end": s.sigma_end, "num_stages": s.num_stages,
-        "target_modules": None, "exclude_patterns": ["lm_head", "embed_tokens"], "layer_types": ["rmsnorm"],
-        "epoch_aware": False, "layer_sigma_config": {
-            "enabled": True, "default_multiplier": default, "layer_multipliers": multipliers}}}}
-
-
-def hydra_overrides(calibration: Calibration) -> list[str]:
-    """The same block as Hydra ``++`` overrides for a verl command line."""
-    block = verl_block(calibration)["trainer"]["noise_injection"]
-    prefix = "++trainer.noise_injection"
-    multipliers = ", ".join(f"{k}: {v:.6g}" for k, v in block["layer_sigma_config"]["layer_multipliers"].items())
-    return [f"{prefix}.enabled=True", f"{prefix}.sigma_start={block['sigma_start']:.6g}",
-            f"{prefix}.sigma_end={block['sigma_end']:.6g}", f"{prefix}.num_stages={block['num_stages']}",
-            f"'{prefix}.layer_types=[\"rmsnorm\"]'", f"'{prefix}.exclude_patterns=[\"lm_head\", \"embed_tokens\"]'",
-            f"{prefix}.layer_sigma_config.enabled=True",
-            f"{prefix}.layer_sigma_config.default_multiplier={block['layer_sigma_config']['default_multiplier']:.6g}",
-            f"'{prefix}.layer_sigma_config.layer_multipliers={{{multipliers}}}'"]
-
-
-def export(calibration: Calibration, target: str, path: str | os.PathLike) -> Path:
-    """``verl``: the trainer.noise_injection block; ``qerl``: sigma_start / sigma_end / num_stages."""
-    if target == "verl":
-        return _write_yaml(Path(path), verl_block(calibration))
-    if target == "qerl":
-        log.warning("the QeRL format has one global schedule: the per-layer values (multipliers %.3g … %.3g) are lost",
-                    min(l.multiplier for l in calibration.layers), max(l.multiplier for l in calibration.layers))
-        s = calibration.schedule
-        return _write_yaml(Path(path), {"sigma_start": s.sigma_start, "sigma_end": s.sigma_end, "num_stages": s.num_stages})
-    raise HwdiffError(f"unknown export format {target!r}: expected verl or qerl")
-
-
-def verify(calibration: Calibration, model: Any, *, seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Closed loop on the reference device: inject every norm's σ_end, replay a clean capture's inputs
-    with the noise, and compare the error that induces at each norm with the measured error it was
-    calibrated from. A ratio near 1 says the σ ↔ error conversion holds on these weights and activations."""
-    import tempfile
-
-    from .aqn import AQNInjector
-    from .capturing import capture
-    from .compare import diff
-    from .replaying import replay
-
-    with tempfile.TemporaryDirectory(prefix="hwdiff-verify-") as tmp:
-        clean = capture(model, Path(tmp) / "clean.h5", record_inputs=True, limit=8, max_tokens=64, batch_size=4,
-                        progress=progress).path
-        with AQNInjector(model, {layer.name: layer.sigma_end for layer in calibration.layers}) as injector:
-            injector.apply(seed=seed)
-            noisy = replay(model, clean, Path(tmp) / "noisy.h5", progress=progress).path
-        result = diff(clean, noisy, progress=progress)
-    layers = {}
-    for layer in calibration.layers:
-        induced = result.layer(layer.name).metrics.rel_l2
-        measured = layer.measured_error
-        layers[layer.name] = {"measured_error": measured, "induced_error": induced,
-                              "ratio": induced / measured if measured else math.nan}
-    return {"method": "σ_end injected at every norm (float32 noise, seed %d); induced = relative error at the "
-                      "norm's output on 8 shipped prompts, replayed with clean inputs" % seed, "layers": layers}
-
-
-def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:
-    """The model of a diff's reference capture (its spec, seed and dtype), or ``spec`` instead."""
-    from .models import load_model
-
-    reference = load_summary(diff).get("reference") or {}
-    model_spec = spec or reference.get("model_spec")
-    if not model_spec or str(model_spec).startswith("object:"):
-        raise HwdiffError("the diff does not name a loadable reference model; pass --model SPEC")
-    return load_model(str(model_spec), device=device, dtype=str(reference.get("dtype", "float32")))
-
-
 def format_calibration(calibration: Calibration) -> str:
-    """The terminal summary: method, global schedule, and σ per norm."""
+    """The terminal summary: method, conversion, schedule vs QeRL's presets, σ per norm, checks."""
     s = calibration.schedule
-    lines = [f"method: {calibration.method} ({METHOD_NOTES[calibration.method]})",
-             f"conversion: {calibration.conversion}",
+    presets = "; ".join(f"{name} {a:g} -> {b:g}" for name, (a, b) in QERL_PRESETS.items())
+    lines = [f"method: {calibration.method} ({METHOD_NOTE})", f"conversion: {calibration.conversion}",
              f"schedule: {s.kind}, {s.num_stages} stages, sigma {s.sigma_start:.3g} -> {s.sigma_end:.3g} "
-             f"(QeRL default 0.05 -> 0.0005)", "",
-             f"{'norm':<42} {'measured':>9} {'w rms':>7} {'sigma_end':>10} {'sigma_start':>11} {'mult':>6}"
-             + ("  induced/measured" if calibration.verify else "")]
+             f"(sigma_start rule: {calibration.start_rule})", f"for comparison: {presets}", "",
+             f"{'norm':<42} {'target err':>10} {'y rms':>7} {'sigma_end':>10} {'sigma_start':>11} {'mult':>6}"
+             + ("  verify (induced/target)" if calibration.verify else "")]
     for layer in calibration.layers:
-        row = (f"{layer.name:<42} {layer.measured_error:>9.3g} {layer.weight_rms:>7.3f} {layer.sigma_end:>10.3g} "
+        row = (f"{layer.name:<42} {layer.target_error:>10.3g} {layer.output_rms:>7.3f} {layer.sigma_end:>10.3g} "
                f"{layer.sigma_start:>11.3g} {layer.multiplier:>6.2f}")
-        if calibration.verify:
-            row += f"  {calibration.verify['layers'][layer.name]['ratio']:.2f}"
+        if calibration.verify and any(v.name == layer.name for v in calibration.verify.layers):
+            check = calibration.verify.layer(layer.name)
+            row += f"  {check.ratio:.2f} at {check.measured_at.rsplit('.', 2)[-2:][-1]}"
         lines.append(row)
+    for name, reason in calibration.skipped.items():
+        lines.append(f"{name:<42} skipped: {reason}")
+    lines += _rounding_lines(calibration) + _verify_lines(calibration.verify)
+    lines += [f"warning: {w}" for w in calibration.warnings]
     return "\n".join(lines)
+
+
+def _rounding_lines(calibration: Calibration) -> list[str]:
+    if not calibration.rounding:
+        return []
+    lines = ["", f"weight elements changed per stage in {calibration.rounding_dtype} (min / median over norms):"]
+    lines += [f"  stage {r.stage}: sigma {r.sigma:.3g}: {r.min_changed:.1%} / {r.median_changed:.1%}"
+              + ("  <- mostly rounded away" if r.min_changed < 0.5 else "") for r in calibration.rounding]
+    return lines
+
+
+def _verify_lines(result: VerifyResult | None) -> list[str]:
+    if result is None:
+        return []
+    lo, hi = result.band
+    verdict = "PASS" if result.passed else f"FAIL ({len(result.failed)} norm(s) outside)"
+    return ["", f"verify: {verdict} — induced/target within {lo:g}-{hi:g} at the sub-block output, {result.seeds} seeds"]

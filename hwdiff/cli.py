@@ -48,14 +48,18 @@ def _cmd_probe_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate, export, format_calibration, hydra_overrides, reference_model, save, verify
+    from .calibration import calibrate, format_calibration, load_sigma, save, with_sigmas
+    from .exporters import export, hydra_overrides
+    from .sigma_probe import reference_model, verify
 
     needs_model = args.verify or args.conversion == "measured"
     model = reference_model(args.diff, spec=args.model, device=args.device) if needs_model else None
     result = calibrate(args.diff, factor=args.factor, num_stages=args.stages, kind=args.schedule,
-                       model=model if args.conversion == "measured" else None)
+                       sigma_start=args.sigma_start, model=model if args.conversion == "measured" else None)
+    if args.sigma:
+        result = with_sigmas(result, load_sigma(args.sigma))
     if args.verify:
-        result = dataclasses.replace(result, verify=verify(result, model, progress=not args.quiet))
+        result = dataclasses.replace(result, verify=verify(result, model))
     written = [save(result, args.output)]
     for target in args.export or []:
         written.append(export(result, target, Path(args.output).with_suffix(f".{target}.yaml")))
@@ -63,6 +67,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if "verl" in (args.export or []):
         print("\nHydra overrides for verl:\n  " + " \\\n  ".join(hydra_overrides(result)))
     print(f"\nwrote {', '.join(map(str, written))}")
+    if args.strict and result.verify is not None and not result.verify.passed:
+        lo, hi = result.verify.band
+        print(f"hwdiff: error: verify: {len(result.verify.failed)} norm(s) induce an error outside {lo:g}-{hi:g}x the "
+              f"target at their sub-block (first: {result.verify.failed[0].name})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -235,24 +244,38 @@ def _add_probe_ops(sub: Any) -> None:
 
 
 def _add_calibrate(sub: Any) -> None:
+    from .calibration import CONVERSIONS
+    from .exporters import EXPORTERS
+
     cal = sub.add_parser("calibrate", help="turn a diff into per-norm AQN sigma schedules (hwdiff, verl, QeRL)",
-                         description="For every RMSNorm: the error the hardware introduces in the norm and in the "
-                                     "sub-block it feeds (local errors from diff --local, else divergence increments), "
-                                     "converted to an equivalent sigma at the norm's weight; writes sigma.yaml "
-                                     "(schema hwdiff/sigma/1) and optional exports.")
+                         description="For every RMSNorm: the local error the hardware introduces in the norm and in "
+                                     "the sub-block it feeds (needs diff --local), converted to the sigma at the "
+                                     "norm's weight that reproduces it; writes sigma.yaml (schema hwdiff/sigma/2) "
+                                     "and optional exports. Definitions: docs/calibrate.md.")
     cal.add_argument("diff", help="diff.h5 or diff JSON summary (hwdiff diff -o / --json)")
     cal.add_argument("-o", "--output", default="sigma.yaml", help="sigma file to write (default: %(default)s)")
-    cal.add_argument("--factor", type=float, default=100.0, help="sigma_start / sigma_end (default: %(default)s, QeRL's)")
+    cal.add_argument("--factor", type=float, default=100.0,
+                     help="sigma_start / sigma_end before the cap at QeRL's largest sigma_start (0.05 x rms of the "
+                          "norm weights) (default: %(default)s, QeRL's ratio)")
+    cal.add_argument("--sigma-start", type=float, default=None,
+                     help="the global sigma_start itself instead of the rule (warned when above QeRL's range)")
     cal.add_argument("--stages", type=int, default=10, help="number of stages K (default: %(default)s)")
     cal.add_argument("--schedule", default="qerl-code", choices=("qerl-code", "qerl-paper", "linear", "constant"),
                      help="schedule shape (default: %(default)s, what the verl fork runs)")
-    cal.add_argument("--conversion", default="rms", choices=("rms", "measured"),
-                     help="sigma = error x rms(weight), or measured on the model (default: %(default)s)")
+    cal.add_argument("--conversion", default="output-rms", choices=CONVERSIONS,
+                     help="sigma = error x rms(reference norm output), the sub-block gain assumed; or the gain "
+                          "measured on a float32 copy of the model (default: %(default)s)")
     cal.add_argument("--verify", action="store_true",
-                     help="inject the calibrated sigma_end on the reference device and report induced / measured error")
+                     help="inject each norm's sigma_end alone (3 seeds, float32 copy of the model) and compare the "
+                          "error induced at its sub-block output with the error sigma_end is meant to reproduce")
+    cal.add_argument("--sigma", default=None,
+                     help="take the sigma of this sigma file (e.g. hand-edited) instead of the calibrated ones: with "
+                          "--verify, checks them against this diff's measured errors")
+    cal.add_argument("--strict", action="store_true",
+                     help="with --verify: exit 1 when a norm's induced/target ratio is outside 0.67-1.5")
     cal.add_argument("--model", default=None, help="model for --conversion measured / --verify (default: the diff's reference model)")
     cal.add_argument("--device", default="cpu", help="device for --conversion measured / --verify (default: %(default)s)")
-    cal.add_argument("--export", action="append", choices=("verl", "qerl"), default=None,
+    cal.add_argument("--export", action="append", choices=tuple(EXPORTERS), default=None,
                      help="also write SIGMA.verl.yaml (trainer.noise_injection block; prints Hydra ++ lines) or "
                           "SIGMA.qerl.yaml (global schedule only)")
     _quiet_arg(cal)

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .calibration import calibrate, export, format_calibration, save
+from .calibration import calibrate, format_calibration, save
+from .exporters import export
 from .capturing import capture
 from .compare import diff
 from .compare.output import format_table

@@ -33,7 +33,7 @@ def layer_summary(layer: LayerDiff) -> dict[str, Any]:
         "numel": m.numel, "ref_dtype": layer.ref_dtype, "target_dtype": layer.target_dtype, "exact": layer.exact,
         "equal_frac": m.equal_frac, "rel_l2": _num(m.rel_l2), "sqnr_db": _num(m.sqnr_db), "cosine": m.cosine,
         "one_minus_cos": m.one_minus_cos, "rmse": m.rmse, "max_abs": m.max_abs, "mean_abs": m.mean_abs,
-        "bias": m.bias, "err_std": m.err_std,
+        "bias": m.bias, "err_std": m.err_std, "ref_rms": _num(m.ref_rms),
         "ulp": {"p50": m.ulp.p50, "p99": _num(m.ulp.p99), "max": _num(m.ulp.max), "le1_frac": m.ulp.le1_frac},
         "thousandth_frac": m.thousandth_frac, "five_thousandth_frac": m.five_thousandth_frac,
         "nan_inf": {"ref_nan": m.nan_inf.ref_nan, "ref_inf": m.nan_inf.ref_inf,

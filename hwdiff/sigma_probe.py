@@ -1,0 +1,119 @@
+"""The torch side of calibration: sub-block gains measured on the model, and the closed-loop verify.
+
+Both inject noise at one norm at a time into a float32 copy of the model (in bf16 a small σ is
+mostly rounded away: the nominal σ is not what acts) and run the shipped prompts, cut to a common
+length so that every position is a real token. What acted is measured, not assumed: the realized
+σ is rms(Δy) at the norm's own output — exactly the channel-power-weighted rms of the realized
+weight change, sqrt(Σ_c Δw_c²·P_c / Σ_c P_c) with P_c = Σ_t x̂_tc² — and the induced error is
+read at the output of the sub-block the norm feeds.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from typing import Any, Iterable
+
+from .calibration import Calibration, VerifyLayer, VerifyResult, load_summary
+from .errors import HwdiffError
+
+log = logging.getLogger(__name__)
+VERIFY_BAND = (0.67, 1.5)
+PROBE_PROMPTS, PROBE_TOKENS = 4, 48
+
+
+class _Probe:
+    """A float32 copy of ``model`` run on fixed unpadded inputs, recording ``names``' outputs."""
+
+    def __init__(self, model: Any, names: Iterable[str]) -> None:
+        import torch
+
+        from .capturing import model_tokenizer
+        from .inputs import load_inputs
+
+        self.model = copy.deepcopy(model).float().eval()
+        self.names = sorted(set(names))
+        inputs = load_inputs(tokenizer=model_tokenizer(model), max_tokens=PROBE_TOKENS, limit=PROBE_PROMPTS)
+        length = int(inputs.attention_mask.sum(axis=1).min())  # a common length: no padding anywhere
+        device = next(self.model.parameters()).device
+        self.ids = torch.from_numpy(inputs.input_ids[:, :length]).to(device)
+        self.clean = self.run()
+
+    def run(self) -> dict[str, Any]:
+        import torch
+
+        from .hooks import record
+
+        with torch.inference_mode(), record(self.model, [f"^{re.escape(n)}$" for n in self.names]) as rec:
+            self.model(input_ids=self.ids, use_cache=False)
+        return {key[0]: values[0].double() for key, values in rec.activations.items()
+                if key[2] == "output" and key[1] == 0}
+
+    def inject(self, norm: str, sigma: float, seed: int) -> tuple[float, dict[str, float]]:
+        """(realized σ at ``norm``, {module: relative L2 error induced there}) for σ at ``norm`` alone."""
+        from .aqn import AQNInjector
+
+        with AQNInjector(self.model, {norm: sigma}, check_count=False) as injector:
+            injector.apply(seed=seed)
+            noisy = self.run()
+        realized = float((noisy[norm] - self.clean[norm]).pow(2).mean().sqrt())
+        return realized, {name: _relative(self.clean[name], noisy[name]) for name in self.names}
+
+
+def _relative(reference: Any, other: Any) -> float:
+    norm = float(reference.norm())
+    return float((other - reference).norm()) / norm if norm else math.nan
+
+
+def measure_gains(model: Any, norms: list[tuple[str, str | None]], *, seeds: int = 2,
+                  probe_rel: float = 1e-3) -> dict[str, float]:
+    """Relative error at each norm's sub-block output per unit realized σ (norms without a sub-block
+    are left out). The probe σ is ``probe_rel`` × rms of the norm's clean output."""
+    pairs = [(norm, block) for norm, block in norms if block]
+    if not pairs:
+        return {}
+    probe = _Probe(model, [n for pair in pairs for n in pair])
+    gains = {}
+    for index, (norm, block) in enumerate(pairs):
+        sigma = probe_rel * float(probe.clean[norm].pow(2).mean().sqrt())
+        runs = [probe.inject(norm, sigma, seed=1000 * index + s) for s in range(seeds)]
+        gains[norm] = _rms([errors[block] for _, errors in runs]) / _rms([realized for realized, _ in runs])
+        log.info("gain %s -> %s: %.4g per unit sigma", norm, block, gains[norm])
+    return gains
+
+
+def _rms(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values) / len(values))
+
+
+def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
+           band: tuple[float, float] = VERIFY_BAND) -> VerifyResult:
+    """Inject each norm's σ_end alone (``seeds`` draws) into a float32 copy of ``model`` and compare the
+    relative error it induces at the sub-block output (at the norm when it feeds none) with the error
+    that σ_end was calibrated to reproduce there (:attr:`LayerSigma.target_error`). A ratio outside
+    ``band`` fails. Norms with σ_end = 0 are not injected."""
+    layers = [layer for layer in calibration.layers if layer.sigma_end > 0]
+    if not layers:
+        raise HwdiffError("no norm has sigma_end > 0: nothing to verify")
+    probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n])
+    checks = []
+    for index, layer in enumerate(layers):
+        where = layer.sub_block or layer.name
+        runs = [probe.inject(layer.name, layer.sigma_end, seed=7919 * index + s) for s in range(seeds)]
+        checks.append(VerifyLayer(layer.name, where, layer.target_error, _rms([e[where] for _, e in runs]),
+                                  _rms([r for r, _ in runs])))
+    method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, "
+              f"{PROBE_PROMPTS} shipped prompts); induced = relative L2 error at the sub-block output")
+    return VerifyResult(tuple(checks), band, seeds, method)
+
+
+def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:
+    """The model of a diff's reference capture (its spec, seed and dtype), or ``spec`` instead."""
+    from .models import load_model
+
+    reference = load_summary(diff).get("reference") or {}
+    model_spec = spec or reference.get("model_spec")
+    if not model_spec or str(model_spec).startswith("object:"):
+        raise HwdiffError("the diff does not name a loadable reference model; pass --model SPEC")
+    return load_model(str(model_spec), device=device, dtype=str(reference.get("dtype", "float32")))
