@@ -295,3 +295,26 @@ def test_cli_calibrate_and_aqn_check(tmp_path, fp32_plant):
     assert f"matched {2 * L + 1} RMSNorm layers" in check.stdout
     bad = run_cli("calibrate", tmp_path / "missing.h5", "-o", tmp_path / "x.yaml")
     assert bad.returncode == 2 and "no such diff file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_verl_patch_applies_and_the_forks_own_code_applies_the_export(sdpa_vs_eager, tmp_path):
+    """Runs the fork's generate_expert_gaussian_noise (integrations/verl/upstream) on the export."""
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("verl_check", ROOT / "integrations/verl/check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    upstream = ROOT / "integrations/verl/upstream"
+    check.patch_applies(upstream)  # raises SystemExit when it does not apply
+    result = calibrate(sdpa_vs_eager / "diff.h5")
+    block = yaml.safe_load(export(result, "verl", tmp_path / "v.yaml").read_text())["trainer"]["noise_injection"]
+    model = hwdiff.load_model("tiny-qwen2", dtype="float32")
+    applied = check.realized_sigmas(upstream, block, model, sigma=1e-2)
+    for layer in result.layers:  # intended: σ_stage × σ_end(norm) / σ_end(global), from the calibration itself
+        intended = 1e-2 * layer.sigma_end / result.schedule.sigma_end
+        if intended == 0:
+            assert applied[layer.name] == 0, layer.name
+        else:
+            assert applied[layer.name] == pytest.approx(intended, rel=0.15), layer.name
