@@ -42,11 +42,12 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> Repor
 
     summary, arrays, edges = _load(diff)
     calibration = sigma if isinstance(sigma, Calibration) or sigma is None else load_sigma(sigma)
+    why_none = None
     if calibration is None:
         try:
             implied = calibrate(diff if not isinstance(diff, (str, os.PathLike)) else Path(diff))
-        except HwdiffError:
-            implied = None
+        except HwdiffError as exc:  # the report still shows the diff; the σ box says why there is no σ
+            implied, why_none = None, str(exc)
     else:
         implied = calibration
     out = Path(out_dir)
@@ -55,7 +56,7 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> Repor
     (temp / "figures").mkdir(parents=True)
     try:
         sections = _figures(summary, arrays, edges, calibration, implied, temp / "figures")
-        facts = _facts(summary, calibration, implied)
+        facts = _facts(summary, calibration, implied, why_none)
         (temp / "index.html").write_text(_html(summary, facts, sections, calibration))
         (temp / "report.md").write_text(_markdown(summary, facts, sections))
         if out.exists():
@@ -138,7 +139,7 @@ def _chosen(summary: dict) -> list[dict]:
     return unique[:5]
 
 
-def _facts(summary: dict, calibration: Any, implied: Any) -> dict[str, str]:
+def _facts(summary: dict, calibration: Any, implied: Any, why_none: str | None = None) -> dict[str, str]:
     floor, dtype = _floor(summary)
     outputs = [m for m in summary["modules"] if m["slot"] == "output"]
     worst = sorted((m for m in outputs if not m.get("alias_of")), key=lambda m: -(m["rel_l2"] or 0))[:5]
@@ -153,7 +154,7 @@ def _facts(summary: dict, calibration: Any, implied: Any) -> dict[str, str]:
                            for m in worst if m["rel_l2"]) or "none: the captures are bit-identical",
         "verdict": _verdict(last, floor, dtype) if last else "no modules were compared",
     }
-    facts["sigma"] = _sigma_fact(calibration or implied, calibration is None)
+    facts["sigma"] = _sigma_fact(calibration or implied, calibration is None, why_none)
     return facts
 
 
@@ -167,16 +168,26 @@ def _verdict(last: dict, floor: float, dtype: str) -> str:
             f"{last['equal_frac']:.1%} of its elements are bit-identical.")
 
 
-def _sigma_fact(calibration: Any, implied: bool) -> str:
+def _sigma_fact(calibration: Any, implied: bool, why_none: str | None = None) -> str:
+    from ..calibration import QERL_PRESETS
+
     if calibration is None:
-        return "no σ: the diff has no RMSNorm outputs"
+        return f"no σ: {why_none or 'no calibration'}"
     active = [l.sigma_end for l in calibration.layers if l.sigma_end > 0]
     s = calibration.schedule
-    source = "estimated here from the diff with the rms conversion (run hwdiff calibrate for the file)" if implied \
-        else f"from the sigma file ({calibration.method}, {calibration.conversion} conversion)"
+    source = (f"estimated here from the diff ({calibration.conversion} conversion; run hwdiff calibrate --verify for "
+              "the file and its check)") if implied else \
+        f"from the sigma file ({calibration.method}, {calibration.conversion} conversion)"
     span = f"{min(active):.3g} – {max(active):.3g}" if active else "0"
-    return (f"σ_end {s.sigma_end:.3g} (median over norms; per norm {span}), σ_start {s.sigma_start:.3g}, "
-            f"{s.num_stages} stages — {source}.")
+    presets = "; ".join(f"{name} {a:g} → {b:g}" for name, (a, b) in QERL_PRESETS.items())
+    verify = ""
+    if calibration.verify is not None:
+        lo, hi = calibration.verify.band
+        verify = (f" Verify: {'passed' if calibration.verify.passed else 'FAILED'} — σ_end injected alone induces "
+                  f"{lo:g}–{hi:g}× the target error at the sub-block output"
+                  f"{'' if calibration.verify.passed else f' except at {len(calibration.verify.failed)} norm(s)'}.")
+    return (f"σ_end {s.sigma_end:.3g} (median over norms; per norm {span}), σ_start {s.sigma_start:.3g} "
+            f"({calibration.start_rule}), {s.num_stages} stages — {source}. For comparison: {presets}.{verify}")
 
 
 def _meta_rows(summary: dict) -> list[tuple[str, str, str]]:
@@ -250,6 +261,10 @@ def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
     from ..models import resolve_dtype
     from ..store import open_capture
 
+    if calibration.rounding:  # computed exactly by calibrate (hwdiff.rounding)
+        return [(r.stage, r.sigma * min(l.multiplier for l in calibration.layers if l.multiplier > 0),
+                 r.sigma * max(l.multiplier for l in calibration.layers), r.min_changed,
+                 "noise mostly rounded away" if r.min_changed < CHANGED_WARNING else "") for r in calibration.rounding]
     path = summary["reference"].get("path")
     if not path or not Path(path).is_file():
         return []
