@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import HwdiffError
+from .laws import check_law, mixing_matrix, standardized
 from .schedule import SigmaSchedule
 
 log = logging.getLogger(__name__)
@@ -63,15 +65,20 @@ def effectiveness(name: str, weight: torch.Tensor, sigma: float, dtype: torch.dt
 
 
 class AQNInjector:
-    """Adds N(0, σ²) to each RMSNorm weight of ``model``.
+    """Adds noise of standard deviation σ to each RMSNorm weight of ``model``.
 
     ``sigma``: a float (every norm), a ``{module name: σ}`` mapping (norms it does not name get no
     noise), or a :class:`~hwdiff.calibration.Calibration` (per-layer schedules; pass ``step`` and
-    ``total_steps`` to :meth:`apply`). ``expected_count`` (default: 2L + 1 for Qwen2 / Llama /
-    Mistral configs) makes a wrong number of matched norms an error.
+    ``total_steps`` to :meth:`apply`). ``law`` (``gaussian``, ``student_t`` with ``df`` > 2, or
+    ``laplace``; :mod:`hwdiff.laws`): every draw is scaled to standard deviation σ; None → each norm's
+    law from a calibration, else Gaussian. ``rho``: correlation of the noise of the same norm class in
+    consecutive layers (AR(1) along depth), or ``correlation``: a layer × layer matrix; None → a
+    calibration's recommended ρ, else independent. ``expected_count`` (default: 2L + 1 for Qwen2 /
+    Llama / Mistral configs) makes a wrong number of matched norms an error.
     """
 
-    def __init__(self, model: torch.nn.Module, sigma: Any, *, expected_count: int | None = None,
+    def __init__(self, model: torch.nn.Module, sigma: Any, *, law: str | None = None, df: float | None = None,
+                 rho: float | None = None, correlation: Any = None, expected_count: int | None = None,
                  check_count: bool = True) -> None:
         self.model = model
         self._norms = find_norms(model)
@@ -88,6 +95,10 @@ class AQNInjector:
         self._masters = {name: weight.float() for name, weight in self._originals.items()}
         self._applied_weights: dict[str, torch.Tensor | None] = dict.fromkeys(self.targets)
         self._applied = False
+        self.laws = _laws(sigma, self.targets, law, df)
+        self.rho = rho if rho is not None else float(getattr(sigma, "rho", 0.0) or 0.0)
+        self.correlation = correlation
+        mixing_matrix(2, self.rho)  # validates rho
 
     @property
     def targets(self) -> list[str]:
@@ -119,18 +130,35 @@ class AQNInjector:
     def apply(self, step: int | None = None, total_steps: int | None = None, seed: int | None = None) -> dict[str, float]:
         """Fresh noise on every target from its clean float32 master; returns the σ used per norm."""
         sigmas = self.sigmas(step, total_steps)
-        generator = torch.Generator()
-        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        seed = seed if seed is not None else int(torch.seed() % 2**63)
+        draws = self._draws(seed)
         with torch.no_grad():
             for name, module in self._norms:
                 master = self._masters[name]
-                noise = torch.randn(master.shape, generator=generator, dtype=torch.float32) * sigmas[name]
+                noise = draws[name] * sigmas[name]
                 module.weight.copy_((master + noise.to(master.device)).to(module.weight.dtype))
                 self._applied_weights[name] = module.weight.detach().clone()
         self._applied = True
         noisy = [f"{name}={value:.3g}" for name, value in sigmas.items() if value > 0]
         log.info("applied noise to %d RMSNorm layers: %s", len(noisy), ", ".join(noisy))
         return sigmas
+
+    def _draws(self, seed: int) -> dict[str, torch.Tensor]:
+        """Standardised float32 noise per norm: torch's Gaussian stream (as in hwdiff 0.1) when every law is
+        Gaussian and independent, else numpy draws of each law mixed along depth per norm class."""
+        if all(law == ("gaussian", None) for law in self.laws.values()) and not self.rho and self.correlation is None:
+            generator = torch.Generator().manual_seed(seed)
+            return {name: torch.randn(self._masters[name].shape, generator=generator, dtype=torch.float32)
+                    for name in self.targets}
+        rng = np.random.default_rng(seed)
+        raw = {name: standardized(*self.laws[name], rng, self._masters[name].numel()) for name in self.targets}
+        out = {}
+        for chain in _chains(self.targets):
+            matrix = self.correlation if len(chain) > 1 else None  # a lone norm (the final one) mixes with nothing
+            mixed = mixing_matrix(len(chain), self.rho, matrix) @ np.stack([raw[n] for n in chain])
+            out.update({name: torch.from_numpy(mixed[i].astype(np.float32)).reshape(self._masters[name].shape)
+                        for i, name in enumerate(chain)})
+        return out
 
     def restore(self) -> None:
         """Put back the clean weights, bit for bit."""
@@ -145,6 +173,31 @@ class AQNInjector:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def _laws(sigma: Any, targets: list[str], law: str | None, df: float | None) -> dict[str, tuple[str, float | None]]:
+    """(law, df) per target: the explicit one, else each norm's from a calibration, else Gaussian."""
+    layers = {layer.name: layer for layer in getattr(sigma, "layers", ())}
+    out = {}
+    for name in targets:
+        chosen = (law, df) if law is not None else (
+            (layers[name].law, layers[name].df) if name in layers else ("gaussian", None))
+        check_law(*chosen)
+        out[name] = (chosen[0], chosen[1] if chosen[0] == "student_t" else None)
+    return out
+
+
+def _chains(targets: list[str]) -> list[list[str]]:
+    """Norms grouped by class (their role, e.g. every input_layernorm) in layer order; others alone."""
+    classes: dict[str, list[tuple[int, str]]] = {}
+    singles = []
+    for name in targets:
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.(.+)$", name)
+        if match:
+            classes.setdefault(match.group(2), []).append((int(match.group(1)), name))
+        else:
+            singles.append([name])
+    return [[name for _, name in sorted(chain)] for chain in classes.values()] + singles
 
 
 def _layer_names(sigma: Any) -> list[str] | None:

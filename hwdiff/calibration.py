@@ -63,6 +63,9 @@ class LayerSigma:
     sigma_start: float
     multiplier: float
     gain_block: float | None = None  # measured: relative sub-block error per unit realized σ
+    law: str = "gaussian"  # the noise law that best reproduces the measured error (hwdiff.laws)
+    df: float | None = None  # Student-t degrees of freedom (pooled over the norms that choose it)
+    law_why: str = ""
 
     @property
     def assumed_gain(self) -> float:
@@ -88,10 +91,17 @@ class VerifyLayer:
     target_error: float
     induced_error: float  # rms over seeds of the relative L2 error induced there
     realized_sigma: float  # rms over seeds of the power-weighted realized σ (rms of Δy at the norm)
+    law: str = "gaussian"  # the calibrated law that was injected
+    law_induced: str | None = None  # the law fitted to the weight noise recovered from the induced error
+    df_induced: float | None = None
 
     @property
     def ratio(self) -> float:
         return self.induced_error / self.target_error if self.target_error else math.nan
+
+    @property
+    def law_matches(self) -> bool | None:
+        return None if self.law_induced is None else self.law_induced == self.law
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,10 @@ class VerifyResult:
     def passed(self) -> bool:
         return not self.failed
 
+    @property
+    def law_mismatches(self) -> tuple[VerifyLayer, ...]:
+        return tuple(layer for layer in self.layers if layer.law_matches is False)
+
     def layer(self, name: str) -> VerifyLayer:
         return next(layer for layer in self.layers if layer.name == name)
 
@@ -117,12 +131,14 @@ class VerifyResult:
         return {"method": self.method, "band": list(self.band), "seeds": self.seeds, "passed": self.passed,
                 "layers": {l.name: {"measured_at": l.measured_at, "target_error": l.target_error,
                                     "induced_error": l.induced_error, "realized_sigma": l.realized_sigma,
-                                    "ratio": _num(l.ratio)} for l in self.layers}}
+                                    "ratio": _num(l.ratio), "law": l.law, "law_induced": l.law_induced,
+                                    "df_induced": l.df_induced} for l in self.layers}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VerifyResult":
         layers = tuple(VerifyLayer(name, e["measured_at"], float(e["target_error"]), float(e["induced_error"]),
-                                   float(e["realized_sigma"])) for name, e in data["layers"].items())
+                                   float(e["realized_sigma"]), e.get("law", "gaussian"), e.get("law_induced"),
+                                   e.get("df_induced")) for name, e in data["layers"].items())
         return cls(layers, tuple(data["band"]), int(data["seeds"]), data["method"])
 
 
@@ -150,6 +166,8 @@ class Calibration:
     rounding_dtype: str | None = None
     verify: VerifyResult | None = None
     warnings: tuple[str, ...] = ()
+    rho: float = 0.0  # recommended correlation of consecutive layers' noise (AR(1) along depth)
+    correlation_note: str = ""
 
     @property
     def factor(self) -> float:
@@ -182,6 +200,7 @@ class Calibration:
             "qerl_presets": {name: {"sigma_start": a, "sigma_end": b} for name, (a, b) in QERL_PRESETS.items()},
             "layers": {layer.name: _layer_dict(layer) for layer in self.layers},
             "skipped": dict(self.skipped),
+            "correlation": {"kind": "ar1-depth", "rho": self.rho, "note": self.correlation_note},
             "rounding": None if self.rounding_dtype is None else {
                 "dtype": self.rounding_dtype, "stages": [{"stage": r.stage, "sigma": r.sigma, "min_changed": r.min_changed,
                                                           "median_changed": r.median_changed, "weakest": r.weakest}
@@ -212,6 +231,7 @@ def _layer_dict(layer: LayerSigma) -> dict[str, Any]:
            "multiplier": layer.multiplier}
     if layer.gain_block is not None:
         out["gain_block"] = layer.gain_block
+    out.update(law=layer.law, df=layer.df, law_why=layer.law_why)
     return out
 
 
@@ -264,10 +284,25 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
         sigma_start=start * sigmas[e.name] / end, multiplier=sigmas[e.name] / end, gain_block=gains.get(e.name),
     ) for e in errors if e.skip_reason is None)
     skipped = {e.name: e.skip_reason for e in errors if e.skip_reason is not None}
-    calibration = Calibration(layers, schedule, "local", "measured" if gains else "output-rms", rule,
-                              _provenance(summary, diff), skipped, warnings=tuple(warnings))
+    calibration = with_laws(Calibration(layers, schedule, "local", "measured" if gains else "output-rms", rule,
+                                        _provenance(summary, diff), skipped, warnings=tuple(warnings)), summary)
     return with_rounding(calibration, weights if weights is not None else _reference_weights(summary, layers),
                          weight_dtype or str(summary.get("reference", {}).get("dtype", "float32")))
+
+
+def with_laws(calibration: Calibration, summary: dict[str, Any]) -> Calibration:
+    """Per norm the law (and Student-t df) that reproduces its measured local error, and the
+    recommended correlation along depth (:mod:`hwdiff.law_evidence`)."""
+    from .law_evidence import law_evidence
+
+    evidence = law_evidence(summary, [l.name for l in calibration.layers if l.sigma_end > 0])
+    missing = evidence.note if evidence.note.startswith("law:") else (
+        "law: Gaussian assumed — the norm's own local error is zero (the error lives in its sub-block, whose law "
+        "is not measured at the norm)")
+    layers = tuple(replace(l, law=evidence.fits[l.name].law, df=evidence.fits[l.name].df, law_why=evidence.fits[l.name].why)
+                   if l.name in evidence.fits else replace(l, law_why=missing if l.sigma_end > 0 else "no noise")
+                   for l in calibration.layers)
+    return replace(calibration, layers=layers, rho=evidence.rho, correlation_note=evidence.note)
 
 
 def with_sigmas(calibration: Calibration, other: Calibration) -> Calibration:
@@ -504,11 +539,11 @@ def format_calibration(calibration: Calibration) -> str:
     lines = [f"method: {calibration.method} ({METHOD_NOTE})", f"conversion: {calibration.conversion}",
              f"schedule: {s.kind}, {s.num_stages} stages, sigma {s.sigma_start:.3g} -> {s.sigma_end:.3g} "
              f"(sigma_start rule: {calibration.start_rule})", f"for comparison: {presets}", "",
-             f"{'norm':<42} {'target err':>10} {'y rms':>7} {'sigma_end':>10} {'sigma_start':>11} {'mult':>6}"
+             f"{'norm':<42} {'target err':>10} {'y rms':>7} {'sigma_end':>10} {'sigma_start':>11} {'mult':>6} {'law':>14}"
              + ("  verify (induced/target)" if calibration.verify else "")]
     for layer in calibration.layers:
         row = (f"{layer.name:<42} {layer.target_error:>10.3g} {layer.output_rms:>7.3f} {layer.sigma_end:>10.3g} "
-               f"{layer.sigma_start:>11.3g} {layer.multiplier:>6.2f}")
+               f"{layer.sigma_start:>11.3g} {layer.multiplier:>6.2f} {_law_text(layer):>14}")
         if calibration.verify and any(v.name == layer.name for v in calibration.verify.layers):
             check = calibration.verify.layer(layer.name)
             row += f"  {check.ratio:.2f} at {check.measured_at.rsplit('.', 2)[-2:][-1]}"
@@ -516,8 +551,16 @@ def format_calibration(calibration: Calibration) -> str:
     for name, reason in calibration.skipped.items():
         lines.append(f"{name:<42} skipped: {reason}")
     lines += _rounding_lines(calibration) + _verify_lines(calibration.verify)
+    if calibration.correlation_note:
+        lines.append(f"\ncorrelation along depth: rho {calibration.rho:g} — {calibration.correlation_note}")
     lines += [f"warning: {w}" for w in calibration.warnings]
     return "\n".join(lines)
+
+
+def _law_text(layer: LayerSigma) -> str:
+    if layer.sigma_end == 0:
+        return "-"
+    return f"student_t({layer.df:.2f})" if layer.law == "student_t" and layer.df else layer.law
 
 
 def _rounding_lines(calibration: Calibration) -> list[str]:
@@ -534,4 +577,10 @@ def _verify_lines(result: VerifyResult | None) -> list[str]:
         return []
     lo, hi = result.band
     verdict = "PASS" if result.passed else f"FAIL ({len(result.failed)} norm(s) outside)"
-    return ["", f"verify: {verdict} — induced/target within {lo:g}-{hi:g} at the sub-block output, {result.seeds} seeds"]
+    lines = ["", f"verify: {verdict} — induced/target within {lo:g}-{hi:g} at the sub-block output, {result.seeds} seeds"]
+    checked = [l for l in result.layers if l.law_induced is not None]
+    if checked:
+        lines.append(f"verify law: the noise recovered from the induced error fits the calibrated law at "
+                     f"{len(checked) - len(result.law_mismatches)} of {len(checked)} norms"
+                     + "".join(f"; {l.name}: {l.law} injected, {l.law_induced} fitted" for l in result.law_mismatches[:3]))
+    return lines

@@ -116,8 +116,22 @@ def hydra_overrides(calibration: Calibration) -> list[str]:
             f"'{prefix}.layer_sigma_config.layer_multipliers={{{multipliers}}}'"]
 
 
+def law_lost(calibration: Calibration) -> str | None:
+    """What a Gaussian, independent export drops of the calibrated laws and correlation, or None."""
+    other = sorted({f"{l.law}" + (f"(df {l.df:.2f})" if l.df else "") for l in calibration.layers
+                    if l.sigma_end > 0 and l.law != "gaussian"})
+    parts = ([f"the measured law is {', '.join(other)} for some norms"] if other else []) + (
+        [f"consecutive layers' noise correlates at rho {calibration.rho:g}"] if calibration.rho else [])
+    if not parts:
+        return None
+    return ("; ".join(parts) + ": this format draws independent Gaussian noise — the Gaussian sigma (the same standard "
+            "deviation) is kept, the tails and the correlation are lost (hwdiff's injector and apply_schedule keep them)")
+
+
 def _write_verl(calibration: Calibration, path: Path) -> Path:
     plan = verl_plan(calibration)
+    if law_lost(calibration):
+        log.warning("verl export: %s", law_lost(calibration))
     for line in plan.lost:
         log.warning("verl export: %s", line)
     if plan.exclude_patterns:
@@ -131,6 +145,8 @@ def _write_qerl(calibration: Calibration, path: Path) -> Path:
     log.warning("QeRL export: one global schedule; the per-norm values (multipliers %.3g … %.3g) are lost",
                 min(multipliers), max(multipliers))
     log.warning("QeRL export: %s", QERL_NVFP4_ONLY)
+    if law_lost(calibration):
+        log.warning("QeRL export: %s", law_lost(calibration))
     s = calibration.schedule
     return write_yaml(path, {"sigma_start": s.sigma_start, "sigma_end": s.sigma_end, "num_stages": s.num_stages})
 

@@ -45,20 +45,35 @@ class _Probe:
 
         from .hooks import record
 
-        with torch.inference_mode(), record(self.model, [f"^{re.escape(n)}$" for n in self.names]) as rec:
+        with torch.inference_mode(), record(self.model, [f"^{re.escape(n)}$" for n in self.names],
+                                            record_inputs=True) as rec:
             self.model(input_ids=self.ids, use_cache=False)
-        return {key[0]: values[0].double() for key, values in rec.activations.items()
-                if key[2] == "output" and key[1] == 0}
+        out = {key[0]: values[0].double() for key, values in rec.activations.items()
+               if key[2] == "output" and key[1] == 0}
+        self.inputs = {key[0]: values[0].double() for key, values in rec.activations.items()
+                       if key[2] == "input" and key[1] == 0}
+        return out
 
-    def inject(self, norm: str, sigma: float, seed: int) -> tuple[float, dict[str, float]]:
-        """(realized σ at ``norm``, {module: relative L2 error induced there}) for σ at ``norm`` alone."""
+    def inject(self, norm: str, sigma: float, seed: int, law: str = "gaussian",
+               df: float | None = None) -> tuple[float, dict[str, float]]:
+        """(realized σ at ``norm``, {module: relative L2 error induced there}) for σ at ``norm`` alone;
+        keeps the induced change at the norm's output in ``self.last_delta``."""
         from .aqn import AQNInjector
 
-        with AQNInjector(self.model, {norm: sigma}, check_count=False) as injector:
+        with AQNInjector(self.model, {norm: sigma}, law=law, df=df, check_count=False) as injector:
             injector.apply(seed=seed)
             noisy = self.run()
-        realized = float((noisy[norm] - self.clean[norm]).pow(2).mean().sqrt())
+        self.last_delta = noisy[norm] - self.clean[norm]
+        realized = float(self.last_delta.pow(2).mean().sqrt())
         return realized, {name: _relative(self.clean[name], noisy[name]) for name in self.names}
+
+    def induced_noise(self, norm: str) -> Any:
+        """The weight noise that explains the last induced change at ``norm`` (hwdiff.laws.equivalent_noise)."""
+        from .laws import equivalent_noise
+
+        x = self.inputs[norm].reshape(-1, self.inputs[norm].shape[-1]).numpy()
+        x_hat = x / ((x * x).mean(axis=1, keepdims=True) + 1e-6) ** 0.5
+        return equivalent_noise(self.last_delta.reshape(-1, x.shape[-1]).numpy(), x_hat)
 
 
 def _relative(reference: Any, other: Any) -> float:
@@ -96,13 +111,21 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
     layers = [layer for layer in calibration.layers if layer.sigma_end > 0]
     if not layers:
         raise HwdiffError("no norm has sigma_end > 0: nothing to verify")
+    import numpy as np
+
+    from .laws import fit_law
+
     probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n])
     checks = []
     for index, layer in enumerate(layers):
         where = layer.sub_block or layer.name
-        runs = [probe.inject(layer.name, layer.sigma_end, seed=7919 * index + s) for s in range(seeds)]
+        runs, noise = [], []
+        for s in range(seeds):
+            runs.append(probe.inject(layer.name, layer.sigma_end, seed=7919 * index + s, law=layer.law, df=layer.df))
+            noise.append(probe.induced_noise(layer.name))
+        induced = fit_law(np.concatenate(noise))
         checks.append(VerifyLayer(layer.name, where, layer.target_error, _rms([e[where] for _, e in runs]),
-                                  _rms([r for r, _ in runs])))
+                                  _rms([r for r, _ in runs]), layer.law, induced.law, induced.df))
     method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, "
               f"{PROBE_PROMPTS} shipped prompts); induced = relative L2 error at the sub-block output")
     return VerifyResult(tuple(checks), band, seeds, method)

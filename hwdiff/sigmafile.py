@@ -58,7 +58,8 @@ def _calibration(data: dict, schema: str) -> Calibration:
         tuple(StageRounding(int(r["stage"]), float(r["sigma"]), float(r["min_changed"]), float(r["median_changed"]),
                             r["weakest"]) for r in rounding.get("stages", [])),
         rounding.get("dtype"), VerifyResult.from_dict(data["verify"]) if data.get("verify") else None,
-        tuple(data.get("warnings") or ()))
+        tuple(data.get("warnings") or ()), float((data.get("correlation") or {}).get("rho", 0.0)),
+        (data.get("correlation") or {}).get("note", ""))
 
 
 def _layer(name: str, entry: dict) -> LayerSigma:
@@ -72,4 +73,6 @@ def _layer(name: str, entry: dict) -> LayerSigma:
     return LayerSigma(name=name, layer_index=entry.get("layer_index"), sub_block=entry.get("sub_block"),
                       norm_error=float(entry.get("norm_error", entry.get("measured_error", 0.0))),
                       block_error=float(entry.get("block_error", 0.0)), output_rms=output_rms, weight_rms=weight_rms,
-                      gain_block=None if gain is None else float(gain), **values)
+                      gain_block=None if gain is None else float(gain), law=entry.get("law", "gaussian"),
+                      df=None if entry.get("df") is None else float(entry["df"]), law_why=entry.get("law_why", ""),
+                      **values)

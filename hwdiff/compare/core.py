@@ -109,7 +109,8 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     return DiffResult(
         reference=_meta(ref), target=_meta(tgt), golden=_meta(gold) if gold is not None else None,
         layers=ordered, unmatched=tuple(unmatched), correlation=correlation,
-        growth=_growth(ordered, positions), first_divergence=first_divergence(ordered), arrays=arrays)
+        growth=_growth(ordered, positions), first_divergence=first_divergence(ordered), arrays=arrays,
+        local=_meta(loc) if loc is not None else None)
 
 
 def _alias_key(pair: Pair) -> tuple[str, int, str] | None:

@@ -64,7 +64,7 @@ def summary(result: DiffResult) -> dict[str, Any]:
     first = result.first_divergence
     return {
         "schema": SUMMARY_SCHEMA, "hwdiff_version": __version__,
-        "reference": result.reference, "target": result.target, "golden": result.golden,
+        "reference": result.reference, "target": result.target, "golden": result.golden, "local": result.local,
         "exact": result.exact,
         "modules": [layer_summary(layer) for layer in result.layers],
         "unmatched": [{"name": u.name, "call": u.call, "slot": u.slot, "reason": u.reason} for u in result.unmatched],

@@ -130,6 +130,7 @@ class DiffResult:
     growth: Growth | None
     first_divergence: FirstDivergence | None
     arrays: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    local: dict[str, Any] | None = None  # metadata of the replay given as --local
 
     def layer(self, name: str, call: int = 0, slot: str = "output") -> LayerDiff:
         for layer in self.layers:

@@ -187,7 +187,26 @@ def _sigma_fact(calibration: Any, implied: bool, why_none: str | None = None) ->
                   f"{lo:g}–{hi:g}× the target error at the sub-block output"
                   f"{'' if calibration.verify.passed else f' except at {len(calibration.verify.failed)} norm(s)'}.")
     return (f"σ_end {s.sigma_end:.3g} (median over norms; per norm {span}), σ_start {s.sigma_start:.3g} "
-            f"({calibration.start_rule}), {s.num_stages} stages — {source}. For comparison: {presets}.{verify}")
+            f"({calibration.start_rule}), {s.num_stages} stages — {source}. For comparison: {presets}.{verify}"
+            f"{_law_fact(calibration)}")
+
+
+def _law_fact(calibration: Any) -> str:
+    """The noise law and correlation calibrate chose, in words (docs/calibrate.md, "Noise laws")."""
+    noisy = [l for l in calibration.layers if l.sigma_end > 0]
+    if not noisy:
+        return ""
+    counts: dict[str, int] = {}
+    for layer in noisy:
+        counts[layer.law] = counts.get(layer.law, 0) + 1
+    law, count = max(counts.items(), key=lambda item: item[1])
+    df = next((l.df for l in noisy if l.law == "student_t" and l.df), None)
+    example = next((l.law_why for l in noisy if l.law == law and l.law_why), "")
+    text = (f" Noise law: {law}{f' (df {df:.2f})' if law == 'student_t' and df else ''} for {count} of {len(noisy)} "
+            f"norms" + (f" — e.g. {example}" if example else ""))
+    if getattr(calibration, "correlation_note", ""):
+        text += f"; depth correlation ρ = {calibration.rho:g}: {calibration.correlation_note}"
+    return text + "."
 
 
 def _meta_rows(summary: dict) -> list[tuple[str, str, str]]:
