@@ -51,12 +51,18 @@ def describe(index: int) -> dict[str, Any]:
 
 
 def _cann_version(torch_npu: Any) -> str:
-    for getter in ("get_cann_version",):
-        fn = getattr(getattr(torch_npu, "npu", None), getter, None) or getattr(torch_npu, getter, None)
-        if callable(fn):
-            try:
-                return str(fn())
-            except Exception:  # older torch_npu raise when CANN's version file is missing
-                break
-    version = getattr(getattr(torch_npu, "version", None), "cann", None)
-    return str(version) if version else "unknown"
+    """CANN's version: ``torch_npu.npu.get_cann_version()`` (newer torch_npu; "" when CANN does not
+    say), else ``torch.version.cann`` (set by torch_npu's collect_env at import; "not known" when it
+    found no install file), else "unknown"."""
+    import torch
+
+    getter = getattr(getattr(torch_npu, "npu", None), "get_cann_version", None)
+    if callable(getter):
+        try:
+            version = str(getter() or "")
+        except Exception:  # a CANN without the version query raises; the fallback may still know
+            version = ""
+        if version:
+            return version
+    version = str(getattr(torch.version, "cann", None) or "")
+    return version if version and version != "not known" else "unknown"
