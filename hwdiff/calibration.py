@@ -77,7 +77,8 @@ class LayerSigma:
     @property
     def target_error(self) -> float:
         """The error σ_end is meant to reproduce at the sub-block output (at the norm when it feeds none):
-        the sub-block's local error with the norm's own error carried there through the gain."""
+        the sub-block's local error with the norm's own error carried there through the gain the
+        conversion assumed (``--verify`` recomputes it with the gain it measures)."""
         carried = self.norm_error * self.output_rms * self.assumed_gain
         return math.hypot(carried, self.block_error)
 

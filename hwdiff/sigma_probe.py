@@ -106,8 +106,11 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
            band: tuple[float, float] = VERIFY_BAND) -> VerifyResult:
     """Inject each norm's σ_end alone (``seeds`` draws) into a float32 copy of ``model`` and compare the
     relative error it induces at the sub-block output (at the norm when it feeds none) with the error
-    that σ_end was calibrated to reproduce there (:attr:`LayerSigma.target_error`). A ratio outside
-    ``band`` fails. Norms with σ_end = 0 are not injected."""
+    the hardware makes there: the sub-block's local error and the norm's own error carried through the
+    gain that acted in this very injection (induced error / realized σ) — the hardware's norm error
+    reaches the sub-block through the same gain as the noise. So the check isolates what calibrate
+    assumed or measured elsewhere: the gain applied to the sub-block's own error, and σ itself. A ratio
+    outside ``band`` fails. Norms with σ_end = 0 are not injected."""
     layers = [layer for layer in calibration.layers if layer.sigma_end > 0]
     if not layers:
         raise HwdiffError("no norm has sigma_end > 0: nothing to verify")
@@ -123,9 +126,11 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
         for s in range(seeds):
             runs.append(probe.inject(layer.name, layer.sigma_end, seed=7919 * index + s, law=layer.law, df=layer.df))
             noise.append(probe.induced_noise(layer.name))
-        induced = fit_law(np.concatenate(noise))
-        checks.append(VerifyLayer(layer.name, where, layer.target_error, _rms([e[where] for _, e in runs]),
-                                  _rms([r for r, _ in runs]), layer.law, induced.law, induced.df))
+        induced_error, realized = _rms([e[where] for _, e in runs]), _rms([r for r, _ in runs])
+        gain = induced_error / realized if realized else math.nan  # the gain that acted, measured here
+        target = math.hypot(gain * layer.norm_error * layer.output_rms, layer.block_error)
+        fitted = fit_law(np.concatenate(noise))
+        checks.append(VerifyLayer(layer.name, where, target, induced_error, realized, layer.law, fitted.law, fitted.df))
     method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, "
               f"{PROBE_PROMPTS} shipped prompts); induced = relative L2 error at the sub-block output")
     return VerifyResult(tuple(checks), band, seeds, method)
