@@ -1,6 +1,7 @@
 """``hwdiff.capture``: run fixed inputs through a model and write every selected activation to HDF5."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,9 +38,11 @@ class CaptureOptions:
     seed: int = 0
     compression: str | None = None
     progress: bool = True
+    logprobs: bool = True  # token log-probabilities at the head (/logprobs, hwdiff.logprobs)
+    logprob_topk: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "tokens"):
+        for name in ("batch_size", "tokens", "logprob_topk"):
             if getattr(self, name) < 1:
                 raise HwdiffError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.compression not in (None, "gzip", "lzf"):
@@ -94,8 +97,12 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
         writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=mode, sample_positions=positions,
                                compression=opts.compression, synchronous=device.type == "cpu")
         try:
-            with record(model, modules, kinds=kinds, mode=mode, record_inputs=record_inputs, sink=writer) as rec:
+            with record(model, modules, kinds=kinds, mode=mode, record_inputs=record_inputs, sink=writer) as rec, \
+                    _logprobs(model, writer, opts) as lp:
                 _run_batches(model, rec, inputs, positions, device, opts)
+            if opts.logprobs and not lp.batches:
+                log.warning("%s has no head module and no logits output: no token log-probabilities stored",
+                            type(model).__name__)
             final = writer.finish({"capture_seconds": time.perf_counter() - started})
         except BaseException:
             writer.abort()
@@ -106,6 +113,15 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
         log.warning("NaN/Inf activations in %d module(s), first in forward order: %s",
                     len(result.nonfinite_modules), result.nonfinite_modules[0])
     return result
+
+
+def _logprobs(model: torch.nn.Module, writer: CaptureWriter, opts: CaptureOptions) -> Any:
+    """The head's token log-probabilities of every batch into ``writer`` (a no-op scope when off)."""
+    from .logprobs import _State, record_logprobs
+
+    if not opts.logprobs:
+        return contextlib.nullcontext(_State())
+    return record_logprobs(model, writer.put, opts.logprob_topk)
 
 
 def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np.ndarray | None,

@@ -18,6 +18,28 @@ Layout (schema ``hwdiff/capture/1``)::
                                     ``call_spec`` attribute, so that replay can call it again
     /modules/<name>/<call>/output_stats  float64 compound record (mode "stats", instead of output)
 
+    /logprobs               token log-probabilities at the head (every mode; absent in files written
+                            before it existed, and when the model has no head): attrs ``topk`` (k),
+                            ``compute_dtype`` (float64 where the device has it, else float32),
+                            ``head_dtype`` (dtype of the logits), ``source`` (head module name or
+                            ``logits``), ``definition``
+    /logprobs/next_token    [sequences, tokens]: log p(input_ids[s, t+1] | tokens ≤ t) under the
+                            model (teacher forcing on the fixed inputs); NaN at the last position
+    /logprobs/entropy       [sequences, tokens]: −Σ_v p log p of the distribution at position t (nats)
+    /logprobs/topk_ids      int64 [sequences, tokens, k]: the k most probable next tokens, best first
+    /logprobs/topk_logprobs [sequences, tokens, k]: their log-probabilities
+    /generation             greedy generation files only (root ``mode = "generate"``, no modules):
+                            ``ids`` int64 [sequences, N] (generated tokens, ``pad`` after ``lengths``),
+                            ``lengths`` int64 [sequences], ``logprobs`` [sequences, N] (log-prob of each
+                            generated token), ``entropy``, ``topk_ids`` and ``topk_logprobs`` as in
+                            /logprobs; attrs ``max_new_tokens``, ``strategy``, ``topk``,
+                            ``compute_dtype``, ``head_dtype``, ``pad``
+
+Log-probabilities are log_softmax of the head's logits computed on the capture device in
+``compute_dtype`` (never in the model's bfloat16), stored as computed (float64 or float32). All
+positions are kept in every mode (they are small: 8 bytes per token plus 16·k), padding included;
+readers mask with the attention mask.
+
 bfloat16 is stored as its raw uint16 bit patterns with ``dtype = "bfloat16"``; other float dtypes
 natively. A slot holding the very tensor another module already returned is an HDF5 soft link to it
 (attribute ``<slot>_alias_of`` on the call group). Files are written under a temporary name and
@@ -46,6 +68,8 @@ from .inputs import Inputs
 SCHEMA = "hwdiff/capture/1"
 SCHEMA_FAMILY, SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)
 MODES = ("full", "sample", "stats")
+GENERATE_MODE = "generate"  # root ``mode`` of a greedy generation file (:mod:`hwdiff.generate`)
+LOGPROB_FIELDS = ("next_token", "entropy", "topk_ids", "topk_logprobs")
 SLOTS = ("output", "input")
 CHUNK_BYTES = 4 << 20
 STATS_FIELDS = stats.FIELDS
@@ -97,6 +121,18 @@ class Record:
     event: Any = None  # device event to wait for before the host copy may be read
     reduced: bool = False  # ``array`` is already a stats parts vector (stats mode, accelerators)
     nonfinite: Any = None  # host int64 (NaN count, Inf count), counted on the device, or None
+
+
+@dataclass
+class LogProbRecord:
+    """Token log-probabilities of rows ``[row0, row0 + len)`` (host tensors, see the module
+    docstring): ``arrays`` maps each name of :data:`LOGPROB_FIELDS` to a tensor; ``attrs`` go on
+    the group once."""
+
+    row0: int
+    arrays: dict[str, Any]
+    attrs: dict[str, Any]
+    event: Any = None
 
 
 @dataclass
@@ -255,8 +291,12 @@ class CaptureWriter:
                     self._queued_bytes -= _nbytes(item)
                     self._room.notify_all()
 
-    def _handle(self, item: Record | Register | Alias | Signature) -> None:
-        if isinstance(item, Register):
+    def _handle(self, item: Record | Register | Alias | Signature | LogProbRecord) -> None:
+        if isinstance(item, LogProbRecord):
+            if item.event is not None:
+                item.event.synchronize()
+            self._write_logprobs(item)
+        elif isinstance(item, Register):
             self._register(item)
         elif isinstance(item, Signature):
             self._call_group(item.name, item.call).attrs["call_spec"] = item.spec
@@ -266,6 +306,29 @@ class CaptureWriter:
             if item.event is not None:
                 item.event.synchronize()
             self._write(item)
+
+    def _write_logprobs(self, item: LogProbRecord) -> None:
+        group = self._file.get("logprobs")
+        if group is None:
+            group = self._file.create_group("logprobs")
+            group.attrs.update({key: _attr(value) for key, value in item.attrs.items()})
+        for name in LOGPROB_FIELDS:
+            array = item.arrays[name].numpy()
+            dataset = group.get(name)
+            if dataset is None:
+                dataset = group.create_dataset(name, shape=(self.rows, *array.shape[1:]), dtype=array.dtype,
+                                               chunks=_chunk_shape((self.rows, *array.shape[1:]), array.itemsize))
+            if array.shape[1:] != dataset.shape[1:]:
+                raise HwdiffError(f"token log-probabilities changed shape between batches: "
+                                  f"{dataset.shape[1:]} then {array.shape[1:]}")
+            dataset[item.row0: item.row0 + array.shape[0]] = array
+
+    def write_generation(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+        """Write the ``/generation`` group of a greedy generation file (see the module docstring)."""
+        group = self._file.create_group("generation")
+        group.attrs.update({key: _attr(value) for key, value in attrs.items()})
+        for name, array in arrays.items():
+            group.create_dataset(name, data=array)
 
     def _register(self, item: Register) -> None:
         group = self._file["modules"].create_group(item.name)
@@ -328,7 +391,9 @@ class CaptureWriter:
         return dataset
 
 
-def _nbytes(item: Record | Register | Alias | Signature) -> int:
+def _nbytes(item: Record | Register | Alias | Signature | LogProbRecord) -> int:
+    if isinstance(item, LogProbRecord):
+        return sum(array.numel() * array.element_size() for array in item.arrays.values())
     return item.array.numel() * item.array.element_size() if isinstance(item, Record) else 0
 
 
@@ -364,6 +429,39 @@ class ModuleInfo:
     slots: tuple[str, ...]
     alias_of: str | None
     has_weight: bool
+
+
+@dataclass(frozen=True, eq=False)
+class TokenLogProbs:
+    """Token log-probabilities as stored in ``/logprobs`` (or ``/generation``): arrays
+    ``[sequences, positions]`` (``topk_*``: ``[sequences, positions, k]``), log-probs in nats."""
+
+    next_token: np.ndarray
+    entropy: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def topk(self) -> int:
+        return int(self.topk_ids.shape[-1])
+
+    def __repr__(self) -> str:
+        return f"TokenLogProbs({self.next_token.shape}, k={self.topk}, {self.attrs.get('compute_dtype')})"
+
+
+@dataclass(frozen=True, eq=False)
+class Generation:
+    """A greedy generation file's ``/generation`` group: ``ids`` / ``lengths`` and the log-probs of
+    the generated tokens (``logprobs.next_token`` [sequences, N] is each generated token's log-prob)."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    logprobs: TokenLogProbs
+    attrs: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"Generation({self.ids.shape[0]} prompts x {self.attrs.get('max_new_tokens')} new tokens)"
 
 
 class Capture:
@@ -410,6 +508,29 @@ class Capture:
     def sample_positions(self) -> np.ndarray | None:
         node = self._file["inputs"].get("sample_positions")
         return None if node is None else node[...]
+
+    @property
+    def is_generation(self) -> bool:
+        """A greedy generation file (:mod:`hwdiff.generate`) rather than a layer capture."""
+        return self.mode == GENERATE_MODE
+
+    def token_logprobs(self) -> TokenLogProbs | None:
+        """The ``/logprobs`` group, or None for files written without it (older hwdiff, no head)."""
+        group = self._file.get("logprobs")
+        if group is None:
+            return None
+        return TokenLogProbs(*(group[name][...] for name in LOGPROB_FIELDS),
+                             attrs={key: _plain(value) for key, value in group.attrs.items()})
+
+    def generation(self) -> Generation:
+        """The ``/generation`` group of a greedy generation file."""
+        group = self._file.get("generation")
+        if group is None:
+            raise CaptureFormatError(f"{self.path} is not a generation file (hwdiff generate); it has no /generation")
+        attrs = {key: _plain(value) for key, value in group.attrs.items()}
+        logprobs = TokenLogProbs(group["logprobs"][...], group["entropy"][...], group["topk_ids"][...],
+                                 group["topk_logprobs"][...], attrs)
+        return Generation(group["ids"][...], group["lengths"][...], logprobs, attrs)
 
     def activation(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray:
         """The whole stored slot, decoded exactly (bfloat16 widened to float32)."""

@@ -39,6 +39,9 @@ def check_comparable(reference: Capture, target: Capture, *, allow_model_mismatc
                      role: str = "target") -> None:
     """Refuse captures of different inputs, of another model (unless allowed), or of stats mode."""
     for cap in (reference, target):
+        if cap.is_generation:
+            raise HwdiffError(f"{cap.path} is a greedy generation file: compare two of them with "
+                              "hwdiff.compare.diff_generations (the CLI's diff does it for you)")
         if cap.mode == "stats":
             raise HwdiffError(f"{cap.path} is a 'stats' capture; diff needs 'full' or 'sample' captures")
     if reference.meta["inputs_fingerprint"] != target.meta["inputs_fingerprint"]:

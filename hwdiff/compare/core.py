@@ -16,6 +16,7 @@ from .align import Pair, align, check_comparable
 from .correlation import correlate, residual_positions
 from .fit import fit_errors
 from .metrics import Accumulator, beyond_rounding, lower_precision
+from .rl import rl_for
 from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff
 
 _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",
@@ -60,6 +61,8 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
             if extra is not None:
                 check_comparable(ref, extra, allow_model_mismatch=opts.allow_model_mismatch, role=role)
         result = _compare(ref, tgt, gold, loc, opts)
+        rl, absent = rl_for(ref, tgt)
+        result = dataclasses.replace(result, rl_impact=rl, rl_absent=absent)
     write_outputs(result, out=out, json_path=json_path, csv_path=csv_path)
     return result
 

@@ -16,6 +16,7 @@ import numpy as np
 from .._version import __version__
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff
+from .rl import csv_rows, format_rl, rl_summary
 
 SUMMARY_SCHEMA = "hwdiff/diff-summary/1"
 DIFF_SCHEMA = "hwdiff/diff/1"
@@ -77,6 +78,7 @@ def summary(result: DiffResult) -> dict[str, Any]:
         "first_divergence": None if first is None else {
             "name": first.name, "call": first.call, "detected_at": first.detected_at, "origin": first.origin,
             "beyond_rounding_frac": first.beyond_rounding_frac, "rel_l2": _num(first.rel_l2), "rule": first.rule},
+        "rl_impact": rl_summary(result.rl_impact, result.rl_absent),
     }
 
 
@@ -115,6 +117,7 @@ def write_outputs(result: DiffResult, *, out: Any = None, json_path: Any = None,
         _atomic(Path(json_path), lambda path: path.write_text(json.dumps(summary(result), indent=1)))
     if csv_path is not None:
         _atomic(Path(csv_path), lambda path: _write_csv(result, path))
+        _atomic(rl_csv_path(csv_path), lambda path: _write_rl_csv(result, path))
     if out is not None:
         _atomic(Path(out), lambda path: _write_h5(result, path))
 
@@ -124,6 +127,19 @@ def _write_csv(result: DiffResult, path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(_csv_rows(result))
+
+
+def rl_csv_path(csv_path: Any) -> Path:
+    """Where the RL block's CSV goes beside the per-module CSV: ``table.csv`` → ``table.rl.csv``."""
+    path = Path(csv_path)
+    return path.with_name(f"{path.stem}.rl{path.suffix or '.csv'}")
+
+
+def _write_rl_csv(result: DiffResult, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("metric", "value", "note"))
+        writer.writeheader()
+        writer.writerows(csv_rows(rl_summary(result.rl_impact, result.rl_absent)))
 
 
 def _write_h5(result: DiffResult, path: Path) -> None:
@@ -184,6 +200,7 @@ def format_table(result: DiffResult, top: int = 25) -> str:
     if result.growth and not math.isnan(result.growth.factor_per_layer):
         lines.append(f"growth     x{result.growth.factor_per_layer:.3g} per decoder layer "
                      f"(rel L2 {result.growth.rel_l2[0]:.3g} -> {result.growth.rel_l2[-1]:.3g})")
+    lines += format_rl(result.rl_impact, result.rl_absent)
     lines += ["", *_table(result, top)]
     for item in result.unmatched[:10]:
         lines.append(f"unmatched  {item.name}/{item.call}/{item.slot}: {item.reason}")

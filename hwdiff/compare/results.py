@@ -9,6 +9,7 @@ from .align import Unmatched
 from .correlation import Correlation
 from .fit import FitResult
 from .metrics import Metrics
+from .rl import RLImpact
 
 DIVERGENCE_THRESHOLD = 0.01
 DIVERGENCE_RULE = (
@@ -131,6 +132,8 @@ class DiffResult:
     first_divergence: FirstDivergence | None
     arrays: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     local: dict[str, Any] | None = None  # metadata of the replay given as --local
+    rl_impact: RLImpact | None = None  # token log-prob mismatch (compare/rl.py); None: see rl_absent
+    rl_absent: str = ""  # why there is no RL block (older captures without /logprobs)
 
     def layer(self, name: str, call: int = 0, slot: str = "output") -> LayerDiff:
         for layer in self.layers:
