@@ -24,7 +24,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     result = capture(model, args.output, inputs=args.inputs, modules=args.modules, kinds=args.kinds,
                      mode=args.mode, record_inputs=args.record_inputs, emulate=args.emulate, batch_size=args.batch_size,
                      max_tokens=args.max_tokens, limit=args.limit, tokens=args.tokens, seed=args.seed,
-                     compression=args.compression, progress=not args.quiet)
+                     compression=args.compression, progress=not args.quiet, logprobs=not args.no_logprobs,
+                     logprob_topk=args.logprob_topk)
     print(result)
     return 0
 
@@ -103,7 +104,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .compare import diff
+    from .compare.generation import diff_generations, format_generation_diff, is_generation_pair
     from .compare.output import format_table
+
+    if is_generation_pair(args.reference, args.target, output=args.output, golden=args.golden, local=args.local):
+        gen = diff_generations(args.reference, args.target, json_path=args.json, csv_path=args.csv,
+                               allow_model_mismatch=args.allow_model_mismatch)
+        print(format_generation_diff(gen))
+        written = [path for path in (args.json, args.csv) if path]
+        if written:
+            print(f"\nwrote {', '.join(map(str, written))}")
+        return 0
 
     result = diff(args.reference, args.target, out=args.output, golden=args.golden, local=args.local, json_path=args.json,
                   csv_path=args.csv, strict=args.strict, allow_model_mismatch=args.allow_model_mismatch,
@@ -112,6 +123,17 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     written = [path for path in (args.output, args.json, args.csv) if path]
     if written:
         print(f"\nwrote {', '.join(map(str, written))}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
+                       seed=args.seed)
+    print(generate(model, args.output, inputs=args.inputs, max_new_tokens=args.max_new_tokens, topk=args.topk,
+                   max_tokens=args.max_tokens, limit=args.limit, progress=not args.quiet))
     return 0
 
 
@@ -130,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_capture(sub)
     _add_diff(sub)
+    _add_generate(sub)
     _add_replay(sub)
     _add_probe_ops(sub)
     _add_calibrate(sub)
@@ -182,6 +205,10 @@ def _add_capture(sub: Any) -> None:
     cap.add_argument("--seed", type=int, default=0,
                      help="seed of built-in model weights and of sample positions (default: %(default)s)")
     cap.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="HDF5 compression (default: none)")
+    cap.add_argument("--logprob-topk", type=int, default=8,
+                     help="top-k ids and log-probs kept per position with the head's token log-probabilities "
+                          "(/logprobs, stored in every mode; docs/rl-impact.md) (default: %(default)s)")
+    cap.add_argument("--no-logprobs", action="store_true", help="do not store the head's token log-probabilities")
     cap.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     _quiet_arg(cap)
     cap.set_defaults(handler=_cmd_capture)
@@ -190,8 +217,10 @@ def _add_capture(sub: Any) -> None:
 def _add_diff(sub: Any) -> None:
     dif = sub.add_parser("diff", help="compare two captures module by module",
                          description="Compare TARGET against REFERENCE module by module: exactness, ULP, relative "
-                                     "error, error distribution fits, cross-layer correlation, first divergence. "
-                                     "Prints the worst modules first.")
+                                     "error, error distribution fits, cross-layer correlation, first divergence, and "
+                                     "the RL impact (token log-prob mismatch at the head, docs/rl-impact.md). "
+                                     "Prints the worst modules first. Given two generation files (hwdiff generate): "
+                                     "where each prompt's greedy continuations split.")
     dif.add_argument("reference", help="reference capture (.h5)")
     dif.add_argument("target", help="target capture (.h5), same model and inputs")
     dif.add_argument("--golden", default=None, help="a third capture (e.g. CPU float32): each side's error against it")
@@ -200,7 +229,8 @@ def _add_diff(sub: Any) -> None:
                           "module's local error, the propagated part and the amplification")
     dif.add_argument("-o", "--output", default=None, help="write everything, histograms included, to this diff.h5")
     dif.add_argument("--json", default=None, help="write the summary (schema hwdiff/diff-summary/1) to this file")
-    dif.add_argument("--csv", default=None, help="write a flat table to this file")
+    dif.add_argument("--csv", default=None,
+                     help="write a flat table to this file (and the RL block to NAME.rl.csv beside it)")
     dif.add_argument("--strict", action="store_true", help="fail when any module or call cannot be paired")
     dif.add_argument("--allow-model-mismatch", action="store_true", help="compare captures of different weights")
     dif.add_argument("--fit-samples", type=int, default=20_000,
@@ -209,6 +239,27 @@ def _add_diff(sub: Any) -> None:
     dif.add_argument("--top", type=int, default=25, help="rows in the printed table (default: %(default)s)")
     _quiet_arg(dif)
     dif.set_defaults(handler=_cmd_diff)
+
+
+def _add_generate(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="greedy-decode the prompts and store the tokens and their log-probs",
+                         description="Greedy decoding (transformers generate, do_sample=False, one prompt at a time) "
+                                     "of the shipped prompts or --inputs; stores the generated ids and each token's "
+                                     "log-prob, entropy and top-k with the capture metadata. `hwdiff diff A B` of two "
+                                     "such files says where each prompt's continuations split (docs/rl-impact.md).")
+    gen.add_argument("--model", default="tiny-qwen2", help="built-in name, local checkpoint or hub id (default: %(default)s)")
+    _device_arg(gen)
+    gen.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16 or float64 (default: %(default)s)")
+    gen.add_argument("--attn-impl", default=None, help="attention kernel path: eager, sdpa, ... (default: transformers')")
+    gen.add_argument("--inputs", default=None, help="prompts or token ids (default: the shipped math word problems)")
+    gen.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per prompt (default: %(default)s)")
+    gen.add_argument("--topk", type=int, default=8, help="top-k kept per generated position (default: %(default)s)")
+    gen.add_argument("--max-tokens", type=int, default=128, help="cut prompts to this length (default: %(default)s)")
+    gen.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    gen.add_argument("--seed", type=int, default=0, help="seed of built-in model weights (default: %(default)s)")
+    gen.add_argument("-o", "--output", required=True, help="generation file to write (.h5)")
+    _quiet_arg(gen)
+    gen.set_defaults(handler=_cmd_generate)
 
 
 def _add_replay(sub: Any) -> None:

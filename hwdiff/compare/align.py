@@ -38,10 +38,11 @@ class Unmatched:
 def check_comparable(reference: Capture, target: Capture, *, allow_model_mismatch: bool = False,
                      role: str = "target") -> None:
     """Refuse captures of different inputs, of another model (unless allowed), or of stats mode."""
+    if reference.is_generation != target.is_generation:
+        generation = reference if reference.is_generation else target
+        raise HwdiffError(f"{generation.path} is a greedy generation file (hwdiff generate) and the other a layer "
+                          "capture: compare two captures or two generation files")
     for cap in (reference, target):
-        if cap.is_generation:
-            raise HwdiffError(f"{cap.path} is a greedy generation file: compare two of them with "
-                              "hwdiff.compare.diff_generations (the CLI's diff does it for you)")
         if cap.mode == "stats":
             raise HwdiffError(f"{cap.path} is a 'stats' capture; diff needs 'full' or 'sample' captures")
     if reference.meta["inputs_fingerprint"] != target.meta["inputs_fingerprint"]:

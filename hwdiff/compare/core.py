@@ -57,6 +57,9 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
     opts = DiffOptions(**options)
     with _Opened(reference, target, golden, local) as (ref, tgt, gold, loc):
         check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch)
+        if ref.is_generation:
+            raise HwdiffError("these are greedy generation files: compare them with "
+                              "hwdiff.compare.generation.diff_generations (the CLI's diff does so itself)")
         for extra, role in ((gold, "golden"), (loc, "local")):
             if extra is not None:
                 check_comparable(ref, extra, allow_model_mismatch=opts.allow_model_mismatch, role=role)

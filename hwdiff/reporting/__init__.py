@@ -112,6 +112,9 @@ def _figures(summary: dict, arrays: dict, edges: np.ndarray, calibration: Any, i
         caption = draw(summary, folder / name)
         if caption:
             drawn.append((title, name, caption))
+    rl = summary.get("rl_impact") or {}
+    if rl.get("available"):
+        drawn.append(("Token log-prob mismatch (Δlogp)", "rl_delta.png", figures.rl_histogram(rl, folder / "rl_delta.png")))
     if calibration is not None:
         drawn.append(("σ schedule per norm", "sigma.png", figures.sigma_schedule(calibration, folder / "sigma.png")))
     if implied is not None:
@@ -155,7 +158,26 @@ def _facts(summary: dict, calibration: Any, implied: Any, why_none: str | None =
         "verdict": _verdict(last, floor, dtype) if last else "no modules were compared",
     }
     facts["sigma"] = _sigma_fact(calibration or implied, calibration is None, why_none)
+    facts["rl"], facts["rl_published"] = _rl_fact(summary.get("rl_impact"))
     return facts
+
+
+def _rl_fact(block: dict | None) -> tuple[str, str]:
+    """("Does it matter for RL?" answer, the comparison with published figures) from the JSON block."""
+    from ..compare.rl import NEMO_RL_GATE, SLIME_GATE
+
+    if block is None:
+        return "not measured: the diff was made by an hwdiff without the RL block; diff again", ""
+    if not block["available"]:
+        return f"not measured: {block['reason']}", ""
+    text = (f"Over {block['positions']} real next-token positions: mean |Δlogp| {block['mean_abs']:.3g}, max "
+            f"{block['max_abs']:.3g}, {block['frac_above_0.001']:.1%} above 1e-3 and {block['frac_above_0.01']:.1%} "
+            f"above 1e-2, mean exp(|Δlogp|) {block['mean_exp_abs']:.4f}, K3 KL {block['k3_kl']:.3g}, top-{block['topk']} "
+            f"KL {block['topk_kl'] if block['topk_kl'] is not None else float('nan'):.3g}, top-1 agreement "
+            f"{block['top1_agreement']:.1%}. slime's mean |Δlogp| ≤ {SLIME_GATE:g} gate: "
+            f"{'passes' if block['mean_abs'] <= SLIME_GATE else 'fails'}; NeMo-RL's mean exp(|Δlogp|) ≤ "
+            f"{NEMO_RL_GATE:g} gate: {'passes' if block['mean_exp_abs'] <= NEMO_RL_GATE else 'fails'}.")
+    return text, "Published figures (sources in docs/rl-impact.md): " + "; ".join(block["published"]) + "."
 
 
 def _verdict(last: dict, floor: float, dtype: str) -> str:
@@ -249,6 +271,7 @@ img{{max-width:100%}} figure{{margin:1.5em 0}} figcaption{{font-size:.85em;color
 <dt>Which layers are worst?</dt><dd>{e(facts['worst'])}</dd>
 <dt>Verdict</dt><dd>{e(facts['verdict'])}</dd>
 <dt>Which σ to use?</dt><dd>{e(facts['sigma'])}</dd>
+<dt>Does it matter for RL?</dt><dd>{e(facts['rl'])}<br><small>{e(facts['rl_published'])}</small></dd>
 </dl>
 <h2>Captures</h2><table><tr><th></th><th>reference</th><th>target</th></tr>{meta}</table>
 <h2>Worst modules</h2><table><tr><th>module</th><th>kind</th><th>rel L2</th><th>1−cos</th><th>bit-identical</th><th>ULP p99</th><th>best fit</th></tr>{rows}</table>
@@ -310,7 +333,8 @@ def _markdown(summary: dict, facts: dict, sections: list) -> str:
     ref, tgt = summary["reference"], summary["target"]
     lines = [f"# hwdiff report: {tgt.get('device')} vs {ref.get('device')}", "",
              f"- **First divergence**: {facts['first']}", f"- **Worst layers**: {facts['worst']}",
-             f"- **Verdict**: {facts['verdict']}", f"- **σ to use**: {facts['sigma']}", "",
+             f"- **Verdict**: {facts['verdict']}", f"- **σ to use**: {facts['sigma']}",
+             f"- **Does it matter for RL?** {facts['rl']} {facts['rl_published']}".rstrip(), "",
              "| | reference | target |", "|---|---|---|"]
     lines += [f"| {k} | {a} | {b} |" for k, a, b in _meta_rows(summary)]
     lines += ["", "| module | kind | rel L2 | bit-identical | best fit |", "|---|---|---|---|---|"]

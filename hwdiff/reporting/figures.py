@@ -229,3 +229,25 @@ def qerl_vs_hardware(levels: dict[str, float], path: Path) -> tuple[str, int | N
             + (f"From stage {below} on, the injected noise is below the median hardware error." if below else
                "The injected noise stays above the median hardware error through every stage."))
     return text, below
+
+
+def rl_histogram(block: dict, path: Path) -> str:
+    """Histogram of Δlogp = logp_target − logp_reference over real next-token positions (the JSON
+    ``rl_impact`` block), log count axis, with the ±1e-3 and ±1e-2 thresholds marked."""
+    plt = _plt()
+    counts = np.asarray(block["histogram"]["counts"], dtype=float)
+    edges = np.asarray(block["histogram"]["edges"], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.stairs(counts, edges, fill=True, alpha=0.7)
+    ax.set_yscale("log")
+    for threshold, style in ((1e-3, ":"), (1e-2, "--")):
+        if threshold < edges[-1]:
+            for sign in (-1, 1):
+                ax.axvline(sign * threshold, color="k", ls=style, lw=0.8)
+    ax.set_xlabel("Δlogp = logp(target) − logp(reference), nats")
+    ax.set_ylabel("positions")
+    ax.set_title(f"Token log-prob mismatch over {block['positions']} next-token positions")
+    _save(fig, path)
+    return (f"Distribution of Δlogp of the next input token at every real position; dotted ±1e-3, dashed ±1e-2 "
+            f"(where inside the range). Mean |Δlogp| {block['mean_abs']:.3g}, "
+            f"{block['frac_above_0.001']:.1%} of positions above 1e-3.")
