@@ -13,7 +13,6 @@ than stored as greedy.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from .errors import HwdiffError
 from .logprobs import DEFAULT_TOPK, compute_dtype, distribution_stats
 from .models import dtype_name
 from .store import GENERATE_MODE, CaptureWriter
-
-log = logging.getLogger(__name__)
 
 PAD = -1  # ids after a sequence ended (EOS) in /generation/ids
 

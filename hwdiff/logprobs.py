@@ -16,7 +16,6 @@ of the logits.
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any, Callable, Iterator
 
 import torch
@@ -24,8 +23,6 @@ import torch
 from .hooks import first_tensor, module_kind, to_host
 from .models import dtype_name
 from .store import LOGPROB_FIELDS, LogProbRecord
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TOPK = 8
 DEFINITION = ("next_token[s, t] = log_softmax(logits[s, t])[input_ids[s, t+1]] (NaN at the last position); "

@@ -8,6 +8,7 @@ token is not in the target's top-k).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -60,8 +61,8 @@ def diff_generations(reference: str | os.PathLike | Capture, target: str | os.Pa
                      json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None,
                      allow_model_mismatch: bool = False) -> GenerationDiff:
     """Compare two generation files of the same prompts and settings; writes JSON / CSV when asked."""
-    ref, tgt = (open_capture(p) if not isinstance(p, Capture) else p for p in (reference, target))
-    try:
+    with contextlib.ExitStack() as stack:
+        ref, tgt = (p if isinstance(p, Capture) else stack.enter_context(open_capture(p)) for p in (reference, target))
         for cap in (ref, tgt):
             if not cap.is_generation:
                 raise HwdiffError(f"{cap.path} is a layer capture, not a generation file: diff two captures or two "
@@ -70,10 +71,6 @@ def diff_generations(reference: str | os.PathLike | Capture, target: str | os.Pa
         a, b = ref.generation(), tgt.generation()
         result = GenerationDiff(_meta(ref), _meta(tgt), int(a.attrs["max_new_tokens"]),
                                 tuple(_split(i, a, b) for i in range(len(a.lengths))))
-    finally:
-        for cap, given in ((ref, reference), (tgt, target)):
-            if not isinstance(given, Capture):
-                cap.close()
     if json_path is not None:
         _write(Path(json_path), lambda path: path.write_text(json.dumps(summary(result), indent=1)))
     if csv_path is not None:
