@@ -105,7 +105,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .compare import diff
     from .compare.generation import diff_generations, format_generation_diff, is_generation_pair
-    from .compare.output import format_table
+    from .compare.output import format_table, rl_csv_path
 
     if is_generation_pair(args.reference, args.target, output=args.output, golden=args.golden, local=args.local):
         gen = diff_generations(args.reference, args.target, json_path=args.json, csv_path=args.csv,
@@ -120,7 +120,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
                   csv_path=args.csv, strict=args.strict, allow_model_mismatch=args.allow_model_mismatch,
                   fit_samples=args.fit_samples, seed=args.seed, progress=not args.quiet)
     print(format_table(result, top=args.top))
-    written = [path for path in (args.output, args.json, args.csv) if path]
+    written = [path for path in (args.output, args.json, args.csv, args.csv and rl_csv_path(args.csv)) if path]
     if written:
         print(f"\nwrote {', '.join(map(str, written))}")
     return 0
