@@ -20,6 +20,7 @@ from hwdiff.generate import generate
 from hwdiff.store import TokenLogProbs
 
 from .conftest import run_cli
+from .test_npu import npu  # noqa: F401  (the stand-in's worker fixture)
 
 CAP = dict(kinds="head", batch_size=4, progress=False)
 
@@ -224,3 +225,38 @@ def test_generation_files_of_other_settings_or_kinds_are_refused(tmp_path, pair)
     assert "1 prompts" in proc.stdout
     proc = run_cli("diff", lib, tmp_path / "cli.h5", "-q")
     assert proc.returncode == 2 and "max_new_tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_float32_path_matches_float64_to_float32_rounding():
+    """The float32 path (devices without float64) against numpy float64 on planted logits."""
+    from hwdiff.logprobs import token_logprobs
+
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(0, 3, (2, 5, 50)).astype(np.float32))
+    ids = torch.from_numpy(rng.integers(0, 50, (2, 5)))
+    out = token_logprobs(logits, ids, k=4, dtype=torch.float32)
+    expected = _log_softmax(logits.numpy())
+    following = np.take_along_axis(expected[:, :-1], ids.numpy()[:, 1:, None], -1)[..., 0]
+    assert out["next_token"].dtype == torch.float32 and torch.isnan(out["next_token"][:, -1]).all()
+    np.testing.assert_allclose(out["next_token"][:, :-1].numpy(), following, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(out["entropy"].numpy(), -(np.exp(expected) * expected).sum(-1), rtol=1e-5)
+    np.testing.assert_array_equal(out["topk_ids"].numpy(), np.argsort(-expected, -1, kind="stable")[..., :4])
+
+
+def _logprobs_on_the_npu_stand_in(tmp_path):
+    from tests import npu_standin
+
+    with npu_standin.installed():
+        model = hwdiff.load_model("tiny-qwen2", device="npu", dtype="bfloat16")
+        path = hwdiff.capture(model, tmp_path / "npu.h5", kinds="head", limit=3, max_tokens=16, progress=False).path
+    with hwdiff.open_capture(path) as cap:
+        stored, logits, ids = cap.token_logprobs(), cap.activation("lm_head"), cap.input_ids
+    assert stored.attrs["compute_dtype"] == "float32" and stored.attrs["source"] == "lm_head"
+    following = np.take_along_axis(_log_softmax(logits)[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(stored.next_token[:, :-1], following, rtol=0, atol=1e-5)
+
+
+@pytest.mark.npu
+def test_logprobs_on_the_npu_stand_in_are_float32_and_match_the_head(npu, tmp_path):
+    """The Ascend path (tests/npu_standin.py): computed on the device in float32, copied asynchronously."""
+    npu(_logprobs_on_the_npu_stand_in, tmp_path)
