@@ -18,30 +18,23 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from . import structure
 from .errors import HwdiffError
 from .laws import check_law, mixing_matrix, standardized
 from .schedule import SigmaSchedule
 
 log = logging.getLogger(__name__)
-_KNOWN_LAYOUTS = ("qwen2", "llama", "mistral")  # 2 norms per decoder layer + the final norm
 
 
 def find_norms(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of every RMSNorm with a 1-D weight, by class name."""
-    found = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if "rmsnorm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-            found.append((name, module))
-    return found
+    """``(name, module)`` of every RMSNorm with a 1-D weight, by class name (:func:`hwdiff.structure.is_norm`)."""
+    return structure.find_norms(model)
 
 
 def expected_norm_count(model: torch.nn.Module) -> int | None:
-    """2L + 1 for the dense layouts hwdiff knows (Qwen2.5-1.5B: 57), else None."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in _KNOWN_LAYOUTS and isinstance(getattr(config, "num_hidden_layers", None), int):
-        return 2 * config.num_hidden_layers + 1
-    return None
+    """The family's RMSNorm count (2L + 1 for Qwen2 / Llama / Mistral / MoE, 4L + 1 Qwen3 / Gemma 2,
+    6L + 1 Gemma 3; Qwen2.5-1.5B: 57), else None (:func:`hwdiff.structure.expected_norm_count`)."""
+    return structure.expected_norm_count(model)
 
 
 @dataclass(frozen=True)
@@ -73,8 +66,9 @@ class AQNInjector:
     ``laplace``; :mod:`hwdiff.laws`): every draw is scaled to standard deviation σ; None → each norm's
     law from a calibration, else Gaussian. ``rho``: correlation of the noise of the same norm class in
     consecutive layers (AR(1) along depth), or ``correlation``: a layer × layer matrix; None → a
-    calibration's recommended ρ, else independent. ``expected_count`` (default: 2L + 1 for Qwen2 /
-    Llama / Mistral configs) makes a wrong number of matched norms an error.
+    calibration's recommended ρ, else independent. ``expected_count`` (default: the family's count from
+    :func:`hwdiff.structure.expected_norm_count`, else the same norms in every decoder layer) makes a
+    wrong number of matched norms an error.
     """
 
     def __init__(self, model: torch.nn.Module, sigma: Any, *, law: str | None = None, df: float | None = None,
@@ -83,12 +77,13 @@ class AQNInjector:
         self.model = model
         self._norms = find_norms(model)
         if not self._norms:
-            raise HwdiffError(f"no RMSNorm found in {type(model).__name__}: AQN would inject into 0 layers "
-                              "(norms are matched by 'rmsnorm' in the class name, with a 1-D weight)")
-        expected = expected_count if expected_count is not None else expected_norm_count(model)
-        if check_count and expected is not None and expected != len(self._norms):
-            raise HwdiffError(f"AQN matched {len(self._norms)} RMSNorm layers, expected {expected}: "
-                              f"{', '.join(n for n, _ in self._norms[:4])} …")
+            raise HwdiffError(no_rmsnorm_message(model))
+        names = [n for n, _ in self._norms]
+        if check_count and expected_count is not None and expected_count != len(names):
+            raise HwdiffError(f"AQN matched {len(names)} RMSNorm layers, expected {expected_count}: "
+                              f"{', '.join(names[:4])} …")
+        if check_count and expected_count is None:  # the family's count, or the same norms in every layer
+            structure.check_norm_layout(names, model, what="RMSNorm")
         self._sigma = sigma
         self._check_names(sigma)
         self._originals = {name: module.weight.detach().clone() for name, module in self._norms}
@@ -198,6 +193,18 @@ def _chains(targets: list[str]) -> list[list[str]]:
         else:
             singles.append([name])
     return [[name for _, name in sorted(chain)] for chain in classes.values()] + singles
+
+
+def no_rmsnorm_message(model: torch.nn.Module) -> str:
+    """Why AQN cannot run on a model without RMSNorm, naming its LayerNorm modules if it has any."""
+    layernorms = structure.layernorm_names(model)
+    text = (f"no RMSNorm found in {type(model).__name__}: AQN would inject into 0 layers "
+            "(norms are matched by 'rmsnorm' in the class name, with a 1-D weight)")
+    if layernorms:
+        text += (f"; the model normalises with LayerNorm ({len(layernorms)} modules: {', '.join(layernorms[:3])}"
+                 f"{' …' if len(layernorms) > 3 else ''}). AQN (QeRL) is defined on RMSNorm weights; noise on "
+                 "LayerNorm weights is a possible later extension that hwdiff does not do")
+    return text
 
 
 def _layer_names(sigma: Any) -> list[str] | None:

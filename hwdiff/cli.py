@@ -10,9 +10,9 @@ from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .errors import HwdiffError
+from .structure import KINDS
 
 MODES = ("full", "sample", "stats")
-KINDS = ("embedding", "rmsnorm", "linear", "attention", "mlp", "activation", "decoder_layer", "head", "other")
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:

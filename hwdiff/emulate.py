@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HwdiffError
+from .structure import is_norm, norm_offset
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,6 @@ def emulation(model: torch.nn.Module, profiles: list[Profile | str] | None) -> I
         for profile in parsed:
             stack.enter_context(_APPLY[profile.name](model, profile.params))
         yield parsed
-
-
-def _is_norm(module: torch.nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return "rmsnorm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
 
 
 def _is_silu(module: torch.nn.Module) -> bool:
@@ -154,15 +150,17 @@ def _rmsnorm_order(model: torch.nn.Module, params: dict) -> Any:
         total = torch.zeros_like(squares[..., :1])
         for start in reversed(range(0, squares.shape[-1], chunk)):
             total = total + squares[..., start:start + chunk].sum(-1, keepdim=True)
-        normed = (x32 * torch.rsqrt(total / squares.shape[-1] + eps)).to(x.dtype)
-        return module.weight * normed
+        normed = x32 * torch.rsqrt(total / squares.shape[-1] + eps)
+        if norm_offset(module):  # (1 + w) norms scale in float32, then cast (Gemma's order)
+            return (normed * (module.weight.float() + norm_offset(module))).to(x.dtype)
+        return module.weight * normed.to(x.dtype)
 
-    return _replace_outputs(model, _is_norm, compute)
+    return _replace_outputs(model, is_norm, compute)
 
 
 @contextlib.contextmanager
 def _aqn(model: torch.nn.Module, params: dict) -> Iterator[None]:
-    norms = [m for m in model.modules() if _is_norm(m)]
+    norms = [m for m in model.modules() if is_norm(m)]
     if not norms:
         raise HwdiffError(f"the aqn profile found no RMSNorm in {type(model).__name__}")
     generator = torch.Generator().manual_seed(int(params["seed"]))

@@ -22,32 +22,9 @@ from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
 from .store import Alias, Record, Register, Signature
+from .structure import KINDS, is_norm, module_kind, norm_offset
 
-KINDS = ("embedding", "rmsnorm", "linear", "attention", "mlp", "activation", "decoder_layer", "head", "other")
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
-_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
-
-
-def module_kind(name: str, module: torch.nn.Module) -> str:
-    """Classify a module by type and class name (never by isinstance against transformers classes)."""
-    cls = type(module).__name__.lower()
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    if "rmsnorm" in cls:
-        return "rmsnorm"
-    if name.rsplit(".", 1)[-1] == "lm_head":
-        return "head"
-    if isinstance(module, torch.nn.Linear):
-        return "linear"
-    if cls.endswith("attention"):
-        return "attention"
-    if "mlp" in cls:
-        return "mlp"
-    if "decoderlayer" in cls:
-        return "decoder_layer"
-    if type(module).__module__ in _ACTIVATION_MODULES or cls.endswith("activation"):
-        return "activation"
-    return "other"
 
 
 def select_modules(model: torch.nn.Module, modules: str | Iterable[str] | None = None,
@@ -145,7 +122,7 @@ class Recorder:
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._specs: set[tuple[str, int]] = set()
         self._weights = {name: module.weight.detach().to("cpu", copy=True)
-                         for name, module, kind in selection if kind == "rmsnorm" and _has_1d_weight(module)}
+                         for name, module, kind in selection if is_norm(module)}
         self._handles: list[Any] = []
 
     @property
@@ -195,7 +172,8 @@ class Recorder:
         self.registered[name] = len(self.registered)
         weight = self._weights.get(name)
         self.sink.put(Register(name, kind, type(module).__name__, self.registered[name], weight,
-                               dtype_name(weight.dtype) if weight is not None else ""))
+                               dtype_name(weight.dtype) if weight is not None else "",
+                               norm_offset(module) if weight is not None else 0.0))
 
     def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None) -> None:
         """Send one slot to the sink; a tensor already sent in this forward becomes a link to it.
@@ -255,11 +233,6 @@ def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
         if math.isfinite(low.item()) and math.isfinite(high.item()):
             return torch.zeros(2, dtype=torch.int64)
     return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
-
-
-def _has_1d_weight(module: torch.nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 1
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -22,8 +22,9 @@ from .callspec import decode_call, unsupported
 from .capturing import CaptureOptions, CaptureResult, model_device_and_dtype, capture_metadata
 from .emulate import describe, emulation
 from .errors import HwdiffError
-from .hooks import first_tensor, module_kind, slot_record
+from .hooks import first_tensor, slot_record
 from .models import dtype_name, model_info
+from .structure import is_norm, module_kind, norm_offset
 from .store import Capture, CaptureWriter, Register, open_capture
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,10 @@ def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise HwdiffError(f"the model has no module {name!r}, which the reference captured") from None
 
 
-def _weight(module: torch.nn.Module) -> tuple[Any, str]:
-    weight = getattr(module, "weight", None)
-    if "rmsnorm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.detach().to("cpu", copy=True), dtype_name(weight.dtype)
-    return None, ""
+def _weight(module: torch.nn.Module) -> tuple[Any, str, float]:
+    if is_norm(module):
+        return module.weight.detach().to("cpu", copy=True), dtype_name(module.weight.dtype), norm_offset(module)
+    return None, "", 0.0
 
 
 def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, name: str, call: int, spec: dict,

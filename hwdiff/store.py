@@ -10,6 +10,7 @@ Layout (schema ``hwdiff/capture/1``)::
     /inputs/attention_mask  int64 [sequences, tokens]
     /inputs/sample_positions int64 [sequences, K]          (mode "sample" only)
     /modules/<name>         attrs: kind, class_name, calls, order; ``weight`` dataset for norms
+                            (and ``weight_offset``: 1.0 when the norm scales by 1 + weight)
     /modules/<name>/<call>/output   [sequences, tokens, ...] (K positions instead of tokens in
                                     "sample" mode); attrs: dtype, and nan_count /
                                     inf_count when not zero
@@ -64,6 +65,7 @@ import numpy as np
 from . import stats
 from .errors import CaptureFormatError, HwdiffError
 from .inputs import Inputs
+from .structure import offset_from_class
 
 SCHEMA = "hwdiff/capture/1"
 SCHEMA_FAMILY, SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)
@@ -145,6 +147,7 @@ class Register:
     order: int
     weight: Any = None
     weight_dtype: str = ""
+    weight_offset: float = 0.0  # 1.0 for norms computing x̂·(1 + w) (Gemma): the effective scale is 1 + w
 
 
 @dataclass
@@ -336,6 +339,7 @@ class CaptureWriter:
         if item.weight is not None:
             data = encode(item.weight)
             group.create_dataset("weight", data=data).attrs["dtype"] = item.weight_dtype
+            group.attrs["weight_offset"] = float(item.weight_offset)
 
     def _call_group(self, name: str, call: int) -> h5py.Group:
         group = self._groups.get((name, call))
@@ -429,6 +433,7 @@ class ModuleInfo:
     slots: tuple[str, ...]
     alias_of: str | None
     has_weight: bool
+    weight_offset: float = 0.0  # the norm's effective scale is weight_offset + weight
 
 
 @dataclass(frozen=True, eq=False)
@@ -695,5 +700,6 @@ def _read_modules(handle: h5py.File) -> dict[str, ModuleInfo]:
             slots=slots,
             alias_of=_plain(first.attrs.get("output_alias_of")) if first is not None else None,
             has_weight="weight" in group,
+            weight_offset=float(group.attrs.get("weight_offset", offset_from_class(str(group.attrs["class_name"])) or 0.0)),
         ))
     return {info.name: info for info in sorted(modules, key=lambda info: info.order)}

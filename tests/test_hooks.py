@@ -39,7 +39,9 @@ def test_bad_selection_is_a_clear_error(tiny_fp32, modules, kinds, message):
 
 def test_kind_is_found_by_class_name_without_transformers_classes():
     class AscendRMSNorm(torch.nn.Module):
-        pass
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))  # the rule: class name and a 1-D weight
 
     class FancyMLP(torch.nn.Module):
         pass

@@ -237,7 +237,7 @@ def _prefetched(blocks, read, reader: ThreadPoolExecutor):
 def _weight_rms(ref: Capture, pair: Pair) -> float | None:
     if pair.slot != "output" or not ref.modules[pair.name].has_weight:
         return None
-    weight = ref.weight(pair.name).astype(np.float64)
+    weight = ref.weight(pair.name).astype(np.float64) + ref.modules[pair.name].weight_offset  # effective scale
     return float(np.sqrt(np.mean(weight * weight)))
 
 

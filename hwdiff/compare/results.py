@@ -74,7 +74,7 @@ class LayerDiff:
     golden: GoldenDiff | None = None
     alias_of: str | None = None  # the same tensor as this slot (numbers shared, listed once in tables)
     local: LocalDiff | None = None
-    weight_rms: float | None = None  # RMSNorm outputs: rms of the norm's weight in the reference
+    weight_rms: float | None = None  # RMSNorm outputs: rms of the norm's effective scale (w, or 1 + w) in the reference
 
     @property
     def exact(self) -> bool:

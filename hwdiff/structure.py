@@ -1,0 +1,349 @@
+"""What a model looks like: the one place that knows norms, decoder layers, sub-blocks and token axes.
+
+Everything that needs the network's shape — capture kinds, the token axis of each output, replay's
+attention masks, emulation, the AQN injector, the calibrator's norm → sub-block map — asks this
+module instead of keeping its own copy of a rule.
+
+- **Norms** are matched by class name, never by isinstance against transformers' classes:
+  ``'rmsnorm' in type(m).__name__.lower()`` with a 1-D ``weight`` (HF's ``Qwen2RMSNorm``, vLLM's
+  ``RMSNorm`` and vLLM-Ascend's ``AscendRMSNorm`` all match). Some norms compute ``x̂ * (1 + w)``
+  with ``w`` stored near 0 (Gemma, Gemma 2/3): their *effective scale* is ``1 + w``. They are
+  recognised by class (``Gemma*RMSNorm``) or, for any other class, by calling the module once with
+  its weight zeroed (a ``w`` norm then outputs zeros, a ``(1 + w)`` norm does not).
+- **LayerNorm** modules (GPT-2's ``ln_1``/``ln_2``/``ln_f``) are a kind of their own; AQN does not
+  apply to them (yet): :func:`layernorm_names` lets the injector and calibrator name them.
+- **Decoder layers** are the items of a ``layers`` / ``h`` / ``blocks`` list; a module's layer index
+  is read from its qualified name (:func:`layer_index`), so it works on a capture's module names
+  without the model.
+- **Sub-blocks**: each norm's :class:`NormSpec` says where the noise on its weight shows
+  (:func:`norm_specs` from a model, :func:`norm_specs_from_names` from a capture's names).
+- **Expected norm counts** per family (:func:`expected_norm_count`) and a generic check that every
+  decoder layer carries the same set of norms (:func:`check_norm_layout`).
+- **Token axis** of a recorded output (:func:`token_axis`) and each layer's **attention mask type**
+  (:func:`attention_type`).
+
+Importing this module does not import torch (calibration reads diff files without it).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import HwdiffError
+
+KINDS = ("embedding", "rmsnorm", "layernorm", "linear", "attention", "mlp", "moe", "router", "activation",
+         "decoder_layer", "head", "other")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?=\.|$)")
+_LAYER_ITEM = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.\d+$")
+_ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
+
+# model_type → norms per decoder layer (plus one final norm): DESIGN.md, "The AQN injector".
+NORMS_PER_LAYER = {
+    "qwen2": 2, "llama": 2, "mistral": 2, "qwen2_moe": 2, "mixtral": 2, "gemma": 2,
+    "qwen3": 4, "qwen3_moe": 4, "gemma2": 4,
+    "gemma3": 6, "gemma3_text": 6,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Norms
+# ------------------------------------------------------------------------------------------------
+def is_norm(module: Any) -> bool:
+    """The RMSNorm rule: ``'rmsnorm'`` in the lowercased class name and a 1-D ``weight``."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    return "rmsnorm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+def is_layernorm(module: Any) -> bool:
+    """A LayerNorm (``torch.nn.LayerNorm`` or a class named ``*LayerNorm``), not an RMSNorm."""
+    import torch
+
+    name = type(module).__name__.lower()
+    return isinstance(module, torch.nn.LayerNorm) or (name.endswith("layernorm") and "rms" not in name)
+
+
+def find_norms(model: Any) -> list[tuple[str, Any]]:
+    """``(qualified name, module)`` of every RMSNorm (:func:`is_norm`), in registration order."""
+    return [(name, module) for name, module in model.named_modules() if name and is_norm(module)]
+
+
+def layernorm_names(model: Any) -> list[str]:
+    """Qualified names of the LayerNorm modules of ``model`` (for messages: AQN needs RMSNorm)."""
+    return [name for name, module in model.named_modules() if name and is_layernorm(module)]
+
+
+def offset_from_class(class_name: str) -> float | None:
+    """1.0 for the ``(1 + w)`` norm classes known by name (``Gemma*RMSNorm``), None when the name
+    alone does not tell (use :func:`norm_offset` on the module)."""
+    lower = class_name.lower()
+    if "rmsnorm" in lower and lower.startswith("gemma"):
+        return 1.0
+    return None
+
+
+_OFFSETS: dict[type, float] = {}
+
+
+def norm_offset(module: Any) -> float:
+    """The constant the norm adds to its stored weight: 1.0 for ``x̂ * (1 + w)``, 0.0 for ``x̂ * w``.
+    Known classes by name, any other class by one probe call with its weight zeroed (cached per class)."""
+    cls = type(module)
+    if cls not in _OFFSETS:
+        known = offset_from_class(cls.__name__)
+        _OFFSETS[cls] = known if known is not None else _probe_offset(module)
+    return _OFFSETS[cls]
+
+
+def _probe_offset(module: Any) -> float:
+    import torch
+
+    weight = module.weight
+    saved = weight.detach().clone()
+    probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            weight.zero_()
+            output = module.forward(probe)  # not __call__: no hooks (the probe may run inside one)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    output = output[0] if isinstance(output, tuple) else output
+    return 1.0 if bool(output.detach().float().abs().max() > 0) else 0.0
+
+
+def norm_weight_effective(module: Any) -> Any:
+    """The scale the norm actually applies, float32 on the weight's device: ``offset + w``."""
+    return module.weight.detach().float() + norm_offset(module)
+
+
+def effective_scale(weight: Any, offset: float) -> Any:
+    """``offset + w`` of a stored weight (numpy or torch), in float64 / float32."""
+    return (weight.astype("float64") if hasattr(weight, "astype") else weight.float()) + offset
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers and sub-blocks
+# ------------------------------------------------------------------------------------------------
+def layer_index(name: str) -> int | None:
+    """Decoder-layer index of a qualified module name (``model.layers.3.mlp`` → 3), or None."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def is_decoder_layer_name(name: str) -> bool:
+    """``model.layers.3`` / ``transformer.h.3``: an item of the decoder-layer list."""
+    return bool(_LAYER_ITEM.search(name))
+
+
+def decoder_layers(model: Any) -> list[tuple[int, str, Any]]:
+    """``(index, qualified name, module)`` of every decoder layer, in index order."""
+    found = [(layer_index(name), name, module) for name, module in model.named_modules() if is_decoder_layer_name(name)]
+    return sorted(((i, n, m) for i, n, m in found if i is not None), key=lambda item: item[0])
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """One RMSNorm and where noise on its weight shows.
+
+    ``role``: ``pre_attention``, ``pre_mlp``, ``post_attention``, ``post_mlp`` (Gemma 2/3's
+    post-norms: they normalise a sub-block's *output*), ``q_norm``, ``k_norm`` (the attention core),
+    ``final`` (feeds the head) or ``other``. ``subblock``: the module the norm feeds (pre-norms,
+    final norm), whose output it normalises (post-norms), or the attention module containing the core
+    (q/k norms); None when that module is not among the names. ``observe``: ``(module, slot)`` whose
+    value carries the norm's noise first: the sub-block's output for pre-norms and the final norm,
+    the norm's own output for post-norms, the input of the attention's output projection (the core's
+    output) for q/k norms. ``offset``: 1.0 for ``(1 + w)`` norms, else 0.0."""
+
+    name: str
+    layer: int | None
+    role: str
+    subblock: str | None
+    observe: tuple[str, str] | None
+    offset: float = 0.0
+    class_name: str = ""
+
+    @property
+    def gemma_style(self) -> bool:
+        return self.offset != 0.0
+
+
+def norm_specs(model: Any) -> list[NormSpec]:
+    """A :class:`NormSpec` for every RMSNorm of ``model``, in registration order."""
+    names = [name for name, _ in model.named_modules() if name]
+    norms = find_norms(model)
+    return norm_specs_from_names(names, {n: type(m).__name__ for n, m in norms},
+                                 offsets={n: norm_offset(m) for n, m in norms}, norms=[n for n, _ in norms])
+
+
+def norm_specs_from_names(names: Sequence[str], class_names: Mapping[str, str], *,
+                          offsets: Mapping[str, float] | None = None,
+                          norms: Iterable[str] | None = None) -> list[NormSpec]:
+    """The same as :func:`norm_specs`, from qualified module names (a capture's, in forward or
+    registration order) and class names, without the model. ``norms``: which names are RMSNorms
+    (default: those whose class name contains ``rmsnorm``). ``offsets``: known offsets (a capture's
+    ``weight_offset`` attributes); otherwise the class rule :func:`offset_from_class` decides."""
+    present = set(names)
+    chosen = list(norms) if norms is not None else [n for n in names if "rmsnorm" in class_names.get(n, "").lower()]
+    specs = []
+    for name in chosen:
+        cls = class_names.get(name, "")
+        offset = (offsets or {}).get(name)
+        if offset is None:
+            offset = offset_from_class(cls) or 0.0
+        role, subblock, observe = _role(name, present)
+        specs.append(NormSpec(name, layer_index(name), role, subblock, observe, float(offset), cls))
+    return specs
+
+
+def _role(name: str, present: set[str]) -> tuple[str, str | None, tuple[str, str] | None]:
+    parent, _, leaf = name.rpartition(".")
+    sibling = _sibling(parent, present)
+    if leaf in ("q_norm", "k_norm", "query_norm", "key_norm"):
+        role = "q_norm" if leaf.startswith("q") else "k_norm"
+        core_out = next((f"{parent}.{proj}" for proj in ("o_proj", "out_proj", "dense", "c_proj")
+                         if f"{parent}.{proj}" in present), None)
+        return role, parent or None, (core_out, "input") if core_out else None
+    if layer_index(name) is None:
+        head = next((n for n in ("lm_head", "model.lm_head") if n in present), None)
+        return "final", head, (head, "output") if head else None
+    post_norm_layout = f"{parent}.pre_feedforward_layernorm" in present
+    if leaf in ("input_layernorm", "ln_1", "attention_norm"):
+        block = sibling(_ATTENTION_NAMES)
+        return "pre_attention", block, (block, "output") if block else None
+    if leaf == "post_attention_layernorm" and post_norm_layout:
+        return "post_attention", sibling(_ATTENTION_NAMES), (name, "output")
+    if leaf in ("post_attention_layernorm", "pre_feedforward_layernorm", "ln_2", "ffn_norm"):
+        block = sibling(_MLP_NAMES)
+        return "pre_mlp", block, (block, "output") if block else None
+    if leaf == "post_feedforward_layernorm":
+        return "post_mlp", sibling(_MLP_NAMES), (name, "output")
+    return "other", None, None
+
+
+def _sibling(parent: str, present: set[str]):
+    def find(candidates: Sequence[str]) -> str | None:
+        return next((f"{parent}.{c}" for c in candidates if f"{parent}.{c}" in present), None)
+    return find
+
+
+# ------------------------------------------------------------------------------------------------
+# Norm counts
+# ------------------------------------------------------------------------------------------------
+def expected_norm_count(model_or_config: Any) -> int | None:
+    """The RMSNorm count a known family must have (Qwen2 / Llama / Mistral / Qwen2-MoE / Mixtral
+    2L+1; Qwen3, Qwen3-MoE, Gemma 2 4L+1; Gemma 3 6L+1; Qwen2.5-1.5B: 57), else None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    config = getattr(config, "text_config", None) or config
+    per_layer = NORMS_PER_LAYER.get(getattr(config, "model_type", None))
+    layers = getattr(config, "num_hidden_layers", None)
+    return per_layer * layers + 1 if per_layer is not None and isinstance(layers, int) else None
+
+
+def check_norm_layout(names: Sequence[str], model_or_config: Any = None, *, what: str = "RMSNorm") -> None:
+    """Raise :class:`HwdiffError` unless ``names`` (qualified norm names) has the family's expected
+    count, or — for a family hwdiff does not know — the same set of norms in every decoder layer."""
+    expected = expected_norm_count(model_or_config) if model_or_config is not None else None
+    model_type = getattr(getattr(model_or_config, "config", model_or_config), "model_type", None)
+    if expected is not None:
+        if len(names) != expected:
+            raise HwdiffError(f"matched {len(names)} {what} layers, expected {expected} for {model_type}: "
+                              f"{', '.join(list(names)[:4])} …")
+        return
+    per_layer: dict[int, set[str]] = {}
+    for name in names:
+        index = layer_index(name)
+        if index is not None:
+            per_layer.setdefault(index, set()).add(_LAYER.sub(".layers.#", name, count=1))
+    layouts = {frozenset(leaves) for leaves in per_layer.values()}
+    if len(layouts) > 1:
+        counts = {index: len(leaves) for index, leaves in sorted(per_layer.items())}
+        raise HwdiffError(f"the decoder layers carry different sets of {what} modules ({counts} per layer): "
+                          "an unknown layout, refusing to guess which norms AQN should touch")
+
+
+# ------------------------------------------------------------------------------------------------
+# Module kinds
+# ------------------------------------------------------------------------------------------------
+def module_kind(name: str, module: Any) -> str:
+    """Classify a module by type, class name and qualified name (never by isinstance against
+    transformers classes): one of :data:`KINDS`."""
+    import torch
+
+    cls = type(module).__name__.lower()
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if is_norm(module):
+        return "rmsnorm"
+    if is_layernorm(module):
+        return "layernorm"
+    if leaf == "lm_head":
+        return "head"
+    if "router" in cls or (leaf == "gate" and _is_moe_parent(name)):
+        return "router"
+    if isinstance(module, torch.nn.Linear) or (cls == "conv1d" and hasattr(module, "nf")):  # GPT-2's Conv1D
+        return "linear"
+    if cls.endswith("attention"):
+        return "attention"
+    if "decoderlayer" in cls or is_decoder_layer_name(name):
+        return "decoder_layer"
+    if ("moe" in cls and ("block" in cls or "sparse" in cls)) or cls.endswith("experts"):
+        return "moe"
+    if "mlp" in cls:
+        return "mlp"
+    if type(module).__module__ in _ACTIVATION_MODULES or cls.endswith("activation"):
+        return "activation"
+    return "other"
+
+
+def _is_moe_parent(name: str) -> bool:
+    parent = name.rpartition(".")[0].rsplit(".", 1)[-1]
+    return parent in ("block_sparse_moe", "mlp", "moe")
+
+
+# ------------------------------------------------------------------------------------------------
+# Axes and attention masks
+# ------------------------------------------------------------------------------------------------
+def token_axis(shape: Sequence[int], batch: int, tokens: int) -> int | None:
+    """The axis of a recorded output (batch rows first) that runs over the sequence's tokens:
+    1 for ``[batch, tokens, …]``, 2 for ``[batch, heads, tokens, head_dim]`` (Gemma 3's q/k norms),
+    None when the output has no token axis (or its first axis is not the batch). When several axes
+    have the sequence length, axis 1 wins."""
+    if len(shape) < 2 or shape[0] != batch:
+        return None
+    axes = [axis for axis in range(1, len(shape)) if shape[axis] == tokens]
+    return axes[0] if axes else None
+
+
+def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
+    """``(kind, size)`` of the mask decoder layer ``layer`` attends with: ``("full", None)``,
+    ``("sliding", window)`` or ``("chunked", chunk)``, from ``config.layer_types`` when the config has
+    it, else from ``sliding_window`` (Mistral: every layer) / ``attention_chunk_size``."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        if layer is None:
+            kinds = set(layer_types)
+            if kinds != {"full_attention"}:
+                raise HwdiffError(f"a module outside the decoder layers takes an attention mask, and the layers mix "
+                                  f"{', '.join(sorted(kinds))}: cannot tell which mask it needs")
+            return "full", None
+        kind = layer_types[layer]
+        if kind == "full_attention":
+            return "full", None
+        if kind == "sliding_attention":
+            return "sliding", int(window)
+        if kind == "chunked_attention":
+            return "chunked", int(getattr(config, "attention_chunk_size"))
+        raise HwdiffError(f"layer {layer} uses {kind!r} attention, whose mask hwdiff cannot rebuild")
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk:
+        return "chunked", int(chunk)
+    if window is not None and getattr(config, "use_sliding_window", True) is not False:
+        return "sliding", int(window)
+    return "full", None
