@@ -200,11 +200,7 @@ def no_rmsnorm_message(model: torch.nn.Module) -> str:
     layernorms = structure.layernorm_names(model)
     text = (f"no RMSNorm found in {type(model).__name__}: AQN would inject into 0 layers "
             "(norms are matched by 'rmsnorm' in the class name, with a 1-D weight)")
-    if layernorms:
-        text += (f"; the model normalises with LayerNorm ({len(layernorms)} modules: {', '.join(layernorms[:3])}"
-                 f"{' …' if len(layernorms) > 3 else ''}). AQN (QeRL) is defined on RMSNorm weights; noise on "
-                 "LayerNorm weights is a possible later extension that hwdiff does not do")
-    return text
+    return text + "; " + structure.aqn_needs_rmsnorm(layernorms) if layernorms else text
 
 
 def _layer_names(sigma: Any) -> list[str] | None:

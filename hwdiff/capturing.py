@@ -165,11 +165,37 @@ def model_device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.
 
 def _resolve_inputs(model: torch.nn.Module, inputs: Any, opts: CaptureOptions) -> Inputs:
     if not isinstance(inputs, Inputs):
-        inputs = load_inputs(inputs, tokenizer=model_tokenizer(model), max_tokens=opts.max_tokens, limit=opts.limit)
+        inputs = load_inputs(inputs, tokenizer=LazyTokenizer(model), max_tokens=opts.max_tokens, limit=opts.limit)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int):
         inputs.check_vocab(vocab)
     return inputs
+
+
+class LazyTokenizer:
+    """The model's tokenizer, loaded only when a text has to be tokenized: token-id inputs (``.npy``,
+    ``input_ids`` JSONL) need none, so a checkpoint without tokenizer files serves them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model, self._loaded = model, None
+
+    def encode(self, text: str) -> list[int]:
+        if self._loaded is None:
+            self._loaded = model_tokenizer(self._model)
+        return self._loaded.encode(text)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The tokenizer's pad id once loaded; before, the config's when it is inside the vocabulary."""
+        if self._loaded is not None:
+            return getattr(self._loaded, "pad_token_id", None)
+        config = getattr(self._model, "config", None)
+        value, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+        return value if isinstance(value, int) and isinstance(vocab, int) and 0 <= value < vocab else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return getattr(self._loaded, "eos_token_id", None) if self._loaded is not None else None
 
 
 def model_tokenizer(model: torch.nn.Module) -> Any:

@@ -24,7 +24,7 @@ from .emulate import describe, emulation
 from .errors import HwdiffError
 from .hooks import first_tensor, slot_record
 from .models import dtype_name, model_info
-from .structure import is_norm, module_kind, norm_offset
+from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset
 from .store import Capture, CaptureWriter, Register, open_capture
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
 
         args, kwargs = decode_call(spec, load)
         if "attention_mask" in kwargs and masks.needed:
-            kwargs["attention_mask"] = masks.build(index[0])
+            kwargs["attention_mask"] = masks.build(index[0], name)
         output = first_tensor(module(*args, **kwargs))
         if output is None:
             raise HwdiffError(f"module {name} returned no tensor when replayed")
@@ -159,24 +159,35 @@ class _MaskRebuilder:
     """Attention masks are specific to the attention implementation: sdpa may pass None (it is causal
     by itself) where eager needs an explicit additive mask. When the replaying model's implementation
     differs from the reference's, each attention mask argument is rebuilt from the stored 2-D mask
-    by transformers' own ``create_causal_mask`` for the replaying implementation."""
+    by transformers' own mask function for the replaying implementation and for the module's own
+    layer (:func:`hwdiff.structure.attention_type`): full causal, sliding window or chunked. A layer
+    whose mask hwdiff cannot tell is refused, never given a full causal mask by default."""
+
+    _FUNCTIONS = {"full": "create_causal_mask", "sliding": "create_sliding_window_causal_mask",
+                  "chunked": "create_chunked_causal_mask"}
 
     def __init__(self, model: torch.nn.Module, ref: Capture, device: torch.device, dtype: torch.dtype) -> None:
         config = getattr(model, "config", None)
+        config = getattr(config, "text_config", None) or config
         mine = str(getattr(config, "_attn_implementation", None))
         self.needed = config is not None and mine != str(ref.meta.get("attn_implementation"))
         self.config, self.device, self.dtype = config, device, dtype
         self.mask2d = torch.from_numpy(ref.attention_mask)
-        self.accepted: set[str] = set()
         if self.needed:
-            from transformers import masking_utils
-
-            self.accepted = set(inspect.signature(masking_utils.create_causal_mask).parameters)
+            if getattr(config, "use_bidirectional_attention", False):
+                raise HwdiffError("the model attends bidirectionally (use_bidirectional_attention): replay cannot "
+                                  "rebuild its masks for another attention implementation; replay with "
+                                  f"--attn-impl {ref.meta.get('attn_implementation')}")
             log.info("rebuilding attention masks for %s (the reference used %s)", mine, ref.meta.get("attn_implementation"))
 
-    def build(self, rows: slice) -> Any:
+    def build(self, rows: slice, name: str) -> Any:
+        """The mask module ``name`` (in its decoder layer) needs for batch ``rows``."""
         from transformers import masking_utils
 
+        kind, _ = attention_type(self.config, layer_index(name))
+        function = getattr(masking_utils, self._FUNCTIONS[kind], None)
+        if function is None:
+            raise HwdiffError(f"{name} attends with a {kind} mask, which this transformers version cannot build")
         mask = self.mask2d[rows].to(self.device)
         batch, tokens = mask.shape
         embeds = torch.zeros(batch, tokens, self.config.hidden_size, dtype=self.dtype, device=self.device)
@@ -184,4 +195,5 @@ class _MaskRebuilder:
         offered = {"config": self.config, "inputs_embeds": embeds, "input_embeds": embeds, "attention_mask": mask,
                    "cache_position": positions, "position_ids": positions[None].expand(batch, -1),
                    "past_key_values": None, "cache": None}
-        return masking_utils.create_causal_mask(**{k: v for k, v in offered.items() if k in self.accepted})
+        accepted = set(inspect.signature(function).parameters)
+        return function(**{k: v for k, v in offered.items() if k in accepted})

@@ -77,6 +77,13 @@ def layernorm_names(model: Any) -> list[str]:
     return [name for name, module in model.named_modules() if name and is_layernorm(module)]
 
 
+def aqn_needs_rmsnorm(layernorms: Sequence[str]) -> str:
+    """The one wording of "this model normalises with LayerNorm: AQN does not apply (yet)"."""
+    shown = ", ".join(layernorms[:3]) + (" …" if len(layernorms) > 3 else "")
+    return (f"the model normalises with LayerNorm ({len(layernorms)} modules: {shown}). AQN (QeRL) is defined on "
+            "RMSNorm weights; noise on LayerNorm weights is a possible later extension that hwdiff does not do")
+
+
 def offset_from_class(class_name: str) -> float | None:
     """1.0 for the ``(1 + w)`` norm classes known by name (``Gemma*RMSNorm``), None when the name
     alone does not tell (use :func:`norm_offset` on the module)."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import HwdiffError
 from ..store import Capture, open_capture, plan_blocks
+from ..structure import token_axis
 from .align import Pair, align, check_comparable
 from .correlation import correlate, residual_positions
 from .fit import fit_errors
@@ -127,9 +128,14 @@ def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
 
 
 def _token_mask(pair: Pair, mask: np.ndarray | None) -> np.ndarray | None:
-    """The real-token mask when the slot has [sequences, tokens, ...] axes, else None."""
-    has_tokens = mask is not None and len(pair.shape) >= 2 and tuple(pair.shape[:2]) == mask.shape
-    return mask if has_tokens else None
+    """The real-token mask over the slot's leading axes up to its token axis (found by
+    :func:`hwdiff.structure.token_axis`: ``[sequences, tokens, …]``, ``[sequences, heads, tokens, …]``
+    …), or None when the slot has no token axis."""
+    axis = None if mask is None else token_axis(pair.shape, *mask.shape)
+    if axis is None:
+        return None
+    sequences, tokens = mask.shape
+    return np.broadcast_to(mask.reshape(sequences, *([1] * (axis - 1)), tokens), pair.shape[:axis + 1])
 
 
 def _blocks(pair: Pair, token_mask: np.ndarray | None, opts: DiffOptions):
@@ -145,7 +151,8 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
     :class:`LayerDiff` (a future of it and its arrays) are finished on ``fitter``; ``reader`` reads
     the next block while this one is reduced."""
     token_mask = _token_mask(pair, mask)
-    expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if token_mask is not None else int(np.prod(pair.shape))
+    expected = (int(token_mask.sum()) * int(np.prod(pair.shape[token_mask.ndim:]))) if token_mask is not None \
+        else int(np.prod(pair.shape))
     seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
     acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=min(1.0, opts.fit_samples / max(expected, 1)),
                       seed=seed)
