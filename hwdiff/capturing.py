@@ -103,7 +103,7 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
             if opts.logprobs and not lp.batches:
                 log.warning("%s has no head module and no logits output: no token log-probabilities stored",
                             type(model).__name__)
-            final = writer.finish({"capture_seconds": time.perf_counter() - started})
+            final = writer.finish({"capture_seconds": time.perf_counter() - started, **_absences(rec)})
         except BaseException:
             writer.abort()
             raise
@@ -122,6 +122,16 @@ def _logprobs(model: torch.nn.Module, writer: CaptureWriter, opts: CaptureOption
     if not opts.logprobs:
         return contextlib.nullcontext(_State())
     return record_logprobs(model, writer.put, opts.logprob_topk)
+
+
+def _absences(rec: Any) -> dict[str, str]:
+    """Capture attributes listing what is absent and why: ``never_called`` (selected modules no
+    forward called) and ``unrecorded`` (module → why some calls could not be stored), JSON."""
+    for name in rec.never_called:
+        log.info("%s was never called: listed in the capture's never_called", name)
+    for name, reason in rec.unrecorded.items():
+        log.warning("%s: not recorded (%s)", name, reason)
+    return {"never_called": json.dumps(rec.never_called), "unrecorded": json.dumps(rec.unrecorded)}
 
 
 def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np.ndarray | None,

@@ -21,8 +21,9 @@ from .errors import SelectionError
 from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
-from .store import Alias, Record, Register, Signature
-from .structure import KINDS, is_norm, module_kind, norm_offset
+from .store import FLAT, ROUTED, Alias, Record, Register, Signature
+from .structure import (KINDS, expert_index, experts_per_token, is_norm, module_kind, norm_offset, routed_tokens,
+                        routing_indices, row_layout)
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
@@ -116,6 +117,7 @@ class Recorder:
         self.views = bool(getattr(sink, "synchronous", False))  # the sink is done with a tensor when put() returns
         self.row0 = 0
         self.tokens = 0  # sequence length of the inputs: sample mode gathers along an axis of this size
+        self.batch = 0  # sequences in the current forward (read from its input_ids)
         self.positions: torch.Tensor | None = None
         self.registered: dict[str, int] = {}
         self._calls: dict[str, int] = defaultdict(int)
@@ -124,15 +126,27 @@ class Recorder:
         self._weights = {name: module.weight.detach().to("cpu", copy=True)
                          for name, module, kind in selection if is_norm(module)}
         self._handles: list[Any] = []
+        self._top_k = experts_per_token(getattr(model, "config", None))
+        self._routing: dict[str, torch.Tensor] = {}  # MoE block name → experts chosen per flattened token
+        self.unrecorded: dict[str, str] = {}  # module → why some of its calls could not be stored
+
+    @property
+    def never_called(self) -> list[str]:
+        """Selected modules that no forward called (listed in the capture: absent is not exact)."""
+        return [name for name, _, _ in self.selection if name not in self.registered]
 
     @property
     def activations(self) -> dict[tuple[str, int, str], list[torch.Tensor]]:
         return self.sink.activations
 
     def attach(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
+        self._handles.append(self.model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
         for name, module, kind in self.selection:
             self._handles.append(module.register_forward_hook(self._hook(name, kind), with_kwargs=True))
+        selected = {name for name, _, _ in self.selection}
+        for name, module in self.model.named_modules():  # routing is needed to place routed rows
+            if name and name not in selected and module_kind(name, module) == "router":
+                self._handles.append(module.register_forward_hook(self._routing_hook(name)))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -140,9 +154,25 @@ class Recorder:
         self._handles.clear()
         self._seen.clear()
 
-    def _new_forward(self, *_: Any) -> None:
+    def _new_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._calls.clear()
         self._seen.clear()
+        self._routing.clear()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+            self.batch, self.tokens = int(ids.shape[0]), int(ids.shape[1])
+
+    def _routing_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            self._note_routing(name, output)
+        return hook
+
+    def _note_routing(self, name: str, output: Any) -> torch.Tensor | None:
+        indices = routing_indices(output, self._top_k)
+        if indices is not None:
+            self._routing[name.rpartition(".")[0]] = indices.detach().to("cpu")
+        return indices
 
     def _hook(self, name: str, kind: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -151,13 +181,17 @@ class Recorder:
             if name not in self.registered:
                 self._register(name, kind, module)
             self._emit(name, call, "output", first_tensor(output))
+            if kind == "router":
+                self._emit(name, call, "routing", self._note_routing(name, output))
             if self.record_inputs:
-                self._record_call(name, call, args, kwargs)
+                self._record_call(name, call, args, kwargs, routed=_rows(output) not in (self.batch, None,
+                                                                                        self.batch * self.tokens))
         return hook
 
-    def _record_call(self, name: str, call: int, args: tuple, kwargs: dict) -> None:
-        """The main input; in full mode also every other argument, for replay (:mod:`hwdiff.callspec`)."""
-        if self.mode != "full":
+    def _record_call(self, name: str, call: int, args: tuple, kwargs: dict, routed: bool = False) -> None:
+        """The main input; in full mode also every other argument, for replay (:mod:`hwdiff.callspec`).
+        A routed expert call keeps only its main input: replay does not run single experts."""
+        if self.mode != "full" or routed:
             self._emit(name, call, "input", _first_input(args, kwargs))
             return
         spec, tensors = encode_call(args, kwargs)
@@ -180,14 +214,23 @@ class Recorder:
         ``rows``: expand a broadcast first axis of 1 to the batch (recorded call arguments)."""
         if tensor is None:
             return
-        key = f"{name}/{call}/{slot}"
-        seen = self._seen.get(id(tensor))
-        if seen is not None and seen[0]() is tensor:
-            self.sink.put(Alias(name, call, slot, seen[1]))
-            return
-        self._seen[id(tensor)] = (weakref.ref(tensor), key)
+        source = tensor  # what later modules may return again (aliases are found by identity)
         if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
             tensor = tensor.expand(rows, *tensor.shape[1:])
+        layout, present = row_layout(tuple(tensor.shape), self.batch, self.tokens), None
+        if layout == ROUTED:
+            routed = self._routed(name, call, tensor)
+            if routed is None:
+                return
+            call, tensor, present = routed
+        elif layout == FLAT:
+            tensor = tensor.reshape(self.batch, self.tokens, *tensor.shape[1:])
+        key = f"{name}/{call}/{slot}"
+        seen = self._seen.get(id(source))
+        if seen is not None and seen[0]() is source:
+            self.sink.put(Alias(name, call, slot, seen[1]))
+            return
+        self._seen[id(source)] = (weakref.ref(source), key)
         on_cpu = tensor.device.type == "cpu"
         if self.mode == "stats" and not on_cpu:  # reduce where the tensor is
             (parts,), event = to_host(partial_stats(tensor))
@@ -196,7 +239,34 @@ class Recorder:
             self.sink.put(Record(name, call, slot, self.row0, partial_stats(tensor), dtype_name(tensor.dtype),
                                  reduced=True))
         else:  # a queued CPU copy is reduced (stats mode) or its NaN / Inf counted by the writer thread
-            self.sink.put(slot_record(name, call, slot, self.row0, self._sampled(tensor), copy=not self.views))
+            record = slot_record(name, call, slot, self.row0, self._sampled(tensor), copy=not self.views)
+            record.layout, record.present = layout, None if present is None else self._sampled(present)
+            self.sink.put(record)
+
+    def _routed(self, name: str, call: int, tensor: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """(expert index as the call, rows scattered to their tokens [batch, tokens, …], bool presence
+        [batch, tokens]) of a call with a variable number of rows inside an MoE block; None, with the
+        reason kept in :attr:`unrecorded`, when its tokens cannot be told."""
+        block = max((b for b in self._routing if name.startswith(b + ".")), key=len, default=None)
+        if block is None or self.mode == "stats":
+            self.unrecorded[name] = ("a variable number of rows outside any routed MoE block" if block is None
+                                     else "routed rows are not reduced to statistics")
+            return None
+        indices = self._routing[block]
+        expert = expert_index(name[len(block) + 1:], call, indices)
+        tokens = routed_tokens(indices, expert) if expert is not None else None
+        if tokens is None or len(tokens) != tensor.shape[0]:
+            self.unrecorded[name] = (
+                f"{tensor.shape[0]} rows per call that the routing of {block} does not place on tokens (an expert "
+                "implementation that groups rows in its own order, such as transformers' grouped_mm; the experts "
+                "module's per-token output is recorded — load the model with experts_implementation='eager' to "
+                "record each expert's rows)")
+            return None
+        dense = tensor.new_zeros(self.batch * self.tokens, *tensor.shape[1:])
+        dense[tokens.to(tensor.device)] = tensor
+        present = torch.zeros(self.batch * self.tokens, dtype=torch.bool)
+        present[tokens] = True
+        return expert, dense.reshape(self.batch, self.tokens, *tensor.shape[1:]), present.reshape(self.batch, self.tokens)
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions
@@ -233,6 +303,11 @@ def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
         if math.isfinite(low.item()) and math.isfinite(high.item()):
             return torch.zeros(2, dtype=torch.int64)
     return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
+
+
+def _rows(output: Any) -> int | None:
+    tensor = first_tensor(output)
+    return int(tensor.shape[0]) if tensor is not None and tensor.dim() else None
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ from .errors import HwdiffError
 from .hooks import first_tensor, slot_record
 from .models import dtype_name, model_info
 from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset
-from .store import Capture, CaptureWriter, Register, open_capture
+from .store import FLAT, ROUTED, Capture, CaptureWriter, Register, open_capture
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,12 @@ def _replayable(ref: Capture) -> list[tuple[str, list[tuple[int, dict]]]]:
     for name, info in ref.modules.items():
         calls = []
         for call in range(info.calls):
+            if not ref.has_call(name, call):
+                continue  # an expert the routing never chose
             spec = ref.call_spec(name, call)
             reason = "no recorded arguments" if spec is None else unsupported(spec)
+            if "output" in info.slots and ref.layout(name, call, "output") == ROUTED:
+                reason = "an expert's routed rows (replay runs whole batches of tokens)"
             if reason:
                 skipped.append(f"{name} ({reason})")
             else:
@@ -139,12 +143,18 @@ def _weight(module: torch.nn.Module) -> tuple[Any, str, float]:
 def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, name: str, call: int, spec: dict,
                  batch: int, device: torch.device, dtype: torch.dtype, masks: "_MaskRebuilder") -> None:
     rows = ref.input_ids.shape[0]
+    reference_dtype = str(ref.meta.get("dtype"))
     for row0 in range(0, rows, batch):
         index = (slice(row0, min(row0 + batch, rows)),)
 
         def load(slot: str) -> torch.Tensor:
             values = torch.from_numpy(np.ascontiguousarray(ref.read(name, call, slot, index))).to(device)
-            return values.to(dtype) if values.is_floating_point() else values
+            if ref.layout(name, call, slot) == FLAT:  # the module saw [sequences·tokens, …] rows
+                values = values.reshape(-1, *values.shape[2:])
+            # Activations in the reference's dtype move to the replaying dtype; a tensor the model
+            # keeps in another precision (float32 router weights in a bf16 model) stays as it was.
+            recorded = ref.slot_info(name, call, slot)[1]
+            return values.to(dtype) if values.is_floating_point() and recorded == reference_dtype else values
 
         args, kwargs = decode_call(spec, load)
         if "attention_mask" in kwargs and masks.needed:
@@ -152,7 +162,11 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
         output = first_tensor(module(*args, **kwargs))
         if output is None:
             raise HwdiffError(f"module {name} returned no tensor when replayed")
-        writer.put(slot_record(name, call, "output", row0, output))
+        record = slot_record(name, call, "output", row0, output)
+        if ref.layout(name, call, "output") == FLAT:
+            record.array = record.array.reshape(index[0].stop - row0, -1, *output.shape[1:])
+            record.layout = FLAT
+        writer.put(record)
 
 
 class _MaskRebuilder:

@@ -72,7 +72,9 @@ SCHEMA_FAMILY, SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)
 MODES = ("full", "sample", "stats")
 GENERATE_MODE = "generate"  # root ``mode`` of a greedy generation file (:mod:`hwdiff.generate`)
 LOGPROB_FIELDS = ("next_token", "entropy", "topk_ids", "topk_logprobs")
-SLOTS = ("output", "input")
+SLOTS = ("output", "input", "routing")  # routing: a router's chosen experts per token (int64 [sequences, tokens, k])
+ROUTED = "routed"  # slot attribute ``rows``: rows of the tokens routed to one expert, scattered to their token
+FLAT = "tokens"  # slot attribute ``rows``: the module saw [sequences·tokens, …] rows, stored [sequences, tokens, …]
 CHUNK_BYTES = 4 << 20
 STATS_FIELDS = stats.FIELDS
 
@@ -122,6 +124,8 @@ class Record:
     dtype: str
     event: Any = None  # device event to wait for before the host copy may be read
     reduced: bool = False  # ``array`` is already a stats parts vector (stats mode, accelerators)
+    layout: str = ""  # FLAT or ROUTED when the module's rows were not [sequences, …] (see ``rows`` attribute)
+    present: Any = None  # ROUTED: bool [sequences, tokens], True where the token was routed here
     nonfinite: Any = None  # host int64 (NaN count, Inf count), counted on the device, or None
 
 
@@ -367,12 +371,25 @@ class CaptureWriter:
                 f"{dataset.shape[1:]} then {stored.shape[1:]}"
             )
         dataset[item.row0: item.row0 + stored.shape[0]] = stored
+        if item.layout:
+            dataset.attrs["rows"] = item.layout
+        if item.present is not None:
+            self._present(item)
         nan, inf = item.nonfinite.tolist() if item.nonfinite is not None else nonfinite_counts(stored, item.dtype)
         if nan or inf:
             if item.slot == "output" and item.name not in self.nonfinite:  # -inf in an attention mask is fine
                 self.nonfinite.append(item.name)
             dataset.attrs["nan_count"] = dataset.attrs.get("nan_count", 0) + nan
             dataset.attrs["inf_count"] = dataset.attrs.get("inf_count", 0) + inf
+
+    def _present(self, item: Record) -> None:
+        """``<slot>_present``: which tokens a routed slot holds (the other rows are not data)."""
+        group = self._call_group(item.name, item.call)
+        present = np.asarray(item.present, dtype=bool)
+        name = f"{item.slot}_present"
+        if name not in group:
+            group.create_dataset(name, shape=(self.rows, present.shape[1]), dtype=bool)
+        group[name][item.row0: item.row0 + present.shape[0]] = present
 
     def _add_stats(self, item: Record) -> None:
         key = (item.name, item.call, item.slot)
@@ -565,6 +582,20 @@ class Capture:
             self._opened[key] = opened
         return opened[0][index] if stored else decode(opened[0][index], opened[1])
 
+    def layout(self, name: str, call: int = 0, slot: str = "output") -> str:
+        """How the module's rows were stored: "" (sequences first, as called), :data:`FLAT` or :data:`ROUTED`."""
+        return str(_plain(self._dataset(name, call, slot).attrs.get("rows", "")))
+
+    def present(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray | None:
+        """bool [sequences, tokens] of a routed slot: the tokens routed to this expert call, else None."""
+        group = self._module_group(name).get(str(call))
+        node = None if group is None else group.get(f"{slot}_present")
+        return None if node is None else node[...]
+
+    def has_call(self, name: str, call: int) -> bool:
+        """Whether call ``call`` of module ``name`` was stored (a routed expert may never have been hit)."""
+        return str(call) in self._module_group(name)
+
     def slot_info(self, name: str, call: int = 0, slot: str = "output") -> tuple[tuple[int, ...], str]:
         """(shape, real dtype) of a stored slot."""
         dataset = self._dataset(name, call, slot)
@@ -689,7 +720,8 @@ def _plain(value: Any) -> Any:
 def _read_modules(handle: h5py.File) -> dict[str, ModuleInfo]:
     modules = []
     for name, group in handle["modules"].items():
-        first = group.get("0")
+        stored_calls = sorted(int(key) for key in group if key.isdigit())
+        first = group.get(str(stored_calls[0])) if stored_calls else None
         slots = tuple(slot for slot in SLOTS if first is not None and (slot in first or f"{slot}_stats" in first))
         output = None if first is None else first.get("output", first.get("output_stats"))
         modules.append(ModuleInfo(

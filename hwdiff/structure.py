@@ -327,6 +327,64 @@ def token_axis(shape: Sequence[int], batch: int, tokens: int) -> int | None:
     return axes[0] if axes else None
 
 
+def row_layout(shape: Sequence[int], batch: int, tokens: int) -> str:
+    """How a module's output rows relate to the forward's ``batch`` × ``tokens`` inputs: ``""``
+    (batch rows first, or no rows at all), ``"tokens"`` (flattened ``[batch·tokens, …]`` rows:
+    shared experts, routers, fused experts) or ``"routed"`` (any other number of rows, 0 included:
+    the tokens routed to one expert)."""
+    if not shape or not batch or shape[0] == batch:
+        return ""
+    return "tokens" if shape[0] == batch * tokens else "routed"
+
+
+def experts_per_token(config: Any) -> int | None:
+    """k of the model's top-k routing (``num_experts_per_tok``, ``moe_topk``, ``top_k``), or None."""
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def routing_indices(output: Any, top_k: int | None) -> Any:
+    """The experts a router chose per token (int64 ``[tokens, k]``): the integer tensor it returns
+    (transformers' ``*TopKRouter``), else the top-k of the logits it returns (a plain ``gate``
+    Linear); None when neither can be told."""
+    import torch
+
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    chosen = next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2), None)
+    if chosen is not None:
+        return chosen.long()
+    logits = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2), None)
+    if logits is None or not top_k:
+        return None
+    return torch.topk(logits.float(), top_k, dim=-1).indices
+
+
+def expert_index(relative_name: str, call: int, indices: Any) -> int | None:
+    """Which expert a routed call inside an MoE block computes: ``experts.<e>…`` by name, else (fused
+    experts, one call per expert hit, in ascending expert order as transformers' loop runs them) the
+    ``call``-th expert the block's routing hit."""
+    import torch
+
+    match = re.search(r"(?:^|\.)experts\.(\d+)(?:\.|$)", relative_name)
+    if match:
+        return int(match.group(1))
+    hit = torch.unique(indices).tolist()
+    return int(hit[call]) if call < len(hit) else None
+
+
+def routed_tokens(indices: Any, expert: int) -> Any:
+    """The flattened token indices routed to ``expert``, in the order MoE loops gather them
+    (``torch.where`` over [top-k slot, token]: slot first, then token)."""
+    import torch
+
+    _, tokens = torch.nonzero((indices == expert).T, as_tuple=True)
+    return tokens
+
+
 def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
     """``(kind, size)`` of the mask decoder layer ``layer`` attends with: ``("full", None)``,
     ``("sliding", window)`` or ``("chunked", chunk)``, from ``config.layer_types`` when the config has

@@ -64,16 +64,21 @@ def check_comparable(reference: Capture, target: Capture, *, allow_model_mismatc
 
 
 def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatched]]:
-    """The slot pairs to compare, in the reference's forward order, and what could not be paired."""
-    pairs, unmatched = [], []
+    """The slot pairs to compare, in the reference's forward order, and what could not be paired
+    (modules never called or not recordable on a side, as each capture lists them, included)."""
+    pairs, unmatched = [], absent(reference, "reference") + absent(target, "target")
     for name, info in reference.modules.items():
         other = target.modules.get(name)
         if other is None:
             unmatched += [Unmatched(name, call, "output", "only in the reference") for call in range(info.calls)]
             continue
         for call in range(max(info.calls, other.calls)):
-            if call >= info.calls or call >= other.calls:
-                side = "reference" if call < info.calls else "target"
+            stored = (call < info.calls and reference.has_call(name, call), call < other.calls and target.has_call(name, call))
+            if not any(stored):
+                unmatched.append(Unmatched(name, call, "output", "called in neither capture (an expert never chosen)"))
+                continue
+            if not all(stored):
+                side = "reference" if stored[0] else "target"
                 unmatched.append(Unmatched(name, call, "output", f"call {call} only in the {side}"))
                 continue
             for slot in info.slots:
@@ -90,6 +95,16 @@ def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatch
                   for name, info in target.modules.items() if name not in reference.modules
                   for call in range(info.calls)]
     return pairs, unmatched
+
+
+def absent(capture: Capture, role: str) -> list[Unmatched]:
+    """What ``capture`` lists as never called or not recorded (its ``never_called`` / ``unrecorded``)."""
+    import json
+
+    never = json.loads(str(capture.meta.get("never_called") or "[]"))
+    unrecorded = json.loads(str(capture.meta.get("unrecorded") or "{}"))
+    return ([Unmatched(name, 0, "output", f"never called in the {role}") for name in never]
+            + [Unmatched(name, 0, "output", f"not recorded in the {role}: {why}") for name, why in unrecorded.items()])
 
 
 def _pair(reference: Capture, target: Capture, name: str, call: int, slot: str, kind: str) -> Pair | Unmatched:

@@ -18,7 +18,7 @@ from .correlation import correlate, residual_positions
 from .fit import fit_errors
 from .metrics import Accumulator, beyond_rounding, lower_precision
 from .rl import rl_for
-from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff
+from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff, RoutedToken, RoutingDiff
 
 _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",
               "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc",
@@ -75,6 +75,8 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     from tqdm.auto import tqdm
 
     pairs, unmatched = align(ref, tgt)
+    routing = tuple(compare_routing(ref, tgt, pair) for pair in pairs if pair.slot == "routing")
+    pairs = [pair for pair in pairs if pair.slot != "routing"]
     if opts.strict and unmatched:
         first = unmatched[0]
         raise HwdiffError(f"{len(unmatched)} slot(s) could not be compared (--strict), first "
@@ -117,7 +119,7 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
         reference=_meta(ref), target=_meta(tgt), golden=_meta(gold) if gold is not None else None,
         layers=ordered, unmatched=tuple(unmatched), correlation=correlation,
         growth=_growth(ordered, positions), first_divergence=first_divergence(ordered), arrays=arrays,
-        local=_meta(loc) if loc is not None else None)
+        local=_meta(loc) if loc is not None else None, routing=routing)
 
 
 def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
@@ -138,6 +140,26 @@ def _token_mask(pair: Pair, mask: np.ndarray | None) -> np.ndarray | None:
     return np.broadcast_to(mask.reshape(sequences, *([1] * (axis - 1)), tokens), pair.shape[:axis + 1])
 
 
+def _routed_mask(ref: Capture, tgt: Capture, pair: Pair, token_mask: np.ndarray | None) -> np.ndarray | None:
+    """A routed expert's slot compares only the tokens both sides routed to it (the others hold no
+    data); tokens routed on one side only are routing differences, reported by the router."""
+    present = [cap.present(pair.name, pair.call, pair.slot) for cap in (ref, tgt)]
+    if present[0] is None and present[1] is None:
+        return token_mask
+    both = np.logical_and(*[p if p is not None else True for p in present])
+    return both if token_mask is None else token_mask & both.reshape(both.shape + (1,) * (token_mask.ndim - 2))
+
+
+def compare_routing(ref: Capture, tgt: Capture, pair: Pair) -> RoutingDiff:
+    """The router's chosen experts per real token, reference against target."""
+    chosen = [np.sort(cap.activation(pair.name, pair.call, "routing").astype(np.int64), axis=-1) for cap in (ref, tgt)]
+    real = ref.attention_mask.astype(bool) if ref.mode == "full" else np.ones(chosen[0].shape[:2], dtype=bool)
+    differs = np.any(chosen[0] != chosen[1], axis=-1) & real
+    changed = tuple(RoutedToken(int(s), int(t), tuple(map(int, chosen[0][s, t])), tuple(map(int, chosen[1][s, t])))
+                    for s, t in zip(*np.nonzero(differs)))
+    return RoutingDiff(pair.name, pair.call, int(real.sum()), changed)
+
+
 def _blocks(pair: Pair, token_mask: np.ndarray | None, opts: DiffOptions):
     """(index, mask of that block or None) over the slot, in the order every reader uses."""
     for index in plan_blocks(pair.shape, opts.block_elements):
@@ -150,7 +172,7 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
     """Stream the slot's blocks through the accumulators here; the fits and the rest of the
     :class:`LayerDiff` (a future of it and its arrays) are finished on ``fitter``; ``reader`` reads
     the next block while this one is reduced."""
-    token_mask = _token_mask(pair, mask)
+    token_mask = _routed_mask(ref, tgt, pair, _token_mask(pair, mask))
     expected = (int(token_mask.sum()) * int(np.prod(pair.shape[token_mask.ndim:]))) if token_mask is not None \
         else int(np.prod(pair.shape))
     seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))

@@ -69,6 +69,9 @@ def summary(result: DiffResult) -> dict[str, Any]:
         "exact": result.exact,
         "modules": [layer_summary(layer) for layer in result.layers],
         "unmatched": [{"name": u.name, "call": u.call, "slot": u.slot, "reason": u.reason} for u in result.unmatched],
+        "routing": [{"name": r.name, "call": r.call, "tokens": r.tokens, "changed": [
+            {"sequence": t.sequence, "position": t.position, "reference": list(t.reference), "target": list(t.target)}
+            for t in r.changed]} for r in result.routing],
         "correlation": None if corr is None else {
             "names": list(corr.names), "exact": list(corr.exact),
             "accumulated": _matrix(corr.accumulated), "increments": _matrix(corr.increments)},
@@ -202,6 +205,8 @@ def format_table(result: DiffResult, top: int = 25) -> str:
                      f"(rel L2 {result.growth.rel_l2[0]:.3g} -> {result.growth.rel_l2[-1]:.3g})")
     lines += format_rl(result.rl_impact, result.rl_absent)
     lines += ["", *_table(result, top)]
+    for routing in result.routing:
+        lines.append(f"routing    {routing}")
     for item in result.unmatched[:10]:
         lines.append(f"unmatched  {item.name}/{item.call}/{item.slot}: {item.reason}")
     return "\n".join(lines)

@@ -121,6 +121,36 @@ class Growth:
 
 
 @dataclass(frozen=True)
+class RoutedToken:
+    """One real token whose router chose other experts in the target than in the reference."""
+
+    sequence: int
+    position: int
+    reference: tuple[int, ...]  # the experts chosen, sorted
+    target: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RoutingDiff:
+    """A router's choices compared token by token over the real tokens (``tokens`` of them)."""
+
+    name: str
+    call: int
+    tokens: int
+    changed: tuple[RoutedToken, ...]
+
+    @property
+    def changed_frac(self) -> float:
+        return len(self.changed) / self.tokens if self.tokens else 0.0
+
+    def __str__(self) -> str:
+        shown = "; ".join(f"sequence {t.sequence} token {t.position}: {list(t.reference)} -> {list(t.target)}"
+                          for t in self.changed[:3])
+        return (f"{self.name}: {len(self.changed)} of {self.tokens} tokens chose other experts"
+                + (f" ({shown}{' …' if len(self.changed) > 3 else ''})" if self.changed else ""))
+
+
+@dataclass(frozen=True)
 class DiffResult:
     reference: dict[str, Any]
     target: dict[str, Any]
@@ -134,6 +164,7 @@ class DiffResult:
     local: dict[str, Any] | None = None  # metadata of the replay given as --local
     rl_impact: RLImpact | None = None  # token log-prob mismatch (compare/rl.py); None: see rl_absent
     rl_absent: str = ""  # why there is no RL block (older captures without /logprobs)
+    routing: tuple[RoutingDiff, ...] = ()  # MoE routers: tokens that chose other experts
 
     def layer(self, name: str, call: int = 0, slot: str = "output") -> LayerDiff:
         for layer in self.layers:
