@@ -209,13 +209,14 @@ class LazyTokenizer:
 
 
 def model_tokenizer(model: torch.nn.Module) -> Any:
-    source = model_info(model).tokenizer
+    info = model_info(model)
+    source = info.tokenizer
     if source is None:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=info.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise InputsError(f"model {source!r} has no loadable tokenizer ({str(exc).splitlines()[0]}); "
                           "pass token ids instead (--inputs ids.npy or ids.jsonl)") from exc

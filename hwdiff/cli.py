@@ -20,7 +20,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype,
-                       attn_implementation=args.attn_impl, seed=args.seed)
+                       attn_implementation=args.attn_impl, seed=args.seed, trust_remote_code=args.trust_remote_code)
     result = capture(model, args.output, inputs=args.inputs, modules=args.modules, kinds=args.kinds,
                      mode=args.mode, record_inputs=args.record_inputs, emulate=args.emulate, batch_size=args.batch_size,
                      max_tokens=args.max_tokens, limit=args.limit, tokens=args.tokens, seed=args.seed,
@@ -34,7 +34,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from .replaying import model_for, replay
 
     model = model_for(args.reference, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
-                      spec=args.model)
+                      spec=args.model, trust_remote_code=args.trust_remote_code)
     print(replay(model, args.reference, args.output, emulate=args.emulate,
                  allow_model_mismatch=args.allow_model_mismatch, progress=not args.quiet))
     return 0
@@ -82,7 +82,7 @@ def _cmd_aqn_check(args: argparse.Namespace) -> int:
     from .models import load_model, resolve_dtype
 
     sigma = load_sigma(args.sigma)
-    model = load_model(args.model, device="cpu", dtype=args.dtype)
+    model = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     targets = AQNInjector(model, sigma).targets
     print(format_checks(targets, check_effectiveness(model, sigma, resolve_dtype(args.dtype))))
     return 0
@@ -166,6 +166,12 @@ def _device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda[:N], npu[:N] or auto (default: %(default)s)")
 
 
+def _trust_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a local checkpoint or hub model to run its own Python code (transformers' "
+                             "trust_remote_code; only for checkpoints you trust)")
+
+
 def _quiet_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
 
@@ -202,6 +208,7 @@ def _add_capture(sub: Any) -> None:
     cap.add_argument("--attn-impl", default=None, help="attention kernel path: eager, sdpa, ... (default: transformers')")
     _emulate_arg(cap)
     cap.add_argument("--record-inputs", action="store_true", help="also store each module's input (for replay)")
+    _trust_arg(cap)
     cap.add_argument("--seed", type=int, default=0,
                      help="seed of built-in model weights and of sample positions (default: %(default)s)")
     cap.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="HDF5 compression (default: none)")
@@ -274,6 +281,7 @@ def _add_replay(sub: Any) -> None:
     rep.add_argument("--model", default=None, help="model spec (default: the one the reference was captured from)")
     _emulate_arg(rep)
     rep.add_argument("--allow-model-mismatch", action="store_true", help="replay with different weights")
+    _trust_arg(rep)
     rep.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     _quiet_arg(rep)
     rep.set_defaults(handler=_cmd_replay)
@@ -341,6 +349,7 @@ def _add_aqn_check(sub: Any) -> None:
     chk.add_argument("--model", required=True, help="model spec (built-in, local checkpoint or hub id)")
     chk.add_argument("--sigma", required=True, help="sigma.yaml from hwdiff calibrate")
     chk.add_argument("--dtype", default="bfloat16", help="dtype the weights live in during training (default: %(default)s)")
+    _trust_arg(chk)
     chk.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     chk.set_defaults(handler=_cmd_aqn_check)
 

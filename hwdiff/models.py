@@ -44,6 +44,7 @@ class ModelInfo:
     fingerprint: str
     tokenizer: str | None
     seed: int | None
+    trust_remote_code: bool = False  # the checkpoint's own code was allowed to run (model and tokenizer)
 
 
 _INFO: "weakref.WeakKeyDictionary[torch.nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
@@ -107,6 +108,7 @@ def load_model(
     attn_implementation: str | None = None,
     *,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> torch.nn.Module:
     """Load a model in eval mode with gradients off, fingerprinted before the cast to ``dtype``.
 
@@ -121,9 +123,10 @@ def load_model(
     if spec in BUILTIN:
         model, tokenizer = _build_random(spec, attn_implementation, seed), None
     else:
-        model, tokenizer = _from_pretrained(spec, attn_implementation), spec
+        model, tokenizer = _from_pretrained(spec, attn_implementation, trust_remote_code), spec
         seed = None
-    info = ModelInfo(spec=spec, fingerprint=fingerprint(model), tokenizer=tokenizer, seed=seed)
+    info = ModelInfo(spec=spec, fingerprint=fingerprint(model), tokenizer=tokenizer, seed=seed,
+                     trust_remote_code=trust_remote_code)
     model = model.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
     _INFO[model] = info
     return model
@@ -206,7 +209,7 @@ def _init_mean(name: str) -> float:
     return 1.0 if "norm" in name else 0.0
 
 
-def _from_pretrained(spec: str, attn_implementation: str | None) -> torch.nn.Module:
+def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_code: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = Path(os.path.expanduser(spec))
@@ -215,14 +218,18 @@ def _from_pretrained(spec: str, attn_implementation: str | None) -> torch.nn.Mod
             f"unknown model spec {spec!r}: expected a built-in ({', '.join(BUILTIN)}), "
             "a local checkpoint directory, or a Hugging Face hub id"
         )
-    kwargs: dict[str, Any] = {"dtype": "auto"}
+    # Code shipped with a checkpoint runs only when the user says so; False (never None) refuses at
+    # once instead of transformers' interactive prompt.
+    kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         return AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         where = "local checkpoint" if path.is_dir() else "hub id (no local directory of that name)"
-        raise ModelSpecError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}") from exc
+        hint = ("; it ships its own Python code: pass --trust-remote-code (trust_remote_code=True) if you trust it"
+                if "trust_remote_code" in str(exc) and not trust_remote_code else "")
+        raise ModelSpecError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}{hint}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

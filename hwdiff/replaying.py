@@ -47,7 +47,8 @@ def replay(model: torch.nn.Module, reference: str | os.PathLike | Capture, path:
 
 
 def model_for(reference: str | os.PathLike, *, device: str = "auto", dtype: str | None = None,
-              attn_implementation: str | None = None, spec: str | None = None) -> torch.nn.Module:
+              attn_implementation: str | None = None, spec: str | None = None,
+              trust_remote_code: bool = False) -> torch.nn.Module:
     """Load the model a reference capture was made of (its spec and seed), or ``spec`` instead,
     in ``dtype`` (default: the reference's) on ``device``."""
     from .models import load_model
@@ -59,7 +60,7 @@ def model_for(reference: str | os.PathLike, *, device: str = "auto", dtype: str 
     if model_spec.startswith("object:"):
         raise HwdiffError(f"{reference} was captured from a model object ({model_spec}); pass --model SPEC")
     return load_model(model_spec, device=device, dtype=dtype or str(meta.get("dtype", "float32")),
-                      attn_implementation=attn_implementation, seed=max(seed, 0))
+                      attn_implementation=attn_implementation, seed=max(seed, 0), trust_remote_code=trust_remote_code)
 
 
 def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatch: bool,
