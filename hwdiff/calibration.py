@@ -367,8 +367,9 @@ def norm_errors(summary: dict[str, Any]) -> list[NormError]:
         others = sorted({m["kind"] for m in outputs})
         layernorms = [m["name"] for m in outputs if m["kind"] == "layernorm"]
         if layernorms:
-            raise HwdiffError(f"AQN needs RMSNorm weights; this model has LayerNorm instead ({', '.join(layernorms[:3])} …): "
-                              "AQN on LayerNorm is not supported yet")
+            from .structure import aqn_needs_rmsnorm
+
+            raise HwdiffError("the diff has no RMSNorm outputs; " + aqn_needs_rmsnorm(layernorms))
         raise HwdiffError(f"the diff has no RMSNorm outputs (kinds present: {', '.join(others) or 'none'}): capture "
                           "with the default module selection or --kinds rmsnorm,attention,mlp,head")
     missing = [m["name"] for m in norms if m.get("local_rel_l2") is None]
