@@ -22,7 +22,7 @@ from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
 from .store import FLAT, ROUTED, Alias, Record, Register, Signature
-from .structure import (KINDS, expert_index, experts_per_token, is_norm, module_kind, norm_offset, routed_tokens,
+from .structure import (KINDS, expert_from_name, expert_index, experts_per_token, is_norm, module_kind, norm_offset, routed_tokens,
                         routing_indices, row_layout)
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
@@ -244,7 +244,7 @@ class Recorder:
             self.sink.put(record)
 
     def _routed(self, name: str, call: int, tensor: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-        """(expert index as the call, rows scattered to their tokens [batch, tokens, …], bool presence
+        """(call index to store under, rows scattered to their tokens [batch, tokens, …], bool presence
         [batch, tokens]) of a call with a variable number of rows inside an MoE block; None, with the
         reason kept in :attr:`unrecorded`, when its tokens cannot be told."""
         block = max((b for b in self._routing if name.startswith(b + ".")), key=len, default=None)
@@ -253,7 +253,8 @@ class Recorder:
                                      else "routed rows are not reduced to statistics")
             return None
         indices = self._routing[block]
-        expert = expert_index(name[len(block) + 1:], call, indices)
+        relative = name[len(block) + 1:]
+        expert = expert_index(relative, call, indices)
         tokens = routed_tokens(indices, expert) if expert is not None else None
         if tokens is None or len(tokens) != tensor.shape[0]:
             self.unrecorded[name] = (
@@ -266,7 +267,10 @@ class Recorder:
         dense[tokens.to(tensor.device)] = tensor
         present = torch.zeros(self.batch * self.tokens, dtype=torch.bool)
         present[tokens] = True
-        return expert, dense.reshape(self.batch, self.tokens, *tensor.shape[1:]), present.reshape(self.batch, self.tokens)
+        # A per-expert module keeps its call index; a fused module's calls are keyed by expert (the
+        # k-th call is another expert on each side when routing differs).
+        key = call if expert_from_name(relative) is not None else expert
+        return key, dense.reshape(self.batch, self.tokens, *tensor.shape[1:]), present.reshape(self.batch, self.tokens)
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions

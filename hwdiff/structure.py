@@ -363,15 +363,21 @@ def routing_indices(output: Any, top_k: int | None) -> Any:
     return torch.topk(logits.float(), top_k, dim=-1).indices
 
 
+def expert_from_name(relative_name: str) -> int | None:
+    """The expert a per-expert module computes (``experts.<e>…`` inside its MoE block), or None."""
+    match = re.search(r"(?:^|\.)experts\.(\d+)(?:\.|$)", relative_name)
+    return int(match.group(1)) if match else None
+
+
 def expert_index(relative_name: str, call: int, indices: Any) -> int | None:
     """Which expert a routed call inside an MoE block computes: ``experts.<e>…`` by name, else (fused
     experts, one call per expert hit, in ascending expert order as transformers' loop runs them) the
     ``call``-th expert the block's routing hit."""
     import torch
 
-    match = re.search(r"(?:^|\.)experts\.(\d+)(?:\.|$)", relative_name)
-    if match:
-        return int(match.group(1))
+    named = expert_from_name(relative_name)
+    if named is not None:
+        return named
     hit = torch.unique(indices).tolist()
     return int(hit[call]) if call < len(hit) else None
 

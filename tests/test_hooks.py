@@ -1,3 +1,6 @@
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -73,3 +76,67 @@ def test_hooks_are_removed_when_the_forward_raises(tiny_fp32):
         with hwdiff.record(tiny_fp32):
             tiny_fp32(input_ids=torch.tensor([[100000]]))
     assert all(not m._forward_hooks for m in tiny_fp32.modules())
+
+
+class _ToyMoE(torch.nn.Module):
+    """A hand-written MoE: a Linear gate, per-expert modules called with the rows of their tokens
+    (with 0 rows when no token chose them), as older transformers and custom code do."""
+
+    def __init__(self, hidden=8, experts=4, k=2):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        chosen = self.gate(flat).topk(self.k, -1).indices
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            _, tokens = torch.where((chosen == e).T)
+            out.index_add_(0, tokens, expert(flat[tokens]))
+        return out.reshape(x.shape)
+
+
+class _ToyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        import types
+
+        self.config = types.SimpleNamespace(num_experts_per_tok=2, vocab_size=32)
+        self.embed = torch.nn.Embedding(32, 8)
+        self.mlp = _ToyMoE()
+        self.unused = torch.nn.Linear(8, 8)  # selected, never called
+        self.lm_head = torch.nn.Linear(8, 32)
+        with torch.no_grad():
+            self.mlp.gate.bias[3] = -100.0  # expert 3 is never chosen: called with 0 rows
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.lm_head(self.mlp(self.embed(input_ids)))
+
+
+def test_per_expert_rows_are_stored_at_their_tokens_and_empty_experts_are_not_exact(tmp_path):
+    torch.manual_seed(0)
+    model = _ToyModel()
+    ids = torch.randint(0, 32, (4, 10))
+    ref = hwdiff.capture(model, tmp_path / "a.h5", inputs=ids, batch_size=2, progress=False).path
+    tgt = hwdiff.capture(model, tmp_path / "b.h5", inputs=ids, batch_size=2, progress=False).path
+    x = model.embed(ids).detach().reshape(-1, 8)
+    chosen = model.mlp.gate(x).topk(2, -1).indices.reshape(4, 10, 2)
+    with hwdiff.open_capture(ref) as cap:
+        assert json.loads(cap.meta["never_called"]) == ["unused"]
+        assert np.array_equal(np.sort(cap.activation("mlp.gate", 0, "routing"), -1), np.sort(chosen.numpy(), -1))
+        for e in range(4):
+            present = cap.present(f"mlp.experts.{e}", 0)
+            assert np.array_equal(present, (chosen == e).any(-1).numpy())
+            expected = model.mlp.experts[e](x).detach().reshape(4, 10, 8).numpy()[present]
+            assert np.allclose(cap.activation(f"mlp.experts.{e}")[present], expected, atol=1e-6)
+        assert not cap.present("mlp.experts.3", 0).any()
+    result = hwdiff.diff(ref, tgt, progress=False)
+    reasons = {}
+    for item in result.unmatched:
+        reasons.setdefault((item.name, item.call), []).append(item.reason)
+    assert "no real token was routed" in reasons[("mlp.experts.3", 0)][0]
+    assert reasons[("unused", 0)] == ["never called in the reference", "never called in the target"]
+    assert all(layer.name != "mlp.experts.3" for layer in result.layers)
+    assert result.routing[0].changed == () and result.routing[0].tokens == 40

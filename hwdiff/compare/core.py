@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import HwdiffError
 from ..store import Capture, open_capture, plan_blocks
 from ..structure import token_axis
-from .align import Pair, align, check_comparable
+from .align import Pair, Unmatched, align, check_comparable
 from .correlation import correlate, residual_positions
 from .fit import fit_errors
 from .metrics import Accumulator, beyond_rounding, lower_precision
@@ -84,6 +84,10 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     mask = ref.attention_mask.astype(bool) if ref.mode == "full" else None
     if ref.mode == "sample":
         mask = np.ones(ref.sample_positions.shape, dtype=bool)
+    empty = [pair for pair in pairs if _nothing_routed(ref, tgt, pair, mask)]
+    unmatched += [Unmatched(p.name, p.call, p.slot, "no real token was routed to this expert on both sides (empty "
+                            "calls): nothing to compare") for p in empty]
+    pairs = [pair for pair in pairs if pair not in empty]
     layers: dict[tuple[str, int, str], LayerDiff] = {}
     arrays: dict[str, Any] = {}
     pending: dict[tuple[str, int, str], Future] = {}
@@ -148,6 +152,11 @@ def _routed_mask(ref: Capture, tgt: Capture, pair: Pair, token_mask: np.ndarray 
         return token_mask
     both = np.logical_and(*[p if p is not None else True for p in present])
     return both if token_mask is None else token_mask & both.reshape(both.shape + (1,) * (token_mask.ndim - 2))
+
+
+def _nothing_routed(ref: Capture, tgt: Capture, pair: Pair, mask: np.ndarray | None) -> bool:
+    token_mask = _routed_mask(ref, tgt, pair, _token_mask(pair, mask))
+    return token_mask is not None and not token_mask.any()
 
 
 def compare_routing(ref: Capture, tgt: Capture, pair: Pair) -> RoutingDiff:
