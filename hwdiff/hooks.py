@@ -22,8 +22,8 @@ from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
 from .store import FLAT, ROUTED, Alias, Record, Register, Signature
-from .structure import (KINDS, expert_from_name, expert_index, experts_per_token, is_norm, module_kind, norm_offset, routed_tokens,
-                        routing_indices, row_layout)
+from .structure import (KINDS, expert_from_name, expert_index, experts_per_token, is_norm, module_kind,
+                        norm_offset, routed_tokens, routing_indices, row_layout)
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
@@ -163,6 +163,10 @@ class Recorder:
         if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
             self.batch, self.tokens = int(ids.shape[0]), int(ids.shape[1])
 
+    def _layout(self, tensor: torch.Tensor | None) -> str:
+        """How ``tensor``'s rows relate to this forward's sequences (:func:`hwdiff.structure.row_layout`)."""
+        return "" if tensor is None else row_layout(tuple(tensor.shape), self.batch, self.tokens)
+
     def _routing_hook(self, name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
             self._note_routing(name, output)
@@ -184,8 +188,7 @@ class Recorder:
             if kind == "router":
                 self._emit(name, call, "routing", self._note_routing(name, output))
             if self.record_inputs:
-                self._record_call(name, call, args, kwargs, routed=_rows(output) not in (self.batch, None,
-                                                                                        self.batch * self.tokens))
+                self._record_call(name, call, args, kwargs, routed=self._layout(first_tensor(output)) == ROUTED)
         return hook
 
     def _record_call(self, name: str, call: int, args: tuple, kwargs: dict, routed: bool = False) -> None:
@@ -217,7 +220,7 @@ class Recorder:
         source = tensor  # what later modules may return again (aliases are found by identity)
         if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
             tensor = tensor.expand(rows, *tensor.shape[1:])
-        layout, present = row_layout(tuple(tensor.shape), self.batch, self.tokens), None
+        layout, present = self._layout(tensor), None
         if layout == ROUTED:
             routed = self._routed(name, call, tensor)
             if routed is None:
@@ -307,11 +310,6 @@ def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
         if math.isfinite(low.item()) and math.isfinite(high.item()):
             return torch.zeros(2, dtype=torch.int64)
     return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
-
-
-def _rows(output: Any) -> int | None:
-    tensor = first_tensor(output)
-    return int(tensor.shape[0]) if tensor is not None and tensor.dim() else None
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -73,7 +73,8 @@ def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatch
             unmatched += [Unmatched(name, call, "output", "only in the reference") for call in range(info.calls)]
             continue
         for call in range(max(info.calls, other.calls)):
-            stored = (call < info.calls and reference.has_call(name, call), call < other.calls and target.has_call(name, call))
+            stored = (call < info.calls and reference.has_call(name, call),
+                      call < other.calls and target.has_call(name, call))
             if not any(stored):
                 unmatched.append(Unmatched(name, call, "output", "called in neither capture (an expert never chosen)"))
                 continue
