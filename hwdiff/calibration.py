@@ -384,28 +384,15 @@ def norm_errors(summary: dict[str, Any]) -> list[NormError]:
 
 
 def sub_blocks(norm_names: list[str], outputs: list[dict[str, Any]]) -> dict[str, str | None]:
-    """The sub-block each norm feeds, from module names and kinds: a pre-attention norm feeds its
-    layer's attention, a pre-MLP norm its MLP / MoE block, the final norm the head; a post-norm
-    (Gemma's post_attention/post_feedforward norms, which follow their sub-block) and a norm whose
-    sub-block was not recorded feed none: their error is taken at their own output."""
-    kinds = {m["name"]: m["kind"] for m in outputs}
-    return {name: _sub_block(name, kinds) for name in norm_names}
+    """The module whose output carries each norm's noise first (:func:`hwdiff.structure.norm_specs_from_names`):
+    the sub-block a pre-norm or the final norm feeds; None — the error is taken at the norm's own
+    output — for post-norms (they normalise their sub-block's output), for q/k norms (the attention
+    core is no module; its output is o_proj's input) and when the sub-block was not recorded."""
+    from .structure import norm_specs_from_names
 
-
-_MLP = ("mlp", "block_sparse_moe", "feed_forward")
-_ROLE_BLOCK = {"input_layernorm": ("self_attn", "attention"), "pre_feedforward_layernorm": _MLP,
-               "post_attention_layernorm": _MLP}
-
-
-def _sub_block(norm: str, kinds: dict[str, str]) -> str | None:
-    prefix, _, role = norm.rpartition(".")
-    if role in ("post_attention_layernorm", "post_feedforward_layernorm") and f"{prefix}.pre_feedforward_layernorm" in kinds:
-        return None  # Gemma 2/3: post-norms of the sub-block's output
-    if role in _ROLE_BLOCK:
-        return next((f"{prefix}.{c}" for c in _ROLE_BLOCK[role] if f"{prefix}.{c}" in kinds), None)
-    if _layer_index(norm) is None:
-        return next((name for name, kind in kinds.items() if kind == "head"), None)
-    return None
+    specs = norm_specs_from_names([m["name"] for m in outputs], {}, norms=norm_names)
+    return {spec.name: spec.observe[0] if spec.observe and spec.observe[1] == "output" and spec.observe[0] != spec.name
+            else None for spec in specs}
 
 
 def _norm_error(norm: dict, block: dict | None) -> NormError:
