@@ -10,7 +10,8 @@ from numba.core import types
 from numba.cpython.unsafe.numbers import leading_zeros
 from numba.extending import intrinsic, overload
 
-COLUMNS = 17  # count, equal, rr, tt, ee, re, e, |e|, le1, r1, r5, max|e|, max ulp, r NaN, r Inf, t NaN, t Inf
+COLUMNS = 19  # count, equal, rr, tt, ee, re, e, |e|, le1, r1, r5, max|e|, max ulp, r NaN, r Inf, t NaN, t Inf,
+#              e·sign(r), index of the first max |e| (-1: none)
 
 
 @intrinsic
@@ -61,7 +62,8 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
     u = |e| / ulp at r (at t where r is 0) of a format with ``mantissa`` bits and ``min_exponent``,
     binned by 1/16 below 16 and by quarter octaves 16·2^j·quarter_steps[q] above, read off u/16's
     exponent and fraction fields. Either way the bins are the numpy path's edges, compared exactly.
-    ``width`` > 0: elements per token, each token's ‖e‖² goes to ``row_ee``.
+    ``width`` > 0: elements per token, each token's ‖e‖² goes to ``row_ee``. Column 17 sums
+    e·sign(r) (the error away from zero), column 18 is the index of the chunk's first largest |e|.
     """
     n = r.size
     chunks = partial.shape[0]
@@ -92,6 +94,8 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
         r1 = 0.0
         r5 = 0.0
         max_abs = 0.0
+        max_index = -1
+        outward = 0.0
         max_ulp = 0.0
         max_distance = np.int64(0)
         r_nan = 0.0
@@ -129,7 +133,10 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
                 scale = max(abs(rv), floor)
                 r1 += a <= 1e-3 * scale
                 r5 += a <= 5e-3 * scale
-                max_abs = max(max_abs, a)
+                outward += e * (np.float64(rv > 0.0) - np.float64(rv < 0.0))
+                if a > max_abs:  # rare after the first few elements: predictable
+                    max_abs = a
+                    max_index = k
                 if light:
                     continue
                 if same_dtype:
@@ -175,6 +182,8 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
         out[14] = r_inf
         out[15] = t_nan
         out[16] = t_inf
+        out[17] = outward
+        out[18] = max_index
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
