@@ -284,8 +284,9 @@ class Accumulator:
         self.hist += np.bincount(_ulp_bins(u), minlength=ULP_BINS)
 
     def _add_sample(self, r: np.ndarray, t: np.ndarray) -> None:
-        if self.sample_fraction < 1 and r.size:  # each element kept with probability sample_fraction (rare repeats)
-            index = self.rng.integers(0, r.size, self.rng.binomial(r.size, self.sample_fraction))
+        if self.sample_fraction < 1 and r.size:  # a binomial count of distinct elements: no repeats
+            count = int(self.rng.binomial(r.size, self.sample_fraction))
+            index = np.sort(self.rng.choice(r.size, size=count, replace=False))
             r, t = r[index], t[index]
         if r.size:
             self.samples.append((decoded(r).astype(np.float64),
