@@ -28,6 +28,9 @@ class GoldenDiff:
         return self.target_rel_l2 / self.reference_rel_l2
 
 
+PROPAGATED_FLOOR = 1e-9  # total² − local² below this fraction of total²: the sums' rounding, not inherited error
+
+
 @dataclass(frozen=True)
 class LocalDiff:
     """Local vs propagated error of one module output (``--local``: a replay of the reference's
@@ -44,7 +47,10 @@ class LocalDiff:
 
     @property
     def propagated_rel_l2(self) -> float:
-        return math.sqrt(max(self.total_rel_l2 ** 2 - self.local_rel_l2 ** 2, 0.0))
+        """sqrt(total² − local²); 0 where the two agree to the rounding of their float64 sums (which
+        reduce in different orders): a module whose whole error is local inherits nothing."""
+        inherited = self.total_rel_l2 ** 2 - self.local_rel_l2 ** 2
+        return math.sqrt(inherited) if inherited > PROPAGATED_FLOOR * self.total_rel_l2 ** 2 else 0.0
 
     @property
     def amplification(self) -> float:

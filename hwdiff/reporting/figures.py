@@ -134,43 +134,52 @@ def ulp_by_kind(summary: dict, arrays: dict, edges: np.ndarray, path: Path) -> s
             "modules that are not bit-identical; left of the dashed line: within one ulp.")
 
 
-def error_histogram(module: dict, arrays: dict, path: Path) -> str:
+def error_histogram(module: dict, arrays: dict, path: Path) -> str | None:
     from scipy import stats
 
-    plt = _plt()
     data = arrays.get(f"{module['name']}/{module['call']}/output", {})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     counts, edges = np.asarray(data.get("err_hist", [])), np.asarray(data.get("err_edges", []))
+    if not counts.size or not counts.sum():
+        return None
     sample = np.asarray(data.get("err_sample", []), dtype=np.float64)
     sample = sample[sample != 0]
     fit = module.get("fit", {})
-    if counts.size and counts.sum():
-        centers, width = (edges[1:] + edges[:-1]) / 2, edges[1] - edges[0]
-        total = counts.sum()
-        left.bar(centers, counts, width=width, color="0.7", label="sampled errors")
-        x = np.linspace(edges[0], edges[-1], 400)
-        if "gaussian" in fit:
-            g = fit["gaussian"]
-            left.plot(x, total * width * stats.norm.pdf(x, g["mu"], g["sigma"]), label="Gaussian fit")
-        if "student_t" in fit:
-            t = fit["student_t"]
-            left.plot(x, total * width * stats.t.pdf(x, t["df"], t["loc"], t["scale"]), label=f"Student-t (df={t['df']:.3g})")
-        left.set_yscale("log")
-        left.set_ylim(bottom=0.5)
-        left.legend(fontsize=7)
-    law = f"; {fit['law']} law fits better, relative best {fit['relative']['best']}" if fit.get("law") else ""
+    quantile_plot = sample.size > 10 and "gaussian" in fit
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2 if quantile_plot else 1, figsize=(10, 3.6), squeeze=False)
+    left = axes[0][0]
+    centers, width = (edges[1:] + edges[:-1]) / 2, edges[1] - edges[0]
+    total = counts.sum()
+    left.bar(centers, counts, width=width, color="0.7", label="sampled errors")
+    x = np.linspace(edges[0], edges[-1], 400)
+    if "gaussian" in fit:
+        g = fit["gaussian"]
+        left.plot(x, total * width * stats.norm.pdf(x, g["mu"], g["sigma"]), label="Gaussian fit")
+    if "student_t" in fit:
+        t = fit["student_t"]
+        left.plot(x, total * width * stats.t.pdf(x, t["df"], t["loc"], t["scale"]), label=f"Student-t (df={t['df']:.3g})")
+    left.set_yscale("log")
+    left.set_ylim(0.5, total * 2)
+    left.legend(fontsize=7)
+    law = f"; the {fit['law']} error fits better" if fit.get("law") else ""
     left.set_title(f"{short_name(module['name'])}: error t − r (best: {fit.get('best')}{law})", fontsize=9)
-    if sample.size > 10 and "gaussian" in fit:
+    if quantile_plot:
+        right = axes[0][1]
         quantiles = np.sort((sample - fit["gaussian"]["mu"]) / max(fit["gaussian"]["sigma"], 1e-300))
         theory = stats.norm.ppf((np.arange(1, quantiles.size + 1) - 0.5) / quantiles.size)
         right.plot(theory, quantiles, ".", ms=2)
         right.plot(theory, theory, "k--", lw=0.8)
         right.set_xlabel("Gaussian quantile")
         right.set_ylabel("standardized error quantile")
-    right.set_title("QQ plot against the Gaussian fit", fontsize=9)
+        right.set_title("QQ plot against the Gaussian fit", fontsize=9)
     _save(fig, path)
-    return (f"Errors of {module['name']} ({module['kind']}): histogram of the sampled differing elements with the "
-            "fitted Gaussian and Student-t (log y), and a QQ plot against the Gaussian.")
+    relative = fit.get("relative", {})
+    law_text = (f" The relative error e/|r| is best described by a {relative['best']} law and describes the error "
+                f"{'better' if fit.get('law') == 'relative' else 'less well'} than the absolute one."
+                if relative.get("best") not in (None, "none") else "")
+    return (f"Errors of {module['name']} ({module['kind']}): histogram of the sampled errors with the fitted Gaussian "
+            "and Student-t of the differing elements (log y)" + (", and a QQ plot against the Gaussian." if quantile_plot
+                                                                   else ".") + law_text)
 
 
 def correlation(summary: dict, path: Path) -> str | None:
