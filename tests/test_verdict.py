@@ -97,7 +97,7 @@ def test_bf16_truncation_is_flagged_at_q_k_v_proj(root):
             assert np.all(np.abs(e) <= 2.0 ** (exponent - 7))  # never more than one bf16 ulp
             layer = result.layer(name)
             assert layer.diverges and "bias" in layer.verdict.reasons, (name, layer.verdict)
-            assert layer.verdict.bias_effect == pytest.approx(-outward.mean() / rms, rel=1e-6)
+            assert layer.verdict.bias_effect == pytest.approx(-outward.mean() / rms, rel=0.05)  # on the fit sample
     assert result.first_divergence.name == QKV[0]
 
 

@@ -71,10 +71,10 @@ class FitResult:
 
     @property
     def summary(self) -> str:
-        """The best law in a few words: "gaussian", "gaussian (relative)", "none"."""
+        """The best law and the error it describes: "gaussian (relative)", "laplace (absolute)", "none"."""
         if self.law == "relative" and self.relative is not None:
             return f"{self.relative.best} (relative)"
-        return self.best
+        return f"{self.best} (absolute)" if self.law else self.best
 
 
 def fit_both(r: np.ndarray, t: np.ndarray, *, exact: bool = False) -> FitResult:

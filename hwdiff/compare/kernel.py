@@ -20,7 +20,7 @@ from .. import jit
 from ..store import decoded
 
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
-_MAX_ABS, _MAX_ULP, _NONFINITE, _OUTWARD, _MAX_INDEX, _COLUMNS = 11, 12, slice(13, 17), 17, 18, 19
+_MAX_ABS, _MAX_ULP, _NONFINITE, _MAX_INDEX, _COLUMNS = 11, 12, slice(13, 17), 17, 18
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,6 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
              quarter_steps, thresholds, partial, hist, exact, row_ee)
     total = partial.sum(axis=0)
     sums = dict(zip(SUMS, map(float, total[:len(SUMS)])))
-    sums["outward"] = float(total[_OUTWARD])
     histogram = hist.sum(axis=0)
     if same and not light:
         counts = exact.sum(axis=0)

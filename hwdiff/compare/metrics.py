@@ -7,9 +7,8 @@ Definitions (e = t − r, over real tokens; elements that are NaN/Inf on either 
 - ``rel_l2`` = ‖e‖/‖r‖; ``sqnr_db`` = 10·log10(‖r‖²/‖e‖²); ``cosine`` = r·t/(‖r‖‖t‖) and
   ``one_minus_cos`` from the Lagrange identity (‖r‖²‖e‖² − (r·e)²)/(‖r‖‖t‖(‖r‖‖t‖ + r·t)), which
   keeps its precision when the cosine rounds to 1; ``rmse``, ``max_abs``, ``mean_abs`` = mean |e|,
-  ``bias`` = mean e, ``err_std`` = std e; ``bias_outward`` = mean e·sign(r) (negative: the target
-  lies toward zero, as truncation does); ``max_at`` = position of the first element with the largest
-  |e| in the stored tensor, with ``max_ref`` / ``max_target`` its values.
+  ``bias`` = mean e, ``err_std`` = std e; ``max_at`` = position of the first element with the
+  largest |e| in the stored tensor, with ``max_ref`` / ``max_target`` its values.
 - ``thousandth_frac`` / ``five_thousandth_frac``: fraction with |e| / max(|r|, floor) ≤ 1e-3 / 5e-3,
   floor = :data:`SMALL_VALUE` of the lower-precision dtype (msprobe's ratios, never a division by an
   exact zero).
@@ -135,7 +134,6 @@ class Metrics:
     mean_abs: float
     bias: float
     err_std: float
-    bias_outward: float
     max_at: tuple[int, ...] | None
     max_ref: float
     max_target: float
@@ -164,7 +162,7 @@ class Accumulator:
         self.floor = SMALL_VALUE.get(lower_precision(ref_dtype, target_dtype), 1e-9)
         self.sample_fraction = sample_fraction
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.sums = dict.fromkeys(("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5", "outward"), 0.0)
+        self.sums = dict.fromkeys(("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5"), 0.0)
         self.max_abs = 0.0
         self.max_at: tuple[int, ...] | None = None
         self.max_values = (math.nan, math.nan)
@@ -267,7 +265,6 @@ class Accumulator:
         s["re"] += float(np.dot(r, e))
         s["e"] += float(e.sum())
         s["abs_e"] += float(abs_e.sum())
-        s["outward"] += float(np.dot(np.sign(r), e))
         scale = np.abs(r)
         np.maximum(scale, self.floor, out=scale)
         s["r1"] += np.count_nonzero(abs_e <= 1e-3 * scale)
@@ -312,7 +309,7 @@ class Accumulator:
             sqnr_db=10 * math.log10(rr / ee) if ee and rr else (math.inf if ee == 0 else -math.inf),
             cosine=cosine, one_minus_cos=one_minus if ee else 0.0, rmse=math.sqrt(ee / n),
             max_abs=self.max_abs, mean_abs=s["abs_e"] / n, bias=bias,
-            err_std=math.sqrt(max(ee / n - bias * bias, 0.0)), bias_outward=s["outward"] / n,
+            err_std=math.sqrt(max(ee / n - bias * bias, 0.0)),
             max_at=self.max_at, max_ref=self.max_values[0], max_target=self.max_values[1],
             ulp=self._ulp_stats(), thousandth_frac=float(s["r1"]) / n, five_thousandth_frac=float(s["r5"]) / n,
             nan_inf=NonFinite(*map(int, self.nonfinite)), ref_rms=math.sqrt(rr / n),

@@ -35,7 +35,7 @@ def layer_summary(layer: LayerDiff) -> dict[str, Any]:
         "numel": m.numel, "ref_dtype": layer.ref_dtype, "target_dtype": layer.target_dtype, "exact": layer.exact,
         "equal_frac": m.equal_frac, "rel_l2": _num(m.rel_l2), "sqnr_db": _num(m.sqnr_db), "cosine": m.cosine,
         "one_minus_cos": m.one_minus_cos, "rmse": m.rmse, "max_abs": m.max_abs, "mean_abs": m.mean_abs,
-        "bias": m.bias, "err_std": m.err_std, "ref_rms": _num(m.ref_rms), "bias_outward": m.bias_outward,
+        "bias": m.bias, "err_std": m.err_std, "ref_rms": _num(m.ref_rms),
         "max_at": None if m.max_at is None else list(m.max_at),
         "ulp": {"dtype": layer.verdict.coarse_dtype, "p50": m.ulp.p50, "p99": _num(m.ulp.p99), "max": _num(m.ulp.max),
                 "le1_frac": m.ulp.le1_frac},
@@ -70,7 +70,8 @@ def verdict_summary(verdict: Verdict) -> dict[str, Any]:
     return _clean({
         "rule": verdict.rule, "coarse_dtype": verdict.coarse_dtype, "beyond_ulp_frac": verdict.beyond_ulp_frac,
         "rounding_rel": verdict.rounding_rel, "roundings": verdict.roundings, "budget": verdict.budget,
-        "bias_z": verdict.bias_z, "bias_effect": verdict.bias_effect, "reasons": list(verdict.reasons),
+        "bias_z": verdict.bias_z, "bias_effect": verdict.bias_effect, "bias_outward": verdict.bias_outward,
+        "reasons": list(verdict.reasons),
         "why": verdict.describe(),
         "outlier": None if outlier is None else {"position": list(outlier.position), "error": outlier.error,
                                                  "reference": outlier.reference, "target": outlier.target,
@@ -119,7 +120,7 @@ def _matrix(matrix: np.ndarray) -> list[list[float | None]]:
 
 
 CSV_COLUMNS = ("name", "call", "slot", "kind", "shape", "numel", "exact", "equal_frac", "rel_l2", "sqnr_db", "cosine",
-               "one_minus_cos", "rmse", "max_abs", "mean_abs", "bias", "err_std", "bias_outward", "ulp_dtype", "ulp_p50",
+               "one_minus_cos", "rmse", "max_abs", "mean_abs", "bias", "err_std", "ulp_dtype", "ulp_p50",
                "ulp_p99", "ulp_max", "ulp_le1_frac", "thousandth_frac", "five_thousandth_frac", "ref_nan", "ref_inf",
                "target_nan", "target_inf", "beyond_rounding_frac", "roundings", "budget", "diverges", "reasons",
                "outlier_position", "fit_best", "fit_law", "gaussian_mu", "gaussian_sigma",

@@ -14,9 +14,10 @@ and the *coarse* dtype the lower-precision one of the pair:
   roundings of its own) plus :data:`BUDGET_GAIN` × the largest error, in roundings, of any module
   output before it in forward order (the rounding error it inherits, grown by at most that gain).
   Local errors from a replay inherit nothing: their budget is :data:`BUDGET_ROUNDINGS`.
-- **Either**: a systematic bias counts even under one ulp — the mean error, or the mean error away
-  from zero (e·sign(r), which truncation makes negative), has a z-score above :data:`BIAS_Z`
-  (z = mean / (std / √n) over all n elements) *and* is at least :data:`BIAS_EFFECT` × rms(e):
+- **Either**: a systematic bias counts even under one ulp — the mean error (over all n elements), or
+  the mean error away from zero (e·sign(r), which truncation makes negative; over the n elements of
+  the fit sample), has a z-score z = mean / (std / √n) above :data:`BIAS_Z` *and* is at least
+  :data:`BIAS_EFFECT` × rms(e):
   errors of neighbouring elements are correlated, so a z-test alone over-states significance, and
   round-to-nearest errors have a mean far below a quarter of their rms.
 - **Either**: an outlier — max |e| above :data:`OUTLIER_K` × rms(e), at an element whose error is
@@ -66,7 +67,8 @@ class Verdict:
     elements more than one coarse ulp apart (the finer side first rounded to the coarse dtype);
     ``rounding_rel``: ε₁, the relative RMS error of one rounding to the coarse dtype at these values;
     ``roundings`` = rel_l2 / ε₁; ``budget``: the roundings allowed (budget rule only); ``bias_z`` and
-    ``bias_effect`` (|mean| / rms(e)) of the stronger of the two bias tests; ``outlier`` when flagged."""
+    ``bias_effect`` (|mean| / rms(e)) of the stronger of the two bias tests, ``bias_outward`` the
+    sample's mean e·sign(r); ``outlier`` when flagged."""
 
     rule: str
     coarse_dtype: str
@@ -76,6 +78,7 @@ class Verdict:
     budget: float | None
     bias_z: float
     bias_effect: float
+    bias_outward: float
     outlier: Outlier | None
     reasons: tuple[str, ...]
 
@@ -126,10 +129,12 @@ def judge(metrics: Metrics, r: np.ndarray, t: np.ndarray, ref_dtype: str, target
         if not rounding:  # the finer side's sampled values are all representable in the coarse dtype
             rounding = _model_rounding(r, coarse, metrics.ref_rms)
     roundings = metrics.rel_l2 / rounding if rounding and math.isfinite(metrics.rel_l2) else math.nan
-    z, effect = _bias(metrics)
+    outward = (t - r) * np.sign(r)
+    z, effect = _bias(metrics, outward)
     verdict = Verdict(rule="ulp" if same else "budget", coarse_dtype=coarse, beyond_ulp_frac=beyond,
                       rounding_rel=rounding, roundings=roundings, budget=None if same else budget, bias_z=z,
-                      bias_effect=effect, outlier=_outlier(metrics, coarse), reasons=())
+                      bias_effect=effect, bias_outward=float(outward.mean()) if outward.size else 0.0,
+                      outlier=_outlier(metrics, coarse), reasons=())
     return _with_reasons(verdict)
 
 
@@ -162,13 +167,15 @@ def _model_rounding(r: np.ndarray, dtype: str, ref_rms: float) -> float:
     return float(np.sqrt(np.mean(ulp * ulp) / 12.0)) / ref_rms
 
 
-def _bias(metrics: Metrics) -> tuple[float, float]:
-    """(z, |mean| / rms(e)) of the stronger of mean e and mean e·sign(r), over all elements."""
-    n, rms = metrics.numel, metrics.rmse
-    if not n or not rms:
-        return 0.0, 0.0
+def _bias(metrics: Metrics, outward: np.ndarray) -> tuple[float, float]:
+    """(z, |mean| / rms(e)) of the stronger of mean e (all elements) and mean e·sign(r) (the sample)."""
+    tests = [(metrics.bias, metrics.rmse, metrics.numel)]
+    if outward.size:
+        tests.append((float(outward.mean()), float(np.sqrt(np.mean(outward * outward))), outward.size))
     best = (0.0, 0.0)
-    for mean in (metrics.bias, metrics.bias_outward):
+    for mean, rms, n in tests:
+        if not n or not rms:
+            continue
         spread = math.sqrt(max(rms * rms - mean * mean, 0.0))
         z = math.copysign(math.inf, mean) if not spread else mean / (spread / math.sqrt(n))
         effect = abs(mean) / rms
