@@ -138,6 +138,12 @@ def _origin(index: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(item.start or 0 for item in index)
 
 
+def _sampling(pair: Pair, mask: np.ndarray | None, token_mask: np.ndarray | None, opts: DiffOptions) -> tuple[float, int]:
+    """(fraction of the slot's real elements kept in the fit sample, the slot's sampling seed)."""
+    expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if token_mask is not None else int(np.prod(pair.shape))
+    return min(1.0, opts.fit_samples / max(expected, 1)), opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
+
+
 def _blocks(pair: Pair, token_mask: np.ndarray | None, opts: DiffOptions):
     """(index, mask of that block or None) over the slot, in the order every reader uses."""
     for index in plan_blocks(pair.shape, opts.block_elements):
@@ -151,9 +157,7 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
     :class:`LayerDiff` (a future of it and its arrays) are finished on ``fitter``; ``reader`` reads
     the next block while this one is reduced."""
     token_mask = _token_mask(pair, mask)
-    expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if token_mask is not None else int(np.prod(pair.shape))
-    seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
-    fraction = min(1.0, opts.fit_samples / max(expected, 1))
+    fraction, seed = _sampling(pair, mask, token_mask, opts)
     acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=fraction, seed=seed)
     golden_accs = _side_accumulators(gold, pair, ("ref", "target"))
     local_accs = _side_accumulators(loc, pair, ("local",), fraction, seed) if pair.slot == "output" else []
@@ -269,10 +273,7 @@ def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray 
     """The local error of a slot whose other numbers are shared with the slot it links to: a
     replay runs each module by itself, so a parent's local output is not its child's."""
     token_mask = _token_mask(pair, mask)
-    expected = (int(mask.sum()) * int(np.prod(pair.shape[2:]))) if token_mask is not None else int(np.prod(pair.shape))
-    seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
-    accs = _side_accumulators(loc, pair, ("local",), min(1.0, opts.fit_samples / max(expected, 1)), seed) \
-        if pair.slot == "output" else []
+    accs = _side_accumulators(loc, pair, ("local",), *_sampling(pair, mask, token_mask, opts)) if pair.slot == "output" else []
     if not accs:
         return None
     for index, block_mask in _blocks(pair, token_mask, opts):
