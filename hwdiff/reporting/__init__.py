@@ -292,7 +292,7 @@ img{{max-width:100%}} figure{{margin:1.5em 0}} figcaption{{font-size:.85em;color
 <h2>Captures</h2><table><tr><th>field</th><th>reference</th><th>target</th></tr>{meta}</table>
 <h2>Worst modules</h2><table><tr><th>module</th><th>kind</th><th>rel L2</th><th>1−cos</th><th>bit-identical</th><th>ULP p99 (coarser dtype)</th><th>best fit (law)</th><th>beyond rounding</th></tr>{rows}</table>
 {effect}
-<h2>Figures</h2>{figs or _no_figures(summary)}
+<h2>Figures</h2>{_figures_note(summary, figs)}{figs}
 <p style="font-size:.8em;color:#777">hwdiff {e(str(summary.get('hwdiff_version')))} · definitions: docs/diff.md, docs/calibrate.md</p>
 </body></html>
 """
@@ -345,9 +345,11 @@ def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
     return rows
 
 
-def _no_figures(summary: dict) -> str:
-    return ("<p>No figures: the captures are bit-identical, there is no error to draw.</p>" if summary.get("exact")
-            else "<p>No figures: nothing compared has data to draw.</p>")
+def _figures_note(summary: dict, figs: str) -> str:
+    """Why error figures are missing: a bit-identical diff has no error to draw."""
+    if summary.get("exact"):
+        return "<p>No error figures: the captures are bit-identical, there is no error to draw.</p>"
+    return "" if figs else "<p>No figures: nothing compared has data to draw.</p>"
 
 
 def _ulp_cell(module: dict) -> str:
