@@ -10,7 +10,8 @@ from numba.core import types
 from numba.cpython.unsafe.numbers import leading_zeros
 from numba.extending import intrinsic, overload
 
-COLUMNS = 17  # count, equal, rr, tt, ee, re, e, |e|, le1, r1, r5, max|e|, max ulp, r NaN, r Inf, t NaN, t Inf
+COLUMNS = 18  # count, equal, rr, tt, ee, re, e, |e|, le1, r1, r5, max|e|, max ulp, r NaN, r Inf, t NaN, t Inf,
+#              index of the first max |e| (-1: none)
 
 
 @intrinsic
@@ -61,7 +62,8 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
     u = |e| / ulp at r (at t where r is 0) of a format with ``mantissa`` bits and ``min_exponent``,
     binned by 1/16 below 16 and by quarter octaves 16·2^j·quarter_steps[q] above, read off u/16's
     exponent and fraction fields. Either way the bins are the numpy path's edges, compared exactly.
-    ``width`` > 0: elements per token, each token's ‖e‖² goes to ``row_ee``.
+    ``width`` > 0: elements per token, each token's ‖e‖² goes to ``row_ee``. Column 17 is the
+    index of the chunk's first largest |e|.
     """
     n = r.size
     chunks = partial.shape[0]
@@ -92,6 +94,7 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
         r1 = 0.0
         r5 = 0.0
         max_abs = 0.0
+        max_index = -1
         max_ulp = 0.0
         max_distance = np.int64(0)
         r_nan = 0.0
@@ -129,6 +132,7 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
                 scale = max(abs(rv), floor)
                 r1 += a <= 1e-3 * scale
                 r5 += a <= 5e-3 * scale
+                max_index = k if a > max_abs else max_index  # the first largest: strictly greater only
                 max_abs = max(max_abs, a)
                 if light:
                     continue
@@ -175,6 +179,7 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
         out[14] = r_inf
         out[15] = t_nan
         out[16] = t_inf
+        out[17] = max_index
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

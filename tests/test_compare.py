@@ -127,8 +127,36 @@ def test_float32_vs_bfloat16_embedding_error_is_one_bf16_rounding(captures):
     assert embedding.metrics.rel_l2 == pytest.approx(BF16_ROUNDING, rel=0.10)
     assert embedding.metrics.ulp.max <= 0.5  # one round-to-nearest: at most half an ulp
     assert not embedding.diverges
-    assert result.first_divergence is not None
+    assert result.first_difference.name == "model.embed_tokens"  # everything differs: another precision
     assert result.growth.rel_l2[-1] > result.growth.rel_l2[1]
+
+
+def _bf16_round(x):
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).bfloat16().double().numpy()
+
+
+def test_float32_vs_bfloat16_names_no_divergence_inside_the_first_decoder_layer(captures):
+    """Pure rounding across precisions: each module's error, in units of the error of rounding the
+    float32 side to bfloat16 (computed here with torch's own rounding), stays within the budget
+    docs/diff.md states (4 roundings + 2 × the largest before it), and hwdiff names nothing there."""
+    result = hwdiff.diff(captures["fp32"], captures["bf16"], progress=False)
+    seen = 0.0
+    with hwdiff.open_capture(captures["fp32"]) as a, hwdiff.open_capture(captures["bf16"]) as b:
+        mask = a.attention_mask.astype(bool)
+        for layer in result.outputs:
+            if not (layer.name == "model.embed_tokens" or layer.name.startswith("model.layers.0")):
+                continue
+            r = a.activation(layer.name)[mask].astype(np.float64)
+            t = b.activation(layer.name)[mask].astype(np.float64)
+            one_rounding = np.linalg.norm(_bf16_round(r) - r) / np.linalg.norm(r)
+            roundings = np.linalg.norm(t - r) / np.linalg.norm(r) / one_rounding
+            assert roundings <= 4 + 2 * seen, layer.name  # the rule, computed independently
+            assert layer.verdict.roundings == pytest.approx(roundings, rel=0.05), layer.name  # ε₁ from a sample
+            assert layer.verdict.rule == "budget" and not layer.diverges, (layer.name, layer.verdict)
+            seen = max(seen, roundings)
+    assert seen > 5  # the error does grow inside the layer: several roundings, all explained
+    first = result.first_divergence
+    assert first is None or not first.name.startswith(("model.embed_tokens", "model.layers.0."))
 
 
 def test_attention_kernel_path_diverges_at_layer_0_attention(tmp_path):
@@ -167,9 +195,16 @@ def test_outputs_json_csv_h5(tmp_path, captures):
                 "one_minus_cos", "rmse", "max_abs", "mean_abs", "bias", "err_std", "ulp", "thousandth_frac",
                 "five_thousandth_frac", "nan_inf", "fit"}
     assert required <= set(module)
-    assert set(module["ulp"]) == {"p50", "p99", "max", "le1_frac"}
+    assert set(module["ulp"]) == {"dtype", "p50", "p99", "max", "le1_frac"}
+    assert module["ulp"]["dtype"] == "bfloat16" and module["ulp_fine"]["dtype"] == "float32"  # coarse shown, fine kept
+    assert module["ulp_fine"]["max"] > 1000 * module["ulp"]["max"]
     assert {"best", "gaussian", "student_t", "laplace"} <= set(module["fit"])
     assert {"mu", "sigma", "ks_stat", "ks_p", "aic"} <= set(module["fit"]["gaussian"])
+    relative = module["fit"]["relative"]  # the same shape as the absolute fit
+    assert {"best", "gaussian", "student_t", "laplace"} <= set(relative) and module["fit"]["law"] in ("absolute", "relative")
+    assert {"mu", "sigma", "ks_stat", "ks_p", "aic", "bic"} <= set(relative["gaussian"])
+    assert {"rule", "reasons", "roundings", "budget", "outlier", "bias_z"} <= set(module["verdict"])
+    assert summary["first_difference"]["name"] == "model.embed_tokens" and "different precision" in summary["divergence_rule"]
     rows = (tmp_path / "d.csv").read_text().splitlines()
     assert len(rows) == 1 + len(result.layers)
     with h5py.File(tmp_path / "d.h5") as handle:
@@ -193,6 +228,9 @@ def test_metrics_against_direct_numpy(captures):
     assert m.one_minus_cos == pytest.approx(1 - r @ t / np.linalg.norm(r) / np.linalg.norm(t), rel=1e-4)
     assert m.max_abs == np.abs(e).max() and m.bias == pytest.approx(e.mean(), rel=1e-9)
     assert m.sqnr_db == pytest.approx(-20 * np.log10(m.rel_l2), rel=1e-12)
+    # ULP distance in the coarser dtype of the pair (bfloat16: 7 fraction bits, spacing 2^(e−7) at |r| in [2^e, 2^(e+1)))
+    exponent = np.floor(np.log2(np.where(r == 0, np.abs(t), np.abs(r))))
+    assert m.ulp.max == pytest.approx(np.max(np.abs(e) / 2.0 ** (np.maximum(exponent, -126) - 7)), rel=1e-12)
 
 
 def test_ulp_distance_counts_representable_values():

@@ -15,10 +15,12 @@ from ..store import Capture, open_capture, plan_blocks
 from ..structure import token_axis
 from .align import Pair, Unmatched, align, check_comparable
 from .correlation import correlate, residual_positions
-from .fit import fit_errors
-from .metrics import Accumulator, beyond_rounding, lower_precision
+from .fit import fit_both
+from .metrics import Accumulator, UlpStats, ulp_distance, unit_roundoff
 from .rl import rl_for
-from .results import DiffResult, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff, RoutedToken, RoutingDiff
+from .results import (DiffResult, FirstDifference, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff,
+                      RoutedToken, RoutingDiff)
+from .verdict import BUDGET_GAIN, BUDGET_ROUNDINGS, judge, rule_text, with_budget
 
 _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",
               "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc",
@@ -111,19 +113,20 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
         except BaseException:  # an error or Ctrl-C: drop the queued fits instead of finishing them
             fitter.shutdown(cancel_futures=True)
             raise
-    for pair, alias, local_rel_l2 in aliases:
+    for pair, alias, local_acc in aliases:
         target = layers[alias]
-        local = None if local_rel_l2 is None else LocalDiff(local_rel_l2, target.metrics.rel_l2, math.nan)
+        local = None if local_acc is None else _local_diff(pair, local_acc, target.metrics.rel_l2)
         layers[(pair.name, pair.call, pair.slot)] = dataclasses.replace(
             target, name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of, local=local)
     positions = residual_positions(pairs)
     correlation = correlate(ref, tgt, positions, mask, opts.block_elements) if positions else None
-    ordered = _with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs))
+    ordered = with_budgets(_with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs)))
     return DiffResult(
         reference=_meta(ref), target=_meta(tgt), golden=_meta(gold) if gold is not None else None,
         layers=ordered, unmatched=tuple(unmatched), correlation=correlation,
-        growth=_growth(ordered, positions), first_divergence=first_divergence(ordered), arrays=arrays,
-        local=_meta(loc) if loc is not None else None, routing=routing)
+        growth=_growth(ordered, positions), first_divergence=first_divergence(ordered),
+        first_difference=first_difference(ordered), arrays=arrays, local=_meta(loc) if loc is not None else None,
+        routing=routing)
 
 
 def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
@@ -169,6 +172,18 @@ def compare_routing(ref: Capture, tgt: Capture, pair: Pair) -> RoutingDiff:
     return RoutingDiff(pair.name, pair.call, int(real.sum()), changed)
 
 
+def _origin(index: tuple[slice, ...]) -> tuple[int, ...]:
+    """The first index of a block."""
+    return tuple(item.start or 0 for item in index)
+
+
+def _sampling(pair: Pair, mask: np.ndarray | None, token_mask: np.ndarray | None, opts: DiffOptions) -> tuple[float, int]:
+    """(fraction of the slot's real elements kept in the fit sample, the slot's sampling seed)."""
+    expected = (int(token_mask.sum()) * int(np.prod(pair.shape[token_mask.ndim:]))) if token_mask is not None \
+        else int(np.prod(pair.shape))
+    return min(1.0, opts.fit_samples / max(expected, 1)), opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
+
+
 def _blocks(pair: Pair, token_mask: np.ndarray | None, opts: DiffOptions):
     """(index, mask of that block or None) over the slot, in the order every reader uses."""
     for index in plan_blocks(pair.shape, opts.block_elements):
@@ -182,32 +197,29 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
     :class:`LayerDiff` (a future of it and its arrays) are finished on ``fitter``; ``reader`` reads
     the next block while this one is reduced."""
     token_mask = _routed_mask(ref, tgt, pair, _token_mask(pair, mask))
-    expected = (int(token_mask.sum()) * int(np.prod(pair.shape[token_mask.ndim:]))) if token_mask is not None \
-        else int(np.prod(pair.shape))
-    seed = opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
-    acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=min(1.0, opts.fit_samples / max(expected, 1)),
-                      seed=seed)
+    fraction, seed = _sampling(pair, mask, token_mask, opts)
+    acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=fraction, seed=seed)
     golden_accs = _side_accumulators(gold, pair, ("ref", "target"))
-    local_accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
+    local_accs = _side_accumulators(loc, pair, ("local",), fraction, seed) if pair.slot == "output" else []
     sources = [ref, tgt] + ([gold] if golden_accs else []) + ([loc] if local_accs else [])
     stored = acc.fused  # the compiled kernel decodes bfloat16 bits itself, in the same pass
 
     def read(index: tuple[slice, ...]) -> list[np.ndarray]:
         return [source.read(pair.name, pair.call, pair.slot, index, stored=stored) for source in sources]
 
-    for block_mask, (r, t, *extra) in _prefetched(_blocks(pair, token_mask, opts), read, reader):
-        acc.update(r, t, block_mask)
+    for index, block_mask, (r, t, *extra) in _prefetched(_blocks(pair, token_mask, opts), read, reader):
+        acc.update(r, t, block_mask, _origin(index))
         if golden_accs:
             golden_accs[0].update(extra[0], r, block_mask)
             golden_accs[1].update(extra[0], t, block_mask)
         if local_accs:
-            local_accs[0].update(r, extra[-1], block_mask)
+            local_accs[0].update(r, extra[-1], block_mask, _origin(index))
     golden = GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2) if golden_accs else None
-    local = local_accs[0].metrics().rel_l2 if local_accs else None
+    local = local_accs[0] if local_accs else None
     return fitter.submit(_finish_pair, pair, acc, golden, local, _weight_rms(ref, pair))
 
 
-def _finish_pair(pair: Pair, acc: Accumulator, golden: GoldenDiff | None, local_rel_l2: float | None,
+def _finish_pair(pair: Pair, acc: Accumulator, golden: GoldenDiff | None, local: Accumulator | None,
                  weight_rms: float | None) -> tuple[LayerDiff, dict[str, np.ndarray]]:
     """The fits, the divergence rule and the arrays of a slot whose blocks are all reduced (no file access)."""
     metrics = acc.metrics()
@@ -216,13 +228,30 @@ def _finish_pair(pair: Pair, acc: Accumulator, golden: GoldenDiff | None, local_
     layer = LayerDiff(
         name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, shape=pair.shape,
         ref_dtype=pair.ref_dtype, target_dtype=pair.target_dtype, metrics=metrics,
-        fit=fit_errors(errors, exact=metrics.exact),
-        beyond_rounding_frac=beyond_rounding(sample_r, sample_t, lower_precision(pair.ref_dtype, pair.target_dtype),
-                                             metrics.ref_rms),
-        golden=golden, local=None if local_rel_l2 is None else LocalDiff(local_rel_l2, metrics.rel_l2, math.nan),
-        weight_rms=weight_rms,
+        fit=fit_both(sample_r, sample_t, exact=metrics.exact),
+        verdict=judge(metrics, sample_r, sample_t, pair.ref_dtype, pair.target_dtype),
+        golden=golden, local=None if local is None else _local_diff(pair, local, metrics.rel_l2),
+        weight_rms=weight_rms, ulp_fine=_ulp_fine(pair, sample_r, sample_t),
     )
     return layer, _layer_arrays(acc, errors)
+
+
+def _local_diff(pair: Pair, local: Accumulator, total_rel_l2: float) -> LocalDiff:
+    """The local error of a slot and whether it alone is beyond rounding (its own roundings only)."""
+    metrics = local.metrics()
+    sample_r, sample_l = local.sample()
+    verdict = judge(metrics, sample_r, sample_l, pair.ref_dtype, pair.target_dtype, budget=BUDGET_ROUNDINGS)
+    return LocalDiff(metrics.rel_l2, total_rel_l2, math.nan, verdict=verdict, exact=metrics.exact or not metrics.numel)
+
+
+def _ulp_fine(pair: Pair, r: np.ndarray, t: np.ndarray) -> UlpStats | None:
+    """Different dtypes: the ULP distance in the finer one, over the fit sample."""
+    if unit_roundoff(pair.ref_dtype) == unit_roundoff(pair.target_dtype) or not r.size:
+        return None
+    finer = pair.ref_dtype if unit_roundoff(pair.ref_dtype) < unit_roundoff(pair.target_dtype) else pair.target_dtype
+    u = ulp_distance(r, t, pair.ref_dtype, pair.target_dtype, finer)
+    return UlpStats(p50=float(np.median(u)), p99=float(np.quantile(u, 0.99)), max=float(u.max()),
+                    le1_frac=float(np.mean(u <= 1)))
 
 
 def _helpers() -> tuple[int, int]:
@@ -261,15 +290,15 @@ def _executor(workers: int, name: str):
 
 
 def _prefetched(blocks, read, reader: ThreadPoolExecutor):
-    """(block mask, what ``read`` returns for the block) over ``blocks`` (index, mask), the next
+    """(index, block mask, what ``read`` returns for the block) over ``blocks`` (index, mask), the next
     block read on ``reader`` while the caller works on this one (one block ahead: memory stays bounded)."""
     upcoming = None
     for index, block_mask in blocks:
-        current, upcoming = upcoming, (block_mask, reader.submit(read, index))
+        current, upcoming = upcoming, (index, block_mask, reader.submit(read, index))
         if current is not None:
-            yield current[0], current[1].result()
+            yield current[0], current[1], current[2].result()
     if upcoming is not None:
-        yield upcoming[0], upcoming[1].result()
+        yield upcoming[0], upcoming[1], upcoming[2].result()
 
 
 def _weight_rms(ref: Capture, pair: Pair) -> float | None:
@@ -280,27 +309,30 @@ def _weight_rms(ref: Capture, pair: Pair) -> float | None:
 
 
 def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray | None,
-                opts: DiffOptions) -> float | None:
-    """The local rel. L2 of a slot whose other numbers are shared with the slot it links to: a
+                opts: DiffOptions) -> Accumulator | None:
+    """The local error of a slot whose other numbers are shared with the slot it links to: a
     replay runs each module by itself, so a parent's local output is not its child's."""
-    accs = _side_accumulators(loc, pair, ("local",)) if pair.slot == "output" else []
+    token_mask = _token_mask(pair, mask)
+    accs = _side_accumulators(loc, pair, ("local",), *_sampling(pair, mask, token_mask, opts)) if pair.slot == "output" else []
     if not accs:
         return None
-    for index, block_mask in _blocks(pair, _token_mask(pair, mask), opts):
+    for index, block_mask in _blocks(pair, token_mask, opts):
         accs[0].update(ref.read(pair.name, pair.call, pair.slot, index), loc.read(pair.name, pair.call, pair.slot, index),
-                       block_mask)
-    return accs[0].metrics().rel_l2
+                       block_mask, _origin(index))
+    return accs[0]
 
 
-def _side_accumulators(extra: Capture | None, pair: Pair, sides: tuple[str, ...]) -> list[Accumulator]:
-    """Light accumulators against a third capture (golden or local) that has this slot, else []."""
+def _side_accumulators(extra: Capture | None, pair: Pair, sides: tuple[str, ...], sample_fraction: float = 0.0,
+                       seed: int = 0) -> list[Accumulator]:
+    """Light accumulators against a third capture (golden or local) that has this slot, else [];
+    ``sample_fraction`` > 0 keeps a sample (for the local error's verdict)."""
     info = None if extra is None else extra.modules.get(pair.name)
     if info is None or pair.slot not in info.slots or pair.call >= info.calls:
         return []
     shape, dtype = extra.slot_info(pair.name, pair.call, pair.slot)
     if shape != pair.shape:
         return []
-    return [Accumulator(dtype, dtype, sample_fraction=0.0, seed=0, light=True) for _ in sides]
+    return [Accumulator(dtype, dtype, sample_fraction=sample_fraction, seed=seed, light=True) for _ in sides]
 
 
 def _with_inputs(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
@@ -323,19 +355,62 @@ def _layer_arrays(acc: Accumulator, errors: np.ndarray) -> dict[str, np.ndarray]
             "token_norms": np.concatenate(acc.token_norms).astype(np.float32) if acc.token_norms else np.zeros(0)}
 
 
-def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
-    """The earliest diverging module output, attributed to its parent when its input already diverges."""
-    inputs = {(l.name, l.call): l for l in layers if l.slot == "input"}
+def with_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
+    """Give each slot of a different-precision pair its rounding budget: its own roundings plus
+    BUDGET_GAIN × the largest error, in roundings, of the module outputs before it (:mod:`.verdict`)."""
+    seen = 0.0
+    out = []
     for layer in layers:
-        if layer.slot != "output" or not layer.diverges:
+        if layer.verdict.rule == "budget":
+            layer = dataclasses.replace(layer, verdict=with_budget(layer.verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * seen))
+        out.append(layer)
+        if layer.slot == "output" and math.isfinite(layer.verdict.roundings):
+            seen = max(seen, layer.verdict.roundings)
+    return tuple(out)
+
+
+def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
+    """The first module output beyond rounding. With local errors (a replay) the first whose local
+    error is (the origin); otherwise the first whose error is (which may be propagated), attributed
+    to its parent when its recorded input already is."""
+    outputs = [layer for layer in layers if layer.slot == "output"]
+    if not outputs:
+        return None
+    rule = rule_text(outputs[0].ref_dtype, outputs[0].target_dtype, local=any(l.local for l in outputs))
+    if any(layer.local is not None and layer.local.verdict is not None for layer in outputs):
+        for index, layer in enumerate(outputs):
+            verdict = layer.local.verdict if layer.local is not None else None
+            if verdict is not None and verdict.diverges and not _children_differ(layer, outputs[:index]):
+                return FirstDivergence(layer.name, layer.call, layer.name, "output", verdict.beyond_ulp_frac,
+                                       layer.local.local_rel_l2, rule, "local", verdict.describe())
+        return None
+    inputs = {(l.name, l.call): l for l in layers if l.slot == "input"}
+    for layer in outputs:
+        if not layer.diverges:
             continue
         recorded_input = inputs.get((layer.name, layer.call))
         if recorded_input is not None and recorded_input.diverges and "." in layer.name:
             parent = layer.name.rsplit(".", 1)[0]
             return FirstDivergence(parent, layer.call, layer.name, "input", recorded_input.beyond_rounding_frac,
-                                   recorded_input.metrics.rel_l2)
+                                   recorded_input.metrics.rel_l2, rule, "total", recorded_input.verdict.describe())
         return FirstDivergence(layer.name, layer.call, layer.name, "output", layer.beyond_rounding_frac,
-                               layer.metrics.rel_l2)
+                               layer.metrics.rel_l2, rule, "total", layer.verdict.describe())
+    return None
+
+
+def _children_differ(layer: LayerDiff, before: list[LayerDiff]) -> bool:
+    """Whether a replayed submodule of ``layer`` (completed before it) has a local error: the
+    replay of ``layer`` then carries that error, propagated, and ``layer`` itself is not its origin."""
+    prefix = layer.name + "."
+    return any(other.name.startswith(prefix) and other.local is not None and not other.local.exact for other in before)
+
+
+def first_difference(layers: tuple[LayerDiff, ...]) -> FirstDifference | None:
+    """The first module output (forward order) that is not bit-identical."""
+    for layer in layers:
+        if layer.slot == "output" and not layer.exact and layer.metrics.numel:
+            return FirstDifference(layer.name, layer.call, layer.metrics.rel_l2, layer.metrics.equal_frac,
+                                   layer.metrics.numel)
     return None
 
 
@@ -380,4 +455,4 @@ class _Opened:
             cap.close()
 
 
-__all__ = ["DiffOptions", "diff", "first_divergence"]
+__all__ = ["DiffOptions", "diff", "first_difference", "first_divergence"]

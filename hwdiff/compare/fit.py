@@ -5,9 +5,16 @@ location and scale from an EM iteration at each df; it takes 5–15 ms for the d
 ``scipy.stats.t.fit``'s generic optimizer takes seconds. Goodness of fit: the KS statistic and
 p-value against each fitted distribution, AIC = 2k − 2 ln L and BIC = k ln n − 2 ln L (k = 2, 3, 2).
 Best = lowest AIC.
+
+The relative error e/|r| (|r| floored at rms(r)/1024) is fitted the same way: rounding error, and
+AQN's own noise Z⊙x̂, scale with the value, so their absolute errors are a mixture of widths (heavy
+tails in any one-width law) while their relative errors are one law. Which describes the error
+better is decided on one footing: the relative fit's likelihood is carried over to the absolute
+errors (ln L_abs = ln L_rel − Σ ln s, s the floored |r| of each element) and the lower AIC wins.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -16,6 +23,7 @@ import numpy as np
 from .. import jit
 
 MIN_SAMPLES = 50  # fewer differing elements than this: too few for a meaningful fit
+RELATIVE_FLOOR = 1.0 / 1024  # |r| is floored at this fraction of rms(r) in the relative error
 _DF_BOUNDS = (0.5, 1000.0)
 
 
@@ -45,6 +53,8 @@ class FitResult:
     skew: float = float("nan")
     excess_kurtosis: float = float("nan")
     fits: dict[str, Fit] = field(default_factory=dict)
+    relative: "FitResult | None" = None  # the same fits of e/|r| (absolute fits only)
+    law: str = ""  # "absolute" or "relative": which describes the error better (absolute fits only)
 
     def to_dict(self) -> dict:
         out: dict = {"best": self.best, "n": self.n}
@@ -53,7 +63,36 @@ class FitResult:
         if self.fits:
             out.update(skew=self.skew, excess_kurtosis=self.excess_kurtosis)
             out.update({name: fit.to_dict() for name, fit in self.fits.items()})
+        if self.relative is not None:
+            out["relative"] = self.relative.to_dict()
+        if self.law:
+            out["law"] = self.law
         return out
+
+    @property
+    def summary(self) -> str:
+        """The best law and the error it describes: "gaussian (relative)", "laplace (absolute)", "none"."""
+        if self.law == "relative" and self.relative is not None:
+            return f"{self.relative.best} (relative)"
+        return f"{self.best} (absolute)" if self.law else self.best
+
+
+def fit_both(r: np.ndarray, t: np.ndarray, *, exact: bool = False) -> FitResult:
+    """Fits of the absolute error t − r and of the relative error (t − r)/max(|r|, rms(r)/1024) of
+    the differing elements, with the law that describes them better (module docstring)."""
+    errors = t - r
+    absolute = fit_errors(errors, exact=exact)
+    if not absolute.fits:
+        return absolute
+    differing = errors != 0
+    floor = RELATIVE_FLOOR * float(np.sqrt(np.mean(r * r)))
+    scale = np.maximum(np.abs(r[differing]), floor)
+    relative = fit_errors(errors[differing] / scale)
+    if not relative.fits:
+        return dataclasses.replace(absolute, relative=relative, law="absolute")
+    carried = relative.fits[relative.best].aic + 2.0 * float(np.sum(np.log(scale)))
+    law = "relative" if carried < absolute.fits[absolute.best].aic else "absolute"
+    return dataclasses.replace(absolute, relative=relative, law=law)
 
 
 def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:

@@ -20,13 +20,14 @@ from .. import jit
 from ..store import decoded
 
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
-_MAX_ABS, _MAX_ULP, _NONFINITE = 11, 12, slice(13, 17)
+_MAX_ABS, _MAX_ULP, _NONFINITE, _MAX_INDEX, _COLUMNS = 11, 12, slice(13, 17), 17, 18
 
 
 @dataclass(frozen=True)
 class BlockSums:
     """What one block adds: the sums named in :data:`SUMS`, the maxima, non-finite counts
-    (ref NaN, ref Inf, target NaN, target Inf), the ULP histogram and each token's ‖e‖²."""
+    (ref NaN, ref Inf, target NaN, target Inf), the ULP histogram and each token's ‖e‖²;
+    ``max_index``: the flat index of the first element with the largest |e| (-1 when every e is 0)."""
 
     sums: dict[str, float]
     max_abs: float
@@ -34,6 +35,7 @@ class BlockSums:
     nonfinite: np.ndarray
     hist: np.ndarray
     token_squares: np.ndarray
+    max_index: int
 
 
 # Integer view, magnitude mask and shift of the ULP distance, by (dtype, storage): bfloat16 arrives
@@ -64,7 +66,7 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
     r, t = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (r, t))
     rbits, tbits = bits if same else (r, t)  # unused unless same: any array of the right length
     chunks = jit.chunks(r.size)
-    partial = np.zeros((chunks, 17), dtype=np.float64)
+    partial = np.zeros((chunks, _COLUMNS), dtype=np.float64)
     hist = np.zeros((chunks, bins), dtype=np.int64)
     exact = np.zeros((chunks, small_bins.size if same and not light else 1), dtype=np.int64)
     row_ee = np.zeros(r.size // width if width > 0 else 0, dtype=np.float64)
@@ -77,5 +79,7 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
         counts = exact.sum(axis=0)
         histogram += np.bincount(small_bins, weights=counts, minlength=bins).astype(np.int64)
         sums["le1"] = float(counts[:2].sum())  # d ≤ 1
-    return BlockSums(sums=sums, max_abs=float(partial[:, _MAX_ABS].max()), max_ulp=float(partial[:, _MAX_ULP].max()),
-                     nonfinite=total[_NONFINITE].astype(np.int64), hist=histogram, token_squares=row_ee)
+    first = int(np.argmax(partial[:, _MAX_ABS]))  # chunks are in element order: the first largest |e|
+    return BlockSums(sums=sums, max_abs=float(partial[first, _MAX_ABS]), max_ulp=float(partial[:, _MAX_ULP].max()),
+                     nonfinite=total[_NONFINITE].astype(np.int64), hist=histogram, token_squares=row_ee,
+                     max_index=int(partial[first, _MAX_INDEX]))

@@ -7,13 +7,14 @@ Definitions (e = t − r, over real tokens; elements that are NaN/Inf on either 
 - ``rel_l2`` = ‖e‖/‖r‖; ``sqnr_db`` = 10·log10(‖r‖²/‖e‖²); ``cosine`` = r·t/(‖r‖‖t‖) and
   ``one_minus_cos`` from the Lagrange identity (‖r‖²‖e‖² − (r·e)²)/(‖r‖‖t‖(‖r‖‖t‖ + r·t)), which
   keeps its precision when the cosine rounds to 1; ``rmse``, ``max_abs``, ``mean_abs`` = mean |e|,
-  ``bias`` = mean e, ``err_std`` = std e.
+  ``bias`` = mean e, ``err_std`` = std e; ``max_at`` = position of the first element with the
+  largest |e| in the stored tensor, with ``max_ref`` / ``max_target`` its values.
 - ``thousandth_frac`` / ``five_thousandth_frac``: fraction with |e| / max(|r|, floor) ≤ 1e-3 / 5e-3,
   floor = :data:`SMALL_VALUE` of the lower-precision dtype (msprobe's ratios, never a division by an
   exact zero).
-- ULP distance in the target's dtype: when both sides have the same dtype, the exact count of
-  representable values between t and r; otherwise |e| / ulp_target(r), the ulp taken at t where r is
-  exactly 0 (the spacing at 0 is the format's smallest). p50 / p99 come from a
+- ULP distance in the coarser dtype of the pair: when both sides have the same dtype, the exact
+  count of representable values between t and r; otherwise |e| / ulp_coarse(r), the ulp taken at t
+  where r is exactly 0 (the spacing at 0 is the format's smallest). p50 / p99 come from a
   histogram with bins of 1/16 ulp below 16 ulp and quarter octaves above (so p99 = 35 reads 32);
   ``max`` and ``le1_frac`` are exact.
 """
@@ -84,16 +85,18 @@ def _ordered(bits: np.ndarray, top: int) -> np.ndarray:
     return np.where(bits < 0, -(bits & top), bits)
 
 
-def ulp_distance(r: np.ndarray, t: np.ndarray, r_dtype: str, t_dtype: str) -> np.ndarray:
-    """ULP distance in the target's dtype (see module docstring); float64, one per element."""
-    if r_dtype == t_dtype and r_dtype in ("bfloat16", "float32", "float16"):
+def ulp_distance(r: np.ndarray, t: np.ndarray, r_dtype: str, t_dtype: str, in_dtype: str | None = None) -> np.ndarray:
+    """ULP distance in the coarser of the two dtypes, or in ``in_dtype`` (see module docstring);
+    float64, one per element."""
+    unit = in_dtype or lower_precision(r_dtype, t_dtype)
+    if r_dtype == t_dtype == unit and r_dtype in ("bfloat16", "float32", "float16"):
         storage, view, top = (np.float16, np.int16, 0x7FFF) if r_dtype == "float16" else (np.float32, np.int32, 0x7FFFFFFF)
         a, b = (_ordered(x.astype(storage, copy=False).view(view), top) for x in (r, t))
         distance = np.abs(np.subtract(b, a, dtype=np.int64))
         return (distance >> 16 if r_dtype == "bfloat16" else distance).astype(np.float64)
     t64 = t.astype(np.float64)
     with np.errstate(over="ignore"):  # |e| over a float64 subnormal spacing can exceed the range: inf
-        return np.abs(t64 - r) / ulp_at(np.where(r == 0, t64, r), t_dtype)
+        return np.abs(t64 - r) / ulp_at(np.where(r == 0, t64, r), unit)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,9 @@ class Metrics:
     mean_abs: float
     bias: float
     err_std: float
+    max_at: tuple[int, ...] | None
+    max_ref: float
+    max_target: float
     ulp: UlpStats
     thousandth_frac: float
     five_thousandth_frac: float
@@ -144,26 +150,32 @@ class Metrics:
 
 class Accumulator:
     """Float64 running sums for :class:`Metrics`, plus a seeded sample of (r, t) pairs and the
-    error norm of every real token (``light``: the sums only, for golden comparisons). ``fused``:
-    the compiled one-pass kernel (:mod:`.kernel`; default: when available) or the numpy path."""
+    error norm of every real token (``light``: the sums and the sample only, no ULP histogram nor
+    token norms, for golden and local comparisons). ``fused``: the compiled one-pass kernel
+    (:mod:`.kernel`; default: when available) or the numpy path."""
 
     def __init__(self, ref_dtype: str, target_dtype: str, *, sample_fraction: float, seed: int,
                  light: bool = False, fused: bool | None = None) -> None:
         self.ref_dtype, self.target_dtype, self.light = ref_dtype, target_dtype, light
+        self.ulp_dtype = lower_precision(ref_dtype, target_dtype)
         self.fused = jit.available() if fused is None else fused
         self.floor = SMALL_VALUE.get(lower_precision(ref_dtype, target_dtype), 1e-9)
         self.sample_fraction = sample_fraction
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.sums = dict.fromkeys(("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5"), 0.0)
         self.max_abs = 0.0
+        self.max_at: tuple[int, ...] | None = None
+        self.max_values = (math.nan, math.nan)
         self.max_ulp = 0.0
         self.nonfinite = np.zeros(4, dtype=np.int64)
         self.hist = np.zeros(ULP_BINS, dtype=np.int64)
         self.samples: list[tuple[np.ndarray, np.ndarray]] = []
         self.token_norms: list[np.ndarray] = []
 
-    def update(self, r: np.ndarray, t: np.ndarray, mask: np.ndarray | None) -> None:
-        """Add one block; ``mask`` [rows, tokens] selects real tokens when the block has that axis."""
+    def update(self, r: np.ndarray, t: np.ndarray, mask: np.ndarray | None, origin: tuple[int, ...] = ()) -> None:
+        """Add one block; ``mask`` [rows, tokens] selects real tokens when the block has that axis;
+        ``origin``: the block's first index in the stored tensor (for the position of the max error)."""
+        locate = _Locator(r.shape, mask, origin)
         if mask is not None:  # → [real tokens, ...]
             trailing = r.shape[mask.ndim:]
             if mask.all():
@@ -174,18 +186,23 @@ class Accumulator:
                 return  # a block of padding only
         if not r.size:
             return
+        before = self.max_abs
         if self.fused:
-            self._update_fused(r, t, tokens=mask is not None)
+            index = self._update_fused(r, t, tokens=mask is not None)
         else:
-            self._update_numpy(decoded(r), decoded(t),
-                               tokens=mask is not None)
+            index = self._update_numpy(decoded(r), decoded(t), tokens=mask is not None)
+        if self.max_abs > before and index >= 0:  # the first largest |e| stays where it was first seen
+            self.max_at = locate(index)
+            self.max_values = (float(decoded(r.reshape(-1)[index:index + 1])[0]),
+                               float(decoded(t.reshape(-1)[index:index + 1])[0]))
 
-    def _update_fused(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> None:
+    def _update_fused(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> int:
+        """Reduce one block with the kernel; returns the flat index of its first largest |e| (-1: none)."""
         width = int(np.prod(r.shape[1:], dtype=np.int64)) if tokens and not self.light else 0
         block = kernel.reduce_block(
             r, t, ref_dtype=self.ref_dtype, target_dtype=self.target_dtype, floor=self.floor, light=self.light,
-            width=width, mantissa=MANTISSA_BITS.get(self.target_dtype, 52),
-            min_exponent=MIN_EXPONENT.get(self.target_dtype, -1022), quarter_steps=QUARTER_STEPS,
+            width=width, mantissa=MANTISSA_BITS.get(self.ulp_dtype, 52),
+            min_exponent=MIN_EXPONENT.get(self.ulp_dtype, -1022), quarter_steps=QUARTER_STEPS,
             thresholds=_DISTANCE_THRESHOLDS, small_bins=_SMALL_BINS, bins=ULP_BINS)
         for key, value in block.sums.items():
             self.sums[key] += value
@@ -195,7 +212,7 @@ class Accumulator:
         self.hist += block.hist
         if width:
             self.token_norms.append(np.sqrt(block.token_squares))
-        if not self.light:
+        if self.sample_fraction > 0:
             r, t = r.ravel(), t.ravel()
             if block.nonfinite.any():
                 r, t = decoded(r), decoded(t)
@@ -203,8 +220,9 @@ class Accumulator:
                     keep = np.isfinite(t.astype(np.float64) - r.astype(np.float64))
                 r, t = r[keep], t[keep]
             self._add_sample(r, t)
+        return block.max_index if block.max_abs > 0 else -1
 
-    def _update_numpy(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> None:
+    def _update_numpy(self, r: np.ndarray, t: np.ndarray, *, tokens: bool) -> int:
         """The reference implementation: numpy passes over float64 copies (see :mod:`.kernel`)."""
         r64, t64 = r.astype(np.float64), t.astype(np.float64)
         with np.errstate(invalid="ignore"):  # inf − inf: left out, as counted
@@ -221,13 +239,16 @@ class Accumulator:
         if tokens and not self.light:
             self.token_norms.append(np.sqrt(squares))
         r64, t64, e, rk, tk = (x.ravel() for x in (r64, t64, e, r, t))
+        index = int(np.argmax(np.abs(e))) if e.size else -1  # non-finite errors are 0 here, as the kernel skips them
         if finite is not None:
             keep = finite.ravel()
             r64, t64, e, rk, tk = (x[keep] for x in (r64, t64, e, rk, tk))
         self._add_sums(r64, t64, e, float(squares.sum()) if finite is None else float(np.dot(e, e)))
         if not self.light:
             self._add_ulp(rk, tk)
+        if self.sample_fraction > 0:
             self._add_sample(r64, t64)
+        return index if self.max_abs > 0 else -1
 
     def _count_nonfinite(self, r: np.ndarray, t: np.ndarray) -> None:
         self.nonfinite += [np.count_nonzero(np.isnan(r)), np.count_nonzero(np.isinf(r)),
@@ -254,14 +275,15 @@ class Accumulator:
     def _add_ulp(self, r: np.ndarray, t: np.ndarray) -> None:
         if not r.size:
             return
-        u = ulp_distance(r, t, self.ref_dtype, self.target_dtype)
+        u = ulp_distance(r, t, self.ref_dtype, self.target_dtype, self.ulp_dtype)
         self.sums["le1"] += np.count_nonzero(u <= 1)
         self.max_ulp = max(self.max_ulp, float(u.max()))
         self.hist += np.bincount(_ulp_bins(u), minlength=ULP_BINS)
 
     def _add_sample(self, r: np.ndarray, t: np.ndarray) -> None:
-        if self.sample_fraction < 1 and r.size:  # each element kept with probability sample_fraction (rare repeats)
-            index = self.rng.integers(0, r.size, self.rng.binomial(r.size, self.sample_fraction))
+        if self.sample_fraction < 1 and r.size:  # a binomial count of distinct elements: no repeats
+            count = int(self.rng.binomial(r.size, self.sample_fraction))
+            index = np.sort(self.rng.choice(r.size, size=count, replace=False))
             r, t = r[index], t[index]
         if r.size:
             self.samples.append((decoded(r).astype(np.float64),
@@ -288,6 +310,7 @@ class Accumulator:
             cosine=cosine, one_minus_cos=one_minus if ee else 0.0, rmse=math.sqrt(ee / n),
             max_abs=self.max_abs, mean_abs=s["abs_e"] / n, bias=bias,
             err_std=math.sqrt(max(ee / n - bias * bias, 0.0)),
+            max_at=self.max_at, max_ref=self.max_values[0], max_target=self.max_values[1],
             ulp=self._ulp_stats(), thousandth_frac=float(s["r1"]) / n, five_thousandth_frac=float(s["r5"]) / n,
             nan_inf=NonFinite(*map(int, self.nonfinite)), ref_rms=math.sqrt(rr / n),
         )
@@ -303,10 +326,21 @@ class Accumulator:
         return UlpStats(p50=p50, p99=min(p99, self.max_ulp), max=self.max_ulp, le1_frac=float(self.sums["le1"]) / total)
 
 
-def beyond_rounding(r: np.ndarray, t: np.ndarray, dtype: str, ref_rms: float) -> float:
-    """Fraction of sampled elements more than one ulp of ``dtype`` apart, the ulp taken at
-    max(|r|, rms(r)/64) so that values near zero do not count as huge ULP distances."""
-    if not r.size:
-        return 0.0
-    scale = np.maximum(np.abs(r), ref_rms / 64.0)
-    return float(np.mean(np.abs(t - r) > ulp_at(scale, dtype)))
+class _Locator:
+    """Maps a flat index of a block as reduced (real tokens only, flattened) back to the index of
+    the element in the stored tensor."""
+
+    def __init__(self, shape: tuple[int, ...], mask: np.ndarray | None, origin: tuple[int, ...]) -> None:
+        self.shape, self.mask = shape, mask
+        self.origin = tuple(origin) + (0,) * (len(shape) - len(origin))
+
+    def __call__(self, flat: int) -> tuple[int, ...]:
+        if self.mask is None:
+            local = np.unravel_index(flat, self.shape)
+        else:
+            trailing = self.shape[self.mask.ndim:]
+            width = int(np.prod(trailing, dtype=np.int64))
+            row = np.argwhere(self.mask)[flat // width] if not self.mask.all() else \
+                np.unravel_index(flat // width, self.mask.shape)
+            local = (*row, *np.unravel_index(flat % width, trailing))
+        return tuple(int(o) + int(i) for o, i in zip(self.origin, local))

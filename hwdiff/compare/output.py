@@ -17,6 +17,7 @@ from .._version import __version__
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff
 from .rl import csv_rows, format_rl, rl_summary
+from .verdict import Verdict, rule_text
 
 SUMMARY_SCHEMA = "hwdiff/diff-summary/1"
 DIFF_SCHEMA = "hwdiff/diff/1"
@@ -35,22 +36,46 @@ def layer_summary(layer: LayerDiff) -> dict[str, Any]:
         "equal_frac": m.equal_frac, "rel_l2": _num(m.rel_l2), "sqnr_db": _num(m.sqnr_db), "cosine": m.cosine,
         "one_minus_cos": m.one_minus_cos, "rmse": m.rmse, "max_abs": m.max_abs, "mean_abs": m.mean_abs,
         "bias": m.bias, "err_std": m.err_std, "ref_rms": _num(m.ref_rms),
-        "ulp": {"p50": m.ulp.p50, "p99": _num(m.ulp.p99), "max": _num(m.ulp.max), "le1_frac": m.ulp.le1_frac},
+        "max_at": None if m.max_at is None else list(m.max_at),
+        "ulp": {"dtype": layer.verdict.coarse_dtype, "p50": m.ulp.p50, "p99": _num(m.ulp.p99), "max": _num(m.ulp.max),
+                "le1_frac": m.ulp.le1_frac},
         "thousandth_frac": m.thousandth_frac, "five_thousandth_frac": m.five_thousandth_frac,
         "nan_inf": {"ref_nan": m.nan_inf.ref_nan, "ref_inf": m.nan_inf.ref_inf,
                     "target_nan": m.nan_inf.target_nan, "target_inf": m.nan_inf.target_inf},
         "beyond_rounding_frac": layer.beyond_rounding_frac, "diverges": layer.diverges, "alias_of": layer.alias_of,
+        "verdict": verdict_summary(layer.verdict),
         "fit": _clean(layer.fit.to_dict()),
     }
+    if layer.ulp_fine is not None:
+        fine = layer.ulp_fine
+        finer = layer.ref_dtype if layer.verdict.coarse_dtype == layer.target_dtype else layer.target_dtype
+        out["ulp_fine"] = {"dtype": finer, "p50": fine.p50, "p99": _num(fine.p99), "max": _num(fine.max),
+                           "le1_frac": fine.le1_frac, "from": "fit sample"}
     if layer.weight_rms is not None:
         out["weight_rms"] = layer.weight_rms
     if layer.local is not None:
         out.update(local_rel_l2=layer.local.local_rel_l2, propagated_rel_l2=layer.local.propagated_rel_l2,
                    input_rel_l2=_num(layer.local.input_rel_l2), amplification=_num(layer.local.amplification))
+        if layer.local.verdict is not None:
+            out.update(local_diverges=layer.local.verdict.diverges, local_verdict=verdict_summary(layer.local.verdict))
     if layer.golden is not None:
         out["golden"] = {"reference_rel_l2": layer.golden.reference_rel_l2,
                          "target_rel_l2": layer.golden.target_rel_l2, "ratio": _num(layer.golden.ratio)}
     return out
+
+
+def verdict_summary(verdict: Verdict) -> dict[str, Any]:
+    """A :class:`Verdict` as JSON (see :mod:`.verdict`)."""
+    outlier = verdict.outlier
+    return _clean({
+        "rule": verdict.rule, "coarse_dtype": verdict.coarse_dtype, "beyond_ulp_frac": verdict.beyond_ulp_frac,
+        "rounding_rel": verdict.rounding_rel, "roundings": verdict.roundings, "budget": verdict.budget,
+        "bias_z": verdict.bias_z, "bias_effect": verdict.bias_effect, "bias_outward": verdict.bias_outward,
+        "reasons": list(verdict.reasons),
+        "why": verdict.describe(),
+        "outlier": None if outlier is None else {"position": list(outlier.position), "error": outlier.error,
+                                                 "reference": outlier.reference, "target": outlier.target,
+                                                 "ratio": outlier.ratio}})
 
 
 def _clean(value: Any) -> Any:
@@ -63,6 +88,7 @@ def summary(result: DiffResult) -> dict[str, Any]:
     """The JSON summary (schema ``hwdiff/diff-summary/1``)."""
     corr = result.correlation
     first = result.first_divergence
+    difference = result.first_difference
     return {
         "schema": SUMMARY_SCHEMA, "hwdiff_version": __version__,
         "reference": result.reference, "target": result.target, "golden": result.golden, "local": result.local,
@@ -80,7 +106,14 @@ def summary(result: DiffResult) -> dict[str, Any]:
             "factor_per_layer": _num(result.growth.factor_per_layer)},
         "first_divergence": None if first is None else {
             "name": first.name, "call": first.call, "detected_at": first.detected_at, "origin": first.origin,
-            "beyond_rounding_frac": first.beyond_rounding_frac, "rel_l2": _num(first.rel_l2), "rule": first.rule},
+            "beyond_rounding_frac": first.beyond_rounding_frac, "rel_l2": _num(first.rel_l2), "rule": first.rule,
+            "basis": first.basis, "reasons": first.reasons},
+        "first_difference": None if difference is None else {
+            "name": difference.name, "call": difference.call, "rel_l2": _num(difference.rel_l2),
+            "equal_frac": difference.equal_frac, "numel": difference.numel},
+        "divergence_rule": rule_text(result.layers[0].ref_dtype, result.layers[0].target_dtype,
+                                     local=any(layer.local is not None for layer in result.layers))
+        if result.layers else None,
         "rl_impact": rl_summary(result.rl_impact, result.rl_absent),
     }
 
@@ -90,11 +123,12 @@ def _matrix(matrix: np.ndarray) -> list[list[float | None]]:
 
 
 CSV_COLUMNS = ("name", "call", "slot", "kind", "shape", "numel", "exact", "equal_frac", "rel_l2", "sqnr_db", "cosine",
-               "one_minus_cos", "rmse", "max_abs", "mean_abs", "bias", "err_std", "ulp_p50", "ulp_p99", "ulp_max",
-               "ulp_le1_frac", "thousandth_frac", "five_thousandth_frac", "ref_nan", "ref_inf", "target_nan",
-               "target_inf", "beyond_rounding_frac", "diverges", "fit_best", "gaussian_mu", "gaussian_sigma",
+               "one_minus_cos", "rmse", "max_abs", "mean_abs", "bias", "err_std", "ulp_dtype", "ulp_p50",
+               "ulp_p99", "ulp_max", "ulp_le1_frac", "thousandth_frac", "five_thousandth_frac", "ref_nan", "ref_inf",
+               "target_nan", "target_inf", "beyond_rounding_frac", "roundings", "budget", "diverges", "reasons",
+               "outlier_position", "fit_best", "fit_law", "gaussian_mu", "gaussian_sigma",
                "gaussian_ks_stat", "gaussian_ks_p", "student_t_df", "student_t_loc", "student_t_scale",
-               "laplace_loc", "laplace_scale", "local_rel_l2", "propagated_rel_l2", "input_rel_l2", "amplification",
+               "laplace_loc", "laplace_scale", "relative_best", "relative_gaussian_sigma", "local_rel_l2", "propagated_rel_l2", "input_rel_l2", "amplification",
                "golden_reference_rel_l2", "golden_target_rel_l2", "golden_ratio")
 
 
@@ -105,7 +139,14 @@ def _csv_rows(result: DiffResult) -> Iterator[dict[str, Any]]:
         row["shape"] = "x".join(map(str, layer.shape))
         row.update({f"ulp_{k}": v for k, v in flat["ulp"].items()})
         row.update(flat["nan_inf"])
+        verdict = flat["verdict"]
+        row.update(roundings=verdict["roundings"], budget=verdict["budget"], reasons=" ".join(verdict["reasons"]),
+                   outlier_position="x".join(map(str, verdict["outlier"]["position"])) if verdict["outlier"] else "")
         row["fit_best"] = flat["fit"]["best"]
+        row["fit_law"] = flat["fit"].get("law", "")
+        relative = flat["fit"].get("relative", {})
+        row["relative_best"] = relative.get("best", "")
+        row["relative_gaussian_sigma"] = relative.get("gaussian", {}).get("sigma", "")
         for model, keys in (("gaussian", ("mu", "sigma", "ks_stat", "ks_p")), ("student_t", ("df", "loc", "scale")),
                             ("laplace", ("loc", "scale"))):
             for key in keys:
@@ -199,7 +240,18 @@ def format_table(result: DiffResult, top: int = 25) -> str:
     exact = sum(layer.exact for layer in outputs)
     lines.append(f"compared   {len(outputs)} module outputs ({exact} bit-identical), "
                  f"{len(result.layers) - len(outputs)} inputs, {len(result.unmatched)} unmatched")
-    lines.append(f"first divergence  {result.first_divergence or 'none: every slot within one ulp of rounding'}")
+    lines.append(f"first difference  {result.first_difference or 'none: every module output is bit-identical'}"
+                 + ("  (the first non-identical module output)" if result.first_difference else ""))
+    first = result.first_divergence
+    if first is None:
+        local = any(layer.local is not None for layer in result.outputs)
+        lines.append("first divergence  none: every " + ("local error" if local else "module output")
+                     + " within what rounding explains")
+    else:
+        lines.append(f"first divergence  {first}")
+        lines.append("                  " + ("(the origin: its own local error is beyond rounding)" if first.basis == "local"
+                                             else "(the first module beyond rounding; without --local it may carry "
+                                                  "error propagated from the first difference)"))
     if result.growth and not math.isnan(result.growth.factor_per_layer):
         lines.append(f"growth     x{result.growth.factor_per_layer:.3g} per decoder layer "
                      f"(rel L2 {result.growth.rel_l2[0]:.3g} -> {result.growth.rel_l2[-1]:.3g})")
@@ -213,7 +265,9 @@ def format_table(result: DiffResult, top: int = 25) -> str:
 
 
 def _table(result: DiffResult, top: int) -> list[str]:
-    header = ["module", "kind", "rel_l2", "1-cos", "equal", "ulp p99", "max_abs", "fit"]
+    dtypes = {layer.verdict.coarse_dtype for layer in result.outputs}
+    header = ["module", "kind", "rel_l2", "1-cos", "equal", f"ulp p99 ({'/'.join(sorted(dtypes)) or '-'})", "max_abs",
+              "fit (law)"]
     has_local = any(layer.local is not None for layer in result.outputs)
     if has_local:
         header += ["local", "amplif."]
@@ -224,7 +278,7 @@ def _table(result: DiffResult, top: int) -> list[str]:
         m = layer.metrics
         row = [layer.name + (f"#{layer.call}" if layer.call else ""), layer.kind, f"{m.rel_l2:.3g}",
                f"{m.one_minus_cos:.2g}", f"{m.equal_frac:.1%}", f"{m.ulp.p99:.3g}", f"{m.max_abs:.3g}",
-               "exact" if layer.exact else layer.fit.best + (" !" if layer.diverges else "")]
+               "exact" if layer.exact else layer.fit.summary + (" !" if layer.diverges else "")]
         if has_local:
             row += [f"{layer.local.local_rel_l2:.3g}", f"{layer.local.amplification:.3g}"] if layer.local else ["-", "-"]
         if result.golden:

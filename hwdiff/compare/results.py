@@ -8,16 +8,9 @@ from typing import Any
 from .align import Unmatched
 from .correlation import Correlation
 from .fit import FitResult
-from .metrics import Metrics
+from .metrics import Metrics, UlpStats
+from .verdict import Verdict
 from .rl import RLImpact
-
-DIVERGENCE_THRESHOLD = 0.01
-DIVERGENCE_RULE = (
-    "a slot diverges when more than 1% of its (sampled) elements differ by more than one ulp of the "
-    "lower-precision dtype of the pair, the ulp taken at max(|r|, rms(r)/64); one rounding, or the same "
-    "value rounded the other way after another summation order, stays within one ulp. The first divergence "
-    "is the earliest diverging module output in forward (completion) order; when that module's recorded "
-    "input already diverges, the divergence arose before it, inside its parent module")
 
 
 @dataclass(frozen=True)
@@ -35,20 +28,29 @@ class GoldenDiff:
         return self.target_rel_l2 / self.reference_rel_l2
 
 
+PROPAGATED_FLOOR = 1e-9  # total² − local² below this fraction of total²: the sums' rounding, not inherited error
+
+
 @dataclass(frozen=True)
 class LocalDiff:
     """Local vs propagated error of one module output (``--local``: a replay of the reference's
     inputs on the target's device). The local and inherited parts are taken as independent:
     propagated² = total² − local². ``amplification`` = propagated / the error of the module's input
-    (how much the module magnifies the error it receives; NaN when the input is exact or unknown)."""
+    (how much the module magnifies the error it receives; NaN when the input is exact or unknown).
+    ``verdict``: whether the local error alone is beyond rounding (:mod:`.verdict`)."""
 
     local_rel_l2: float
     total_rel_l2: float
     input_rel_l2: float
+    verdict: Verdict | None = None
+    exact: bool = False
 
     @property
     def propagated_rel_l2(self) -> float:
-        return math.sqrt(max(self.total_rel_l2 ** 2 - self.local_rel_l2 ** 2, 0.0))
+        """sqrt(total² − local²); 0 where the two agree to the rounding of their float64 sums (which
+        reduce in different orders): a module whose whole error is local inherits nothing."""
+        inherited = self.total_rel_l2 ** 2 - self.local_rel_l2 ** 2
+        return math.sqrt(inherited) if inherited > PROPAGATED_FLOOR * self.total_rel_l2 ** 2 else 0.0
 
     @property
     def amplification(self) -> float:
@@ -70,11 +72,12 @@ class LayerDiff:
     target_dtype: str
     metrics: Metrics
     fit: FitResult
-    beyond_rounding_frac: float
+    verdict: Verdict
     golden: GoldenDiff | None = None
     alias_of: str | None = None  # the same tensor as this slot (numbers shared, listed once in tables)
     local: LocalDiff | None = None
     weight_rms: float | None = None  # RMSNorm outputs: rms of the norm's effective scale (w, or 1 + w) in the reference
+    ulp_fine: UlpStats | None = None  # different dtypes: ULP distance in the finer one, from the fit sample
 
     @property
     def exact(self) -> bool:
@@ -82,7 +85,12 @@ class LayerDiff:
 
     @property
     def diverges(self) -> bool:
-        return self.beyond_rounding_frac > DIVERGENCE_THRESHOLD
+        """Beyond what the precision of the pair explains (:mod:`.verdict`); may be propagated error."""
+        return self.verdict.diverges
+
+    @property
+    def beyond_rounding_frac(self) -> float:
+        return self.verdict.beyond_ulp_frac
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -91,17 +99,39 @@ class LayerDiff:
 
 @dataclass(frozen=True)
 class FirstDivergence:
+    """The first module output beyond rounding. ``basis`` "local": its local error (replay) is,
+    so it is the origin; "total": its total error is, which may be propagated from
+    :attr:`DiffResult.first_difference`."""
+
     name: str
     call: int
     detected_at: str  # the module output where it was first seen
     origin: str  # "output": the module itself; "input": it arose before it, inside ``name``
     beyond_rounding_frac: float
     rel_l2: float
-    rule: str = DIVERGENCE_RULE
+    rule: str
+    basis: str = "total"
+    reasons: str = ""
 
     def __str__(self) -> str:
         where = self.name if self.origin == "output" else f"{self.name} (seen at the input of {self.detected_at})"
-        return f"{where}: {self.beyond_rounding_frac:.1%} of elements beyond one ulp, rel L2 {self.rel_l2:.3g}"
+        what = "local error (replay)" if self.basis == "local" else "error"
+        return f"{where}: {what} beyond rounding — {self.reasons}; rel L2 {self.rel_l2:.3g}"
+
+
+@dataclass(frozen=True)
+class FirstDifference:
+    """The first module output that is not bit-identical, in forward order."""
+
+    name: str
+    call: int
+    rel_l2: float
+    equal_frac: float
+    numel: int
+
+    def __str__(self) -> str:
+        differing = round((1 - self.equal_frac) * self.numel)
+        return f"{self.name}: {differing} of {self.numel} elements differ, rel L2 {self.rel_l2:.3g}"
 
 
 @dataclass(frozen=True)
@@ -160,6 +190,7 @@ class DiffResult:
     correlation: Correlation | None
     growth: Growth | None
     first_divergence: FirstDivergence | None
+    first_difference: FirstDifference | None = None
     arrays: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     local: dict[str, Any] | None = None  # metadata of the replay given as --local
     rl_impact: RLImpact | None = None  # token log-prob mismatch (compare/rl.py); None: see rl_absent

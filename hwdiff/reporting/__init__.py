@@ -109,18 +109,17 @@ def _figures(summary: dict, arrays: dict, edges: np.ndarray, calibration: Any, i
     for title, name, draw in (("Cross-layer correlation", "correlation.png", figures.correlation),
                               ("Local vs propagated error", "local.png", figures.local_vs_propagated),
                               ("Golden attribution", "golden.png", figures.golden)):
-        caption = draw(summary, folder / name)
-        if caption:
-            drawn.append((title, name, caption))
+        drawn.append((title, name, draw(summary, folder / name)))
     rl = summary.get("rl_impact") or {}
     if rl.get("available"):
         drawn.append(("Token log-prob mismatch (Δlogp)", "rl_delta.png", figures.rl_histogram(rl, folder / "rl_delta.png")))
     if calibration is not None:
         drawn.append(("σ schedule per norm", "sigma.png", figures.sigma_schedule(calibration, folder / "sigma.png")))
     if implied is not None:
-        caption, _ = figures.qerl_vs_hardware({l.name: l.sigma_end for l in implied.layers}, folder / "qerl.png")
+        pair = f"{summary['target'].get('device')}-vs-{summary['reference'].get('device')}"
+        caption, _ = figures.qerl_vs_hardware({l.name: l.sigma_end for l in implied.layers}, folder / "qerl.png", pair)
         drawn.insert(0, ("Are QeRL's σ values right for hardware errors?", "qerl.png", caption))
-    return drawn
+    return [(title, name, caption) for title, name, caption in drawn if caption]  # None: nothing to draw
 
 
 def _chosen(summary: dict) -> list[dict]:
@@ -147,12 +146,9 @@ def _facts(summary: dict, calibration: Any, implied: Any, why_none: str | None =
     outputs = [m for m in summary["modules"] if m["slot"] == "output"]
     worst = sorted((m for m in outputs if not m.get("alias_of")), key=lambda m: -(m["rel_l2"] or 0))[:5]
     last = outputs[-1] if outputs else None
-    first = summary.get("first_divergence")
     facts = {
-        "first": (f"{first['name']}" + (f" (seen at the input of {first['detected_at']})" if first["origin"] == "input" else "")
-                  + f": {first['beyond_rounding_frac']:.1%} of elements differ by more than one ulp, relative L2 "
-                  f"{first['rel_l2']:.3g}") if first else "none: every module stays within one ulp of rounding",
-        "rule": first["rule"] if first else "",
+        "first": _first_fact(summary),
+        "rule": summary.get("divergence_rule") or "",
         "worst": "; ".join(f"{m['name']} ({m['rel_l2']:.3g} = {m['rel_l2'] / floor:.1f}× one {dtype} rounding)"
                            for m in worst if m["rel_l2"]) or "none: the captures are bit-identical",
         "verdict": _verdict(last, floor, dtype) if last else "no modules were compared",
@@ -180,13 +176,32 @@ def _rl_fact(block: dict | None) -> tuple[str, str]:
     return text, "Published figures (sources in docs/rl-impact.md): " + "; ".join(block["published"]) + "."
 
 
+def _first_fact(summary: dict) -> str:
+    """The first difference and the first divergence, each said for what it is."""
+    difference, first = summary.get("first_difference"), summary.get("first_divergence")
+    if difference is None:
+        return "nowhere: every module output is bit-identical"
+    differing = round((1 - difference["equal_frac"]) * difference.get("numel", 0))
+    text = (f"The first non-identical module output is {difference['name']} ({differing} of {difference.get('numel', '?')} "
+            f"elements differ, relative L2 {difference['rel_l2']:.3g}). ")
+    if first is None:
+        local = any(m.get("local_verdict") for m in summary["modules"])
+        return text + ("No module's own (local, replayed) error is beyond rounding." if local else
+                       "No module output is beyond what rounding explains.")
+    where = first["name"] + (f" (seen at the input of {first['detected_at']})" if first["origin"] == "input" else "")
+    if first.get("basis") == "local":
+        return text + f"The first divergence, the origin, is {where}: its local error (replay) is beyond rounding — {first.get('reasons', '')}."
+    return text + (f"The first module beyond rounding is {where} — {first.get('reasons', '')}; without a replay "
+                   "(--local) it may carry error propagated from the first non-identical module.")
+
+
 def _verdict(last: dict, floor: float, dtype: str) -> str:
     if last["exact"]:
         return f"The final output ({last['name']}) is bit-identical on both sides."
     ratio = last["rel_l2"] / floor
-    size = "within a few" if ratio < 3 else "well above one"
+    size = "within a few roundings of the dtype" if ratio < 3 else "well above one rounding of the dtype"
     return (f"At the final output ({last['name']}) the two sides differ by relative L2 {last['rel_l2']:.3g}, "
-            f"{ratio:.1f}× the error of a single {dtype} rounding ({floor:.3g}): {size} roundings of the dtype; "
+            f"{ratio:.1f}× the error of a single {dtype} rounding ({floor:.3g}): {size}; "
             f"{last['equal_frac']:.1%} of its elements are bit-identical.")
 
 
@@ -252,7 +267,8 @@ def _html(summary: dict, facts: dict, sections: list, calibration: Any) -> str:
     meta = "".join(f"<tr><td>{e(k)}</td><td>{e(a)}</td><td>{e(b)}</td></tr>" for k, a, b in _meta_rows(summary))
     rows = "".join(
         f"<tr><td>{e(m['name'])}</td><td>{e(m['kind'])}</td><td>{m['rel_l2'] or 0:.3g}</td><td>{m['one_minus_cos']:.2g}</td>"
-        f"<td>{m['equal_frac']:.1%}</td><td>{m['ulp']['p99']:.3g}</td><td>{e(m['fit']['best'])}</td></tr>"
+        f"<td>{m['equal_frac']:.1%}</td><td>{_ulp_cell(m)}</td><td>{e(_fit_cell(m))}</td>"
+        f"<td>{e(m.get('verdict', {}).get('why', '')) or '—'}</td></tr>"
         for m in _worst_rows(summary))
     figs = "".join(f"<figure><h3>{e(t)}</h3><img src=\"figures/{n}\" alt=\"{e(t)}\"><figcaption>{e(c)}</figcaption></figure>"
                    for t, n, c in sections)
@@ -273,10 +289,10 @@ img{{max-width:100%}} figure{{margin:1.5em 0}} figcaption{{font-size:.85em;color
 <dt>Which σ to use?</dt><dd>{e(facts['sigma'])}</dd>
 <dt>Does it matter for RL?</dt><dd>{e(facts['rl'])}<br><small>{e(facts['rl_published'])}</small></dd>
 </dl>
-<h2>Captures</h2><table><tr><th></th><th>reference</th><th>target</th></tr>{meta}</table>
-<h2>Worst modules</h2><table><tr><th>module</th><th>kind</th><th>rel L2</th><th>1−cos</th><th>bit-identical</th><th>ULP p99</th><th>best fit</th></tr>{rows}</table>
+<h2>Captures</h2><table><tr><th>field</th><th>reference</th><th>target</th></tr>{meta}</table>
+<h2>Worst modules</h2><table><tr><th>module</th><th>kind</th><th>rel L2</th><th>1−cos</th><th>bit-identical</th><th>ULP p99 (coarser dtype)</th><th>best fit (law)</th><th>beyond rounding</th></tr>{rows}</table>
 {effect}
-<h2>Figures</h2>{figs}
+<h2>Figures</h2>{_figures_note(summary, figs)}{figs}
 <p style="font-size:.8em;color:#777">hwdiff {e(str(summary.get('hwdiff_version')))} · definitions: docs/diff.md, docs/calibrate.md</p>
 </body></html>
 """
@@ -292,7 +308,7 @@ def _effectiveness_html(summary: dict, calibration: Any) -> str:
     body = "".join(f"<tr><td>{stage}</td><td>{lo:.3g} – {hi:.3g}</td><td>{changed:.1%}</td><td>{warn}</td></tr>"
                    for stage, lo, hi, changed, warn in rows)
     return (f"<h2>bf16 effectiveness ({html.escape(str(summary['reference'].get('dtype')))} weights)</h2><table><tr><th>stage</th>"
-            f"<th>σ (min – max over norms)</th><th>changed elements (min over norms)</th><th></th></tr>{body}</table>")
+            f"<th>σ (min – max over norms)</th><th>changed elements (min over norms)</th><th>note</th></tr>{body}</table>")
 
 
 def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
@@ -329,17 +345,38 @@ def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
     return rows
 
 
+def _figures_note(summary: dict, figs: str) -> str:
+    """Why error figures are missing: a bit-identical diff has no error to draw."""
+    if summary.get("exact"):
+        return "<p>No error figures: the captures are bit-identical, there is no error to draw.</p>"
+    return "" if figs else "<p>No figures: nothing compared has data to draw.</p>"
+
+
+def _ulp_cell(module: dict) -> str:
+    ulp = module["ulp"]
+    return f"{ulp['p99'] if ulp['p99'] is not None else float('inf'):.3g} ({ulp.get('dtype', module['target_dtype'])})"
+
+
+def _fit_cell(module: dict) -> str:
+    """The best law, and whether the absolute or the relative error follows it better."""
+    fit = module["fit"]
+    if fit.get("law") == "relative":
+        return f"{fit['relative']['best']} (relative error)"
+    return fit["best"] + (" (absolute error)" if fit.get("law") else "")
+
+
 def _markdown(summary: dict, facts: dict, sections: list) -> str:
     ref, tgt = summary["reference"], summary["target"]
     lines = [f"# hwdiff report: {tgt.get('device')} vs {ref.get('device')}", "",
-             f"- **First divergence**: {facts['first']}", f"- **Worst layers**: {facts['worst']}",
+             f"- **Where they first differ and diverge**: {facts['first']}", f"- **Worst layers**: {facts['worst']}",
              f"- **Verdict**: {facts['verdict']}", f"- **σ to use**: {facts['sigma']}",
              f"- **Does it matter for RL?** {facts['rl']} {facts['rl_published']}".rstrip(), "",
              "| | reference | target |", "|---|---|---|"]
     lines += [f"| {k} | {a} | {b} |" for k, a, b in _meta_rows(summary)]
-    lines += ["", "| module | kind | rel L2 | bit-identical | best fit |", "|---|---|---|---|---|"]
-    lines += [f"| {m['name']} | {m['kind']} | {m['rel_l2'] or 0:.3g} | {m['equal_frac']:.1%} | {m['fit']['best']} |"
-              for m in _worst_rows(summary)]
+    lines += ["", "| module | kind | rel L2 | bit-identical | ULP p99 (coarser dtype) | best fit (law) | beyond rounding |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['name']} | {m['kind']} | {m['rel_l2'] or 0:.3g} | {m['equal_frac']:.1%} | {_ulp_cell(m)} | "
+              f"{_fit_cell(m)} | {m.get('verdict', {}).get('why', '') or '—'} |" for m in _worst_rows(summary)]
     for title, name, caption in sections:
         lines += ["", f"## {title}", "", f"![{title}](figures/{name})", "", caption]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
-"""The report's figures (matplotlib, Agg). Each function draws one PNG and returns its caption."""
+"""The report's figures (matplotlib, Agg). Each function draws one PNG and returns its caption, or
+None when it has nothing to draw (a figure is never an empty axis)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ def _plt() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _save(fig: Any, path: Path, *, tight: bool = True) -> None:
+    """Write the figure (every figure of the report goes through here) and close it."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, **({} if tight else {"bbox_inches": "tight"}))
     _plt().close(fig)
 
 
@@ -30,10 +34,41 @@ def _outputs(summary: dict) -> list[dict]:
     return [m for m in summary["modules"] if m["slot"] == "output" and not m.get("alias_of")]
 
 
-def error_vs_depth(summary: dict, path: Path, floor: float) -> str:
-    plt = _plt()
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def short_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``L3.self_attn.q_proj``."""
+    return _LAYER.sub(lambda m: f"L{m.group(1)}.", name.replace("model.", "", 1)).strip(".")
+
+
+def depth_ticks(ax: Any, names: list[str], *, max_labels: int = 40) -> None:
+    """Label a forward-order axis with module names: every module when there are few, else the
+    first module of each decoder layer (``L<n>``, thinned to ``max_labels``) and the modules outside
+    the layers (embedding, final norm, head)."""
+    if len(names) <= max_labels:
+        ax.set_xticks(range(len(names)), [short_name(n) for n in names], rotation=90, fontsize=6)
+        return
+    ticks, labels, seen = [], [], set()
+    for i, name in enumerate(names):
+        match = _LAYER.search(name)
+        key = match.group(1) if match else name
+        if key not in seen:
+            seen.add(key)
+            ticks.append(i)
+            labels.append(f"L{key}" if match else short_name(name))
+    step = max(1, math.ceil(len(ticks) / max_labels))
+    keep = [k for k in range(len(ticks)) if k % step == 0 or not _LAYER.search(names[ticks[k]])]
+    ax.set_xticks([ticks[k] for k in keep], [labels[k] for k in keep], rotation=90, fontsize=6)
+    ax.set_xticks(ticks, minor=True)
+
+
+def error_vs_depth(summary: dict, path: Path, floor: float) -> str | None:
     modules = _outputs(summary)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True)
+    if not any(m["rel_l2"] for m in modules):
+        return None  # bit-identical: nothing to draw
+    plt = _plt()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for kind in KIND_ORDER:
         points = [(i, m) for i, m in enumerate(modules) if m["kind"] == kind and m["rel_l2"]]
         if points:
@@ -43,137 +78,178 @@ def error_vs_depth(summary: dict, path: Path, floor: float) -> str:
     top.axhline(floor, color="k", ls="--", lw=0.8, label="one rounding of the dtype")
     top.set_ylabel("relative L2 error")
     bottom.set_ylabel("SQNR (dB)")
+    depth_ticks(bottom, [m["name"] for m in modules])
     bottom.set_xlabel("module, in forward order")
     top.legend(fontsize=7, ncol=4)
-    top.set_title("Error vs depth per module kind (exact modules are not drawn)")
+    top.set_title("Error vs depth per module kind (bit-identical modules are not drawn)")
     _save(fig, path)
-    return "Relative L2 error (log) and SQNR of every module output in forward order, per kind; the dashed line is one rounding to the dtype."
+    return ("Relative L2 error (log) and SQNR of every module output in forward order, per kind; the dashed line "
+            "is one rounding to the dtype.")
 
 
-def one_minus_cos(summary: dict, path: Path) -> str:
+def one_minus_cos(summary: dict, path: Path) -> str | None:
+    modules = _outputs(summary)
+    points = [(i, m["one_minus_cos"]) for i, m in enumerate(modules) if m["one_minus_cos"] > 0]
+    if not points:
+        return None
     plt = _plt()
-    modules = [m for m in _outputs(summary) if m["one_minus_cos"] > 0]
-    fig, ax = plt.subplots(figsize=(10, 3.5))
-    ax.semilogy(range(len(modules)), [m["one_minus_cos"] for m in modules], ".-", lw=0.6)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.semilogy([i for i, _ in points], [v for _, v in points], ".-", lw=0.6)
+    ax.set_xlim(-0.5, len(modules) - 0.5)
+    depth_ticks(ax, [m["name"] for m in modules])
     ax.set_ylabel("1 − cosine")
-    ax.set_xlabel("module with an error, in forward order")
+    ax.set_xlabel("module, in forward order (bit-identical modules are not drawn)")
     ax.set_title("1 − cos vs depth (cosine alone prints 1.0 at bf16-level error)")
     _save(fig, path)
     return "1 − cosine similarity of each module output that is not bit-identical, in forward order (log)."
 
 
-def ulp_by_kind(summary: dict, arrays: dict, edges: np.ndarray, path: Path) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4))
+def ulp_by_kind(summary: dict, arrays: dict, edges: np.ndarray, path: Path) -> str | None:
     totals: dict[str, np.ndarray] = {}
+    dtypes = set()
     for m in _outputs(summary):
         hist = arrays.get(f"{m['name']}/{m['call']}/output", {}).get("ulp_hist")
-        if hist is not None:
+        if hist is not None and not m["exact"]:
             totals[m["kind"]] = totals.get(m["kind"], 0) + np.asarray(hist)
+            dtypes.add(m["ulp"].get("dtype", m["target_dtype"]))
+    if not any(total.sum() for total in totals.values()):
+        return None  # bit-identical: every distance is 0
+    occupied = max(int(np.flatnonzero(total)[-1]) for total in totals.values() if total.sum())
+    right = float(edges[occupied + 1]) if occupied + 1 < edges.size else float(edges[-1]) * 2
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
     for kind in KIND_ORDER:
         if kind in totals and totals[kind].sum():
             cumulative = np.cumsum(totals[kind]) / totals[kind].sum()
             ax.step(np.maximum(edges, 1 / 32), cumulative, where="post", label=kind)
     ax.set_xscale("log")
-    ax.set_xlabel("ULP distance in the target dtype (0 drawn at 1/32)")
+    ax.set_xlim(1 / 32, max(right, 2.0))  # up to the largest distance measured, not the histogram's last edge
+    ax.set_xlabel(f"ULP distance in {'/'.join(sorted(dtypes))}, the coarser dtype of the pair (0 drawn at 1/32)")
     ax.set_ylabel("fraction of elements ≤ x")
     ax.axvline(1, color="k", ls="--", lw=0.8)
     ax.legend(fontsize=7)
-    ax.set_title("ULP distance distribution per module kind")
+    ax.set_title("ULP distance distribution per module kind (modules with an error)")
     _save(fig, path)
-    return "Cumulative distribution of the ULP distance per module kind; left of the dashed line: within one ulp."
+    return ("Cumulative distribution of the ULP distance, in the coarser dtype of the pair, per module kind over the "
+            "modules that are not bit-identical; left of the dashed line: within one ulp.")
 
 
-def error_histogram(module: dict, arrays: dict, path: Path) -> str:
+def error_histogram(module: dict, arrays: dict, path: Path) -> str | None:
     from scipy import stats
 
-    plt = _plt()
     data = arrays.get(f"{module['name']}/{module['call']}/output", {})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     counts, edges = np.asarray(data.get("err_hist", [])), np.asarray(data.get("err_edges", []))
+    if not counts.size or not counts.sum():
+        return None
     sample = np.asarray(data.get("err_sample", []), dtype=np.float64)
     sample = sample[sample != 0]
     fit = module.get("fit", {})
-    if counts.size and counts.sum():
-        centers, width = (edges[1:] + edges[:-1]) / 2, edges[1] - edges[0]
-        total = counts.sum()
-        left.bar(centers, counts, width=width, color="0.7", label="sampled errors")
-        x = np.linspace(edges[0], edges[-1], 400)
-        if "gaussian" in fit:
-            g = fit["gaussian"]
-            left.plot(x, total * width * stats.norm.pdf(x, g["mu"], g["sigma"]), label="Gaussian fit")
-        if "student_t" in fit:
-            t = fit["student_t"]
-            left.plot(x, total * width * stats.t.pdf(x, t["df"], t["loc"], t["scale"]), label=f"Student-t (df={t['df']:.3g})")
-        left.set_yscale("log")
-        left.set_ylim(bottom=0.5)
-        left.legend(fontsize=7)
-    left.set_title(f"{module['name']}: error t − r (best: {fit.get('best')})", fontsize=9)
-    if sample.size > 10 and "gaussian" in fit:
+    quantile_plot = sample.size > 10 and "gaussian" in fit
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2 if quantile_plot else 1, figsize=(10, 3.6), squeeze=False)
+    left = axes[0][0]
+    centers, width = (edges[1:] + edges[:-1]) / 2, edges[1] - edges[0]
+    total = counts.sum()
+    left.bar(centers, counts, width=width, color="0.7", label="sampled errors")
+    x = np.linspace(edges[0], edges[-1], 400)
+    if "gaussian" in fit:
+        g = fit["gaussian"]
+        left.plot(x, total * width * stats.norm.pdf(x, g["mu"], g["sigma"]), label="Gaussian fit")
+    if "student_t" in fit:
+        t = fit["student_t"]
+        left.plot(x, total * width * stats.t.pdf(x, t["df"], t["loc"], t["scale"]), label=f"Student-t (df={t['df']:.3g})")
+    left.set_yscale("log")
+    left.set_ylim(0.5, total * 2)
+    left.legend(fontsize=7)
+    law = f"; the {fit['law']} error fits better" if fit.get("law") else ""
+    left.set_title(f"{short_name(module['name'])}: error t − r (best: {fit.get('best')}{law})", fontsize=9)
+    if quantile_plot:
+        right = axes[0][1]
         quantiles = np.sort((sample - fit["gaussian"]["mu"]) / max(fit["gaussian"]["sigma"], 1e-300))
         theory = stats.norm.ppf((np.arange(1, quantiles.size + 1) - 0.5) / quantiles.size)
         right.plot(theory, quantiles, ".", ms=2)
         right.plot(theory, theory, "k--", lw=0.8)
         right.set_xlabel("Gaussian quantile")
         right.set_ylabel("standardized error quantile")
-    right.set_title("QQ plot against the Gaussian fit", fontsize=9)
+        right.set_title("QQ plot against the Gaussian fit", fontsize=9)
     _save(fig, path)
-    return (f"Errors of {module['name']} ({module['kind']}): histogram of the sampled differing elements with the "
-            "fitted Gaussian and Student-t (log y), and a QQ plot against the Gaussian.")
+    relative = fit.get("relative", {})
+    law_text = (f" The relative error e/|r| is best described by a {relative['best']} law and describes the error "
+                f"{'better' if fit.get('law') == 'relative' else 'less well'} than the absolute one."
+                if relative.get("best") not in (None, "none") else "")
+    return (f"Errors of {module['name']} ({module['kind']}): histogram of the sampled errors with the fitted Gaussian "
+            "and Student-t of the differing elements (log y)" + (", and a QQ plot against the Gaussian." if quantile_plot
+                                                                   else ".") + law_text)
 
 
 def correlation(summary: dict, path: Path) -> str | None:
     corr = summary.get("correlation")
     if not corr:
         return None
+    exact = set(corr.get("exact") or [])
+    keep = [i for i, name in enumerate(corr["names"]) if name not in exact]  # no error: no correlation to draw
+    if len(keep) < 2:
+        return None
     plt = _plt()
-    names = [n.replace("model.", "") for n in corr["names"]]
+    names = [short_name(corr["names"][i]) for i in keep]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, key, title in ((axes[0], "accumulated", "accumulated error"), (axes[1], "increments", "per-layer increments")):
-        matrix = np.array([[np.nan if v is None else v for v in row] for row in corr[key]], dtype=float)
+        matrix = np.array([[np.nan if v is None else v for v in row] for row in corr[key]], dtype=float)[np.ix_(keep, keep)]
         image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         ax.set_yticks(range(len(names)), names, fontsize=6)
         ax.set_title(f"Pearson correlation: {title}", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "Correlation of the residual-stream error between layers: accumulated (left) and the increments each layer adds (right)."
+    _save(fig, path, tight=False)
+    left_out = f" Bit-identical positions, which have no correlation, are left out: {', '.join(sorted(exact))}." if exact else ""
+    return ("Correlation of the residual-stream error between layers: accumulated (left) and the increments each "
+            "layer adds (right)." + left_out)
 
 
 def local_vs_propagated(summary: dict, path: Path) -> str | None:
     modules = [m for m in _outputs(summary) if m.get("local_rel_l2") is not None]
     if not modules:
         return None
+    if not any(m["rel_l2"] for m in modules):
+        return None
+
+    def positive(key: str) -> list[float]:  # zero (bit-identical) is not drawn on a log axis
+        return [m[key] if m[key] else np.nan for m in modules]
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     x = range(len(modules))
-    ax.semilogy(x, [max(m["rel_l2"] or 0, 1e-12) for m in modules], ".-", lw=0.6, label="total")
-    ax.semilogy(x, [max(m["local_rel_l2"], 1e-12) for m in modules], "o", ms=3, label="local (replay)")
-    ax.semilogy(x, [max(m["propagated_rel_l2"], 1e-12) for m in modules], "-", lw=0.8, label="propagated")
-    ax.set_ylim(bottom=1e-6)
+    ax.semilogy(x, positive("rel_l2"), ".-", lw=0.6, label="total")
+    ax.semilogy(x, positive("local_rel_l2"), "o", ms=3, label="local (replay)")
+    ax.semilogy(x, positive("propagated_rel_l2"), "x", ms=4, label="propagated")
+    depth_ticks(ax, [m["name"] for m in modules])
     ax.set_xlabel("module, in forward order")
     ax.set_ylabel("relative L2")
     ax.legend(fontsize=7)
-    ax.set_title("Local vs propagated error (local below 1e-6 is bit-identical)")
+    ax.set_title("Local vs propagated error (zero — bit-identical — is not drawn)")
     _save(fig, path)
-    return "Each module's total error, the part it adds itself (local, from a replay) and the part it inherits."
+    return ("Each module's total error, the part it adds itself (local, from a replay) and the part it inherits "
+            "(propagated); a missing marker is zero: a module whose total error is all local has no propagated part.")
 
 
 def golden(summary: dict, path: Path) -> str | None:
     modules = [m for m in _outputs(summary) if m.get("golden")]
     if not modules:
         return None
+    if not any(m["golden"]["reference_rel_l2"] or m["golden"]["target_rel_l2"] for m in modules):
+        return None
     plt = _plt()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     x = range(len(modules))
-    top.semilogy(x, [max(m["golden"]["reference_rel_l2"], 1e-12) for m in modules], ".-", label="reference vs golden")
-    top.semilogy(x, [max(m["golden"]["target_rel_l2"], 1e-12) for m in modules], ".-", label="target vs golden")
+    for side, label in (("reference_rel_l2", "reference vs golden"), ("target_rel_l2", "target vs golden")):
+        top.semilogy(x, [m["golden"][side] or np.nan for m in modules], ".-", label=label)
     top.legend(fontsize=7)
     top.set_ylabel("relative L2")
-    bottom.plot(x, [m["golden"]["ratio"] or np.nan for m in modules], ".-")
+    ratios = [m["golden"]["ratio"] if m["golden"]["ratio"] is not None else np.nan for m in modules]
+    bottom.plot(x, ratios, ".-")
     bottom.axhline(1, color="k", ls="--", lw=0.8)
     bottom.set_ylabel("target / reference")
+    depth_ticks(bottom, [m["name"] for m in modules])
     bottom.set_xlabel("module, in forward order")
     top.set_title("Which side is off: each side's error against the golden capture")
     _save(fig, path)
@@ -187,8 +263,8 @@ def sigma_schedule(calibration: Any, path: Path) -> str:
     for layer in calibration.layers:
         schedule = calibration.schedule_for(layer.name)
         if schedule is not None:
-            left.semilogy(steps, [max(schedule.at(int(s), 1000), 1e-9) for s in steps], lw=0.7)
-    left.set_ylim(bottom=1e-5)
+            left.semilogy(steps, _noisy(schedule, steps), lw=0.7)
+    _stage_zero(left, calibration.schedule.num_stages)
     left.set_xlabel("training step (of 1000)")
     left.set_ylabel("σ")
     left.set_title("σ vs training step, one line per norm", fontsize=9)
@@ -198,19 +274,35 @@ def sigma_schedule(calibration: Any, path: Path) -> str:
     right.set_ylabel("σ_end")
     right.set_title("Calibrated σ_end per norm", fontsize=9)
     _save(fig, path)
-    return "The calibrated schedule of every norm over training (stage 0 has no noise) and each norm's σ_end."
+    return ("The calibrated schedule of every norm over training (stage 0, shaded, has no noise and is not drawn on "
+            "the log axis) and each norm's σ_end.")
 
 
-def qerl_vs_hardware(levels: dict[str, float], path: Path) -> tuple[str, int | None]:
+def _noisy(schedule: Any, steps: np.ndarray, total: int = 1000) -> np.ndarray:
+    """σ at each step, NaN where it is 0 (stage 0): zero has no place on a log axis."""
+    values = np.array([schedule.at(int(s), total) for s in steps], dtype=float)
+    values[values <= 0] = np.nan
+    return values
+
+
+def _stage_zero(ax: Any, stages: int, total: int = 1000) -> None:
+    ax.axvspan(0, total / stages, color="0.9", zorder=0)
+    ax.text(total / stages / 2, 0.5, "stage 0:\nno noise", transform=ax.get_xaxis_transform(), ha="center",
+            va="center", fontsize=7, color="0.4")
+
+
+def qerl_vs_hardware(levels: dict[str, float], path: Path, pair: str = "GPU-vs-NPU") -> tuple[str, int | None]:
     """QeRL's default schedule against each layer's hardware-equivalent σ; returns the caption and the
-    first stage at which QeRL's σ is below the median hardware level (None: never)."""
+    first stage at which QeRL's σ is below the median hardware level (None: never). ``pair`` names
+    the two sides of the diff in the caption ("cuda:0-vs-npu:0")."""
     from ..schedule import SigmaSchedule
 
     plt = _plt()
     qerl = SigmaSchedule(*QERL_DEFAULT)
     steps = np.arange(0, 1001)
     fig, ax = plt.subplots(figsize=(10, 4.2))
-    ax.semilogy(steps, [max(qerl.at(int(s), 1000), 1e-9) for s in steps], "k", lw=2, label="QeRL default 0.05 → 0.0005")
+    ax.semilogy(steps, _noisy(qerl, steps), "k", lw=2, label="QeRL default 0.05 → 0.0005")
+    _stage_zero(ax, qerl.num_stages)
     values = sorted(v for v in levels.values() if v > 0)
     for name, value in levels.items():
         if value > 0:
@@ -225,7 +317,8 @@ def qerl_vs_hardware(levels: dict[str, float], path: Path) -> tuple[str, int | N
     ax.legend(fontsize=8)
     ax.set_title("Are QeRL's σ values right for hardware errors?")
     _save(fig, path)
-    text = ("QeRL's default schedule against the σ that reproduces the measured GPU-vs-NPU error at each norm. "
+    text = (f"QeRL's default schedule against the σ that reproduces the measured {pair} error at each norm "
+            "(stage 0, shaded, injects no noise). "
             + (f"From stage {below} on, the injected noise is below the median hardware error." if below else
                "The injected noise stays above the median hardware error through every stage."))
     return text, below
