@@ -503,3 +503,17 @@ def test_usage_errors_are_one_line(args, fragment):
     proc = run_cli(*args)
     one_error(proc, fragment)
     assert "usage:" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. the demo's "next:" hint names a command that runs
+# ------------------------------------------------------------------------------------------------
+def test_demo_hint_names_a_command_that_runs():
+    import shlex
+
+    from hwdiff.demo import hwdiff_command
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*shlex.split(hwdiff_command()), "--version"], capture_output=True, text=True, env=env,
+                          cwd=os.getcwd())  # the hint may be relative to the folder it was printed in
+    assert proc.returncode == 0 and proc.stdout.startswith("hwdiff "), proc.stderr
