@@ -58,10 +58,11 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
     output is refused before anything is read; ``local`` must be a replay of ``reference`` unless
     ``allow_any_local``.
     """
-    from .output import nonfinite_warning, write_outputs
+    from .output import nonfinite_warning, rl_csv_path, write_outputs
 
     opts = DiffOptions(**options)
-    outputs.check_outputs((reference, target, golden, local), (out, json_path, csv_path))
+    rl_csv = rl_csv_path(csv_path) if csv_path is not None else None  # written beside --csv
+    outputs.check_outputs((reference, target, golden, local), (out, json_path, csv_path, rl_csv))
     with _Opened(reference, target, golden, local) as (ref, tgt, gold, loc):
         check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch)
         if ref.is_generation:
