@@ -14,11 +14,11 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from . import devices
+from . import devices, outputs
 from ._version import __version__
 from .emulate import describe, emulation
 from .errors import HwdiffError, InputsError
-from .inputs import ByteTokenizer, Inputs, load_inputs
+from .inputs import DEFAULT_MAX_TOKENS, ByteTokenizer, Inputs, check_counts, load_inputs
 from .models import dtype_name, model_info
 from .hooks import record
 from .store import MODES, CaptureWriter
@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CaptureOptions:
     """How a capture runs. ``tokens`` is K, the positions kept per sequence in ``sample`` mode;
-    ``max_tokens`` and ``limit`` (first N sequences) apply when inputs are read or tokenized."""
+    ``max_tokens`` and ``limit`` (first N sequences) apply when inputs are read or tokenized:
+    ``max_tokens`` None cuts prompts and files at 128 tokens (:data:`~hwdiff.inputs.DEFAULT_MAX_TOKENS`)
+    and uses token ids given as an array or tensor whole. ``seed`` must be ≥ 0."""
 
     batch_size: int = 8
-    max_tokens: int | None = 128
+    max_tokens: int | None = None
     limit: int | None = None
     tokens: int = 16
     seed: int = 0
@@ -45,6 +47,9 @@ class CaptureOptions:
         for name in ("batch_size", "tokens", "logprob_topk"):
             if getattr(self, name) < 1:
                 raise HwdiffError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_counts(max_tokens=self.max_tokens, limit=self.limit)
+        if self.seed < 0:
+            raise HwdiffError(f"seed must be 0 or more, got {self.seed}")
         if self.compression not in (None, "gzip", "lzf"):
             raise HwdiffError(f"compression must be gzip, lzf or none, got {self.compression!r}")
 
@@ -86,6 +91,7 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
     if mode not in MODES:
         raise HwdiffError(f"unknown capture mode {mode!r}: expected {', '.join(MODES)}")
     opts = CaptureOptions(**options)
+    outputs.check_outputs([inputs], [path])
     started = time.perf_counter()
     device, dtype = model_device_and_dtype(model)
     inputs = _resolve_inputs(model, inputs, opts)
@@ -175,7 +181,9 @@ def model_device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.
 
 def _resolve_inputs(model: torch.nn.Module, inputs: Any, opts: CaptureOptions) -> Inputs:
     if not isinstance(inputs, Inputs):
-        inputs = load_inputs(inputs, tokenizer=LazyTokenizer(model), max_tokens=opts.max_tokens, limit=opts.limit)
+        from_file = inputs is None or isinstance(inputs, (str, os.PathLike))
+        max_tokens = opts.max_tokens or (DEFAULT_MAX_TOKENS if from_file else None)
+        inputs = load_inputs(inputs, tokenizer=LazyTokenizer(model), max_tokens=max_tokens, limit=opts.limit)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int):
         inputs.check_vocab(vocab)

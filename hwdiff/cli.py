@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -11,11 +12,13 @@ from typing import Any, Callable, Sequence
 from ._version import __version__
 from .errors import HwdiffError
 from .structure import KINDS
+from .outputs import check_outputs
 
 MODES = ("full", "sample", "stats")
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
+    check_outputs([args.inputs], [args.output])
     from .capturing import capture
     from .models import load_model
 
@@ -31,6 +34,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    check_outputs([args.reference], [args.output])
     from .replaying import model_for, replay
 
     model = model_for(args.reference, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
@@ -41,6 +45,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe_ops(args: argparse.Namespace) -> int:
+    check_outputs([], [args.output])
     from .probe_ops import probe_ops
 
     print(probe_ops(args.output, device=args.device, dtype=args.dtype, seed=args.seed, emulate=args.emulate,
@@ -53,6 +58,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .exporters import export, hydra_overrides
     from .sigma_probe import reference_model, verify
 
+    exports = {target: Path(args.output).with_suffix(f".{target}.yaml") for target in args.export or []}
+    check_outputs([args.diff], [args.output, *exports.values()])
     needs_model = args.verify or args.conversion == "measured"
     model = reference_model(args.diff, spec=args.model, device=args.device) if needs_model else None
     result = calibrate(args.diff, factor=args.factor, num_stages=args.stages, kind=args.schedule,
@@ -62,8 +69,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.verify:
         result = dataclasses.replace(result, verify=verify(result, model))
     written = [save(result, args.output)]
-    for target in args.export or []:
-        written.append(export(result, target, Path(args.output).with_suffix(f".{target}.yaml")))
+    for target, path in exports.items():
+        written.append(export(result, target, path))
     print(format_calibration(result))
     if "verl" in (args.export or []):
         print("\nHydra overrides for verl:\n  " + " \\\n  ".join(hydra_overrides(result)))
@@ -96,6 +103,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    if args.verify:
+        from .store import verify_file
+
+        found = verify_file(args.file)
+        print(found)
+        if not found.ok:
+            name, problem = found.problems[0]
+            raise HwdiffError(f"{args.file}: {len(found.problems)} damaged dataset(s), first {name}: {problem}")
+        return 0
     from .inspect import inspect_capture
 
     print(inspect_capture(args.file, allow_incomplete=args.allow_incomplete))
@@ -118,6 +134,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     result = diff(args.reference, args.target, out=args.output, golden=args.golden, local=args.local, json_path=args.json,
                   csv_path=args.csv, strict=args.strict, allow_model_mismatch=args.allow_model_mismatch,
+                  allow_any_local=args.allow_any_local,
                   fit_samples=args.fit_samples, seed=args.seed, progress=not args.quiet)
     print(format_table(result, top=args.top))
     written = [path for path in (args.output, args.json, args.csv, args.csv and rl_csv_path(args.csv)) if path]
@@ -127,6 +144,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    check_outputs([args.inputs], [args.output])
     from .generate import generate
     from .models import load_model
 
@@ -145,8 +163,33 @@ def _kinds(text: str) -> list[str]:
     return kinds
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low`` (0 and negative counts have no meaning)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+COUNT, SEED = _at_least(1), _at_least(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one ``hwdiff: error:`` line, like every other error (the usage is in --help)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        where = self.prog.removeprefix("hwdiff").strip()
+        self.exit(2, f"hwdiff: error: {where + ': ' if where else ''}{message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hwdiff", description="Measure how two devices compute the same model differently.")
     parser.add_argument("--version", action="version", version=f"hwdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,9 +237,9 @@ def _add_capture(sub: Any) -> None:
                      help="float32, bfloat16, float16 or float64 (default: %(default)s)")
     cap.add_argument("--inputs", default=None,
                      help="token ids or prompts: .jsonl, .txt or .npy (default: the shipped math word problems)")
-    cap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default: %(default)s)")
-    cap.add_argument("--max-tokens", type=int, default=128, help="cut sequences to this length (default: %(default)s)")
-    cap.add_argument("--limit", type=int, default=None, help="use only the first N sequences")
+    cap.add_argument("--batch-size", type=COUNT, default=8, help="sequences per forward (default: %(default)s)")
+    cap.add_argument("--max-tokens", type=COUNT, default=128, help="cut sequences to this length (default: %(default)s)")
+    cap.add_argument("--limit", type=COUNT, default=None, help="use only the first N sequences (default: all)")
     cap.add_argument("--modules", action="append", default=None, metavar="REGEX",
                      help="record modules whose qualified name matches REGEX (repeatable)")
     cap.add_argument("--kinds", type=_kinds, default=None, metavar="K[,K...]",
@@ -204,12 +247,12 @@ def _add_capture(sub: Any) -> None:
     cap.add_argument("--mode", choices=MODES, default="full",
                      help="full: every element; sample: --tokens positions per sequence; "
                           "stats: float64 statistics only (default: %(default)s)")
-    cap.add_argument("--tokens", type=int, default=16, help="positions per sequence in sample mode (default: %(default)s)")
+    cap.add_argument("--tokens", type=COUNT, default=16, help="positions per sequence in sample mode (default: %(default)s)")
     cap.add_argument("--attn-impl", default=None, help="attention kernel path: eager, sdpa, ... (default: transformers')")
     _emulate_arg(cap)
     cap.add_argument("--record-inputs", action="store_true", help="also store each module's input (for replay)")
     _trust_arg(cap)
-    cap.add_argument("--seed", type=int, default=0,
+    cap.add_argument("--seed", type=SEED, default=0,
                      help="seed of built-in model weights and of sample positions (default: %(default)s)")
     cap.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="HDF5 compression (default: none)")
     cap.add_argument("--logprob-topk", type=int, default=8,
@@ -240,10 +283,12 @@ def _add_diff(sub: Any) -> None:
                      help="write a flat table to this file (and the RL block to NAME.rl.csv beside it)")
     dif.add_argument("--strict", action="store_true", help="fail when any module or call cannot be paired")
     dif.add_argument("--allow-model-mismatch", action="store_true", help="compare captures of different weights")
-    dif.add_argument("--fit-samples", type=int, default=20_000,
+    dif.add_argument("--allow-any-local", action="store_true",
+                     help="accept a --local capture that is not a replay of REFERENCE (by default it must be)")
+    dif.add_argument("--fit-samples", type=COUNT, default=20_000,
                      help="elements per module (seeded sample) for the fits and divergence rule (default: %(default)s)")
-    dif.add_argument("--seed", type=int, default=0, help="seed of the fit samples (default: %(default)s)")
-    dif.add_argument("--top", type=int, default=25, help="rows in the printed table (default: %(default)s)")
+    dif.add_argument("--seed", type=SEED, default=0, help="seed of the fit samples (default: %(default)s)")
+    dif.add_argument("--top", type=COUNT, default=25, help="rows in the printed table (default: %(default)s)")
     _quiet_arg(dif)
     dif.set_defaults(handler=_cmd_diff)
 
@@ -295,7 +340,7 @@ def _add_probe_ops(sub: Any) -> None:
                                      "two devices op by op; --device cpu --dtype float64 is the golden.")
     _device_arg(ops)
     ops.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16, float64 (default: %(default)s)")
-    ops.add_argument("--seed", type=int, default=0, help="seed of the op inputs (default: %(default)s)")
+    ops.add_argument("--seed", type=SEED, default=0, help="seed of the op inputs (default: %(default)s)")
     _emulate_arg(ops)
     ops.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
     _quiet_arg(ops)
@@ -318,7 +363,7 @@ def _add_calibrate(sub: Any) -> None:
                           "norm weights) (default: %(default)s, QeRL's ratio)")
     cal.add_argument("--sigma-start", type=float, default=None,
                      help="the global sigma_start itself instead of the rule (warned when above QeRL's range)")
-    cal.add_argument("--stages", type=int, default=10, help="number of stages K (default: %(default)s)")
+    cal.add_argument("--stages", type=_at_least(2), default=10, help="number of stages K (default: %(default)s)")
     cal.add_argument("--schedule", default="qerl-code", choices=("qerl-code", "qerl-paper", "linear", "constant"),
                      help="schedule shape (default: %(default)s, what the verl fork runs)")
     cal.add_argument("--conversion", default="output-rms", choices=CONVERSIONS,
@@ -373,23 +418,62 @@ def _add_inspect(sub: Any) -> None:
                          description="Print a capture's metadata and one row per module.")
     ins.add_argument("file", help="capture file (.h5)")
     ins.add_argument("--allow-incomplete", action="store_true", help="show a capture whose run did not finish")
+    ins.add_argument("--verify", action="store_true",
+                     help="read every dataset and check its checksum (captures and diff.h5); lists each damaged one")
     ins.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     ins.set_defaults(handler=_cmd_inspect)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="hwdiff: %(message)s", stream=sys.stderr)
+    from . import outputs
+
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    _configure_logging(args.quiet)
+    outputs.install_signal_handlers()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handling below, not at exit
+        return code
     except HwdiffError as exc:
         print(f"hwdiff: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hwdiff: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        print(f"hwdiff: error: interrupted ({'SIGINT' if signum == 2 else exc}); no partial output was kept",
+              file=sys.stderr)
+        return 128 + signum
+    except BrokenPipeError:  # `hwdiff diff ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        outputs.cleanup_all()
+
+
+class _Formatter(logging.Formatter):
+    """``hwdiff: message``, and ``hwdiff: warning: message`` for warnings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "warning: " if record.levelno == logging.WARNING else ""
+        return f"hwdiff: {level}{record.getMessage()}"
+
+
+def _configure_logging(quiet: bool) -> None:
+    """hwdiff's lines on stderr; the hub client and transformers print each line once (their own
+    handler, not ours too), and nothing below an error with ``-q``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
+    for name in ("huggingface_hub", "transformers", "httpx"):
+        logging.getLogger(name).propagate = False
+    if quiet:  # read when those libraries are imported (later, by the handler)
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,8 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     for path in (*paths, local, *outputs.values(), sigma, verl):
         print(f"  {path}")
     print(f"\nreport: {page.index.resolve()}  (open it in a browser)")
-    print(f"next: `hwdiff aqn-check --model tiny-qwen2 --sigma {sigma}`")
+    print(f"next: `{hwdiff_command()} aqn-check --model tiny-qwen2 --sigma {sigma}`")
     return 0
+
+
+def hwdiff_command() -> str:
+    """How to run hwdiff from this shell: ``hwdiff`` when it is on PATH and belongs to this
+    interpreter, else the console script beside this interpreter (.venv/bin/hwdiff), else ``python -m hwdiff``."""
+    beside = Path(sys.executable).parent / "hwdiff"
+    found = shutil.which("hwdiff")
+    if found and beside.exists() and Path(found).resolve() == beside.resolve():
+        return "hwdiff"
+    if beside.exists():
+        try:
+            return str(beside.relative_to(Path.cwd()))
+        except ValueError:
+            return str(beside)
+    return f"{sys.executable} -m hwdiff"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Each capture records the profiles in its ``emulate`` attribute.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -65,7 +66,8 @@ def parse(text: str) -> Profile:
             params[key] = float(value)
         except ValueError:
             raise HwdiffError(f"emulation parameter {key} of {name} must be a number, got {value!r}") from None
-    if params.get("block", 1) < 1 or params.get("chunk", 1) < 1 or params.get("sigma", 0) < 0:
+    if (params.get("block", 1) < 1 or params.get("chunk", 1) < 1 or params.get("sigma", 0) < 0
+            or params.get("seed", 0) < 0 or not all(map(math.isfinite, params.values()))):
         raise HwdiffError(f"emulation profile {text!r} has an out-of-range parameter")
     return Profile(name, params)
 

@@ -28,3 +28,7 @@ class CaptureFormatError(HwdiffError):
 
 class SelectionError(HwdiffError):
     """A module selection (regex or kind) that matches nothing in the model."""
+
+
+class CorruptDataError(CaptureFormatError):
+    """A stored dataset whose checksum fails: the file was damaged after it was written."""

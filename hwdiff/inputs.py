@@ -17,6 +17,7 @@ import numpy as np
 from .errors import InputsError
 
 PROMPTS_FILE = "prompts/math_word_problems.jsonl"
+DEFAULT_MAX_TOKENS = 128  # prompts and files; explicit token ids are used whole unless cut on request
 _TEXT_KEYS = ("question", "text", "prompt")
 
 
@@ -96,8 +97,10 @@ def load_inputs(
     or ``{"question"|"text"|"prompt": "..."}`` per line), ``.txt`` (one prompt per line) or ``.npy``
     (int array, 1-D or ``[sequences, tokens]``); or a tensor / array / list of token ids. Texts are
     tokenized with ``tokenizer`` (None → :class:`ByteTokenizer`). Sequences are cut to ``max_tokens``
-    and right-padded to the longest; ``limit`` keeps the first N sequences.
+    and right-padded to the longest; ``limit`` keeps the first N sequences. Both must be at least 1
+    (None: no cut, all sequences).
     """
+    check_counts(max_tokens=max_tokens, limit=limit)
     tokenizer = tokenizer or ByteTokenizer()
     if source is None:
         sequences, name = _read_file(prompts_path(), tokenizer), f"shipped:{PROMPTS_FILE}"
@@ -106,6 +109,13 @@ def load_inputs(
     else:
         return _from_array(source, max_tokens, limit)
     return _pad(sequences[:limit] if limit else sequences, max_tokens, _pad_id(tokenizer), name)
+
+
+def check_counts(**counts: int | None) -> None:
+    """Refuse a count (``max_tokens``, ``limit``, ...) below 1: 0 and negative numbers have no meaning here."""
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise InputsError(f"{name} must be a whole number of at least 1 (or None for no limit), got {value!r}")
 
 
 def prompts_path() -> Path:
@@ -124,7 +134,10 @@ def _read_file(path: Path, tokenizer: Any) -> list[list[int]]:
     try:
         if path.suffix == ".npy":
             array = np.load(path, allow_pickle=False)
-            return [list(row) for row in np.atleast_2d(array)]
+            if array.dtype.kind not in "iu":
+                raise InputsError(f"{path} holds {array.dtype} values; token ids must be integers (save them with "
+                                  "an integer dtype, e.g. numpy.int64)")
+            return [[int(token) for token in row] for row in np.atleast_2d(array)]
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise InputsError(f"cannot read inputs file {path}: {exc}") from exc

@@ -118,6 +118,8 @@ def load_model(
     """
     from .devices import resolve_device
 
+    if seed < 0:
+        raise ModelSpecError(f"seed must be 0 or more, got {seed}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     if spec in BUILTIN:
@@ -160,8 +162,11 @@ def _build_random(spec: str, attn_implementation: str | None, seed: int) -> torc
     from transformers import Qwen2ForCausalLM
 
     config = BUILTIN[spec](attn_implementation)
-    with _skip_transformers_init():  # every parameter is overwritten below; this saves ~30 s at 1.5B
-        model = Qwen2ForCausalLM(config)
+    try:
+        with _skip_transformers_init():  # every parameter is overwritten below; this saves ~30 s at 1.5B
+            model = Qwen2ForCausalLM(config)
+    except ValueError as exc:  # e.g. an attention implementation transformers does not know
+        raise ModelSpecError(f"cannot build {spec}: {_first_line(exc)}") from exc
     model.tie_weights()  # skipped along with the init by some transformers versions
     _seeded_init(model, seed)
     return model
@@ -214,10 +219,13 @@ def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_co
 
     path = Path(os.path.expanduser(spec))
     if not path.is_dir() and (path.exists() or not _HUB_ID.match(spec)):
+        found = "is not a directory" if path.exists() else "does not exist"
         raise ModelSpecError(
-            f"unknown model spec {spec!r}: expected a built-in ({', '.join(BUILTIN)}), "
+            f"unknown model spec {spec!r} ({path.resolve()} {found}): expected a built-in ({', '.join(BUILTIN)}), "
             "a local checkpoint directory, or a Hugging Face hub id"
         )
+    if not path.is_dir():
+        _check_hub_id(spec, path)
     # Code shipped with a checkpoint runs only when the user says so; False (never None) refuses at
     # once instead of transformers' interactive prompt.
     kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": trust_remote_code}
@@ -230,6 +238,41 @@ def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_co
         hint = ("; it ships its own Python code: pass --trust-remote-code (trust_remote_code=True) if you trust it"
                 if "trust_remote_code" in str(exc) and not trust_remote_code else "")
         raise ModelSpecError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}{hint}") from exc
+
+
+def _check_hub_id(spec: str, path: Path) -> None:
+    """Fail at once, instead of after the hub client's retries, for a spec that names a local folder
+    that is not there (its first part is a folder here) or a hub id that is neither cached nor reachable."""
+    first = Path(spec.split("/", 1)[0])
+    if "/" in spec and first.is_dir():
+        raise ModelSpecError(f"no checkpoint directory {path} (the folder {first}/ exists, {path.name!r} is not in it); "
+                             "check the spelling")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or _cached(spec):
+        return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: leave it to the hub client
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    hostname, _, port = host.partition(":")
+    try:
+        import socket
+
+        socket.create_connection((hostname, int(port or (443 if endpoint.startswith("https") else 80))), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"model {spec!r} is not a local directory, not in the Hugging Face cache, and the hub "
+                             f"({endpoint}) cannot be reached ({exc}); check the spelling, or pass a local "
+                             "checkpoint directory") from None
+
+
+def _cached(spec: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an invalid repo id for the cache lookup: leave the verdict to from_pretrained
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,8 +22,11 @@ def run_probe(settings: dict[str, Any], set_flags: Callable[[], None], descripti
     from .capturing import capture
     from .models import load_model
 
+    from .outputs import install_signal_handlers
+
     args = _parser(settings, description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="hwdiff: %(message)s")
+    install_signal_handlers()  # SIGTERM / SIGHUP clean up the temporary file like Ctrl-C
     try:
         set_flags()
         model = load_model(args.model, device=args.device, dtype=args.dtype,
@@ -35,6 +38,9 @@ def run_probe(settings: dict[str, Any], set_flags: Callable[[], None], descripti
     except HwdiffError as exc:
         print(f"hwdiff: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"hwdiff: error: interrupted ({exc or 'SIGINT'}); no partial output was kept", file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
     print(result)
     print(f"capture file: {result.path.resolve()}  (copy it to the machine where you run `hwdiff diff`)")
     return 0

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import devices
+from . import devices, outputs
 from ._version import __version__
 from .capturing import CaptureResult
 from .emulate import describe, emulation
@@ -115,6 +115,7 @@ def probe_ops(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "flo
     """Run every op on ``device`` in ``dtype`` and write the outputs as a capture at ``path``."""
     from tqdm.auto import tqdm
 
+    outputs.check_outputs([], [path])
     started = time.perf_counter()
     torch_device, torch_dtype = devices.resolve_device(device), resolve_dtype(dtype)
     ops = build(seed)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import outputs
 from .callspec import decode_call, unsupported
 from .capturing import CaptureOptions, CaptureResult, model_device_and_dtype, capture_metadata
 from .emulate import describe, emulation
@@ -37,6 +38,7 @@ def replay(model: torch.nn.Module, reference: str | os.PathLike | Capture, path:
     write the outputs to a capture at ``path`` (atomically). ``model`` may be on any device and dtype:
     inputs are moved there and floating-point ones cast to the model's dtype. ``emulate``: emulation
     profiles (:mod:`hwdiff.emulate`) active during the replay."""
+    outputs.check_outputs([reference], [path])
     ref = reference if isinstance(reference, Capture) else open_capture(reference)
     try:
         with emulation(model, emulate) as profiles:
@@ -73,7 +75,7 @@ def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatc
     device, dtype = model_device_and_dtype(model)
     batch = int(ref.meta.get("batch_size", ref.input_ids.shape[0]))
     meta = capture_metadata(model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress))
-    meta.update(replay_of=str(ref.path), replay_of_device=str(ref.meta.get("device")),
+    meta.update(replay_of=str(ref.path), replay_of_id=str(ref.meta.get("capture_id", "")), replay_of_device=str(ref.meta.get("device")),
                 replay_of_dtype=str(ref.meta.get("dtype")), emulate=emulated)
     masks = _MaskRebuilder(model, ref, device, dtype)
     writer = CaptureWriter(path, meta=meta, inputs=ref.inputs, mode="full")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +11,12 @@ from .schedule import SigmaSchedule
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
-    """``data`` as YAML at ``path``, under a temporary name renamed when complete."""
+    """``data`` as YAML at ``path``, written by the output rule of :mod:`hwdiff.outputs`."""
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        temp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    from .outputs import write_text
+
+    return write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
 def read_sigma(path: Path) -> Calibration:

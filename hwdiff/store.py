@@ -42,9 +42,13 @@ positions are kept in every mode (they are small: 8 bytes per token plus 16·k),
 readers mask with the attention mask.
 
 bfloat16 is stored as its raw uint16 bit patterns with ``dtype = "bfloat16"``; other float dtypes
-natively. A slot holding the very tensor another module already returned is an HDF5 soft link to it
+natively. Every dataset carries HDF5's Fletcher-32 checksum filter (a scalar dataset, which HDF5
+cannot filter, a ``crc32`` attribute instead; the v110 object format checksums the metadata), so a
+flipped bit is reported by name instead of read as a number (:func:`verify_file`, ``hwdiff inspect
+--verify``). Root attribute ``capture_id`` names the run; a replay records ``replay_of_id``. A slot holding the very tensor another module already returned is an HDF5 soft link to it
 (attribute ``<slot>_alias_of`` on the call group). Files are written under a temporary name and
-renamed only after ``complete`` is set and flushed, so a partial file is never taken for a whole one.
+synced and renamed only after ``complete`` is set (:mod:`hwdiff.outputs`), so a partial file is
+never taken for a whole one and an existing file is replaced only by a complete one.
 New files use the HDF5 1.10 object format (``libver="v110"``: smaller and quicker to write for many
 small groups and attributes; any HDF5 ≥ 1.10 reads them); files written in the older format read alike.
 """
@@ -55,6 +59,8 @@ import json
 import os
 import queue
 import threading
+import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,8 +68,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from . import stats
-from .errors import CaptureFormatError, HwdiffError
+from . import outputs, stats
+from .errors import CaptureFormatError, CorruptDataError, HwdiffError
 from .inputs import Inputs
 from .structure import offset_from_class
 
@@ -99,6 +105,19 @@ def decoded(array: np.ndarray) -> np.ndarray:
     """Values of an array given as stored or already decoded: bfloat16 is the only dtype stored as
     integers (uint16 bit patterns), so a uint16 array is widened and anything else returned as is."""
     return decode(array, "bfloat16") if array.dtype == np.uint16 else array
+
+
+def create_checked(group: h5py.Group, name: str, *, data: Any = None, **kwargs: Any) -> h5py.Dataset:
+    """``group.create_dataset`` with a checksum: the Fletcher-32 filter on every chunked or
+    chunkable dataset, a ``crc32`` attribute of the bytes on a scalar one (HDF5 filters need chunks)."""
+    shape = kwargs.get("shape", np.shape(data) if data is not None else ())
+    if len(shape) == 0:
+        dataset = group.create_dataset(name, data=data, **kwargs)
+        dataset.attrs["crc32"] = zlib.crc32(np.asarray(dataset[()]).tobytes())
+        return dataset
+    if 0 in shape:
+        return group.create_dataset(name, data=data, **kwargs)
+    return group.create_dataset(name, data=data, fletcher32=True, **kwargs)
 
 
 def nonfinite_counts(stored: np.ndarray, dtype: str) -> tuple[int, int]:
@@ -194,20 +213,28 @@ class CaptureWriter:
         self.synchronous = synchronous
         self.rows = inputs.shape[0]
         self.compression = compression
-        self._temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self._temp, "w", libver=("v110", "v110"))
-        self._write_header(meta, inputs, sample_positions)
         self._queue: queue.Queue = queue.Queue()
         self._max_bytes, self._queued_bytes = max_bytes, 0
         self._room = threading.Condition()
         self._error: BaseException | None = None
+        self._failed = False
         self._stats: dict[tuple[str, int, str], stats.RunningStats] = {}
         self._stats_dtype: dict[tuple[str, int, str], str] = {}
         self._groups: dict[tuple[str, int], h5py.Group] = {}
         self._calls: dict[str, int] = {}
         self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
         self._thread = None
+        self._temp = outputs.temporary(self.path)
+        try:
+            self._file = outputs.open_h5(self._temp)
+        except OSError as exc:
+            outputs.discard(self._temp)
+            raise outputs.write_error(exc, self.path) from exc
+        try:
+            self._write_header(meta, inputs, sample_positions)
+        except BaseException as exc:
+            self.abort()
+            raise outputs.write_error(exc, self.path) if isinstance(exc, OSError) else exc
         if not synchronous:
             self._thread = threading.Thread(target=self._run, name="hwdiff-writer", daemon=True)
             self._thread.start()
@@ -215,6 +242,7 @@ class CaptureWriter:
     def _write_header(self, meta: dict[str, Any], inputs: Inputs, positions: np.ndarray | None) -> None:
         attrs = self._file.attrs
         attrs["schema"] = SCHEMA
+        attrs["capture_id"] = uuid.uuid4().hex
         attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         attrs["mode"] = self.mode
         attrs["inputs_fingerprint"] = inputs.fingerprint
@@ -224,10 +252,10 @@ class CaptureWriter:
                 attrs[key] = _attr(value)
         attrs["complete"] = False
         group = self._file.create_group("inputs")
-        group.create_dataset("input_ids", data=inputs.input_ids.astype(np.int64))
-        group.create_dataset("attention_mask", data=inputs.attention_mask.astype(np.int64))
+        create_checked(group, "input_ids", data=inputs.input_ids.astype(np.int64))
+        create_checked(group, "attention_mask", data=inputs.attention_mask.astype(np.int64))
         if positions is not None:
-            group.create_dataset("sample_positions", data=positions.astype(np.int64))
+            create_checked(group, "sample_positions", data=positions.astype(np.int64))
         self._file.create_group("modules")
 
     # -- forward thread -------------------------------------------------------------------------
@@ -246,29 +274,33 @@ class CaptureWriter:
         self._queue.put(item)
 
     def finish(self, extra_meta: dict[str, Any] | None = None) -> Path:
-        """Drain the queue, set ``complete``, flush, close and rename onto the final path."""
+        """Drain the queue, set ``complete``, flush, close, sync and rename onto the final path."""
         self._stop()
         self._raise_if_failed()
-        for key, value in (extra_meta or {}).items():
-            self._file.attrs[key] = _attr(value)
-        for name, calls in self._calls.items():
-            self._file["modules"][name].attrs["calls"] = calls
-        for (name, call, slot), running in self._stats.items():
-            dataset = self._file[f"modules/{name}/{call}"].create_dataset(f"{slot}_stats", data=running.record())
-            dataset.attrs["dtype"] = self._stats_dtype[(name, call, slot)]
-        self._file.attrs["complete"] = True
-        self._file.flush()
-        self._file.close()
-        os.replace(self._temp, self.path)
-        return self.path
+        try:
+            for key, value in (extra_meta or {}).items():
+                self._file.attrs[key] = _attr(value)
+            for name, calls in self._calls.items():
+                self._file["modules"][name].attrs["calls"] = calls
+            for (name, call, slot), running in self._stats.items():
+                group = self._file[f"modules/{name}/{call}"]
+                dataset = create_checked(group, f"{slot}_stats", data=running.record())
+                dataset.attrs["dtype"] = self._stats_dtype[(name, call, slot)]
+            self._file.attrs["complete"] = True
+            self._file.flush()
+            self._groups.clear()
+            self._file.close()
+        except OSError as exc:
+            self._failed = True
+            raise outputs.write_error(exc, self.path) from exc
+        return outputs.commit(self._temp, self.path)
 
     def abort(self) -> None:
         """Stop writing and delete the temporary file; an existing file at ``path`` is untouched."""
+        self._failed = True
         self._stop()
-        try:
-            self._file.close()
-        finally:
-            self._temp.unlink(missing_ok=True)
+        self._groups.clear()
+        outputs.discard_h5(self._file, self._temp)
 
     def _stop(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -280,6 +312,8 @@ class CaptureWriter:
             error, self._error = self._error, None
             if isinstance(error, HwdiffError):
                 raise error
+            if isinstance(error, OSError):
+                raise outputs.write_error(error, self.path) from error
             raise RuntimeError(f"the capture writer thread failed: {error!r}") from error
 
     # -- writer thread --------------------------------------------------------------------------
@@ -299,6 +333,15 @@ class CaptureWriter:
                     self._room.notify_all()
 
     def _handle(self, item: Record | Register | Alias | Signature | LogProbRecord) -> None:
+        if self._failed:  # never write into a file that already failed (HDF5 would only fail again)
+            raise HwdiffError(f"the capture writer of {self.path} has stopped after an error")
+        try:
+            self._handle_item(item)
+        except OSError as exc:
+            self._failed = True
+            raise outputs.write_error(exc, self.path) from exc
+
+    def _handle_item(self, item: Record | Register | Alias | Signature | LogProbRecord) -> None:
         if isinstance(item, LogProbRecord):
             if item.event is not None:
                 item.event.synchronize()
@@ -323,8 +366,8 @@ class CaptureWriter:
             array = item.arrays[name].numpy()
             dataset = group.get(name)
             if dataset is None:
-                dataset = group.create_dataset(name, shape=(self.rows, *array.shape[1:]), dtype=array.dtype,
-                                               chunks=_chunk_shape((self.rows, *array.shape[1:]), array.itemsize))
+                dataset = create_checked(group, name, shape=(self.rows, *array.shape[1:]), dtype=array.dtype,
+                                         chunks=_chunk_shape((self.rows, *array.shape[1:]), array.itemsize))
             if array.shape[1:] != dataset.shape[1:]:
                 raise HwdiffError(f"token log-probabilities changed shape between batches: "
                                   f"{dataset.shape[1:]} then {array.shape[1:]}")
@@ -332,17 +375,21 @@ class CaptureWriter:
 
     def write_generation(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         """Write the ``/generation`` group of a greedy generation file (see the module docstring)."""
-        group = self._file.create_group("generation")
-        group.attrs.update({key: _attr(value) for key, value in attrs.items()})
-        for name, array in arrays.items():
-            group.create_dataset(name, data=array)
+        try:
+            group = self._file.create_group("generation")
+            group.attrs.update({key: _attr(value) for key, value in attrs.items()})
+            for name, array in arrays.items():
+                create_checked(group, name, data=array)
+        except OSError as exc:
+            self._failed = True
+            raise outputs.write_error(exc, self.path) from exc
 
     def _register(self, item: Register) -> None:
         group = self._file["modules"].create_group(item.name)
         group.attrs.update(kind=item.kind, class_name=item.class_name, order=item.order, calls=0)
         if item.weight is not None:
             data = encode(item.weight)
-            group.create_dataset("weight", data=data).attrs["dtype"] = item.weight_dtype
+            create_checked(group, "weight", data=data).attrs["dtype"] = item.weight_dtype
             group.attrs["weight_offset"] = float(item.weight_offset)
 
     def _call_group(self, name: str, call: int) -> h5py.Group:
@@ -388,7 +435,7 @@ class CaptureWriter:
         present = np.asarray(item.present, dtype=bool)
         name = f"{item.slot}_present"
         if name not in group:
-            group.create_dataset(name, shape=(self.rows, present.shape[1]), dtype=bool)
+            create_checked(group, name, shape=(self.rows, present.shape[1]), dtype=bool)
         group[name][item.row0: item.row0 + present.shape[0]] = present
 
     def _add_stats(self, item: Record) -> None:
@@ -405,9 +452,9 @@ class CaptureWriter:
         if item.slot in group:
             return group[item.slot]
         shape = (self.rows, *stored.shape[1:])
-        dataset = group.create_dataset(item.slot, shape=shape, dtype=stored.dtype,
-                                       chunks=_chunk_shape(shape, stored.itemsize),
-                                       compression=self.compression, shuffle=self.compression is not None)
+        dataset = create_checked(group, item.slot, shape=shape, dtype=stored.dtype,
+                                 chunks=_chunk_shape(shape, stored.itemsize),
+                                 compression=self.compression, shuffle=self.compression is not None)
         dataset.attrs["dtype"] = item.dtype
         return dataset
 
@@ -515,11 +562,11 @@ class Capture:
 
     @property
     def input_ids(self) -> np.ndarray:
-        return self._file["inputs/input_ids"][...]
+        return read_checked(self._file["inputs/input_ids"])
 
     @property
     def attention_mask(self) -> np.ndarray:
-        return self._file["inputs/attention_mask"][...]
+        return read_checked(self._file["inputs/attention_mask"])
 
     @property
     def inputs(self) -> Inputs:
@@ -529,7 +576,7 @@ class Capture:
     @property
     def sample_positions(self) -> np.ndarray | None:
         node = self._file["inputs"].get("sample_positions")
-        return None if node is None else node[...]
+        return None if node is None else read_checked(node)
 
     @property
     def is_generation(self) -> bool:
@@ -541,7 +588,7 @@ class Capture:
         group = self._file.get("logprobs")
         if group is None:
             return None
-        return TokenLogProbs(*(group[name][...] for name in LOGPROB_FIELDS),
+        return TokenLogProbs(*(read_checked(group[name]) for name in LOGPROB_FIELDS),
                              attrs={key: _plain(value) for key, value in group.attrs.items()})
 
     def generation(self) -> Generation:
@@ -550,14 +597,14 @@ class Capture:
         if group is None:
             raise CaptureFormatError(f"{self.path} is not a generation file (hwdiff generate); it has no /generation")
         attrs = {key: _plain(value) for key, value in group.attrs.items()}
-        logprobs = TokenLogProbs(group["logprobs"][...], group["entropy"][...], group["topk_ids"][...],
-                                 group["topk_logprobs"][...], attrs)
-        return Generation(group["ids"][...], group["lengths"][...], logprobs, attrs)
+        logprobs = TokenLogProbs(*(read_checked(group[name]) for name in ("logprobs", "entropy", "topk_ids",
+                                                                           "topk_logprobs")), attrs)
+        return Generation(read_checked(group["ids"]), read_checked(group["lengths"]), logprobs, attrs)
 
     def activation(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray:
         """The whole stored slot, decoded exactly (bfloat16 widened to float32)."""
         dataset = self._dataset(name, call, slot)
-        return decode(dataset[...], dataset.attrs["dtype"])
+        return decode(read_checked(dataset), dataset.attrs["dtype"])
 
     def iter_chunks(self, name: str, call: int = 0, slot: str = "output",
                     rows: int | None = None) -> Iterator[np.ndarray]:
@@ -567,7 +614,7 @@ class Capture:
         row_bytes = max(int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize, 1)
         step = rows or max(1, (16 << 20) // row_bytes)
         for start in range(0, dataset.shape[0], step):
-            yield decode(dataset[start: start + step], dtype)
+            yield decode(read_checked(dataset, (slice(start, start + step),)), dtype)
 
     def read(self, name: str, call: int, slot: str, index: tuple[slice, ...], *, stored: bool = False) -> np.ndarray:
         """A decoded block ``dataset[index]`` of a slot (see :func:`plan_blocks`); ``stored``: as
@@ -580,7 +627,8 @@ class Capture:
             if len(self._opened) >= 64:  # e.g. every residual-stream position of the correlation pass
                 del self._opened[next(iter(self._opened))]
             self._opened[key] = opened
-        return opened[0][index] if stored else decode(opened[0][index], opened[1])
+        block = read_checked(opened[0], index)
+        return block if stored else decode(block, opened[1])
 
     def layout(self, name: str, call: int = 0, slot: str = "output") -> str:
         """How the module's rows were stored: "" (sequences first, as called), :data:`FLAT` or :data:`ROUTED`."""
@@ -614,7 +662,7 @@ class Capture:
 
     def stats(self, name: str, call: int = 0, slot: str = "output") -> dict[str, float]:
         """The float64 statistics of a slot (``stats`` mode)."""
-        record = self._node(name, call, f"{slot}_stats")[()]
+        record = read_checked(self._node(name, call, f"{slot}_stats"), ())
         return {field: float(record[field]) for field in STATS_FIELDS}
 
     def weight(self, name: str) -> np.ndarray | None:
@@ -622,7 +670,7 @@ class Capture:
         group = self._module_group(name)
         if "weight" not in group:
             return None
-        return decode(group["weight"][...], group["weight"].attrs["dtype"])
+        return decode(read_checked(group["weight"]), group["weight"].attrs["dtype"])
 
     def nonfinite(self, name: str, call: int = 0, slot: str = "output") -> tuple[int, int]:
         """(NaN count, Inf count) recorded for a stored slot."""
@@ -658,6 +706,82 @@ class Capture:
     def __repr__(self) -> str:
         return (f"Capture({str(self.path)!r}, device={self.meta.get('device')!r}, dtype={self.dtype!r}, "
                 f"mode={self.mode!r}, modules={len(self.modules)})")
+
+
+def read_checked(dataset: h5py.Dataset, index: Any = Ellipsis) -> np.ndarray:
+    """``dataset[index]``, with a failed checksum (or any read error) turned into a
+    :class:`CorruptDataError` that names the file and the dataset."""
+    try:
+        values = dataset[index]
+    except OSError as exc:
+        raise CorruptDataError(
+            f"{dataset.file.filename}: dataset {dataset.name} is damaged ({_h5_reason(exc)}); the file changed "
+            "after it was written: copy it again or capture again (hwdiff inspect --verify lists every damaged dataset)"
+        ) from exc
+    crc = dataset.attrs.get("crc32") if dataset.shape == () else None
+    if crc is not None and zlib.crc32(np.asarray(values).tobytes()) != int(crc):
+        raise CorruptDataError(f"{dataset.file.filename}: dataset {dataset.name} is damaged (crc32 mismatch); "
+                               "copy it again or capture again")
+    return values
+
+
+def _h5_reason(exc: OSError) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "checksum failed" if "filter returned failure" in text or "checksum" in text.lower() else text
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify_file` found: datasets read, and ``(dataset, problem)`` for each damaged one."""
+
+    path: Path
+    datasets: int
+    problems: tuple[tuple[str, str], ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        lines = [f"damaged  {name}: {problem}" for name, problem in self.problems]
+        state = "every checksum holds" if self.ok else f"{len(self.problems)} damaged"
+        return "\n".join([*lines, f"verified {self.path}: {self.datasets} datasets read, {state}"])
+
+
+def verify_file(path: str | os.PathLike, *, block_elements: int = 1 << 22) -> Verification:
+    """Read every dataset of an HDF5 file (a capture or a diff.h5) and check its checksum; for a
+    capture also that no activation holds other NaN/Inf counts than recorded when it was written."""
+    handle = _open_h5(Path(path))
+    problems: list[tuple[str, str]] = []
+    try:
+        names: list[str] = []
+        handle.visititems(lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None)
+        for name in names:
+            problem = _verify_dataset(handle[name], block_elements)
+            if problem:
+                problems.append(("/" + name, problem))
+    finally:
+        handle.close()
+    return Verification(Path(path), len(names), tuple(problems))
+
+
+def _verify_dataset(dataset: h5py.Dataset, block_elements: int) -> str | None:
+    counted = [0, 0]
+    dtype = str(dataset.attrs.get("dtype", ""))
+    try:
+        for index in plan_blocks(tuple(dataset.shape), block_elements) if dataset.shape else [()]:
+            block = read_checked(dataset, index)
+            if dtype and dataset.dtype.kind in "fu":
+                nan, inf = nonfinite_counts(block, dtype)
+                counted[0] += nan
+                counted[1] += inf
+    except CorruptDataError as exc:
+        return "crc32 mismatch" if "crc32" in str(exc) else _h5_reason(exc.__cause__) if exc.__cause__ else str(exc)
+    recorded = (int(dataset.attrs.get("nan_count", 0)), int(dataset.attrs.get("inf_count", 0)))
+    if dtype and tuple(counted) != recorded and dataset.name.split("/")[-1] in SLOTS:
+        return (f"holds {counted[0]} NaN and {counted[1]} Inf, but {recorded[0]} NaN and {recorded[1]} Inf were "
+                "recorded when it was written: its values were changed afterwards")
+    return None
 
 
 def plan_blocks(shape: tuple[int, ...], max_elements: int = 1 << 22) -> list[tuple[slice, ...]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import outputs
 from ..errors import HwdiffError
 from ..store import Capture, open_capture, plan_blocks
 from ..structure import token_axis
@@ -27,6 +29,7 @@ _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "
               "cuda_version", "cudnn_version", "driver_version", "torch_npu_version", "cann_version",
               "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "npu_matmul_allow_hf32", "deterministic_algorithms",
               "cpu_threads", "emulate", "replay_of")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class DiffOptions:
     seed: int = 0
     strict: bool = False
     allow_model_mismatch: bool = False
+    allow_any_local: bool = False
     block_elements: int = 1 << 20
     progress: bool = True
 
@@ -53,11 +57,15 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
     local error, the propagated part and the amplification (:class:`LocalDiff`). ``out`` writes
     diff.h5 (everything, histograms included), ``json_path`` the summary (schema
     ``hwdiff/diff-summary/1``), ``csv_path`` a flat table; each is written atomically. ``options``
-    are the fields of :class:`DiffOptions`.
+    are the fields of :class:`DiffOptions`. An output that is the same file as an input or as another
+    output is refused before anything is read; ``local`` must be a replay of ``reference`` unless
+    ``allow_any_local``.
     """
-    from .output import write_outputs
+    from .output import nonfinite_warning, rl_csv_path, write_outputs
 
     opts = DiffOptions(**options)
+    rl_csv = rl_csv_path(csv_path) if csv_path is not None else None  # written beside --csv
+    outputs.check_outputs((reference, target, golden, local), (out, json_path, csv_path, rl_csv))
     with _Opened(reference, target, golden, local) as (ref, tgt, gold, loc):
         check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch)
         if ref.is_generation:
@@ -66,11 +74,35 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
         for extra, role in ((gold, "golden"), (loc, "local")):
             if extra is not None:
                 check_comparable(ref, extra, allow_model_mismatch=opts.allow_model_mismatch, role=role)
+        if loc is not None and not opts.allow_any_local:
+            check_replay_of(ref, loc)
         result = _compare(ref, tgt, gold, loc, opts)
         rl, absent = rl_for(ref, tgt)
         result = dataclasses.replace(result, rl_impact=rl, rl_absent=absent)
+    warning = nonfinite_warning(result)
+    if warning:
+        log.warning("%s", warning)
     write_outputs(result, out=out, json_path=json_path, csv_path=csv_path)
     return result
+
+
+def check_replay_of(ref: Capture, loc: Capture) -> None:
+    """Refuse a ``--local`` capture that is not a replay of ``ref`` (a replay records the capture id
+    of its reference; files written before ids existed are matched by the reference's device and dtype)."""
+    hint = "make it with `hwdiff replay REFERENCE -o LOCAL`, or pass --allow-any-local (allow_any_local=True)"
+    meta = loc.meta
+    if not meta.get("replay_of"):
+        raise HwdiffError(f"--local {loc.path} is not a replay (it was written by a capture, not by hwdiff replay); {hint}")
+    mine, theirs = ref.meta.get("capture_id"), meta.get("replay_of_id")
+    if mine and theirs:
+        if mine != theirs:
+            raise HwdiffError(f"--local {loc.path} is a replay of another capture ({meta['replay_of']}), not of "
+                              f"{ref.path} (capture ids {str(theirs)[:8]}… and {str(mine)[:8]}…); {hint}")
+        return
+    for key in ("device", "dtype"):
+        if str(meta.get(f"replay_of_{key}")) != str(ref.meta.get(key)):
+            raise HwdiffError(f"--local {loc.path} replays a capture of {key} {meta.get(f'replay_of_{key}')}, but "
+                              f"{ref.path} has {key} {ref.meta.get(key)}; {hint}")
 
 
 def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions) -> DiffResult:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import outputs
 from ..errors import HwdiffError
 from ..store import Capture, Generation, open_capture
 from .align import check_comparable
@@ -60,7 +61,9 @@ class GenerationDiff:
 def diff_generations(reference: str | os.PathLike | Capture, target: str | os.PathLike | Capture, *,
                      json_path: str | os.PathLike | None = None, csv_path: str | os.PathLike | None = None,
                      allow_model_mismatch: bool = False) -> GenerationDiff:
-    """Compare two generation files of the same prompts and settings; writes JSON / CSV when asked."""
+    """Compare two generation files of the same prompts and settings; writes JSON / CSV when asked
+    (refused before anything is read when an output is an input or both outputs are one file)."""
+    outputs.check_outputs((reference, target), (json_path, csv_path))
     with contextlib.ExitStack() as stack:
         ref, tgt = (p if isinstance(p, Capture) else stack.enter_context(open_capture(p)) for p in (reference, target))
         for cap in (ref, tgt):
@@ -162,13 +165,8 @@ def _write_csv(result: GenerationDiff, path: Path) -> None:
 
 
 def _write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with outputs.atomic_output(path) as temp:
         write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def format_generation_diff(result: GenerationDiff) -> str:

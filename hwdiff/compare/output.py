@@ -1,19 +1,21 @@
 """Writing a :class:`DiffResult`: JSON summary, CSV table, diff.h5, and the terminal table.
 
-Every file is written under a temporary name and renamed when complete.
+Every file is written under a temporary name and renamed when complete (:mod:`hwdiff.outputs`);
+every dataset of diff.h5 carries a checksum, as in captures.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from .. import outputs
 from .._version import __version__
+from ..store import create_checked
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff
 from .rl import csv_rows, format_rl, rl_summary
@@ -158,12 +160,15 @@ def _csv_rows(result: DiffResult) -> Iterator[dict[str, Any]]:
 
 def write_outputs(result: DiffResult, *, out: Any = None, json_path: Any = None, csv_path: Any = None) -> None:
     if json_path is not None:
-        _atomic(Path(json_path), lambda path: path.write_text(json.dumps(summary(result), indent=1)))
+        outputs.write_text(json_path, json.dumps(summary(result), indent=1))
     if csv_path is not None:
-        _atomic(Path(csv_path), lambda path: _write_csv(result, path))
-        _atomic(rl_csv_path(csv_path), lambda path: _write_rl_csv(result, path))
+        with outputs.atomic_output(csv_path) as temp:
+            _write_csv(result, temp)
+        with outputs.atomic_output(rl_csv_path(csv_path)) as temp:
+            _write_rl_csv(result, temp)
     if out is not None:
-        _atomic(Path(out), lambda path: _write_h5(result, path))
+        with outputs.atomic_output(out) as temp:
+            _write_h5(result, temp)
 
 
 def _write_csv(result: DiffResult, path: Path) -> None:
@@ -187,22 +192,25 @@ def _write_rl_csv(result: DiffResult, path: Path) -> None:
 
 
 def _write_h5(result: DiffResult, path: Path) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as handle:
+    handle = outputs.open_h5(path)
+    try:
         handle.attrs.update(schema=DIFF_SCHEMA, summary=json.dumps(summary(result)), complete=False)
-        handle.create_dataset("ulp_edges", data=ulp_edges())
+        create_checked(handle, "ulp_edges", data=ulp_edges())
         for key, arrays in result.arrays.items():
             group = handle.require_group(f"layers/{key}")
             for name, array in arrays.items():
-                group.create_dataset(name, data=array)
+                create_checked(group, name, data=array)
         if result.correlation is not None:
             group = handle.create_group("correlation")
             group.attrs["names"] = json.dumps(list(result.correlation.names))
-            group.create_dataset("accumulated", data=result.correlation.accumulated)
-            group.create_dataset("increments", data=result.correlation.increments)
+            create_checked(group, "accumulated", data=result.correlation.accumulated)
+            create_checked(group, "increments", data=result.correlation.increments)
         _write_token_correlation(result, handle)
         handle.attrs["complete"] = True
+        handle.close()
+    except BaseException:
+        outputs.discard_h5(handle, path)  # never let HDF5 write again into a file that failed
+        raise
 
 
 def _write_token_correlation(result: DiffResult, handle: Any) -> None:
@@ -216,17 +224,7 @@ def _write_token_correlation(result: DiffResult, handle: Any) -> None:
     if len({n.size for n in norms}) == 1 and len(norms) >= 2:
         group = handle.create_group("token_correlation")
         group.attrs["names"] = json.dumps(names)
-        group.create_dataset("matrix", data=token_correlation(names, norms))
-
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+        create_checked(group, "matrix", data=token_correlation(names, norms))
 
 
 def format_table(result: DiffResult, top: int = 25) -> str:
@@ -255,6 +253,9 @@ def format_table(result: DiffResult, top: int = 25) -> str:
     if result.growth and not math.isnan(result.growth.factor_per_layer):
         lines.append(f"growth     x{result.growth.factor_per_layer:.3g} per decoder layer "
                      f"(rel L2 {result.growth.rel_l2[0]:.3g} -> {result.growth.rel_l2[-1]:.3g})")
+    warning = nonfinite_warning(result)
+    if warning:
+        lines.append(f"WARNING    {warning}")
     lines += format_rl(result.rl_impact, result.rl_absent)
     lines += ["", *_table(result, top)]
     for routing in result.routing:
@@ -264,10 +265,24 @@ def format_table(result: DiffResult, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def nonfinite_warning(result: DiffResult) -> str | None:
+    """One line on NaN/Inf in the compared outputs (None when there are none)."""
+    found = result.nonfinite
+    if not found:
+        return None
+    n = found[0].metrics.nan_inf
+    return (f"NaN/Inf in {len(found)} module output(s), first in forward order {found[0].name} (reference "
+            f"{n.ref_nan} NaN {n.ref_inf} Inf, target {n.target_nan} NaN {n.target_inf} Inf); those elements are "
+            "left out of every metric")
+
+
 def _table(result: DiffResult, top: int) -> list[str]:
     dtypes = {layer.verdict.coarse_dtype for layer in result.outputs}
     header = ["module", "kind", "rel_l2", "1-cos", "equal", f"ulp p99 ({'/'.join(sorted(dtypes)) or '-'})", "max_abs",
               "fit (law)"]
+    has_nonfinite = bool(result.nonfinite)
+    if has_nonfinite:
+        header.append("NaN+Inf ref/tgt")
     has_local = any(layer.local is not None for layer in result.outputs)
     if has_local:
         header += ["local", "amplif."]
@@ -279,6 +294,9 @@ def _table(result: DiffResult, top: int) -> list[str]:
         row = [layer.name + (f"#{layer.call}" if layer.call else ""), layer.kind, f"{m.rel_l2:.3g}",
                f"{m.one_minus_cos:.2g}", f"{m.equal_frac:.1%}", f"{m.ulp.p99:.3g}", f"{m.max_abs:.3g}",
                "exact" if layer.exact else layer.fit.summary + (" !" if layer.diverges else "")]
+        if has_nonfinite:
+            n = m.nan_inf
+            row.append(f"{n.ref_nan + n.ref_inf}/{n.target_nan + n.target_inf}")
         if has_local:
             row += [f"{layer.local.local_rel_l2:.3g}", f"{layer.local.amplification:.3g}"] if layer.local else ["-", "-"]
         if result.golden:

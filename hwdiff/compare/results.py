@@ -215,3 +215,8 @@ class DiffResult:
     @property
     def exact(self) -> bool:
         return all(layer.exact for layer in self.layers)
+
+    @property
+    def nonfinite(self) -> tuple[LayerDiff, ...]:
+        """Module outputs holding NaN or Inf on either side, in forward order (first = where they appear)."""
+        return tuple(layer for layer in self.outputs if layer.metrics.nan_inf.any and not layer.alias_of)

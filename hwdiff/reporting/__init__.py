@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import html
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import outputs
 from ..compare.metrics import unit_roundoff
 from ..errors import HwdiffError
 from . import figures
@@ -36,10 +37,14 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> Repor
 
     ``diff``: a diff.h5 (histograms included) or a :class:`DiffResult`; ``sigma``: a sigma.yaml or
     :class:`~hwdiff.calibration.Calibration` (adds the σ figures, the bf16 effectiveness table and the
-    QeRL comparison). The folder is built under a temporary name and renamed when complete.
+    QeRL comparison). Only the report's own files are written (each replaced atomically once the whole
+    report is rendered, index.html last); anything else in ``out_dir`` is left alone.
     """
     from ..calibration import Calibration, calibrate, load_sigma
 
+    out = Path(out_dir)
+    sources = [item for item in (diff, sigma) if isinstance(item, (str, os.PathLike))]
+    outputs.check_outputs(sources, [out / "index.html", out / "report.md"], folders=[out, out / "figures"])
     summary, arrays, edges = _load(diff)
     calibration = sigma if isinstance(sigma, Calibration) or sigma is None else load_sigma(sigma)
     why_none = None
@@ -50,21 +55,41 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> Repor
             implied, why_none = None, str(exc)
     else:
         implied = calibration
-    out = Path(out_dir)
-    temp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    shutil.rmtree(temp, ignore_errors=True)
-    (temp / "figures").mkdir(parents=True)
+    temp = outputs.temporary(out / "report")
     try:
+        (temp / "figures").mkdir(parents=True)
         sections = _figures(summary, arrays, edges, calibration, implied, temp / "figures")
         facts = _facts(summary, calibration, implied, why_none)
-        (temp / "index.html").write_text(_html(summary, facts, sections, calibration))
-        (temp / "report.md").write_text(_markdown(summary, facts, sections))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(temp, out)
+        (temp / "index.html").write_text(_html(summary, facts, sections, calibration), encoding="utf-8")
+        (temp / "report.md").write_text(_markdown(summary, facts, sections), encoding="utf-8")
+        drawn = _install(temp, out)
+    except OSError as exc:
+        raise outputs.write_error(exc, out) from exc
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return ReportResult(out / "index.html", out / "report.md", tuple(sorted((out / "figures").glob("*.png"))))
+        outputs.discard(temp)
+    return ReportResult(out / "index.html", out / "report.md", drawn)
+
+
+def _install(temp: Path, out: Path) -> tuple[Path, ...]:
+    """Move a rendered report into ``out``: its figures, then report.md, then index.html; figures
+    that the previous report there showed and this one does not are removed, nothing else."""
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    previous = _figures_shown(out / "index.html")
+    drawn = tuple(sorted((temp / "figures").glob("*.png")))
+    installed = tuple(outputs.commit(png, out / "figures" / png.name) for png in drawn)
+    for name in previous - {png.name for png in drawn}:
+        (out / "figures" / name).unlink(missing_ok=True)
+    outputs.commit(temp / "report.md", out / "report.md")
+    outputs.commit(temp / "index.html", out / "index.html")
+    return installed
+
+
+def _figures_shown(index: Path) -> set[str]:
+    """The figure files an earlier hwdiff report page links to."""
+    try:
+        return set(re.findall(r'src="figures/([\w.-]+\.png)"', index.read_text(encoding="utf-8", errors="replace")))
+    except OSError:
+        return set()
 
 
 def _load(diff: Any) -> tuple[dict, dict, np.ndarray]:
@@ -78,15 +103,17 @@ def _load(diff: Any) -> tuple[dict, dict, np.ndarray]:
         return load_summary(path), {}, ulp_edges()
     import h5py
 
+    from ..store import read_checked
+
     summary = load_summary(path)
     arrays: dict[str, dict[str, np.ndarray]] = {}
     with h5py.File(path, "r") as handle:
         def visit(name: str, node: Any) -> None:
             if isinstance(node, h5py.Dataset) and name.startswith("layers/"):
                 key, field = name[len("layers/"):].rsplit("/", 1)
-                arrays.setdefault(key, {})[field] = node[...]
+                arrays.setdefault(key, {})[field] = read_checked(node)
         handle.visititems(visit)
-        edges = handle["ulp_edges"][...]
+        edges = read_checked(handle["ulp_edges"])
     return summary, arrays, edges
 
 
@@ -153,6 +180,9 @@ def _facts(summary: dict, calibration: Any, implied: Any, why_none: str | None =
                            for m in worst if m["rel_l2"]) or "none: the captures are bit-identical",
         "verdict": _verdict(last, floor, dtype) if last else "no modules were compared",
     }
+    nonfinite = _nonfinite(outputs)
+    if nonfinite:
+        facts["verdict"] = f"{nonfinite} {facts['verdict']}"
     facts["sigma"] = _sigma_fact(calibration or implied, calibration is None, why_none)
     facts["rl"], facts["rl_published"] = _rl_fact(summary.get("rl_impact"))
     return facts
@@ -193,6 +223,17 @@ def _first_fact(summary: dict) -> str:
         return text + f"The first divergence, the origin, is {where}: its local error (replay) is beyond rounding — {first.get('reasons', '')}."
     return text + (f"The first module beyond rounding is {where} — {first.get('reasons', '')}; without a replay "
                    "(--local) it may carry error propagated from the first non-identical module.")
+
+
+def _nonfinite(outputs: list[dict]) -> str:
+    """A sentence on NaN/Inf in the compared outputs, naming the first module (forward order) that holds them."""
+    found = [m for m in outputs if any(m.get("nan_inf", {}).values()) and not m.get("alias_of")]
+    if not found:
+        return ""
+    n = found[0]["nan_inf"]
+    return (f"WARNING: NaN/Inf in {len(found)} module output(s), first at {found[0]['name']} (reference "
+            f"{n['ref_nan']} NaN {n['ref_inf']} Inf, target {n['target_nan']} NaN {n['target_inf']} Inf); those "
+            "elements are left out of every number below.")
 
 
 def _verdict(last: dict, floor: float, dtype: str) -> str:
