@@ -59,7 +59,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .sigma_probe import reference_model, verify
 
     exports = {target: Path(args.output).with_suffix(f".{target}.yaml") for target in args.export or []}
-    check_outputs([args.diff], [args.output, *exports.values()])
+    check_outputs([args.diff, *([args.sigma] if args.sigma else [])], [args.output, *exports.values()])
     needs_model = args.verify or args.conversion == "measured"
     model = reference_model(args.diff, spec=args.model, device=args.device) if needs_model else None
     result = calibrate(args.diff, factor=args.factor, num_stages=args.stages, kind=args.schedule,
