@@ -270,7 +270,8 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     gains = {}
     if model is not None:
         from .sigma_probe import measure_gains
-        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None])
+        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None],
+                              reference=(summary.get("reference") or {}).get("path"))
     sigmas = {e.name: sigma_end(e, gains.get(e.name)) for e in errors if e.skip_reason is None}
     positive = [value for value in sigmas.values() if value > 0]
     if not positive:
@@ -540,6 +541,9 @@ def format_calibration(calibration: Calibration) -> str:
     for name, reason in calibration.skipped.items():
         lines.append(f"{name:<42} skipped: {reason}")
     lines += _rounding_lines(calibration) + _verify_lines(calibration.verify)
+    if calibration.verify is not None and not calibration.verify.passed and calibration.conversion == "output-rms":
+        lines.append("  the sub-blocks do not pass a relative error on unchanged here: --conversion measured measures "
+                     "their gain on the model")
     if calibration.correlation_note:
         lines.append(f"\ncorrelation along depth: rho {calibration.rho:g} — {calibration.correlation_note}")
     lines += [f"warning: {w}" for w in calibration.warnings]

@@ -26,18 +26,15 @@ PROBE_PROMPTS, PROBE_TOKENS = 4, 48
 class _Probe:
     """A float32 copy of ``model`` run on fixed unpadded inputs, recording ``names``' outputs."""
 
-    def __init__(self, model: Any, names: Iterable[str]) -> None:
+    def __init__(self, model: Any, names: Iterable[str], reference: str | None = None) -> None:
         import torch
-
-        from .capturing import model_tokenizer
-        from .inputs import load_inputs
 
         self.model = copy.deepcopy(model).float().eval()
         self.names = sorted(set(names))
-        inputs = load_inputs(tokenizer=model_tokenizer(model), max_tokens=PROBE_TOKENS, limit=PROBE_PROMPTS)
-        length = int(inputs.attention_mask.sum(axis=1).min())  # a common length: no padding anywhere
+        ids, mask = _probe_inputs(model, reference)
+        length = int(mask.sum(axis=1).min())  # a common length: no padding anywhere
         device = next(self.model.parameters()).device
-        self.ids = torch.from_numpy(inputs.input_ids[:, :length]).to(device)
+        self.ids = torch.from_numpy(ids[:, :length].astype("int64")).to(device)
         self.clean = self.run()
 
     def run(self) -> dict[str, Any]:
@@ -76,19 +73,39 @@ class _Probe:
         return equivalent_noise(self.last_delta.reshape(-1, x.shape[-1]).numpy(), x_hat)
 
 
+def _probe_inputs(model: Any, reference: str | None) -> tuple[Any, Any]:
+    """Token ids and mask to probe with: the first prompts the reference capture ran (the inputs the
+    error was measured on; no tokenizer needed), else the shipped prompts through the model's tokenizer."""
+    from pathlib import Path
+
+    if reference and Path(reference).is_file():
+        from .store import open_capture
+
+        with open_capture(reference) as cap:
+            ids, mask = cap.input_ids[:PROBE_PROMPTS, :PROBE_TOKENS], cap.attention_mask[:PROBE_PROMPTS, :PROBE_TOKENS]
+        if mask.sum(axis=1).min() > 0:
+            return ids, mask
+    from .capturing import model_tokenizer
+    from .inputs import load_inputs
+
+    inputs = load_inputs(tokenizer=model_tokenizer(model), max_tokens=PROBE_TOKENS, limit=PROBE_PROMPTS)
+    return inputs.input_ids, inputs.attention_mask
+
+
 def _relative(reference: Any, other: Any) -> float:
     norm = float(reference.norm())
     return float((other - reference).norm()) / norm if norm else math.nan
 
 
 def measure_gains(model: Any, norms: list[tuple[str, str | None]], *, seeds: int = 2,
-                  probe_rel: float = 1e-3) -> dict[str, float]:
+                  probe_rel: float = 1e-3, reference: str | None = None) -> dict[str, float]:
     """Relative error at each norm's sub-block output per unit realized σ (norms without a sub-block
-    are left out). The probe σ is ``probe_rel`` × rms of the norm's clean output."""
+    are left out). The probe σ is ``probe_rel`` × rms of the norm's clean output. ``reference``: a
+    capture whose first prompts to run (default: the shipped prompts, tokenized)."""
     pairs = [(norm, block) for norm, block in norms if block]
     if not pairs:
         return {}
-    probe = _Probe(model, [n for pair in pairs for n in pair])
+    probe = _Probe(model, [n for pair in pairs for n in pair], reference)
     gains = {}
     for index, (norm, block) in enumerate(pairs):
         sigma = probe_rel * float(probe.clean[norm].pow(2).mean().sqrt())
@@ -118,7 +135,8 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
 
     from .laws import fit_law
 
-    probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n])
+    reference = (calibration.provenance.get("reference") or {}).get("path")
+    probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n], reference)
     checks = []
     for index, layer in enumerate(layers):
         where = layer.sub_block or layer.name
@@ -131,8 +149,9 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
         target = math.hypot(gain * layer.norm_error * layer.output_rms, layer.block_error)
         fitted = fit_law(np.concatenate(noise))
         checks.append(VerifyLayer(layer.name, where, target, induced_error, realized, layer.law, fitted.law, fitted.df))
-    method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, "
-              f"{PROBE_PROMPTS} shipped prompts); induced = relative L2 error at the sub-block output")
+    method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, the first "
+              f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length); induced = relative L2 "
+              "error at the sub-block output")
     return VerifyResult(tuple(checks), band, seeds, method)
 
 

@@ -318,3 +318,24 @@ def test_verl_patch_applies_and_the_forks_own_code_applies_the_export(sdpa_vs_ea
             assert applied[layer.name] == 0, layer.name
         else:
             assert applied[layer.name] == pytest.approx(intended, rel=0.15), layer.name
+
+
+def test_verify_and_measured_gains_on_a_checkpoint_without_tokenizer(tmp_path):
+    """A local Llama saved without tokenizer files: the probes run on the reference capture's own ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    ids = np.random.default_rng(0).integers(0, 300, (4, 24))
+    model = hwdiff.load_model(str(tmp_path / "llama"), dtype="float32")
+    ref = hwdiff.capture(model, tmp_path / "ref.h5", inputs=ids, record_inputs=True, progress=False).path
+    emulate = "bf16-block-accum:block=16"
+    tgt = hwdiff.capture(model, tmp_path / "tgt.h5", inputs=ids, emulate=emulate, progress=False).path
+    local = hwdiff.replay(model, ref, tmp_path / "local.h5", emulate=emulate, progress=False).path
+    hwdiff.diff(ref, tgt, local=local, out=tmp_path / "diff.h5", progress=False)
+    measured = calibrate(tmp_path / "diff.h5", model=model)
+    assert measured.conversion == "measured" and all(l.gain_block for l in measured.layers if l.sub_block)
+    check = verify(measured, model)
+    assert check.passed, [(c.name, round(c.ratio, 2)) for c in check.layers]

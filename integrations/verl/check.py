@@ -45,26 +45,34 @@ def fork_noise_module(verl: Path):
     return module
 
 
-def realized_sigmas(verl: Path, block: dict, model, *, sigma: float) -> dict[str, float]:
+def realized_sigmas(verl: Path, block: dict, model, *, sigma: float, draws: int = 8) -> dict[str, float]:
     """Std of the noise the fork's code adds to each norm weight with ``block``'s settings at a
-    constant stage σ (the rollout's parsing: empty lists → None, multiplier keys → str)."""
+    constant stage σ (the rollout's parsing: empty lists → None, multiplier keys → str), pooled over
+    ``draws`` calls from the clean weights (seeds 0 … draws−1)."""
     import torch
 
     fork = fork_noise_module(verl)
     layer_config = dict(block["layer_sigma_config"])
     layer_config["layer_multipliers"] = {str(k): v for k, v in layer_config["layer_multipliers"].items()}
-    before = {n: m.weight.detach().double().clone() for n, m in model.named_modules() if "rmsnorm" in type(m).__name__.lower()}
+    norms = {n: m for n, m in model.named_modules() if "rmsnorm" in type(m).__name__.lower()}
     with torch.no_grad():
-        for m in model.modules():  # float32 weights: the fork's bf16 add would round small σ away
-            if "rmsnorm" in type(m).__name__.lower():
-                m.weight.data = m.weight.data.float()
-        torch.manual_seed(0)
-        fork.generate_expert_gaussian_noise(
-            model, step=1, total_step=2, sigma_trend=[sigma], target_modules=list(block["target_modules"]) or None,
-            exclude_patterns=list(block["exclude_patterns"]) or None, layer_types=list(block["layer_types"]) or None,
-            layer_sigma_config=layer_config, verbose=False)
-    after = {n: m.weight.detach().double() for n, m in model.named_modules() if n in before}
-    return {n: float((after[n] - before[n]).std()) for n in before}
+        for m in norms.values():  # float32 weights: the fork's bf16 add would round small σ away
+            m.weight.data = m.weight.data.float()
+    clean = {n: m.weight.detach().double().clone() for n, m in norms.items()}
+    power = dict.fromkeys(norms, 0.0)
+    for seed in range(draws):
+        with torch.no_grad():
+            for n, m in norms.items():
+                m.weight.data.copy_(clean[n])
+            torch.manual_seed(seed)
+            fork.generate_expert_gaussian_noise(
+                model, step=1, total_step=2, sigma_trend=[sigma],
+                target_modules=list(block["target_modules"]) or None,
+                exclude_patterns=list(block["exclude_patterns"]) or None,
+                layer_types=list(block["layer_types"]) or None, layer_sigma_config=layer_config, verbose=False)
+        for n, m in norms.items():
+            power[n] += float((m.weight.detach().double() - clean[n]).pow(2).mean()) / draws
+    return {n: power[n] ** 0.5 for n in norms}
 
 
 def intended(block: dict, names: list[str], sigma: float) -> dict[str, float]:
@@ -83,7 +91,7 @@ def intended(block: dict, names: list[str], sigma: float) -> dict[str, float]:
     return out
 
 
-def check_export(verl: Path, sigma_verl: Path, model_spec: str, tolerance: float = 0.15) -> list[str]:
+def check_export(verl: Path, sigma_verl: Path, model_spec: str, draws: int = 8) -> list[str]:
     """Rows of (norm, intended σ, σ the fork applied); raises SystemExit on a mismatch."""
     import yaml
 
@@ -93,10 +101,13 @@ def check_export(verl: Path, sigma_verl: Path, model_spec: str, tolerance: float
     if not isinstance(block.get("target_modules"), list):
         raise SystemExit(f"check: target_modules must be a list (null crashes the fork's rollout), got {block.get('target_modules')!r}")
     sigma = 1e-2
-    applied = realized_sigmas(verl, block, hwdiff.load_model(model_spec, dtype="float32"), sigma=sigma)
+    model = hwdiff.load_model(model_spec, dtype="float32")
+    applied = realized_sigmas(verl, block, model, sigma=sigma, draws=draws)
     wanted = intended(block, list(applied), sigma)
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in applied}
     rows = []
     for name, value in applied.items():
+        tolerance = 4 / (2 * sizes[name] * draws) ** 0.5  # four standard errors of a pooled sample std
         ok = value == 0 if wanted[name] == 0 else abs(value / wanted[name] - 1) < tolerance
         rows.append(f"{name:<45} intended {wanted[name]:.4g}  applied {value:.4g}  {'ok' if ok else 'MISMATCH'}")
         if not ok:
