@@ -79,6 +79,8 @@ def describe(profiles: list[Profile]) -> str:
 @contextlib.contextmanager
 def emulation(model: torch.nn.Module, profiles: list[Profile | str] | None) -> Iterator[list[Profile]]:
     """Apply ``profiles`` to ``model`` for the duration of a ``with`` block; everything is undone on exit."""
+    if isinstance(profiles, (str, Profile)):  # one profile given on its own, not in a list
+        profiles = [profiles]
     parsed = [p if isinstance(p, Profile) else parse(p) for p in (profiles or [])]
     with contextlib.ExitStack() as stack:
         for profile in parsed:
