@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -148,7 +147,7 @@ class AQNInjector:
         rng = np.random.default_rng(seed)
         raw = {name: standardized(*self.laws[name], rng, self._masters[name].numel()) for name in self.targets}
         out = {}
-        for chain in _chains(self.targets):
+        for chain in structure.depth_chains(self.targets):
             matrix = self.correlation if len(chain) > 1 else None  # a lone norm (the final one) mixes with nothing
             mixed = mixing_matrix(len(chain), self.rho, matrix) @ np.stack([raw[n] for n in chain])
             out.update({name: torch.from_numpy(mixed[i].astype(np.float32)).reshape(self._masters[name].shape)
@@ -180,19 +179,6 @@ def _laws(sigma: Any, targets: list[str], law: str | None, df: float | None) -> 
         check_law(*chosen)
         out[name] = (chosen[0], chosen[1] if chosen[0] == "student_t" else None)
     return out
-
-
-def _chains(targets: list[str]) -> list[list[str]]:
-    """Norms grouped by class (their role, e.g. every input_layernorm) in layer order; others alone."""
-    classes: dict[str, list[tuple[int, str]]] = {}
-    singles = []
-    for name in targets:
-        match = re.search(r"(?:^|\.)layers\.(\d+)\.(.+)$", name)
-        if match:
-            classes.setdefault(match.group(2), []).append((int(match.group(1)), name))
-        else:
-            singles.append([name])
-    return [[name for _, name in sorted(chain)] for chain in classes.values()] + singles
 
 
 def no_rmsnorm_message(model: torch.nn.Module) -> str:

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 from ._version import __version__
 from .errors import HwdiffError
 from .schedule import SigmaSchedule
+from .structure import layer_index
 
 log = logging.getLogger(__name__)
 SCHEMA = "hwdiff/sigma/2"
@@ -45,7 +45,6 @@ SUB_BLOCK_KINDS = ("attention", "mlp", "head")
 QERL_PRESETS = {"QeRL config default": (5e-2, 5e-4), "QeRL shipped scripts": (1e-2, 1e-4)}
 QERL_MAX_START = 5e-2  # QeRL's largest σ_start, for weights ≈ 1: the cap relative to rms(w_eff)
 LOCAL_OVER_TOTAL = 2.0  # a local error this many times the total error is not a measurement to trust
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -281,14 +280,14 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     start, rule, warnings = start_rule(end, w_rms, factor=factor, sigma_start=sigma_start)
     schedule = SigmaSchedule(start, end, num_stages, kind)
     layers = tuple(LayerSigma(
-        name=e.name, layer_index=_layer_index(e.name), sub_block=e.sub_block, norm_error=e.norm_error,
+        name=e.name, layer_index=layer_index(e.name), sub_block=e.sub_block, norm_error=e.norm_error,
         block_error=e.block_error, output_rms=e.output_rms, weight_rms=e.weight_rms, sigma_end=sigmas[e.name],
         sigma_start=start * sigmas[e.name] / end, multiplier=sigmas[e.name] / end, gain_block=gains.get(e.name),
     ) for e in errors if e.skip_reason is None)
     skipped = {e.name: e.skip_reason for e in errors if e.skip_reason is not None}
     calibration = with_laws(Calibration(layers, schedule, "local", "measured" if gains else "output-rms", rule,
                                         _provenance(summary, diff), skipped, warnings=tuple(warnings)), summary)
-    return with_rounding(calibration, weights if weights is not None else _reference_weights(summary, layers),
+    return with_rounding(calibration, weights if weights is not None else reference_weights(summary, layers),
                          weight_dtype or str(summary.get("reference", {}).get("dtype", "float32")))
 
 
@@ -423,11 +422,6 @@ def _untrusted(module: dict) -> str | None:
     return None
 
 
-def _layer_index(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
 def _provenance(summary: dict, diff: Any) -> dict[str, Any]:
     return {"diff": str(diff) if isinstance(diff, (str, os.PathLike)) else "in memory",
             "reference": summary.get("reference"), "target": summary.get("target"),
@@ -490,7 +484,8 @@ def with_rounding(calibration: Calibration, weights: dict[str, Any] | None, dtyp
     return replace(calibration, rounding=tuple(rows), rounding_dtype=dtype, warnings=tuple(warnings))
 
 
-def _reference_weights(summary: dict, layers: tuple[LayerSigma, ...]) -> dict[str, Any] | None:
+def reference_weights(summary: dict, layers: tuple[LayerSigma, ...]) -> dict[str, Any] | None:
+    """The stored weights of ``layers`` from the diff's reference capture, or None when it is not at hand."""
     path = (summary.get("reference") or {}).get("path")
     if not path or not Path(path).is_file():
         return None

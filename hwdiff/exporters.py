@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import structure
 from .calibration import Calibration, LayerSigma
 from .errors import HwdiffError
 from .sigmafile import write_yaml
 
 log = logging.getLogger(__name__)
-FINAL = "final norm"
+FINAL = structure.FINAL_NORM
 FORK_DROPS_LAYER_SIGMA = (
     "the verl fork as published never copies layer_sigma_config into the rollout config: without "
     "integrations/verl/layer-sigma-config.patch every targeted norm gets the global sigma")
@@ -48,8 +49,7 @@ class VerlPlan:
 
 
 def norm_class(layer: LayerSigma) -> str:
-    """The role of a norm in its decoder layer (its last name component), or ``final norm``."""
-    return FINAL if layer.layer_index is None else layer.name.rsplit(".", 1)[-1]
+    return structure.norm_class(layer.name)
 
 
 def verl_plan(calibration: Calibration) -> VerlPlan:
@@ -60,7 +60,8 @@ def verl_plan(calibration: Calibration) -> VerlPlan:
     for layer in calibration.layers:
         by_class[norm_class(layer)].append(layer)
     zero = [c for c, layers in by_class.items() if all(l.sigma_end == 0 for l in layers)]
-    excluded = [_pattern(c, by_class[c]) for c in zero] + [_pattern_for_name(n) for n in calibration.skipped]
+    # a skipped norm is excluded by its full name, which matches only itself
+    excluded = [_pattern(c, by_class[c]) for c in zero] + list(calibration.skipped)
     kept = [c for c in by_class if c not in zero and c != FINAL]
     per_layer: dict[int, list[float]] = defaultdict(list)
     for c in kept:
@@ -80,10 +81,6 @@ def verl_plan(calibration: Calibration) -> VerlPlan:
 
 def _pattern(cls: str, layers: list[LayerSigma]) -> str:
     return layers[0].name if cls == FINAL else cls
-
-
-def _pattern_for_name(name: str) -> str:
-    return name  # a skipped norm: its full name, which matches only itself
 
 
 def _spread(values: list[float]) -> float:

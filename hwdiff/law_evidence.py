@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import HwdiffError
 from .laws import LawFit, depth_correlation, equivalent_noise, fit_law, pooled_df
+from .structure import depth_chains
 
 log = logging.getLogger(__name__)
 EPS = 1e-6  # the norms' epsilon: negligible against rms(x) of real activations
@@ -30,10 +31,6 @@ class LawEvidence:
     rho_measured: float = math.nan
     rho_stderr: float = math.nan
     note: str = ""
-
-
-def norm_class(name: str) -> str:
-    return name.rsplit(".", 1)[-1] if ".layers." in f".{name}" else "final norm"
 
 
 def law_evidence(summary: dict[str, Any], names: list[str]) -> LawEvidence:
@@ -82,12 +79,8 @@ def _evidence(noise: dict[str, np.ndarray]) -> LawEvidence:
         df = 2.05  # a variance must exist for σ to mean anything; the closest law that has one
     fits = {name: LawFit(fit.law, df if fit.law == "student_t" else None, fit.scale, fit.n, fit.why)
             for name, fit in fits.items()}
-    chains: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for name, z in noise.items():
-        if np.any(z) and norm_class(name) != "final norm":
-            chains.setdefault(norm_class(name), []).append((_index(name), z))
-    values = [depth_correlation([z for _, z in sorted(chain, key=lambda item: item[0])]) for chain in chains.values()
-              if len(chain) > 1]
+    chains = depth_chains(name for name, z in noise.items() if np.any(z))
+    values = [depth_correlation([noise[name] for name in chain]) for chain in chains if len(chain) > 1]
     values = [v for v in values if math.isfinite(v[0])]
     if not values:
         return LawEvidence(fits, df, note="correlation: fewer than two layers with error in any norm class")
@@ -97,8 +90,3 @@ def _evidence(noise: dict[str, np.ndarray]) -> LawEvidence:
     note = (f"consecutive layers' equivalent weight noise correlates at {rho:.2f} ± {stderr:.2f} "
             + ("(significant: recommended)" if significant else "(not significant: 0 recommended)"))
     return LawEvidence(fits, df, round(rho, 3) if significant else 0.0, rho, stderr, note)
-
-
-def _index(name: str) -> int:
-    parts = name.split(".")
-    return next((int(parts[i + 1]) for i, part in enumerate(parts[:-1]) if part == "layers" and parts[i + 1].isdigit()), -1)

@@ -26,11 +26,13 @@ PROBE_PROMPTS, PROBE_TOKENS = 4, 48
 class _Probe:
     """A float32 copy of ``model`` run on fixed unpadded inputs, recording ``names``' outputs."""
 
-    def __init__(self, model: Any, names: Iterable[str], reference: str | None = None) -> None:
+    def __init__(self, model: Any, names: Iterable[str], reference: str | None = None, *,
+                 keep_inputs: bool = False) -> None:
         import torch
 
         self.model = copy.deepcopy(model).float().eval()
         self.names = sorted(set(names))
+        self.keep_inputs = keep_inputs  # the norms' inputs, for the law of the induced noise (verify)
         ids, mask = _probe_inputs(model, reference)
         length = int(mask.sum(axis=1).min())  # a common length: no padding anywhere
         device = next(self.model.parameters()).device
@@ -43,7 +45,7 @@ class _Probe:
         from .hooks import record
 
         with torch.inference_mode(), record(self.model, [f"^{re.escape(n)}$" for n in self.names],
-                                            record_inputs=True) as rec:
+                                            record_inputs=self.keep_inputs) as rec:
             self.model(input_ids=self.ids, use_cache=False)
         out = {key[0]: values[0].double() for key, values in rec.activations.items()
                if key[2] == "output" and key[1] == 0}
@@ -136,7 +138,7 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
     from .laws import fit_law
 
     reference = (calibration.provenance.get("reference") or {}).get("path")
-    probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n], reference)
+    probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n], reference, keep_inputs=True)
     checks = []
     for index, layer in enumerate(layers):
         where = layer.sub_block or layer.name

@@ -142,6 +142,29 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+FINAL_NORM = "final norm"
+
+
+def norm_class(name: str) -> str:
+    """A norm's role in its decoder layer (its last name component: ``input_layernorm``, ``q_norm`` …),
+    or ``final norm`` for a norm outside the decoder layers."""
+    return FINAL_NORM if layer_index(name) is None else name.rsplit(".", 1)[-1]
+
+
+def depth_chains(names: Iterable[str]) -> list[list[str]]:
+    """``names`` grouped by :func:`norm_class`, each group in layer order; a name outside the decoder
+    layers stands alone."""
+    chains: dict[str, list[tuple[int, str]]] = {}
+    singles = []
+    for name in names:
+        index = layer_index(name)
+        if index is None:
+            singles.append([name])
+        else:
+            chains.setdefault(norm_class(name), []).append((index, name))
+    return [[name for _, name in sorted(chain)] for chain in chains.values()] + singles
+
+
 def is_decoder_layer_name(name: str) -> bool:
     """``model.layers.3`` / ``transformer.h.3``: an item of the decoder-layer list."""
     return bool(_LAYER_ITEM.search(name))

@@ -353,37 +353,18 @@ def _effectiveness_html(summary: dict, calibration: Any) -> str:
 
 
 def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
-    """Per stage: σ range and the smallest fraction of weight elements that change in the training dtype."""
-    import torch
+    """Per stage: σ range and the smallest fraction of weight elements that change in the training
+    dtype — calibrate's exact rounding check (:func:`hwdiff.calibration.with_rounding`), computed here
+    for a sigma file that lacks it."""
+    from ..aqn import CHANGED_WARNING
+    from ..calibration import reference_weights, with_rounding
 
-    from ..aqn import CHANGED_WARNING, effectiveness
-    from ..models import resolve_dtype
-    from ..store import open_capture
-
-    if calibration.rounding:  # computed exactly by calibrate (hwdiff.rounding)
-        return [(r.stage, r.sigma * min(l.multiplier for l in calibration.layers if l.multiplier > 0),
-                 r.sigma * max(l.multiplier for l in calibration.layers), r.min_changed,
-                 "noise mostly rounded away" if r.min_changed < CHANGED_WARNING else "") for r in calibration.rounding]
-    path = summary["reference"].get("path")
-    if not path or not Path(path).is_file():
-        return []
-    with open_capture(path) as cap:
-        weights = {layer.name: cap.weight(layer.name) for layer in calibration.layers if layer.name in cap.modules}
-    dtype = resolve_dtype(summary["reference"].get("dtype", "float32"))
-    rows = []
-    for stage in range(1, calibration.schedule.num_stages):
-        checks = []
-        for layer in calibration.layers:
-            schedule = calibration.schedule_for(layer.name)
-            if schedule is None or weights.get(layer.name) is None:
-                continue
-            sigma = schedule.values[stage - 1]
-            checks.append(effectiveness(layer.name, torch.from_numpy(weights[layer.name]), sigma, dtype))
-        if checks:
-            changed = min(c.changed_frac for c in checks)
-            rows.append((stage, min(c.sigma for c in checks), max(c.sigma for c in checks), changed,
-                         "noise mostly rounded away" if changed < CHANGED_WARNING else ""))
-    return rows
+    if not calibration.rounding:
+        calibration = with_rounding(calibration, reference_weights(summary, calibration.layers),
+                                    str(summary["reference"].get("dtype", "float32")))
+    noisy = [l.multiplier for l in calibration.layers if l.multiplier > 0]
+    return [(r.stage, r.sigma * min(noisy), r.sigma * max(noisy), r.min_changed,
+             "noise mostly rounded away" if r.min_changed < CHANGED_WARNING else "") for r in calibration.rounding]
 
 
 def _figures_note(summary: dict, figs: str) -> str:
