@@ -5,7 +5,6 @@ the same fingerprint whatever device or dtype a capture runs in.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -122,13 +121,13 @@ def load_model(
         raise ModelSpecError(f"seed must be 0 or more, got {seed}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    if spec in BUILTIN:
-        model, tokenizer = _build_random(spec, attn_implementation, seed), None
+    if spec in BUILTIN:  # built directly in dtype on the device; the fingerprint is of the float32 weights
+        model, digest = _build_random(spec, attn_implementation, seed, torch_device, torch_dtype)
+        info = ModelInfo(spec=spec, fingerprint=digest, tokenizer=None, seed=seed)
     else:
-        model, tokenizer = _from_pretrained(spec, attn_implementation, trust_remote_code), spec
-        seed = None
-    info = ModelInfo(spec=spec, fingerprint=fingerprint(model), tokenizer=tokenizer, seed=seed,
-                     trust_remote_code=trust_remote_code)
+        model = _from_pretrained(spec, attn_implementation, trust_remote_code)
+        info = ModelInfo(spec=spec, fingerprint=fingerprint(model), tokenizer=spec, seed=None,
+                         trust_remote_code=trust_remote_code)
     model = model.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
     _INFO[model] = info
     return model
@@ -152,24 +151,30 @@ def fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of the persistent state, in name order."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{dtype_name(data.dtype)}|{tuple(data.shape)}\n".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        _hash_tensor(digest, name, tensor.detach().to("cpu").contiguous())
     return "sha256:" + digest.hexdigest()
 
 
-def _build_random(spec: str, attn_implementation: str | None, seed: int) -> torch.nn.Module:
+def _build_random(spec: str, attn_implementation: str | None, seed: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+    """A built-in model with seeded random weights, and its fingerprint.
+
+    The parameters are created directly in ``dtype`` on ``device`` (no float32 copy of the model, so
+    a bfloat16 build needs about its own size in memory) and filled chunk by chunk from the float32
+    values of :func:`_seeded_values`; the fingerprint hashes those float32 values as
+    :func:`fingerprint` hashes a float32 model, so it does not depend on ``dtype`` or ``device``.
+    """
     from transformers import Qwen2ForCausalLM
 
     config = BUILTIN[spec](attn_implementation)
     try:
-        with _skip_transformers_init():  # every parameter is overwritten below; this saves ~30 s at 1.5B
+        with _skip_transformers_init(), _parameters_on_meta():  # every parameter is filled below
             model = Qwen2ForCausalLM(config)
     except ValueError as exc:  # e.g. an attention implementation transformers does not know
         raise ModelSpecError(f"cannot build {spec}: {_first_line(exc)}") from exc
     model.tie_weights()  # skipped along with the init by some transformers versions
-    _seeded_init(model, seed)
-    return model
+    digest = _materialize_seeded(model, seed, device, dtype)
+    return model.to(device=device, dtype=dtype), digest  # buffers (rotary frequencies) cast as before
 
 
 def _skip_transformers_init() -> Any:
@@ -183,23 +188,80 @@ def _skip_transformers_init() -> Any:
     return no_init_weights()
 
 
-def _seeded_init(model: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter from numpy's PCG64 keyed by (seed, parameter name).
+@contextlib.contextmanager
+def _parameters_on_meta() -> Any:
+    """Parameters registered inside this scope live on the meta device (no memory); buffers stay real."""
+    original = torch.nn.Module.register_parameter
 
-    Independent of transformers' own init (which changes between versions), so two machines with
-    different library versions build bit-identical weights. RMSNorm weights are N(1, 0.1²), spread
-    around one so that calibration math sees weights that are not all equal.
-    """
-    def fill(name: str, param: torch.nn.Parameter) -> None:
-        rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
-        values = rng.standard_normal(tuple(param.shape), dtype=np.float32)  # releases the GIL
-        values *= np.float32(_init_std(name, param))
-        values += np.float32(_init_mean(name))
-        with torch.no_grad():
-            param.copy_(torch.from_numpy(values))
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(lambda item: fill(*item), model.named_parameters()))
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+_FILL_CHUNK = 1 << 24  # float32 values generated at a time (64 MiB)
+
+
+def _materialize_seeded(model: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> str:
+    """Replace the meta parameters by real ones in ``dtype`` filled with the seeded values; return
+    the fingerprint of the float32 values (state-dict keys in name order, as :func:`fingerprint`)."""
+    state = model.state_dict(keep_vars=True)  # key → meta parameter or real buffer
+    seeds: dict[int, str] = {}  # a tied parameter takes the values of its first name
+    for name, param in model.named_parameters():
+        seeds.setdefault(id(param), name)
+    real: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                if id(param) not in real:
+                    real[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                                         requires_grad=False)
+                module._parameters[name] = real[id(param)]
+    digest, filled = hashlib.sha256(), set()
+    for key in sorted(state):
+        tensor = state[key]
+        if id(tensor) not in real:  # a persistent buffer: hashed as built, as fingerprint() would
+            _hash_tensor(digest, key, tensor.detach().to("cpu").contiguous())
+            continue
+        target = real[id(tensor)].data.view(-1)
+        digest.update(f"{key}|float32|{tuple(tensor.shape)}\n".encode())
+        offset = 0
+        for values in _seeded_values(seeds[id(tensor)], tensor, seed):
+            digest.update(values.tobytes())
+            if id(tensor) not in filled:
+                with torch.no_grad():
+                    target[offset: offset + values.size].copy_(torch.from_numpy(values))
+            offset += values.size
+        filled.add(id(tensor))
+    return "sha256:" + digest.hexdigest()
+
+
+def _seeded_values(name: str, param: torch.Tensor, seed: int) -> Any:
+    """The float32 values of parameter ``name`` in chunks of :data:`_FILL_CHUNK`, from numpy's PCG64
+    keyed by (seed, crc32(name)): independent of transformers' own init (which changes between
+    versions), so two machines with different library versions build bit-identical weights. RMSNorm
+    weights are N(1, 0.1²), spread around one so that calibration math sees unequal weights. A
+    generator's stream does not depend on how it is cut into calls, so chunks give the same values."""
+    rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(name.encode())]))
+    std, mean = np.float32(_init_std(name, param)), np.float32(_init_mean(name))
+    remaining = param.numel()
+    while remaining > 0:
+        values = rng.standard_normal(min(remaining, _FILL_CHUNK), dtype=np.float32)
+        values *= std
+        values += mean
+        remaining -= values.size
+        yield values
+
+
+def _hash_tensor(digest: Any, name: str, data: torch.Tensor) -> None:
+    digest.update(f"{name}|{dtype_name(data.dtype)}|{tuple(data.shape)}\n".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
 
 
 def _init_std(name: str, param: torch.Tensor) -> float:

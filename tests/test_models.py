@@ -77,3 +77,22 @@ def test_builtin_weights_match_the_reference_capture_made_on_another_machine(tin
         assert tiny_bf16.lm_head.weight is tiny_bf16.model.embed_tokens.weight
         assert torch.equal(torch.from_numpy(ref.weight("model.layers.1.input_layernorm")),
                            tiny_bf16.model.layers[1].input_layernorm.weight.float())
+
+
+def test_builtin_built_directly_in_bfloat16_equals_the_float32_build_cast(tiny_fp32, monkeypatch):
+    """The bfloat16 build never holds a float32 copy, yet has the float32 build's values rounded once,
+    the same buffers, and the fingerprint that hashing the float32 model gives (the generic
+    function, not the build's own hash). A tiny fill chunk forces several chunks per parameter."""
+    import hwdiff.models as models
+
+    monkeypatch.setattr(models, "_FILL_CHUNK", 1000)
+    built = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")
+    assert model_info(built).fingerprint == fingerprint(tiny_fp32)
+    assert all(p.dtype == torch.bfloat16 for p in built.parameters())
+    assert built.lm_head.weight is built.model.embed_tokens.weight
+    reference = tiny_fp32.state_dict()
+    for name, tensor in built.state_dict().items():
+        assert torch.equal(tensor, reference[name].bfloat16()), name
+    cast = hwdiff.load_model("tiny-qwen2", dtype="float32").to(torch.bfloat16)  # the old way: build, then cast
+    for (name, ours), (_, theirs) in zip(built.named_buffers(), cast.named_buffers()):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
