@@ -11,6 +11,8 @@ from typing import Any, Callable, Sequence
 
 from ._version import __version__
 from .errors import HwdiffError
+
+COMPRESSIONS = ("gzip", "lzf", "lz4", "zstd")  # hwdiff.store.COMPRESSIONS, without importing h5py at start
 from .structure import KINDS
 from .outputs import check_outputs
 
@@ -254,7 +256,10 @@ def _add_capture(sub: Any) -> None:
     _trust_arg(cap)
     cap.add_argument("--seed", type=SEED, default=0,
                      help="seed of built-in model weights and of sample positions (default: %(default)s)")
-    cap.add_argument("--compression", choices=("gzip", "lzf"), default=None, help="HDF5 compression (default: none)")
+    cap.add_argument("--compression", choices=COMPRESSIONS, default=None,
+                     help="lossless HDF5 filter (default: none, the fastest): gzip and lzf are built in; lz4 "
+                          "(Blosc, bit shuffle: fast) and zstd (Blosc2: smaller) need the hdf5plugin package to "
+                          "write and to read (docs/benchmarks.md, Compression)")
     cap.add_argument("--logprob-topk", type=int, default=8,
                      help="top-k ids and log-probs kept per position with the head's token log-probabilities "
                           "(/logprobs, stored in every mode; docs/rl-impact.md) (default: %(default)s)")

@@ -76,6 +76,11 @@ from .structure import offset_from_class
 SCHEMA = "hwdiff/capture/1"
 SCHEMA_FAMILY, SCHEMA_MAJOR = SCHEMA.rsplit("/", 1)
 MODES = ("full", "sample", "stats")
+# Lossless filters a capture may be written with (docs/benchmarks.md, "Compression"): HDF5's own
+# gzip and lzf (byte shuffle first), and Blosc's lz4 with bit shuffle / Blosc2's zstd with byte shuffle
+# from the hdf5plugin package (pip install hdf5plugin), which any reader then needs too.
+COMPRESSIONS = ("gzip", "lzf", "lz4", "zstd")
+PLUGIN_FILTERS = {32001: "blosc", 32026: "blosc2"}  # HDF5 filter id → name, read through hdf5plugin
 GENERATE_MODE = "generate"  # root ``mode`` of a greedy generation file (:mod:`hwdiff.generate`)
 LOGPROB_FIELDS = ("next_token", "entropy", "topk_ids", "topk_logprobs")
 SLOTS = ("output", "input", "routing")  # routing: a router's chosen experts per token (int64 [sequences, tokens, k])
@@ -105,6 +110,24 @@ def decoded(array: np.ndarray) -> np.ndarray:
     """Values of an array given as stored or already decoded: bfloat16 is the only dtype stored as
     integers (uint16 bit patterns), so a uint16 array is widened and anything else returned as is."""
     return decode(array, "bfloat16") if array.dtype == np.uint16 else array
+
+
+def compression_options(name: str | None) -> dict[str, Any]:
+    """``create_dataset`` keywords of a :data:`COMPRESSIONS` name (None: no filter but the checksum)."""
+    if name is None:
+        return {}
+    if name in ("gzip", "lzf"):
+        return {"compression": name, "shuffle": True}
+    if name not in COMPRESSIONS:
+        raise HwdiffError(f"compression must be one of {', '.join(COMPRESSIONS)} or none, got {name!r}")
+    try:
+        import hdf5plugin
+    except ImportError as exc:
+        raise HwdiffError(f"compression {name} needs the hdf5plugin package (pip install hdf5plugin), "
+                          "and so does every machine that reads the file; gzip and lzf need nothing") from exc
+    if name == "lz4":
+        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+    return dict(hdf5plugin.Blosc2(cname="zstd", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE))
 
 
 def create_checked(group: h5py.Group, name: str, *, data: Any = None, **kwargs: Any) -> h5py.Dataset:
@@ -213,6 +236,7 @@ class CaptureWriter:
         self.synchronous = synchronous
         self.rows = inputs.shape[0]
         self.compression = compression
+        self._filter = compression_options(compression)
         self._queue: queue.Queue = queue.Queue()
         self._max_bytes, self._queued_bytes = max_bytes, 0
         self._room = threading.Condition()
@@ -453,8 +477,7 @@ class CaptureWriter:
             return group[item.slot]
         shape = (self.rows, *stored.shape[1:])
         dataset = create_checked(group, item.slot, shape=shape, dtype=stored.dtype,
-                                 chunks=_chunk_shape(shape, stored.itemsize),
-                                 compression=self.compression, shuffle=self.compression is not None)
+                                 chunks=_chunk_shape(shape, stored.itemsize), **self._filter)
         dataset.attrs["dtype"] = item.dtype
         return dataset
 
@@ -710,19 +733,38 @@ class Capture:
 
 def read_checked(dataset: h5py.Dataset, index: Any = Ellipsis) -> np.ndarray:
     """``dataset[index]``, with a failed checksum (or any read error) turned into a
-    :class:`CorruptDataError` that names the file and the dataset."""
+    :class:`CorruptDataError` that names the file and the dataset. A dataset written with a plugin
+    filter (``--compression lz4 / zstd``) loads hdf5plugin on first need, or says it is missing."""
     try:
         values = dataset[index]
     except OSError as exc:
-        raise CorruptDataError(
-            f"{dataset.file.filename}: dataset {dataset.name} is damaged ({_h5_reason(exc)}); the file changed "
-            "after it was written: copy it again or capture again (hwdiff inspect --verify lists every damaged dataset)"
-        ) from exc
+        values = _read_with_plugin(dataset, index, exc)
     crc = dataset.attrs.get("crc32") if dataset.shape == () else None
     if crc is not None and zlib.crc32(np.asarray(values).tobytes()) != int(crc):
         raise CorruptDataError(f"{dataset.file.filename}: dataset {dataset.name} is damaged (crc32 mismatch); "
                                "copy it again or capture again")
     return values
+
+
+def _read_with_plugin(dataset: h5py.Dataset, index: Any, exc: OSError) -> np.ndarray:
+    plugins = [int(key) for key in dataset._filters if str(key).isdigit() and int(key) in PLUGIN_FILTERS]
+    if plugins:
+        try:
+            import hdf5plugin  # noqa: F401  (registers its filters with HDF5)
+        except ImportError:
+            pass
+        missing = [PLUGIN_FILTERS[key] for key in plugins if not h5py.h5z.filter_avail(key)]
+        if missing:
+            raise HwdiffError(f"{dataset.file.filename}: dataset {dataset.name} is compressed with {missing[0]}, "
+                              "which needs the hdf5plugin package here: pip install hdf5plugin") from exc
+        try:
+            return dataset[index]
+        except OSError as again:
+            exc = again
+    raise CorruptDataError(
+        f"{dataset.file.filename}: dataset {dataset.name} is damaged ({_h5_reason(exc)}); the file changed "
+        "after it was written: copy it again or capture again (hwdiff inspect --verify lists every damaged dataset)"
+    ) from exc
 
 
 def _h5_reason(exc: OSError) -> str:

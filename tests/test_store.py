@@ -59,3 +59,63 @@ def test_reader_refuses_non_hdf5_missing_and_truncated_files(tmp_path, tiny_bf16
     (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
     with pytest.raises(CaptureFormatError, match="truncated"):
         open_capture(tmp_path / "cut.h5")
+
+
+def _all_datasets(path):
+    found = {}
+    with h5py.File(path, "r") as handle:
+        handle.visititems(lambda name, node: found.__setitem__(name, node) if isinstance(node, h5py.Dataset) else None)
+        return {name: (dict(node._filters), node[()]) for name, node in found.items() if name.startswith("modules/")}
+
+
+def test_every_compression_is_lossless_and_filters_what_it_says(tmp_path, tiny_bf16):
+    """Each filter stores the very bits of the uncompressed capture (bfloat16 patterns included), and
+    the activations carry the filter named (HDF5's ids: gzip deflate, lzf 32000, Blosc 32001, Blosc2 32026)."""
+    import hwdiff
+    from hwdiff.cli import COMPRESSIONS as CLI_CHOICES
+    from hwdiff.store import COMPRESSIONS
+
+    assert CLI_CHOICES == COMPRESSIONS
+    pytest.importorskip("hdf5plugin")
+    ids = np.arange(2 * 24).reshape(2, 24) % 200
+    plain = tmp_path / "plain.h5"
+    hwdiff.capture(tiny_bf16, plain, inputs=ids, modules=r"layers\.0\.", progress=False)
+    reference = _all_datasets(plain)
+    expected_filter = {"gzip": "gzip", "lzf": "lzf", "lz4": "32001", "zstd": "32026"}
+    for name in COMPRESSIONS:
+        path = tmp_path / f"{name}.h5"
+        hwdiff.capture(tiny_bf16, path, inputs=ids, modules=r"layers\.0\.", progress=False, compression=name)
+        stored = _all_datasets(path)
+        assert stored.keys() == reference.keys()
+        for key, (filters, values) in stored.items():
+            assert np.array_equal(values, reference[key][1]) and values.dtype == reference[key][1].dtype, (name, key)
+            if values.ndim >= 2:
+                assert expected_filter[name] in filters and "fletcher32" in filters, (name, key, filters)
+        with open_capture(path) as capture:  # the reader decodes them like any other file
+            first = next(n for n in capture.modules if capture.modules[n].alias_of is None)
+            with open_capture(plain) as base:
+                assert np.array_equal(capture.activation(first), base.activation(first))
+
+
+@pytest.mark.parametrize("action", ["read", "write"])
+def test_plugin_compression_without_hdf5plugin_is_one_clear_line(tmp_path, tiny_bf16, action):
+    """Without hdf5plugin an lz4 file is not called damaged, and an lz4 capture is refused up front."""
+    import subprocess
+    import sys
+
+    import hwdiff
+
+    pytest.importorskip("hdf5plugin")
+    path = tmp_path / "lz4.h5"
+    if action == "read":
+        hwdiff.capture(tiny_bf16, path, inputs=np.arange(16).reshape(1, 16), modules=r"layers\.0\.mlp$",
+                       progress=False, compression="lz4")
+        argv = ["diff", str(path), str(path), "-o", str(tmp_path / "d.h5")]
+    else:
+        argv = ["capture", "--model", "tiny-qwen2", "--compression", "lz4", "-o", str(path), "--limit", "1"]
+    code = ("import sys; sys.modules['hdf5plugin'] = None; from hwdiff.cli import main; "
+            f"sys.exit(main({argv!r}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stderr.splitlines() if line.startswith("hwdiff: error")]
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert len(lines) == 1 and "hdf5plugin" in lines[0] and "damaged" not in lines[0], run.stderr
