@@ -129,6 +129,7 @@ class Recorder:
         self._top_k = experts_per_token(getattr(model, "config", None))
         self._routing: dict[str, torch.Tensor] = {}  # MoE block name → experts chosen per flattened token
         self.unrecorded: dict[str, str] = {}  # module → why some of its calls could not be stored
+        self._pending: list[tuple[str, int, str, str, torch.Tensor]] = []  # stats reduced on the device
 
     @property
     def never_called(self) -> list[str]:
@@ -141,6 +142,7 @@ class Recorder:
 
     def attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(lambda *_: self.flush_stats()))
         for name, module, kind in self.selection:
             self._handles.append(module.register_forward_hook(self._hook(name, kind), with_kwargs=True))
         selected = {name for name, _, _ in self.selection}
@@ -149,6 +151,7 @@ class Recorder:
                 self._handles.append(module.register_forward_hook(self._routing_hook(name)))
 
     def detach(self) -> None:
+        self.flush_stats()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -235,9 +238,8 @@ class Recorder:
             return
         self._seen[id(source)] = (weakref.ref(source), key)
         on_cpu = tensor.device.type == "cpu"
-        if self.mode == "stats" and not on_cpu:  # reduce where the tensor is
-            (parts,), event = to_host(partial_stats(tensor))
-            self.sink.put(Record(name, call, slot, self.row0, parts, dtype_name(tensor.dtype), event, reduced=True))
+        if self.mode == "stats" and _batched_stats(tensor):  # reduced where it is, sent once per forward
+            self._pending.append((name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor)))
         elif self.mode == "stats" and self.views:  # reduced now, before anything can change the tensor
             self.sink.put(Record(name, call, slot, self.row0, partial_stats(tensor), dtype_name(tensor.dtype),
                                  reduced=True))
@@ -245,6 +247,17 @@ class Recorder:
             record = slot_record(name, call, slot, self.row0, self._sampled(tensor), copy=not self.views)
             record.layout, record.present = layout, None if present is None else self._sampled(present)
             self.sink.put(record)
+
+    def flush_stats(self) -> None:
+        """Send the statistics reduced on the device during this forward: one [slots, 9] buffer
+        stacked on the device and one asynchronous copy to the host per forward, instead of a copy
+        (and an event for the writer to wait on) per module."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        (host,), event = to_host(torch.stack([parts for *_, parts in pending]))
+        for row, (name, call, slot, dtype, _) in enumerate(pending):
+            self.sink.put(Record(name, call, slot, self.row0, host[row], dtype, event, reduced=True))
 
     def _routed(self, name: str, call: int, tensor: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """(call index to store under, rows scattered to their tokens [batch, tokens, …], bool presence
@@ -282,6 +295,12 @@ class Recorder:
             return tensor
         rows = torch.arange(positions.shape[0], device=tensor.device)[:, None]
         return tensor[rows, positions.to(tensor.device)]
+
+
+def _batched_stats(tensor: torch.Tensor) -> bool:
+    """Whether a stats-mode slot is reduced on its device and sent with the forward's other slots
+    (accelerators); on the CPU each slot is reduced by the compiled kernel as it comes."""
+    return tensor.device.type != "cpu"
 
 
 def slot_record(name: str, call: int, slot: str, row0: int, tensor: torch.Tensor, *, copy: bool = True) -> Record:

@@ -136,7 +136,10 @@ def create_checked(group: h5py.Group, name: str, *, data: Any = None, **kwargs: 
     shape = kwargs.get("shape", np.shape(data) if data is not None else ())
     if len(shape) == 0:
         dataset = group.create_dataset(name, data=data, **kwargs)
-        dataset.attrs["crc32"] = zlib.crc32(np.asarray(dataset[()]).tobytes())
+        # the bytes a reader gets back: the value in the dataset's own (stored) dtype (read back when
+        # that holds Python objects, e.g. variable-length strings)
+        value = np.asarray(dataset[()]) if dataset.dtype.hasobject else np.asarray(data, dtype=dataset.dtype)
+        dataset.attrs["crc32"] = zlib.crc32(value.tobytes())
         return dataset
     if 0 in shape:
         return group.create_dataset(name, data=data, **kwargs)
@@ -245,6 +248,7 @@ class CaptureWriter:
         self._stats: dict[tuple[str, int, str], stats.RunningStats] = {}
         self._stats_dtype: dict[tuple[str, int, str], str] = {}
         self._groups: dict[tuple[str, int], h5py.Group] = {}
+        self._modules: dict[str, h5py.Group] = {}  # /modules/<name>, in registration order
         self._calls: dict[str, int] = {}
         self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
         self._thread = None
@@ -304,8 +308,8 @@ class CaptureWriter:
         try:
             for key, value in (extra_meta or {}).items():
                 self._file.attrs[key] = _attr(value)
-            for name, calls in self._calls.items():
-                self._file["modules"][name].attrs["calls"] = calls
+            for name, group in self._modules.items():  # written once, now that every call is known
+                group.attrs["calls"] = self._calls.get(name, 0)
             for (name, call, slot), running in self._stats.items():
                 group = self._file[f"modules/{name}/{call}"]
                 dataset = create_checked(group, f"{slot}_stats", data=running.record())
@@ -313,6 +317,7 @@ class CaptureWriter:
             self._file.attrs["complete"] = True
             self._file.flush()
             self._groups.clear()
+            self._modules.clear()
             self._file.close()
         except OSError as exc:
             self._failed = True
@@ -324,6 +329,7 @@ class CaptureWriter:
         self._failed = True
         self._stop()
         self._groups.clear()
+        self._modules.clear()
         outputs.discard_h5(self._file, self._temp)
 
     def _stop(self) -> None:
@@ -409,8 +415,8 @@ class CaptureWriter:
             raise outputs.write_error(exc, self.path) from exc
 
     def _register(self, item: Register) -> None:
-        group = self._file["modules"].create_group(item.name)
-        group.attrs.update(kind=item.kind, class_name=item.class_name, order=item.order, calls=0)
+        group = self._modules[item.name] = self._file["modules"].create_group(item.name)
+        group.attrs.update(kind=item.kind, class_name=item.class_name, order=item.order)
         if item.weight is not None:
             data = encode(item.weight)
             create_checked(group, "weight", data=data).attrs["dtype"] = item.weight_dtype
@@ -419,7 +425,7 @@ class CaptureWriter:
     def _call_group(self, name: str, call: int) -> h5py.Group:
         group = self._groups.get((name, call))
         if group is None:
-            group = self._groups[(name, call)] = self._file["modules"][name].require_group(str(call))
+            group = self._groups[(name, call)] = self._modules[name].require_group(str(call))
             self._calls[name] = max(self._calls.get(name, 0), call + 1)
         return group
 
@@ -892,7 +898,8 @@ def _read_modules(handle: h5py.File) -> dict[str, ModuleInfo]:
         output = None if first is None else first.get("output", first.get("output_stats"))
         modules.append(ModuleInfo(
             name=name, kind=str(group.attrs["kind"]), class_name=str(group.attrs["class_name"]),
-            calls=int(group.attrs["calls"]), order=int(group.attrs["order"]),
+            calls=int(group.attrs.get("calls", sum(key.isdigit() for key in group))),  # set when finished
+            order=int(group.attrs["order"]),
             shape=tuple(output.shape) if output is not None and "output" in first else (),
             dtype=str(output.attrs["dtype"]) if output is not None else "",
             slots=slots,

@@ -307,3 +307,26 @@ def test_an_activation_changed_in_place_after_its_hook_is_stored_as_it_was(tmp_p
         ids = torch.from_numpy(cap.input_ids)
         expected = model.inner(ids.float()[..., None].expand(*ids.shape, 4) / 256).numpy()
         assert np.array_equal(cap.activation("inner"), expected)
+
+
+def test_stats_reduced_on_device_travel_in_one_copy_per_forward(tmp_path, tiny_bf16, monkeypatch):
+    """The accelerator path of stats mode, run on the CPU: every slot's parts are stacked on the device
+    and copied to the host once per forward (2 forwards here, not one copy per module), and the
+    stored statistics are those of the full capture's activations."""
+    import hwdiff.hooks as hooks
+
+    full = hwdiff.capture(tiny_bf16, tmp_path / "full.h5", **SMALL).path
+    copies = []
+    real_to_host = hooks.to_host
+    monkeypatch.setattr(hooks, "_batched_stats", lambda tensor: True)
+    monkeypatch.setattr(hooks, "to_host", lambda *t: copies.append(t[0].shape) or real_to_host(*t))
+    stats = hwdiff.capture(tiny_bf16, tmp_path / "st.h5", mode="stats", logprobs=False, **SMALL).path
+    with hwdiff.open_capture(full) as f, hwdiff.open_capture(stats) as s:
+        stored = [name for name in s.modules if s.modules[name].alias_of is None]
+        assert copies == [(len(stored), 9)] * 2  # -(-6 // 4) forwards, one [slots, 9] buffer each
+        for name in stored:
+            values = f.activation(name).astype(np.float64)
+            got = s.stats(name)
+            assert got["count"] == values.size and got["max"] == values.max() and got["min"] == values.min(), name
+            assert got["mean"] == pytest.approx(values.mean(), rel=1e-9, abs=1e-12), name
+            assert got["rms"] == pytest.approx(np.sqrt(np.mean(values ** 2)), rel=1e-9), name
