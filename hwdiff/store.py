@@ -569,6 +569,10 @@ class Capture:
         self.path = Path(path)
         self._file = _open_h5(self.path)
         self._opened: dict[tuple[str, int, str], tuple[h5py.Dataset, str]] = {}
+        # HDF5 lookups cost more than reading a small slot: each group is found once per reader
+        self._groups: dict[str, h5py.Group] = {}
+        self._call_groups: dict[tuple[str, int], h5py.Group | None] = {}
+        self._slot_infos: dict[tuple[str, int, str], tuple[tuple[int, ...], str]] = {}
         try:
             self.meta = _read_meta(self._file, self.path)
             if not self.meta.get("complete") and not allow_incomplete:
@@ -665,27 +669,30 @@ class Capture:
 
     def present(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray | None:
         """bool [sequences, tokens] of a routed slot: the tokens routed to this expert call, else None."""
-        group = self._module_group(name).get(str(call))
+        group = self._call_group(name, call)
         node = None if group is None else group.get(f"{slot}_present")
         return None if node is None else node[...]
 
     def has_call(self, name: str, call: int) -> bool:
         """Whether call ``call`` of module ``name`` was stored (a routed expert may never have been hit)."""
-        return str(call) in self._module_group(name)
+        return self._call_group(name, call) is not None
 
     def slot_info(self, name: str, call: int = 0, slot: str = "output") -> tuple[tuple[int, ...], str]:
         """(shape, real dtype) of a stored slot."""
-        dataset = self._dataset(name, call, slot)
-        return tuple(dataset.shape), str(dataset.attrs["dtype"])
+        key = (name, call, slot)
+        if key not in self._slot_infos:
+            dataset = self._dataset(name, call, slot)
+            self._slot_infos[key] = (tuple(dataset.shape), str(dataset.attrs["dtype"]))
+        return self._slot_infos[key]
 
     def alias_of(self, name: str, call: int = 0, slot: str = "output") -> str | None:
         """``name/call/slot`` of the slot this one links to, or None when it is stored itself."""
-        value = self._module_group(name).get(str(call))
+        value = self._call_group(name, call)
         return None if value is None else _plain(value.attrs.get(f"{slot}_alias_of"))
 
     def call_spec(self, name: str, call: int = 0) -> dict | None:
         """The recorded call arguments of a module call (:mod:`hwdiff.callspec`), or None."""
-        group = self._module_group(name).get(str(call))
+        group = self._call_group(name, call)
         spec = None if group is None else group.attrs.get("call_spec")
         return None if spec is None else json.loads(spec)
 
@@ -707,16 +714,25 @@ class Capture:
         return int(attrs.get("nan_count", 0)), int(attrs.get("inf_count", 0))
 
     def _module_group(self, name: str) -> h5py.Group:
-        if name not in self.modules:
-            raise HwdiffError(f"{self.path} has no module {name!r}")
-        return self._file["modules"][name]
+        group = self._groups.get(name)
+        if group is None:
+            if name not in self.modules:
+                raise HwdiffError(f"{self.path} has no module {name!r}")
+            group = self._groups[name] = self._file["modules"][name]
+        return group
+
+    def _call_group(self, name: str, call: int) -> h5py.Group | None:
+        key = (name, call)
+        if key not in self._call_groups:
+            self._call_groups[key] = self._module_group(name).get(str(call))
+        return self._call_groups[key]
 
     def _node(self, name: str, call: int, slot: str) -> Any:
-        group = self._module_group(name)
-        path = f"{call}/{slot}"
-        if path not in group:
+        group = self._call_group(name, call)
+        node = None if group is None else group.get(slot)
+        if node is None:
             raise HwdiffError(f"{self.path}: module {name!r} has no {slot!r} for call {call}")
-        return group[path]
+        return node
 
     def _dataset(self, name: str, call: int, slot: str) -> h5py.Dataset:
         if self.mode == "stats":
@@ -890,21 +906,26 @@ def _plain(value: Any) -> Any:
 
 
 def _read_modules(handle: h5py.File) -> dict[str, ModuleInfo]:
+    """Every module's :class:`ModuleInfo`, each group's names and attributes read once (a lookup in
+    HDF5 costs tens of microseconds: the registry of a capture is ~100 groups of ~8)."""
     modules = []
     for name, group in handle["modules"].items():
-        stored_calls = sorted(int(key) for key in group if key.isdigit())
+        keys = list(group)
+        attrs = {key: _plain(value) for key, value in group.attrs.items()}
+        stored_calls = sorted(int(key) for key in keys if key.isdigit())
         first = group.get(str(stored_calls[0])) if stored_calls else None
-        slots = tuple(slot for slot in SLOTS if first is not None and (slot in first or f"{slot}_stats" in first))
-        output = None if first is None else first.get("output", first.get("output_stats"))
+        inside = set(first) if first is not None else set()
+        slots = tuple(slot for slot in SLOTS if slot in inside or f"{slot}_stats" in inside)
+        output = first.get("output", first.get("output_stats")) if inside & {"output", "output_stats"} else None
         modules.append(ModuleInfo(
-            name=name, kind=str(group.attrs["kind"]), class_name=str(group.attrs["class_name"]),
-            calls=int(group.attrs.get("calls", sum(key.isdigit() for key in group))),  # set when finished
-            order=int(group.attrs["order"]),
-            shape=tuple(output.shape) if output is not None and "output" in first else (),
+            name=name, kind=str(attrs["kind"]), class_name=str(attrs["class_name"]),
+            calls=int(attrs.get("calls", len(stored_calls))),  # written when the capture finished
+            order=int(attrs["order"]),
+            shape=tuple(output.shape) if output is not None and "output" in inside else (),
             dtype=str(output.attrs["dtype"]) if output is not None else "",
             slots=slots,
             alias_of=_plain(first.attrs.get("output_alias_of")) if first is not None else None,
-            has_weight="weight" in group,
-            weight_offset=float(group.attrs.get("weight_offset", offset_from_class(str(group.attrs["class_name"])) or 0.0)),
+            has_weight="weight" in keys,
+            weight_offset=float(attrs.get("weight_offset", offset_from_class(str(attrs["class_name"])) or 0.0)),
         ))
     return {info.name: info for info in sorted(modules, key=lambda info: info.order)}
