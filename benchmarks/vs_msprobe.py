@@ -6,8 +6,12 @@
 Workload A: a random Qwen2 (vocab 8192, hidden 512, intermediate 1408, 8 layers, 8 heads / 2 KV
 heads), float32, input 2 × 256 seeded ids, no_grad; its weights are saved once and loaded by both
 tools. msprobe runs in its own virtual environment (made here on first use, with the same torch and
-transformers). Times are medians of --repeats runs; ratios are to the plain forward measured in the
-same process. The diff / compare pair is sdpa (reference) vs eager (target) attention.
+transformers). Times are medians of --repeats runs (with the range of the per-run ratios); ratios are
+to the plain forward measured in the same process. The diff / compare pair is sdpa (reference) vs
+eager (target) attention; ``hwdiff diff`` runs as the CLI in a fresh process, writing a CSV table, as
+``msprobe compare`` writes its own. Also measured (issue 18's targets): the fixed cost of a capture
+(2 × 8 tokens, where the forward is nearly free), the same diff in a warm process against reading
+both files with h5py, and the start-up cost of a fresh ``hwdiff diff`` process.
 """
 from __future__ import annotations
 
@@ -61,7 +65,8 @@ def load_model(work: Path, attn: str):
     return model, ids
 
 
-def timed(fn, repeats: int, setup=None) -> float:
+def timed(fn, repeats: int, setup=None, runs: list | None = None) -> float:
+    """Median seconds of ``repeats`` calls (each run's seconds appended to ``runs``)."""
     times = []
     for _ in range(repeats):
         if setup is not None:
@@ -69,6 +74,8 @@ def timed(fn, repeats: int, setup=None) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    if runs is not None:
+        runs.extend(times)
     return statistics.median(times)
 
 
@@ -87,16 +94,42 @@ def hwdiff_side(work: Path, repeats: int) -> dict:
     forward()
     result = {"plain_forward_s": timed(forward, repeats)}
     for mode in ("full", "sample", "stats"):
-        path = work / f"hw-{mode}.h5"
+        path, runs = work / f"hw-{mode}.h5", []
         # The previous file is removed before the clock starts, as the msprobe worker removes its dump.
         result[f"{mode}_s"] = timed(lambda: hwdiff.capture(model, path, inputs=inputs, mode=mode, batch_size=2,
                                                            progress=False), repeats,
-                                    setup=lambda: path.unlink(missing_ok=True))
+                                    setup=lambda: path.unlink(missing_ok=True), runs=runs)
+        result[f"{mode}_ratio_range"] = [min(runs) / result["plain_forward_s"], max(runs) / result["plain_forward_s"]]
         result[f"{mode}_bytes"] = path.stat().st_size
     result["plain_forward_after_s"] = timed(forward, repeats)
+    result["fixed_cost"] = fixed_cost(model, ids, work, repeats)
     for attn in ("sdpa", "eager"):
         m, _ = load_model(work, attn)
         hwdiff.capture(m, work / f"hw-{attn}.h5", inputs=inputs, batch_size=2, progress=False)
+    return result
+
+
+def fixed_cost(model, ids, work: Path, repeats: int) -> dict:
+    """What a capture costs beyond the forward when the forward is nearly free (2 × 8 tokens): file,
+    module registry, per-slot metadata, log-probs, sync and rename."""
+    import torch
+
+    import hwdiff
+
+    short = ids[:, :8]
+    inputs = hwdiff.load_inputs(short, max_tokens=None)
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=short, use_cache=False)
+
+    forward()
+    result = {"tokens": list(short.shape), "plain_forward_s": timed(forward, repeats)}
+    path = work / "hw-fixed.h5"
+    for mode in ("full", "stats"):
+        seconds = timed(lambda: hwdiff.capture(model, path, inputs=inputs, mode=mode, batch_size=2, progress=False),
+                        repeats, setup=lambda: path.unlink(missing_ok=True))
+        result[f"{mode}_overhead_s"] = seconds - result["plain_forward_s"]
     return result
 
 
@@ -118,10 +151,9 @@ def run_peak(command: list[str]) -> tuple[float, float]:
 def diff_vs_compare(work: Path, python: Path, repeats: int) -> dict:
     hw = [work / "hw-sdpa.h5", work / "hw-eager.h5"]
     hw_bytes = sum(p.stat().st_size for p in hw)
-    snippet = "import sys, hwdiff; hwdiff.diff(sys.argv[1], sys.argv[2], progress=False)"
-    env_python = [sys.executable, "-c", snippet, *map(str, hw)]
+    cli = [sys.executable, "-m", "hwdiff", "diff", *map(str, hw), "-q", "--csv", str(work / "hw-diff.csv")]
     os.environ["PYTHONPATH"] = str(ROOT)
-    diffs = [run_peak(env_python) for _ in range(repeats)]
+    diffs = [run_peak(cli) for _ in range(repeats)]
     msp_dirs = [work / "msp-eager" / "step0", work / "msp-sdpa" / "step0"]
     msp_bytes = sum(p.stat().st_size for d in msp_dirs for p in d.rglob("*") if p.is_file())
     msprobe = str(python.parent / "msprobe")
@@ -132,7 +164,55 @@ def diff_vs_compare(work: Path, python: Path, repeats: int) -> dict:
             "hwdiff_diff_peak_rss_mb": max(d[1] for d in diffs),
             "msprobe_compare_s": compare_s, "msprobe_compare_bytes": msp_bytes,
             "msprobe_compare_gb_per_s": msp_bytes / compare_s / 1e9,
-            "msprobe_compare_peak_rss_mb": max(c[1] for c in compares), "speedup": compare_s / diff_s}
+            "msprobe_compare_peak_rss_mb": max(c[1] for c in compares), "speedup": compare_s / diff_s,
+            "speedup_range": [min(c[0] for c in compares) / max(d[0] for d in diffs),
+                              max(c[0] for c in compares) / min(d[0] for d in diffs)]}
+
+
+def diff_in_process(work: Path, repeats: int) -> dict:
+    """The workload A diff in a warm process against merely reading both files (h5py, no chunk cache,
+    every dataset under /modules, as the diff reads them)."""
+    import h5py
+
+    import hwdiff
+
+    pair = [work / "hw-sdpa.h5", work / "hw-eager.h5"]
+
+    def read_both():
+        for path in pair:
+            with h5py.File(path, "r", rdcc_nbytes=0) as handle:
+                handle["modules"].visititems(lambda name, node: node[()] if isinstance(node, h5py.Dataset) else None)
+
+    hwdiff.diff(*pair, progress=False)
+    read_both()
+    diff_runs, read_runs = [], []
+    diff_s = timed(lambda: hwdiff.diff(*pair, progress=False), repeats, runs=diff_runs)
+    read_s = timed(read_both, repeats, runs=read_runs)
+    return {"diff_s": diff_s, "read_both_s": read_s, "ratio": diff_s / read_s,
+            "ratio_range": [min(diff_runs) / max(read_runs), max(diff_runs) / min(read_runs)]}
+
+
+def process_start(work: Path, repeats: int) -> dict:
+    """Start-up of a fresh ``hwdiff diff``: the CLI on two tiny captures (2 × 8 tokens) minus the same
+    diff in a warm process, and what the imports and the first compiled-kernel load take alone."""
+    import hwdiff
+
+    pair = [str(work / "hw-fixed-a.h5"), str(work / "hw-fixed-b.h5")]
+    for path, dtype in zip(pair, ("float32", "bfloat16")):  # a pair that differs: every stage (fits included) runs
+        hwdiff.capture(hwdiff.load_model("tiny-qwen2", dtype=dtype), path,
+                       inputs=hwdiff.load_inputs([[1, 2, 3, 4, 5, 6, 7, 8]] * 2), progress=False)
+    cli = [sys.executable, "-m", "hwdiff", "diff", *pair, "-q", "--csv", str(work / "hw-fixed.csv")]
+    fresh = statistics.median(run_peak(cli)[0] for _ in range(repeats))
+    hwdiff.diff(*pair, progress=False)
+    warm = timed(lambda: hwdiff.diff(*pair, progress=False), repeats)
+    parts = {}
+    for name, code in (("python", "pass"), ("hwdiff_cli", "import hwdiff.cli"),
+                       ("compare_modules", "import hwdiff.compare.core"),
+                       ("numba_and_first_kernel", "import numpy as np; from hwdiff import jit; "
+                                                  "jit.kernels().t_em(np.arange(9.0), 3.0, 0.0, 1.0, 2)"),
+                       ("scipy_fit_modules", "import scipy.special, scipy.optimize")):
+        parts[name] = statistics.median(run_peak([sys.executable, "-c", code])[0] for _ in range(repeats))
+    return {"cli_s": fresh, "warm_diff_s": warm, "start_s": fresh - warm, "parts_s": parts}
 
 
 def cross_check(work: Path) -> dict:
@@ -201,6 +281,8 @@ def main() -> int:
                          "msprobe_statistics": msp["statistics_s"] / msp["plain_forward_s"],
                          "size_hwdiff_full_over_msprobe_outputs": hw["full_bytes"] / msp["tensor_dump_output_bytes"]},
               "compare": diff_vs_compare(args.work, python, min(args.repeats, 3)),
+              "diff_in_process": diff_in_process(args.work, args.repeats),
+              "process_start": process_start(args.work, args.repeats),
               "cross_check": cross_check(args.work)}
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     kept = {key: previous[key] for key in ("workload_b", "capture_scaling") if key in previous}  # other scripts' parts

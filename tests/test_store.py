@@ -119,3 +119,31 @@ def test_plugin_compression_without_hdf5plugin_is_one_clear_line(tmp_path, tiny_
     lines = [line for line in run.stderr.splitlines() if line.startswith("hwdiff: error")]
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
     assert len(lines) == 1 and "hdf5plugin" in lines[0] and "damaged" not in lines[0], run.stderr
+
+
+@pytest.mark.parametrize("family, mode, record_inputs", [
+    ("qwen2", "full", True), ("qwen2", "sample", False), ("qwen2", "stats", True),
+    ("mixtral", "full", True), ("gemma3", "full", False), ("gpt2", "stats", False)])
+def test_module_index_says_what_walking_the_groups_finds(tmp_path, family, mode, record_inputs):
+    """/module_index (what the writer knew) against a walk of the HDF5 groups, for aliases, recorded
+    inputs, routed experts (MoE, calls keyed by expert), (1 + w) norms, stats and sample files; and a
+    file whose groups changed after writing falls back to the walk."""
+    import hwdiff
+    from hwdiff.store import _indexed_modules, _walk_modules
+
+    from .test_families import build
+
+    model = hwdiff.load_model("tiny-qwen2") if family == "qwen2" else build(family).eval()
+    ids = np.random.default_rng(1).integers(3, 200, (3, 20))
+    path = hwdiff.capture(model, tmp_path / "c.h5", inputs=ids, mode=mode, record_inputs=record_inputs,
+                          batch_size=2, progress=False).path
+    with h5py.File(path, "r") as handle:
+        indexed, walked = _indexed_modules(handle), _walk_modules(handle)
+    assert indexed is not None and len(walked) > 5
+    assert list(indexed) == list(walked) and indexed == walked
+    with h5py.File(path, "a") as handle:
+        del handle["modules"][next(iter(walked))]
+    with h5py.File(path, "r") as handle:
+        assert _indexed_modules(handle) is None
+    with open_capture(path) as capture:
+        assert list(capture.modules) == list(walked)[1:]
