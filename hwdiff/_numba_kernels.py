@@ -255,3 +255,40 @@ def t_em(x, df, loc, scale, iterations):
     loglik = n * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
         - (df + 1) / 2 * log_terms
     return loc, scale, loglik
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
+def t_em_counts(values, counts, df, loc, scale, iterations):
+    """:func:`t_em` on a sample given as its distinct ``values`` and how often each occurs
+    (``counts``, float64): the same sums, one term per distinct value instead of per element."""
+    n = 0.0
+    for i in range(values.size):
+        n += counts[i]
+    weights = np.empty(values.size)
+    for _ in range(iterations):
+        inverse = 1.0 / scale
+        weight_sum = 0.0
+        weighted = 0.0
+        for i in range(values.size):
+            z = (values[i] - loc) * inverse
+            w = counts[i] * (df + 1.0) / (df + z * z)
+            weights[i] = w
+            weight_sum += w
+            weighted += w * values[i]
+        new_loc = weighted / weight_sum
+        spread = 0.0
+        for i in range(values.size):
+            d = values[i] - new_loc
+            spread += weights[i] * d * d
+        new_scale = math.sqrt(spread / n)
+        converged = abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+        loc, scale = new_loc, new_scale
+        if converged:
+            break
+    log_terms = 0.0
+    for i in range(values.size):
+        z = (values[i] - loc) / scale
+        log_terms += counts[i] * math.log1p(z * z / df)
+    loglik = n * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
+        - (df + 1) / 2 * log_terms
+    return loc, scale, loglik

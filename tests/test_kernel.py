@@ -221,3 +221,34 @@ def test_a_missing_numba_is_said_once_and_the_numpy_path_is_used(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("False False numba is not importable (numba blocked by the test)")
     assert proc.stderr.count("numba is not importable") == 1
+
+
+def test_student_t_em_on_distinct_values_with_counts_equals_the_em_on_every_value(monkeypatch):
+    """Errors of low-precision outputs are multiples of an ulp: the EM sums per distinct value with
+    its count. Same sums, other order: equal to 1e-9, compiled or not; the whole fit (df search
+    included) lands on the same df and likelihood."""
+    from hwdiff import jit
+    from hwdiff.compare import fit
+
+    x = np.sort(np.round(np.random.default_rng(5).standard_t(3, 20_000) * 8) * 2.0 ** -10)
+    x = x[x != 0]
+    values, counts = np.unique(x, return_counts=True)
+    assert values.size * fit.TIES_FACTOR <= x.size
+    tied = (values, counts.astype(np.float64))
+    every = fit._t_em(x, 3.0, 0.0, 1e-3)
+    grouped = fit._t_em(x, 3.0, 0.0, 1e-3, tied=tied)
+    saved = dict(jit._state)
+    try:
+        jit._state.update(module=None, why="forced off by the test")
+        grouped_numpy = fit._t_em(x, 3.0, 0.0, 1e-3, tied=tied)
+    finally:
+        jit._state.clear()
+        jit._state.update(saved)
+    for other in (grouped, grouped_numpy):
+        assert other[1:] == pytest.approx(every[1:], rel=1e-9)
+        assert other[0] == pytest.approx(every[0], rel=1e-6, abs=1e-12)
+    with_ties = fit.fit_errors(x).fits["student_t"]
+    monkeypatch.setattr(fit, "TIES_FACTOR", 10 ** 9)  # never grouped
+    without = fit.fit_errors(x).fits["student_t"]
+    assert with_ties.params["df"] == pytest.approx(without.params["df"], rel=1e-6)
+    assert with_ties.loglik == pytest.approx(without.loglik, rel=1e-9)
