@@ -181,7 +181,11 @@ def diff_in_process(work: Path, repeats: int) -> dict:
     def read_both():
         for path in pair:
             with h5py.File(path, "r", rdcc_nbytes=0) as handle:
-                handle["modules"].visititems(lambda name, node: node[()] if isinstance(node, h5py.Dataset) else None)
+                datasets = []  # (visititems stops at the first callback that returns something)
+                handle["modules"].visititems(lambda name, node: datasets.append(node) if isinstance(node, h5py.Dataset)
+                                             else None)
+                for dataset in datasets:
+                    dataset[()]
 
     hwdiff.diff(*pair, progress=False)
     read_both()
