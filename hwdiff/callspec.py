@@ -28,8 +28,10 @@ def main_input_path(args: tuple, kwargs: dict) -> tuple | None:
     return next((("kw", key) for key, value in kwargs.items() if isinstance(value, torch.Tensor)), None)
 
 
-def encode_call(args: tuple, kwargs: dict) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
-    """(JSON-able spec, [(slot, tensor)]) of one call; the main input's slot is ``input``."""
+def encode_call(args: tuple, kwargs: dict, main_slot: bool = True) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
+    """(JSON-able spec, [(slot, tensor)]) of one call; the main input's slot is ``input`` unless
+    ``main_slot`` is False (the caller stores another tensor there: every argument is then
+    ``input.<argument>``, ``input.arg0`` included)."""
     main = main_input_path(args, kwargs)
     rows = _main_tensor(args, kwargs, main).shape[0] if main is not None else 1
     tensors: list[tuple[str, torch.Tensor]] = []
@@ -38,7 +40,7 @@ def encode_call(args: tuple, kwargs: dict) -> tuple[dict, list[tuple[str, torch.
         if isinstance(value, torch.Tensor):
             if value.dim() == 0 or value.shape[0] not in (rows, 1):
                 return {"unsupported": f"a tensor of shape {tuple(value.shape)} without the batch axis first"}
-            slot = MAIN if path == main else "input." + ".".join(_part(path))
+            slot = MAIN if path == main and main_slot else "input." + ".".join(_part(path))
             tensors.append((slot, value))
             return {"slot": slot}
         if isinstance(value, (tuple, list)):

@@ -136,7 +136,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
     result = diff(args.reference, args.target, out=args.output, golden=args.golden, local=args.local, json_path=args.json,
                   csv_path=args.csv, strict=args.strict, allow_model_mismatch=args.allow_model_mismatch,
-                  allow_any_local=args.allow_any_local,
+                  allow_any_local=args.allow_any_local, layout_map=args.map,
                   fit_samples=args.fit_samples, seed=args.seed, progress=not args.quiet)
     print(format_table(result, top=args.top))
     written = [path for path in (args.output, args.json, args.csv, args.csv and rl_csv_path(args.csv)) if path]
@@ -290,6 +290,10 @@ def _add_diff(sub: Any) -> None:
     dif.add_argument("--allow-model-mismatch", action="store_true", help="compare captures of different weights")
     dif.add_argument("--allow-any-local", action="store_true",
                      help="accept a --local capture that is not a replay of REFERENCE (by default it must be)")
+    dif.add_argument("--map", default=None, metavar="NAME|FILE.yaml",
+                     help="compare captures of two module layouts through a mapping: 'vllm' splits vLLM's fused "
+                          "qkv_proj / gate_up_proj into HF's q/k/v_proj and gate/up_proj (docs/vllm.md), or a YAML "
+                          "file of fused / rename / drop rules; the weights are checked by the stored norm weights")
     dif.add_argument("--fit-samples", type=COUNT, default=20_000,
                      help="elements per module (seeded sample) for the fits and divergence rule (default: %(default)s)")
     dif.add_argument("--seed", type=SEED, default=0, help="seed of the fit samples (default: %(default)s)")

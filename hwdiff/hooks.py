@@ -22,8 +22,9 @@ from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
 from .store import FLAT, ROUTED, Alias, Record, Register, Signature
-from .structure import (KINDS, expert_from_name, expert_index, experts_per_token, is_norm, module_kind,
-                        norm_offset, routed_tokens, routing_indices, row_layout)
+from .structure import (KINDS, SemanticsError, expert_from_name, expert_index, experts_per_token, input_by_meaning,
+                        is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens, routing_indices, row_layout,
+                        updates_in_place)
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
@@ -119,9 +120,11 @@ class Recorder:
         self.tokens = 0  # sequence length of the inputs: sample mode gathers along an axis of this size
         self.batch = 0  # sequences in the current forward (read from its input_ids)
         self.positions: torch.Tensor | None = None
+        self.active = True  # False: the current forward is not recorded (set by a top-level pre-hook)
         self.registered: dict[str, int] = {}
         self._calls: dict[str, int] = defaultdict(int)
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._open: dict[str, list[int]] = defaultdict(list)  # call indices given by pre-hooks, not yet finished
+        self._seen: dict[int, tuple[weakref.ref, str, int | None]] = {}
         self._specs: set[tuple[str, int]] = set()
         self._weights = {name: module.weight.detach().to("cpu", copy=True)
                          for name, module, kind in selection if is_norm(module)}
@@ -144,6 +147,8 @@ class Recorder:
         self._handles.append(self.model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(lambda *_: self.flush_stats()))
         for name, module, kind in self.selection:
+            if self.record_inputs:  # before the call: a module may update its arguments in place
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, kind), with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._hook(name, kind), with_kwargs=True))
         selected = {name for name, _, _ in self.selection}
         for name, module in self.model.named_modules():  # routing is needed to place routed rows
@@ -159,6 +164,7 @@ class Recorder:
 
     def _new_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._calls.clear()
+        self._open.clear()
         self._seen.clear()
         self._routing.clear()
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -181,26 +187,49 @@ class Recorder:
             self._routing[name.rpartition(".")[0]] = indices.detach().to("cpu")
         return indices
 
-    def _hook(self, name: str, kind: str) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _pre_hook(self, name: str, kind: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.active:
+                return
             call = self._calls[name]
             self._calls[name] = call + 1
-            if name not in self.registered:
-                self._register(name, kind, module)
-            self._emit(name, call, "output", first_tensor(output))
-            if kind == "router":
-                self._emit(name, call, "routing", self._note_routing(name, output))
-            if self.record_inputs:
-                self._record_call(name, call, args, kwargs, routed=self._layout(first_tensor(output)) == ROUTED)
+            self._open[name].append(call)  # registered when it returns: the order is the order of completion
+            self._record_call(name, call, module, args, kwargs)
         return hook
 
-    def _record_call(self, name: str, call: int, args: tuple, kwargs: dict, routed: bool = False) -> None:
-        """The main input; in full mode also every other argument, for replay (:mod:`hwdiff.callspec`).
-        A routed expert call keeps only its main input: replay does not run single experts."""
-        if self.mode != "full" or routed:
-            self._emit(name, call, "input", _first_input(args, kwargs))
+    def _hook(self, name: str, kind: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self.active:
+                return
+            if self._open[name]:
+                call = self._open[name].pop()
+            else:
+                call = self._calls[name]
+                self._calls[name] = call + 1
+            if name not in self.registered:
+                self._register(name, kind, module)
+            try:
+                meant = output_by_meaning(module, output)
+            except SemanticsError as exc:
+                self.unrecorded[name] = str(exc)
+                return
+            self._emit(name, call, "output", meant, fresh=updates_in_place(module))
+            if kind == "router":
+                self._emit(name, call, "routing", self._note_routing(name, output))
+        return hook
+
+    def _record_call(self, name: str, call: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """The main input (by meaning: :func:`hwdiff.structure.input_by_meaning`); in full mode also
+        every argument, for replay (:mod:`hwdiff.callspec`). A routed expert call keeps only its main
+        input: replay does not run single experts. Runs before the call (a pre-hook)."""
+        meant = input_by_meaning(module, args, kwargs)
+        main = meant if meant is not None else _first_input(args, kwargs)
+        if self.mode != "full" or self._layout(main) == ROUTED:
+            self._emit(name, call, "input", main)
             return
-        spec, tensors = encode_call(args, kwargs)
+        spec, tensors = encode_call(args, kwargs, main_slot=meant is None)
+        if meant is not None:  # every argument keeps its own slot; "input" is the stream the module reads
+            tensors = [("input", meant)] + tensors
         if (name, call) not in self._specs:
             self._specs.add((name, call))
             self.sink.put(Signature(name, call, json.dumps(spec)))
@@ -215,8 +244,11 @@ class Recorder:
                                dtype_name(weight.dtype) if weight is not None else "",
                                norm_offset(module) if weight is not None else 0.0))
 
-    def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None) -> None:
-        """Send one slot to the sink; a tensor already sent in this forward becomes a link to it.
+    def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None,
+              fresh: bool = False) -> None:
+        """Send one slot to the sink; a tensor already sent in this forward becomes a link to it,
+        unless its values changed in place since (its version counter moved, or ``fresh``: the module
+        overwrites its arguments and the counter is not kept, as under inference mode).
         ``rows``: expand a broadcast first axis of 1 to the batch (recorded call arguments)."""
         if tensor is None:
             return
@@ -233,10 +265,11 @@ class Recorder:
             tensor = tensor.reshape(self.batch, self.tokens, *tensor.shape[1:])
         key = f"{name}/{call}/{slot}"
         seen = self._seen.get(id(source))
-        if seen is not None and seen[0]() is source:
+        version = _version(source)
+        if seen is not None and seen[0]() is source and not fresh and version == seen[2]:
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
-        self._seen[id(source)] = (weakref.ref(source), key)
+        self._seen[id(source)] = (weakref.ref(source), key, version)
         on_cpu = tensor.device.type == "cpu"
         if self.mode == "stats" and _batched_stats(tensor):  # reduced where it is, sent once per forward
             self._pending.append((name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor)))
@@ -329,6 +362,14 @@ def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
         if math.isfinite(low.item()) and math.isfinite(high.item()):
             return torch.zeros(2, dtype=torch.int64)
     return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter, or None where torch keeps none (inference tensors)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

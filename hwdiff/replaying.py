@@ -23,9 +23,9 @@ from .callspec import decode_call, unsupported
 from .capturing import CaptureOptions, CaptureResult, model_device_and_dtype, capture_metadata
 from .emulate import describe, emulation
 from .errors import HwdiffError
-from .hooks import first_tensor, slot_record
+from .hooks import slot_record
 from .models import dtype_name, model_info
-from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset
+from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset, output_by_meaning
 from .store import FLAT, ROUTED, Capture, CaptureWriter, Register, open_capture
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
         args, kwargs = decode_call(spec, load)
         if "attention_mask" in kwargs and masks.needed:
             kwargs["attention_mask"] = masks.build(index[0], name)
-        output = first_tensor(module(*args, **kwargs))
+        output = output_by_meaning(module, module(*args, **kwargs))  # the element the capture stored
         if output is None:
             raise HwdiffError(f"module {name} returned no tensor when replayed")
         record = slot_record(name, call, "output", row0, output)

@@ -449,7 +449,8 @@ class CaptureWriter:
         return index
 
     def _register(self, item: Register) -> None:
-        group = self._modules[item.name] = self._file["modules"].create_group(item.name)
+        # require: a pre-hook may have stored the module's inputs already (it registers when it returns)
+        group = self._modules[item.name] = self._file["modules"].require_group(item.name)
         group.attrs.update(kind=item.kind, class_name=item.class_name, order=item.order)
         self._index[item.name] = {
             "kind": item.kind, "class_name": item.class_name, "order": item.order, "has_weight": item.weight is not None,
@@ -463,7 +464,10 @@ class CaptureWriter:
     def _call_group(self, name: str, call: int) -> h5py.Group:
         group = self._groups.get((name, call))
         if group is None:
-            group = self._groups[(name, call)] = self._modules[name].require_group(str(call))
+            module = self._modules.get(name)
+            if module is None:  # an input stored by a pre-hook before the module registered
+                module = self._file["modules"].require_group(name)
+            group = self._groups[(name, call)] = module.require_group(str(call))
             self._inside.setdefault((name, call), {})
             self._calls[name] = max(self._calls.get(name, 0), call + 1)
         return group

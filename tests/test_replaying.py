@@ -49,7 +49,8 @@ def test_recorded_call_arguments_are_stored_once_and_linked(attn_pair):
         assert spec["kwargs"]["position_embeddings"]["type"] == "tuple"
         later = handle["modules/model.layers.3.self_attn/0"]
         link = later.get("input.position_embeddings.0", getlink=True)
-        assert isinstance(link, h5py.SoftLink) and "model.layers.0.self_attn" in link.path
+        # inputs are recorded before each call (pre-hooks): layer 0 stores them first, everyone else links
+        assert isinstance(link, h5py.SoftLink) and link.path.startswith("/modules/model.layers.0/")
 
 
 def test_sdpa_vs_eager_first_divergence_and_replay_localize_attention(tmp_path, attn_pair):

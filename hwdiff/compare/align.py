@@ -104,8 +104,10 @@ def absent(capture: Capture, role: str) -> list[Unmatched]:
 
     never = json.loads(str(capture.meta.get("never_called") or "[]"))
     unrecorded = json.loads(str(capture.meta.get("unrecorded") or "{}"))
+    mapped_out = json.loads(str(capture.meta.get("mapped_out") or "{}"))  # a layout mapping's drop rules
     return ([Unmatched(name, 0, "output", f"never called in the {role}") for name in never]
-            + [Unmatched(name, 0, "output", f"not recorded in the {role}: {why}") for name, why in unrecorded.items()])
+            + [Unmatched(name, 0, "output", f"not recorded in the {role}: {why}") for name, why in unrecorded.items()]
+            + [Unmatched(name, 0, "output", f"only in the {role} (not compared: {why})") for name, why in mapped_out.items()])
 
 
 def _pair(reference: Capture, target: Capture, name: str, call: int, slot: str, kind: str) -> Pair | Unmatched:

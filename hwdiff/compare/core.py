@@ -28,7 +28,7 @@ _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "
               "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc",
               "cuda_version", "cudnn_version", "driver_version", "torch_npu_version", "cann_version",
               "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "npu_matmul_allow_hf32", "deterministic_algorithms",
-              "cpu_threads", "emulate", "replay_of")
+              "cpu_threads", "emulate", "replay_of", "layout", "layout_map")
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +44,7 @@ class DiffOptions:
     allow_any_local: bool = False
     block_elements: int = 1 << 20
     progress: bool = True
+    layout_map: str | None = None  # a layout mapping (:mod:`.layouts`): built-in name or YAML file
 
 
 def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Capture,
@@ -67,7 +68,13 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
     rl_csv = rl_csv_path(csv_path) if csv_path is not None else None  # written beside --csv
     outputs.check_outputs((reference, target, golden, local), (out, json_path, csv_path, rl_csv))
     with _Opened(reference, target, golden, local) as (ref, tgt, gold, loc):
-        check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch)
+        if opts.layout_map is not None:
+            ref, tgt = _mapped(ref, tgt, gold, loc, opts)
+        elif {str(ref.meta.get("layout", "")), str(tgt.meta.get("layout", ""))} == {"", "vllm"}:
+            vllm = ref if ref.meta.get("layout") == "vllm" else tgt
+            raise HwdiffError(f"{vllm.path} was captured in vLLM's module layout and the other capture was not: "
+                              "compare them with --map vllm (layout_map='vllm')")
+        check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch or opts.layout_map is not None)
         if ref.is_generation:
             raise HwdiffError("these are greedy generation files: compare them with "
                               "hwdiff.compare.generation.diff_generations (the CLI's diff does so itself)")
@@ -84,6 +91,20 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
         log.warning("%s", warning)
     write_outputs(result, out=out, json_path=json_path, csv_path=csv_path)
     return result
+
+
+def _mapped(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions) -> tuple:
+    """Both captures read through the layout mapping; the same weights checked by the norm weights
+    both store, since across layouts the model fingerprints differ by construction."""
+    from .layouts import check_same_weights, map_captures
+
+    if gold is not None or loc is not None:
+        raise HwdiffError("--map compares two captures of different layouts; --golden and --local are not "
+                          "supported with it (diff each layout's captures without --map)")
+    ref, tgt = map_captures(ref, tgt, opts.layout_map)
+    if not opts.allow_model_mismatch:
+        check_same_weights(ref, tgt)
+    return ref, tgt
 
 
 def check_replay_of(ref: Capture, loc: Capture) -> None:
