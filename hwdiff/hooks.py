@@ -213,7 +213,11 @@ class Recorder:
             except SemanticsError as exc:
                 self.unrecorded[name] = str(exc)
                 return
-            self._emit(name, call, "output", meant, fresh=updates_in_place(module))
+            in_place = updates_in_place(module)
+            if in_place:  # its arguments hold new values now: no later slot may link to what was stored for them
+                for value in (*args, *kwargs.values()):
+                    self._seen.pop(id(value), None)
+            self._emit(name, call, "output", meant, fresh=in_place)
             if kind == "router":
                 self._emit(name, call, "routing", self._note_routing(name, output))
         return hook

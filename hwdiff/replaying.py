@@ -76,7 +76,7 @@ def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatc
     batch = int(ref.meta.get("batch_size", ref.input_ids.shape[0]))
     meta = capture_metadata(model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress))
     meta.update(replay_of=str(ref.path), replay_of_id=str(ref.meta.get("capture_id", "")), replay_of_device=str(ref.meta.get("device")),
-                replay_of_dtype=str(ref.meta.get("dtype")), emulate=emulated)
+                replay_of_dtype=str(ref.meta.get("dtype")), emulate=emulated, layout=str(ref.meta.get("layout", "")))
     masks = _MaskRebuilder(model, ref, device, dtype)
     writer = CaptureWriter(path, meta=meta, inputs=ref.inputs, mode="full")
     try:
