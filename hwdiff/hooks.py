@@ -22,7 +22,8 @@ from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
 from .store import FLAT, ROUTED, Alias, Record, Register, Signature
-from .structure import (KINDS, SemanticsError, expert_from_name, expert_index, experts_per_token, input_by_meaning,
+from .structure import (KINDS, SemanticsError, expert_from_name, expert_index, experts_per_token, flat_sequences,
+                        input_by_meaning,
                         is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens, routing_indices, row_layout,
                         updates_in_place)
 
@@ -171,6 +172,11 @@ class Recorder:
         ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
         if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
             self.batch, self.tokens = int(ids.shape[0]), int(ids.shape[1])
+        elif isinstance(ids, torch.Tensor) and ids.dim() == 1:  # vLLM: flattened [num_tokens] ids and positions
+            try:
+                self.batch, self.tokens = flat_sequences(kwargs.get("positions", args[1] if len(args) > 1 else None))
+            except SemanticsError:  # not whole prompts of one length: rows are kept as the modules return them
+                self.batch = self.tokens = 0
 
     def _layout(self, tensor: torch.Tensor | None) -> str:
         """How ``tensor``'s rows relate to this forward's sequences (:func:`hwdiff.structure.row_layout`)."""

@@ -79,7 +79,7 @@ class VllmRecorder(Recorder):
         self.report = report
 
     def _new_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        super()._new_forward(module, args, kwargs)
+        super()._new_forward(module, args, kwargs)  # tells the sequences of a flattened batch
         ids = kwargs.get("input_ids", args[0] if args else None)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
         self.active = False
@@ -90,7 +90,8 @@ class VllmRecorder(Recorder):
             if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
                 raise SemanticsError("the forward has no flattened input_ids [num_tokens] (inputs_embeds or "
                                      "pipeline-parallel intermediate tensors)")
-            self.batch, self.tokens = flat_sequences(positions)
+            if not self.batch:
+                flat_sequences(positions)  # raises, saying why the sequences cannot be told
         except SemanticsError as exc:
             self.report.skipped.append(str(exc))
             return
@@ -137,6 +138,7 @@ def record_vllm(model: torch.nn.Module, path: str | os.PathLike, *, modules: str
         raise HwdiffError("no forward inside the record_vllm block was whole prompts of one length, nothing was "
                           f"recorded ({'; '.join(sorted(set(report.skipped))) or 'the model never ran'}); run "
                           "llm.generate on equal-length token prompts with enforce_eager=True and prefix caching off")
+    _check_hooks_ran(recorder)
     if report.skipped:
         log.info("record_vllm: %d later forward(s) not recorded", len(report.skipped))
     try:
@@ -185,3 +187,15 @@ def _check_worker(worker: Any) -> None:
     if not eager:
         raise HwdiffError("the engine runs CUDA/ACL graphs, inside which hooks do not run: start it with "
                           "enforce_eager=True")
+
+
+def _check_hooks_ran(recorder: VllmRecorder) -> None:
+    """A forward was recorded but no selected decoder layer's hooks ran: the layers run as a compiled
+    graph (torch.compile, CUDA/ACL graphs), which module hooks do not enter."""
+    layers = [name for name, _, kind in recorder.selection if kind == "decoder_layer"]
+    if layers and not any(name in recorder.registered for name in layers):
+        if recorder.sink.writer is not None:
+            recorder.sink.writer.abort()
+        raise HwdiffError(f"the engine ran a forward but none of the {len(layers)} decoder layers' hooks did: the "
+                          "model runs compiled (torch.compile or graphs); start the engine with enforce_eager=True "
+                          "and compilation_config=0")

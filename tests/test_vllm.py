@@ -297,3 +297,15 @@ def test_worker_extension_records_the_model_the_worker_holds(ids, tmp_path):
     worker.vllm_config.model_config.enforce_eager = False
     with pytest.raises(HwdiffError, match="enforce_eager=True"):
         start(worker, str(tmp_path / "rank1.h5"))
+
+
+def test_hwdiff_record_on_a_vllm_model_gives_sequences_and_tokens(ids, tmp_path):
+    model = S.from_hf(_hf("Qwen2"), path="cuda")
+    with hwdiff.record(model, kinds="rmsnorm") as rec:
+        S.run(model, ids)
+    stored = _record(model, tmp_path / "v.h5", ids, kinds="rmsnorm")
+    with hwdiff.open_capture(stored) as cap:
+        for name in cap.modules:
+            in_memory = rec.activations[(name, 0, "output")][0]
+            assert in_memory.shape == (SEQUENCES, TOKENS, 64)
+            np.testing.assert_array_equal(in_memory.numpy(), cap.activation(name))
