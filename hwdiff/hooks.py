@@ -23,9 +23,8 @@ from .stats import partial_stats
 from .callspec import encode_call, main_input_path
 from .store import FLAT, ROUTED, Alias, Record, Register, Signature
 from .structure import (KINDS, SemanticsError, expert_from_name, expert_index, experts_per_token, flat_sequences,
-                        input_by_meaning,
-                        is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens, routing_indices, row_layout,
-                        updates_in_place)
+                        input_by_meaning, is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens,
+                        routing_indices, row_layout, updates_in_place)
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
