@@ -513,7 +513,10 @@ def _signature(module: Any) -> Any:
             function = getattr(cls, method, None)
             if function is None:
                 continue
-            signature = inspect.signature(function)
+            try:
+                signature = inspect.signature(function)
+            except (TypeError, ValueError):  # a forward without a Python signature
+                continue
             if any(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in list(signature.parameters.values())[1:]):
                 found = signature
                 break
