@@ -153,6 +153,7 @@ def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np
                 rec.positions = torch.from_numpy(positions[row0: row0 + len(ids)]).to(device)
             model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
                   use_cache=False)
+            outputs.check_interrupted()  # a Ctrl-C swallowed inside the forward stops the run here
             bar.update(len(ids))
         devices.synchronize(device)
 

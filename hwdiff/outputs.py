@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -50,14 +51,33 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []  # signals seen by the handler, in case the exception it raised was swallowed
+
+
 def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGHUP into :class:`Interrupted` (SIGINT already raises KeyboardInterrupt)."""
+    """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted`. The signal is also remembered:
+    Python drops an exception raised while it runs a weakref callback or a ``__del__`` ("Exception
+    ignored in ..."), and :func:`check_interrupted` raises it again at the next safe point."""
     def handler(signum: int, frame: Any) -> None:
+        _received.append(signum)
         raise Interrupted(signum)
 
-    for name in ("SIGTERM", "SIGHUP"):
+    def unraisable(info: Any, previous: Any = sys.unraisablehook) -> None:
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and _received):
+            previous(info)  # (a dropped interrupt is raised again by check_interrupted, not printed)
+
+    _received.clear()
+    sys.unraisablehook = unraisable
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), handler)
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` when a signal arrived whose exception did not reach the caller
+    (called before an output is committed, so an interrupted run never leaves one)."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 # -- 1. before any work ------------------------------------------------------------------------
@@ -153,6 +173,7 @@ def temporary(target: str | os.PathLike) -> Path:
 def commit(temp: Path, target: str | os.PathLike) -> Path:
     """Sync ``temp`` to disk and rename it onto ``target`` (atomic on one filesystem)."""
     target = Path(target)
+    check_interrupted()
     try:
         _fsync(temp)
         os.replace(temp, target)

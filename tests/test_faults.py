@@ -517,3 +517,29 @@ def test_demo_hint_names_a_command_that_runs():
     proc = subprocess.run([*shlex.split(hwdiff_command()), "--version"], capture_output=True, text=True, env=env,
                           cwd=os.getcwd())  # the hint may be relative to the folder it was printed in
     assert proc.returncode == 0 and proc.stdout.startswith("hwdiff "), proc.stderr
+
+
+def test_an_interrupt_swallowed_inside_a_callback_still_stops_the_write(tmp_path):
+    """Python drops an exception raised while it runs a weakref callback (and prints "Exception
+    ignored in"): a Ctrl-C that lands there must still stop the run before any output is committed,
+    with no such noise."""
+    target = tmp_path / "out.txt"
+    script = f"""
+import os, signal, sys, weakref
+from hwdiff import outputs
+outputs.install_signal_handlers()
+class Thing:
+    pass
+def callback(_):
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(1000))  # the handler runs here, inside the callback, and its exception is dropped
+thing = Thing()
+ref = weakref.ref(thing, callback)
+del thing
+print("still running", flush=True)
+outputs.write_text({str(target)!r}, "x")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "still running" in run.stdout and "Exception ignored" not in run.stderr, (run.stdout, run.stderr)
+    assert run.returncode != 0 and "Interrupted: SIGINT" in run.stderr
+    assert not target.exists() and not list(tmp_path.iterdir())
