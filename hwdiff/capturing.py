@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import platform
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from . import devices, outputs
+from . import devices, distributed, outputs, rankstore
 from ._version import __version__
 from .emulate import describe, emulation
 from .errors import HwdiffError, InputsError
@@ -87,38 +89,106 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
     (:mod:`hwdiff.emulate`) applied during the run. ``options`` are the fields of
     :class:`CaptureOptions`. The file appears at ``path`` only when complete; on failure an existing
     file there is left as it was.
+
+    Inside an initialised process group of several ranks (torchrun), ``path`` is a directory: every
+    rank writes its own file there and rank 0 a manifest (:mod:`hwdiff.distributed`,
+    :mod:`hwdiff.rankstore`); data parallel (rank r takes batches r, r + N, …) unless the model was
+    sharded with :func:`hwdiff.distributed.tensor_parallel`. Every rank must call it.
     """
     if mode not in MODES:
         raise HwdiffError(f"unknown capture mode {mode!r}: expected {', '.join(MODES)}")
     opts = CaptureOptions(**options)
-    outputs.check_outputs([inputs], [path])
+    ranks = distributed.rank_info()
+    if ranks is None:
+        outputs.check_outputs([inputs], [path])
     started = time.perf_counter()
     device, dtype = model_device_and_dtype(model)
     inputs = _resolve_inputs(model, inputs, opts)
     positions = sample_positions(inputs, opts.tokens, opts.seed) if mode == "sample" else None
     meta = capture_metadata(model, device, dtype, mode, record_inputs, opts)
-    with emulation(model, emulate) as profiles:
+    job = _Job(model, modules, kinds, mode, record_inputs, emulate, opts, started)
+    if ranks is not None:
+        return _capture_ranks(job, Path(path), ranks, inputs, positions, meta)
+    return _write_file(job, path, inputs, positions, meta)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one capture records and how (the arguments of :func:`capture`)."""
+
+    model: torch.nn.Module
+    modules: Any
+    kinds: Any
+    mode: str
+    record_inputs: bool
+    emulate: list[str] | None
+    opts: CaptureOptions
+    started: float
+
+
+def _write_file(job: _Job, path: str | os.PathLike, inputs: Inputs, positions: np.ndarray | None,
+                meta: dict[str, Any], placements: dict[str, str] | None = None) -> CaptureResult:
+    """Run every batch of ``inputs`` through the model and write one capture file at ``path``."""
+    model, opts = job.model, job.opts
+    device = model_device_and_dtype(model)[0]
+    with emulation(model, job.emulate) as profiles:
         meta["emulate"] = describe(profiles)
         # On the CPU the hooks write synchronously: a writer thread would take cores from the forward.
-        writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=mode, sample_positions=positions,
-                               compression=opts.compression, synchronous=device.type == "cpu")
+        writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=job.mode, sample_positions=positions,
+                               compression=opts.compression, synchronous=device.type == "cpu", placements=placements)
         try:
-            with record(model, modules, kinds=kinds, mode=mode, record_inputs=record_inputs, sink=writer) as rec, \
-                    _logprobs(model, writer, opts) as lp:
+            with record(model, job.modules, kinds=job.kinds, mode=job.mode, record_inputs=job.record_inputs,
+                        sink=writer) as rec, _logprobs(model, writer, opts) as lp:
                 _run_batches(model, rec, inputs, positions, device, opts)
             if opts.logprobs and not lp.batches:
                 log.warning("%s has no head module and no logits output: no token log-probabilities stored",
                             type(model).__name__)
-            final = writer.finish({"capture_seconds": time.perf_counter() - started, **_absences(rec)})
+            final = writer.finish({"capture_seconds": time.perf_counter() - job.started, **_absences(rec)})
         except BaseException:
             writer.abort()
             raise
     result = CaptureResult(final, len(rec.registered), inputs.shape[0], inputs.shape[1],
-                           final.stat().st_size, time.perf_counter() - started, tuple(writer.nonfinite))
+                           final.stat().st_size, time.perf_counter() - job.started, tuple(writer.nonfinite))
     if result.nonfinite_modules:
         log.warning("NaN/Inf activations in %d module(s), first in forward order: %s",
                     len(result.nonfinite_modules), result.nonfinite_modules[0])
     return result
+
+
+def _capture_ranks(job: _Job, target: Path, ranks: distributed.RankInfo, inputs: Inputs,
+                   positions: np.ndarray | None, meta: dict[str, Any]) -> CaptureResult:
+    """This rank's part of a multi-rank capture into directory ``target`` (:mod:`hwdiff.distributed`)."""
+    placements = distributed.sharded_outputs(job.model)
+    parallel = "tensor" if placements else "data"
+    if job.mode == "stats":
+        raise HwdiffError("a multi-rank capture stores activations (mode full or sample); stats mode is not "
+                          "supported under torch.distributed yet")
+    if parallel == "tensor" and job.record_inputs:
+        raise HwdiffError("--record-inputs is not supported with --tp (the inputs of row-parallel modules are "
+                          "shards); replay a single-device or data-parallel capture instead")
+    world, rank = ranks.world_size, ranks.rank
+    rows = None if parallel == "tensor" else [
+        distributed.batch_rows(inputs.shape[0], job.opts.batch_size, r, world) for r in range(world)]
+    device = model_device_and_dtype(job.model)[0]
+    run = distributed.RankRun.start(target, ranks)
+    try:
+        mine = inputs if rows is None else distributed.rank_inputs(inputs, rows[rank])
+        my_positions = positions if rows is None or positions is None else positions[rows[rank]]
+        rank_meta = {**meta, **ranks.meta(parallel, device), "run_id": run.run_id,
+                     "parallel_sequences": inputs.shape[0]}
+        opts = dataclasses.replace(job.opts, progress=job.opts.progress and rank == 0)
+        result = _write_file(dataclasses.replace(job, opts=opts), run.rank_file, mine, my_positions, rank_meta,
+                             placements)
+        manifest = {"capture_id": uuid.uuid4().hex, "created_utc": distributed.utc_now(), "run_id": run.run_id,
+                    "inputs_fingerprint": inputs.fingerprint, "inputs_source": inputs.source, "world_size": world}
+        final = run.finish(lambda folder: rankstore.write_manifest(folder, world, parallel, inputs, positions,
+                                                                   manifest, rows))
+    except BaseException as exc:
+        run.abort(exc)
+        raise
+    size = sum(path.stat().st_size for path in final.iterdir() if path.is_file())
+    return CaptureResult(final, result.modules, inputs.shape[0], inputs.shape[1], size,
+                         time.perf_counter() - job.started, result.nonfinite_modules)
 
 
 def _logprobs(model: torch.nn.Module, writer: CaptureWriter, opts: CaptureOptions) -> Any:
@@ -244,6 +314,10 @@ def capture_metadata(model: torch.nn.Module, device: torch.device, dtype: torch.
         record_inputs=record_inputs, batch_size=opts.batch_size, seed=opts.seed,
         sample_tokens=opts.tokens if mode == "sample" else 0,
     )
+    from .devicemap import device_map_of
+
+    if device_map_of(model) is not None:  # one process over several devices: which device ran each module
+        meta["module_devices"] = device_map_of(model)
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = json.dumps(config.to_dict(), default=str, sort_keys=True)
     return meta

@@ -20,19 +20,50 @@ MODES = ("full", "sample", "stats")
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    check_outputs([args.inputs], [args.output])
-    from .capturing import capture
-    from .models import load_model
+    from . import distributed
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype,
-                       attn_implementation=args.attn_impl, seed=args.seed, trust_remote_code=args.trust_remote_code)
-    result = capture(model, args.output, inputs=args.inputs, modules=args.modules, kinds=args.kinds,
-                     mode=args.mode, record_inputs=args.record_inputs, emulate=args.emulate, batch_size=args.batch_size,
-                     max_tokens=args.max_tokens, limit=args.limit, tokens=args.tokens, seed=args.seed,
-                     compression=args.compression, progress=not args.quiet, logprobs=not args.no_logprobs,
-                     logprob_topk=args.logprob_topk)
-    print(result)
+    device = distributed.init_from_env(args.device)  # torchrun: this rank's device, process group from the env
+    try:
+        ranks = distributed.rank_info()
+        _check_capture_args(args, ranks)
+        from .capturing import capture
+        from .models import load_model
+
+        model = load_model(args.model, device="cpu" if args.device_map else device, dtype=args.dtype,
+                           attn_implementation=args.attn_impl, seed=args.seed, trust_remote_code=args.trust_remote_code)
+        if args.device_map:
+            from .devicemap import dispatch
+
+            model = dispatch(model)
+        if args.tp > 1:
+            model = distributed.tensor_parallel(model, args.tp)
+        result = capture(model, args.output, inputs=args.inputs, modules=args.modules, kinds=args.kinds,
+                         mode=args.mode, record_inputs=args.record_inputs, emulate=args.emulate,
+                         batch_size=args.batch_size, max_tokens=args.max_tokens, limit=args.limit, tokens=args.tokens,
+                         seed=args.seed, compression=args.compression, progress=not args.quiet,
+                         logprobs=not args.no_logprobs, logprob_topk=args.logprob_topk)
+        if ranks is None or ranks.rank == 0:
+            print(result)
+    finally:
+        distributed.close()
     return 0
+
+
+def _check_capture_args(args: argparse.Namespace, ranks: Any) -> None:
+    if args.device_map and (ranks is not None or args.tp > 1):
+        raise HwdiffError("--device-map auto is for one process over several devices; under torchrun each rank "
+                          "has its own device (use --tp to shard a model over the ranks)")
+    if args.device_map and args.device != "auto":
+        raise HwdiffError(f"--device-map auto chooses the devices itself; drop --device {args.device}")
+    if args.tp > 1 and ranks is None:
+        raise HwdiffError(f"--tp {args.tp} shards the model over {args.tp} processes: run it under torchrun "
+                          f"(torchrun --nproc_per_node {args.tp} -m hwdiff capture ... --tp {args.tp})")
+    if ranks is None:
+        check_outputs([args.inputs], [args.output])
+    else:
+        from .rankstore import check_target
+
+        check_target(Path(args.output))
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -230,7 +261,10 @@ def _emulate_arg(parser: argparse.ArgumentParser) -> None:
 def _add_capture(sub: Any) -> None:
     cap = sub.add_parser("capture", help="record per-module activations of a model into one HDF5 file",
                          description="Run fixed inputs through a model with forward hooks and write every "
-                                     "selected module's output to one self-describing HDF5 file.")
+                                     "selected module's output to one self-describing HDF5 file. Under torchrun "
+                                     "(WORLD_SIZE > 1) every rank writes its own file into the -o directory and "
+                                     "rank 0 a manifest: data parallel by whole batches, or tensor parallel with "
+                                     "--tp; the directory reads as one capture everywhere (docs/distributed.md).")
     cap.add_argument("--model", default="tiny-qwen2",
                      help="tiny-qwen2, qwen2.5-1.5b-arch, a local checkpoint directory or a hub id "
                           "(default: %(default)s)")
@@ -264,7 +298,14 @@ def _add_capture(sub: Any) -> None:
                      help="top-k ids and log-probs kept per position with the head's token log-probabilities "
                           "(/logprobs, stored in every mode; docs/rl-impact.md) (default: %(default)s)")
     cap.add_argument("--no-logprobs", action="store_true", help="do not store the head's token log-probabilities")
-    cap.add_argument("-o", "--output", required=True, help="capture file to write (.h5)")
+    cap.add_argument("--tp", type=COUNT, default=1,
+                     help="tensor parallel over N torchrun ranks: q/k/v/gate/up column-wise, o/down row-wise "
+                          "(Qwen2/Llama layout; docs/distributed.md) (default: %(default)s)")
+    cap.add_argument("--device-map", choices=("auto",), default=None,
+                     help="one process, decoder layers split over every visible GPU/NPU; records which device ran "
+                          "each module (one device visible: no split)")
+    cap.add_argument("-o", "--output", required=True,
+                     help="capture file to write (.h5); under torchrun a directory (one file per rank + manifest.h5)")
     _quiet_arg(cap)
     cap.set_defaults(handler=_cmd_capture)
 
@@ -276,8 +317,8 @@ def _add_diff(sub: Any) -> None:
                                      "the RL impact (token log-prob mismatch at the head, docs/rl-impact.md). "
                                      "Prints the worst modules first. Given two generation files (hwdiff generate): "
                                      "where each prompt's greedy continuations split.")
-    dif.add_argument("reference", help="reference capture (.h5)")
-    dif.add_argument("target", help="target capture (.h5), same model and inputs")
+    dif.add_argument("reference", help="reference capture (.h5, or a multi-rank capture directory)")
+    dif.add_argument("target", help="target capture (.h5 or directory), same model and inputs")
     dif.add_argument("--golden", default=None, help="a third capture (e.g. CPU float32): each side's error against it")
     dif.add_argument("--local", default=None,
                      help="a replay of the reference's inputs on the target's device (hwdiff replay): adds each "
@@ -425,7 +466,7 @@ def _add_report(sub: Any) -> None:
 def _add_inspect(sub: Any) -> None:
     ins = sub.add_parser("inspect", help="print a capture's metadata and module table",
                          description="Print a capture's metadata and one row per module.")
-    ins.add_argument("file", help="capture file (.h5)")
+    ins.add_argument("file", help="capture file (.h5) or multi-rank capture directory")
     ins.add_argument("--allow-incomplete", action="store_true", help="show a capture whose run did not finish")
     ins.add_argument("--verify", action="store_true",
                      help="read every dataset and check its checksum (captures and diff.h5); lists each damaged one")

@@ -20,7 +20,8 @@ def inspect_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) 
 def _header(cap: Capture) -> list[str]:
     meta = cap.meta
     state = "complete" if meta.get("complete") else "INCOMPLETE"
-    size = os.path.getsize(cap.path) / 2**20
+    files = [p for p in cap.path.iterdir() if p.is_file()] if cap.path.is_dir() else [cap.path]  # a rank directory
+    size = sum(os.path.getsize(p) for p in files) / 2**20
     ids = cap.input_ids
     lines = [f"capture  {cap.path}  ({state}, {meta['schema']}, {size:.1f} MiB)"]
     lines += [f"{key:<20} {meta[key]}" for key in _HEADLINE if key in meta]

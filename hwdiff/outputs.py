@@ -215,6 +215,31 @@ class EarlySync:
                 os.close(fd)
 
 
+def commit_dir(temp: Path, target: str | os.PathLike) -> Path:
+    """Rename a finished temporary folder onto ``target`` (a multi-rank capture). An existing
+    ``target`` (the caller checked it is a folder it may replace) is first renamed aside under a
+    temporary name and removed only after the new folder is in place."""
+    target = Path(target)
+    old = None
+    try:
+        _fsync(temp, directory=True)
+        if target.exists():
+            old = target.parent / f".{target.name}.old.{os.getpid()}@{_HOST}.partial"
+            discard(old)
+            _live.add(old)
+            os.replace(target, old)
+        os.replace(temp, target)
+        _fsync(target.parent, directory=True)
+    except OSError as exc:
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # put the earlier folder back
+        raise write_error(exc, target) from exc
+    _live.discard(temp)
+    if old is not None:
+        discard(old)
+    return target
+
+
 def discard(temp: Path) -> None:
     """Remove a temporary file or folder of this process (never anything else)."""
     with contextlib.suppress(FileNotFoundError):

@@ -240,8 +240,9 @@ class CaptureWriter:
 
     def __init__(self, path: str | os.PathLike, *, meta: dict[str, Any], inputs: Inputs, mode: str,
                  sample_positions: np.ndarray | None = None, compression: str | None = None,
-                 max_bytes: int = 1 << 30, synchronous: bool = False) -> None:
+                 max_bytes: int = 1 << 30, synchronous: bool = False, placements: dict[str, str] | None = None) -> None:
         self.path = Path(path)
+        self.placements = placements or {}  # module → placement of its outputs (tensor-parallel shards)
         self.mode = mode
         self.synchronous = synchronous
         self.rows = inputs.shape[0]
@@ -532,6 +533,8 @@ class CaptureWriter:
                                  chunks=_chunk_shape(shape, stored.itemsize), **self._filter)
         dataset.attrs["dtype"] = item.dtype
         self._inside[(item.name, item.call)][item.slot] = ("data", shape, item.dtype)
+        if item.name in self.placements:
+            dataset.attrs["placement"] = self.placements[item.name]
         return dataset
 
 
@@ -613,8 +616,10 @@ class Capture:
     """A complete capture file opened for reading (see :func:`open_capture`)."""
 
     def __init__(self, path: str | os.PathLike, *, allow_incomplete: bool = False) -> None:
+        from . import rankstore
+
         self.path = Path(path)
-        self._file = _open_h5(self.path)
+        self._file = _open_h5(rankstore.manifest_of(self.path) if self.path.is_dir() else self.path)
         self._opened: dict[tuple[str, int, str], tuple[h5py.Dataset, str]] = {}
         # HDF5 lookups cost more than reading a small slot: each group is found once per reader
         self._groups: dict[str, h5py.Group] = {}
@@ -622,6 +627,7 @@ class Capture:
         self._slot_infos: dict[tuple[str, int, str], tuple[tuple[int, ...], str]] = {}
         try:
             self.meta = _read_meta(self._file, self.path)
+            _check_parallel(self.meta, Path(self._file.filename), self.path)
             if not self.meta.get("complete") and not allow_incomplete:
                 raise CaptureFormatError(
                     f"{self.path} is an incomplete capture (the run that wrote it did not finish); "
@@ -800,6 +806,19 @@ class Capture:
                 f"mode={self.mode!r}, modules={len(self.modules)})")
 
 
+def _check_parallel(meta: dict[str, Any], file: Path, path: Path) -> None:
+    """A multi-rank manifest is read only with every rank file of its run (:mod:`hwdiff.rankstore`);
+    one rank's file of a tensor-parallel run holds shards and is refused on its own."""
+    from . import rankstore
+
+    if "rank_files" in meta:
+        rankstore.check_ranks(file, meta)
+    elif meta.get("parallel") == "tensor" and "rank" in meta:
+        raise CaptureFormatError(
+            f"{path} is rank {meta['rank']} of a {meta.get('world_size')}-rank tensor-parallel capture: it holds "
+            f"shards of the column-parallel outputs; open its directory ({path.parent}) to read the whole tensors")
+
+
 def read_checked(dataset: h5py.Dataset, index: Any = Ellipsis) -> np.ndarray:
     """``dataset[index]``, with a failed checksum (or any read error) turned into a
     :class:`CorruptDataError` that names the file and the dataset. A dataset written with a plugin
@@ -861,12 +880,16 @@ class Verification:
 
 def verify_file(path: str | os.PathLike, *, block_elements: int = 1 << 22) -> Verification:
     """Read every dataset of an HDF5 file (a capture or a diff.h5) and check its checksum; for a
-    capture also that no activation holds other NaN/Inf counts than recorded when it was written."""
+    capture also that no activation holds other NaN/Inf counts than recorded when it was written.
+    A multi-rank capture directory: its manifest and every rank file (each dataset read once)."""
+    if Path(path).is_dir():
+        return _verify_directory(Path(path), block_elements)
     handle = _open_h5(Path(path))
     problems: list[tuple[str, str]] = []
     try:
         names: list[str] = []
         handle.visititems(lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None)
+        names = [name for name in names if not handle[name].is_virtual]  # read through their rank files
         for name in names:
             problem = _verify_dataset(handle[name], block_elements)
             if problem:
@@ -874,6 +897,20 @@ def verify_file(path: str | os.PathLike, *, block_elements: int = 1 << 22) -> Ve
     finally:
         handle.close()
     return Verification(Path(path), len(names), tuple(problems))
+
+
+def _verify_directory(folder: Path, block_elements: int) -> Verification:
+    from . import rankstore
+
+    manifest = rankstore.manifest_of(folder)
+    with open_capture(folder) as cap:  # refuses a missing or foreign rank file
+        files = [manifest] + [folder / entry["file"] for entry in json.loads(cap.meta["rank_files"])]
+    datasets, problems = 0, []
+    for file in files:
+        found = verify_file(file, block_elements=block_elements)
+        datasets += found.datasets
+        problems += [(f"{file.name}:{name}", problem) for name, problem in found.problems]
+    return Verification(folder, datasets, tuple(problems))
 
 
 def _verify_dataset(dataset: h5py.Dataset, block_elements: int) -> str | None:
@@ -915,7 +952,9 @@ def open_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) -> 
     """Open a capture for reading; raises :class:`CaptureFormatError` for anything else.
 
     Refuses files that are not HDF5, truncated, of another schema or major version, or incomplete
-    (unless ``allow_incomplete``).
+    (unless ``allow_incomplete``). ``path`` may be a multi-rank capture directory
+    (:mod:`hwdiff.rankstore`): it reads as one capture, and is refused without its manifest or with a
+    missing or foreign rank file.
     """
     return Capture(path, allow_incomplete=allow_incomplete)
 
