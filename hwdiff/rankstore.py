@@ -4,8 +4,9 @@ A multi-rank capture (:mod:`hwdiff.distributed`) is a directory::
 
     run/rank0.h5 … rank{N-1}.h5   each a capture file (schema hwdiff/capture/1) written by one rank,
                                    with root attributes rank, world_size, local_rank, local_device,
-                                   process_group_backend, parallel ("data" / "tensor"), run_id;
-                                   data parallel: /parallel/rows, the global rows it holds (int64)
+                                   process_group_backend, parallel ("data" / "tensor"), run_id,
+                                   parallel_sequences; data parallel: the rank's own sequences,
+                                   whole batches rank, rank + N, … of batch_size
     run/manifest.h5                written last by rank 0: a capture file itself (same schema and
                                    root attributes, complete = true) whose /inputs hold the whole input
                                    set and whose activations are HDF5 virtual datasets over the rank
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +46,6 @@ _RANK_KEYS = ("rank", "local_rank", "local_device", "capture_id", "created_utc",
 
 def rank_file(rank: int) -> str:
     return f"rank{rank}.h5"
-
-
-def is_directory_capture(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir()
 
 
 def manifest_of(path: str | os.PathLike) -> Path:
@@ -154,11 +152,14 @@ def _root(out: h5py.File, handles: list[h5py.File], parallel: str, meta: dict[st
     out.attrs["complete"] = False
 
 
+@dataclass(frozen=True, eq=False)
 class Layout:
-    """How rank datasets map onto the logical one."""
+    """How rank datasets map onto the logical one: ``parallel`` "data" (``rows``: each rank's global
+    rows) or "tensor"; ``sequences`` of the whole input set."""
 
-    def __init__(self, parallel: str, rows: list[np.ndarray] | None, sequences: int) -> None:
-        self.parallel, self.rows, self.sequences = parallel, rows, sequences
+    parallel: str
+    rows: list[np.ndarray] | None
+    sequences: int
 
 
 def _mirror(handles: list[h5py.File], path: str, parent: h5py.Group, layout: Layout) -> None:
