@@ -67,6 +67,9 @@ def check_target(target: Path) -> None:
     if target.exists() and not target.is_dir():
         raise outputs.OutputError(f"output {target} is an existing file: a multi-rank capture writes a directory; "
                                   "choose another -o")
+    if target.suffix == ".h5" and not target.is_dir():
+        raise outputs.OutputError(f"output {target}: a multi-rank capture writes a directory (one file per rank and "
+                                  f"{MANIFEST}); give a directory name such as {target.with_suffix('')}/")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
         raise outputs.OutputError(f"output {target} is a non-empty directory that is not a capture; choose another "
                                   "-o (a multi-rank capture replaces only an earlier capture directory)")
@@ -109,6 +112,7 @@ def write_manifest(folder: Path, world_size: int, parallel: str, inputs: Inputs,
         with outputs.atomic_output(folder / MANIFEST) as temp:
             out = outputs.open_h5(temp)
             try:
+                _check_consistent(handles, inputs, rows)
                 _root(out, handles, parallel, meta, rows)
                 group = out.create_group("inputs")
                 create_checked(group, "input_ids", data=inputs.input_ids.astype(np.int64))
@@ -131,6 +135,19 @@ def write_manifest(folder: Path, world_size: int, parallel: str, inputs: Inputs,
         for handle in handles:
             handle.close()
     return folder / MANIFEST
+
+
+def _check_consistent(handles: list[h5py.File], inputs: Inputs, rows: list[np.ndarray] | None) -> None:
+    """Every rank ran the same model on its share of the same inputs (a rank given another prompt
+    file or checkpoint would make a directory of unrelated pieces)."""
+    for rank, handle in enumerate(handles):
+        expected = inputs.input_ids if rows is None else inputs.input_ids[rows[rank]]
+        if not np.array_equal(handle["inputs/input_ids"][...], expected):
+            raise CaptureFormatError(f"rank {rank} captured other token ids than rank 0 was given for it: every rank "
+                                     "must read the same --inputs with the same tokenizer and --max-tokens/--limit")
+        if handle.attrs.get("model_fingerprint") != handles[0].attrs.get("model_fingerprint"):
+            raise CaptureFormatError(f"rank {rank} loaded other weights than rank 0 (model fingerprints differ): "
+                                     "every rank must load the same checkpoint")
 
 
 def _root(out: h5py.File, handles: list[h5py.File], parallel: str, meta: dict[str, Any],

@@ -836,13 +836,17 @@ def read_checked(dataset: h5py.Dataset, index: Any = Ellipsis) -> np.ndarray:
 
 def _read_with_plugin(dataset: h5py.Dataset, index: Any, exc: OSError) -> np.ndarray:
     plugins = [int(key) for key in dataset._filters if str(key).isdigit() and int(key) in PLUGIN_FILTERS]
+    where = dataset.file.filename
+    if dataset.is_virtual:  # a multi-rank manifest: the filters, and any damage, are the rank files'
+        where += " (read from the rank files of its directory: hwdiff inspect --verify DIR names the file)"
+        plugins = list(PLUGIN_FILTERS)
     if plugins:
         try:
             import hdf5plugin  # noqa: F401  (registers its filters with HDF5)
         except ImportError:
             pass
         missing = [PLUGIN_FILTERS[key] for key in plugins if not h5py.h5z.filter_avail(key)]
-        if missing:
+        if missing and not dataset.is_virtual:
             raise HwdiffError(f"{dataset.file.filename}: dataset {dataset.name} is compressed with {missing[0]}, "
                               "which needs the hdf5plugin package here: pip install hdf5plugin") from exc
         try:
@@ -850,7 +854,7 @@ def _read_with_plugin(dataset: h5py.Dataset, index: Any, exc: OSError) -> np.nda
         except OSError as again:
             exc = again
     raise CorruptDataError(
-        f"{dataset.file.filename}: dataset {dataset.name} is damaged ({_h5_reason(exc)}); the file changed "
+        f"{where}: dataset {dataset.name} is damaged ({_h5_reason(exc)}); the file changed "
         "after it was written: copy it again or capture again (hwdiff inspect --verify lists every damaged dataset)"
     ) from exc
 

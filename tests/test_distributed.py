@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -179,3 +180,21 @@ def test_device_map_splits_layers_and_keeps_results(tmp_path):
     with hwdiff.open_capture(tmp_path / "c.h5") as cap:
         devices = json.loads(cap.meta["module_devices"])
         assert devices["model.layers.3.mlp.down_proj"] == "cpu" and devices["lm_head"] == "cpu"
+
+
+def test_a_damaged_rank_file_is_reported_through_the_directory(runs, tmp_path):
+    from hwdiff.errors import CorruptDataError
+
+    broken = tmp_path / "run"
+    shutil.copytree(runs / "dp", broken)
+    name = "model.layers.1.mlp.down_proj"
+    with h5py.File(broken / "rank1.h5", "r") as handle:
+        offset = handle[f"modules/{name}/0/output"].id.get_chunk_info(0).byte_offset
+    data = bytearray((broken / "rank1.h5").read_bytes())
+    data[offset + 5] ^= 0x10
+    (broken / "rank1.h5").write_bytes(bytes(data))
+    with hwdiff.open_capture(broken) as cap:
+        with pytest.raises(CorruptDataError, match="rank files of its directory"):
+            cap.activation(name)
+    found = hwdiff.store.verify_file(broken)
+    assert not found.ok and found.problems[0][0] == f"rank1.h5:/modules/{name}/0/output"
