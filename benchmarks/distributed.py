@@ -9,7 +9,8 @@ with ``--tp 2``; reports each run's wall time (the whole command: torch import, 
 included), the in-capture time every file records (``capture_seconds``, the slowest rank) and the
 bytes written. Then times ``hwdiff.diff`` (median of --repeats, warm page cache, in-process after a
 first warm-up call) of single vs a second single-process capture, single vs the data-parallel
-directory and single vs the tensor-parallel directory, with the peak RSS of each diff process.
+directory and single vs the tensor-parallel directory, with the peak RSS of each diff process, and
+the time to merely read every stored activation of each target (block by block, as the differ does).
 All ranks share this machine's cores: on a 2-core machine the two ranks compete with each other.
 """
 from __future__ import annotations
@@ -63,6 +64,24 @@ def capture(args: argparse.Namespace, ids: Path, out: Path, ranks: int, tp: bool
             "bytes": sum(p.stat().st_size for p in files)}
 
 
+def time_read(path: Path, repeats: int) -> float:
+    """Seconds to read every stored activation once, in the differ's block order (median, warm cache)."""
+    import hwdiff
+    from hwdiff.store import plan_blocks
+
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        with hwdiff.open_capture(path) as cap:
+            for name, info in cap.modules.items():
+                if info.alias_of or "output" not in info.slots:
+                    continue
+                for index in plan_blocks(info.shape, 1 << 20):
+                    cap.read(name, 0, "output", index, stored=True)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times[1:]), 3)
+
+
 def time_diff(ref: Path, tgt: Path, repeats: int) -> dict:
     done = subprocess.run([sys.executable, "-c", DIFF_SNIPPET, str(ref), str(tgt), str(repeats)], check=True,
                           env=env(), capture_output=True, text=True)
@@ -92,6 +111,8 @@ def main() -> None:
     stored = captures["single"]["bytes"]
     for row in diffs.values():
         row["mb_per_s"] = round(2 * stored / row["seconds"] / 1e6, 1)  # both sides' activations read
+    for name, row in diffs.items():
+        row["read_target_s"] = time_read(paths[name], args.repeats)
     result = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "sequences": args.sequences, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
               "captures": captures, "diffs": diffs}

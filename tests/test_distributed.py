@@ -54,9 +54,13 @@ def runs(tmp_path_factory):
     """single.h5 (one process, same batches) and the data- and tensor-parallel capture directories."""
     root = tmp_path_factory.mktemp("dist")
     model = hwdiff.load_model("tiny-qwen2", dtype="float32")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks run with OMP_NUM_THREADS=1: the same CPU kernels
-    hwdiff.capture(model, root / "single.h5", batch_size=2, limit=6, max_tokens=16, progress=False,
-                   record_inputs=True)
+    try:
+        hwdiff.capture(model, root / "single.h5", batch_size=2, limit=6, max_tokens=16, progress=False,
+                       record_inputs=True)
+    finally:
+        torch.set_num_threads(threads)
     dp = torchrun("capture", *ARGS, "--record-inputs", "-o", root / "dp")
     assert dp.returncode == 0, dp.stderr[-3000:]
     tp = torchrun("capture", *ARGS, "--tp", "2", "-o", root / "tp")
