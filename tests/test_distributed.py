@@ -202,3 +202,26 @@ def test_a_damaged_rank_file_is_reported_through_the_directory(runs, tmp_path):
             cap.activation(name)
     found = hwdiff.store.verify_file(broken)
     assert not found.ok and found.problems[0][0] == f"rank1.h5:/modules/{name}/0/output"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_of_a_llama_checkpoint(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    ids = np.random.default_rng(0).integers(0, 256, (4, 16))
+    np.save(tmp_path / "ids.npy", ids)
+    args = ("--model", tmp_path / "llama", "--device", "cpu", "--dtype", "float32", "--batch-size", "2",
+            "--inputs", tmp_path / "ids.npy", "-q")
+    single = run_cli("capture", *args, "-o", tmp_path / "single.h5")
+    assert single.returncode == 0, single.stderr
+    done = torchrun("capture", *args, "--tp", "2", "-o", tmp_path / "tp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    with hwdiff.open_capture(tmp_path / "single.h5") as one, hwdiff.open_capture(tmp_path / "tp") as tp:
+        assert set(tp.modules) == set(one.modules) and "model.layers.1.mlp.act_fn" in one.modules
+        for name in one.modules:
+            ref, got = one.activation(name).astype(np.float64), tp.activation(name).astype(np.float64)
+            assert np.linalg.norm(got - ref) <= 1e-5 * np.linalg.norm(ref), name
