@@ -53,6 +53,12 @@ flipped bit is reported by name instead of read as a number (:func:`verify_file`
 (attribute ``<slot>_alias_of`` on the call group). Files are written under a temporary name and
 synced and renamed only after ``complete`` is set (:mod:`hwdiff.outputs`), so a partial file is
 never taken for a whole one and an existing file is replaced only by a complete one.
+A multi-rank capture (torchrun) is a directory of such files, one per rank, plus ``manifest.h5``: a
+capture file whose activations are HDF5 virtual datasets over the rank files (:mod:`hwdiff.rankstore`);
+:func:`open_capture` reads the directory as one capture and refuses it with a missing or foreign rank
+file. Rank files carry root ``rank``, ``world_size``, ``local_rank``, ``local_device``,
+``process_group_backend``, ``parallel`` and ``run_id``; a tensor-parallel shard's datasets
+``placement = "Shard(-1)"``.
 New files use the HDF5 1.10 object format (``libver="v110"``: smaller and quicker to write for many
 small groups and attributes; any HDF5 ≥ 1.10 reads them); files written in the older format read alike.
 """
