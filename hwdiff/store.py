@@ -269,7 +269,6 @@ class CaptureWriter:
         self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
         self._thread = None
         self._temp = outputs.temporary(self.path)
-        self._early_sync = outputs.EarlySync(self._temp)
         try:
             self._file = outputs.open_h5(self._temp)
         except OSError as exc:
@@ -338,7 +337,6 @@ class CaptureWriter:
             self._groups.clear()
             self._modules.clear()
             self._file.close()
-            self._early_sync.wait()
         except OSError as exc:
             self._failed = True
             raise outputs.write_error(exc, self.path) from exc
@@ -348,7 +346,6 @@ class CaptureWriter:
         """Stop writing and delete the temporary file; an existing file at ``path`` is untouched."""
         self._failed = True
         self._stop()
-        self._early_sync.wait()
         self._groups.clear()
         self._modules.clear()
         outputs.discard_h5(self._file, self._temp)
@@ -499,7 +496,6 @@ class CaptureWriter:
                 f"{dataset.shape[1:]} then {stored.shape[1:]}"
             )
         dataset[item.row0: item.row0 + stored.shape[0]] = stored
-        self._early_sync.wrote(stored.nbytes)
         if item.layout:
             dataset.attrs["rows"] = item.layout
         if item.present is not None:
