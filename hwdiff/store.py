@@ -453,8 +453,7 @@ class CaptureWriter:
         return index
 
     def _register(self, item: Register) -> None:
-        # require: a pre-hook may have stored the module's inputs already (it registers when it returns)
-        group = self._modules[item.name] = self._file["modules"].require_group(item.name)
+        group = self._module_group(item.name)  # a pre-hook may have stored its inputs already (it registers on return)
         group.attrs.update(kind=item.kind, class_name=item.class_name, order=item.order)
         self._index[item.name] = {
             "kind": item.kind, "class_name": item.class_name, "order": item.order, "has_weight": item.weight is not None,
@@ -465,13 +464,16 @@ class CaptureWriter:
             create_checked(group, "weight", data=data).attrs["dtype"] = item.weight_dtype
             group.attrs["weight_offset"] = float(item.weight_offset)
 
+    def _module_group(self, name: str) -> h5py.Group:
+        group = self._modules.get(name)
+        if group is None:
+            group = self._modules[name] = self._file["modules"].create_group(name)
+        return group
+
     def _call_group(self, name: str, call: int) -> h5py.Group:
         group = self._groups.get((name, call))
-        if group is None:
-            module = self._modules.get(name)
-            if module is None:  # an input stored by a pre-hook before the module registered
-                module = self._file["modules"].require_group(name)
-            group = self._groups[(name, call)] = module.require_group(str(call))
+        if group is None:  # this writer creates every group once (cached here): no lookups in the file
+            group = self._groups[(name, call)] = self._module_group(name).create_group(str(call))
             self._inside.setdefault((name, call), {})
             self._calls[name] = max(self._calls.get(name, 0), call + 1)
         return group
