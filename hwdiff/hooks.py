@@ -375,6 +375,8 @@ def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
 
 def _version(tensor: torch.Tensor) -> int | None:
     """The tensor's in-place version counter, or None where torch keeps none (inference tensors)."""
+    if tensor.is_inference():  # asked first: reading _version there raises, and exceptions are slow
+        return None
     try:
         return tensor._version
     except RuntimeError:

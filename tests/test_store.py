@@ -147,3 +147,27 @@ def test_module_index_says_what_walking_the_groups_finds(tmp_path, family, mode,
         assert _indexed_modules(handle) is None
     with open_capture(path) as capture:
         assert list(capture.modules) == list(walked)[1:]
+
+
+def test_fast_attributes_are_what_h5py_writes(tmp_path):
+    """set_attrs writes str / int / float / bool through HDF5's own calls: the same HDF5 types and
+    values as h5py's attrs[...] = ..., and anything else (or a name already there) through h5py."""
+    from hwdiff.store import set_attrs
+
+    values = {"text": "Qwen2RMSNorm", "unicode": "σ → ε", "empty": "", "int": 3, "big": 2 ** 40 + 7,
+              "negative": -5, "float": 1.0e-6, "bool": True, "false": False, "array": np.arange(3),
+              "list": [1.5, 2.5], "numpy": np.float32(2.5)}
+    with h5py.File(tmp_path / "a.h5", "w", libver=("v110", "v110")) as handle:
+        ours, theirs = handle.create_group("ours"), handle.create_group("theirs")
+        theirs.attrs.update(values)
+        set_attrs(ours, values)
+        set_attrs(ours, {"int": 4})  # already there: replaced, as attrs[...] = ... replaces
+        theirs.attrs["int"] = 4
+    with h5py.File(tmp_path / "a.h5", "r") as handle:
+        ours, theirs = handle["ours"], handle["theirs"]
+        assert sorted(ours.attrs) == sorted(theirs.attrs)
+        for key in values:
+            a, b = ours.attrs[key], theirs.attrs[key]
+            assert type(a) is type(b) and np.array_equal(a, b), key
+            assert ours.attrs.get_id(key).get_type() == theirs.attrs.get_id(key).get_type(), key
+            assert ours.attrs.get_id(key).shape == theirs.attrs.get_id(key).shape, key
