@@ -863,14 +863,14 @@ def _read_with_plugin(dataset: h5py.Dataset, index: Any, exc: OSError) -> np.nda
     where = dataset.file.filename
     if dataset.is_virtual:  # a multi-rank manifest: the filters, and any damage, are the rank files'
         where += " (read from the rank files of its directory: hwdiff inspect --verify DIR names the file)"
-        plugins = list(PLUGIN_FILTERS)
+        plugins = _source_plugins(dataset)
     if plugins:
         try:
             import hdf5plugin  # noqa: F401  (registers its filters with HDF5)
         except ImportError:
             pass
         missing = [PLUGIN_FILTERS[key] for key in plugins if not h5py.h5z.filter_avail(key)]
-        if missing and not dataset.is_virtual:
+        if missing:
             raise HwdiffError(f"{dataset.file.filename}: dataset {dataset.name} is compressed with {missing[0]}, "
                               "which needs the hdf5plugin package here: pip install hdf5plugin") from exc
         try:
@@ -881,6 +881,19 @@ def _read_with_plugin(dataset: h5py.Dataset, index: Any, exc: OSError) -> np.nda
         f"{where}: dataset {dataset.name} is damaged ({_h5_reason(exc)}); the file changed "
         "after it was written: copy it again or capture again (hwdiff inspect --verify lists every damaged dataset)"
     ) from exc
+
+
+def _source_plugins(dataset: h5py.Dataset) -> list[int]:
+    """The plugin filters (:data:`PLUGIN_FILTERS`) of a virtual dataset's first source (the rank
+    files of one capture are written alike); every plugin filter when the source cannot be opened."""
+    try:
+        source = dataset.virtual_sources()[0]
+        path = Path(dataset.file.filename).parent / source.file_name
+        with h5py.File(path, "r") as handle:
+            return [int(key) for key in handle[source.dset_name]._filters
+                    if str(key).isdigit() and int(key) in PLUGIN_FILTERS]
+    except (OSError, KeyError, IndexError):
+        return list(PLUGIN_FILTERS)
 
 
 def _h5_reason(exc: OSError) -> str:

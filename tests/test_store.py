@@ -171,3 +171,28 @@ def test_fast_attributes_are_what_h5py_writes(tmp_path):
             assert type(a) is type(b) and np.array_equal(a, b), key
             assert ours.attrs.get_id(key).get_type() == theirs.attrs.get_id(key).get_type(), key
             assert ours.attrs.get_id(key).shape == theirs.attrs.get_id(key).shape, key
+
+
+def test_a_virtual_dataset_over_plugin_compressed_sources_asks_for_hdf5plugin(tmp_path):
+    """A multi-rank manifest reads its rank files through virtual datasets, which carry no filters of
+    their own: without hdf5plugin, an lz4 rank file is named as needing it, not as damaged."""
+    import subprocess
+    import sys
+
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    with h5py.File(tmp_path / "rank0.h5", "w") as handle:
+        handle.create_dataset("x", data=np.arange(64.0).reshape(4, 16), chunks=(1, 16), fletcher32=True,
+                              **hdf5plugin.Blosc(cname="lz4", shuffle=hdf5plugin.Blosc.BITSHUFFLE))
+    layout = h5py.VirtualLayout(shape=(4, 16), dtype="f8")
+    layout[:] = h5py.VirtualSource("rank0.h5", "x", shape=(4, 16))
+    with h5py.File(tmp_path / "manifest.h5", "w", libver="latest") as handle:
+        handle.create_virtual_dataset("x", layout)
+    code = ("import sys; sys.modules['hdf5plugin'] = None; import h5py; from hwdiff.store import read_checked; "
+            f"read_checked(h5py.File({str(tmp_path / 'manifest.h5')!r}, 'r')['x'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode != 0 and "HwdiffError" in run.stderr and "needs the hdf5plugin package" in run.stderr, run.stderr
+    assert "damaged" not in run.stderr.splitlines()[-1]
+    with h5py.File(tmp_path / "manifest.h5", "r") as handle:  # with the plugin, the values come through
+        from hwdiff.store import read_checked
+
+        assert np.array_equal(read_checked(handle["x"]), np.arange(64.0).reshape(4, 16))
