@@ -314,6 +314,10 @@ def capture_metadata(model: torch.nn.Module, device: torch.device, dtype: torch.
         record_inputs=record_inputs, batch_size=opts.batch_size, seed=opts.seed,
         sample_tokens=opts.tokens if mode == "sample" else 0,
     )
+    if mode == "stats":  # what the device summed in before the host's float64 merge (hwdiff.stats)
+        from .stats import accumulation_dtype
+
+        meta["stats_accumulation"] = dtype_name(accumulation_dtype(device))
     from .devicemap import device_map_of
 
     if device_map_of(model) is not None:  # one process over several devices: which device ran each module

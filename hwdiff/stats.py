@@ -3,8 +3,9 @@
 A batch is reduced to a 9-vector of *parts* (count, sum, sum of squares, sum of |x|, min, max, NaN
 count, Inf count, and 0 spare) on its own device, so an accelerator sends 72 bytes instead of the
 activation. Parts accumulate in float64 (float32 on devices without a fast float64, i.e. Ascend:
-``STATS_ACCUMULATION`` records which) and merge across batches in float64 on the host. Sums, min
-and max cover the finite values only; NaN and Inf are counted. ``std`` is derived as
+the root attribute ``stats_accumulation`` of a stats capture records which) and merge across
+batches in float64 on the host. Sums, min and max cover the finite values only; NaN and Inf are
+counted. ``std`` is derived as
 sqrt(E[x²] − E[x]²), exact enough in float64 for activations whose mean is not 1e8 times their spread.
 """
 from __future__ import annotations

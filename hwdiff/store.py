@@ -5,7 +5,8 @@ Layout (schema ``hwdiff/capture/1``)::
     /                       attrs: schema, hwdiff_version, created_utc, device, device_name, dtype,
                             torch_version, backend versions, numerics flags, model_spec,
                             model_fingerprint, model_config (JSON), inputs_fingerprint, mode,
-                            batch_size, complete
+                            batch_size, complete; stats_accumulation (mode "stats": float64, or
+                            float32 where the device reduced in float32)
     /inputs/input_ids       int64 [sequences, tokens]
     /inputs/attention_mask  int64 [sequences, tokens]
     /inputs/sample_positions int64 [sequences, K]          (mode "sample" only)

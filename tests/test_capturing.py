@@ -118,6 +118,7 @@ def test_stats_mode_stores_float64_statistics_only(tmp_path, tiny_bf16):
     stats = hwdiff.capture(tiny_bf16, tmp_path / "st.h5", mode="stats", **SMALL).path
     with hwdiff.open_capture(full) as f, hwdiff.open_capture(stats) as s:
         assert os.path.getsize(stats) < os.path.getsize(full) / 20
+        assert s.meta["stats_accumulation"] == "float64" and "stats_accumulation" not in f.meta
         for name in ("model.layers.0.input_layernorm", "lm_head"):
             values = f.activation(name).astype(np.float64)
             got = s.stats(name)
