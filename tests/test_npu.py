@@ -244,9 +244,14 @@ def _stats_mode_on_the_device(tmp_path):
 
     with npu_standin.installed():
         model = hwdiff.load_model("tiny-qwen2", device="npu", dtype="float32")
-        path = hwdiff.capture(model, tmp_path / "stats.h5", mode="stats", **SMALL).path
+        before = dict(npu_standin.COUNTS)
+        path = hwdiff.capture(model, tmp_path / "stats.h5", mode="stats", logprobs=False, **SMALL).path
+        counts = {key: npu_standin.COUNTS[key] - before[key] for key in before}
+        # every slot's statistics leave the device together: one async copy per forward (6 rows in 4s: 2)
+        assert counts["async_copies"] == counts["pinned_buffers"] == 2, counts
         with hwdiff.open_capture(path) as cap:
             assert cap.meta["device"] == "npu:0" and cap.mode == "stats"
+            assert cap.meta["stats_accumulation"] == "float32"
             expected = _plain_hooks(model, cap)
             for name in (name for name, info in cap.modules.items() if info.alias_of is None):
                 values, got = expected[name].astype(np.float64), cap.stats(name)
