@@ -5,6 +5,7 @@ The public API; heavy dependencies (torch, transformers, h5py) load on first use
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from ._version import __version__
@@ -54,6 +55,8 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # hwdiff.aqn, hwdiff.distributed, ... as in the docs
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hwdiff' has no attribute {name!r}")
 
 

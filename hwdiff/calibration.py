@@ -487,7 +487,7 @@ def with_rounding(calibration: Calibration, weights: dict[str, Any] | None, dtyp
 def reference_weights(summary: dict, layers: tuple[LayerSigma, ...]) -> dict[str, Any] | None:
     """The stored weights of ``layers`` from the diff's reference capture, or None when it is not at hand."""
     path = (summary.get("reference") or {}).get("path")
-    if not path or not Path(path).is_file():
+    if not path or not Path(path).exists():  # a capture file, or a multi-rank capture's directory
         return None
     from .store import open_capture
 

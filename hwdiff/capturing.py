@@ -166,6 +166,9 @@ def _capture_ranks(job: _Job, target: Path, ranks: distributed.RankInfo, inputs:
     if parallel == "tensor" and job.record_inputs:
         raise HwdiffError("--record-inputs is not supported with --tp (the inputs of row-parallel modules are "
                           "shards); replay a single-device or data-parallel capture instead")
+    if parallel == "tensor" and job.emulate:
+        raise HwdiffError("--emulate is not supported with --tp (the emulation profiles patch modules whose "
+                          "weights are sharded tensors); emulate on a single-device or data-parallel capture")
     world, rank = ranks.world_size, ranks.rank
     rows = None if parallel == "tensor" else [
         distributed.batch_rows(inputs.shape[0], job.opts.batch_size, r, world) for r in range(world)]

@@ -59,6 +59,10 @@ def _check_capture_args(args: argparse.Namespace, ranks: Any) -> None:
         raise HwdiffError(f"--tp {args.tp} shards the model over {args.tp} processes: run it under torchrun "
                           f"(torchrun --nproc_per_node {args.tp} -m hwdiff capture ... --tp {args.tp})")
     if ranks is None:
+        if str(args.output).endswith(("/", os.sep)):
+            raise HwdiffError(f"-o {args.output} names a directory, but one process writes one capture file (e.g. "
+                              f"{str(args.output).rstrip('/' + os.sep) or 'capture'}.h5); a directory is what a "
+                              "multi-rank capture under torchrun writes")
         check_outputs([args.inputs], [args.output])
     else:
         from .rankstore import check_target

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from .rankstore import capture_file
 from .store import Capture, open_capture
 
 _HEADLINE = ("device", "device_name", "dtype", "mode", "torch_version", "model_spec", "model_fingerprint",
@@ -20,7 +21,8 @@ def inspect_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) 
 def _header(cap: Capture) -> list[str]:
     meta = cap.meta
     state = "complete" if meta.get("complete") else "INCOMPLETE"
-    files = [p for p in cap.path.iterdir() if p.is_file()] if cap.path.is_dir() else [cap.path]  # a rank directory
+    files = ([p for p in cap.path.iterdir() if p.is_file() and capture_file(p.name)]  # a rank directory's own files
+             if cap.path.is_dir() else [cap.path])
     size = sum(os.path.getsize(p) for p in files) / 2**20
     ids = cap.input_ids
     lines = [f"capture  {cap.path}  ({state}, {meta['schema']}, {size:.1f} MiB)"]

@@ -38,7 +38,7 @@ def law_evidence(summary: dict[str, Any], names: list[str]) -> LawEvidence:
     reason when they are not at hand (never an error: Gaussian is then assumed, and said)."""
     ref_path = (summary.get("reference") or {}).get("path")
     loc_path = (summary.get("local") or {}).get("path")
-    if not ref_path or not loc_path or not Path(ref_path).is_file() or not Path(loc_path).is_file():
+    if not ref_path or not loc_path or not Path(ref_path).exists() or not Path(loc_path).exists():  # file or directory
         return LawEvidence(note="law: Gaussian assumed — the reference and local captures are not at hand")
     from .store import open_capture
 

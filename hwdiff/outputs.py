@@ -108,11 +108,23 @@ def check_outputs(inputs: Iterable[Any], outputs: Iterable[Any], *, folders: Ite
             if same_file(path, source):
                 raise OutputError(f"output {path} is the input {source}: writing it would destroy the input; "
                                   "choose another output name")
+            if source.is_dir() and _inside(path, source):
+                raise OutputError(f"output {path} is inside the input {source} (a capture directory: its files are "
+                                  "the input); choose an output outside it")
         for other in files[:index]:
             if same_file(path, other):
                 raise OutputError(f"two outputs of this command are the same file ({other} and {path}); "
                                   "give each its own name")
         _check_creatable(path.parent)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (existing or not) lies within ``folder``, links resolved."""
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(folder))
+    except ValueError:
+        return False
+    return True
 
 
 def _paths(items: Iterable[Any]) -> list[Path]:

@@ -44,6 +44,11 @@ _RANK_KEYS = ("rank", "local_rank", "local_device", "capture_id", "created_utc",
               "inputs_source", "capture_seconds")
 
 
+def capture_file(name: str) -> bool:
+    """Whether a directory entry is one of a multi-rank capture's own files (manifest, rank files)."""
+    return name == MANIFEST or (name.startswith("rank") and name.endswith(".h5") and name[4:-3].isdigit())
+
+
 def rank_file(rank: int) -> str:
     return f"rank{rank}.h5"
 
@@ -73,6 +78,11 @@ def check_target(target: Path) -> None:
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
         raise outputs.OutputError(f"output {target} is a non-empty directory that is not a capture; choose another "
                                   "-o (a multi-rank capture replaces only an earlier capture directory)")
+    others = sorted(path.name for path in target.iterdir() if not capture_file(path.name)) if target.is_dir() else []
+    if (target / MANIFEST).is_file() and others:
+        raise outputs.OutputError(f"output {target} is an earlier capture directory that also holds {others[0]}"
+                                  f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}: replacing it would "
+                                  "delete them; move them out or choose another -o")
     outputs.check_outputs([], [], folders=[target])
 
 

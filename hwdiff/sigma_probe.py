@@ -80,7 +80,7 @@ def _probe_inputs(model: Any, reference: str | None) -> tuple[Any, Any]:
     error was measured on; no tokenizer needed), else the shipped prompts through the model's tokenizer."""
     from pathlib import Path
 
-    if reference and Path(reference).is_file():
+    if reference and Path(reference).exists():  # a capture file, or a multi-rank capture's directory
         from .store import open_capture
 
         with open_capture(reference) as cap:

@@ -21,6 +21,7 @@ import torch
 
 import hwdiff
 from hwdiff.errors import CaptureFormatError, HwdiffError
+from hwdiff.outputs import OutputError
 
 from .conftest import ROOT, run_cli
 
@@ -225,3 +226,52 @@ def test_tensor_parallel_of_a_llama_checkpoint(tmp_path):
         for name in one.modules:
             ref, got = one.activation(name).astype(np.float64), tp.activation(name).astype(np.float64)
             assert np.linalg.norm(got - ref) <= 1e-5 * np.linalg.norm(ref), name
+
+
+@pytest.mark.parametrize("command", [
+    ("replay", "{dp}", "-o", "{dp}/rank0.h5"),
+    ("diff", "{single}", "{dp}", "-o", "{dp}/manifest.h5"),
+    ("diff", "{single}", "{dp}", "--csv", "{dp}/rank1.h5")])
+def test_no_output_is_written_inside_an_input_capture_directory(runs, tmp_path, command):
+    """The files of a multi-rank capture are the input: an output among them is refused before any work."""
+    dp = tmp_path / "dp"
+    shutil.copytree(runs / "dp", dp)
+    before = digest(dp)
+    argv = [part.format(dp=dp, single=runs / "single.h5") for part in command]
+    done = run_cli(*argv)
+    assert done.returncode == 2 and done.stderr.count("hwdiff: error:") == 1 and "inside the input" in done.stderr
+    assert digest(dp) == before
+
+
+def test_a_capture_directory_holding_other_files_is_not_replaced(runs, tmp_path):
+    """Replacing an earlier capture directory deletes it whole: one that also holds a user's files is
+    refused (before torchrun would start), and nothing in it changes."""
+    from hwdiff.rankstore import check_target
+
+    target = tmp_path / "dp"
+    shutil.copytree(runs / "dp", target)
+    (target / "NOTES.txt").write_text("mine")
+    before = digest(target)
+    with pytest.raises(OutputError, match="also holds NOTES.txt"):
+        check_target(target)
+    assert digest(target) == before
+    (target / "NOTES.txt").unlink()
+    check_target(target)  # only the capture's own files: may be replaced
+
+
+def test_calibration_finds_a_directory_reference(runs):
+    """calibrate reads the reference capture a diff points to for its norm weights, the law evidence
+    and the verify probe's token ids: a multi-rank directory is such a capture, not 'not at hand'."""
+    from types import SimpleNamespace
+
+    from hwdiff.calibration import reference_weights
+    from hwdiff.sigma_probe import PROBE_PROMPTS, PROBE_TOKENS, _probe_inputs
+
+    summary = {"reference": {"path": str(runs / "dp")}}
+    norms = [SimpleNamespace(name="model.norm"), SimpleNamespace(name="model.layers.0.input_layernorm")]
+    weights = reference_weights(summary, tuple(norms))
+    with hwdiff.open_capture(runs / "single.h5") as single:
+        assert weights is not None and set(weights) == {norm.name for norm in norms}
+        assert all(np.array_equal(weights[name], single.weight(name)) for name in weights)
+        ids, mask = _probe_inputs(None, str(runs / "dp"))
+        assert np.array_equal(ids, single.input_ids[:PROBE_PROMPTS, :PROBE_TOKENS])

@@ -188,6 +188,25 @@ def test_diff_across_layouts_refuses_other_weights(hf, hf_capture, ids, tmp_path
         hwdiff.diff(hf_capture, vllm, layout_map="vllm", progress=False)
 
 
+def test_diff_across_layouts_and_dtypes_checks_weights_at_the_coarser_dtype(hf, ids, tmp_path):
+    """An HF bfloat16 capture against a float32 vLLM-layout capture of the same weights: their norm
+    weights agree once rounded to bfloat16 (docs/vllm.md), so the pair is compared, not refused;
+    weights that differ after rounding are still refused."""
+    import copy
+
+    half = copy.deepcopy(hf).to(torch.bfloat16)
+    hf_bf16 = hwdiff.capture(half, tmp_path / "hf_bf16.h5", inputs=ids.numpy(), progress=False).path
+    same = S.from_hf(hf)
+    with torch.no_grad():  # float32 weights whose bfloat16 rounding is the HF bfloat16 model's
+        same.model.norm.weight.copy_(half.model.norm.weight.float() + 1e-4 * half.model.norm.weight.float())
+    result = hwdiff.diff(hf_bf16, _record(same, tmp_path / "vllm.h5", ids), layout_map="vllm", progress=False)
+    assert result.layer("model.norm").metrics.rel_l2 > 0
+    with torch.no_grad():
+        same.model.norm.weight.mul_(1.05)
+    with pytest.raises(HwdiffError, match="different weights: model.norm"):
+        hwdiff.diff(hf_bf16, _record(same, tmp_path / "vllm2.h5", ids), layout_map="vllm", progress=False)
+
+
 def test_cli_diff_with_map(hf, hf_capture, ids, tmp_path):
     vllm = _record(S.from_hf(hf), tmp_path / "vllm.h5", ids)
     done = run_cli("diff", hf_capture, vllm, "--map", "vllm", "-q")
@@ -309,3 +328,18 @@ def test_hwdiff_record_on_a_vllm_model_gives_sequences_and_tokens(ids, tmp_path)
             in_memory = rec.activations[(name, 0, "output")][0]
             assert in_memory.shape == (SEQUENCES, TOKENS, 64)
             np.testing.assert_array_equal(in_memory.numpy(), cap.activation(name))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('rules:\n  - {drop: "x", class: "(["}\n', "bad class regex"),
+    ('rules:\n  - {fused: "a.qkv", into: [q, k], sizes: [-128, 384]}\n', "part size below 1"),
+    ('rules: [\n  - {a: b\n', "not a readable YAML mapping"),
+    ('rules:\n  - {rename: "a"}\n', "needs 'to'")])
+def test_a_bad_mapping_file_is_one_clear_line(tmp_path, text, message):
+    from hwdiff.compare.layouts import load_map
+
+    path = tmp_path / "map.yaml"
+    path.write_text(text)
+    with pytest.raises(HwdiffError, match=message) as refused:
+        load_map(path)
+    assert "\n" not in str(refused.value)

@@ -311,8 +311,12 @@ def _helpers() -> tuple[int, int]:
     """(fit worker threads, read-ahead threads) for this machine; HWDIFF_DIFF_THREADS="F,R" overrides."""
     override = os.environ.get("HWDIFF_DIFF_THREADS")
     if override:
-        fits, reads = (int(part) for part in override.split(","))
-        return fits, reads
+        try:
+            fits, reads = (int(part) for part in override.split(","))
+        except ValueError:
+            raise HwdiffError(f"HWDIFF_DIFF_THREADS={override!r}: expected two counts, fit threads and read-ahead "
+                              "threads, such as 1,0") from None
+        return max(0, fits), max(0, reads)
     cores = os.cpu_count() or 1
     spare = cores - 2
     return max(1 if cores >= 2 else 0, min(4, spare)), 1 if spare > 0 else 0

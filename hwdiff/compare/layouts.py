@@ -93,7 +93,8 @@ def load_map(spec: str | os.PathLike) -> LayoutMap:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise HwdiffError(f"{path} is not a readable YAML mapping ({exc})") from exc
+        detail = " ".join(str(exc).split())  # YAML's messages span several lines: one line here
+        raise HwdiffError(f"{path} is not a readable YAML mapping ({detail})") from exc
     return _parse(data, str(path))
 
 
@@ -109,11 +110,16 @@ def _rule(item: Any, source: str) -> Rule:
         raise HwdiffError(f"mapping {source}: each rule has exactly one of fused / rename / drop, got {item!r}")
     kind = kinds[0]
     pattern = _pattern(str(item[kind]), source)
-    class_pattern = re.compile(str(item["class"])) if "class" in item else None
+    try:
+        class_pattern = re.compile(str(item["class"])) if "class" in item else None
+    except re.error as exc:
+        raise HwdiffError(f"mapping {source}: bad class regex {item['class']!r} ({exc})") from exc
     if kind == "fused":
         targets, sizes = tuple(map(str, item.get("into") or ())), tuple(item.get("sizes") or ())
         if len(targets) < 2 or len(sizes) != len(targets):
             raise HwdiffError(f"mapping {source}: fused rule {item[kind]!r} needs 'into' (2 or more names) and as many 'sizes'")
+        if any(isinstance(size, int) and size < 1 for size in sizes):
+            raise HwdiffError(f"mapping {source}: fused rule {item[kind]!r} has a part size below 1: {list(sizes)}")
         return Rule(kind, pattern, targets, sizes, class_pattern, text=dict(item))
     if kind == "rename":
         if "to" not in item:
@@ -135,7 +141,9 @@ def _pattern(text: str, source: str) -> re.Pattern:
 def _sizes(rule: Rule, config: dict[str, Any] | None, width: int, name: str) -> list[int]:
     """The widths of a fused module's parts, checked against its stored width."""
     def value(size: str | int) -> int:
-        if isinstance(size, int):
+        if isinstance(size, int) and not isinstance(size, bool):
+            if size < 1:
+                raise HwdiffError(f"splitting {name}: part size {size} must be a positive number of features")
             return size
         if config is None:
             raise HwdiffError(f"splitting {name} needs the model config (head counts, head_dim), and the capture "
@@ -282,11 +290,17 @@ def check_same_weights(reference: MappedCapture, target: MappedCapture) -> None:
         raise HwdiffError("the captures store no norm weights at common names: hwdiff cannot check that they are "
                           "of the same model across layouts; pass --allow-model-mismatch to compare anyway")
     for name in common:
-        mine, theirs = reference.weight(name), target.weight(name)
-        coarse = np.float32 if mine.dtype == theirs.dtype else None
-        if mine.shape != theirs.shape or not _equal(mine, theirs, coarse):
+        mine, theirs = reference.weight(name), target.weight(name)  # both decoded to float32
+        same = _weight_dtype(reference, name) == _weight_dtype(target, name)
+        if mine.shape != theirs.shape or not _equal(mine, theirs, np.float32 if same else None):
             raise HwdiffError(f"the captures are of different weights: {name}'s weight differs between "
                               f"{reference.path} and {target.path}; pass --allow-model-mismatch to compare anyway")
+
+
+def _weight_dtype(capture: MappedCapture, name: str) -> str:
+    """The dtype a norm's weight was captured in (``weight()`` gives it decoded to float32)."""
+    original, _ = capture._source.get(name, (name, None))
+    return str(capture._capture._module_group(original)["weight"].attrs["dtype"])
 
 
 def _equal(a: np.ndarray, b: np.ndarray, same_dtype: Any) -> bool:
