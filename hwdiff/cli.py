@@ -478,6 +478,15 @@ def _add_inspect(sub: Any) -> None:
     ins.set_defaults(handler=_cmd_inspect)
 
 
+def _single_process_only(args: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1) only capture is rank-aware; any other command would run whole
+    on every rank, all writing the same outputs."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.command != "capture" and world.isdigit() and int(world) > 1:
+        raise HwdiffError(f"hwdiff {args.command} runs in one process; under torchrun (WORLD_SIZE={world}) only "
+                          "capture is rank-aware: run it without torchrun (it reads a multi-rank directory as one capture)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import outputs
 
@@ -491,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs.install_signal_handlers()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        _single_process_only(args)
         code = handler(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handling below, not at exit
         return code
