@@ -19,17 +19,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = ("import resource, subprocess, sys, time; s = time.perf_counter(); "
-            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-            "print(time.perf_counter() - s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from vs_msprobe import run_peak  # noqa: E402  (the launcher that reads a child's peak RSS)
 
 
 def peak(command: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in bytes) of a command."""
-    out = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    seconds, rss_kb = out.stdout.split()
-    return float(seconds), float(rss_kb) * 1024
+    """(seconds, peak RSS in bytes) of a command, run with this checkout on PYTHONPATH."""
+    os.environ["PYTHONPATH"] = str(ROOT)
+    seconds, megabytes = run_peak(command)
+    return seconds, megabytes * 2**20
 
 
 def main() -> int:

@@ -221,6 +221,26 @@ def stats_parts(x, partial):
         out[7] = inf
 
 
+@numba.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract", "arcp"})
+def _t_scale_step(x, weights, weighted, weight_sum, n, loc, scale):
+    """The M-step shared by :func:`t_em` and :func:`t_em_counts`: (new loc, new scale, converged)."""
+    new_loc = weighted / weight_sum
+    spread = 0.0
+    for i in range(x.size):
+        d = x[i] - new_loc
+        spread += weights[i] * d * d
+    new_scale = math.sqrt(spread / n)
+    converged = abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+    return new_loc, new_scale, converged
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _t_loglik(n, df, scale, log_terms):
+    """Student-t log-likelihood of n values from Σ log1p(z²/df)."""
+    return n * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
+        - (df + 1) / 2 * log_terms
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
 def t_em(x, df, loc, scale, iterations):
     """EM for a Student-t's location and scale at fixed ``df`` (:func:`hwdiff.compare.fit._t_em`,
@@ -238,13 +258,7 @@ def t_em(x, df, loc, scale, iterations):
             weights[i] = w
             weight_sum += w
             weighted += w * x[i]
-        new_loc = weighted / weight_sum
-        spread = 0.0
-        for i in range(n):
-            d = x[i] - new_loc
-            spread += weights[i] * d * d
-        new_scale = math.sqrt(spread / n)
-        converged = abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+        new_loc, new_scale, converged = _t_scale_step(x, weights, weighted, weight_sum, n, loc, scale)
         loc, scale = new_loc, new_scale
         if converged:
             break
@@ -252,9 +266,7 @@ def t_em(x, df, loc, scale, iterations):
     for i in range(n):
         z = (x[i] - loc) / scale
         log_terms += math.log1p(z * z / df)
-    loglik = n * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
-        - (df + 1) / 2 * log_terms
-    return loc, scale, loglik
+    return loc, scale, _t_loglik(n, df, scale, log_terms)
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
@@ -275,13 +287,7 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
             weights[i] = w
             weight_sum += w
             weighted += w * values[i]
-        new_loc = weighted / weight_sum
-        spread = 0.0
-        for i in range(values.size):
-            d = values[i] - new_loc
-            spread += weights[i] * d * d
-        new_scale = math.sqrt(spread / n)
-        converged = abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+        new_loc, new_scale, converged = _t_scale_step(values, weights, weighted, weight_sum, n, loc, scale)
         loc, scale = new_loc, new_scale
         if converged:
             break
@@ -289,6 +295,4 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
     for i in range(values.size):
         z = (values[i] - loc) / scale
         log_terms += counts[i] * math.log1p(z * z / df)
-    loglik = n * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
-        - (df + 1) / 2 * log_terms
-    return loc, scale, loglik
+    return loc, scale, _t_loglik(n, df, scale, log_terms)

@@ -153,15 +153,16 @@ def set_attrs(obj: h5py.Group | h5py.Dataset, values: dict[str, Any]) -> None:
     attributes (h5py's ``attrs.create`` spends most of its ~40 µs in Python; a capture writes ~700),
     with the very HDF5 types h5py gives them; anything else, or a name already there, goes through h5py."""
     for key, value in values.items():
-        name = key.encode()
-        types = _ATTR_TYPES.get(type(value))
-        if types is None and type(value) in (str, int, float, bool):
-            dtype = h5py.string_dtype() if type(value) is str else np.asarray(value).dtype
-            types = _ATTR_TYPES[type(value)] = (dtype, h5py.h5t.py_create(dtype, logical=True), h5py.h5t.py_create(dtype))
-        if types is None or h5py.h5a.exists(obj.id, name):
+        kind, name = type(value), key.encode()
+        fast = kind in (str, float, bool) or (kind is int and -2**63 <= value < 2**63)
+        if not fast or h5py.h5a.exists(obj.id, name):
             obj.attrs[key] = value
             continue
-        h5py.h5a.create(obj.id, name, types[1], _SCALAR).write(np.array(value, dtype=types[0]), mtype=types[2])
+        if kind not in _ATTR_TYPES:
+            dtype = h5py.string_dtype() if kind is str else np.asarray(value).dtype
+            _ATTR_TYPES[kind] = (dtype, h5py.h5t.py_create(dtype, logical=True), h5py.h5t.py_create(dtype))
+        dtype, stored, memory = _ATTR_TYPES[kind]
+        h5py.h5a.create(obj.id, name, stored, _SCALAR).write(np.array(value, dtype=dtype), mtype=memory)
 
 
 def create_checked(group: h5py.Group, name: str, *, data: Any = None, **kwargs: Any) -> h5py.Dataset:
@@ -455,10 +456,12 @@ class CaptureWriter:
         """Every module's :class:`ModuleInfo` fields as :func:`_read_modules` would find them by walking
         the file, from what this writer created (readers then read one dataset instead of ~8 HDF5
         objects per module)."""
+        first: dict[str, int] = {}  # each module's first stored call (one pass: MoE models have thousands)
+        for module, call in self._inside:
+            first[module] = min(call, first.get(module, call))
         index = {}
         for name, entry in self._index.items():
-            calls = sorted(call for module, call in self._inside if module == name)
-            inside = self._inside[(name, calls[0])] if calls else {}
+            inside = self._inside[(name, first[name])] if name in first else {}
             output = inside.get("output", inside.get("output_stats"))
             if output is not None and output[0] == "alias":
                 target, _, slot = output[1].rpartition("/")
@@ -784,7 +787,12 @@ class Capture:
         group = self._module_group(name)
         if "weight" not in group:
             return None
-        return decode(read_checked(group["weight"]), group["weight"].attrs["dtype"])
+        return decode(read_checked(group["weight"]), self.weight_dtype(name))
+
+    def weight_dtype(self, name: str) -> str | None:
+        """The dtype a norm's weight was captured in (:meth:`weight` decodes bfloat16 to float32)."""
+        group = self._module_group(name)
+        return str(group["weight"].attrs["dtype"]) if "weight" in group else None
 
     def nonfinite(self, name: str, call: int = 0, slot: str = "output") -> tuple[int, int]:
         """(NaN count, Inf count) recorded for a stored slot."""

@@ -266,6 +266,10 @@ class MappedCapture:
         original, cut = self._source.get(name, (name, None))
         return None if cut is not None else self._capture.weight(original)
 
+    def weight_dtype(self, name: str) -> str | None:
+        original, cut = self._source.get(name, (name, None))
+        return None if cut is not None else self._capture.weight_dtype(original)
+
     def __getattr__(self, attribute: str) -> Any:
         return getattr(self._capture, attribute)
 
@@ -291,16 +295,10 @@ def check_same_weights(reference: MappedCapture, target: MappedCapture) -> None:
                           "of the same model across layouts; pass --allow-model-mismatch to compare anyway")
     for name in common:
         mine, theirs = reference.weight(name), target.weight(name)  # both decoded to float32
-        same = _weight_dtype(reference, name) == _weight_dtype(target, name)
+        same = reference.weight_dtype(name) == target.weight_dtype(name)
         if mine.shape != theirs.shape or not _equal(mine, theirs, np.float32 if same else None):
             raise HwdiffError(f"the captures are of different weights: {name}'s weight differs between "
                               f"{reference.path} and {target.path}; pass --allow-model-mismatch to compare anyway")
-
-
-def _weight_dtype(capture: MappedCapture, name: str) -> str:
-    """The dtype a norm's weight was captured in (``weight()`` gives it decoded to float32)."""
-    original, _ = capture._source.get(name, (name, None))
-    return str(capture._capture._module_group(original)["weight"].attrs["dtype"])
 
 
 def _equal(a: np.ndarray, b: np.ndarray, same_dtype: Any) -> bool:
