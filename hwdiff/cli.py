@@ -92,7 +92,7 @@ def _cmd_probe_ops(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate, format_calibration, load_sigma, save, with_sigmas
-    from .exporters import export, hydra_overrides
+    from .exporters import check_export, export, hydra_overrides
     from .sigma_probe import reference_model, verify
 
     exports = {target: Path(args.output).with_suffix(f".{target}.yaml") for target in args.export or []}
@@ -105,6 +105,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         result = with_sigmas(result, load_sigma(args.sigma))
     if args.verify:
         result = dataclasses.replace(result, verify=verify(result, model))
+    for target in exports:  # a refused export writes nothing, sigma.yaml included
+        check_export(result, target)
     written = [save(result, args.output)]
     for target, path in exports.items():
         written.append(export(result, target, path))

@@ -1,131 +1,480 @@
-"""Check hwdiff's verl integration against the verl fork (zhshgmail/verl, branch feature/npu-aqn-test).
+"""Check that a checkout of the verl fork (zhshgmail/verl, branch feature/npu-aqn-test) gives every
+norm, at every step of a run, the σ of an hwdiff sigma.yaml.
 
-    python integrations/verl/check.py                     # against the copies in upstream/ (commit below)
-    python integrations/verl/check.py --verl /path/verl   # against your checkout of the fork
-    python integrations/verl/check.py --sigma-verl demo/sigma.verl.yaml --model tiny-qwen2
+    python integrations/verl/check.py --verl /path/to/verl --sigma sigma.yaml --model tiny-qwen2
+    python integrations/verl/check.py --sigma sigma.yaml --model M --overrides lines.txt   # lines you pass
 
-1. ``layer-sigma-config.patch`` applies cleanly (``git apply --check``) to the fork's files.
-2. The fork's own ``generate_expert_gaussian_noise`` (imported from its noise_injection.py, which
-   needs only torch), run with the block of an hwdiff verl export exactly as the fork's rollout
-   parses it, gives every norm the σ hwdiff intended: global σ × its layer's multiplier, nothing on
-   excluded classes. Exits non-zero, one line, when either check fails.
+What it runs, all from the checkout's own files (no Ray, vLLM, Hydra or GPU needed):
+1. The fork's ``ppo_trainer.yaml`` trainer defaults, with ``--base-config`` (an older
+   ``trainer.noise_injection`` block of yours) merged on top, then hwdiff's ``++`` lines (the ones
+   ``hwdiff calibrate --export verl`` prints for sigma.yaml, or ``--overrides``) applied with Hydra's
+   rules (``++`` sets or adds; a dict merges into a dict, anything else replaces).
+2. ``RayPPOTrainer``'s own statements that read ``trainer.noise_injection``, size the run
+   (``_create_dataloader``'s total steps), copy the settings into the rollout config
+   (``init_workers``), set the rollout's step (``fit``'s loop, after the actor update, ``_validate``),
+   executed from ray_trainer.py's source on a stand-in trainer; the rollout config built as the
+   fork's ``RolloutConfig`` dataclass (rollout.py).
+3. ``vLLMAsyncRollout``'s own noise code (vllm_rollout.py: its config parsing, clean-weight cache,
+   restore and ``_aqn_apply_noise``) and ``generate_expert_gaussian_noise`` (noise_injection.py) on
+   ``--model`` at every weight sync of a simulated run — 2 epochs with ``trainer.total_training_steps``
+   set to one epoch, validation every few steps, and a second run resumed from a checkpoint halfway.
+   The fork's ``torch.normal`` is read through a probe that returns the requested std as a constant,
+   so each norm's σ is read exactly from its weight change (float64 copy of the model).
+Each norm's σ at each sync ÷ sigma.yaml's σ at that step must be 1 within 1e-5 (0 where sigma.yaml
+has 0, and 0 on validation rollouts). Exits non-zero with one line on the first miss; an
+unpatched checkout always fails, with the first norm it gets wrong and the patch to apply.
+Not run: Ray's dispatch (the worker's one-line forward of ``update_noise_injection_step`` is
+reproduced), vLLM's weight loading (a full sync reloads the clean weights, later syncs take the
+fork's LoRA path: restore from its cache), Hydra's config composition beyond the override rules above.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import asyncio
+import contextlib
+import copy
+import dataclasses
 import importlib.util
+import io
 import shutil
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 UPSTREAM_COMMIT = "cfb21db5062f6092e70db67f53f77e80cd899cf3"
-FILES = ("verl/trainer/ppo/ray_trainer.py", "verl/workers/config/rollout.py", "verl/utils/noise_injection.py")
+PATCH = HERE / "aqn-delivery.patch"
+TRAINER = "verl/trainer/ppo/ray_trainer.py"
+ROLLOUT_CONFIG = "verl/workers/config/rollout.py"
+NOISE = "verl/utils/noise_injection.py"
+ROLLOUT = "verl/workers/rollout/vllm_rollout/vllm_rollout.py"
+TRAINER_YAML = "verl/trainer/config/ppo_trainer.yaml"
+PATCHED = (TRAINER, ROLLOUT_CONFIG, NOISE)
+TOLERANCE = 1e-5
 
 
-def patch_applies(verl: Path) -> None:
-    """``git apply --check`` of the patch in a scratch copy of the three files (the checkout is not touched)."""
+class CheckFailed(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"check: {message}")
+
+
+# ---------------------------------------------------------------- the patch
+def patch_state(verl: Path) -> str:
+    """``"patched"`` or ``"unpatched"`` (``git apply --check`` on a scratch copy; the checkout is not touched)."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in FILES:
+        for name in PATCHED:
+            if not (verl / name).is_file():
+                raise CheckFailed(f"{verl} is not a checkout of the fork: {name} is missing")
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(verl / name, Path(tmp) / name)
         subprocess.run(["git", "init", "-q", tmp], check=True)
-        proc = subprocess.run(["git", "apply", "--check", str(HERE / "layer-sigma-config.patch")], cwd=tmp,
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"check: the patch does not apply to {verl}: {proc.stderr.strip()}")
+
+        def applies(*flags: str) -> bool:
+            return subprocess.run(["git", "apply", "--check", *flags, str(PATCH)], cwd=tmp,
+                                  capture_output=True).returncode == 0
+
+        if applies("-R"):
+            return "patched"
+        if applies():
+            return "unpatched"
+    raise CheckFailed(f"{PATCH.name} neither applies to {verl} nor is applied there (another commit of the fork?)")
 
 
-def fork_noise_module(verl: Path):
-    spec = importlib.util.spec_from_file_location("fork_noise_injection", verl / "verl/utils/noise_injection.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ---------------------------------------------------------------- config (Hydra's override rules)
+class Node(dict):
+    """An OmegaConf-like node: attribute access, ``.get``."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
 
 
-def realized_sigmas(verl: Path, block: dict, model, *, sigma: float, draws: int = 8) -> dict[str, float]:
-    """Std of the noise the fork's code adds to each norm weight with ``block``'s settings at a
-    constant stage σ (the rollout's parsing: empty lists → None, multiplier keys → str), pooled over
-    ``draws`` calls from the clean weights (seeds 0 … draws−1)."""
+def node(value):
+    if isinstance(value, dict):
+        return Node({k: node(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [node(v) for v in value]
+    return value
+
+
+def merge(dst: Node, src: dict) -> None:
+    """OmegaConf's merge: dicts merge key by key, lists and values replace."""
+    for key, value in src.items():
+        if isinstance(dst.get(key), dict) and isinstance(value, dict):
+            merge(dst[key], value)
+        else:
+            dst[key] = node(value)
+
+
+def override_value(text: str):
+    """A Hydra override value: Python-literal scalars, quoted strings and lists; anything else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False, "null": None}.get(text.lower(), text)
+
+
+def apply_overrides(config: Node, lines: list[str]) -> None:
+    for raw in lines:
+        line = raw.strip().rstrip("\\").strip().strip("'")
+        if not line:
+            continue
+        if not line.startswith("++") or "=" not in line:
+            raise CheckFailed(f"not a '++key=value' Hydra override: {raw.strip()}")
+        key, text = line[2:].split("=", 1)
+        *path, last = key.split(".")
+        target = config
+        for part in path:
+            target = target.setdefault(part, Node())
+        value = node(override_value(text))
+        if isinstance(target.get(last), dict) and isinstance(value, dict):
+            merge(target[last], value)
+        else:
+            target[last] = value
+
+
+def compose(verl: Path, overrides: list[str], base: dict | None) -> Node:
+    import yaml
+
+    trainer = yaml.safe_load((verl / TRAINER_YAML).read_text())["trainer"]
+    config = node({"trainer": trainer, "actor_rollout_ref": {"rollout": {}}})
+    if base:
+        merge(config.trainer.setdefault("noise_injection", Node()), base)
+    apply_overrides(config, overrides)
+    return config
+
+
+# ---------------------------------------------------------------- the fork's own statements
+def _tree(verl: Path, name: str) -> tuple[str, ast.Module]:
+    text = (verl / name).read_text()
+    return text, ast.parse(text)
+
+
+def _function(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    for item in tree.body:
+        if isinstance(item, ast.ClassDef) and item.name == cls:
+            for f in item.body:
+                if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == name:
+                    return f
+    return None
+
+
+def _mentions(text: str | list[str], stmt: ast.AST, *words: str) -> bool:
+    """Whether the source lines of ``stmt`` contain one of ``words`` (``text``: the file or its lines)."""
+    lines = text.splitlines() if isinstance(text, str) else text
+    source = "\n".join(lines[stmt.lineno - 1:stmt.end_lineno])
+    return any(word in source for word in words)
+
+
+def _code(stmts: list[ast.stmt], filename: str):
+    module = ast.Module(body=stmts, type_ignores=[])
+    return compile(ast.fix_missing_locations(module), filename, "exec")
+
+
+def _bind(obj, text: str, tree: ast.Module, cls: str, names: tuple[str, ...], namespace: dict, filename: str) -> None:
+    for name in names:
+        function = _function(tree, cls, name)
+        if function is None:
+            continue
+        scope = dict(namespace)
+        exec(_code([function], filename), scope)
+        setattr(obj, name, types.MethodType(scope[name], obj))
+
+
+@contextlib.contextmanager
+def fork_modules(verl: Path):
+    """``verl.utils.noise_injection`` imported from the checkout, with a σ probe for ``torch.normal``;
+    ``omegaconf`` / ``verl.base_config`` / ``verl.utils.profiler`` stand-ins for rollout.py's imports."""
     import torch
 
-    fork = fork_noise_module(verl)
-    layer_config = dict(block["layer_sigma_config"])
-    layer_config["layer_multipliers"] = {str(k): v for k, v in layer_config["layer_multipliers"].items()}
-    norms = {n: m for n, m in model.named_modules() if "rmsnorm" in type(m).__name__.lower()}
-    with torch.no_grad():
-        for m in norms.values():  # float32 weights: the fork's bf16 add would round small σ away
-            m.weight.data = m.weight.data.float()
-    clean = {n: m.weight.detach().double().clone() for n, m in norms.items()}
-    power = dict.fromkeys(norms, 0.0)
-    for seed in range(draws):
+    class TorchProbe(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def normal(mean=0.0, std=1.0, size=None, dtype=None, **_):
+            return torch.full(tuple(size), float(std), dtype=torch.float64)
+
+    spec = importlib.util.spec_from_file_location("verl.utils.noise_injection", verl / NOISE)
+    noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noise)
+    noise.torch = TorchProbe("torch")
+    omegaconf = types.ModuleType("omegaconf")
+    omegaconf.MISSING = "???"
+    omegaconf.open_dict = lambda config: contextlib.nullcontext(config)
+    base_config = types.ModuleType("verl.base_config")
+    base_config.BaseConfig = type("BaseConfig", (), {})
+    profiler = types.ModuleType("verl.utils.profiler")
+    profiler.ProfilerConfig = type("ProfilerConfig", (), {})
+    verl_pkg, utils = types.ModuleType("verl"), types.ModuleType("verl.utils")
+    verl_pkg.utils, utils.noise_injection, utils.profiler = utils, noise, profiler
+    stand_ins = {"verl": verl_pkg, "verl.utils": utils, "verl.utils.noise_injection": noise,
+                 "verl.base_config": base_config, "verl.utils.profiler": profiler, "omegaconf": omegaconf}
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        yield noise
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+class Trainer:
+    """Stand-in ``RayPPOTrainer``: the fork's noise statements run on it (``self`` in its source)."""
+
+    def __init__(self, verl: Path, config: Node, steps_per_epoch: int, worker):
+        self.verl, self.config = verl, config
+        self.train_dataloader = range(steps_per_epoch)
+        self.actor_rollout_wg = types.SimpleNamespace(execute_all_async=lambda method, **kw: getattr(worker, method)(**kw))
+        text, self.tree = _tree(verl, TRAINER)
+        self.text = text.splitlines()
+        self.hooks: dict[str, object] = {}
+        self.namespace = {"ray": types.SimpleNamespace(get=lambda value: value), "print": lambda *a, **k: None,
+                          "OmegaConf": None, "open_dict": lambda config: contextlib.nullcontext(config)}
+        _bind(self, self.text, self.tree, "RayPPOTrainer", ("_aqn_set_rollout_step",), self.namespace, TRAINER)
+
+    def run(self, stmts: list[ast.stmt]) -> None:
+        exec(_code(stmts, str(self.verl / TRAINER)), {**self.namespace, "self": self})
+
+    def hook(self, name: str, find) -> None:
+        """Run the statements ``find()`` picks from the fork's source (found and compiled once)."""
+        if name not in self.hooks:
+            self.hooks[name] = _code(find(), str(self.verl / TRAINER))
+        exec(self.hooks[name], {**self.namespace, "self": self})
+
+    def setup(self) -> None:
+        """``__init__``'s noise statements around ``_create_dataloader``'s total steps, then ``init_workers``' copy."""
+        init = _function(self.tree, "RayPPOTrainer", "__init__")
+        split = next(i for i, s in enumerate(init.body) if _mentions(self.text, s, "self._create_dataloader("))
+        noise = [(i, s) for i, s in enumerate(init.body) if _mentions(self.text, s, "noise_injection")]
+        self.run([s for i, s in noise if i < split])
+        loader = _function(self.tree, "RayPPOTrainer", "_create_dataloader")
+        self.run([s for s in loader.body if isinstance(s, (ast.Assign, ast.If))
+                  and _mentions(self.text, s, "total_training_steps")])
+        self.run([s for i, s in noise if i > split])
+        workers = _function(self.tree, "RayPPOTrainer", "init_workers")
+        self.run([s for s in workers.body if isinstance(s, ast.If) and _mentions(self.text, s, "noise_injection")])
+
+    def _fit_loop(self) -> ast.For:
+        fit = _function(self.tree, "RayPPOTrainer", "fit")
+        return next(n for n in ast.walk(fit) if isinstance(n, ast.For) and _mentions(self.text, n.iter, "train_dataloader"))
+
+    def before_generation(self) -> None:
+        """``fit``'s noise statements at the top of a step, before the step's rollout."""
+        def find():
+            body = self._fit_loop().body
+            step = next(i for i, s in enumerate(body) if isinstance(s, ast.With) and _mentions(self.text, s, '"step"'))
+            return [s for s in body[:step] if _mentions(self.text, s, "noise", "_aqn")]
+        self.hook("before_generation", find)
+
+    def after_update(self) -> None:
+        """``fit``'s block after the actor update that sends the step to the rollout workers."""
+        self.hook("after_update", lambda: [
+            n for n in ast.walk(self._fit_loop()) if isinstance(n, ast.If)
+            and _mentions(self.text, n.test, "noise_injection_enabled") and _mentions(self.text, n, "update_noise_injection_step")])
+
+    def validate(self) -> None:
+        """``_validate``'s noise statements before its first validation batch."""
+        def find():
+            body = _function(self.tree, "RayPPOTrainer", "_validate").body
+            first_loop = next(i for i, s in enumerate(body) if isinstance(s, ast.For))
+            return [s for s in body[:first_loop] if _mentions(self.text, s, "noise", "_aqn")]
+        self.hook("validate", find)
+
+
+class Worker:
+    """The fork's ``AsyncActorRolloutRefWorker.update_noise_injection_step`` (fsdp_workers.py): a forward."""
+
+    def __init__(self):
+        self.rollout = None
+
+    def update_noise_injection_step(self, current_step: int):
+        if hasattr(self.rollout, "update_noise_injection_step"):
+            asyncio.run(self.rollout.update_noise_injection_step(current_step))
+        return True
+
+
+class Rollout:
+    """Stand-in ``vLLMAsyncRollout``: its ``__init__`` noise statements and AQN methods, from vllm_rollout.py."""
+
+    METHODS = ("_parse_layer_sigma_config", "_aqn_cache_clean_weights", "_aqn_restore_clean_weights",
+               "_aqn_apply_noise", "update_noise_injection_step")
+
+    def __init__(self, verl: Path, config):
+        import logging
+
+        import torch
+
+        text, tree = _tree(verl, ROLLOUT)
+        namespace = {"torch": torch, "logger": logging.getLogger("fork.vllm_rollout"), "print": lambda *a, **k: None}
+        _bind(self, text, tree, "vLLMAsyncRollout", self.METHODS, namespace, str(verl / ROLLOUT))
+        init = _function(tree, "vLLMAsyncRollout", "__init__")
+        stmts = [s for s in init.body if _mentions(text, s, "noise_injection", "epoch_ranges", "_aqn_")]
+        exec(_code(stmts, str(verl / ROLLOUT)), {**namespace, "self": self, "config": config})
+        self.synced = False
+
+    def sync(self, model, clean: dict) -> None:
+        """A weight sync: the first a full one (clean weights loaded, cached, noised), later ones the
+        fork's LoRA path (restore from its cache, noise)."""
+        import torch
+
         with torch.no_grad():
-            for n, m in norms.items():
-                m.weight.data.copy_(clean[n])
-            torch.manual_seed(seed)
-            fork.generate_expert_gaussian_noise(
-                model, step=1, total_step=2, sigma_trend=[sigma],
-                target_modules=list(block["target_modules"]) or None,
-                exclude_patterns=list(block["exclude_patterns"]) or None,
-                layer_types=list(block["layer_types"]) or None, layer_sigma_config=layer_config, verbose=False)
-        for n, m in norms.items():
-            power[n] += float((m.weight.detach().double() - clean[n]).pow(2).mean()) / draws
-    return {n: power[n] ** 0.5 for n in norms}
+            if not self.synced:
+                for name, module in model.named_modules():
+                    if name in clean:
+                        module.weight.copy_(clean[name])
+                self._aqn_cache_clean_weights(model)
+            else:
+                self._aqn_restore_clean_weights(model)
+        self._aqn_apply_noise(model)
+        self.synced = True
 
 
-def intended(block: dict, names: list[str], sigma: float) -> dict[str, float]:
-    """σ per norm that hwdiff's export means: 0 on excluded patterns, else σ × its layer's multiplier."""
-    import re
+def rollout_config(verl: Path, rollout: Node):
+    """The rollout section as the fork's ``RolloutConfig`` dataclass (an unknown key fails as it does there)."""
+    text, tree = _tree(verl, ROLLOUT_CONFIG)
+    module = types.ModuleType("fork_rollout_config")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    try:
+        exec(compile(tree, str(verl / ROLLOUT_CONFIG), "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    try:
+        return module.RolloutConfig(**{k: v for k, v in rollout.items() if k.startswith("noise_injection")})
+    except TypeError as exc:
+        raise CheckFailed(f"the fork's RolloutConfig refuses the rollout settings: {exc}") from None
 
-    config = block["layer_sigma_config"]
-    out = {}
-    for name in names:
-        if any(pattern in name for pattern in block["exclude_patterns"]):
-            out[name] = 0.0
-            continue
-        match = re.search(r"layers\.(\d+)\.", name)
-        key = match.group(1) if match else None
-        out[name] = sigma * float(config["layer_multipliers"].get(key, config["default_multiplier"]))
+
+# ---------------------------------------------------------------- a simulated run
+@dataclasses.dataclass(frozen=True)
+class Sync:
+    phase: str  # "train" or "validation"
+    step: int
+    sigmas: dict  # norm → σ the fork added
+
+
+def norm_names(model) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if "rmsnorm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1]
+
+
+def simulate(verl: Path, config: Node, model, *, steps_per_epoch: int, test_freq: int, start: int = 0) -> list[Sync]:
+    """One run of the fork's trainer and rollout from ``start`` (a checkpoint's global step, 0: fresh)."""
+    model = copy.deepcopy(model).double()
+    names = norm_names(model)
+    clean = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in names}
+    worker = Worker()
+    trainer = Trainer(verl, config, steps_per_epoch, worker)
+    out: list[Sync] = []
+
+    def sync(phase: str, step: int) -> None:
+        worker.rollout.sync(model, clean)
+        weights = {n: m.weight.detach() for n, m in model.named_modules() if n in clean}
+        out.append(Sync(phase, step, {n: float((weights[n] - clean[n]).abs().max()) for n in names}))
+
+    with fork_modules(verl), contextlib.redirect_stdout(io.StringIO()):
+        trainer.setup()
+        worker.rollout = Rollout(verl, rollout_config(verl, config.actor_rollout_ref.rollout))
+        trainer.global_steps = start  # fit(): _load_checkpoint sets it, then validation before training
+        trainer.validate()
+        sync("validation", start)
+        total = trainer.total_training_steps
+        for step in range(start + 1, total + 1):
+            trainer.global_steps = step
+            trainer.before_generation()
+            sync("train", step)
+            trainer.after_update()
+            if step % test_freq == 0 or step == total:
+                trainer.validate()
+                sync("validation", step)
     return out
 
 
-def check_export(verl: Path, sigma_verl: Path, model_spec: str, draws: int = 8) -> list[str]:
-    """Rows of (norm, intended σ, σ the fork applied); raises SystemExit on a mismatch."""
-    import yaml
+def expected(calibration, name: str, phase: str, step: int, total: int) -> float:
+    """σ of ``name`` at ``step`` of ``total`` in sigma.yaml (0 on validation rollouts and for skipped norms)."""
+    schedule = calibration.schedule_for(name)
+    return 0.0 if phase == "validation" or schedule is None else schedule.at(step, total)
 
-    import hwdiff
 
-    block = yaml.safe_load(sigma_verl.read_text())["trainer"]["noise_injection"]
-    if not isinstance(block.get("target_modules"), list):
-        raise SystemExit(f"check: target_modules must be a list (null crashes the fork's rollout), got {block.get('target_modules')!r}")
-    sigma = 1e-2
-    model = hwdiff.load_model(model_spec, dtype="float32")
-    applied = realized_sigmas(verl, block, model, sigma=sigma, draws=draws)
-    wanted = intended(block, list(applied), sigma)
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in applied}
-    rows = []
-    for name, value in applied.items():
-        tolerance = 4 / (2 * sizes[name] * draws) ** 0.5  # four standard errors of a pooled sample std
-        ok = value == 0 if wanted[name] == 0 else abs(value / wanted[name] - 1) < tolerance
-        rows.append(f"{name:<45} intended {wanted[name]:.4g}  applied {value:.4g}  {'ok' if ok else 'MISMATCH'}")
-        if not ok:
-            raise SystemExit(f"check: the fork applied sigma {value:.4g} to {name}, hwdiff meant {wanted[name]:.4g}")
+def compare(calibration, runs: list[list[Sync]], total: int, hint: str = "") -> list[str]:
+    """Rows per stage (max |σ_fork/σ_yaml − 1|); CheckFailed at the first norm outside the tolerance."""
+    stages: dict[int, float] = {}
+    for run in runs:
+        for sync in run:
+            stage = calibration.schedule.stage(sync.step, total)
+            for name, got in sync.sigmas.items():
+                want = expected(calibration, name, sync.phase, sync.step, total)
+                miss = got != 0 if want == 0 else abs(got / want - 1) > TOLERANCE
+                if miss:
+                    raise CheckFailed(f"{sync.phase} rollout of step {sync.step}/{total} (stage {stage}): {name} gets "
+                                      f"sigma {got:.6g} in the fork, sigma.yaml says {want:.6g}{hint}")
+                if want and sync.phase == "train":
+                    stages[stage] = max(stages.get(stage, 0.0), abs(got / want - 1))
+    return [f"stage {k}: every norm within {TOLERANCE:g} of sigma.yaml (max |ratio-1| {v:.2g})" for k, v in sorted(stages.items())]
+
+
+def check(verl: Path, calibration, model, overrides: list[str] | None = None, base: dict | None = None) -> list[str]:
+    """Rows of a passing check; CheckFailed (one line) otherwise. ``overrides`` None: hwdiff's lines for ``calibration``."""
+    from hwdiff.exporters import hydra_overrides
+
+    state = patch_state(verl)
+    hint = "" if state == "patched" else f" ({verl} is not patched: git apply {PATCH})"
+    config = compose(verl, hydra_overrides(calibration) if overrides is None else overrides, base)
+    k = int(config.trainer.noise_injection.get("num_stages", 10))
+    total = 2 * k
+    config.trainer.total_epochs, config.trainer.total_training_steps = 2, total  # 2 epochs, stopped after one
+    missing = set(norm_names(model)) ^ ({l.name for l in calibration.layers} | set(calibration.skipped))
+    if missing:
+        raise CheckFailed(f"the model's norms differ from sigma.yaml's ({len(missing)}, first {sorted(missing)[0]})")
+    fresh = simulate(verl, config, model, steps_per_epoch=total, test_freq=max(k // 2, 1))
+    resumed = simulate(verl, config, model, steps_per_epoch=total, test_freq=max(k // 2, 1), start=total // 2 + 1)
+    rows = compare(calibration, [fresh, resumed], total, hint)
+    if state != "patched":
+        raise CheckFailed(f"{verl} is not patched (git apply {PATCH}), though this run matched sigma.yaml")
+    stages = calibration.schedule.num_stages
+    rows.append(f"ok: {verl} gives each of {len(norm_names(model))} norms sigma.yaml's sigma at all {stages} stages "
+                f"({total} steps, validation rollouts noise-free, resume at step {total // 2 + 1})")
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    import hwdiff
+    from hwdiff.calibration import load_sigma
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--verl", type=Path, default=HERE / "upstream", help="checkout of the fork (default: upstream/)")
-    parser.add_argument("--sigma-verl", type=Path, default=None, help="an hwdiff verl export (SIGMA.verl.yaml) to run")
-    parser.add_argument("--model", default="tiny-qwen2", help="model for --sigma-verl (default: %(default)s)")
+    parser.add_argument("--verl", type=Path, default=HERE / "upstream",
+                        help="checkout of the fork (default: upstream/, the fork's files as published)")
+    parser.add_argument("--sigma", type=Path, help="hwdiff sigma.yaml: the sigma each norm must get")
+    parser.add_argument("--model", default="tiny-qwen2", help="model whose norms sigma.yaml names (default: %(default)s)")
+    parser.add_argument("--overrides", type=Path, help="file with the ++ lines you pass to verl (default: hwdiff's for --sigma)")
+    parser.add_argument("--base-config", type=Path, help="YAML trainer.noise_injection block your runs start from")
     args = parser.parse_args(argv)
-    patch_applies(args.verl)
-    print(f"ok: layer-sigma-config.patch applies to {args.verl}")
-    if args.sigma_verl:
-        print("\n".join(check_export(args.verl, args.sigma_verl, args.model)))
-        print(f"ok: the fork's generate_expert_gaussian_noise applies the sigma of {args.sigma_verl} as intended")
+    if args.sigma is None:
+        state = patch_state(args.verl)
+        if state != "patched":
+            raise CheckFailed(f"{args.verl} is not patched: git apply {PATCH}")
+        print(f"ok: {args.verl} is patched ({PATCH.name}); pass --sigma sigma.yaml --model M to check the sigma")
+        return 0
+    calibration = load_sigma(args.sigma)
+    model = hwdiff.load_model(args.model, dtype="float32")
+    overrides = args.overrides.read_text().splitlines() if args.overrides else None
+    base = (yaml.safe_load(args.base_config.read_text()) or {}) if args.base_config else None
+    if base and "trainer" in base:
+        base = base["trainer"].get("noise_injection", {})
+    print("\n".join(check(args.verl, calibration, model, overrides, base)))
     return 0
 
 
