@@ -1,0 +1,249 @@
+"""Check that a QeRL checkout (NVlabs/QeRL) gives every norm of a rollout model, at every step, the σ
+of an hwdiff sigma.yaml.
+
+    python integrations/qerl/check.py --qerl /path/to/QeRL --sigma sigma.yaml --model tiny-qwen2 --tree vllm
+
+What it runs, from the checkout's own files (no vLLM, TRL or GPU needed):
+1. ``qerl.py``'s ``main`` statements that decide whether AQN runs (``noise_scheduler``) and, patched,
+   read hwdiff's QeRL export (``--sigma-config``); the σ arguments it passes to ``GRPOTrainer``.
+2. ``GRPOTrainer.__init__``'s statements that keep them, and the AQN block of
+   ``_move_peft_model_to_vllm`` (the sync QeRL runs before each step's generation; its ``llm_model``
+   is ``--model``) with QeRL's own ``generate_gaussian_noise``, for every step of two epochs
+   (``update_step`` restarts each epoch as QeRL's trainer sets it; ``state.global_step`` does not).
+   The module's ``torch.normal`` is read through a probe returning the requested std as a constant,
+   so each norm's σ is read exactly from its weight change (float64 copy of the model).
+``--tree vllm`` runs it on a vLLM-style copy of the model (vLLM's class names: ``RMSNorm``;
+``tests/vllm_standin.py``), which is what QeRL injects into. Each norm's σ ÷ sigma.yaml's must be 1
+within 1e-5 (0 where sigma.yaml has 0). One line and a non-zero exit on the first miss; when the
+checkout injects nothing at all, it says so.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import copy
+import importlib.util
+import io
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+UPSTREAM_COMMIT = "e8c6e7979e8aed97ee93eaabeab899ad07fe7040"
+PATCH = HERE / "aqn-delivery.patch"
+NOISE = "trl_trainer/noise_scheduler.py"
+TRAINER = "trl_trainer/grpo_trainer.py"
+MAIN = "qerl.py"
+PATCHED = (MAIN, TRAINER, NOISE, "utils/configs.py")
+TOLERANCE = 1e-5
+
+
+class CheckFailed(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"check: {message}")
+
+
+def patch_state(qerl: Path) -> str:
+    """``"patched"`` or ``"unpatched"`` (``git apply --check`` on a scratch copy; the checkout is not touched)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in PATCHED:
+            if not (qerl / name).is_file():
+                raise CheckFailed(f"{qerl} is not a QeRL checkout: {name} is missing")
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(qerl / name, Path(tmp) / name)
+        subprocess.run(["git", "init", "-q", tmp], check=True)
+
+        def applies(*flags: str) -> bool:
+            return subprocess.run(["git", "apply", "--check", *flags, str(PATCH)], cwd=tmp,
+                                  capture_output=True).returncode == 0
+
+        if applies("-R"):
+            return "patched"
+        if applies():
+            return "unpatched"
+    raise CheckFailed(f"{PATCH.name} neither applies to {qerl} nor is applied there (another commit of QeRL?)")
+
+
+def _lines(qerl: Path, name: str) -> tuple[list[str], ast.Module]:
+    text = (qerl / name).read_text()
+    return text.splitlines(), ast.parse(text)
+
+
+def _mentions(lines: list[str], node: ast.AST, *words: str) -> bool:
+    source = "\n".join(lines[node.lineno - 1:node.end_lineno])
+    return any(word in source for word in words)
+
+
+def _code(stmts: list[ast.stmt], filename: str):
+    return compile(ast.fix_missing_locations(ast.Module(body=stmts, type_ignores=[])), filename, "exec")
+
+
+def _function(tree: ast.Module, name: str, cls: str | None = None) -> ast.FunctionDef:
+    scope = tree.body if cls is None else next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    return next(n for n in scope if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+@contextlib.contextmanager
+def qerl_modules(qerl: Path):
+    """QeRL's noise_scheduler.py as ``trl_trainer.noise_scheduler``, its ``torch.normal`` read by a probe."""
+    import torch
+
+    class TorchProbe(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def normal(mean=0.0, std=1.0, size=None, dtype=None, **_):
+            return torch.full(tuple(size), float(std), dtype=torch.float64)
+
+    spec = importlib.util.spec_from_file_location("trl_trainer.noise_scheduler", qerl / NOISE)
+    noise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(noise)
+    noise.torch = TorchProbe("torch")
+    package = types.ModuleType("trl_trainer")
+    package.noise_scheduler = noise
+    saved = {name: sys.modules.get(name) for name in ("trl_trainer", "trl_trainer.noise_scheduler")}
+    sys.modules.update({"trl_trainer": package, "trl_trainer.noise_scheduler": noise})
+    try:
+        yield noise
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def trainer_arguments(qerl: Path, model_args: types.SimpleNamespace) -> tuple[bool, dict]:
+    """``qerl.py``'s decision to inject and the σ keyword arguments it gives ``GRPOTrainer``."""
+    lines, tree = _lines(qerl, MAIN)
+    main = _function(tree, "main")
+    build = next(i for i, s in enumerate(main.body) if _mentions(lines, s, "AutoModelForCausalLM"))
+    scope = {"model_args": model_args}
+    exec(_code([s for s in main.body[:build] if _mentions(lines, s, "noise_scheduler", "sigma")], str(qerl / MAIN)), scope)
+    call = next(n for n in ast.walk(main) if isinstance(n, ast.Call) and _mentions(lines, n.func, "GRPOTrainer"))
+    kwargs = {k.arg: eval(compile(ast.Expression(k.value), str(qerl / MAIN), "eval"), scope)  # noqa: S307
+              for k in call.keywords if k.arg in ("sigma_start", "sigma_end", "num_stages", "noise_scheduler",
+                                                  "sigma_multipliers")}
+    return bool(scope.get("noise_scheduler")), kwargs
+
+
+class Trainer:
+    """Stand-in ``GRPOTrainer``: its σ statements and its rollout AQN block, from grpo_trainer.py."""
+
+    def __init__(self, qerl: Path, kwargs: dict, model, noise, total_steps: int):
+        lines, tree = _lines(qerl, TRAINER)
+        init = _function(tree, "__init__", "GRPOTrainer")
+        names = [a.arg for a in init.args.args + init.args.kwonlyargs]
+        scope = {"self": self, **{n: kwargs.get(n) for n in names if n != "self"}}
+        exec(_code([s for s in init.body if isinstance(s, ast.Assign) and _mentions(lines, s, "sigma", "noise_scheduler", "num_stages")
+                    and not _mentions(lines, s, "args.")], str(qerl / TRAINER)), scope)
+        sync = _function(tree, "_move_peft_model_to_vllm", "GRPOTrainer")
+        self.block = _code([s for s in sync.body if isinstance(s, ast.If) and _mentions(lines, s.test, "noise_scheduler")],
+                           str(qerl / TRAINER))
+        runner = types.SimpleNamespace(model=model)
+        self.llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner))))
+        self.state = types.SimpleNamespace(global_step=0)
+        self.update_step, self.total_steps = 0, total_steps
+        self.namespace = {"np": np, "print": lambda *a, **k: None, **{n: getattr(noise, n) for n in dir(noise)
+                                                                      if not n.startswith("_")}}
+
+    def sync(self) -> None:
+        exec(self.block, {**self.namespace, "self": self})
+
+
+def norm_names(model) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if "rmsnorm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1]
+
+
+def simulate(qerl: Path, calibration, export_path: Path, model, model_name: str, epochs: int = 2) -> tuple[list, int]:
+    """σ per norm QeRL adds at each step's sync: [(step, {norm: σ})], and the total steps."""
+    model = copy.deepcopy(model).double()
+    names = norm_names(model)
+    clean = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in names}
+    s = calibration.schedule
+    model_args = types.SimpleNamespace(model_name=model_name, sigma_start=s.sigma_start, sigma_end=s.sigma_end,
+                                       num_stages=s.num_stages, sigma_config=str(export_path))
+    with qerl_modules(qerl) as noise, contextlib.redirect_stdout(io.StringIO()):
+        inject, kwargs = trainer_arguments(qerl, model_args)
+        if not inject:
+            raise CheckFailed(f"QeRL injects nothing for model name {model_name!r}: it runs AQN only when the name "
+                              f"contains 'nvfp4'{'' if 'sigma_multipliers' in kwargs else ' (patched: or with --sigma-config)'}")
+        per_epoch = 2 * int(kwargs["num_stages"]) // epochs
+        total = per_epoch * epochs
+        trainer = Trainer(qerl, kwargs, model, noise, total)
+        out = []
+        for step in range(1, total + 1):
+            trainer.state.global_step = step - 1  # optimizer steps done before this step's rollout
+            trainer.update_step = (step - 1) % per_epoch + 1  # QeRL's per-epoch counter
+            trainer.sync()
+            weights = {n: m.weight.detach() for n, m in model.named_modules() if n in clean}
+            out.append((step, {n: float((weights[n] - clean[n]).abs().max()) for n in names}))
+    return out, total
+
+
+def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", export_path: Path | None = None) -> list[str]:
+    """Rows of a passing check; CheckFailed (one line) otherwise."""
+    from hwdiff.exporters import export
+
+    state = patch_state(qerl)
+    hint = "" if state == "patched" else f" ({qerl} is not patched: git apply {PATCH})"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_path or export(calibration, "qerl", Path(tmp) / "sigma.qerl.yaml")
+        runs, total = simulate(qerl, calibration, path, model, model_name)
+    names = norm_names(model)
+    want_any = any(calibration.schedule_for(n) for n in names)
+    if want_any and not any(sigma for _, sigmas in runs for sigma in sigmas.values()):
+        raise CheckFailed(f"QeRL injects nothing into this model: none of its {len(names)} RMSNorms "
+                          f"({', '.join(sorted({type(m).__name__ for n, m in model.named_modules() if n in names}))}) "
+                          f"is selected{hint}")
+    worst: dict[int, float] = {}
+    for step, sigmas in runs:
+        stage = calibration.schedule.stage(step, total)
+        for name, got in sigmas.items():
+            schedule = calibration.schedule_for(name)
+            want = 0.0 if schedule is None else schedule.at(step, total)
+            if (got != 0) if want == 0 else abs(got / want - 1) > TOLERANCE:
+                raise CheckFailed(f"step {step}/{total} (stage {stage}): {name} gets sigma {got:.6g} in QeRL, sigma.yaml "
+                                  f"says {want:.6g}{hint}")
+            if want:
+                worst[stage] = max(worst.get(stage, 0.0), abs(got / want - 1))
+    if state != "patched":
+        raise CheckFailed(f"{qerl} is not patched (git apply {PATCH}), though this run matched sigma.yaml")
+    rows = [f"stage {k}: every norm within {TOLERANCE:g} of sigma.yaml (max |ratio-1| {v:.2g})" for k, v in sorted(worst.items())]
+    return rows + [f"ok: {qerl} gives each of {len(names)} norms sigma.yaml's sigma at every step of {total} (2 epochs)"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import hwdiff
+    from hwdiff.calibration import load_sigma
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--qerl", type=Path, default=HERE / "upstream", help="QeRL checkout (default: upstream/)")
+    parser.add_argument("--sigma", type=Path, required=True, help="hwdiff sigma.yaml: the sigma each norm must get")
+    parser.add_argument("--sigma-qerl", type=Path, help="the QeRL export to run (default: written from --sigma)")
+    parser.add_argument("--model", default="tiny-qwen2", help="model whose norms sigma.yaml names (default: %(default)s)")
+    parser.add_argument("--model-name", default="model-nvfp4", help="QeRL's --model_name (default: %(default)s)")
+    parser.add_argument("--tree", choices=("hf", "vllm"), default="vllm",
+                        help="inject into the HF model or a vLLM-style copy (tests/vllm_standin.py; default: %(default)s)")
+    args = parser.parse_args(argv)
+    model = hwdiff.load_model(args.model, dtype="float32")
+    if args.tree == "vllm":
+        sys.path.insert(0, str(HERE.parents[1]))
+        from tests.vllm_standin import from_hf
+
+        model = from_hf(model)
+    print("\n".join(check(args.qerl, load_sigma(args.sigma), model, args.model_name, args.sigma_qerl)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
