@@ -9,10 +9,11 @@ import torch
 import yaml
 
 import hwdiff
+from hwdiff import structure
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import QERL_PRESETS, calibrate, format_calibration, load_sigma, save, start_rule
 from hwdiff.errors import HwdiffError
-from hwdiff.exporters import export, hydra_overrides, verl_block
+from hwdiff.exporters import export, hydra_overrides
 from hwdiff.rounding import changed_fraction
 from hwdiff.sigma_probe import verify
 from hwdiff.store import open_capture
@@ -229,37 +230,52 @@ def test_cli_verify_strict_fails_on_a_wrong_sigma(sdpa_vs_eager, tmp_path):
     assert "verify: FAIL" in bad.stdout and bad.stderr.count("hwdiff: error:") == 1 and "Traceback" not in bad.stderr
 
 
-def test_verl_export_for_the_fork_as_it_is(sdpa_vs_eager, tmp_path, caplog):
+def test_verl_export_of_a_real_calibration_names_every_norm(sdpa_vs_eager, tmp_path, caplog):
     result = calibrate(sdpa_vs_eager / "diff.h5")
     with caplog.at_level(logging.WARNING):
         block = yaml.safe_load(export(result, "verl", tmp_path / "verl.yaml").read_text())["trainer"]["noise_injection"]
-    assert "never copies layer_sigma_config" in caplog.text
-    assert block["target_modules"] == []  # the fork's automatic mode; null crashes its rollout
-    # every post_attention_layernorm and the final norm have σ = 0 here: excluded by pattern
-    assert set(block["exclude_patterns"]) == {"post_attention_layernorm", "model.norm"}
-    config = block["layer_sigma_config"]
-    for i in range(L):  # one class remains: its multipliers are exact
-        layer = result.layer(f"model.layers.{i}.input_layernorm")
-        assert config["layer_multipliers"][str(i)] == pytest.approx(layer.sigma_end / block["sigma_end"])
+    assert "never copies layer_sigma_config" in caplog.text and "aqn-delivery.patch" in caplog.text
+    noisy = {l.name for l in result.layers if l.sigma_end > 0}
+    assert set(block["target_modules"]) == noisy  # full names, never the fork's automatic mode
+    assert set(block["exclude_patterns"]) == {l.name for l in result.layers if l.sigma_end == 0} | set(result.skipped)
+    pairs = dict(block["layer_sigma_config"]["norm_multipliers"])
+    for name in noisy:  # each norm's own σ_end over the exported global σ_end
+        assert pairs[name] * block["sigma_end"] == pytest.approx(result.layer(name).sigma_end, rel=1e-12)
     overrides = hydra_overrides(result)
     assert all(line.lstrip("'").startswith("++trainer.noise_injection.") for line in overrides)
-    assert "'++trainer.noise_injection.target_modules=[]'" in overrides
-    with caplog.at_level(logging.WARNING):
-        qerl = yaml.safe_load(export(result, "qerl", tmp_path / "qerl.yaml").read_text())
-    assert set(qerl) == {"sigma_start", "sigma_end", "num_stages"} and "nvfp4" in caplog.text
+    assert "++trainer.noise_injection.epoch_aware=False" in overrides
 
 
-def test_verl_export_with_two_noisy_classes_says_what_is_lost(fp32_plant, caplog):
+def test_verl_export_with_two_noisy_classes_reaches_the_fork_per_norm(fp32_plant, tmp_path):
+    """Two noisy classes of a real calibration through the patched fork's own code (integrations/verl)."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
     *_, root = fp32_plant
     result = calibrate(root / "diff.h5")
-    block = verl_block(result)["trainer"]["noise_injection"]
-    assert block["exclude_patterns"] == []
-    pair = [result.layer(f"model.layers.1.{n}").multiplier for n in ("input_layernorm", "post_attention_layernorm")]
-    assert block["layer_sigma_config"]["layer_multipliers"]["1"] == pytest.approx(np.sqrt(np.mean(np.square(pair))))
-    assert block["layer_sigma_config"]["default_multiplier"] == pytest.approx(result.layer("model.norm").multiplier)
-    with caplog.at_level(logging.WARNING):
-        export(result, "verl", root / "two.verl.yaml")
-    assert "share one multiplier per layer" in caplog.text
+    assert len({structure.norm_class(l.name) for l in result.layers if l.sigma_end > 0}) >= 2
+    spec = importlib.util.spec_from_file_location("hwdiff_verl_check_c", ROOT / "integrations/verl/check.py")
+    check = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = check
+    spec.loader.exec_module(check)
+    fork = tmp_path / "verl"
+    shutil.copytree(ROOT / "integrations/verl/upstream", fork)
+    subprocess.run(["git", "apply", str(ROOT / "integrations/verl/aqn-delivery.patch")], cwd=fork, check=True)
+    model = hwdiff.load_model("tiny-qwen2", dtype="float32")
+    assert check.check(fork, result, model)[-1].startswith("ok:")
+
+
+def test_cli_refused_export_writes_nothing(fp32_plant, tmp_path):
+    *_, root = fp32_plant
+    out = tmp_path / "sigma.yaml"
+    proc = run_cli("calibrate", root / "diff.h5", "-o", out, "--export", "verl", "--schedule", "linear", "-q")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("hwdiff: error:") == 1 and "verl export refused" in proc.stderr
+    assert not out.exists() and not out.with_suffix(".verl.yaml").exists()
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, fp32_plant):
@@ -295,47 +311,3 @@ def test_cli_calibrate_and_aqn_check(tmp_path, fp32_plant):
     assert f"matched {2 * L + 1} RMSNorm layers" in check.stdout
     bad = run_cli("calibrate", tmp_path / "missing.h5", "-o", tmp_path / "x.yaml")
     assert bad.returncode == 2 and "no such diff file" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_verl_patch_applies_and_the_forks_own_code_applies_the_export(sdpa_vs_eager, tmp_path):
-    """Runs the fork's generate_expert_gaussian_noise (integrations/verl/upstream) on the export."""
-    import importlib.util
-
-    from .conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("verl_check", ROOT / "integrations/verl/check.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
-    upstream = ROOT / "integrations/verl/upstream"
-    check.patch_applies(upstream)  # raises SystemExit when it does not apply
-    result = calibrate(sdpa_vs_eager / "diff.h5")
-    block = yaml.safe_load(export(result, "verl", tmp_path / "v.yaml").read_text())["trainer"]["noise_injection"]
-    model = hwdiff.load_model("tiny-qwen2", dtype="float32")
-    applied = check.realized_sigmas(upstream, block, model, sigma=1e-2)
-    for layer in result.layers:  # intended: σ_stage × σ_end(norm) / σ_end(global), from the calibration itself
-        intended = 1e-2 * layer.sigma_end / result.schedule.sigma_end
-        if intended == 0:
-            assert applied[layer.name] == 0, layer.name
-        else:
-            assert applied[layer.name] == pytest.approx(intended, rel=0.15), layer.name
-
-
-def test_verify_and_measured_gains_on_a_checkpoint_without_tokenizer(tmp_path):
-    """A local Llama saved without tokenizer files: the probes run on the reference capture's own ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    ids = np.random.default_rng(0).integers(0, 300, (4, 24))
-    model = hwdiff.load_model(str(tmp_path / "llama"), dtype="float32")
-    ref = hwdiff.capture(model, tmp_path / "ref.h5", inputs=ids, record_inputs=True, progress=False).path
-    emulate = "bf16-block-accum:block=16"
-    tgt = hwdiff.capture(model, tmp_path / "tgt.h5", inputs=ids, emulate=emulate, progress=False).path
-    local = hwdiff.replay(model, ref, tmp_path / "local.h5", emulate=emulate, progress=False).path
-    hwdiff.diff(ref, tgt, local=local, out=tmp_path / "diff.h5", progress=False)
-    measured = calibrate(tmp_path / "diff.h5", model=model)
-    assert measured.conversion == "measured" and all(l.gain_block for l in measured.layers if l.sub_block)
-    check = verify(measured, model)
-    assert check.passed, [(c.name, round(c.ratio, 2)) for c in check.layers]

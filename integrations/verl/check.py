@@ -63,7 +63,8 @@ class CheckFailed(SystemExit):
 
 # ---------------------------------------------------------------- the patch
 def patch_state(verl: Path) -> str:
-    """``"patched"`` or ``"unpatched"`` (``git apply --check`` on a scratch copy; the checkout is not touched)."""
+    """``"patched"``, ``"unpatched"`` or ``"modified"`` (the patch neither applies nor is applied) by
+    ``git apply --check`` on a scratch copy; the checkout is not touched."""
     with tempfile.TemporaryDirectory() as tmp:
         for name in PATCHED:
             if not (verl / name).is_file():
@@ -80,7 +81,7 @@ def patch_state(verl: Path) -> str:
             return "patched"
         if applies():
             return "unpatched"
-    raise CheckFailed(f"{PATCH.name} neither applies to {verl} nor is applied there (another commit of the fork?)")
+    return "modified"  # neither: another commit or local changes; the simulated run decides
 
 
 # ---------------------------------------------------------------- config (Hydra's override rules)
@@ -429,7 +430,8 @@ def check(verl: Path, calibration, model, overrides: list[str] | None = None, ba
     from hwdiff.exporters import hydra_overrides
 
     state = patch_state(verl)
-    hint = "" if state == "patched" else f" ({verl} is not patched: git apply {PATCH})"
+    hint = {"patched": "", "unpatched": f" ({verl} is not patched: git apply {PATCH})",
+            "modified": f" ({PATCH.name} neither applies to {verl} nor is applied there)"}[state]
     config = compose(verl, hydra_overrides(calibration) if overrides is None else overrides, base)
     k = int(config.trainer.noise_injection.get("num_stages", 10))
     total = 2 * k
@@ -440,7 +442,7 @@ def check(verl: Path, calibration, model, overrides: list[str] | None = None, ba
     fresh = simulate(verl, config, model, steps_per_epoch=total, test_freq=max(k // 2, 1))
     resumed = simulate(verl, config, model, steps_per_epoch=total, test_freq=max(k // 2, 1), start=total // 2 + 1)
     rows = compare(calibration, [fresh, resumed], total, hint)
-    if state != "patched":
+    if state == "unpatched":
         raise CheckFailed(f"{verl} is not patched (git apply {PATCH}), though this run matched sigma.yaml")
     stages = calibration.schedule.num_stages
     rows.append(f"ok: {verl} gives each of {len(norm_names(model))} norms sigma.yaml's sigma at all {stages} stages "
@@ -464,8 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sigma is None:
         state = patch_state(args.verl)
-        if state != "patched":
+        if state == "unpatched":
             raise CheckFailed(f"{args.verl} is not patched: git apply {PATCH}")
+        if state == "modified":
+            raise CheckFailed(f"{PATCH.name} neither applies to {args.verl} nor is applied there: pass --sigma to check "
+                              f"what this checkout delivers")
         print(f"ok: {args.verl} is patched ({PATCH.name}); pass --sigma sigma.yaml --model M to check the sigma")
         return 0
     calibration = load_sigma(args.sigma)
