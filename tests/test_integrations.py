@@ -167,7 +167,8 @@ def test_verl_check_on_the_published_fork_names_what_is_wrong(models):
     assert message.startswith("check: ") and "sigma.yaml says" in message and "not patched" in message
 
 
-def test_verl_check_cli(tmp_path, verl_patched, models):
+@pytest.mark.slow
+def test_verl_and_qerl_check_cli(tmp_path, verl_patched, models):
     from hwdiff.calibration import save
 
     unpatched = subprocess.run([sys.executable, str(ROOT / "integrations/verl/check.py")], capture_output=True, text=True,
@@ -185,6 +186,10 @@ def test_verl_check_cli(tmp_path, verl_patched, models):
                           "--sigma", str(sigma), "--model", "tiny-qwen2"], capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0 and "ok: " in run.stdout and f"all {K} stages" in run.stdout, run.stderr
+    qerl = subprocess.run([sys.executable, str(ROOT / "integrations/qerl/check.py"), "--sigma", str(sigma),
+                           "--model", "tiny-qwen2", "--tree", "vllm"], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert qerl.returncode != 0 and qerl.stderr.startswith("check: QeRL injects nothing") and qerl.stderr.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import importlib.util
 import io
+import logging
 import shutil
 import subprocess
 import sys
@@ -198,8 +199,14 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
     state = patch_state(qerl)
     hint = {"patched": "", "unpatched": f" ({qerl} is not patched: git apply {PATCH})",
             "modified": f" ({PATCH.name} neither applies to {qerl} nor is applied there)"}[state]
+    exporters = logging.getLogger("hwdiff.exporters")
+    level = exporters.level
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_path or export(calibration, "qerl", Path(tmp) / "sigma.qerl.yaml")
+        exporters.setLevel(logging.ERROR)  # its warnings describe QeRL as published: this check says what it finds
+        try:
+            path = export_path or export(calibration, "qerl", Path(tmp) / "sigma.qerl.yaml")
+        finally:
+            exporters.setLevel(level)
         runs, total = simulate(qerl, calibration, path, model, model_name)
     names = norm_names(model)
     want_any = any(calibration.schedule_for(n) for n in names)
