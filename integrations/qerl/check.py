@@ -216,7 +216,7 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
                           f"is selected{hint}")
     worst: dict[int, float] = {}
     for step, sigmas in runs:
-        stage = calibration.schedule.stage(step, total)
+        stage = min(calibration.schedule.stage(step, total), calibration.schedule.num_stages - 1)
         for name, got in sigmas.items():
             schedule = calibration.schedule_for(name)
             want = 0.0 if schedule is None else schedule.at(step, total)

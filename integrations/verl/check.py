@@ -413,7 +413,7 @@ def compare(calibration, runs: list[list[Sync]], total: int, hint: str = "") -> 
     stages: dict[int, float] = {}
     for run in runs:
         for sync in run:
-            stage = calibration.schedule.stage(sync.step, total)
+            stage = min(calibration.schedule.stage(sync.step, total), calibration.schedule.num_stages - 1)
             for name, got in sync.sigmas.items():
                 want = expected(calibration, name, sync.phase, sync.step, total)
                 miss = got != 0 if want == 0 else abs(got / want - 1) > TOLERANCE
