@@ -278,7 +278,7 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     end = statistics.median(positive)
     w_rms = statistics.median(e.weight_rms for e in errors if e.skip_reason is None)
     start, rule, warnings = start_rule(end, w_rms, factor=factor, sigma_start=sigma_start)
-    warnings += layout_notes(summary)
+    warnings += layout_notes(summary, [e.name for e in errors if e.skip_reason is None])
     schedule = SigmaSchedule(start, end, num_stages, kind)
     layers = tuple(LayerSigma(
         name=e.name, layer_index=layer_index(e.name), sub_block=e.sub_block, norm_error=e.norm_error,
@@ -401,16 +401,40 @@ def _final_norm_without_head(error: NormError, outputs: list[dict[str, Any]]) ->
     return replace(error, skip_reason=reason)
 
 
-def layout_notes(summary: dict[str, Any]) -> list[str]:
-    """What a capture layout changes in the calibration, said in its output."""
+def layout_notes(summary: dict[str, Any], names: list[str]) -> list[str]:
+    """What a capture layout changes in the calibration of the norms ``names``, said in its output."""
     layouts = {(summary.get(side) or {}).get("layout") for side in ("reference", "target")}
     if "vllm" not in layouts:
         return []
-    return ["vLLM layout: norms that vLLM calls as a fused add+norm (norm(x, residual): in its decoder layers every norm "
-            "but the first layer's input_layernorm, and the final norm) are replayed with the residual add inside, so "
-            "their local error includes the rounding of that add and of both its inputs, which a Hugging Face-layout "
-            "replay attributes to no module: their sigma comes out above an HF-layout calibration of the same pair "
-            "(bf16 vs fp32 on the stand-in: up to 6% with the in-place CUDA path, within 3% with the native path)"]
+    fused = fused_add_norms(summary, names)
+    if fused == []:
+        return []
+    which = ("norms that vLLM calls as a fused add+norm (norm(x, residual): in its decoder layers every norm but the "
+             "first layer's input_layernorm, and the final norm)" if fused is None else
+             f"{len(fused)} norm(s) called as a fused add+norm norm(x, residual) ({', '.join(fused[:3])}"
+             f"{', …' if len(fused) > 3 else ''})")
+    return [f"vLLM layout: {which} are replayed with the residual add inside, so their local error includes the "
+            "rounding of that add and of both its inputs, which a Hugging Face-layout replay attributes to no module: "
+            "their sigma comes out above an HF-layout calibration of the same pair (bf16 vs fp32 on the stand-in: up to "
+            "6% with the in-place CUDA path, within 3% with the native path)"]
+
+
+def fused_add_norms(summary: dict[str, Any], names: list[str]) -> list[str] | None:
+    """The norms of ``names`` whose recorded call in the reference capture passed a residual (two
+    tensor arguments), or None when the capture or its call records are not at hand."""
+    path = (summary.get("reference") or {}).get("path")
+    if not path or not Path(path).exists():
+        return None
+    from .store import open_capture
+
+    try:
+        with open_capture(path) as cap:
+            specs = {name: cap.call_spec(name, 0) for name in names if name in cap.modules}
+    except HwdiffError:
+        return None
+    if not specs or any(spec is None for spec in specs.values()):
+        return None
+    return [name for name, spec in specs.items() if sum(1 for a in spec.get("args", []) if "slot" in a) >= 2]
 
 
 def sub_blocks(norm_names: list[str], outputs: list[dict[str, Any]]) -> dict[str, str | None]:

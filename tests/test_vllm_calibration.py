@@ -42,9 +42,11 @@ def test_vllm_and_hf_layout_calibrations_of_bf16_vs_fp32_agree_or_say_why(path, 
     assert not hf.skipped and hf.layer("model.norm").sub_block == "lm_head"
     assert "not calibrated" in vllm.skipped["model.norm"] and "LM head" in vllm.skipped["model.norm"]
     assert all(l.name != "model.norm" for l in vllm.layers)
-    note = [w for w in vllm.warnings if w.startswith("vLLM layout: norms that vLLM calls as a fused add+norm")]
-    assert len(note) == 1 and not [w for w in hf.warnings if "vLLM layout" in w]
+    # vLLM's first norm gets no residual; every other decoder-layer norm (2 layers: 3) is a fused add+norm
+    note = [w for w in vllm.warnings if w.startswith("vLLM layout: 3 norm(s) called as a fused add+norm")]
+    assert len(note) == 1 and "model.layers.0.input_layernorm" not in note[0]
+    assert "model.layers.0.post_attention_layernorm" in note[0] and not [w for w in hf.warnings if "vLLM" in w]
     for layer in vllm.layers:
         ratio = layer.sigma_end / hf.layer(layer.name).sigma_end
-        fused = layer.name != "model.layers.0.input_layernorm"  # vLLM's first norm gets no residual
+        fused = layer.name != "model.layers.0.input_layernorm"
         assert abs(ratio - 1) <= 0.05 or (fused and ratio > 1), (layer.name, ratio)
