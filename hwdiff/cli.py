@@ -135,7 +135,7 @@ def _cmd_aqn_check(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .reporting import report
 
-    print(report(args.diff, args.output, sigma=args.sigma))
+    print(report(args.diff, args.output, sigma=args.sigma, robustness=args.robustness))
     return 0
 
 
@@ -463,6 +463,7 @@ def _add_report(sub: Any) -> None:
                                      "measured hardware error.")
     rpt.add_argument("diff", help="diff.h5 from hwdiff diff -o (the JSON summary works, without histograms)")
     rpt.add_argument("--sigma", default=None, help="sigma.yaml from hwdiff calibrate")
+    rpt.add_argument("--robustness", default=None, help="robustness card (JSON) from hwdiff robustness -o: adds its section")
     rpt.add_argument("-o", "--output", default="report", help="output folder (default: %(default)s)")
     rpt.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     rpt.set_defaults(handler=_cmd_report)

@@ -152,10 +152,7 @@ class RobustnessCard:
             return None
         out = {}
         for stat in ("mean_abs", "k3_kl"):
-            boot = _paired_boot(self.emulated, self.measured, stat, rng)
-            point = _pooled(getattr(self.emulated, stat), self.emulated.positions) / _pooled(
-                getattr(self.measured, stat), self.measured.positions)
-            out[f"{stat}_ratio"] = _interval(point, boot[0] / boot[1], self.confidence)
+            out[f"{stat}_ratio"] = _ratio(self.measured, self.emulated, stat, self.confidence, rng)
         return out
 
 
@@ -463,6 +460,17 @@ def _paired_boot(a: Cells, b: Cells, stat: str, rng: np.random.Generator) -> tup
                  for c in (a, b))
 
 
+def _ratio(den: Cells, num: Cells, stat: str, confidence: float, rng: np.random.Generator) -> dict[str, Any]:
+    """``num`` / ``den`` of a pooled token statistic with its interval; no value (and why) when ``den`` is 0."""
+    bottom = _pooled(getattr(den, stat), den.positions)
+    if bottom == 0:
+        return {"value": None, "low": None, "high": None,
+                "why": f"no ratio: {stat} is exactly 0 on the denominator's side (bit-identical log-probs)"}
+    boot_den, boot_num = _paired_boot(den, num, stat, rng)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _interval(_pooled(getattr(num, stat), num.positions) / bottom, boot_num / boot_den, confidence)
+
+
 def answer_matrix(cells: Cells, references: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(answered [prompts] bool: has a reference answer, clean correct [prompts], noisy correct [draws, prompts])."""
     answered = np.array([bool(r) for r in references])
@@ -588,12 +596,7 @@ def compare_cards(a: RobustnessCard | str | os.PathLike, b: RobustnessCard | str
     if not 0.5 <= conf < 1:
         raise HwdiffError(f"confidence must be in [0.5, 1), got {conf}")
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    ratios = {}
-    for stat in ("mean_abs", "k3_kl"):
-        boot_a, boot_b = _paired_boot(a.emulated, b.emulated, stat, rng)
-        point = _pooled(getattr(b.emulated, stat), b.emulated.positions) / _pooled(getattr(a.emulated, stat),
-                                                                                   a.emulated.positions)
-        ratios[stat] = _interval(point, boot_b / boot_a, conf)
+    ratios = {stat: _ratio(a.emulated, b.emulated, stat, conf, rng) for stat in ("mean_abs", "k3_kl")}
     differences = {"top1_agreement": _difference(a, b, "top1_agreement", conf, rng)}
     if a.emulated.has_sequences and b.emulated.has_sequences:
         differences["continuation_changed"] = _difference(a, b, "changed", conf, rng)
@@ -641,6 +644,12 @@ def _fmt(stat: dict | None, spec: str = ".4g") -> str:
     return f"{stat['value']:{spec}}{bounds}"
 
 
+_ROWS = (("mean |Δlogp| (nats)", "token", "mean_abs", ".4g"), ("K3 KL", "token", "k3_kl", ".3g"),
+         ("top-1 agreement", "token", "top1_agreement", ".3f"),
+         ("continuation changed", "sequence", "continuation_changed", ".3f"),
+         ("extracted answer changed", "sequence", "answer_changed", ".3f"))
+
+
 def format_card(summary: dict[str, Any]) -> str:
     """The terminal summary of a card's JSON (:meth:`RobustnessCard.summary`)."""
     m, s, p = summary["model"], summary["sigma"], summary["prompts"]
@@ -652,11 +661,7 @@ def format_card(summary: dict[str, Any]) -> str:
              f"intervals: {summary['interval_rule']}", "",
              f"{'':28}{'emulated (noise)':34}measured pair"]
     em, me = summary["emulated"], summary["measured"] or {}
-    rows = [("mean |Δlogp| (nats)", "token", "mean_abs", ".4g"), ("K3 KL", "token", "k3_kl", ".3g"),
-            ("top-1 agreement", "token", "top1_agreement", ".3f"),
-            ("continuation changed", "sequence", "continuation_changed", ".3f"),
-            ("extracted answer changed", "sequence", "answer_changed", ".3f")]
-    for label, level, key, spec in rows:
+    for label, level, key, spec in _ROWS:
         lines.append(f"{label:28}{_fmt(em.get(level, {}).get(key), spec):34}{_fmt(me.get(level, {}).get(key), spec)}")
     lines += _answer_lines(em, me)
     versus = summary.get("emulated_vs_measured")
@@ -693,6 +698,24 @@ def format_comparison(result: Comparison) -> str:
     lines += [f"{name} B−A {_fmt(value, '+.3f')}" for name, value in result.differences.items()]
     lines.append(f"verdict at {result.confidence:.0%}: {result.verdict}")
     return "\n".join(lines)
+
+
+def card_html(summary: dict[str, Any]) -> str:
+    """The report's section for a card: emulated vs measured with intervals, then provenance."""
+    import html
+
+    e = html.escape
+    em, me = summary["emulated"], summary["measured"] or {}
+    rows = "".join(f"<tr><td>{e(label)}</td><td>{e(_fmt(em.get(level, {}).get(key), spec))}</td>"
+                   f"<td>{e(_fmt(me.get(level, {}).get(key), spec))}</td></tr>" for label, level, key, spec in _ROWS)
+    versus = summary.get("emulated_vs_measured")
+    ratio = (f"<p>emulated / measured mean |Δlogp|: <b>{e(_fmt(versus['mean_abs_ratio'], '.3g'))}</b></p>"
+             if versus else "<p>No measured pair on this card (<code>--pair REF.h5 TGT.h5</code> adds one).</p>")
+    notes = "".join(f"<li>{e(line)}</li>" for line in _answer_lines(em, me))
+    head = format_card(summary).split("\n")[:3]
+    return (f"<h2>Robustness to the calibrated noise</h2><p>{'<br>'.join(map(e, head))}</p>"
+            f"<table><tr><th>statistic</th><th>emulated (noise draws)</th><th>measured pair</th></tr>{rows}</table>"
+            f"{ratio}<ul>{notes}</ul><p><small>{e(summary['answer_rule'])}; definitions: docs/robustness.md</small></p>")
 
 
 class _CallableModule(types.ModuleType):

@@ -246,3 +246,18 @@ def test_cli_card_compare_and_bad_input(tiny, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("hwdiff: error:") and "--sigma" in bad.stderr
     bad = run_cli("robustness", "--compare", tmp_path / "a.json", sigma)
     assert bad.returncode == 2 and "robustness card" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_report_shows_the_card(tiny, tmp_path):
+    model, sigma, root = tiny
+    cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
+    a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(model, tmp_path / "b.h5", **cap).path
+    hwdiff.diff(a, b, json_path=tmp_path / "diff.json", progress=False)
+    card = robustness(model, sigma, options=Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False),
+                      pair=[(a, b)], output=tmp_path / "card.json")
+    page = hwdiff.report(tmp_path / "diff.json", tmp_path / "report", robustness=tmp_path / "card.json")
+    text = page.index.read_text()
+    value = card.summary()["emulated"]["token"]["mean_abs"]["value"]
+    assert "Robustness to the calibrated noise" in text and f"{value:.4g}" in text
+    assert "Robustness to the calibrated noise" in page.markdown.read_text()
