@@ -172,6 +172,9 @@ def robustness(model: Any, sigma: Any, *, options: Options | None = None, pair: 
 
     opts = options or Options()
     opts.check()
+    if getattr(model, "training", False):
+        raise HwdiffError("the model is in training mode (dropout would add noise of its own to every draw): "
+                          "call model.eval() first, or load it with hwdiff.load_model")
     from .outputs import check_outputs
 
     check_outputs([p for both in pair for p in both] + ([sigma] if isinstance(sigma, (str, os.PathLike)) else []),
@@ -320,9 +323,10 @@ def _prompts(model: Any, opts: Options) -> tuple[Any, tuple[str, ...]]:
     from .inputs import prompts_path
 
     inputs = _resolve_inputs(model, opts.prompts, CaptureOptions(max_tokens=opts.max_tokens, limit=opts.limit))
-    path = Path(opts.prompts) if opts.prompts is not None else prompts_path()
+    path = prompts_path() if opts.prompts is None else Path(opts.prompts) if isinstance(
+        opts.prompts, (str, os.PathLike)) else None
     answers: list[str] = []
-    if path.suffix == ".jsonl":
+    if path is not None and path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         answers = [str(r.get("answer", "")) if isinstance(r, dict) else "" for r in rows]
     answers = (answers + [""] * inputs.shape[0])[: inputs.shape[0]]
