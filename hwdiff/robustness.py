@@ -391,6 +391,10 @@ def sigma_fingerprint(calibration: Any) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _file_sha256(path: str | os.PathLike) -> str:
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, seeds: list[int],
           pair: Sequence[tuple[Any, Any]], seconds: float) -> dict[str, Any]:
     from datetime import datetime, timezone
@@ -406,7 +410,9 @@ def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, 
         "model": {"spec": info.spec, "fingerprint": info.fingerprint, "dtype": dtype_name(dtype), "device": str(device),
                   "attn_implementation": str(getattr(model.config, "_attn_implementation", None) or "unknown")},
         "sigma": {"source": str(sigma) if isinstance(sigma, (str, os.PathLike)) else "object",
-                  "fingerprint": sigma_fingerprint(calibration), "norms": len(sigmas),
+                  "fingerprint": sigma_fingerprint(calibration),
+                  "file_sha256": _file_sha256(sigma) if isinstance(sigma, (str, os.PathLike)) else None,
+                  "norms": len(sigmas),
                   "noised": sum(s > 0 for s in sigmas), "sigma_end_median": float(np.median(sigmas)),
                   "laws": sorted({layer.law for layer in calibration.layers}),
                   "rho": float(getattr(calibration, "rho", 0.0) or 0.0)},

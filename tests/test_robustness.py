@@ -248,6 +248,7 @@ def test_cli_card_compare_and_bad_input(tiny, tmp_path):
     assert bad.returncode == 2 and "robustness card" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_report_shows_the_card(tiny, tmp_path):
     model, sigma, root = tiny
     cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
