@@ -262,3 +262,33 @@ def test_report_shows_the_card(tiny, tmp_path):
     value = card.summary()["emulated"]["token"]["mean_abs"]["value"]
     assert "Robustness to the calibrated noise" in text and f"{value:.4g}" in text
     assert "Robustness to the calibrated noise" in page.markdown.read_text()
+
+
+def _synthetic(values, seed):
+    """A card from planted per-(draw, prompt) values (no model): token statistics only."""
+    from hwdiff.robustness import Cells
+
+    meta = {"model": {"spec": "planted", "fingerprint": "sha256:0", "dtype": "float32", "device": "cpu",
+                      "attn_implementation": "sdpa"}, "sigma": {"fingerprint": "sha256:1"},
+            "prompts": {"fingerprint": "sha256:2"}, "max_new_tokens": 0, "confidence": 0.95, "draws": values.shape[0],
+            "seed": seed}
+    cells = Cells(positions=np.full(values.shape[1], 10.0), mean_abs=values, k3_kl=values ** 2 / 2,
+                  top1_agreement=np.ones_like(values))
+    return RobustnessCard(meta, cells, None, ("",) * values.shape[1])
+
+
+def test_verdicts_on_planted_cells():
+    rng = np.random.default_rng(0)
+    prompt_level = rng.uniform(0.02, 0.06, 24)  # prompts differ; draws scatter 10% around each prompt's level
+
+    def draw():
+        return prompt_level * rng.normal(1, 0.1, (6, 24))
+
+    a, same = _synthetic(draw(), 0), _synthetic(draw(), 1)
+    worse, better = _synthetic(1.5 * draw(), 2), _synthetic(0.6 * draw(), 3)
+    assert compare_cards(a, same).verdict == "no detectable difference"
+    result = compare_cards(a, worse)
+    assert result.verdict == "B is less robust" and result.ratios["mean_abs"]["low"] < 1.5 < result.ratios["mean_abs"]["high"]
+    assert compare_cards(a, better).verdict == "B is more robust"
+    pooled = (a.emulated.mean_abs * 10).sum() / (6 * 240)
+    assert a.summary()["emulated"]["token"]["mean_abs"]["value"] == pytest.approx(pooled, rel=1e-12)
