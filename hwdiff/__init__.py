@@ -30,6 +30,7 @@ __all__ = [
     "load_sigma",
     "save_sigma",
     "report",
+    "robustness",  # the module hwdiff/robustness.py, callable as hwdiff.robustness(model, sigma, ...)
 ]
 
 _LAZY = {

@@ -137,7 +137,7 @@ def _cmd_aqn_check(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .reporting import report
 
-    print(report(args.diff, args.output, sigma=args.sigma))
+    print(report(args.diff, args.output, sigma=args.sigma, robustness=args.robustness))
     return 0
 
 
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibrate(sub)
     _add_aqn_check(sub)
     _add_report(sub)
+    _add_robustness(sub)
     _add_inspect(sub)
     return parser
 
@@ -464,9 +465,77 @@ def _add_report(sub: Any) -> None:
                                      "measured hardware error.")
     rpt.add_argument("diff", help="diff.h5 from hwdiff diff -o (the JSON summary works, without histograms)")
     rpt.add_argument("--sigma", default=None, help="sigma.yaml from hwdiff calibrate")
+    rpt.add_argument("--robustness", default=None, help="robustness card (JSON) from hwdiff robustness -o: adds its section")
     rpt.add_argument("-o", "--output", default="report", help="output folder (default: %(default)s)")
     rpt.add_argument("-q", "--quiet", action="store_true", help="no log lines")
     rpt.set_defaults(handler=_cmd_report)
+
+
+# ---- hwdiff robustness (hwdiff/robustness.py, docs/robustness.md) ----------------------------------
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    from . import robustness as rb
+
+    if args.compare:
+        if args.model or args.sigma or args.pair:
+            raise HwdiffError("--compare reads two cards; drop --model, --sigma and --pair")
+        check_outputs(args.compare, [args.output])
+        result = rb.compare_cards(*args.compare, confidence=args.confidence)
+        if args.output:
+            rb.save_comparison(result, args.output)
+        print(rb.format_comparison(result))
+        return 0
+    if not (args.model and args.sigma):
+        raise HwdiffError("hwdiff robustness needs --model and --sigma (or --compare CARD_A CARD_B)")
+    check_outputs([args.sigma, *(path for pair in args.pair or [] for path in pair)], [args.output])
+    from .models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
+                       seed=args.seed, trust_remote_code=args.trust_remote_code)
+    options = rb.Options(draws=args.draws, seed=args.draw_seed, prompts=args.prompts, limit=args.limit,
+                         max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         confidence=args.confidence or 0.95, progress=not args.quiet)
+    card = rb.robustness(model, args.sigma, options=options, pair=[tuple(p) for p in args.pair or []],
+                         output=args.output)
+    print(rb.format_card(card.summary()))
+    if args.output:
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def _add_robustness(sub: Any) -> None:
+    rob = sub.add_parser("robustness", help="a checkpoint under draws of the calibrated noise: token and answer effects",
+                         description="Draw the calibrated AQN noise of --sigma (each norm's sigma_end, law, depth "
+                                     "correlation) --draws times and measure each noisy copy of --model against the "
+                                     "clean one on the same prompts: mean |dlogp|, K3 KL and top-1 agreement on the "
+                                     "prompts' own tokens; greedy continuations that change, where they split, and "
+                                     "answers right/wrong (prompts with an 'answer'). --pair adds a measured device "
+                                     "pair by the same statistics; --compare A B says whether checkpoint B is more or "
+                                     "less robust than A (docs/robustness.md).")
+    rob.add_argument("--model", default=None, help="built-in name, local checkpoint or hub id")
+    rob.add_argument("--sigma", default=None, help="sigma.yaml from hwdiff calibrate")
+    rob.add_argument("--draws", type=_at_least(2), default=8, help="independent noise draws (default: %(default)s)")
+    rob.add_argument("--draw-seed", type=SEED, default=0, help="seed of the noise draws (default: %(default)s)")
+    rob.add_argument("--prompts", default=None, help="prompts (.jsonl with question/answer, .txt, .npy; default: the "
+                                                     "shipped math word problems)")
+    rob.add_argument("--limit", type=COUNT, default=16, help="use the first N prompts (default: %(default)s)")
+    rob.add_argument("--max-tokens", type=COUNT, default=128, help="cut prompts to this length (default: %(default)s)")
+    rob.add_argument("--max-new-tokens", type=SEED, default=32,
+                     help="greedy continuation length; 0: token level only (default: %(default)s)")
+    rob.add_argument("--batch-size", type=COUNT, default=16, help="prompts per forward (default: %(default)s)")
+    rob.add_argument("--pair", nargs=2, action="append", metavar=("REF", "TGT"),
+                     help="a measured device pair over the same prompts: two captures (token level) or two "
+                          "generation files (sequence level); give --pair twice for both")
+    rob.add_argument("--compare", nargs=2, metavar=("CARD_A", "CARD_B"), help="compare two cards (B against A)")
+    rob.add_argument("--confidence", type=float, default=None, help="interval confidence (default: 0.95; with "
+                                                                      "--compare the cards' own)")
+    _device_arg(rob)
+    rob.add_argument("--dtype", default="bfloat16", help="float32, bfloat16, float16 or float64 (default: %(default)s)")
+    rob.add_argument("--attn-impl", default=None, help="attention kernel path: eager, sdpa, ... (default: transformers')")
+    rob.add_argument("--seed", type=SEED, default=0, help="seed of built-in model weights (default: %(default)s)")
+    _trust_arg(rob)
+    rob.add_argument("-o", "--output", default=None, help="card (or comparison) JSON to write")
+    _quiet_arg(rob)
+    rob.set_defaults(handler=_cmd_robustness)
 
 
 def _add_inspect(sub: Any) -> None:

@@ -32,21 +32,23 @@ class ReportResult:
         return f"wrote {self.index} ({len(self.figures)} figures, Markdown in {self.markdown.name})"
 
 
-def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> ReportResult:
+def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None, robustness: Any = None) -> ReportResult:
     """Write ``out_dir/index.html``, ``out_dir/report.md`` and ``out_dir/figures/*.png``.
 
     ``diff``: a diff.h5 (histograms included) or a :class:`DiffResult`; ``sigma``: a sigma.yaml or
     :class:`~hwdiff.calibration.Calibration` (adds the σ figures, the bf16 effectiveness table and the
-    QeRL comparison). Only the report's own files are written (each replaced atomically once the whole
+    QeRL comparison); ``robustness``: a robustness card (JSON from ``hwdiff robustness -o``, or a
+    :class:`~hwdiff.robustness.RobustnessCard`) adds its section. Only the report's own files are written (each replaced atomically once the whole
     report is rendered, index.html last); anything else in ``out_dir`` is left alone.
     """
     from ..calibration import Calibration, calibrate, load_sigma
 
     out = Path(out_dir)
-    sources = [item for item in (diff, sigma) if isinstance(item, (str, os.PathLike))]
+    sources = [item for item in (diff, sigma, robustness) if isinstance(item, (str, os.PathLike))]
     outputs.check_outputs(sources, [out / "index.html", out / "report.md"], folders=[out, out / "figures"])
     summary, arrays, edges = _load(diff)
     calibration = sigma if isinstance(sigma, Calibration) or sigma is None else load_sigma(sigma)
+    card = _robustness_summary(robustness)
     why_none = None
     if calibration is None:
         try:
@@ -60,8 +62,8 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None) -> Repor
         (temp / "figures").mkdir(parents=True)
         sections = _figures(summary, arrays, edges, calibration, implied, temp / "figures")
         facts = _facts(summary, calibration, implied, why_none)
-        (temp / "index.html").write_text(_html(summary, facts, sections, calibration), encoding="utf-8")
-        (temp / "report.md").write_text(_markdown(summary, facts, sections), encoding="utf-8")
+        (temp / "index.html").write_text(_html(summary, facts, sections, calibration, card), encoding="utf-8")
+        (temp / "report.md").write_text(_markdown(summary, facts, sections, card), encoding="utf-8")
         drawn = _install(temp, out)
     except OSError as exc:
         raise outputs.write_error(exc, out) from exc
@@ -302,7 +304,16 @@ def _worst_rows(summary: dict, count: int = 15) -> list[dict]:
     return sorted(outputs, key=lambda m: -(m["rel_l2"] or 0))[:count]
 
 
-def _html(summary: dict, facts: dict, sections: list, calibration: Any) -> str:
+def _robustness_summary(card: Any) -> dict | None:
+    """The JSON of a robustness card given as a path or a card (None: no robustness section)."""
+    if card is None:
+        return None
+    from ..robustness import load_card
+
+    return (load_card(card) if isinstance(card, (str, os.PathLike)) else card).summary()
+
+
+def _html(summary: dict, facts: dict, sections: list, calibration: Any, card: dict | None = None) -> str:
     e = html.escape
     ref, tgt = summary["reference"], summary["target"]
     meta = "".join(f"<tr><td>{e(k)}</td><td>{e(a)}</td><td>{e(b)}</td></tr>" for k, a, b in _meta_rows(summary))
@@ -314,6 +325,10 @@ def _html(summary: dict, facts: dict, sections: list, calibration: Any) -> str:
     figs = "".join(f"<figure><h3>{e(t)}</h3><img src=\"figures/{n}\" alt=\"{e(t)}\"><figcaption>{e(c)}</figcaption></figure>"
                    for t, n, c in sections)
     effect = _effectiveness_html(summary, calibration)
+    if card is not None:
+        from ..robustness import card_html
+
+        effect += card_html(card)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>hwdiff: {e(str(tgt.get('device')))} vs {e(str(ref.get('device')))}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}}
@@ -387,7 +402,7 @@ def _fit_cell(module: dict) -> str:
     return fit["best"] + (" (absolute error)" if fit.get("law") else "")
 
 
-def _markdown(summary: dict, facts: dict, sections: list) -> str:
+def _markdown(summary: dict, facts: dict, sections: list, card: dict | None = None) -> str:
     ref, tgt = summary["reference"], summary["target"]
     lines = [f"# hwdiff report: {tgt.get('device')} vs {ref.get('device')}", "",
              f"- **Where they first differ and diverge**: {facts['first']}", f"- **Worst layers**: {facts['worst']}",
@@ -399,6 +414,10 @@ def _markdown(summary: dict, facts: dict, sections: list) -> str:
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {m['name']} | {m['kind']} | {m['rel_l2'] or 0:.3g} | {m['equal_frac']:.1%} | {_ulp_cell(m)} | "
               f"{_fit_cell(m)} | {m.get('verdict', {}).get('why', '') or '—'} |" for m in _worst_rows(summary)]
+    if card is not None:
+        from ..robustness import format_card
+
+        lines += ["", "## Robustness to the calibrated noise", "", "```", format_card(card), "```"]
     for title, name, caption in sections:
         lines += ["", f"## {title}", "", f"![{title}](figures/{name})", "", caption]
     return "\n".join(lines) + "\n"
