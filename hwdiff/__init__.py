@@ -30,7 +30,7 @@ __all__ = [
     "load_sigma",
     "save_sigma",
     "report",
-    "robustness",  # the module hwdiff/robustness.py, callable as hwdiff.robustness(model, sigma, ...)
+    "robustness",
 ]
 
 _LAZY = {
@@ -50,6 +50,7 @@ _LAZY = {
     "load_sigma": "calibration",
     "save_sigma": "calibration",
     "report": "reporting",
+    "robustness": "robustness_run",  # not hwdiff/robustness.py: a module of that name would shadow the function
 }
 
 

@@ -471,9 +471,9 @@ def _add_report(sub: Any) -> None:
     rpt.set_defaults(handler=_cmd_report)
 
 
-# ---- hwdiff robustness (hwdiff/robustness.py, docs/robustness.md) ----------------------------------
+# ---- hwdiff robustness (hwdiff/robustness_run.py, docs/robustness.md) ----------------------------------
 def _cmd_robustness(args: argparse.Namespace) -> int:
-    from . import robustness as rb
+    from . import robustness_run as rb
 
     if args.compare:
         if args.model or args.sigma or args.pair:

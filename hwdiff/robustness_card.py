@@ -1,4 +1,4 @@
-"""Robustness cards (docs/robustness.md): the per-(draw, prompt) values of :func:`hwdiff.robustness.robustness`,
+"""Robustness cards (docs/robustness.md): the per-(draw, prompt) values of :func:`hwdiff.robustness_run.robustness`,
 their statistics with bootstrap intervals, the JSON card (schema :data:`SCHEMA`), the comparison of two
 cards with a verdict, and the card's terminal and HTML renderings. numpy only.
 

@@ -11,7 +11,7 @@ import hwdiff
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import load_sigma
 from hwdiff.errors import HwdiffError
-from hwdiff.robustness import Options, RobustnessCard, compare_cards, extract_answer, is_correct, load_card, robustness
+from hwdiff.robustness_run import Options, RobustnessCard, compare_cards, extract_answer, is_correct, load_card, robustness
 
 from .conftest import run_cli
 
@@ -266,7 +266,7 @@ def test_report_shows_the_card(tiny, tmp_path):
 
 def _synthetic(values, seed):
     """A card from planted per-(draw, prompt) values (no model): token statistics only."""
-    from hwdiff.robustness import Cells
+    from hwdiff.robustness_run import Cells
 
     meta = {"model": {"spec": "planted", "fingerprint": "sha256:0", "dtype": "float32", "device": "cpu",
                       "attn_implementation": "sdpa"}, "sigma": {"fingerprint": "sha256:1"},

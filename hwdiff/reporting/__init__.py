@@ -38,7 +38,7 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None, robustne
     ``diff``: a diff.h5 (histograms included) or a :class:`DiffResult`; ``sigma``: a sigma.yaml or
     :class:`~hwdiff.calibration.Calibration` (adds the σ figures, the bf16 effectiveness table and the
     QeRL comparison); ``robustness``: a robustness card (JSON from ``hwdiff robustness -o``, or a
-    :class:`~hwdiff.robustness.RobustnessCard`) adds its section. Only the report's own files are written (each replaced atomically once the whole
+    :class:`~hwdiff.robustness_run.RobustnessCard`) adds its section. Only the report's own files are written (each replaced atomically once the whole
     report is rendered, index.html last); anything else in ``out_dir`` is left alone.
     """
     from ..calibration import Calibration, calibrate, load_sigma
@@ -308,7 +308,7 @@ def _robustness_summary(card: Any) -> dict | None:
     """The JSON of a robustness card given as a path or a card (None: no robustness section)."""
     if card is None:
         return None
-    from ..robustness import load_card
+    from ..robustness_run import load_card
 
     return (load_card(card) if isinstance(card, (str, os.PathLike)) else card).summary()
 
@@ -326,7 +326,7 @@ def _html(summary: dict, facts: dict, sections: list, calibration: Any, card: di
                    for t, n, c in sections)
     effect = _effectiveness_html(summary, calibration)
     if card is not None:
-        from ..robustness import card_html
+        from ..robustness_run import card_html
 
         effect += card_html(card)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -415,7 +415,7 @@ def _markdown(summary: dict, facts: dict, sections: list, card: dict | None = No
     lines += [f"| {m['name']} | {m['kind']} | {m['rel_l2'] or 0:.3g} | {m['equal_frac']:.1%} | {_ulp_cell(m)} | "
               f"{_fit_cell(m)} | {m.get('verdict', {}).get('why', '') or '—'} |" for m in _worst_rows(summary)]
     if card is not None:
-        from ..robustness import format_card
+        from ..robustness_run import format_card
 
         lines += ["", "## Robustness to the calibrated noise", "", "```", format_card(card), "```"]
     for title, name, caption in sections:

@@ -17,10 +17,8 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -326,14 +324,3 @@ def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, 
                  "note": "draws run one after another (each is another set of weights); the prompts of a draw "
                          "run batched; greedy decoding runs one prompt at a time (no padding)"},
     }
-
-
-class _CallableModule(types.ModuleType):
-    """``hwdiff.robustness(...)`` is this module's :func:`robustness`, and ``hwdiff.robustness.load_card``
-    etc. stay reachable: the module and the function share the name the issue gave them."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> RobustnessCard:
-        return robustness(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
