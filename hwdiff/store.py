@@ -27,8 +27,8 @@ Layout (schema ``hwdiff/capture/1``)::
     /logprobs               token log-probabilities at the head (every mode; absent in files written
                             before it existed, and when the model has no head): attrs ``topk`` (k),
                             ``compute_dtype`` (float64 where the device has it, else float32),
-                            ``head_dtype`` (dtype of the logits), ``source`` (head module name or
-                            ``logits``), ``definition``
+                            ``head_dtype`` (dtype of the logits), ``source`` (``logits``: the
+                            model's output logits; a head module's name when it returned none), ``definition``
     /logprobs/next_token    [sequences, tokens]: log p(input_ids[s, t+1] | tokens ≤ t) under the
                             model (teacher forcing on the fixed inputs); NaN at the last position
     /logprobs/entropy       [sequences, tokens]: −Σ_v p log p of the distribution at position t (nats)
