@@ -60,6 +60,28 @@ def log_normalizer(logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     overflow). Entropy as ``log S − Σ e·z / S`` with ``z = logits − max``, ``e = exp z``, ``S = Σ e``: the
     same value as −Σ p log p. A word of logit −inf has p = 0 and adds 0 to the entropy (0·log 0 = 0).
     NaN or +inf logits make the row's lse and entropy NaN."""
+    with _one_thread(logits.device):
+        return _log_normalizer(logits, dtype)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """torch's CPU ops on one thread for a while (restored after). The blocks of
+    :func:`log_normalizer` are too small to share: split over two threads each of their ~8 ops waits
+    for the other thread, which on a loaded machine made the whole 10-70x slower (docs/benchmarks.md);
+    on one thread it is as fast as on two on an idle machine."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _log_normalizer(logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = logits.shape
     itemsize = torch.finfo(dtype).bits // 8
     budget = _BLOCK_BYTES.get(logits.device.type, _DEVICE_BLOCK_BYTES)
