@@ -41,8 +41,8 @@ Layout (schema ``hwdiff/capture/1``)::
                             /logprobs; attrs ``max_new_tokens``, ``strategy``, ``topk``,
                             ``compute_dtype``, ``head_dtype``, ``pad``
 
-Log-probabilities are log_softmax of the head's logits computed on the capture device in
-``compute_dtype`` (never in the model's bfloat16), stored as computed (float64 or float32). All
+Log-probabilities are log_softmax of the model's output logits (:mod:`hwdiff.logprobs`) computed on
+the capture device in ``compute_dtype`` (never in the model's bfloat16), stored as computed (float64 or float32). All
 positions are kept in every mode (they are small: 8 bytes per token plus 16·k), padding included;
 readers mask with the attention mask.
 
