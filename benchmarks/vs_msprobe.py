@@ -11,7 +11,10 @@ to the plain forward measured in the same process. The diff / compare pair is sd
 eager (target) attention; ``hwdiff diff`` runs as the CLI in a fresh process, writing a CSV table, as
 ``msprobe compare`` writes its own. Also measured (issue 18's targets): the fixed cost of a capture
 (2 × 8 tokens, where the forward is nearly free), the same diff in a warm process against reading
-both files with h5py, and the start-up cost of a fresh ``hwdiff diff`` process.
+both files with h5py, and the start-up cost of a fresh ``hwdiff diff`` process. Issue 29's additions:
+the write bound of the full capture (forward + its bytes at h5py's measured write speed with the
+checksum), the cost and error of the token log-probs, the load average at start and end, and
+``--no-msprobe`` for a machine without msprobe's virtual environment (hwdiff's side only).
 """
 from __future__ import annotations
 
@@ -102,7 +105,10 @@ def hwdiff_side(work: Path, repeats: int) -> dict:
         result[f"{mode}_ratio_range"] = [min(runs) / result["plain_forward_s"], max(runs) / result["plain_forward_s"]]
         result[f"{mode}_bytes"] = path.stat().st_size
     result["plain_forward_after_s"] = timed(forward, repeats)
+    result["write_bound"] = write_bound(work, result["full_bytes"], result["plain_forward_s"], repeats)
+    result["full_over_write_bound"] = result["full_s"] / result["write_bound"]["bound_s"]
     result["fixed_cost"] = fixed_cost(model, ids, work, repeats)
+    result["logprobs"] = logprob_cost(model, ids, repeats)
     for attn in ("sdpa", "eager"):
         m, _ = load_model(work, attn)
         hwdiff.capture(m, work / f"hw-{attn}.h5", inputs=inputs, batch_size=2, progress=False)
@@ -133,6 +139,58 @@ def fixed_cost(model, ids, work: Path, repeats: int) -> dict:
     return result
 
 
+def write_bound(work: Path, nbytes: int, forward_s: float, repeats: int) -> dict:
+    """The full capture's floor: the forward plus its file's bytes at h5py's write speed on this
+    machine, measured writing as many float32 bytes in 512 KiB rows with the Fletcher-32 checksum,
+    then flushing and syncing the file (as a capture does)."""
+    import h5py
+    import numpy as np
+
+    row = 1 << 17  # float32 elements: 512 KiB per chunk
+    data = np.random.default_rng(0).standard_normal((max(1, nbytes // (4 * row)), row), dtype=np.float32)
+    path = work / "write-bound.h5"
+
+    def write():
+        with h5py.File(path, "w", libver=("v110", "v110")) as handle:
+            handle.create_dataset("x", data=data, chunks=(1, row), fletcher32=True)
+            handle.flush()
+            os.fsync(handle.id.get_vfd_handle())
+
+    seconds = timed(write, repeats, setup=lambda: path.unlink(missing_ok=True))
+    path.unlink(missing_ok=True)
+    speed = data.nbytes / seconds
+    return {"bytes": data.nbytes, "write_s": seconds, "write_gb_per_s": speed / 1e9,
+            "bound_s": forward_s + nbytes / speed}
+
+
+def logprob_cost(model, ids, repeats: int) -> dict:
+    """The token log-probs (hwdiff.logprobs.token_logprobs) against the earlier whole-row float64
+    log_softmax, on workload A's own logits and on random logits of Qwen2.5's 151,936 words: seconds
+    and the largest difference of any stored value (nats)."""
+    import torch
+
+    from hwdiff.logprobs import token_logprobs
+
+    def whole_row(logits, ids):  # the earlier implementation: float64 log_softmax, entropy and top-k per row
+        lp = torch.log_softmax(logits.double(), -1)
+        return {"next_token": lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0], "entropy": -(lp.exp() * lp).sum(-1),
+                "topk_logprobs": torch.topk(lp, 8, -1).values}
+
+    with torch.no_grad():
+        own = model(input_ids=ids, use_cache=False).logits
+    wide = torch.randn(1, ids.shape[1], 151936, generator=torch.Generator().manual_seed(2)) * 3
+    result = {}
+    for name, logits in (("workload_a", own), ("vocab_151936", wide)):
+        tokens = torch.randint(0, logits.shape[-1], logits.shape[:2], generator=torch.Generator().manual_seed(3))
+        new, old = token_logprobs(logits, tokens), whole_row(logits, tokens)
+        error = max(float((new[key][:, :-1] if key == "next_token" else new[key]).sub(old[key]).abs().max())
+                    for key in old)
+        result[name] = {"shape": list(logits.shape), "max_abs_diff_nats": error,
+                        "blocked_s": timed(lambda: token_logprobs(logits, tokens), repeats),
+                        "whole_row_float64_s": timed(lambda: whole_row(logits, tokens), repeats)}
+    return result
+
+
 # ru_maxrss of a child keeps the peak of the process it was forked from across exec, so the command
 # runs under a small launcher process and the launcher reports its child's peak RSS.
 LAUNCHER = ("import resource, subprocess, sys, time; s = time.perf_counter(); "
@@ -148,21 +206,28 @@ def run_peak(command: list[str]) -> tuple[float, float]:
     return float(seconds), float(rss_kb) / 1024
 
 
-def diff_vs_compare(work: Path, python: Path, repeats: int) -> dict:
+def cli_diff(work: Path, repeats: int) -> dict:
+    """``hwdiff diff`` of the sdpa / eager pair as the CLI in a fresh process (writing a CSV table)."""
     hw = [work / "hw-sdpa.h5", work / "hw-eager.h5"]
     hw_bytes = sum(p.stat().st_size for p in hw)
     cli = [sys.executable, "-m", "hwdiff", "diff", *map(str, hw), "-q", "--csv", str(work / "hw-diff.csv")]
     os.environ["PYTHONPATH"] = str(ROOT)
     diffs = [run_peak(cli) for _ in range(repeats)]
+    diff_s = statistics.median(d[0] for d in diffs)
+    return {"runs": diffs, "hwdiff_diff_s": diff_s, "hwdiff_diff_bytes": hw_bytes,
+            "hwdiff_diff_gb_per_s": hw_bytes / diff_s / 1e9, "hwdiff_diff_peak_rss_mb": max(d[1] for d in diffs)}
+
+
+def diff_vs_compare(work: Path, python: Path, repeats: int) -> dict:
+    hw = cli_diff(work, repeats)
+    diffs = hw.pop("runs")
     msp_dirs = [work / "msp-eager" / "step0", work / "msp-sdpa" / "step0"]
     msp_bytes = sum(p.stat().st_size for d in msp_dirs for p in d.rglob("*") if p.is_file())
     msprobe = str(python.parent / "msprobe")
     compares = [run_peak([msprobe, "compare", "-tp", str(msp_dirs[0]), "-gp", str(msp_dirs[1]), "-o",
                           str(work / "msp-compare")]) for _ in range(repeats)]
-    diff_s, compare_s = statistics.median(d[0] for d in diffs), statistics.median(c[0] for c in compares)
-    return {"hwdiff_diff_s": diff_s, "hwdiff_diff_bytes": hw_bytes, "hwdiff_diff_gb_per_s": hw_bytes / diff_s / 1e9,
-            "hwdiff_diff_peak_rss_mb": max(d[1] for d in diffs),
-            "msprobe_compare_s": compare_s, "msprobe_compare_bytes": msp_bytes,
+    diff_s, compare_s = hw["hwdiff_diff_s"], statistics.median(c[0] for c in compares)
+    return {**hw, "msprobe_compare_s": compare_s, "msprobe_compare_bytes": msp_bytes,
             "msprobe_compare_gb_per_s": msp_bytes / compare_s / 1e9,
             "msprobe_compare_peak_rss_mb": max(c[1] for c in compares), "speedup": compare_s / diff_s,
             "speedup_range": [min(c[0] for c in compares) / max(d[0] for d in diffs),
@@ -214,7 +279,8 @@ def process_start(work: Path, repeats: int) -> dict:
                        ("compare_modules", "import hwdiff.compare.core"),
                        ("numba_and_first_kernel", "import numpy as np; from hwdiff import jit; "
                                                   "jit.kernels().t_em(np.arange(9.0), 3.0, 0.0, 1.0, 2)"),
-                       ("scipy_fit_modules", "import scipy.special, scipy.optimize")):
+                       ("scipy_fit_modules", "import scipy.special"),
+                       ("scipy_optimize_no_longer_imported", "import scipy.optimize")):
         parts[name] = statistics.median(run_peak([sys.executable, "-c", code])[0] for _ in range(repeats))
     return {"cli_s": fresh, "warm_diff_s": warm, "start_s": fresh - warm, "parts_s": parts}
 
@@ -269,25 +335,36 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hwdiff-vs-msprobe"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.json")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-msprobe", action="store_true",
+                        help="hwdiff's side only (no msprobe venv: its rows are recorded as not measured)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    python = msprobe_venv()
+    python = None if args.no_msprobe else msprobe_venv()
+    started = {"loadavg": os.getloadavg()}
     save_workload(args.work)
     hw = hwdiff_side(args.work, args.repeats)
-    worker = subprocess.run([str(python), str(ROOT / "benchmarks" / "_msprobe_worker.py"), str(args.work),
-                             str(args.repeats)], capture_output=True, text=True, check=True)
-    msp = json.loads(worker.stdout.strip().splitlines()[-1])
+    ratios = {"hwdiff_full": hw["full_s"] / hw["plain_forward_s"], "hwdiff_sample": hw["sample_s"] / hw["plain_forward_s"],
+              "hwdiff_stats": hw["stats_s"] / hw["plain_forward_s"], "hwdiff_full_over_write_bound": hw["full_over_write_bound"]}
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-              "repeats": args.repeats, "hwdiff": hw, "msprobe": msp,
-              "ratios": {"hwdiff_full": hw["full_s"] / hw["plain_forward_s"], "hwdiff_sample": hw["sample_s"] / hw["plain_forward_s"],
-                         "hwdiff_stats": hw["stats_s"] / hw["plain_forward_s"],
-                         "msprobe_tensor": msp["tensor_s"] / msp["plain_forward_s"],
-                         "msprobe_statistics": msp["statistics_s"] / msp["plain_forward_s"],
-                         "size_hwdiff_full_over_msprobe_outputs": hw["full_bytes"] / msp["tensor_dump_output_bytes"]},
-              "compare": diff_vs_compare(args.work, python, min(args.repeats, 3)),
-              "diff_in_process": diff_in_process(args.work, args.repeats),
-              "process_start": process_start(args.work, args.repeats),
-              "cross_check": cross_check(args.work)}
+              "repeats": args.repeats, "load": started, "hwdiff": hw, "ratios": ratios}
+    if python is None:
+        result["msprobe"] = "not measured (--no-msprobe)"
+    else:
+        worker = subprocess.run([str(python), str(ROOT / "benchmarks" / "_msprobe_worker.py"), str(args.work),
+                                 str(args.repeats)], capture_output=True, text=True, check=True)
+        msp = result["msprobe"] = json.loads(worker.stdout.strip().splitlines()[-1])
+        ratios.update({"msprobe_tensor": msp["tensor_s"] / msp["plain_forward_s"],
+                       "msprobe_statistics": msp["statistics_s"] / msp["plain_forward_s"],
+                       "size_hwdiff_full_over_msprobe_outputs": hw["full_bytes"] / msp["tensor_dump_output_bytes"]})
+        result["compare"] = diff_vs_compare(args.work, python, min(args.repeats, 3))
+    if python is None:
+        result["compare"] = {**cli_diff(args.work, min(args.repeats, 3)), "msprobe_compare_s": "not measured"}
+        result["compare"].pop("runs")
+    result["diff_in_process"] = diff_in_process(args.work, args.repeats)
+    result["process_start"] = process_start(args.work, args.repeats)
+    if python is not None:
+        result["cross_check"] = cross_check(args.work)
+    result["load"]["end"] = os.getloadavg()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     kept = {key: previous[key] for key in ("workload_b", "capture_scaling") if key in previous}  # other scripts' parts
     args.out.write_text(json.dumps({**result, **kept}, indent=1))

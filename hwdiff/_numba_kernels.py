@@ -186,39 +186,53 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
 def stats_parts(x, partial):
     """One pass over a 1-D float array: per chunk (``partial`` [chunks, 8]) the count, sum, sum of
     squares, sum of |x|, min and max of the finite values, and the NaN and Inf counts."""
-    n = x.size
     chunks = partial.shape[0]
     for c in numba.prange(chunks):
-        count = 0.0
-        total = 0.0
-        squares = 0.0
-        absolute = 0.0
-        low = np.inf
-        high = -np.inf
-        nan = 0.0
-        inf = 0.0
-        for k in range(c * n // chunks, (c + 1) * n // chunks):
-            v = _value(x[k])
-            if math.isfinite(v):
-                count += 1.0
-                total += v
-                squares += v * v
-                absolute += abs(v)
-                low = min(low, v)
-                high = max(high, v)
-            elif math.isnan(v):
-                nan += 1.0
-            else:
-                inf += 1.0
-        out = partial[c]
-        out[0] = count
-        out[1] = total
-        out[2] = squares
-        out[3] = absolute
-        out[4] = low
-        out[5] = high
-        out[6] = nan
-        out[7] = inf
+        _stats_chunk(x, c, chunks, partial[c])
+
+
+@numba.njit(cache=True, nogil=True)
+def stats_parts_serial(x, partial):
+    """:func:`stats_parts` on the calling thread, for one chunk: the same numbers without waking the
+    parallel region's threads (a wait per slot that a loaded machine makes milliseconds long)."""
+    chunks = partial.shape[0]
+    for c in range(chunks):
+        _stats_chunk(x, c, chunks, partial[c])
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _stats_chunk(x, c, chunks, out):
+    """Chunk ``c`` of ``chunks`` of :func:`stats_parts` into ``out`` [8]."""
+    n = x.size
+    count = 0.0
+    total = 0.0
+    squares = 0.0
+    absolute = 0.0
+    low = np.inf
+    high = -np.inf
+    nan = 0.0
+    inf = 0.0
+    for k in range(c * n // chunks, (c + 1) * n // chunks):
+        v = _value(x[k])
+        if math.isfinite(v):
+            count += 1.0
+            total += v
+            squares += v * v
+            absolute += abs(v)
+            low = min(low, v)
+            high = max(high, v)
+        elif math.isnan(v):
+            nan += 1.0
+        else:
+            inf += 1.0
+    out[0] = count
+    out[1] = total
+    out[2] = squares
+    out[3] = absolute
+    out[4] = low
+    out[5] = high
+    out[6] = nan
+    out[7] = inf
 
 
 @numba.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract", "arcp"})

@@ -23,7 +23,7 @@ def kernels() -> ModuleType | None:
             _state["why"] = "disabled by HWDIFF_JIT=0"
         else:
             try:
-                from . import _numba_kernels
+                _numba_kernels = _import_kernels()
             except ImportError as error:
                 _state["why"] = f"numba is not importable ({error}); pip install numba for the compiled kernels"
                 log.warning("hwdiff: %s; using the numpy/torch paths (same numbers, several times slower)",
@@ -31,6 +31,37 @@ def kernels() -> ModuleType | None:
             else:
                 _state["module"] = _numba_kernels
     return _state["module"]
+
+
+_BLAS = "scipy.linalg.cython_blas"
+
+
+def _import_kernels() -> ModuleType:
+    """Import :mod:`hwdiff._numba_kernels` without numba importing scipy.linalg on the way.
+
+    numba's import probes scipy.linalg's BLAS (≈0.2 s of a fresh process, measured in
+    docs/benchmarks.md) only to choose how its own np.correlate / np.convolve are compiled; the
+    kernels here call no BLAS. The probe is answered "absent" during the import and numba's answer
+    set afterwards to what the probe would have found (scipy installed: BLAS available; numba then
+    imports scipy.linalg itself when it compiles something that needs it)."""
+    import importlib.util
+    import sys
+
+    blocked = _BLAS not in sys.modules and "numba" not in sys.modules
+    if blocked:
+        sys.modules[_BLAS] = None  # type: ignore[assignment]  # `import` of it raises ImportError
+    try:
+        from . import _numba_kernels
+        if blocked:
+            import numba.np.arraymath  # noqa: F401  # where the probe runs (otherwise at the first kernel's load)
+    finally:
+        if blocked:
+            if sys.modules.get(_BLAS, 0) is None:
+                del sys.modules[_BLAS]
+            arraymath = sys.modules.get("numba.np.arraymath")
+            if arraymath is not None and hasattr(arraymath, "_HAVE_BLAS"):
+                arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
+    return _numba_kernels
 
 
 def available() -> bool:

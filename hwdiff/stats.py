@@ -69,7 +69,8 @@ def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
     else:
         values = (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().view(-1).numpy()
     partial = np.zeros((jit.chunks(values.size), 8))
-    jit.kernels().stats_parts(values, partial)
+    compiled = jit.kernels()
+    (compiled.stats_parts if len(partial) > 1 else compiled.stats_parts_serial)(values, partial)
     count, total, squares, absolute = partial[:, :4].sum(axis=0)
     nan, inf = partial[:, 6:].sum(axis=0)
     parts = [count, total, squares, absolute, partial[:, 4].min(), partial[:, 5].max(), nan, inf, 0.0]

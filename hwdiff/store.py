@@ -27,8 +27,8 @@ Layout (schema ``hwdiff/capture/1``)::
     /logprobs               token log-probabilities at the head (every mode; absent in files written
                             before it existed, and when the model has no head): attrs ``topk`` (k),
                             ``compute_dtype`` (float64 where the device has it, else float32),
-                            ``head_dtype`` (dtype of the logits), ``source`` (head module name or
-                            ``logits``), ``definition``
+                            ``head_dtype`` (dtype of the logits), ``source`` (``logits``: the
+                            model's output logits; a head module's name when it returned none), ``definition``
     /logprobs/next_token    [sequences, tokens]: log p(input_ids[s, t+1] | tokens ≤ t) under the
                             model (teacher forcing on the fixed inputs); NaN at the last position
     /logprobs/entropy       [sequences, tokens]: −Σ_v p log p of the distribution at position t (nats)
@@ -41,8 +41,8 @@ Layout (schema ``hwdiff/capture/1``)::
                             /logprobs; attrs ``max_new_tokens``, ``strategy``, ``topk``,
                             ``compute_dtype``, ``head_dtype``, ``pad``
 
-Log-probabilities are log_softmax of the head's logits computed on the capture device in
-``compute_dtype`` (never in the model's bfloat16), stored as computed (float64 or float32). All
+Log-probabilities are log_softmax of the model's output logits (:mod:`hwdiff.logprobs`) computed on
+the capture device in ``compute_dtype`` (never in the model's bfloat16), stored as computed (float64 or float32). All
 positions are kept in every mode (they are small: 8 bytes per token plus 16·k), padding included;
 readers mask with the attention mask.
 
@@ -165,10 +165,60 @@ def set_attrs(obj: h5py.Group | h5py.Dataset, values: dict[str, Any]) -> None:
         h5py.h5a.create(obj.id, name, stored, _SCALAR).write(np.array(value, dtype=dtype), mtype=memory)
 
 
+# Property lists as h5py's high-level calls make them (no timestamps; intermediate groups created; str
+# names in UTF-8), built once: a capture creates ~100-400 groups and datasets, and h5py's high-level
+# create_group / create_dataset spend most of their time in Python rebuilding them (docs/benchmarks.md).
+_GROUP_PLIST = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+_GROUP_PLIST.set_obj_track_times(False)
+_LINK_PLIST = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+_LINK_PLIST.set_create_intermediate_group(True)
+_LINK_PLIST.set_char_encoding(h5py.h5t.CSET_UTF8)
+_DATASET_PLISTS: dict[tuple, Any] = {}  # (chunks or None, fletcher32) → dataset creation property list
+_TYPES: dict[np.dtype, Any] = {}  # numpy dtype → HDF5 type, as h5py makes it (py_create, logical)
+
+
+def new_group(parent: h5py.Group, name: str) -> h5py.Group:
+    """``parent.create_group(name)`` with the same group properties, through HDF5's own call."""
+    if h5py.get_config().track_order:  # h5py's global option changes the properties: its own call then
+        return parent.create_group(name)
+    return h5py.Group(h5py.h5g.create(parent.id, name.encode(), lcpl=_LINK_PLIST, gcpl=_GROUP_PLIST))
+
+
+def _dataset_plist(chunks: tuple[int, ...] | None) -> Any:
+    key = (chunks, chunks is not None)
+    plist = _DATASET_PLISTS.get(key)
+    if plist is None:
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        if chunks is not None:
+            plist.set_chunk(chunks)
+            plist.set_fletcher32()
+        plist.set_obj_track_times(False)
+        plist = _DATASET_PLISTS[key] = plist
+    return plist
+
+
+def _new_dataset(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: np.dtype,
+                 chunks: tuple[int, ...] | None, data: np.ndarray | None = None) -> h5py.Dataset:
+    """A new dataset with the properties ``create_dataset`` gives it (Fletcher-32 when chunked, no
+    other filter), made through HDF5's own calls with cached property lists and types."""
+    dtype = np.dtype(dtype)
+    kind = _TYPES.get(dtype)
+    if kind is None:
+        kind = _TYPES[dtype] = h5py.h5t.py_create(dtype, logical=True)
+    space = _SCALAR if shape == () else h5py.h5s.create_simple(shape)
+    dataset = h5py.h5d.create(group.id, name.encode(), kind, space, dcpl=_dataset_plist(chunks), lcpl=_LINK_PLIST)
+    if data is not None:
+        dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+    return h5py.Dataset(dataset)
+
+
 def create_checked(group: h5py.Group, name: str, *, data: Any = None, **kwargs: Any) -> h5py.Dataset:
     """``group.create_dataset`` with a checksum: the Fletcher-32 filter on every chunked or
     chunkable dataset, a ``crc32`` attribute of the bytes on a scalar one (HDF5 filters need chunks)."""
     shape = kwargs.get("shape", np.shape(data) if data is not None else ())
+    fast = _fast_dataset(group, name, data, shape, kwargs)
+    if fast is not None:
+        return fast
     if len(shape) == 0:
         dataset = group.create_dataset(name, data=data, **kwargs)
         # the bytes a reader gets back: a numeric or record value is stored as given (h5py made the
@@ -181,6 +231,34 @@ def create_checked(group: h5py.Group, name: str, *, data: Any = None, **kwargs: 
     if 0 in shape:
         return group.create_dataset(name, data=data, **kwargs)
     return group.create_dataset(name, data=data, fletcher32=True, **kwargs)
+
+
+def _fast_dataset(group: h5py.Group, name: str, data: Any, shape: tuple, kwargs: dict) -> h5py.Dataset | None:
+    """:func:`create_checked`'s common cases through :func:`_new_dataset`: a scalar numeric or record
+    value (its ``crc32`` attribute), or a chunked numeric dataset with no filter but the checksum;
+    None for anything else (strings, objects, compression, empty shapes), which h5py then makes."""
+    if h5py.get_config().track_order or set(kwargs) - {"shape", "dtype", "chunks"}:
+        return None
+    if len(shape) == 0:
+        value = np.asarray(data) if data is not None else None
+        if value is None or value.dtype.hasobject or value.dtype.kind not in "biufV" \
+                or (value.dtype.kind == "V" and not value.dtype.names) or value.shape != ():
+            return None
+        dataset = _new_dataset(group, name, (), value.dtype, None, value)
+        set_attrs(dataset, {"crc32": zlib.crc32(value.tobytes())})
+        return dataset
+    chunks = kwargs.get("chunks")
+    dtype = np.dtype(kwargs["dtype"]) if "dtype" in kwargs else (np.asarray(data).dtype if data is not None else None)
+    if 0 in shape or dtype is None or dtype.kind not in "biuf" or (data is None and chunks is None):
+        return None
+    if data is not None:
+        data = np.ascontiguousarray(data, dtype=dtype)
+        if chunks is None:  # h5py's own choice of chunk shape, as create_dataset(fletcher32=True) makes
+            guess = getattr(getattr(h5py, "_hl", None) and h5py._hl.filters, "guess_chunk", None)
+            if guess is None:
+                return None
+            chunks = guess(data.shape, None, dtype.itemsize)
+    return _new_dataset(group, name, tuple(shape), dtype, tuple(chunks), data)
 
 
 def nonfinite_counts(stored: np.ndarray, dtype: str) -> tuple[int, int]:
@@ -491,13 +569,13 @@ class CaptureWriter:
         if group is None:
             if self._root is None:
                 self._root = self._file["modules"]
-            group = self._modules[name] = self._root.create_group(name)
+            group = self._modules[name] = new_group(self._root, name)
         return group
 
     def _call_group(self, name: str, call: int) -> h5py.Group:
         group = self._groups.get((name, call))
         if group is None:  # this writer creates every group once (cached here): no lookups in the file
-            group = self._groups[(name, call)] = self._module_group(name).create_group(str(call))
+            group = self._groups[(name, call)] = new_group(self._module_group(name), str(call))
             self._inside.setdefault((name, call), {})
             self._calls[name] = max(self._calls.get(name, 0), call + 1)
         return group

@@ -134,7 +134,7 @@ def test_topk_kl_on_planted_partial_overlap():
 def test_logprobs_are_stored_alike_in_every_mode(pair, tiny_bf16):
     with hwdiff.open_capture(pair["sdpa"]) as cap:
         full = cap.token_logprobs()
-    assert full.attrs["source"] == "lm_head" and full.attrs["topk"] == 8 and full.attrs["compute_dtype"] == "float64"
+    assert full.attrs["source"] == "logits" and full.attrs["topk"] == 8 and full.attrs["compute_dtype"] == "float64"
     path = pair["root"] / "stats.h5"
     hwdiff.capture(tiny_bf16, path, mode="stats", inputs=pair["inputs"], **CAP)
     with hwdiff.open_capture(path) as cap:
@@ -251,7 +251,7 @@ def _logprobs_on_the_npu_stand_in(tmp_path):
         path = hwdiff.capture(model, tmp_path / "npu.h5", kinds="head", limit=3, max_tokens=16, progress=False).path
     with hwdiff.open_capture(path) as cap:
         stored, logits, ids = cap.token_logprobs(), cap.activation("lm_head"), cap.input_ids
-    assert stored.attrs["compute_dtype"] == "float32" and stored.attrs["source"] == "lm_head"
+    assert stored.attrs["compute_dtype"] == "float32" and stored.attrs["source"] == "logits"
     following = np.take_along_axis(_log_softmax(logits)[:, :-1], ids[:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(stored.next_token[:, :-1], following, rtol=0, atol=1e-5)
 

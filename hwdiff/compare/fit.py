@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import jit
+from .bounded import minimize_bounded
 
 MIN_SAMPLES = 50  # fewer differing elements than this: too few for a meaningful fit
 RELATIVE_FLOOR = 1.0 / 1024  # |r| is floored at this fraction of rms(r) in the relative error
@@ -195,7 +196,7 @@ def _laplace(sample: _Sample) -> Fit:
 
 
 def _student_t(sample: _Sample) -> Fit:
-    from scipy import optimize, special
+    from scipy import special
 
     x = sample.x
     # A sample with many ties (errors of low-precision outputs are multiples of an ulp) runs the EM on
@@ -209,9 +210,8 @@ def _student_t(sample: _Sample) -> Fit:
         state[:] = [loc, scale]  # warm start: neighbouring df have nearly the same loc and scale
         return -loglik
 
-    found = optimize.minimize_scalar(negative_loglik, bounds=tuple(map(math.log, _DF_BOUNDS)), method="bounded",
-                                     options={"xatol": 1e-2})
-    df = math.exp(found.x)
+    # scipy.optimize.minimize_scalar(method="bounded")'s algorithm, without importing scipy.optimize
+    df = math.exp(minimize_bounded(negative_loglik, tuple(map(math.log, _DF_BOUNDS)), xatol=1e-2))
     loc, scale, loglik = _t_em(x, df, *state, tied=tied)
     return _finish(sample, {"df": df, "loc": loc, "scale": scale}, loglik, 3,
                    special.stdtr(df, (sample.values - loc) / scale))
