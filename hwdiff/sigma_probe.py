@@ -154,7 +154,7 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
     method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, the first "
               f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length); induced = relative L2 "
               "error at the sub-block output")
-    return VerifyResult(tuple(checks), band, seeds, method)
+    return VerifyResult(tuple(checks), band, seeds, method, calibration.unreproduced)
 
 
 def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:

@@ -402,6 +402,11 @@ class DataFlow:
 
     norms: tuple[NormRole, ...]
     sub_blocks: dict[str, str]
+    token_major: dict[str, int] = None  # type: ignore[assignment]  # module → k of its [tokens·k, …] rows
+
+    def __post_init__(self) -> None:
+        if self.token_major is None:
+            object.__setattr__(self, "token_major", {})
 
     def role(self, name: str) -> NormRole | None:
         return next((n for n in self.norms if n.name == name), None)
@@ -409,7 +414,7 @@ class DataFlow:
     def to_json(self) -> str:
         import json
 
-        return json.dumps({"schema": DATAFLOW_SCHEMA, "sub_blocks": self.sub_blocks,
+        return json.dumps({"schema": DATAFLOW_SCHEMA, "sub_blocks": self.sub_blocks, "token_major": self.token_major,
                            "norms": [{"name": n.name, "role": n.role, "sub_block": n.sub_block, "producer": n.producer,
                                       "consumers": list(n.consumers), "gated": n.gated, "reason": n.reason}
                                      for n in self.norms]})
@@ -426,7 +431,7 @@ class DataFlow:
             raise HwdiffError(f"unknown data-flow record schema {data.get('schema')!r} (expected {DATAFLOW_SCHEMA})")
         norms = tuple(NormRole(n["name"], n["role"], n["sub_block"], n.get("producer"), tuple(n.get("consumers", ())),
                                bool(n.get("gated")), n.get("reason", "")) for n in data["norms"])
-        return cls(norms, dict(data["sub_blocks"]))
+        return cls(norms, dict(data["sub_blocks"]), {k: int(v) for k, v in (data.get("token_major") or {}).items()})
 
 
 class _Tracer:
@@ -490,7 +495,68 @@ def trace_dataflow(model: Any, input_ids: Any) -> DataFlow:
     finally:
         for handle in handles:
             handle.remove()
-    return dataflow_from_trace(tracer, modules)
+    flow = dataflow_from_trace(tracer, modules)
+    return DataFlow(flow.norms, flow.sub_blocks, _token_major_rows(model, modules, input_ids))
+
+
+def _token_major_rows(model: Any, modules: Sequence[tuple[str, Any]], input_ids: Any) -> dict[str, int]:
+    """Modules called with ``[sequences·tokens·k, …]`` rows (k ≥ 2: Qwen3-Next's gated norm sees
+    ``[b·t·heads, d]``) whose rows provably run token-major: changing the last token of every sequence
+    changes exactly rows ``t = T-1`` of ``[b, t, k]`` in every such tensor of the call (the model is
+    causal: a token changes no earlier row). Those can be stored per token as ``[b, t, k, …]``."""
+    import torch
+
+    batch, tokens = int(input_ids.shape[0]), int(input_ids.shape[1])
+    other = input_ids.clone()
+    other[:, -1] = torch.where(input_ids[:, 0] != input_ids[:, -1], input_ids[:, 0], input_ids[:, -1] ^ 1)
+    runs = [_row_tensors(model, modules, ids, batch * tokens) for ids in (input_ids, other)]
+    found = {}
+    for name, first in runs[0].items():
+        second = runs[1].get(name)
+        if second is None or len(second) != len(first):
+            continue
+        ks = {t.shape[0] // (batch * tokens) for t in first}
+        if len(ks) == 1 and all(_changed_last_token(a, b, batch, tokens) for a, b in zip(first, second)):
+            found[name] = ks.pop()
+    return found
+
+
+def _row_tensors(model: Any, modules: Sequence[tuple[str, Any]], ids: Any, rows: int) -> dict[str, list]:
+    """Per module, the tensors of its first call (arguments and output) with ``rows·k`` rows, k ≥ 2."""
+    import torch
+
+    seen: dict[str, list] = {}
+
+    def pick(value: Any) -> list:
+        items = value if isinstance(value, (tuple, list)) else tuple(value.values()) if isinstance(value, dict) else (value,)
+        return [t.detach().float().clone() for t in items if isinstance(t, torch.Tensor) and t.dim() >= 2
+                and t.is_floating_point() and t.shape[0] > rows and t.shape[0] % rows == 0]
+
+    def hook(name: str):
+        def run(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            if name not in seen:
+                tensors = pick(args) + pick(kwargs) + pick(output)
+                if tensors:
+                    seen[name] = tensors
+        return run
+
+    handles = [module.register_forward_hook(hook(name), with_kwargs=True) for name, module in modules]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _changed_last_token(a: Any, b: Any, batch: int, tokens: int) -> bool:
+    import torch
+
+    changed = (a != b).reshape(a.shape[0], -1).any(dim=1).reshape(batch, tokens, -1)
+    expected = torch.zeros_like(changed)
+    expected[:, -1] = True
+    return bool(changed[:, -1].any()) and bool(torch.equal(changed, expected))
 
 
 def _layers(modules: Sequence[tuple[str, Any]]) -> set[str]:
@@ -689,6 +755,19 @@ def routed_tokens(indices: Any, expert: int) -> Any:
 
     _, tokens = torch.nonzero((indices == expert).T, as_tuple=True)
     return tokens
+
+
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def padding_only(config: Any, layer: int | None) -> bool:
+    """Whether decoder layer ``layer`` is, by ``config.layer_types``, no attention layer (``mamba``,
+    ``linear_attention``, …): its mixer takes at most the plain padding mask."""
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types or layer is None or layer >= len(layer_types):
+        return False
+    kind = str(layer_types[layer])
+    return kind not in _ATTENTION_LAYER_TYPES and (kind == "linear_attention" or "attention" not in kind)
 
 
 def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
