@@ -44,7 +44,7 @@ class _Probe:
 
         from .hooks import record
 
-        with torch.inference_mode(), record(self.model, [f"^{re.escape(n)}$" for n in self.names],
+        with torch.no_grad(), record(self.model, [f"^{re.escape(n)}$" for n in self.names],
                                             record_inputs=self.keep_inputs) as rec:
             self.model(input_ids=self.ids, use_cache=False)
         out = {key[0]: values[0].double() for key, values in rec.activations.items()

@@ -445,6 +445,7 @@ class _Tracer:
         self.consumed: dict[tuple[int, int], list[str]] = {}  # value → modules called with it
         self.inputs: dict[str, list[tuple[int, int]]] = {}  # module → values of its first call's tensor arguments
         self.tensor_args: dict[str, int] = {}  # module → tensor arguments of its first call
+        self.row_tensors: dict[str, list] = {}  # module → its first call's [tokens·k, …] tensors (k ≥ 2)
 
     def _storages(self, value: Any) -> list[tuple[int, int]]:
         """``(storage address, version)`` of every tensor in ``value`` (views share both with their
@@ -487,19 +488,22 @@ def trace_dataflow(model: Any, input_ids: Any) -> DataFlow:
     modules = [(name, module) for name, module in model.named_modules() if name]
     handles = []
     try:
+        rows = int(input_ids.shape[0] * input_ids.shape[1])
         for name, module in modules:
             handles.append(module.register_forward_pre_hook(tracer.pre(name), with_kwargs=True))
             handles.append(module.register_forward_hook(tracer.post(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(_row_hook(tracer.row_tensors, name, rows), with_kwargs=True))
         with torch.no_grad():  # not inference mode: it keeps no version counters
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     flow = dataflow_from_trace(tracer, modules)
-    return DataFlow(flow.norms, flow.sub_blocks, _token_major_rows(model, modules, input_ids))
+    return DataFlow(flow.norms, flow.sub_blocks, _token_major_rows(model, modules, input_ids, tracer.row_tensors))
 
 
-def _token_major_rows(model: Any, modules: Sequence[tuple[str, Any]], input_ids: Any) -> dict[str, int]:
+def _token_major_rows(model: Any, modules: Sequence[tuple[str, Any]], input_ids: Any,
+                      first: dict[str, list]) -> dict[str, int]:
     """Modules called with ``[sequences·tokens·k, …]`` rows (k ≥ 2: Qwen3-Next's gated norm sees
     ``[b·t·heads, d]``) whose rows provably run token-major: changing the last token of every sequence
     changes exactly rows ``t = T-1`` of ``[b, t, k]`` in every such tensor of the call (the model is
@@ -509,7 +513,9 @@ def _token_major_rows(model: Any, modules: Sequence[tuple[str, Any]], input_ids:
     batch, tokens = int(input_ids.shape[0]), int(input_ids.shape[1])
     other = input_ids.clone()
     other[:, -1] = torch.where(input_ids[:, 0] != input_ids[:, -1], input_ids[:, 0], input_ids[:, -1] ^ 1)
-    runs = [_row_tensors(model, modules, ids, batch * tokens) for ids in (input_ids, other)]
+    if not first:  # no module saw such rows: no second forward
+        return {}
+    runs = [first, _row_tensors(model, [(n, m) for n, m in modules if n in first], other, batch * tokens)]
     found = {}
     for name, first in runs[0].items():
         second = runs[1].get(name)
@@ -526,21 +532,7 @@ def _row_tensors(model: Any, modules: Sequence[tuple[str, Any]], ids: Any, rows:
     import torch
 
     seen: dict[str, list] = {}
-
-    def pick(value: Any) -> list:
-        items = value if isinstance(value, (tuple, list)) else tuple(value.values()) if isinstance(value, dict) else (value,)
-        return [t.detach().float().clone() for t in items if isinstance(t, torch.Tensor) and t.dim() >= 2
-                and t.is_floating_point() and t.shape[0] > rows and t.shape[0] % rows == 0]
-
-    def hook(name: str):
-        def run(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            if name not in seen:
-                tensors = pick(args) + pick(kwargs) + pick(output)
-                if tensors:
-                    seen[name] = tensors
-        return run
-
-    handles = [module.register_forward_hook(hook(name), with_kwargs=True) for name, module in modules]
+    handles = [module.register_forward_hook(_row_hook(seen, name, rows), with_kwargs=True) for name, module in modules]
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -548,6 +540,24 @@ def _row_tensors(model: Any, modules: Sequence[tuple[str, Any]], ids: Any, rows:
         for handle in handles:
             handle.remove()
     return seen
+
+
+def _row_hook(seen: dict[str, list], name: str, rows: int):
+    """A forward hook keeping, for ``name``'s first call, copies of the tensors (arguments and output)
+    with ``rows·k`` rows, k ≥ 2."""
+    import torch
+
+    def pick(value: Any) -> list:
+        items = value if isinstance(value, (tuple, list)) else tuple(value.values()) if isinstance(value, dict) else (value,)
+        return [t.detach().float().clone() for t in items if isinstance(t, torch.Tensor) and t.dim() >= 2
+                and t.is_floating_point() and t.shape[0] > rows and t.shape[0] % rows == 0]
+
+    def run(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if name not in seen:
+            tensors = pick(args) + pick(kwargs) + pick(output)
+            if tensors:
+                seen[name] = tensors
+    return run
 
 
 def _changed_last_token(a: Any, b: Any, batch: int, tokens: int) -> bool:
