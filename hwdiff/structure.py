@@ -457,7 +457,7 @@ class _Tracer:
         for item in items:
             if isinstance(item, torch.Tensor) and item.numel():
                 self.keep.append(item)
-                found.append((item.untyped_storage().data_ptr(), item._version))
+                found.append(_value_key(item))
             elif isinstance(item, (tuple, list, dict)) and item is not value:
                 found += self._storages(item)
         return found
@@ -476,6 +476,15 @@ class _Tracer:
             for storage in self._storages(output):
                 self.produced.setdefault(storage, []).append(name)
         return hook
+
+
+def _value_key(tensor: Any) -> tuple[int, int]:
+    """``(storage address, version)``; a tensor without a readable storage (a tensor subclass, an
+    inference tensor made outside) is keyed by its identity, which no view or other tensor shares."""
+    try:
+        return tensor.untyped_storage().data_ptr(), tensor._version
+    except (RuntimeError, NotImplementedError, TypeError):
+        return -id(tensor), 0
 
 
 def trace_dataflow(model: Any, input_ids: Any) -> DataFlow:
