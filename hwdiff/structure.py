@@ -446,6 +446,22 @@ class _Tracer:
         self.inputs: dict[str, list[tuple[int, int]]] = {}  # module → values of its first call's tensor arguments
         self.tensor_args: dict[str, int] = {}  # module → tensor arguments of its first call
         self.row_tensors: dict[str, list] = {}  # module → its first call's [tokens·k, …] tensors (k ≥ 2)
+        self.origin: dict[tuple[int, int], tuple[int, int]] = {}  # value → the value it is a same-size copy of
+
+    def resolve(self, key: tuple[int, int]) -> tuple[int, int]:
+        while key in self.origin:
+            key = self.origin[key]
+        return key
+
+    def link(self, derived: Any, source: Any) -> None:
+        """``derived`` is ``source`` passed through an operation of one tensor that keeps its size (a
+        scalar multiplier, a cast, a view): the same value for the data flow (Falcon-H1 feeds its
+        attention ``normed * attention_in_multiplier``). An operation of two tensors (a residual add)
+        makes a new value."""
+        self.keep += [derived, source]
+        key, origin = _value_key(derived), self.resolve(_value_key(source))
+        if key != origin:
+            self.origin[key] = origin
 
     def _storages(self, value: Any) -> list[tuple[int, int]]:
         """``(storage address, version)`` of every tensor in ``value`` (views share both with their
@@ -457,7 +473,7 @@ class _Tracer:
         for item in items:
             if isinstance(item, torch.Tensor) and item.numel():
                 self.keep.append(item)
-                found.append(_value_key(item))
+                found.append(self.resolve(_value_key(item)))
             elif isinstance(item, (tuple, list, dict)) and item is not value:
                 found += self._storages(item)
         return found
@@ -476,6 +492,36 @@ class _Tracer:
             for storage in self._storages(output):
                 self.produced.setdefault(storage, []).append(name)
         return hook
+
+
+def _same_value_mode() -> type:
+    from torch.overrides import TorchFunctionMode
+
+    class SameValue(TorchFunctionMode):
+        """Links every torch operation's output to its one tensor input when the sizes match
+        (:meth:`_Tracer.link`); tensors of one element count as scalars."""
+
+        def __init__(self, tracer: "_Tracer") -> None:
+            super().__init__()
+            self.tracer = tracer
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            import torch
+
+            out = func(*args, **(kwargs or {}))
+            flat = [a for arg in (*args, *(kwargs or {}).values())
+                    for a in (arg if isinstance(arg, (tuple, list)) else (arg,))]
+            tensors = [t for t in flat if isinstance(t, torch.Tensor) and t.numel() > 1]
+            if (len(tensors) == 1 and isinstance(out, torch.Tensor) and out is not tensors[0]
+                    and out.numel() == tensors[0].numel()):
+                self.tracer.link(out, tensors[0])
+            return out
+
+    return SameValue
+
+
+def _SameValue(tracer: "_Tracer") -> Any:
+    return _same_value_mode()(tracer)
 
 
 def _value_key(tensor: Any) -> tuple[int, int]:
@@ -502,7 +548,8 @@ def trace_dataflow(model: Any, input_ids: Any) -> DataFlow:
             handles.append(module.register_forward_pre_hook(tracer.pre(name), with_kwargs=True))
             handles.append(module.register_forward_hook(tracer.post(name), with_kwargs=True))
             handles.append(module.register_forward_hook(_row_hook(tracer.row_tensors, name, rows), with_kwargs=True))
-        with torch.no_grad():  # not inference mode: it keeps no version counters
+        # not inference mode: it keeps no version counters
+        with torch.no_grad(), _SameValue(tracer):
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
     finally:
         for handle in handles:

@@ -78,6 +78,9 @@ def _data_flow_families(tf, sizes):
             **sizes, head_dim=16, **moe, shared_expert_intermediate_size=32, linear_num_value_heads=4,
             linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
             layer_types=["linear_attention", "full_attention"]), tf.Qwen3NextForCausalLM),
+        "falcon_h1": lambda: (tf.FalconH1Config(**sizes, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                                mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16),
+                              tf.FalconH1ForCausalLM),
     }
 
 

@@ -204,6 +204,19 @@ class TinyParallelLM(torch.nn.Module):
         return self.lm_head(self.norm(x))
 
 
+def test_falcon_h1_input_norm_feeds_mamba_and_attention_in_parallel():
+    """Falcon-H1 feeds its attention ``normed * attention_in_multiplier``: a same-size operation of one
+    tensor keeps the value, so the trace sees both consumers and refuses the norm by name."""
+    from .test_families import build
+
+    flow = structure.trace_dataflow(build("falcon_h1").eval(), torch.arange(3, 19)[None])
+    role = flow.role(L0 + "input_layernorm")
+    assert role.role == "parallel" and role.sub_block is None
+    assert f"{L0}mamba, {L0}self_attn" in role.reason
+    assert (flow.role(L0 + "pre_ff_layernorm").role, flow.role(L0 + "pre_ff_layernorm").sub_block) == (
+        "pre", L0 + "feed_forward")
+
+
 def test_gated_norm_offset_probe_passes_a_gate():
     assert structure.norm_offset(GatedRMSNorm()) == 0.0  # it raised: forward() missing 'gate'
 
