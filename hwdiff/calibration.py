@@ -298,6 +298,9 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     unit, near_eps_notes = normalised_rms(summary, [e.name for e in errors if e.skip_reason is None])
     sigmas = {e.name: sigma_end(e, gains.get(e.name)) / unit.get(e.name, 1.0) for e in errors if e.skip_reason is None}
     positive = [value for value in sigmas.values() if value > 0]
+    if not sigmas:
+        first = next(e for e in errors if e.skip_reason)
+        raise HwdiffError(f"no RMSNorm can be calibrated: every one is skipped ({first.name}: {first.skip_reason})")
     if not positive:
         raise HwdiffError("the diff shows no local error at any RMSNorm or its sub-block: there is nothing to calibrate")
     end = statistics.median(positive)
@@ -555,10 +558,12 @@ def attribution(summary: dict[str, Any], errors: list[NormError], sigmas: dict[s
         return Attribution(zero, {}, 0.0, (), roles_from, [])
     nested = _nested_power(flow, by_name)
     carried = {e.accounts_for for e in errors if e.skip_reason is None and sigmas.get(e.name, 0) > 0 and e.accounts_for}
-    unattributed, total, warnings = {}, 0.0, []
+    unattributed, total = {}, 0.0
+    absent = [block for block in flow.sub_blocks if block not in by_name]
+    warnings = [f"{len(absent)} sub-block(s) not in the diff, their local error unknown: {', '.join(absent[:3])}"
+                + (" …" if len(absent) > 3 else "")] if absent else []
     for block in flow.sub_blocks:
         if block not in by_name:
-            warnings.append(f"sub-block {block} is not in the diff: its local error is unknown")
             continue
         raw = float(by_name[block].get("local_rel_l2") or 0.0)
         total += raw ** 2

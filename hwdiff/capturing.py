@@ -164,11 +164,15 @@ def _dataflow(model: torch.nn.Module, inputs: Inputs) -> Any:
     """The model's measured structure (:func:`hwdiff.structure.trace_dataflow`), traced once on the
     first sequence's first tokens before the capture; None for a model without RMSNorms (GPT-2:
     nothing to map)."""
-    from .structure import dataflow_of_capture, find_norms
+    from .structure import dataflow_of_capture, find_norms, name_rule_disagreements
 
     if not find_norms(model):
         return None
-    return dataflow_of_capture(model, inputs.input_ids)
+    flow = dataflow_of_capture(model, inputs.input_ids)
+    differ = name_rule_disagreements(flow, [name for name, _ in model.named_modules() if name])
+    if differ:  # names are a cross-check only: the measured roles are used
+        log.info("data flow and name rule differ at %d norm(s): %s", len(differ), "; ".join(differ))
+    return flow
 
 
 def _capture_ranks(job: _Job, target: Path, ranks: distributed.RankInfo, inputs: Inputs,

@@ -32,7 +32,7 @@ Importing this module does not import torch (calibration reads diff files withou
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import HwdiffError
@@ -402,11 +402,7 @@ class DataFlow:
 
     norms: tuple[NormRole, ...]
     sub_blocks: dict[str, str]
-    token_major: dict[str, int] = None  # type: ignore[assignment]  # module → k of its [tokens·k, …] rows
-
-    def __post_init__(self) -> None:
-        if self.token_major is None:
-            object.__setattr__(self, "token_major", {})
+    token_major: dict[str, int] = field(default_factory=dict)  # module → k of its [tokens·k, …] rows
 
     def role(self, name: str) -> NormRole | None:
         return next((n for n in self.norms if n.name == name), None)
@@ -732,6 +728,24 @@ def _block_kind(name: str, by_name: Mapping[str, Any], head: bool) -> str:
     if child_kinds and child_kinds <= {"linear", "activation"}:
         return "mlp"
     return "mixer"
+
+
+_NAME_RULE_ROLES = {"pre_attention": "pre", "pre_mlp": "pre", "post_attention": "post", "post_mlp": "post",
+                    "q_norm": "nested", "k_norm": "nested", "final": "final"}
+
+
+def name_rule_disagreements(flow: DataFlow, module_names: Sequence[str]) -> list[str]:
+    """The cross-check: norms whose measured ``(role, sub-block)`` differs from what the name rule
+    (:func:`norm_specs_from_names`) says, one line each (the measurement is what hwdiff uses)."""
+    specs = {spec.name: spec for spec in norm_specs_from_names(module_names, {}, norms=[n.name for n in flow.norms])}
+    lines = []
+    for role in flow.norms:
+        spec = specs[role.name]
+        named = (_NAME_RULE_ROLES.get(spec.role, "unknown"), spec.subblock)
+        if named != (role.role, role.sub_block):
+            lines.append(f"{role.name}: measured {role.role} of {role.sub_block}, the name rule says {named[0]} of "
+                         f"{named[1]}")
+    return lines
 
 
 def dataflow_of_capture(model: Any, input_ids: Any) -> DataFlow | None:

@@ -227,3 +227,13 @@ def test_a_norm_feeding_two_sub_blocks_is_refused_by_name():
     assert roles["layers.0.input_layernorm"].role == "parallel"
     assert "layers.0.self_attn, layers.0.mlp" in roles["layers.0.input_layernorm"].reason
     assert (roles["norm"].role, roles["norm"].sub_block) == ("final", "lm_head")
+
+
+def test_name_rule_is_a_cross_check_that_names_where_it_differs():
+    from .test_families import build
+
+    for family, differs in (("llama", set()), ("olmo2", {"post_attention_layernorm"})):
+        model = build(family).eval()
+        flow = structure.trace_dataflow(model, torch.arange(3, 19)[None])
+        lines = structure.name_rule_disagreements(flow, [n for n, _ in model.named_modules() if n])
+        assert {line.split(":")[0].rsplit(".", 1)[-1] for line in lines} == differs, lines
