@@ -656,9 +656,10 @@ def dataflow_from_trace(tracer: _Tracer, modules: Sequence[tuple[str, Any]]) -> 
             sub_blocks[role.sub_block] = _block_kind(role.sub_block, by_name, role.role == "final")
         elif role.sub_block:
             sub_blocks.setdefault(role.sub_block, _block_kind(role.sub_block, by_name, False))
+    outermost = {l for l in layers if not any(a in layers for a in _ancestors(l))}  # decoder layers, not experts
     for name, module in modules:  # sub-blocks no norm touches: their local error must still be shown
         parent = name.rpartition(".")[0]
-        if (parent in layers and name in tracer.inputs and not is_norm(module) and not is_layernorm(module)
+        if (parent in outermost and name in tracer.inputs and not is_norm(module) and not is_layernorm(module)
                 and any(True for _ in module.parameters())):
             sub_blocks.setdefault(name, _block_kind(name, by_name, False))
     return DataFlow(tuple(roles), sub_blocks)
