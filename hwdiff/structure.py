@@ -311,11 +311,22 @@ def check_norm_layout(names: Sequence[str], model_or_config: Any = None, *, what
         index = layer_index(name)
         if index is not None:
             per_layer.setdefault(index, set()).add(_LAYER.sub(".layers.#", name, count=1))
-    layouts = {frozenset(leaves) for leaves in per_layer.values()}
-    if len(layouts) > 1:
+    kinds = _layer_kinds(model_or_config)  # hybrid models: the same norms within each kind of layer
+    layouts = {(kinds.get(index), frozenset(leaves)) for index, leaves in per_layer.items()}
+    if len({kind for kind, _ in layouts}) != len(layouts):
         counts = {index: len(leaves) for index, leaves in sorted(per_layer.items())}
         raise HwdiffError(f"the decoder layers carry different sets of {what} modules ({counts} per layer): "
                           "an unknown layout, refusing to guess which norms AQN should touch")
+
+
+def _layer_kinds(model: Any) -> dict[int, frozenset]:
+    """Each decoder layer's kind, read from the model: the classes of its children that are not norms
+    (a mamba layer and an attention layer of Bamba differ; two Llama layers do not). Empty without a
+    model (names only: every layer must then carry the same norms)."""
+    if not hasattr(model, "named_modules"):
+        return {}
+    return {index: frozenset(type(child).__name__ for child in module.children() if not is_norm(child))
+            for index, _, module in decoder_layers(model)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -415,3 +415,12 @@ def test_replay_under_another_attention_keeps_the_padding_mask_of_mixer_layers(n
     result = hwdiff.diff(ref, local, **FAST)
     assert result.layer(mixer).metrics.rel_l2 == 0
     assert 0 <= result.layer("model.layers.1.self_attn").metrics.rel_l2 < 1e-5
+
+
+@pytest.mark.parametrize("name, count", [("bamba", 6), ("qwen3_next", 8)])
+def test_aqn_takes_hybrid_layers_with_their_own_norms(name, count):
+    """A mamba / linear-attention layer carries a gated norm an attention layer does not: the injector
+    requires the same norms within each kind of layer (read from the layers' children), not across kinds.
+    Counts by hand: Bamba 2 × (input, pre_ff) + mamba.norm + final; Qwen3-Next (input, post, gated) +
+    (input, post, q, k) + final."""
+    assert len(AQNInjector(build(name), 0.01).targets) == count
