@@ -65,6 +65,9 @@ class LayerSigma:
     law: str = "gaussian"  # the noise law that best reproduces the measured error (hwdiff.laws)
     df: float | None = None  # Student-t degrees of freedom (pooled over the norms that choose it)
     law_why: str = ""
+    role: str = ""  # pre / post / nested / final (hwdiff.structure.NormRole), "" when not known
+    accounts_for: str | None = None  # the sub-block whose local error (block_error) σ carries
+    normalised_rms: float = 1.0  # rms of x̂ (< 1 where the norm's input sits near eps): σ was divided by it
 
     @property
     def assumed_gain(self) -> float:
@@ -110,6 +113,7 @@ class VerifyResult:
     band: tuple[float, float]
     seeds: int
     method: str
+    unreproduced: tuple[str, ...] = ()  # norms with σ = 0 (or none) while their sub-block has local error
 
     @property
     def failed(self) -> tuple[VerifyLayer, ...]:
@@ -118,7 +122,7 @@ class VerifyResult:
 
     @property
     def passed(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.unreproduced
 
     @property
     def law_mismatches(self) -> tuple[VerifyLayer, ...]:
@@ -129,6 +133,7 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "band": list(self.band), "seeds": self.seeds, "passed": self.passed,
+                "unreproduced": list(self.unreproduced),
                 "layers": {l.name: {"measured_at": l.measured_at, "target_error": l.target_error,
                                     "induced_error": l.induced_error, "realized_sigma": l.realized_sigma,
                                     "ratio": _num(l.ratio), "law": l.law, "law_induced": l.law_induced,
@@ -139,7 +144,7 @@ class VerifyResult:
         layers = tuple(VerifyLayer(name, e["measured_at"], float(e["target_error"]), float(e["induced_error"]),
                                    float(e["realized_sigma"]), e.get("law", "gaussian"), e.get("law_induced"),
                                    e.get("df_induced")) for name, e in data["layers"].items())
-        return cls(layers, tuple(data["band"]), int(data["seeds"]), data["method"])
+        return cls(layers, tuple(data["band"]), int(data["seeds"]), data["method"], tuple(data.get("unreproduced") or ()))
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,11 @@ class Calibration:
     warnings: tuple[str, ...] = ()
     rho: float = 0.0  # recommended correlation of consecutive layers' noise (AR(1) along depth)
     correlation_note: str = ""
+    zero_sigma: dict[str, str] = field(default_factory=dict)  # norm with σ_end = 0 → why
+    unattributed: dict[str, float] = field(default_factory=dict)  # sub-block → local error no norm's σ carries
+    unattributed_fraction: float = 0.0  # Σ unattributed² / Σ sub-block local error²
+    unreproduced: tuple[str, ...] = ()  # norms with σ = 0 (or none) while their sub-block has local error
+    roles_from: str = ""  # how the norm → sub-block map was found (measured data flow, or the name rule)
 
     @property
     def factor(self) -> float:
@@ -200,6 +210,11 @@ class Calibration:
             "qerl_presets": {name: {"sigma_start": a, "sigma_end": b} for name, (a, b) in QERL_PRESETS.items()},
             "layers": {layer.name: _layer_dict(layer) for layer in self.layers},
             "skipped": dict(self.skipped),
+            "zero_sigma": dict(self.zero_sigma),
+            "roles_from": self.roles_from,
+            "unattributed": {"sub_blocks": dict(self.unattributed), "fraction_of_total": self.unattributed_fraction,
+                             "note": UNATTRIBUTED_NOTE},
+            "unreproduced": list(self.unreproduced),
             "correlation": {"kind": "ar1-depth", "rho": self.rho, "note": self.correlation_note},
             "rounding": None if self.rounding_dtype is None else {
                 "dtype": self.rounding_dtype, "stages": [{"stage": r.stage, "sigma": r.sigma, "min_changed": r.min_changed,
@@ -211,6 +226,9 @@ class Calibration:
         }
 
 
+UNATTRIBUTED_NOTE = ("local error of a sub-block that no norm's sigma carries (a sub-block without a pre- or "
+                     "post-norm, or whose norm was refused), after the share of the norms nested inside it; fraction: "
+                     "its squared sum over the squared sum of all sub-blocks' local errors")
 METHOD_NOTE = "local errors from a replay of the reference's inputs on the target device (diff --local)"
 CONVERSION_NOTES = {
     "output-rms": "sigma = rms(y_ref) * sqrt(eps_norm^2 + eps_block^2): exact for the norm's own error; assumes the "
@@ -231,6 +249,10 @@ def _layer_dict(layer: LayerSigma) -> dict[str, Any]:
            "multiplier": layer.multiplier}
     if layer.gain_block is not None:
         out["gain_block"] = layer.gain_block
+    if layer.role:
+        out.update(role=layer.role, accounts_for=layer.accounts_for)
+    if layer.normalised_rms != 1.0:
+        out["normalised_rms"] = layer.normalised_rms
     out.update(law=layer.law, df=layer.df, law_why=layer.law_why)
     return out
 
@@ -247,6 +269,8 @@ class NormError:
     weight_rms: float
     sub_block: str | None
     skip_reason: str | None = None
+    role: str = ""
+    accounts_for: str | None = None
 
 
 def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: str = "qerl-code",
@@ -271,23 +295,33 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
         from .sigma_probe import measure_gains
         gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None],
                               reference=(summary.get("reference") or {}).get("path"))
-    sigmas = {e.name: sigma_end(e, gains.get(e.name)) for e in errors if e.skip_reason is None}
+    unit, near_eps_notes = normalised_rms(summary, [e.name for e in errors if e.skip_reason is None])
+    sigmas = {e.name: sigma_end(e, gains.get(e.name)) / unit.get(e.name, 1.0) for e in errors if e.skip_reason is None}
     positive = [value for value in sigmas.values() if value > 0]
+    if not sigmas:
+        first = next(e for e in errors if e.skip_reason)
+        raise HwdiffError(f"no RMSNorm can be calibrated: every one is skipped ({first.name}: {first.skip_reason})")
     if not positive:
         raise HwdiffError("the diff shows no local error at any RMSNorm or its sub-block: there is nothing to calibrate")
     end = statistics.median(positive)
     w_rms = statistics.median(e.weight_rms for e in errors if e.skip_reason is None)
     start, rule, warnings = start_rule(end, w_rms, factor=factor, sigma_start=sigma_start)
     warnings += layout_notes(summary, [e.name for e in errors if e.skip_reason is None])
+    warnings += near_eps_notes
     schedule = SigmaSchedule(start, end, num_stages, kind)
     layers = tuple(LayerSigma(
         name=e.name, layer_index=layer_index(e.name), sub_block=e.sub_block, norm_error=e.norm_error,
         block_error=e.block_error, output_rms=e.output_rms, weight_rms=e.weight_rms, sigma_end=sigmas[e.name],
         sigma_start=start * sigmas[e.name] / end, multiplier=sigmas[e.name] / end, gain_block=gains.get(e.name),
+        role=e.role, accounts_for=e.accounts_for, normalised_rms=unit.get(e.name, 1.0),
     ) for e in errors if e.skip_reason is None)
     skipped = {e.name: e.skip_reason for e in errors if e.skip_reason is not None}
+    attributed = attribution(summary, errors, sigmas)
     calibration = with_laws(Calibration(layers, schedule, "local", "measured" if gains else "output-rms", rule,
-                                        _provenance(summary, diff), skipped, warnings=tuple(warnings)), summary)
+                                        _provenance(summary, diff), skipped, warnings=tuple(warnings + attributed.warnings),
+                                        zero_sigma=attributed.zero_sigma, unattributed=attributed.unattributed,
+                                        unattributed_fraction=attributed.fraction, unreproduced=attributed.unreproduced,
+                                        roles_from=attributed.roles_from), summary)
     return with_rounding(calibration, weights if weights is not None else reference_weights(summary, layers),
                          weight_dtype or str(summary.get("reference", {}).get("dtype", "float32")))
 
@@ -320,6 +354,56 @@ def with_sigmas(calibration: Calibration, other: Calibration) -> Calibration:
                               multiplier=theirs.multiplier))
     return replace(calibration, layers=tuple(layers), schedule=other.schedule, start_rule="from the sigma file",
                    provenance={**calibration.provenance, "sigma_file": other.provenance.get("diff")})
+
+
+NEAR_EPS = 0.999  # rms(x̂) below this: the norm's input sits near eps, and σ is divided by rms(x̂)
+
+
+def normalised_rms(summary: dict[str, Any], names: list[str]) -> tuple[dict[str, float], list[str]]:
+    """rms of x̂ = y / (offset + w) over real tokens, per norm, read from the reference capture — where
+    it is below :data:`NEAR_EPS` (the norm's input sits near eps: x̂ = x / sqrt(mean(x²) + eps) is
+    then shorter than unit rms). Both conversions assume unit-rms x̂ (Δy = Δw⊙x̂ has rms σ); there
+    σ = ε·rms(y) is rms(x̂) times too small, and σ is divided by it. Channels whose effective weight
+    is below 1e-3 of the largest are left out. Returns ({norm: rms(x̂)}, notes)."""
+    path = (summary.get("reference") or {}).get("path")
+    if not path or not Path(path).exists():
+        return {}, ["the reference capture is not at hand: whether a norm's input sits near eps (x̂ shorter than "
+                    "unit rms, sigma too small by that factor) was not checked"]
+    from .store import open_capture
+
+    found = {}
+    with open_capture(path) as cap:
+        if cap.mode != "full":
+            return {}, [f"the reference is a '{cap.mode}' capture: whether a norm's input sits near eps was not checked"]
+        for name in names:
+            value = _xhat_rms(cap, name)
+            if value is not None and value < NEAR_EPS:
+                found[name] = value
+    notes = [f"the input of {len(found)} norm(s) sits near eps (rms of x̂ {min(found.values()):.3g} at "
+             f"{min(found, key=found.get)}): their sigma is divided by rms(x̂)"] if found else []
+    return found, notes
+
+
+def _xhat_rms(cap: Any, name: str) -> float | None:
+    import numpy as np
+
+    from .structure import token_axis
+
+    info, weight = cap.modules.get(name), cap.weight(name)
+    if info is None or weight is None or not cap.has_call(name, 0):
+        return None
+    scale = weight.astype("float64") + info.weight_offset
+    keep = np.abs(scale) > 1e-3 * np.abs(scale).max()
+    mask = cap.attention_mask.astype(bool)
+    total, count, row0 = 0.0, 0, 0
+    for block in cap.iter_chunks(name):
+        axis = token_axis(block.shape, block.shape[0], mask.shape[1])
+        if axis is None or block.shape[-1] != scale.shape[0]:
+            return None
+        rows = np.moveaxis(block, axis, 1)[mask[row0: row0 + block.shape[0]]]
+        x_hat = rows[..., keep].astype("float64") / scale[keep]
+        total, count, row0 = total + float((x_hat ** 2).sum()), count + x_hat.size, row0 + block.shape[0]
+    return math.sqrt(total / count) if count else None
 
 
 def sigma_end(error: NormError, gain_block: float | None) -> float:
@@ -374,15 +458,128 @@ def norm_errors(summary: dict[str, Any]) -> list[NormError]:
         raise HwdiffError(f"the diff has no RMSNorm outputs (kinds present: {', '.join(others) or 'none'}): capture "
                           "with the default module selection or --kinds rmsnorm,attention,mlp,head")
     missing = [m["name"] for m in norms if m.get("local_rel_l2") is None]
-    if missing:
+    if missing and len(missing) < len(norms):  # some norms were not replayed: those are named, not refused whole
+        log.warning("no local error for %s: no σ for them", ", ".join(missing))
+        norms = [m for m in norms if m.get("local_rel_l2") is not None]
+    elif missing:
         raise HwdiffError(f"calibrate needs local errors and the diff has none for {missing[0]}"
                           f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: replay the reference on the "
                           "target (hwdiff replay REF.h5 --device TARGET -o local.h5) and diff with --local local.h5 "
                           "(the divergence-increment estimate was measured 1.1-21x off, so it is not offered)")
     by_name = {m["name"]: m for m in outputs}
-    blocks = sub_blocks([m["name"] for m in norms], outputs)
-    errors = [_norm_error(m, by_name.get(blocks[m["name"]]) if blocks[m["name"]] else None) for m in norms]
-    return [_final_norm_without_head(e, outputs) for e in errors]
+    mapping, flow, _ = norm_map(summary)
+    nested = _nested_power(flow, by_name)
+    found = [_norm_error(m, mapping[m["name"]], by_name, nested) for m in norms]
+    kept = {m["name"] for m in norms}
+    absent = [NormError(name, 0.0, 0.0, 0.0, 0.0, None, entry.reason or (
+        "no local error in the diff (the replay did not run it: see its log)" if name in by_name else
+        "not in the diff: the capture did not record it (see the capture's 'unrecorded' list)"), entry.role,
+        entry.accounts_for) for name, entry in mapping.items() if name not in kept]
+    return [_final_norm_without_head(e, outputs) for e in found] + absent
+
+
+@dataclass(frozen=True)
+class NormMap:
+    """Where one norm's σ lives: ``observe`` — the module whose output carries its noise first (the
+    sub-block a pre-norm or the final norm feeds; None: the norm's own output, for post-norms and
+    nested norms) — and ``accounts_for``, the sub-block whose local error its σ carries (None: only
+    its own error). ``reason``: why it gets no σ."""
+
+    role: str
+    observe: str | None
+    accounts_for: str | None
+    reason: str | None = None
+    consumers: tuple[str, ...] = ()
+
+
+def norm_map(summary: dict[str, Any]) -> tuple[dict[str, NormMap], Any, str]:
+    """Every norm's :class:`NormMap`, from the data-flow record of the reference capture
+    (:func:`hwdiff.structure.trace_dataflow`): ``(map, DataFlow or None, how it was found)``. A
+    reference without that record (captured before it existed) falls back to the name rule
+    (:func:`sub_blocks`), which says so."""
+    from .structure import DataFlow
+
+    outputs = [m for m in summary["modules"] if m["slot"] == "output"]
+    flow = DataFlow.from_json((summary.get("reference") or {}).get("dataflow"))
+    if flow is None:
+        norms = [m["name"] for m in outputs if m["kind"] == "rmsnorm"]
+        blocks = sub_blocks(norms, outputs)
+        return ({n: NormMap("", blocks[n], blocks[n]) for n in norms}, None,
+                "name rule (the reference capture has no data-flow record: captured before hwdiff measured it)")
+    present = {m["name"] for m in outputs}
+    carried_by_pre = {r.sub_block for r in flow.norms if r.role in ("pre", "final")}
+    mapping = {}
+    for role in flow.norms:
+        block = role.sub_block
+        if role.role in ("pre", "final"):
+            entry = NormMap(role.role, block, block)
+        elif role.role == "post":  # its producer's error, unless a pre-norm already carries it (Gemma 2/3)
+            entry = NormMap("post", None, None if block in carried_by_pre else block)
+        elif role.role == "nested":
+            entry = NormMap("nested", None, None)
+        else:
+            entry = NormMap(role.role, None, None, role.reason or role.role,
+                            tuple(c for c in role.consumers if c in flow.sub_blocks))
+        if entry.accounts_for and entry.accounts_for not in present and entry.reason is None:
+            entry = replace(entry, reason=f"its sub-block {entry.accounts_for} ({flow.sub_blocks.get(entry.accounts_for)}) "
+                                          "is not in the diff: capture it (the default kinds record it)")
+        mapping[role.name] = entry
+    return mapping, flow, "data flow measured on one traced forward of the reference model"
+
+
+def _nested_power(flow: Any, by_name: dict[str, dict]) -> dict[str, float]:
+    """Per sub-block, the squared local errors of the norms nested inside it: their share of the
+    sub-block's local error, which their own σ carries (not counted again for the sub-block's norm)."""
+    power: dict[str, float] = {}
+    for role in flow.norms if flow is not None else ():
+        if role.role == "nested" and role.name in by_name:
+            error = float(by_name[role.name].get("local_rel_l2") or 0.0)
+            power[role.sub_block] = power.get(role.sub_block, 0.0) + error ** 2
+    return power
+
+
+@dataclass(frozen=True)
+class Attribution:
+    zero_sigma: dict[str, str]
+    unattributed: dict[str, float]
+    fraction: float
+    unreproduced: tuple[str, ...]
+    roles_from: str
+    warnings: list[str]
+
+
+def attribution(summary: dict[str, Any], errors: list[NormError], sigmas: dict[str, float]) -> Attribution:
+    """No silent zero: why each norm with σ_end = 0 has none; the local error of every sub-block that
+    no norm's σ carries (after its nested norms' share), also as a fraction of all sub-blocks' squared
+    local error; and the norms given no σ (zero or skipped) while their sub-block has such error."""
+    mapping, flow, roles_from = norm_map(summary)
+    by_name = {m["name"]: m for m in summary["modules"] if m["slot"] == "output"}
+    zero = {e.name: _zero_reason(e) for e in errors if e.skip_reason is None and sigmas.get(e.name) == 0}
+    if flow is None:
+        return Attribution(zero, {}, 0.0, (), roles_from, [])
+    nested = _nested_power(flow, by_name)
+    carried = {e.accounts_for for e in errors if e.skip_reason is None and sigmas.get(e.name, 0) > 0 and e.accounts_for}
+    unattributed, total = {}, 0.0
+    absent = [block for block in flow.sub_blocks if block not in by_name]
+    warnings = [f"{len(absent)} sub-block(s) not in the diff, their local error unknown: {', '.join(absent[:3])}"
+                + (" …" if len(absent) > 3 else "")] if absent else []
+    for block in flow.sub_blocks:
+        if block not in by_name:
+            continue
+        raw = float(by_name[block].get("local_rel_l2") or 0.0)
+        total += raw ** 2
+        left = math.sqrt(max(0.0, raw ** 2 - nested.get(block, 0.0)))
+        if left > 0 and block not in carried:
+            unattributed[block] = left
+    fraction = sum(v * v for v in unattributed.values()) / total if total else 0.0
+    unreproduced = tuple(e.name for e in errors if (e.skip_reason is not None or sigmas.get(e.name) == 0)
+                         and ({e.accounts_for} | set(mapping.get(e.name, NormMap("", None, None)).consumers)) & set(unattributed))
+    return Attribution(zero, unattributed, fraction, unreproduced, roles_from, warnings)
+
+
+def _zero_reason(error: NormError) -> str:
+    where = f" nor in {error.accounts_for}, the sub-block its sigma carries" if error.accounts_for else ""
+    return f"no local error at the norm{where}: nothing to reproduce"
 
 
 def _final_norm_without_head(error: NormError, outputs: list[dict[str, Any]]) -> NormError:
@@ -449,7 +646,7 @@ def sub_blocks(norm_names: list[str], outputs: list[dict[str, Any]]) -> dict[str
             else None for spec in specs}
 
 
-def _norm_error(norm: dict, block: dict | None) -> NormError:
+def _norm_error(norm: dict, entry: NormMap, by_name: dict[str, dict], nested: dict[str, float]) -> NormError:
     output_rms = norm.get("ref_rms")
     if output_rms is None:
         raise HwdiffError(f"the diff has no reference output rms for {norm['name']}: rerun hwdiff diff with this version")
@@ -457,12 +654,14 @@ def _norm_error(norm: dict, block: dict | None) -> NormError:
     if weight_rms is None:
         raise HwdiffError(f"the diff has no weight for {norm['name']}: diff captures that store norm weights")
     norm_local = float(norm["local_rel_l2"])
-    block_local = float(block.get("local_rel_l2") or 0.0) if block else 0.0
-    reason = _untrusted(norm) or (_untrusted(block) if block else None)
+    block = by_name.get(entry.accounts_for) if entry.accounts_for else None
+    raw = float(block.get("local_rel_l2") or 0.0) if block else 0.0
+    block_local = math.sqrt(max(0.0, raw ** 2 - nested.get(entry.accounts_for, 0.0)))  # nested norms' share out
+    reason = entry.reason or _untrusted(norm) or (_untrusted(block) if block else None)
     if reason:
         log.warning("%s: %s — no σ for this norm", norm["name"], reason)
     return NormError(norm["name"], norm_local, block_local, float(output_rms), float(weight_rms),
-                     block["name"] if block else None, reason)
+                     entry.observe if entry.observe in by_name else None, reason, entry.role, entry.accounts_for)
 
 
 def _untrusted(module: dict) -> str | None:
@@ -589,6 +788,14 @@ def format_calibration(calibration: Calibration) -> str:
         lines.append(row)
     for name, reason in calibration.skipped.items():
         lines.append(f"{name:<42} skipped: {reason}")
+    for name, reason in calibration.zero_sigma.items():
+        lines.append(f"{name:<42} sigma 0: {reason}")
+    if calibration.roles_from:
+        lines.append(f"norm -> sub-block map: {calibration.roles_from}")
+    if calibration.unattributed:
+        lines.append(f"unattributed local error ({calibration.unattributed_fraction:.1%} of the sub-blocks' squared local "
+                     "error; no norm's sigma carries it):")
+        lines += [f"  {name:<40} {error:.3g}" for name, error in calibration.unattributed.items()]
     lines += _rounding_lines(calibration) + _verify_lines(calibration.verify)
     if calibration.verify is not None and not calibration.verify.passed and calibration.conversion == "output-rms":
         lines.append("  the sub-blocks do not pass a relative error on unchanged here: --conversion measured measures "
@@ -620,6 +827,9 @@ def _verify_lines(result: VerifyResult | None) -> list[str]:
     lo, hi = result.band
     verdict = "PASS" if result.passed else f"FAIL ({len(result.failed)} norm(s) outside)"
     lines = ["", f"verify: {verdict} — induced/target within {lo:g}-{hi:g} at the sub-block output, {result.seeds} seeds"]
+    if result.unreproduced:
+        lines.append(f"verify: FAIL — sigma 0 or none at {', '.join(result.unreproduced)} while the sub-block it maps to "
+                     "has local error")
     checked = [l for l in result.layers if l.law_induced is not None]
     if checked:
         lines.append(f"verify law: the noise recovered from the induced error fits the calibrated law at "

@@ -131,6 +131,9 @@ def _write_file(job: _Job, path: str | os.PathLike, inputs: Inputs, positions: n
     """Run every batch of ``inputs`` through the model and write one capture file at ``path``."""
     model, opts = job.model, job.opts
     device = model_device_and_dtype(model)[0]
+    flow = _dataflow(model, inputs)
+    if flow is not None:
+        meta["dataflow"] = flow.to_json()
     with emulation(model, job.emulate) as profiles:
         meta["emulate"] = describe(profiles)
         # On the CPU the hooks write synchronously: a writer thread would take cores from the forward.
@@ -138,7 +141,9 @@ def _write_file(job: _Job, path: str | os.PathLike, inputs: Inputs, positions: n
                                compression=opts.compression, synchronous=device.type == "cpu", placements=placements)
         try:
             with record(model, job.modules, kinds=job.kinds, mode=job.mode, record_inputs=job.record_inputs,
-                        sink=writer) as rec, _logprobs(model, writer, opts) as lp:
+                        sink=writer, sub_blocks=flow.sub_blocks if flow is not None else None,
+                        token_major=flow.token_major if flow is not None else None) as rec, \
+                    _logprobs(model, writer, opts) as lp:
                 _run_batches(model, rec, inputs, positions, device, opts)
             if opts.logprobs and not lp.batches:
                 log.warning("%s has no head module and no logits output: no token log-probabilities stored",
@@ -153,6 +158,21 @@ def _write_file(job: _Job, path: str | os.PathLike, inputs: Inputs, positions: n
         log.warning("NaN/Inf activations in %d module(s), first in forward order: %s",
                     len(result.nonfinite_modules), result.nonfinite_modules[0])
     return result
+
+
+def _dataflow(model: torch.nn.Module, inputs: Inputs) -> Any:
+    """The model's measured structure (:func:`hwdiff.structure.trace_dataflow`), traced once on the
+    first sequence's first tokens before the capture; None for a model without RMSNorms (GPT-2:
+    nothing to map)."""
+    from .structure import dataflow_of_capture, find_norms, name_rule_disagreements
+
+    if not find_norms(model):
+        return None
+    flow = dataflow_of_capture(model, inputs.input_ids)
+    differ = name_rule_disagreements(flow, [name for name, _ in model.named_modules() if name])
+    if differ:  # names are a cross-check only: the measured roles are used
+        log.info("data flow and name rule differ at %d norm(s): %s", len(differ), "; ".join(differ))
+    return flow
 
 
 def _capture_ranks(job: _Job, target: Path, ranks: distributed.RankInfo, inputs: Inputs,
@@ -219,7 +239,10 @@ def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np
 
     bar = tqdm(total=inputs.shape[0], unit="seq", desc=f"capture on {device}", disable=not opts.progress,
                leave=False)
-    with bar, torch.inference_mode():
+    # no_grad, not inference_mode: inference tensors keep no version counter, and an output updated in
+    # place after a child returned it (Llama 4's MoE adds the routed experts into the shared expert's
+    # output) must not be stored as a link to the child's earlier value
+    with bar, torch.no_grad():
         for row0, ids, mask in inputs.batches(opts.batch_size):
             rec.row0, rec.tokens = row0, ids.shape[1]
             if positions is not None:

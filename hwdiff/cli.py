@@ -116,8 +116,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"\nwrote {', '.join(map(str, written))}")
     if args.strict and result.verify is not None and not result.verify.passed:
         lo, hi = result.verify.band
-        print(f"hwdiff: error: verify: {len(result.verify.failed)} norm(s) induce an error outside {lo:g}-{hi:g}x the "
-              f"target at their sub-block (first: {result.verify.failed[0].name})", file=sys.stderr)
+        if result.verify.failed:
+            print(f"hwdiff: error: verify: {len(result.verify.failed)} norm(s) induce an error outside {lo:g}-{hi:g}x "
+                  f"the target at their sub-block (first: {result.verify.failed[0].name})", file=sys.stderr)
+        else:
+            print(f"hwdiff: error: verify: sigma 0 or none at {', '.join(result.verify.unreproduced)} while the "
+                  "sub-block it maps to has local error", file=sys.stderr)
         return 1
     return 0
 

@@ -30,12 +30,15 @@ DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
 
 def select_modules(model: torch.nn.Module, modules: str | Iterable[str] | None = None,
-                   kinds: str | Iterable[str] | None = None) -> list[tuple[str, torch.nn.Module, str]]:
+                   kinds: str | Iterable[str] | None = None,
+                   sub_blocks: dict[str, str] | None = None) -> list[tuple[str, torch.nn.Module, str]]:
     """``(name, module, kind)`` of the modules to record, in registration order.
 
     ``modules``: regexes searched in qualified names (any kind unless ``kinds`` is given too);
-    ``kinds``: kind names from :data:`KINDS`. Neither → every kind but ``other``. A regex or kind that
-    matches nothing raises :class:`SelectionError`.
+    ``kinds``: kind names from :data:`KINDS`. Neither → every kind but ``other``. ``sub_blocks``:
+    kinds measured by :func:`hwdiff.structure.trace_dataflow` (a mamba mixer, an MoE block of any
+    class) for modules the class rule calls ``other``. A regex or kind that matches nothing raises
+    :class:`SelectionError`.
     """
     patterns = [modules] if isinstance(modules, str) else list(modules or [])
     wanted = [kinds] if isinstance(kinds, str) else list(kinds or ([] if patterns else DEFAULT_KINDS))
@@ -43,7 +46,7 @@ def select_modules(model: torch.nn.Module, modules: str | Iterable[str] | None =
     if unknown:
         raise SelectionError(f"unknown module kind(s) {', '.join(unknown)}: expected {', '.join(KINDS)}")
     compiled = [_compile(pattern) for pattern in patterns]
-    named = [(name, module, module_kind(name, module)) for name, module in model.named_modules() if name]
+    named = [(name, module, _kind(name, module, sub_blocks or {})) for name, module in model.named_modules() if name]
     chosen = [item for item in named
               if (not wanted or item[2] in wanted) and (not compiled or any(p.search(item[0]) for p in compiled))]
     for pattern in compiled:
@@ -53,6 +56,11 @@ def select_modules(model: torch.nn.Module, modules: str | Iterable[str] | None =
     if not chosen:
         raise SelectionError(f"no module of kind {', '.join(wanted)} in {type(model).__name__}")
     return chosen
+
+
+def _kind(name: str, module: torch.nn.Module, sub_blocks: dict[str, str]) -> str:
+    kind = module_kind(name, module)
+    return sub_blocks.get(name, kind) if kind == "other" else kind
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -133,6 +141,8 @@ class Recorder:
         self._routing: dict[str, torch.Tensor] = {}  # MoE block name → experts chosen per flattened token
         self.unrecorded: dict[str, str] = {}  # module → why some of its calls could not be stored
         self._pending: list[tuple[str, int, str, str, torch.Tensor]] = []  # stats reduced on the device
+        self._row_wise: dict[str, int | None] = {}  # norm → k of its token-major [batch·tokens·k, …] input
+        self.token_major: dict[str, int] = {}  # module → k, measured (hwdiff.structure.DataFlow.token_major)
 
     @property
     def never_called(self) -> list[str]:
@@ -218,6 +228,8 @@ class Recorder:
             except SemanticsError as exc:
                 self.unrecorded[name] = str(exc)
                 return
+            if is_norm(module) and args:  # a norm is row-wise: its output rows are ordered as its input's
+                self._row_wise[name] = _token_major(args[0], self.batch, self.tokens)
             in_place = updates_in_place(module)
             if in_place:  # its arguments hold new values now: no later slot may link to what was stored for them
                 for value in (*args, *kwargs.values()):
@@ -233,7 +245,8 @@ class Recorder:
         input: replay does not run single experts. Runs before the call (a pre-hook)."""
         meant = input_by_meaning(module, args, kwargs)
         main = meant if meant is not None else _first_input(args, kwargs)
-        if self.mode != "full" or self._layout(main) == ROUTED:
+        routed = self._layout(main) == ROUTED and not (main is not None and self._rows_per_token(name, main))
+        if self.mode != "full" or routed:
             self._emit(name, call, "input", main)
             return
         spec, tensors = encode_call(args, kwargs, main_slot=meant is None)
@@ -265,7 +278,10 @@ class Recorder:
         if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
             tensor = tensor.expand(rows, *tensor.shape[1:])
         layout, present = self._layout(tensor), None
-        if layout == ROUTED:
+        per_token = self._rows_per_token(name, source) if layout == ROUTED else None
+        if per_token:  # [batch·tokens·k, …] rows of a token-major view: stored as [batch, tokens, k, …]
+            layout, tensor = FLAT, tensor.reshape(self.batch, self.tokens, per_token, *tensor.shape[1:])
+        elif layout == ROUTED:
             routed = self._routed(name, call, tensor)
             if routed is None:
                 return
@@ -300,6 +316,15 @@ class Recorder:
         (host,), event = to_host(torch.stack([parts for *_, parts in pending]))
         for row, (name, call, slot, dtype, _) in enumerate(pending):
             self.sink.put(Record(name, call, slot, self.row0, host[row], dtype, event, reduced=True))
+
+    def _rows_per_token(self, name: str, tensor: torch.Tensor) -> int | None:
+        """k when ``tensor``'s rows are provably ``[batch, tokens, k]`` in that order: a view of a
+        contiguous ``[batch, tokens, …]`` tensor (Qwen3-Next's gated norm sees ``[b·t·heads, d]``), or
+        the output of a norm whose input was one; else None (routed MoE rows, or an order not known)."""
+        measured = self.token_major.get(name)
+        if measured and self.batch and tensor.shape[0] == measured * self.batch * self.tokens:
+            return measured
+        return _token_major(tensor, self.batch, self.tokens) or self._row_wise.get(name)
 
     def _routed(self, name: str, call: int, tensor: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """(call index to store under, rows scattered to their tokens [batch, tokens, …], bool presence
@@ -373,6 +398,20 @@ def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
 
 
+def _token_major(tensor: Any, batch: int, tokens: int) -> int | None:
+    """k when ``tensor`` is a contiguous view of a contiguous ``[batch, tokens, …]`` tensor with the
+    same storage start and size and ``batch·tokens·k`` rows: its rows run token-major."""
+    base = getattr(tensor, "_base", None) if isinstance(tensor, torch.Tensor) else None
+    if base is None or not batch or not tokens or tensor.dim() < 1 or base.dim() < 3:
+        return None
+    rows = tensor.shape[0]
+    if (tuple(base.shape[:2]) != (batch, tokens) or rows % (batch * tokens) or rows == batch * tokens
+            or tensor.numel() != base.numel() or tensor.data_ptr() != base.data_ptr()
+            or not (tensor.is_contiguous() and base.is_contiguous())):
+        return None
+    return rows // (batch * tokens)
+
+
 def _version(tensor: torch.Tensor) -> int | None:
     """The tensor's in-place version counter, or None where torch keeps none (inference tensors)."""
     if tensor.is_inference():  # asked first: reading _version there raises, and exceptions are slow
@@ -402,16 +441,18 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 @contextlib.contextmanager
 def record(model: torch.nn.Module, modules: str | Iterable[str] | None = None, *,
            kinds: str | Iterable[str] | None = None, mode: str = "full", record_inputs: bool = False,
-           sink: Any = None) -> Iterator[Recorder]:
+           sink: Any = None, sub_blocks: dict[str, str] | None = None,
+           token_major: dict[str, int] | None = None) -> Iterator[Recorder]:
     """Hook the selected modules of ``model`` for the duration of a ``with`` block.
 
     Without a ``sink`` the recorded host tensors are kept in memory: ``rec.activations[(name, call,
     slot)]`` lists one tensor per top-level forward (``slot`` is ``"output"`` or ``"input"``).
-    See :func:`select_modules` for ``modules`` and ``kinds``. Every hook is removed on exit.
+    See :func:`select_modules` for ``modules``, ``kinds`` and ``sub_blocks``. Every hook is removed on exit.
     """
-    selection = select_modules(model, modules, kinds)
+    selection = select_modules(model, modules, kinds, sub_blocks)
     recorder = Recorder(model, selection, mode=mode, record_inputs=record_inputs,
                         sink=sink if sink is not None else MemorySink())
+    recorder.token_major = dict(token_major or {})
     recorder.attach()
     try:
         yield recorder

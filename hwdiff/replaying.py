@@ -25,7 +25,7 @@ from .emulate import describe, emulation
 from .errors import HwdiffError
 from .hooks import slot_record
 from .models import dtype_name, model_info
-from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset, output_by_meaning
+from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset, output_by_meaning, padding_only
 from .store import FLAT, ROUTED, Capture, CaptureWriter, Register, open_capture
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatc
         with bar, torch.inference_mode():
             for order, (name, calls) in enumerate(targets):
                 module = _submodule(model, name)
-                writer.put(Register(name, module_kind(name, module), type(module).__name__, order, *_weight(module)))
+                kind = ref.modules[name].kind or module_kind(name, module)  # as the reference classed it (data flow)
+                writer.put(Register(name, kind, type(module).__name__, order, *_weight(module)))
                 for call, spec in calls:
                     _replay_call(ref, writer, module, name, call, spec, batch, device, dtype, masks)
                 bar.update()
@@ -161,7 +162,7 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
 
         args, kwargs = decode_call(spec, load)
         if "attention_mask" in kwargs and masks.needed:
-            kwargs["attention_mask"] = masks.build(index[0], name)
+            kwargs["attention_mask"] = masks.build(index[0], name, kwargs["attention_mask"])
         output = output_by_meaning(module, module(*args, **kwargs))  # the element the capture stored
         if output is None:
             raise HwdiffError(f"module {name} returned no tensor when replayed")
@@ -197,10 +198,15 @@ class _MaskRebuilder:
                                   f"--attn-impl {ref.meta.get('attn_implementation')}")
             log.info("rebuilding attention masks for %s (the reference used %s)", mine, ref.meta.get("attn_implementation"))
 
-    def build(self, rows: slice, name: str) -> Any:
-        """The mask module ``name`` (in its decoder layer) needs for batch ``rows``."""
+    def build(self, rows: slice, name: str, recorded: Any = None) -> Any:
+        """The mask module ``name`` (in its decoder layer) needs for batch ``rows``. A layer whose type
+        is no attention (mamba, linear attention) and whose recorded mask is the plain 2-D padding mask
+        (or None: no padding) keeps it: that mask does not depend on the attention implementation."""
         from transformers import masking_utils
 
+        plain = recorded is None or (isinstance(recorded, torch.Tensor) and recorded.dim() == 2)
+        if plain and padding_only(self.config, layer_index(name)):
+            return recorded
         kind, _ = attention_type(self.config, layer_index(name))
         function = getattr(masking_utils, self._FUNCTIONS[kind], None)
         if function is None:

@@ -44,7 +44,7 @@ class _Probe:
 
         from .hooks import record
 
-        with torch.inference_mode(), record(self.model, [f"^{re.escape(n)}$" for n in self.names],
+        with torch.no_grad(), record(self.model, [f"^{re.escape(n)}$" for n in self.names],
                                             record_inputs=self.keep_inputs) as rec:
             self.model(input_ids=self.ids, use_cache=False)
         out = {key[0]: values[0].double() for key, values in rec.activations.items()
@@ -154,7 +154,7 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
     method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, the first "
               f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length); induced = relative L2 "
               "error at the sub-block output")
-    return VerifyResult(tuple(checks), band, seeds, method)
+    return VerifyResult(tuple(checks), band, seeds, method, calibration.unreproduced)
 
 
 def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:

@@ -53,7 +53,10 @@ def _calibration(data: dict, schema: str) -> Calibration:
                             r["weakest"]) for r in rounding.get("stages", [])),
         rounding.get("dtype"), VerifyResult.from_dict(data["verify"]) if data.get("verify") else None,
         tuple(data.get("warnings") or ()), float((data.get("correlation") or {}).get("rho", 0.0)),
-        (data.get("correlation") or {}).get("note", ""))
+        (data.get("correlation") or {}).get("note", ""), dict(data.get("zero_sigma") or {}),
+        dict((data.get("unattributed") or {}).get("sub_blocks") or {}),
+        float((data.get("unattributed") or {}).get("fraction_of_total") or 0.0), tuple(data.get("unreproduced") or ()),
+        data.get("roles_from", ""))
 
 
 def _layer(name: str, entry: dict) -> LayerSigma:
@@ -69,4 +72,5 @@ def _layer(name: str, entry: dict) -> LayerSigma:
                       block_error=float(entry.get("block_error", 0.0)), output_rms=output_rms, weight_rms=weight_rms,
                       gain_block=None if gain is None else float(gain), law=entry.get("law", "gaussian"),
                       df=None if entry.get("df") is None else float(entry["df"]), law_why=entry.get("law_why", ""),
-                      **values)
+                      role=entry.get("role", ""), accounts_for=entry.get("accounts_for"),
+                      normalised_rms=float(entry.get("normalised_rms", 1.0)), **values)

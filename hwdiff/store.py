@@ -6,7 +6,10 @@ Layout (schema ``hwdiff/capture/1``)::
                             torch_version, backend versions, numerics flags, model_spec,
                             model_fingerprint, model_config (JSON), inputs_fingerprint, mode,
                             batch_size, complete; stats_accumulation (mode "stats": float64, or
-                            float32 where the device reduced in float32)
+                            float32 where the device reduced in float32); dataflow (JSON, schema
+                            ``hwdiff/dataflow/1``: each RMSNorm's measured role and sub-block,
+                            :func:`hwdiff.structure.trace_dataflow`; absent in older files and for
+                            models without RMSNorms: readers fall back to the name rule)
     /inputs/input_ids       int64 [sequences, tokens]
     /inputs/attention_mask  int64 [sequences, tokens]
     /inputs/sample_positions int64 [sequences, K]          (mode "sample" only)

@@ -122,3 +122,118 @@ def test_attention_type_per_layer():
 
 def test_effective_scale_of_stored_weights():
     assert np.allclose(structure.effective_scale(np.array([0.0, 0.5], dtype=np.float32), 1.0), [1.0, 1.5])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data flow: roles measured on one traced forward
+# ------------------------------------------------------------------------------------------------
+# Expected roles of layer 0's norms (and the final norm), read by hand from transformers 5.24's modeling
+# files: OLMo2 normalises each sub-block's output (modeling_olmo2.py, Olmo2DecoderLayer.forward); DeepSeek's
+# q_a/kv_a layernorms sit inside the attention between its down- and up-projections; Bamba's and Qwen3-Next's
+# mixers call a gated norm(x, gate) inside; Llama 4's MoE block is a class of its own with a tuple router.
+L0 = "model.layers.0."
+EXPECTED_ROLES = {
+    "olmo2": {"self_attn.q_norm": ("nested", "self_attn"), "self_attn.k_norm": ("nested", "self_attn"),
+              "post_attention_layernorm": ("post", "self_attn"), "post_feedforward_layernorm": ("post", "mlp")},
+    "deepseek_v3": {"input_layernorm": ("pre", "self_attn"), "self_attn.q_a_layernorm": ("nested", "self_attn"),
+                    "self_attn.kv_a_layernorm": ("nested", "self_attn"), "post_attention_layernorm": ("pre", "mlp")},
+    "llama4": {"input_layernorm": ("pre", "self_attn"), "post_attention_layernorm": ("pre", "feed_forward")},
+    "bamba": {"input_layernorm": ("pre", "mamba"), "mamba.norm": ("nested", "mamba"),
+              "pre_ff_layernorm": ("pre", "feed_forward")},
+    "qwen3_next": {"input_layernorm": ("pre", "linear_attn"), "linear_attn.norm": ("nested", "linear_attn"),
+                   "post_attention_layernorm": ("pre", "mlp")},
+    "qwen3_moe": {"input_layernorm": ("pre", "self_attn"), "self_attn.q_norm": ("nested", "self_attn"),
+                  "self_attn.k_norm": ("nested", "self_attn"), "post_attention_layernorm": ("pre", "mlp")},
+    "gemma3": {"input_layernorm": ("pre", "self_attn"), "self_attn.q_norm": ("nested", "self_attn"),
+               "post_attention_layernorm": ("post", "self_attn"), "pre_feedforward_layernorm": ("pre", "mlp"),
+               "post_feedforward_layernorm": ("post", "mlp")},
+    "llama": {"input_layernorm": ("pre", "self_attn"), "post_attention_layernorm": ("pre", "mlp")},
+}
+SUB_BLOCK_KINDS = {"llama4": {"feed_forward": "moe"}, "bamba": {"mamba": "mixer", "feed_forward": "mlp"},
+                   "qwen3_next": {"linear_attn": "mixer", "mlp": "moe"}, "deepseek_v3": {"self_attn": "attention"}}
+
+
+@pytest.mark.parametrize("family", list(EXPECTED_ROLES))
+def test_data_flow_gives_every_norm_its_role(family):
+    from .test_families import build
+
+    model = build(family).eval()
+    flow = structure.trace_dataflow(model, torch.arange(3, 19)[None])
+    roles = {r.name: r for r in flow.norms}
+    assert set(roles) == {n for n, _ in structure.find_norms(model)}  # every norm, once
+    for leaf, (role, block) in EXPECTED_ROLES[family].items():
+        assert (roles[L0 + leaf].role, roles[L0 + leaf].sub_block) == (role, L0 + block), leaf
+    final = [r for r in flow.norms if structure.layer_index(r.name) is None]
+    assert [(r.role, r.sub_block) for r in final] == [("final", "lm_head")]
+    for leaf, kind in SUB_BLOCK_KINDS.get(family, {}).items():
+        assert flow.sub_blocks[L0 + leaf] == kind
+    gated = {r.name for r in flow.norms if r.gated}
+    assert gated == {n for n in roles if n.endswith(("mamba.norm", "linear_attn.norm"))}
+    assert structure.DataFlow.from_json(flow.to_json()) == flow  # stored in the capture, read back equal
+
+
+class GatedRMSNorm(PlainRMSNorm):  # norm(x, gate), gate required (as Qwen3NextRMSNormGated)
+    def forward(self, x, gate):
+        return super().forward(x) * torch.nn.functional.silu(gate)
+
+
+class Parallel(torch.nn.Module):
+    """A decoder layer with one norm feeding attention and MLP in parallel (GPT-J / Cohere style)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.input_layernorm = PlainRMSNorm(dim)
+        self.self_attn, self.mlp = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        normed = self.input_layernorm(x)
+        return x + self.self_attn(normed) + self.mlp(normed)
+
+
+class TinyParallelLM(torch.nn.Module):
+    def __init__(self, dim: int = 8, vocab: int = 32) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(vocab, dim)
+        self.layers = torch.nn.ModuleList([Parallel(dim), Parallel(dim)])
+        self.norm, self.lm_head = PlainRMSNorm(dim), torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.norm(x))
+
+
+def test_falcon_h1_input_norm_feeds_mamba_and_attention_in_parallel():
+    """Falcon-H1 feeds its attention ``normed * attention_in_multiplier``: a same-size operation of one
+    tensor keeps the value, so the trace sees both consumers and refuses the norm by name."""
+    from .test_families import build
+
+    flow = structure.trace_dataflow(build("falcon_h1").eval(), torch.arange(3, 19)[None])
+    role = flow.role(L0 + "input_layernorm")
+    assert role.role == "parallel" and role.sub_block is None
+    assert f"{L0}mamba, {L0}self_attn" in role.reason
+    assert (flow.role(L0 + "pre_ff_layernorm").role, flow.role(L0 + "pre_ff_layernorm").sub_block) == (
+        "pre", L0 + "feed_forward")
+
+
+def test_gated_norm_offset_probe_passes_a_gate():
+    assert structure.norm_offset(GatedRMSNorm()) == 0.0  # it raised: forward() missing 'gate'
+
+
+def test_a_norm_feeding_two_sub_blocks_is_refused_by_name():
+    flow = structure.trace_dataflow(TinyParallelLM().eval(), torch.arange(3, 19)[None])
+    roles = {r.name: r for r in flow.norms}
+    assert roles["layers.0.input_layernorm"].role == "parallel"
+    assert "layers.0.self_attn, layers.0.mlp" in roles["layers.0.input_layernorm"].reason
+    assert (roles["norm"].role, roles["norm"].sub_block) == ("final", "lm_head")
+
+
+def test_name_rule_is_a_cross_check_that_names_where_it_differs():
+    from .test_families import build
+
+    for family, differs in (("llama", set()), ("olmo2", {"post_attention_layernorm"})):
+        model = build(family).eval()
+        flow = structure.trace_dataflow(model, torch.arange(3, 19)[None])
+        lines = structure.name_rule_disagreements(flow, [n for n, _ in model.named_modules() if n])
+        assert {line.split(":")[0].rsplit(".", 1)[-1] for line in lines} == differs, lines

@@ -28,7 +28,7 @@ _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "
               "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc",
               "cuda_version", "cudnn_version", "driver_version", "torch_npu_version", "cann_version",
               "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "npu_matmul_allow_hf32", "deterministic_algorithms",
-              "cpu_threads", "emulate", "replay_of", "layout", "layout_map")
+              "cpu_threads", "emulate", "replay_of", "layout", "layout_map", "dataflow")
 log = logging.getLogger(__name__)
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-KIND_ORDER = ("embedding", "rmsnorm", "linear", "attention", "activation", "mlp", "decoder_layer", "head", "op", "other")
+KIND_ORDER = ("embedding", "rmsnorm", "linear", "attention", "activation", "mlp", "moe", "mixer", "decoder_layer", "head", "op",
+              "other")
 QERL_DEFAULT = (0.05, 0.0005, 10)
 
 
