@@ -21,8 +21,9 @@ from .errors import SelectionError
 from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
-from .store import FLAT, ROUTED, Alias, Record, Register, Signature
-from .structure import (KINDS, SemanticsError, expert_from_name, expert_index, experts_per_token, flat_sequences,
+from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Alias, Record, Register, Signature
+from .structure import (KINDS, SemanticsError, expert_count, expert_from_name, expert_index, experts_per_token,
+                        flat_sequences,
                         input_by_meaning, is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens,
                         routing_indices, row_layout, updates_in_place)
 
@@ -131,6 +132,7 @@ class Recorder:
         self._handles: list[Any] = []
         self._top_k = experts_per_token(getattr(model, "config", None))
         self._routing: dict[str, torch.Tensor] = {}  # MoE block name → experts chosen per flattened token
+        self._experts: dict[str, int | None] = {}  # MoE block name → experts its router chooses from
         self.unrecorded: dict[str, str] = {}  # module → why some of its calls could not be stored
         self._pending: list[tuple[str, int, str, str, torch.Tensor]] = []  # stats reduced on the device
 
@@ -167,6 +169,7 @@ class Recorder:
         self._open.clear()
         self._seen.clear()
         self._routing.clear()
+        self._experts.clear()
         ids = kwargs.get("input_ids", args[0] if args else None)
         ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
         if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
@@ -177,9 +180,18 @@ class Recorder:
             except SemanticsError:  # not whole prompts of one length: rows are kept as the modules return them
                 self.batch = self.tokens = 0
 
-    def _layout(self, tensor: torch.Tensor | None) -> str:
-        """How ``tensor``'s rows relate to this forward's sequences (:func:`hwdiff.structure.row_layout`)."""
-        return "" if tensor is None else row_layout(tuple(tensor.shape), self.batch, self.tokens)
+    def _layout(self, tensor: torch.Tensor | None, name: str) -> str:
+        """How ``tensor``'s rows relate to this forward's sequences (:func:`hwdiff.structure.row_layout`),
+        with the expert count of the routed MoE block ``name`` sits in, if any."""
+        if tensor is None:
+            return ""
+        block = self._block(name)
+        experts = self._experts.get(block) if block is not None else None
+        return row_layout(tuple(tensor.shape), self.batch, self.tokens, experts)
+
+    def _block(self, name: str) -> str | None:
+        """The innermost routed MoE block (its router ran in this forward) that module ``name`` is in."""
+        return max((b for b in self._routing if name.startswith(b + ".")), key=len, default=None)
 
     def _routing_hook(self, name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -189,7 +201,9 @@ class Recorder:
     def _note_routing(self, name: str, output: Any) -> torch.Tensor | None:
         indices = routing_indices(output, self._top_k)
         if indices is not None:
-            self._routing[name.rpartition(".")[0]] = indices.detach().to("cpu")
+            block = name.rpartition(".")[0]
+            self._routing[block] = indices.detach().to("cpu")
+            self._experts[block] = expert_count(output, getattr(self.model, "config", None))
         return indices
 
     def _pre_hook(self, name: str, kind: str) -> Callable[..., None]:
@@ -233,7 +247,7 @@ class Recorder:
         input: replay does not run single experts. Runs before the call (a pre-hook)."""
         meant = input_by_meaning(module, args, kwargs)
         main = meant if meant is not None else _first_input(args, kwargs)
-        if self.mode != "full" or self._layout(main) == ROUTED:
+        if self.mode != "full" or self._layout(main, name) == ROUTED:
             self._emit(name, call, "input", main)
             return
         spec, tensors = encode_call(args, kwargs, main_slot=meant is None)
@@ -264,7 +278,7 @@ class Recorder:
         source = tensor  # what later modules may return again (aliases are found by identity)
         if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
             tensor = tensor.expand(rows, *tensor.shape[1:])
-        layout, present = self._layout(tensor), None
+        layout, present = self._layout(tensor, name), None
         if layout == ROUTED:
             routed = self._routed(name, call, tensor)
             if routed is None:
@@ -272,6 +286,10 @@ class Recorder:
             call, tensor, present = routed
         elif layout == FLAT:
             tensor = tensor.reshape(self.batch, self.tokens, *tensor.shape[1:])
+        elif layout in (EXPERTS, EXPERT_ROWS):  # expert-major rows → [sequences, tokens, experts, …]
+            experts = self._experts[self._block(name)]
+            tail = tensor.shape[2:] if layout == EXPERTS else tensor.shape[1:]
+            tensor = tensor.reshape(experts, self.batch, self.tokens, *tail).movedim(0, 2)
         key = f"{name}/{call}/{slot}"
         seen = self._seen.get(id(source))
         version = _version(source)
@@ -305,7 +323,7 @@ class Recorder:
         """(call index to store under, rows scattered to their tokens [batch, tokens, …], bool presence
         [batch, tokens]) of a call with a variable number of rows inside an MoE block; None, with the
         reason kept in :attr:`unrecorded`, when its tokens cannot be told."""
-        block = max((b for b in self._routing if name.startswith(b + ".")), key=len, default=None)
+        block = self._block(name)
         if block is None or self.mode == "stats":
             self.unrecorded[name] = ("a variable number of rows outside any routed MoE block" if block is None
                                      else "routed rows are not reduced to statistics")

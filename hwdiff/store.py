@@ -100,6 +100,8 @@ LOGPROB_FIELDS = ("next_token", "entropy", "topk_ids", "topk_logprobs")
 SLOTS = ("output", "input", "routing")  # routing: a router's chosen experts per token (int64 [sequences, tokens, k])
 ROUTED = "routed"  # slot attribute ``rows``: rows of the tokens routed to one expert, scattered to their token
 FLAT = "tokens"  # slot attribute ``rows``: the module saw [sequences·tokens, …] rows, stored [sequences, tokens, …]
+EXPERTS = "experts"  # ``rows``: [experts, sequences·tokens, …] (every token at every expert), stored [sequences, tokens, experts, …]
+EXPERT_ROWS = "expert-rows"  # ``rows``: [experts·sequences·tokens, …], stored [sequences, tokens, experts, …]
 CHUNK_BYTES = 4 << 20
 STATS_FIELDS = stats.FIELDS
 
@@ -745,7 +747,8 @@ class Capture:
         return block if stored else decode(block, opened[1])
 
     def layout(self, name: str, call: int = 0, slot: str = "output") -> str:
-        """How the module's rows were stored: "" (sequences first, as called), :data:`FLAT` or :data:`ROUTED`."""
+        """How the module's rows were stored: "" (sequences first, as called), :data:`FLAT`, :data:`ROUTED`,
+        :data:`EXPERTS` or :data:`EXPERT_ROWS`."""
         return str(_plain(self._dataset(name, call, slot).attrs.get("rows", "")))
 
     def present(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray | None:

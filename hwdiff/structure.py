@@ -117,20 +117,39 @@ def norm_offset(module: Any) -> float:
 
 
 def _probe_offset(module: Any) -> float:
+    """Call the norm once with its weight — and its bias, if it has one (vLLM-Ascend's ``AscendRMSNorm``
+    of a quantised checkpoint adds one) — zeroed: a ``w`` norm then outputs zeros, a ``(1 + w)`` norm
+    does not. A gated norm (``norm(x, gate)``) gets a gate whose activation is non-zero."""
     import torch
 
     weight = module.weight
-    saved = weight.detach().clone()
+    zeroed = [t for t in (weight, getattr(module, "bias", None)) if isinstance(t, torch.Tensor)]
+    saved = [t.detach().clone() for t in zeroed]
     probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    extra = [torch.full_like(probe, 2.0) for _ in range(_required_tensor_arguments(module) - 1)]
     try:
         with torch.no_grad():
-            weight.zero_()
-            output = module.forward(probe)  # not __call__: no hooks (the probe may run inside one)
+            for tensor in zeroed:
+                tensor.zero_()
+            output = module.forward(probe, *extra)  # not __call__: no hooks (the probe may run inside one)
     finally:
         with torch.no_grad():
-            weight.copy_(saved)
+            for tensor, value in zip(zeroed, saved):
+                tensor.copy_(value)
     output = output[0] if isinstance(output, tuple) else output
     return 1.0 if bool(output.detach().float().abs().max() > 0) else 0.0
+
+
+def _required_tensor_arguments(module: Any) -> int:
+    """How many positional arguments without a default the module's forward takes (at least 1)."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return 1
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return max(1, len(required))
 
 
 def norm_weight_effective(module: Any) -> Any:
@@ -364,14 +383,41 @@ def token_axis(shape: Sequence[int], batch: int, tokens: int) -> int | None:
     return axes[0] if axes else None
 
 
-def row_layout(shape: Sequence[int], batch: int, tokens: int) -> str:
-    """How a module's output rows relate to the forward's ``batch`` × ``tokens`` inputs: ``""``
-    (batch rows first, or no rows at all), ``"tokens"`` (flattened ``[batch·tokens, …]`` rows:
-    shared experts, routers, fused experts) or ``"routed"`` (any other number of rows, 0 included:
-    the tokens routed to one expert)."""
-    if not shape or not batch or shape[0] == batch:
+def row_layout(shape: Sequence[int], batch: int, tokens: int, experts: int | None = None) -> str:
+    """How a module's output rows relate to the forward's ``batch`` × ``tokens`` inputs, decided by
+    the measured counts (never by the first axis alone): ``"experts"`` (``[experts, batch·tokens, …]``:
+    every token at every expert, Llama 4's experts and their ``act_fn``) or ``"expert-rows"``
+    (``[experts·batch·tokens, …]``) inside an MoE block of ``experts`` experts; ``""`` (batch rows
+    first, or no rows at all); ``"tokens"`` (flattened ``[batch·tokens, …]`` rows: shared experts,
+    routers, fused experts) or ``"routed"`` (any other number of rows, 0 included: the tokens routed
+    to one expert)."""
+    if not shape or not batch:
         return ""
-    return "tokens" if shape[0] == batch * tokens else "routed"
+    rows = batch * tokens
+    if experts and experts > 1 and len(shape) >= 2 and tuple(shape[:2]) == (experts, rows):
+        return "experts"  # [experts, batch·tokens] is never [batch, tokens] (that needs batch = experts = 1)
+    if experts and experts > 1 and shape[0] == experts * rows:
+        return "expert-rows"
+    if shape[0] == batch:
+        return ""
+    return "tokens" if shape[0] == rows else "routed"
+
+
+def expert_count(output: Any, config: Any = None) -> int | None:
+    """How many experts a router chooses from: the width of the float ``[tokens, experts]`` scores or
+    logits it returns, else the config's ``num_local_experts`` / ``num_experts``; None when neither tells."""
+    import torch
+
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    scores = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2), None)
+    if scores is not None:
+        return int(scores.shape[-1])
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def experts_per_token(config: Any) -> int | None:
