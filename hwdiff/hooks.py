@@ -25,7 +25,7 @@ from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Alias, Record, Register, 
 from .structure import (KINDS, SemanticsError, expert_count, expert_from_name, expert_index, experts_per_token,
                         flat_sequences,
                         input_by_meaning, is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens,
-                        routing_indices, row_layout, updates_in_place)
+                        routing_indices, row_layout, writes_into_arguments)
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
@@ -232,11 +232,8 @@ class Recorder:
             except SemanticsError as exc:
                 self.unrecorded[name] = str(exc)
                 return
-            in_place = updates_in_place(module)
-            if in_place:  # its arguments hold new values now: no later slot may link to what was stored for them
-                for value in (*args, *kwargs.values()):
-                    self._seen.pop(id(value), None)
-            self._emit(name, call, "output", meant, fresh=in_place)
+            # measured: an output living in an argument's memory holds new values in an old tensor
+            self._emit(name, call, "output", meant, fresh=writes_into_arguments(output, args, kwargs))
             if kind == "router":
                 self._emit(name, call, "routing", self._note_routing(name, output))
         return hook
@@ -269,9 +266,12 @@ class Recorder:
 
     def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None,
               fresh: bool = False) -> None:
-        """Send one slot to the sink; a tensor already sent in this forward becomes a link to it,
-        unless its values changed in place since (its version counter moved, or ``fresh``: the module
-        overwrites its arguments and the counter is not kept, as under inference mode).
+        """Send one slot to the sink; a tensor already sent in this forward becomes a link to it only
+        when torch's version counter proves its values unchanged since. Where torch keeps no counter
+        (inference tensors: vLLM's engine runs under ``torch.inference_mode``) nothing proves it — a
+        parent may have changed its child's output in place before returning it (Llama 4's MoE:
+        ``out.add_(…)``) — and the tensor is stored again. ``fresh``: the module wrote into its
+        arguments (measured by the caller): stored as itself.
         ``rows``: expand a broadcast first axis of 1 to the batch (recorded call arguments)."""
         if tensor is None:
             return
@@ -293,7 +293,7 @@ class Recorder:
         key = f"{name}/{call}/{slot}"
         seen = self._seen.get(id(source))
         version = _version(source)
-        if seen is not None and seen[0]() is source and not fresh and version == seen[2]:
+        if seen is not None and seen[0]() is source and not fresh and version is not None and version == seen[2]:
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
         self._seen[id(source)] = (weakref.ref(source), key, version)

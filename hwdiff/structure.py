@@ -24,8 +24,8 @@ module instead of keeping its own copy of a rule.
 - **Call semantics** of modules whose tuple outputs or in-place updates are not "the first tensor":
   fused add+norms called ``norm(x, residual)`` (vLLM's ``RMSNorm`` / ``GemmaRMSNorm``, vLLM-Ascend's
   ``AscendRMSNorm``: :data:`FUSED_NORMS`, :func:`register_fused_norm`) and decoder layers that return
-  ``(sub-block output, residual)`` (vLLM's): :func:`output_by_meaning`, :func:`input_by_meaning`,
-  :func:`updates_in_place`.
+  ``(sub-block output, residual)`` (vLLM's): :func:`output_by_meaning`, :func:`input_by_meaning`; and
+  whether a call overwrote its arguments, measured per call (:func:`writes_into_arguments`).
 
 Importing this module does not import torch (calibration reads diff files without it).
 """
@@ -513,33 +513,31 @@ class SemanticsError(HwdiffError):
 @dataclass(frozen=True)
 class FusedNorm:
     """How a fused add+norm class answers ``norm(x, residual)``: the tuple element holding the normed
-    output (``normed``), the one holding the new residual stream ``x + residual`` (``residual``), and
-    whether it may update ``x`` / ``residual`` in place (then its outputs are the argument tensors,
-    overwritten: never a link to a tensor recorded before the call)."""
+    output (``normed``) and the one holding the new residual stream ``x + residual`` (``residual``).
+    Whether a call overwrites its arguments is not a property of the class (vLLM picks the kernel per
+    platform at run time): it is measured on every call (:func:`writes_into_arguments`)."""
 
     normed: int = 0
     residual: int = 1
-    in_place: bool = False
 
 
-# Read from the sources (docs/vllm.md): vLLM's RMSNorm.forward_cuda calls ops.fused_add_rms_norm, which
-# overwrites x with the normed output and residual with x + residual and returns (x, residual);
-# GemmaRMSNorm.forward_static returns new (x, residual); vLLM-Ascend's AscendRMSNorm /
-# AscendGemmaRMSNorm call torch_npu.npu_add_rms_norm, which returns new (y, rstd, x + residual), and
-# return (y, x + residual).
+# The tuple order, read from the sources (docs/vllm.md): vLLM's RMSNorm / GemmaRMSNorm and vLLM-Ascend's
+# AscendRMSNorm / AscendGemmaRMSNorm return (normed, x + residual) — new tensors or, on some platforms
+# (vLLM's fused_add_rms_norm on CUDA, Intel XPU), x and residual overwritten in place. A class not listed
+# here is resolved by meaning (:func:`_normed_element`).
 FUSED_NORMS: dict[str, FusedNorm] = {
-    "RMSNorm": FusedNorm(0, 1, in_place=True),
+    "RMSNorm": FusedNorm(0, 1),
     "GemmaRMSNorm": FusedNorm(0, 1),
     "AscendRMSNorm": FusedNorm(0, 1),
     "AscendGemmaRMSNorm": FusedNorm(0, 1),
 }
 
 
-def register_fused_norm(class_name: str, *, normed: int = 0, residual: int = 1, in_place: bool = True) -> None:
-    """Declare the tuple order (and in-place behaviour) of another fused add+norm class, by class name."""
+def register_fused_norm(class_name: str, *, normed: int = 0, residual: int = 1) -> None:
+    """Declare the tuple order of another fused add+norm class, by class name."""
     if {normed, residual} != {0, 1}:
         raise HwdiffError(f"a fused norm returns (normed, residual) in some order: got elements {normed}, {residual}")
-    FUSED_NORMS[class_name] = FusedNorm(normed, residual, in_place)
+    FUSED_NORMS[class_name] = FusedNorm(normed, residual)
     _DETECTED.pop(class_name, None)
 
 
@@ -610,13 +608,32 @@ def input_by_meaning(module: Any, args: tuple, kwargs: dict) -> Any:
     return residual + x  # as HF adds the stream: residual + sub-block output (exact in the tensors' dtype)
 
 
-def updates_in_place(module: Any) -> bool:
-    """Whether a call may overwrite its tensor arguments (a fused norm of an in-place class): its
-    outputs are then new values in old tensors."""
-    if not is_fused_norm(module):
-        return False
-    rule = FUSED_NORMS.get(type(module).__name__)
-    return rule.in_place if rule is not None else True  # unknown: assume it may
+def _tensors(value: Any) -> list:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [item for item in items if isinstance(item, torch.Tensor)]
+
+
+def writes_into_arguments(output: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call returned a tensor that lives in the memory of one of its tensor arguments —
+    measured on the call, whatever the class: vLLM's ``fused_add_rms_norm`` (CUDA, XPU) returns ``x`` and
+    ``residual`` overwritten, an in-place rotary embedding returns its query and key, vLLM-Ascend adds a
+    norm's bias with ``x.add_``. Such an output holds new values in an old tensor: it must be recorded
+    as itself, never as a link to what was recorded for that tensor before."""
+    inputs = {_storage(t) for t in (*_tensors(args), *_tensors(kwargs))} - {None}
+    return bool(inputs) and any(_storage(t) in inputs for t in _tensors(output))
+
+
+def _storage(tensor: Any) -> int | None:
+    """Where a tensor's memory starts (its storage's address); None for an empty or storage-less tensor."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return None
+    return storage.data_ptr() if storage.nbytes() else None
 
 
 def output_by_meaning(module: Any, output: Any) -> Any:
@@ -659,7 +676,7 @@ def _normed_element(module: Any, tensors: list) -> FusedNorm:
             f"(unit rms after the weight: {unit}); declare its order with "
             "hwdiff.structure.register_fused_norm(class_name, normed=..., residual=...)")
     normed = unit.index(True)
-    return FusedNorm(normed, 1 - normed, in_place=True)
+    return FusedNorm(normed, 1 - normed)
 
 
 def flat_sequences(positions: Any) -> tuple[int, int]:
