@@ -44,11 +44,13 @@ _LAYER_ITEM = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.\d+$")
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
-# vLLM's (and vLLM-Ascend's, which subclass them) linear layers and fused activations, by class name
-_VLLM_LINEARS = ("qkvparallellinear", "mergedcolumnparallellinear", "rowparallellinear", "columnparallellinear",
-                 "replicatedlinear", "ascendqkvparallellinear", "ascendmergedcolumnparallellinear",
-                 "ascendrowparallellinear", "ascendcolumnparallellinear", "ascendreplicatedlinear")
-_VLLM_ACTIVATIONS = ("siluandmul", "geluandmul", "mulandsilu", "ascendsiluandmul")
+# vLLM's linear layers and fused activations, by lineage: a class counts when any class it inherits from
+# has one of these names, so vLLM-Ascend's subclasses (AscendSiluAndMul, AscendSiluAndMul310, Ascend*Linear)
+# and platform variants are known without being listed.
+_VLLM_LINEARS = frozenset(("linearbase", "qkvparallellinear", "mergedcolumnparallellinear", "rowparallellinear",
+                           "columnparallellinear", "replicatedlinear"))
+_VLLM_ACTIVATIONS = frozenset(("siluandmul", "geluandmul", "mulandsilu", "siluandmulwithclamp", "swigluoaiandmul",
+                               "fatreluandmul", "quickgelu", "newgelu", "fastgelu"))
 
 # model_type → norms per decoder layer (plus one final norm): DESIGN.md, "The AQN injector".
 NORMS_PER_LAYER = {
@@ -329,27 +331,32 @@ def check_norm_layout(names: Sequence[str], model_or_config: Any = None, *, what
 # Module kinds
 # ------------------------------------------------------------------------------------------------
 def module_kind(name: str, module: Any) -> str:
-    """Classify a module by type, class name and qualified name (never by isinstance against
-    transformers classes): one of :data:`KINDS`."""
+    """Classify a module by what it is (never by isinstance against transformers' or vLLM's classes):
+    one of :data:`KINDS`. Embeddings by meaning (a 2-D ``weight`` with ``num_embeddings`` /
+    ``embedding_dim``: torch's, vLLM's ``VocabParallelEmbedding`` and every subclass such as
+    vLLM-Ascend's), vLLM's linears and fused activations by lineage (:data:`_VLLM_LINEARS`,
+    :data:`_VLLM_ACTIVATIONS`), RMSNorms with or without a bias by :func:`is_norm`; the rest by type,
+    class name and qualified name."""
     import torch
 
     cls = type(module).__name__.lower()
     leaf = name.rsplit(".", 1)[-1]
-    if isinstance(module, torch.nn.Embedding) or cls == "vocabparallelembedding":  # vLLM's embedding
+    lineage = _lineage(module)
+    if leaf == "lm_head":  # vLLM's ParallelLMHead is a VocabParallelEmbedding that is never called
+        return "head"
+    if _is_embedding(module):
         return "embedding"
     if is_norm(module):
         return "rmsnorm"
     if is_layernorm(module):
         return "layernorm"
-    if leaf == "lm_head":
-        return "head"
     if "router" in cls or (leaf == "gate" and _is_moe_parent(name)):
         return "router"
     if isinstance(module, torch.nn.Linear) or (cls == "conv1d" and hasattr(module, "nf")):  # GPT-2's Conv1D
         return "linear"
-    if cls in _VLLM_LINEARS:  # they return (output, bias): the output is recorded
+    if lineage & _VLLM_LINEARS:  # they return (output, bias): the output is recorded
         return "linear"
-    if cls in _VLLM_ACTIVATIONS:
+    if lineage & _VLLM_ACTIVATIONS:
         return "activation"
     if cls.endswith("attention"):
         return "attention"
@@ -362,6 +369,25 @@ def module_kind(name: str, module: Any) -> str:
     if type(module).__module__ in _ACTIVATION_MODULES or cls.endswith("activation"):
         return "activation"
     return "other"
+
+
+def _lineage(module: Any) -> frozenset[str]:
+    """The lowercased names of the module's class and every class it inherits from."""
+    return frozenset(klass.__name__.lower() for klass in type(module).__mro__)
+
+
+def _is_embedding(module: Any) -> bool:
+    """A lookup table of token vectors: torch's ``nn.Embedding``, or any module with a 2-D ``weight`` and
+    integer ``num_embeddings`` / ``embedding_dim`` (vLLM's ``VocabParallelEmbedding``, vLLM-Ascend's
+    ``AscendVocabParallelEmbedding``, whose weight holds this rank's rows)."""
+    import torch
+
+    if isinstance(module, torch.nn.Embedding):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and isinstance(getattr(module, "num_embeddings", None), int)
+            and isinstance(getattr(module, "embedding_dim", None), int) and weight.shape[-1] == module.embedding_dim)
 
 
 def _is_moe_parent(name: str) -> bool:
