@@ -12,10 +12,13 @@ known perturbation, so that diff, replay and calibrate can be checked against an
 - ``approx-silu`` — SiLU as x·sigmoid(x) with the sigmoid evaluated in bfloat16 (a lower-precision
   activation kernel).
 - ``rmsnorm-order[:chunk=32]`` — RMSNorm with the mean of squares summed chunk by chunk in reverse
-  order (another reduction order), in float32.
+  order (another reduction order), in float32. Gated norms (``norm(x, gate)``) are computed with their
+  gate, in the form the module is measured to compute (:func:`_norm_form`).
 
 Profiles act through forward hooks that replace a module's output, or (aqn) through the weights;
 they are registered before hwdiff's recording hooks, so what is recorded is the perturbed output.
+A Linear whose forward returns more than a tensor (Llama 4's router) is run again with its linear
+product replaced where it is computed (:class:`_LinearProduct`).
 Each capture records the profiles in its ``emulate`` attribute.
 """
 from __future__ import annotations
