@@ -219,9 +219,7 @@ def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np
 
     bar = tqdm(total=inputs.shape[0], unit="seq", desc=f"capture on {device}", disable=not opts.progress,
                leave=False)
-    # no_grad, not inference_mode: tensors keep their version counters, by which the recorder proves a
-    # module's output unchanged before storing it as a link to its child's output (hooks.Recorder._emit)
-    with bar, torch.no_grad():
+    with bar, torch.inference_mode():
         for row0, ids, mask in inputs.batches(opts.batch_size):
             rec.row0, rec.tokens = row0, ids.shape[1]
             if positions is not None:

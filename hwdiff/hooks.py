@@ -125,7 +125,7 @@ class Recorder:
         self.registered: dict[str, int] = {}
         self._calls: dict[str, int] = defaultdict(int)
         self._open: dict[str, list[int]] = defaultdict(list)  # call indices given by pre-hooks, not yet finished
-        self._seen: dict[int, tuple[weakref.ref, str, int | None]] = {}
+        self._seen: dict[int, tuple[weakref.ref, str, int | None, Any]] = {}  # id → (ref, key, version, fingerprint)
         self._specs: set[tuple[str, int]] = set()
         self._weights = {name: module.weight.detach().to("cpu", copy=True)
                          for name, module, kind in selection if is_norm(module)}
@@ -267,11 +267,10 @@ class Recorder:
     def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None,
               fresh: bool = False) -> None:
         """Send one slot to the sink; a tensor already sent in this forward becomes a link to it only
-        when torch's version counter proves its values unchanged since. Where torch keeps no counter
-        (inference tensors: vLLM's engine runs under ``torch.inference_mode``) nothing proves it — a
-        parent may have changed its child's output in place before returning it (Llama 4's MoE:
-        ``out.add_(…)``) — and the tensor is stored again. ``fresh``: the module wrote into its
-        arguments (measured by the caller): stored as itself.
+        when its values are measured unchanged since (:func:`_unchanged`: its version counter, or —
+        for inference tensors, which have none — the sum of its values): a parent may change its
+        child's output in place before returning it (Llama 4's MoE: ``out.add_(…)``). ``fresh``: the
+        module wrote into its arguments (measured by the caller): stored as itself.
         ``rows``: expand a broadcast first axis of 1 to the batch (recorded call arguments)."""
         if tensor is None:
             return
@@ -293,10 +292,10 @@ class Recorder:
         key = f"{name}/{call}/{slot}"
         seen = self._seen.get(id(source))
         version = _version(source)
-        if seen is not None and seen[0]() is source and not fresh and version is not None and version == seen[2]:
+        if seen is not None and seen[0]() is source and not fresh and _unchanged(source, version, seen):
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
-        self._seen[id(source)] = (weakref.ref(source), key, version)
+        self._seen[id(source)] = (weakref.ref(source), key, version, _fingerprint(source) if version is None else None)
         on_cpu = tensor.device.type == "cpu"
         if self.mode == "stats" and _batched_stats(tensor):  # reduced where it is, sent once per forward
             self._pending.append((name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor)))
@@ -399,6 +398,26 @@ def _version(tensor: torch.Tensor) -> int | None:
         return tensor._version
     except RuntimeError:
         return None
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor's values, on its device (float64 where the device has it; float32 on
+    others, such as Ascend), kept to tell later whether an inference tensor — which has no version
+    counter — was changed in place."""
+    tensor = torch.view_as_real(tensor.detach()) if tensor.is_complex() else tensor.detach()
+    if not tensor.is_floating_point():
+        return tensor.sum(dtype=torch.int64)
+    return tensor.sum(dtype=torch.float64 if tensor.device.type in ("cpu", "cuda") else torch.float32)
+
+
+def _unchanged(tensor: torch.Tensor, version: int | None, seen: tuple) -> bool:
+    """Whether a tensor recorded before in this forward still holds the values recorded then: its
+    version counter did not move, or (an inference tensor, capture and vLLM's engine run under
+    ``torch.inference_mode``) its values sum to the same number — an in-place change (Llama 4's MoE:
+    ``out.add_(routed)`` on the shared expert's output before returning it) moves the sum."""
+    if version is not None or seen[2] is not None:
+        return version == seen[2]
+    return seen[3] is not None and bool(torch.equal(_fingerprint(tensor), seen[3]))
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -657,9 +657,9 @@ def _storage(tensor: Any) -> int | None:
     """Where a tensor's memory starts (its storage's address); None for an empty or storage-less tensor."""
     try:
         storage = tensor.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return storage.data_ptr() if storage.nbytes() else None
+    except (RuntimeError, NotImplementedError):  # a wrapper tensor subclass without a storage of its own
         return None
-    return storage.data_ptr() if storage.nbytes() else None
 
 
 def output_by_meaning(module: Any, output: Any) -> Any:

@@ -185,3 +185,48 @@ def test_expert_major_rows_are_stored_by_token_whatever_the_batch_size(batch_siz
     # act_fn ran on a strided chunk at capture and on a contiguous copy in replay: SiLU's two CPU kernels
     # differ by an ulp, a wrong row order would differ by O(1)
     assert by_name[f"{prefix}.act_fn"].metrics.rel_l2 < 1e-6
+
+
+class _AddingMLP(torch.nn.Module):
+    """Llama 4's MoE pattern: ``out = child(x); out.add_(…); return out`` — the parent returns its
+    child's very tensor, changed in place after the child's hook saw it."""
+
+    def __init__(self):
+        super().__init__()
+        self.down_proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        out = self.down_proj(x)
+        out.add_(1.0)
+        return out
+
+
+class _InPlaceToy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.mlp = _AddingMLP()
+        self.lm_head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.lm_head(self.mlp(self.embed(input_ids)))
+
+
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+def test_a_parent_that_changes_its_childs_output_in_place_is_not_stored_as_a_link(grad_mode, tmp_path):
+    torch.manual_seed(0)
+    model = _InPlaceToy().eval()
+    ids = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        child = model.mlp.down_proj(model.embed(ids)).numpy()  # independent: plain calls
+    if grad_mode == "inference_mode":  # hwdiff.capture runs the forward under inference mode
+        path = hwdiff.capture(model, tmp_path / "c.h5", inputs=ids.numpy(), progress=False).path
+        with hwdiff.open_capture(path) as cap:
+            stored = {name: cap.activation(name) for name in ("mlp.down_proj", "mlp")}
+            assert cap.modules["mlp"].alias_of is None
+    else:
+        with hwdiff.record(model, kinds=["linear", "mlp"]) as rec, torch.no_grad():
+            model(ids)
+        stored = {name: rec.activations[(name, 0, "output")][0].numpy() for name in ("mlp.down_proj", "mlp")}
+    np.testing.assert_array_equal(stored["mlp.down_proj"], child)
+    np.testing.assert_allclose(stored["mlp"], child + 1.0, rtol=0, atol=1e-6)
