@@ -15,13 +15,14 @@ import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
-from .errors import SelectionError
+from .errors import HwdiffError, SelectionError
 from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
-from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Alias, Record, Register, Signature
+from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Alias, Record, Register, Signature, encode
 from .structure import (KINDS, SemanticsError, expert_count, expert_from_name, expert_index, experts_per_token,
                         flat_sequences,
                         input_by_meaning, is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens,
@@ -93,6 +94,12 @@ class MemorySink:
         self.activations: dict[tuple[str, int, str], list[torch.Tensor]] = defaultdict(list)
         self.kinds: dict[str, str] = {}
 
+    def stored_rows(self, key: str, row0: int, rows: int) -> np.ndarray | None:
+        """The rows kept for slot ``key`` (``name/call/slot``) in this forward, encoded as stored."""
+        name, call, slot = key.rsplit("/", 2)
+        kept = self.activations.get((name, int(call), slot))
+        return encode(kept[-1]) if kept else None
+
     def put(self, item: Record | Register | Alias | Signature) -> None:
         if isinstance(item, Signature):
             return
@@ -126,6 +133,7 @@ class Recorder:
         self._calls: dict[str, int] = defaultdict(int)
         self._open: dict[str, list[int]] = defaultdict(list)  # call indices given by pre-hooks, not yet finished
         self._seen: dict[int, tuple[weakref.ref, str, int | None, Any]] = {}  # id → (ref, key, version, fingerprint)
+        self._links: dict[str, bool] = {}  # slot key → stored as a link (decided at its first forward, kept)
         self._specs: set[tuple[str, int]] = set()
         self._weights = {name: module.weight.detach().to("cpu", copy=True)
                          for name, module, kind in selection if is_norm(module)}
@@ -292,10 +300,12 @@ class Recorder:
         key = f"{name}/{call}/{slot}"
         seen = self._seen.get(id(source))
         version = _version(source)
-        if seen is not None and seen[0]() is source and not fresh and _unchanged(source, version, seen):
+        same = seen is not None and seen[0]() is source and not fresh and layout != ROUTED
+        if self._link(key, same and self._unchanged(source, tensor, version, seen)):
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
-        self._seen[id(source)] = (weakref.ref(source), key, version, _fingerprint(source) if version is None else None)
+        fingerprint = _fingerprint(source) if version is None and not self._reads_back(source) else None
+        self._seen[id(source)] = (weakref.ref(source), key, version, fingerprint)
         on_cpu = tensor.device.type == "cpu"
         if self.mode == "stats" and _batched_stats(tensor):  # reduced where it is, sent once per forward
             self._pending.append((name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor)))
@@ -306,6 +316,40 @@ class Recorder:
             record = slot_record(name, call, slot, self.row0, self._sampled(tensor), copy=not self.views)
             record.layout, record.present = layout, None if present is None else self._sampled(present)
             self.sink.put(record)
+
+    def _unchanged(self, source: torch.Tensor, tensor: torch.Tensor, version: int | None, seen: tuple) -> bool:
+        """Whether ``source``, recorded before in this forward under ``seen[1]``, still holds the values
+        recorded then — measured: its version counter did not move; or, for an inference tensor (capture
+        and vLLM's engine run under ``torch.inference_mode``, where torch keeps no counter), the sum of its
+        values on its device is the same (accelerators), or (CPU) the rows the sink stored for it equal
+        its values now. A parent may change its child's output in place before returning it (Llama 4's
+        MoE: ``out.add_(routed)``); without a measurement the tensor is stored again."""
+        if version is not None or seen[2] is not None:
+            return version == seen[2]
+        if seen[3] is not None:
+            return bool(torch.equal(_fingerprint(source), seen[3]))
+        if not self._reads_back(source):
+            return False
+        now = self._sampled(tensor)
+        before = self.sink.stored_rows(seen[1], self.row0, now.shape[0])
+        return before is not None and np.array_equal(before, encode(now.detach().to("cpu")))
+
+    def _reads_back(self, tensor: torch.Tensor) -> bool:
+        """Whether a link candidate of this CPU tensor can be checked against the rows the sink already
+        stored (a synchronous writer, the in-memory sink); otherwise its values are summed when recorded."""
+        synchronous = getattr(self.sink, "synchronous", isinstance(self.sink, MemorySink))
+        return tensor.device.type == "cpu" and synchronous and hasattr(self.sink, "stored_rows") and self.mode != "stats"
+
+    def _link(self, key: str, unchanged: bool) -> bool:
+        """Whether slot ``key`` is stored as a link in this forward: decided at its first forward and kept
+        for every later batch (a file holds one or the other for all rows). A link whose tensor changed
+        in a later batch is refused: the rows already linked cannot be taken back."""
+        linked = self._links.setdefault(key, unchanged)
+        if linked and not unchanged:
+            raise HwdiffError(f"{key} was stored as a link to an earlier module's output, and in the batch at row "
+                              f"{self.row0} that tensor changed in place first; capture with one batch "
+                              "(--batch-size at least the number of sequences)")
+        return linked
 
     def flush_stats(self) -> None:
         """Send the statistics reduced on the device during this forward: one [slots, 9] buffer
@@ -401,23 +445,14 @@ def _version(tensor: torch.Tensor) -> int | None:
 
 
 def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of a tensor's values, on its device (float64 where the device has it; float32 on
-    others, such as Ascend), kept to tell later whether an inference tensor — which has no version
-    counter — was changed in place."""
+    """The sum of a tensor's values, on its device (float64 on the CPU and CUDA; float32 on others, such
+    as Ascend), kept to tell later whether an inference tensor — which has no version counter — was
+    changed in place. On an accelerator the reduction costs little and is read back only for a candidate
+    link; on the CPU it is taken only where the sink cannot give the stored rows back."""
     tensor = torch.view_as_real(tensor.detach()) if tensor.is_complex() else tensor.detach()
     if not tensor.is_floating_point():
         return tensor.sum(dtype=torch.int64)
     return tensor.sum(dtype=torch.float64 if tensor.device.type in ("cpu", "cuda") else torch.float32)
-
-
-def _unchanged(tensor: torch.Tensor, version: int | None, seen: tuple) -> bool:
-    """Whether a tensor recorded before in this forward still holds the values recorded then: its
-    version counter did not move, or (an inference tensor, capture and vLLM's engine run under
-    ``torch.inference_mode``) its values sum to the same number — an in-place change (Llama 4's MoE:
-    ``out.add_(routed)`` on the shared expert's output before returning it) moves the sum."""
-    if version is not None or seen[2] is not None:
-        return version == seen[2]
-    return seen[3] is not None and bool(torch.equal(_fingerprint(tensor), seen[3]))
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -504,6 +504,16 @@ class CaptureWriter:
             self._calls[name] = max(self._calls.get(name, 0), call + 1)
         return group
 
+    def stored_rows(self, key: str, row0: int, rows: int) -> np.ndarray | None:
+        """Rows ``row0 … row0 + rows`` of slot ``key`` (``name/call/slot``) as written (bfloat16 as its
+        bits), for the recorder to check a candidate link; None unless this writer is synchronous (a
+        threaded writer may not have written them yet) or when the slot holds no data."""
+        name, call, slot = key.rsplit("/", 2)
+        group = self._groups.get((name, int(call)))
+        if not self.synchronous or group is None or slot not in group or self.mode == "stats":
+            return None
+        return group[slot][row0: row0 + rows]
+
     def _alias(self, item: Alias) -> None:
         group = self._call_group(item.name, item.call)
         if item.slot in group:

@@ -70,6 +70,9 @@ class _LazyWriter:
     def put(self, item: Any) -> None:
         self.writer.put(item)
 
+    def stored_rows(self, key: str, row0: int, rows: int) -> np.ndarray | None:
+        return self.writer.stored_rows(key, row0, rows)
+
 
 class VllmRecorder(Recorder):
     """A :class:`~hwdiff.hooks.Recorder` for vLLM's flattened forward ``model(input_ids, positions, …)``."""
