@@ -230,3 +230,25 @@ def test_a_parent_that_changes_its_childs_output_in_place_is_not_stored_as_a_lin
         stored = {name: rec.activations[(name, 0, "output")][0].numpy() for name in ("mlp.down_proj", "mlp")}
     np.testing.assert_array_equal(stored["mlp.down_proj"], child)
     np.testing.assert_allclose(stored["mlp"], child + 1.0, rtol=0, atol=1e-6)
+
+
+class _SometimesAddingMLP(_AddingMLP):
+    def forward(self, x):
+        out = self.down_proj(x)
+        if bool(x[0, 0, 0] > 0):  # changes its child's output in place in some batches only
+            out.add_(1.0)
+        return out
+
+
+def test_a_link_that_a_later_batch_would_break_is_refused(tmp_path):
+    """The file holds a slot either as a link or as data for every row: a link decided in the first
+    batch cannot be kept when a later batch changes the tensor in place — refused, not half-linked."""
+    torch.manual_seed(0)
+    model = _InPlaceToy().eval()
+    model.mlp = _SometimesAddingMLP()
+    with torch.no_grad():
+        model.embed.weight[:, 0] = torch.linspace(-1, 1, 16)  # token t's first channel > 0 iff t >= 8
+    ids = np.array([[1, 2, 3], [4, 5, 6], [12, 13, 14], [9, 10, 11]])  # batch 1: unchanged; batch 2: changed
+    with pytest.raises(hwdiff.HwdiffError, match="mlp/0/output was stored as a link .* changed in place"):
+        hwdiff.capture(model, tmp_path / "c.h5", inputs=ids, batch_size=2, progress=False)
+    assert not (tmp_path / "c.h5").exists()
