@@ -239,10 +239,9 @@ def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np
 
     bar = tqdm(total=inputs.shape[0], unit="seq", desc=f"capture on {device}", disable=not opts.progress,
                leave=False)
-    # no_grad, not inference_mode: inference tensors keep no version counter, and an output updated in
-    # place after a child returned it (Llama 4's MoE adds the routed experts into the shared expert's
-    # output) must not be stored as a link to the child's earlier value
-    with bar, torch.no_grad():
+    # inference_mode as vLLM's engine runs: an output a parent updated in place after a child returned
+    # it (Llama 4's MoE) is told from an alias by measurement in the recorder (hooks.Recorder._unchanged)
+    with bar, torch.inference_mode():
         for row0, ids, mask in inputs.batches(opts.batch_size):
             rec.row0, rec.tokens = row0, ids.shape[1]
             if positions is not None:

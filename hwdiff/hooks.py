@@ -15,16 +15,18 @@ import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
-from .errors import SelectionError
+from .errors import HwdiffError, SelectionError
 from .models import dtype_name
 from .stats import partial_stats
 from .callspec import encode_call, main_input_path
-from .store import FLAT, ROUTED, Alias, Record, Register, Signature
-from .structure import (KINDS, SemanticsError, expert_from_name, expert_index, experts_per_token, flat_sequences,
+from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Alias, Record, Register, Signature, encode
+from .structure import (KINDS, SemanticsError, expert_count, expert_from_name, expert_index, experts_per_token,
+                        flat_sequences,
                         input_by_meaning, is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens,
-                        routing_indices, row_layout, updates_in_place)
+                        routing_indices, row_layout, writes_into_arguments)
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
@@ -100,6 +102,12 @@ class MemorySink:
         self.activations: dict[tuple[str, int, str], list[torch.Tensor]] = defaultdict(list)
         self.kinds: dict[str, str] = {}
 
+    def stored_rows(self, key: str, row0: int, rows: int) -> np.ndarray | None:
+        """The rows kept for slot ``key`` (``name/call/slot``) in this forward, encoded as stored."""
+        name, call, slot = key.rsplit("/", 2)
+        kept = self.activations.get((name, int(call), slot))
+        return encode(kept[-1]) if kept else None
+
     def put(self, item: Record | Register | Alias | Signature) -> None:
         if isinstance(item, Signature):
             return
@@ -132,13 +140,15 @@ class Recorder:
         self.registered: dict[str, int] = {}
         self._calls: dict[str, int] = defaultdict(int)
         self._open: dict[str, list[int]] = defaultdict(list)  # call indices given by pre-hooks, not yet finished
-        self._seen: dict[int, tuple[weakref.ref, str, int | None]] = {}
+        self._seen: dict[int, tuple[weakref.ref, str, int | None, Any]] = {}  # id → (ref, key, version, fingerprint)
+        self._links: dict[str, bool] = {}  # slot key → stored as a link (decided at its first forward, kept)
         self._specs: set[tuple[str, int]] = set()
         self._weights = {name: module.weight.detach().to("cpu", copy=True)
                          for name, module, kind in selection if is_norm(module)}
         self._handles: list[Any] = []
         self._top_k = experts_per_token(getattr(model, "config", None))
         self._routing: dict[str, torch.Tensor] = {}  # MoE block name → experts chosen per flattened token
+        self._experts: dict[str, int | None] = {}  # MoE block name → experts its router chooses from
         self.unrecorded: dict[str, str] = {}  # module → why some of its calls could not be stored
         self._pending: list[tuple[str, int, str, str, torch.Tensor]] = []  # stats reduced on the device
         self._row_wise: dict[str, int | None] = {}  # norm → k of its token-major [batch·tokens·k, …] input
@@ -177,6 +187,7 @@ class Recorder:
         self._open.clear()
         self._seen.clear()
         self._routing.clear()
+        self._experts.clear()
         ids = kwargs.get("input_ids", args[0] if args else None)
         ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
         if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
@@ -187,9 +198,18 @@ class Recorder:
             except SemanticsError:  # not whole prompts of one length: rows are kept as the modules return them
                 self.batch = self.tokens = 0
 
-    def _layout(self, tensor: torch.Tensor | None) -> str:
-        """How ``tensor``'s rows relate to this forward's sequences (:func:`hwdiff.structure.row_layout`)."""
-        return "" if tensor is None else row_layout(tuple(tensor.shape), self.batch, self.tokens)
+    def _layout(self, tensor: torch.Tensor | None, name: str) -> str:
+        """How ``tensor``'s rows relate to this forward's sequences (:func:`hwdiff.structure.row_layout`),
+        with the expert count of the routed MoE block ``name`` sits in, if any."""
+        if tensor is None:
+            return ""
+        block = self._block(name)
+        experts = self._experts.get(block) if block is not None else None
+        return row_layout(tuple(tensor.shape), self.batch, self.tokens, experts)
+
+    def _block(self, name: str) -> str | None:
+        """The innermost routed MoE block (its router ran in this forward) that module ``name`` is in."""
+        return max((b for b in self._routing if name.startswith(b + ".")), key=len, default=None)
 
     def _routing_hook(self, name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -199,7 +219,9 @@ class Recorder:
     def _note_routing(self, name: str, output: Any) -> torch.Tensor | None:
         indices = routing_indices(output, self._top_k)
         if indices is not None:
-            self._routing[name.rpartition(".")[0]] = indices.detach().to("cpu")
+            block = name.rpartition(".")[0]
+            self._routing[block] = indices.detach().to("cpu")
+            self._experts[block] = expert_count(output, getattr(self.model, "config", None))
         return indices
 
     def _pre_hook(self, name: str, kind: str) -> Callable[..., None]:
@@ -230,11 +252,8 @@ class Recorder:
                 return
             if is_norm(module) and args:  # a norm is row-wise: its output rows are ordered as its input's
                 self._row_wise[name] = _token_major(args[0], self.batch, self.tokens)
-            in_place = updates_in_place(module)
-            if in_place:  # its arguments hold new values now: no later slot may link to what was stored for them
-                for value in (*args, *kwargs.values()):
-                    self._seen.pop(id(value), None)
-            self._emit(name, call, "output", meant, fresh=in_place)
+            # measured: an output living in an argument's memory holds new values in an old tensor
+            self._emit(name, call, "output", meant, fresh=writes_into_arguments(output, args, kwargs))
             if kind == "router":
                 self._emit(name, call, "routing", self._note_routing(name, output))
         return hook
@@ -245,7 +264,7 @@ class Recorder:
         input: replay does not run single experts. Runs before the call (a pre-hook)."""
         meant = input_by_meaning(module, args, kwargs)
         main = meant if meant is not None else _first_input(args, kwargs)
-        routed = self._layout(main) == ROUTED and not (main is not None and self._rows_per_token(name, main))
+        routed = self._layout(main, name) == ROUTED and not (main is not None and self._rows_per_token(name, main))
         if self.mode != "full" or routed:
             self._emit(name, call, "input", main)
             return
@@ -268,16 +287,18 @@ class Recorder:
 
     def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None,
               fresh: bool = False) -> None:
-        """Send one slot to the sink; a tensor already sent in this forward becomes a link to it,
-        unless its values changed in place since (its version counter moved, or ``fresh``: the module
-        overwrites its arguments and the counter is not kept, as under inference mode).
+        """Send one slot to the sink; a tensor already sent in this forward becomes a link to it only
+        when its values are measured unchanged since (:func:`_unchanged`: its version counter, or —
+        for inference tensors, which have none — the sum of its values): a parent may change its
+        child's output in place before returning it (Llama 4's MoE: ``out.add_(…)``). ``fresh``: the
+        module wrote into its arguments (measured by the caller): stored as itself.
         ``rows``: expand a broadcast first axis of 1 to the batch (recorded call arguments)."""
         if tensor is None:
             return
         source = tensor  # what later modules may return again (aliases are found by identity)
         if rows is not None and tensor.dim() and tensor.shape[0] == 1 and rows > 1:
             tensor = tensor.expand(rows, *tensor.shape[1:])
-        layout, present = self._layout(tensor), None
+        layout, present = self._layout(tensor, name), None
         per_token = self._rows_per_token(name, source) if layout == ROUTED else None
         if per_token:  # [batch·tokens·k, …] rows of a token-major view: stored as [batch, tokens, k, …]
             layout, tensor = FLAT, tensor.reshape(self.batch, self.tokens, per_token, *tensor.shape[1:])
@@ -288,13 +309,19 @@ class Recorder:
             call, tensor, present = routed
         elif layout == FLAT:
             tensor = tensor.reshape(self.batch, self.tokens, *tensor.shape[1:])
+        elif layout in (EXPERTS, EXPERT_ROWS):  # expert-major rows → [sequences, tokens, experts, …]
+            experts = self._experts[self._block(name)]
+            tail = tensor.shape[2:] if layout == EXPERTS else tensor.shape[1:]
+            tensor = tensor.reshape(experts, self.batch, self.tokens, *tail).movedim(0, 2)
         key = f"{name}/{call}/{slot}"
         seen = self._seen.get(id(source))
         version = _version(source)
-        if seen is not None and seen[0]() is source and not fresh and version == seen[2]:
+        same = seen is not None and seen[0]() is source and not fresh and layout != ROUTED
+        if self._link(key, same and self._unchanged(source, tensor, version, seen)):
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
-        self._seen[id(source)] = (weakref.ref(source), key, version)
+        fingerprint = _fingerprint(source) if version is None and not self._reads_back(source) else None
+        self._seen[id(source)] = (weakref.ref(source), key, version, fingerprint)
         on_cpu = tensor.device.type == "cpu"
         if self.mode == "stats" and _batched_stats(tensor):  # reduced where it is, sent once per forward
             self._pending.append((name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor)))
@@ -305,6 +332,40 @@ class Recorder:
             record = slot_record(name, call, slot, self.row0, self._sampled(tensor), copy=not self.views)
             record.layout, record.present = layout, None if present is None else self._sampled(present)
             self.sink.put(record)
+
+    def _unchanged(self, source: torch.Tensor, tensor: torch.Tensor, version: int | None, seen: tuple) -> bool:
+        """Whether ``source``, recorded before in this forward under ``seen[1]``, still holds the values
+        recorded then — measured: its version counter did not move; or, for an inference tensor (capture
+        and vLLM's engine run under ``torch.inference_mode``, where torch keeps no counter), the sum of its
+        values on its device is the same (accelerators), or (CPU) the rows the sink stored for it equal
+        its values now. A parent may change its child's output in place before returning it (Llama 4's
+        MoE: ``out.add_(routed)``); without a measurement the tensor is stored again."""
+        if version is not None or seen[2] is not None:
+            return version == seen[2]
+        if seen[3] is not None:
+            return bool(torch.equal(_fingerprint(source), seen[3]))
+        if not self._reads_back(source):
+            return False
+        now = self._sampled(tensor)
+        before = self.sink.stored_rows(seen[1], self.row0, now.shape[0])
+        return before is not None and np.array_equal(before, encode(now.detach().to("cpu")))
+
+    def _reads_back(self, tensor: torch.Tensor) -> bool:
+        """Whether a link candidate of this CPU tensor can be checked against the rows the sink already
+        stored (a synchronous writer, the in-memory sink); otherwise its values are summed when recorded."""
+        synchronous = getattr(self.sink, "synchronous", isinstance(self.sink, MemorySink))
+        return tensor.device.type == "cpu" and synchronous and hasattr(self.sink, "stored_rows") and self.mode != "stats"
+
+    def _link(self, key: str, unchanged: bool) -> bool:
+        """Whether slot ``key`` is stored as a link in this forward: decided at its first forward and kept
+        for every later batch (a file holds one or the other for all rows). A link whose tensor changed
+        in a later batch is refused: the rows already linked cannot be taken back."""
+        linked = self._links.setdefault(key, unchanged)
+        if linked and not unchanged:
+            raise HwdiffError(f"{key} was stored as a link to an earlier module's output, and in the batch at row "
+                              f"{self.row0} that tensor changed in place first; capture with one batch "
+                              "(--batch-size at least the number of sequences)")
+        return linked
 
     def flush_stats(self) -> None:
         """Send the statistics reduced on the device during this forward: one [slots, 9] buffer
@@ -330,7 +391,7 @@ class Recorder:
         """(call index to store under, rows scattered to their tokens [batch, tokens, …], bool presence
         [batch, tokens]) of a call with a variable number of rows inside an MoE block; None, with the
         reason kept in :attr:`unrecorded`, when its tokens cannot be told."""
-        block = max((b for b in self._routing if name.startswith(b + ".")), key=len, default=None)
+        block = self._block(name)
         if block is None or self.mode == "stats":
             self.unrecorded[name] = ("a variable number of rows outside any routed MoE block" if block is None
                                      else "routed rows are not reduced to statistics")
@@ -420,6 +481,17 @@ def _version(tensor: torch.Tensor) -> int | None:
         return tensor._version
     except RuntimeError:
         return None
+
+
+def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor's values, on its device (float64 on the CPU and CUDA; float32 on others, such
+    as Ascend), kept to tell later whether an inference tensor — which has no version counter — was
+    changed in place. On an accelerator the reduction costs little and is read back only for a candidate
+    link; on the CPU it is taken only where the sink cannot give the stored rows back."""
+    tensor = torch.view_as_real(tensor.detach()) if tensor.is_complex() else tensor.detach()
+    if not tensor.is_floating_point():
+        return tensor.sum(dtype=torch.int64)
+    return tensor.sum(dtype=torch.float64 if tensor.device.type in ("cpu", "cuda") else torch.float32)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ from .errors import HwdiffError
 from .hooks import slot_record
 from .models import dtype_name, model_info
 from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset, output_by_meaning, padding_only
-from .store import FLAT, ROUTED, Capture, CaptureWriter, Register, open_capture
+from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Capture, CaptureWriter, Register, open_capture
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,12 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
 
         def load(slot: str) -> torch.Tensor:
             values = torch.from_numpy(np.ascontiguousarray(ref.read(name, call, slot, index))).to(device)
-            if ref.layout(name, call, slot) == FLAT:  # the module saw [sequences·tokens, …] rows
+            layout = ref.layout(name, call, slot)
+            if layout == FLAT:  # the module saw [sequences·tokens, …] rows
                 values = values.reshape(-1, *values.shape[2:])
+            elif layout in (EXPERTS, EXPERT_ROWS):  # it saw expert-major rows: [experts, sequences·tokens, …]
+                values = values.movedim(2, 0).reshape(values.shape[2], -1, *values.shape[3:])
+                values = values.reshape(-1, *values.shape[2:]) if layout == EXPERT_ROWS else values
             # Activations in the reference's dtype move to the replaying dtype; a tensor the model
             # keeps in another precision (float32 router weights in a bf16 model) stays as it was.
             recorded = ref.slot_info(name, call, slot)[1]
@@ -167,9 +171,16 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
         if output is None:
             raise HwdiffError(f"module {name} returned no tensor when replayed")
         record = slot_record(name, call, "output", row0, output)
-        if ref.layout(name, call, "output") == FLAT:
-            record.array = record.array.reshape(index[0].stop - row0, -1, *output.shape[1:])
+        layout = ref.layout(name, call, "output")
+        sequences = index[0].stop - row0
+        if layout == FLAT:
+            record.array = record.array.reshape(sequences, -1, *output.shape[1:])
             record.layout = FLAT
+        elif layout in (EXPERTS, EXPERT_ROWS):
+            experts = ref.slot_info(name, call, "output")[0][2]
+            tail = output.shape[2:] if layout == EXPERTS else output.shape[1:]
+            record.array = record.array.reshape(experts, sequences, -1, *tail).movedim(0, 2).contiguous()
+            record.layout = layout
         writer.put(record)
 
 

@@ -103,6 +103,8 @@ LOGPROB_FIELDS = ("next_token", "entropy", "topk_ids", "topk_logprobs")
 SLOTS = ("output", "input", "routing")  # routing: a router's chosen experts per token (int64 [sequences, tokens, k])
 ROUTED = "routed"  # slot attribute ``rows``: rows of the tokens routed to one expert, scattered to their token
 FLAT = "tokens"  # slot attribute ``rows``: the module saw [sequences·tokens, …] rows, stored [sequences, tokens, …]
+EXPERTS = "experts"  # ``rows``: [experts, sequences·tokens, …] (every token at every expert), stored [sequences, tokens, experts, …]
+EXPERT_ROWS = "expert-rows"  # ``rows``: [experts·sequences·tokens, …], stored [sequences, tokens, experts, …]
 CHUNK_BYTES = 4 << 20
 STATS_FIELDS = stats.FIELDS
 
@@ -583,6 +585,16 @@ class CaptureWriter:
             self._calls[name] = max(self._calls.get(name, 0), call + 1)
         return group
 
+    def stored_rows(self, key: str, row0: int, rows: int) -> np.ndarray | None:
+        """Rows ``row0 … row0 + rows`` of slot ``key`` (``name/call/slot``) as written (bfloat16 as its
+        bits), for the recorder to check a candidate link; None unless this writer is synchronous (a
+        threaded writer may not have written them yet) or when the slot holds no data."""
+        name, call, slot = key.rsplit("/", 2)
+        group = self._groups.get((name, int(call)))
+        if not self.synchronous or group is None or slot not in group or self.mode == "stats":
+            return None
+        return group[slot][row0: row0 + rows]
+
     def _alias(self, item: Alias) -> None:
         group = self._call_group(item.name, item.call)
         if item.slot in group:
@@ -826,7 +838,8 @@ class Capture:
         return block if stored else decode(block, opened[1])
 
     def layout(self, name: str, call: int = 0, slot: str = "output") -> str:
-        """How the module's rows were stored: "" (sequences first, as called), :data:`FLAT` or :data:`ROUTED`."""
+        """How the module's rows were stored: "" (sequences first, as called), :data:`FLAT`, :data:`ROUTED`,
+        :data:`EXPERTS` or :data:`EXPERT_ROWS`."""
         return str(_plain(self._dataset(name, call, slot).attrs.get("rows", "")))
 
     def present(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray | None:

@@ -24,8 +24,8 @@ module instead of keeping its own copy of a rule.
 - **Call semantics** of modules whose tuple outputs or in-place updates are not "the first tensor":
   fused add+norms called ``norm(x, residual)`` (vLLM's ``RMSNorm`` / ``GemmaRMSNorm``, vLLM-Ascend's
   ``AscendRMSNorm``: :data:`FUSED_NORMS`, :func:`register_fused_norm`) and decoder layers that return
-  ``(sub-block output, residual)`` (vLLM's): :func:`output_by_meaning`, :func:`input_by_meaning`,
-  :func:`updates_in_place`.
+  ``(sub-block output, residual)`` (vLLM's): :func:`output_by_meaning`, :func:`input_by_meaning`; and
+  whether a call overwrote its arguments, measured per call (:func:`writes_into_arguments`).
 
 Importing this module does not import torch (calibration reads diff files without it).
 """
@@ -44,11 +44,13 @@ _LAYER_ITEM = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.\d+$")
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
-# vLLM's (and vLLM-Ascend's, which subclass them) linear layers and fused activations, by class name
-_VLLM_LINEARS = ("qkvparallellinear", "mergedcolumnparallellinear", "rowparallellinear", "columnparallellinear",
-                 "replicatedlinear", "ascendqkvparallellinear", "ascendmergedcolumnparallellinear",
-                 "ascendrowparallellinear", "ascendcolumnparallellinear", "ascendreplicatedlinear")
-_VLLM_ACTIVATIONS = ("siluandmul", "geluandmul", "mulandsilu", "ascendsiluandmul")
+# vLLM's linear layers and fused activations, by lineage: a class counts when any class it inherits from
+# has one of these names, so vLLM-Ascend's subclasses (AscendSiluAndMul, AscendSiluAndMul310, Ascend*Linear)
+# and platform variants are known without being listed.
+_VLLM_LINEARS = frozenset(("linearbase", "qkvparallellinear", "mergedcolumnparallellinear", "rowparallellinear",
+                           "columnparallellinear", "replicatedlinear"))
+_VLLM_ACTIVATIONS = frozenset(("siluandmul", "geluandmul", "mulandsilu", "siluandmulwithclamp", "swigluoaiandmul",
+                               "fatreluandmul", "quickgelu", "newgelu", "fastgelu"))
 
 # model_type → norms per decoder layer (plus one final norm): DESIGN.md, "The AQN injector".
 NORMS_PER_LAYER = {
@@ -117,32 +119,39 @@ def norm_offset(module: Any) -> float:
 
 
 def _probe_offset(module: Any) -> float:
+    """Call the norm once with its weight — and its bias, if it has one (vLLM-Ascend's ``AscendRMSNorm``
+    of a quantised checkpoint adds one) — zeroed: a ``w`` norm then outputs zeros, a ``(1 + w)`` norm
+    does not. A gated norm (``norm(x, gate)``) gets a gate whose activation is non-zero."""
     import torch
 
     weight = module.weight
-    saved = weight.detach().clone()
+    zeroed = [t for t in (weight, getattr(module, "bias", None)) if isinstance(t, torch.Tensor)]
+    saved = [t.detach().clone() for t in zeroed]
     probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    extra = [torch.full_like(probe, 2.0) for _ in range(_required_tensor_arguments(module) - 1)]
     try:
         with torch.no_grad():
-            weight.zero_()
-            # not __call__: no hooks (the probe may run inside one); a gated norm(x, gate) gets a gate of ones
-            output = module.forward(probe, *[torch.ones_like(probe)] * _required_tensors(module))
+            for tensor in zeroed:
+                tensor.zero_()
+            output = module.forward(probe, *extra)  # not __call__: no hooks (the probe may run inside one)
     finally:
         with torch.no_grad():
-            weight.copy_(saved)
+            for tensor, value in zip(zeroed, saved):
+                tensor.copy_(value)
     output = output[0] if isinstance(output, tuple) else output
     return 1.0 if bool(output.detach().float().abs().max() > 0) else 0.0
 
 
-def _required_tensors(module: Any) -> int:
-    """How many arguments the norm's forward requires beyond its input (a gated norm's ``gate``)."""
+def _required_tensor_arguments(module: Any) -> int:
+    """How many positional arguments without a default the module's forward takes (at least 1)."""
     import inspect
 
     try:
-        parameters = list(inspect.signature(type(module).forward).parameters.values())[2:]
+        parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        return 0
-    return sum(1 for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is p.empty)
+        return 1
+    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return max(1, len(required))
 
 
 def norm_weight_effective(module: Any) -> Any:
@@ -333,27 +342,32 @@ def _layer_kinds(model: Any) -> dict[int, frozenset]:
 # Module kinds
 # ------------------------------------------------------------------------------------------------
 def module_kind(name: str, module: Any) -> str:
-    """Classify a module by type, class name and qualified name (never by isinstance against
-    transformers classes): one of :data:`KINDS`."""
+    """Classify a module by what it is (never by isinstance against transformers' or vLLM's classes):
+    one of :data:`KINDS`. Embeddings by meaning (a 2-D ``weight`` with ``num_embeddings`` /
+    ``embedding_dim``: torch's, vLLM's ``VocabParallelEmbedding`` and every subclass such as
+    vLLM-Ascend's), vLLM's linears and fused activations by lineage (:data:`_VLLM_LINEARS`,
+    :data:`_VLLM_ACTIVATIONS`), RMSNorms with or without a bias by :func:`is_norm`; the rest by type,
+    class name and qualified name."""
     import torch
 
     cls = type(module).__name__.lower()
     leaf = name.rsplit(".", 1)[-1]
-    if isinstance(module, torch.nn.Embedding) or cls == "vocabparallelembedding":  # vLLM's embedding
+    lineage = _lineage(module)
+    if leaf == "lm_head":  # vLLM's ParallelLMHead is a VocabParallelEmbedding that is never called
+        return "head"
+    if _is_embedding(module):
         return "embedding"
     if is_norm(module):
         return "rmsnorm"
     if is_layernorm(module):
         return "layernorm"
-    if leaf == "lm_head":
-        return "head"
     if "router" in cls or (leaf == "gate" and _is_moe_parent(name)):
         return "router"
     if isinstance(module, torch.nn.Linear) or (cls == "conv1d" and hasattr(module, "nf")):  # GPT-2's Conv1D
         return "linear"
-    if cls in _VLLM_LINEARS:  # they return (output, bias): the output is recorded
+    if lineage & _VLLM_LINEARS:  # they return (output, bias): the output is recorded
         return "linear"
-    if cls in _VLLM_ACTIVATIONS:
+    if lineage & _VLLM_ACTIVATIONS:
         return "activation"
     if cls.endswith("attention"):
         return "attention"
@@ -366,6 +380,25 @@ def module_kind(name: str, module: Any) -> str:
     if type(module).__module__ in _ACTIVATION_MODULES or cls.endswith("activation"):
         return "activation"
     return "other"
+
+
+def _lineage(module: Any) -> frozenset[str]:
+    """The lowercased names of the module's class and every class it inherits from."""
+    return frozenset(klass.__name__.lower() for klass in type(module).__mro__)
+
+
+def _is_embedding(module: Any) -> bool:
+    """A lookup table of token vectors: torch's ``nn.Embedding``, or any module with a 2-D ``weight`` and
+    integer ``num_embeddings`` / ``embedding_dim`` (vLLM's ``VocabParallelEmbedding``, vLLM-Ascend's
+    ``AscendVocabParallelEmbedding``, whose weight holds this rank's rows)."""
+    import torch
+
+    if isinstance(module, torch.nn.Embedding):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and isinstance(getattr(module, "num_embeddings", None), int)
+            and isinstance(getattr(module, "embedding_dim", None), int) and weight.shape[-1] == module.embedding_dim)
 
 
 def _is_moe_parent(name: str) -> bool:
@@ -785,14 +818,41 @@ def token_axis(shape: Sequence[int], batch: int, tokens: int) -> int | None:
     return axes[0] if axes else None
 
 
-def row_layout(shape: Sequence[int], batch: int, tokens: int) -> str:
-    """How a module's output rows relate to the forward's ``batch`` × ``tokens`` inputs: ``""``
-    (batch rows first, or no rows at all), ``"tokens"`` (flattened ``[batch·tokens, …]`` rows:
-    shared experts, routers, fused experts) or ``"routed"`` (any other number of rows, 0 included:
-    the tokens routed to one expert)."""
-    if not shape or not batch or shape[0] == batch:
+def row_layout(shape: Sequence[int], batch: int, tokens: int, experts: int | None = None) -> str:
+    """How a module's output rows relate to the forward's ``batch`` × ``tokens`` inputs, decided by
+    the measured counts (never by the first axis alone): ``"experts"`` (``[experts, batch·tokens, …]``:
+    every token at every expert, Llama 4's experts and their ``act_fn``) or ``"expert-rows"``
+    (``[experts·batch·tokens, …]``) inside an MoE block of ``experts`` experts; ``""`` (batch rows
+    first, or no rows at all); ``"tokens"`` (flattened ``[batch·tokens, …]`` rows: shared experts,
+    routers, fused experts) or ``"routed"`` (any other number of rows, 0 included: the tokens routed
+    to one expert)."""
+    if not shape or not batch:
         return ""
-    return "tokens" if shape[0] == batch * tokens else "routed"
+    rows = batch * tokens
+    if experts and experts > 1 and len(shape) >= 2 and tuple(shape[:2]) == (experts, rows):
+        return "experts"  # [experts, batch·tokens] is never [batch, tokens] (that needs batch = experts = 1)
+    if experts and experts > 1 and shape[0] == experts * rows:
+        return "expert-rows"
+    if shape[0] == batch:
+        return ""
+    return "tokens" if shape[0] == rows else "routed"
+
+
+def expert_count(output: Any, config: Any = None) -> int | None:
+    """How many experts a router chooses from: the width of the float ``[tokens, experts]`` scores or
+    logits it returns, else the config's ``num_local_experts`` / ``num_experts``; None when neither tells."""
+    import torch
+
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    scores = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2), None)
+    if scores is not None:
+        return int(scores.shape[-1])
+    config = getattr(config, "text_config", None) or config
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def experts_per_token(config: Any) -> int | None:
@@ -901,33 +961,31 @@ class SemanticsError(HwdiffError):
 @dataclass(frozen=True)
 class FusedNorm:
     """How a fused add+norm class answers ``norm(x, residual)``: the tuple element holding the normed
-    output (``normed``), the one holding the new residual stream ``x + residual`` (``residual``), and
-    whether it may update ``x`` / ``residual`` in place (then its outputs are the argument tensors,
-    overwritten: never a link to a tensor recorded before the call)."""
+    output (``normed``) and the one holding the new residual stream ``x + residual`` (``residual``).
+    Whether a call overwrites its arguments is not a property of the class (vLLM picks the kernel per
+    platform at run time): it is measured on every call (:func:`writes_into_arguments`)."""
 
     normed: int = 0
     residual: int = 1
-    in_place: bool = False
 
 
-# Read from the sources (docs/vllm.md): vLLM's RMSNorm.forward_cuda calls ops.fused_add_rms_norm, which
-# overwrites x with the normed output and residual with x + residual and returns (x, residual);
-# GemmaRMSNorm.forward_static returns new (x, residual); vLLM-Ascend's AscendRMSNorm /
-# AscendGemmaRMSNorm call torch_npu.npu_add_rms_norm, which returns new (y, rstd, x + residual), and
-# return (y, x + residual).
+# The tuple order, read from the sources (docs/vllm.md): vLLM's RMSNorm / GemmaRMSNorm and vLLM-Ascend's
+# AscendRMSNorm / AscendGemmaRMSNorm return (normed, x + residual) — new tensors or, on some platforms
+# (vLLM's fused_add_rms_norm on CUDA, Intel XPU), x and residual overwritten in place. A class not listed
+# here is resolved by meaning (:func:`_normed_element`).
 FUSED_NORMS: dict[str, FusedNorm] = {
-    "RMSNorm": FusedNorm(0, 1, in_place=True),
+    "RMSNorm": FusedNorm(0, 1),
     "GemmaRMSNorm": FusedNorm(0, 1),
     "AscendRMSNorm": FusedNorm(0, 1),
     "AscendGemmaRMSNorm": FusedNorm(0, 1),
 }
 
 
-def register_fused_norm(class_name: str, *, normed: int = 0, residual: int = 1, in_place: bool = True) -> None:
-    """Declare the tuple order (and in-place behaviour) of another fused add+norm class, by class name."""
+def register_fused_norm(class_name: str, *, normed: int = 0, residual: int = 1) -> None:
+    """Declare the tuple order of another fused add+norm class, by class name."""
     if {normed, residual} != {0, 1}:
         raise HwdiffError(f"a fused norm returns (normed, residual) in some order: got elements {normed}, {residual}")
-    FUSED_NORMS[class_name] = FusedNorm(normed, residual, in_place)
+    FUSED_NORMS[class_name] = FusedNorm(normed, residual)
     _DETECTED.pop(class_name, None)
 
 
@@ -998,13 +1056,32 @@ def input_by_meaning(module: Any, args: tuple, kwargs: dict) -> Any:
     return residual + x  # as HF adds the stream: residual + sub-block output (exact in the tensors' dtype)
 
 
-def updates_in_place(module: Any) -> bool:
-    """Whether a call may overwrite its tensor arguments (a fused norm of an in-place class): its
-    outputs are then new values in old tensors."""
-    if not is_fused_norm(module):
-        return False
-    rule = FUSED_NORMS.get(type(module).__name__)
-    return rule.in_place if rule is not None else True  # unknown: assume it may
+def _tensors(value: Any) -> list:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [item for item in items if isinstance(item, torch.Tensor)]
+
+
+def writes_into_arguments(output: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call returned a tensor that lives in the memory of one of its tensor arguments —
+    measured on the call, whatever the class: vLLM's ``fused_add_rms_norm`` (CUDA, XPU) returns ``x`` and
+    ``residual`` overwritten, an in-place rotary embedding returns its query and key, vLLM-Ascend adds a
+    norm's bias with ``x.add_``. Such an output holds new values in an old tensor: it must be recorded
+    as itself, never as a link to what was recorded for that tensor before."""
+    inputs = {_storage(t) for t in (*_tensors(args), *_tensors(kwargs))} - {None}
+    return bool(inputs) and any(_storage(t) in inputs for t in _tensors(output))
+
+
+def _storage(tensor: Any) -> int | None:
+    """Where a tensor's memory starts (its storage's address); None for an empty or storage-less tensor."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr() if storage.nbytes() else None
+    except (RuntimeError, NotImplementedError):  # a wrapper tensor subclass without a storage of its own
+        return None
 
 
 def output_by_meaning(module: Any, output: Any) -> Any:
@@ -1047,7 +1124,7 @@ def _normed_element(module: Any, tensors: list) -> FusedNorm:
             f"(unit rms after the weight: {unit}); declare its order with "
             "hwdiff.structure.register_fused_norm(class_name, normed=..., residual=...)")
     normed = unit.index(True)
-    return FusedNorm(normed, 1 - normed, in_place=True)
+    return FusedNorm(normed, 1 - normed)
 
 
 def flat_sequences(positions: Any) -> tuple[int, int]:

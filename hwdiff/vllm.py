@@ -70,6 +70,9 @@ class _LazyWriter:
     def put(self, item: Any) -> None:
         self.writer.put(item)
 
+    def stored_rows(self, key: str, row0: int, rows: int) -> np.ndarray | None:
+        return self.writer.stored_rows(key, row0, rows)
+
 
 class VllmRecorder(Recorder):
     """A :class:`~hwdiff.hooks.Recorder` for vLLM's flattened forward ``model(input_ids, positions, …)``."""
@@ -153,10 +156,12 @@ def record_vllm(model: torch.nn.Module, path: str | os.PathLike, *, modules: str
 
 class HwdiffWorkerExtension:
     """A vLLM worker extension (``LLM(..., worker_extension_cls="hwdiff.vllm.HwdiffWorkerExtension")``):
-    its methods run inside each worker, called by ``llm.collective_rpc("hwdiff_start", args=(path,))``,
-    then ``llm.generate(...)``, then ``llm.collective_rpc("hwdiff_stop")``. It works on the model object
-    the worker holds (``self.model_runner.get_model()``, the same attribute on vLLM's GPU worker and
-    vLLM-Ascend's NPU worker)."""
+    its methods run inside each worker, called by name through ``llm.collective_rpc`` (no function is
+    pickled to the workers): ``collective_rpc("hwdiff_start", args=(path,))``, then ``llm.generate(...)``,
+    then ``collective_rpc("hwdiff_stop")``; ``collective_rpc("hwdiff_apply_schedule", args=(sigma_yaml,
+    step, total_steps))`` puts AQN noise on the rollout model. It works on the model object the worker
+    holds (``self.model_runner.get_model()``, the same attribute on vLLM's GPU worker and vLLM-Ascend's
+    NPU worker)."""
 
     def hwdiff_start(self, path: str, **options: Any) -> str:
         """Start recording the model into ``path`` (``options``: those of :func:`record_vllm`)."""
@@ -175,14 +180,31 @@ class HwdiffWorkerExtension:
         scope.__exit__(None, None, None)
         return str(self._hwdiff_report.path)
 
+    def hwdiff_apply_schedule(self, sigma_config: Any, step: int, total_steps: int,
+                              seed: int | None = None) -> dict[str, float]:
+        """AQN noise at ``step`` of ``total_steps`` on the RMSNorms of the model this worker holds
+        (:func:`hwdiff.aqn.apply_schedule`; ``sigma_config``: a sigma.yaml path readable by the worker,
+        or one σ). Returns σ per norm. Call it after each weight sync, before generating."""
+        from .aqn import apply_schedule
+
+        return apply_schedule(self.model_runner.get_model(), sigma_config, step, total_steps, seed=seed)
+
 
 def _check_worker(worker: Any) -> None:
-    """Refuse what one file per worker cannot hold: tensor-parallel shards and graph-captured forwards."""
+    """Refuse what one file per worker cannot hold: tensor-parallel shards, pipeline stages and
+    data-parallel replicas (every worker would write the same path), graph-captured forwards."""
     config = getattr(worker, "vllm_config", None)
-    tp = getattr(getattr(config, "parallel_config", None), "tensor_parallel_size", 1)
+    parallel = getattr(config, "parallel_config", None)
+    tp = getattr(parallel, "tensor_parallel_size", 1)
     if tp != 1:
         raise HwdiffError(f"tensor_parallel_size is {tp}: each worker holds a shard of every column/row-parallel "
                           "output; capture with tensor_parallel_size=1")
+    for key, what in (("pipeline_parallel_size", "each worker runs a part of the layers"),
+                      ("data_parallel_size", "each replica runs other requests")):
+        size = getattr(parallel, key, 1)
+        if size != 1:
+            raise HwdiffError(f"{key} is {size}: {what} and every worker would write the same path; capture "
+                              f"with {key}=1")
     eager = getattr(getattr(config, "model_config", None), "enforce_eager", True)
     if not eager:
         raise HwdiffError("the engine runs CUDA/ACL graphs, inside which hooks do not run: start it with "

@@ -370,3 +370,23 @@ def test_fit_and_read_ahead_threads_do_not_change_a_single_number(tmp_path, capt
         outputs[threads] = json.loads((tmp_path / f"{threads}.json").read_text())
     assert outputs["0,0"]["modules"] == outputs["3,1"]["modules"]
     assert outputs["0,0"]["correlation"] == outputs["3,1"]["correlation"]
+
+
+def test_the_terminal_table_shows_an_aliased_modules_own_local_error(tmp_path, captures):
+    """self_attn's output is o_proj's very tensor (stored once), but its local error (sdpa vs eager in
+    the core) is its own: the table must show it on a row of its own, not fold it into o_proj's."""
+    from hwdiff.compare.output import format_table
+
+    eager = hwdiff.load_model("tiny-qwen2", dtype="float32", attn_implementation="eager")
+    target = hwdiff.capture(eager, tmp_path / "eager.h5", **CAP).path
+    local = hwdiff.replay(eager, captures["fp32"], tmp_path / "local.h5", progress=False).path
+    result = hwdiff.diff(captures["fp32"], target, local=local, json_path=tmp_path / "d.json", progress=False)
+    modules = {m["name"]: m for m in json.loads((tmp_path / "d.json").read_text())["modules"] if m["slot"] == "output"}
+    attention, o_proj = modules["model.layers.0.self_attn"], modules["model.layers.0.self_attn.o_proj"]
+    assert attention["alias_of"] == "model.layers.0.self_attn.o_proj/0/output"
+    assert o_proj["local_rel_l2"] == 0 and attention["local_rel_l2"] > 1e-8  # replayed Linear: exact; sdpa vs eager: not
+    rows = {line.split("  ")[0].strip(): line.split() for line in format_table(result, top=200).splitlines()}
+    header = next(cells for cells in rows.values() if cells[:2] == ["module", "kind"])
+    local_column = header.index("local") - len(header)  # counted from the right: labels may hold spaces
+    assert rows["model.layers.0.self_attn (output = .o_proj)"][local_column] == f"{attention['local_rel_l2']:.3g}"
+    assert rows["model.layers.0.self_attn.o_proj"][local_column] == "0"

@@ -140,3 +140,115 @@ def test_per_expert_rows_are_stored_at_their_tokens_and_empty_experts_are_not_ex
     assert reasons[("unused", 0)] == ["never called in the reference", "never called in the target"]
     assert all(layer.name != "mlp.experts.3" for layer in result.layers)
     assert result.routing[0].changed == () and result.routing[0].tokens == 40
+
+
+def _llama4(path):
+    import transformers
+
+    config = transformers.Llama4TextConfig(
+        hidden_size=32, intermediate_size=16, intermediate_size_mlp=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=64, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=32, attention_chunk_size=32)
+    torch.manual_seed(0)
+    transformers.Llama4ForCausalLM(config).save_pretrained(path)
+    return hwdiff.load_model(str(path), dtype="float32")
+
+
+@pytest.mark.parametrize("batch_size", [4, 3])  # 4 = the expert count: the first axis must not pass for sequences
+def test_expert_major_rows_are_stored_by_token_whatever_the_batch_size(batch_size, tmp_path):
+    """Llama 4's experts see every token at every expert: act_fn's [experts, sequences·tokens, …] and the
+    experts' [experts·sequences·tokens, …] rows are stored [sequences, tokens, experts, …], compared with
+    plain forward hooks on one whole-batch forward, rearranged by numpy."""
+    model = _llama4(tmp_path / "model")
+    ids = np.random.default_rng(0).integers(0, 64, (6, 5))
+    raw = {}
+    experts = model.model.layers[0].feed_forward.experts
+    handles = [experts.act_fn.register_forward_hook(lambda m, a, out: raw.__setitem__("act_fn", out.detach().numpy())),
+               experts.register_forward_hook(lambda m, a, out: raw.__setitem__("experts", out.detach().numpy()))]
+    with torch.no_grad():
+        model(torch.from_numpy(ids))
+    for handle in handles:
+        handle.remove()
+    path = hwdiff.capture(model, tmp_path / "c.h5", inputs=ids, batch_size=batch_size, record_inputs=True,
+                          progress=False).path
+    prefix = "model.layers.0.feed_forward.experts"
+    with hwdiff.open_capture(path) as cap:
+        assert json.loads(cap.meta["unrecorded"]) == {}
+        act = raw["act_fn"].reshape(4, 6, 5, -1).transpose(1, 2, 0, 3)  # [e, b·t, i] → [b, t, e, i]
+        np.testing.assert_array_equal(cap.activation(f"{prefix}.act_fn"), act)
+        out = raw["experts"].reshape(4, 6, 5, -1).transpose(1, 2, 0, 3)
+        np.testing.assert_array_equal(cap.activation(prefix), out)
+    replayed = hwdiff.replay(model, path, tmp_path / "r.h5", progress=False).path
+    result = hwdiff.diff(path, replayed, progress=False)
+    by_name = {layer.name: layer for layer in result.outputs}
+    assert by_name[prefix].exact
+    # act_fn ran on a strided chunk at capture and on a contiguous copy in replay: SiLU's two CPU kernels
+    # differ by an ulp, a wrong row order would differ by O(1)
+    assert by_name[f"{prefix}.act_fn"].metrics.rel_l2 < 1e-6
+
+
+class _AddingMLP(torch.nn.Module):
+    """Llama 4's MoE pattern: ``out = child(x); out.add_(…); return out`` — the parent returns its
+    child's very tensor, changed in place after the child's hook saw it."""
+
+    def __init__(self):
+        super().__init__()
+        self.down_proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        out = self.down_proj(x)
+        out.add_(1.0)
+        return out
+
+
+class _InPlaceToy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.mlp = _AddingMLP()
+        self.lm_head = torch.nn.Linear(8, 16)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.lm_head(self.mlp(self.embed(input_ids)))
+
+
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+def test_a_parent_that_changes_its_childs_output_in_place_is_not_stored_as_a_link(grad_mode, tmp_path):
+    torch.manual_seed(0)
+    model = _InPlaceToy().eval()
+    ids = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        child = model.mlp.down_proj(model.embed(ids)).numpy()  # independent: plain calls
+    if grad_mode == "inference_mode":  # hwdiff.capture runs the forward under inference mode
+        path = hwdiff.capture(model, tmp_path / "c.h5", inputs=ids.numpy(), progress=False).path
+        with hwdiff.open_capture(path) as cap:
+            stored = {name: cap.activation(name) for name in ("mlp.down_proj", "mlp")}
+            assert cap.modules["mlp"].alias_of is None
+    else:
+        with hwdiff.record(model, kinds=["linear", "mlp"]) as rec, torch.no_grad():
+            model(ids)
+        stored = {name: rec.activations[(name, 0, "output")][0].numpy() for name in ("mlp.down_proj", "mlp")}
+    np.testing.assert_array_equal(stored["mlp.down_proj"], child)
+    np.testing.assert_allclose(stored["mlp"], child + 1.0, rtol=0, atol=1e-6)
+
+
+class _SometimesAddingMLP(_AddingMLP):
+    def forward(self, x):
+        out = self.down_proj(x)
+        if bool(x[0, 0, 0] > 0):  # changes its child's output in place in some batches only
+            out.add_(1.0)
+        return out
+
+
+def test_a_link_that_a_later_batch_would_break_is_refused(tmp_path):
+    """The file holds a slot either as a link or as data for every row: a link decided in the first
+    batch cannot be kept when a later batch changes the tensor in place — refused, not half-linked."""
+    torch.manual_seed(0)
+    model = _InPlaceToy().eval()
+    model.mlp = _SometimesAddingMLP()
+    with torch.no_grad():
+        model.embed.weight[:, 0] = torch.linspace(-1, 1, 16)  # token t's first channel > 0 iff t >= 8
+    ids = np.array([[1, 2, 3], [4, 5, 6], [12, 13, 14], [9, 10, 11]])  # batch 1: unchanged; batch 2: changed
+    with pytest.raises(hwdiff.HwdiffError, match="mlp/0/output was stored as a link .* changed in place"):
+        hwdiff.capture(model, tmp_path / "c.h5", inputs=ids, batch_size=2, progress=False)
+    assert not (tmp_path / "c.h5").exists()

@@ -21,12 +21,14 @@ from .conftest import run_cli
 LAYERS, SEQUENCES, TOKENS = 2, 3, 10
 
 
-def _hf(arch: str) -> torch.nn.Module:
+def _hf(arch: str, tie: bool | None = None) -> torch.nn.Module:
     """A tiny fp32 HF model with seeded weights, norm weights away from 1 and non-zero q/k/v biases."""
+    extra = {"head_dim": 16} if arch == "Qwen3" else {}
     config = getattr(transformers, f"{arch}Config")(
         hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=arch == "Qwen2")
-    torch.manual_seed({"Qwen2": 1, "Llama": 2}[arch])
+        vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6,
+        tie_word_embeddings=arch == "Qwen2" if tie is None else tie, **extra)
+    torch.manual_seed({"Qwen2": 1, "Llama": 2, "Qwen3": 4}[arch])
     model = getattr(transformers, f"{arch}ForCausalLM")(config).eval().requires_grad_(False)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -87,11 +89,15 @@ class _Plain:
 
 
 @pytest.mark.parametrize("variant", ["native", "cuda-in-place", "ascend", "gemma", "residual-first-registered",
-                                     "residual-first-detected"])
+                                     "residual-first-detected", "gemma-xpu-in-place", "unlisted-in-place"])
 def test_stored_norm_outputs_equal_a_plain_recomputation_bit_for_bit(variant, ids, tmp_path):
+    """Whether a norm overwrites its arguments is measured per call: vLLM's GemmaRMSNorm in place on XPU
+    (new tensors elsewhere), and an in-place class hwdiff has never heard of, are stored right."""
     norm_cls = {"ascend": S.AscendRMSNorm, "gemma": S.GemmaRMSNorm, "residual-first-registered": S.ResidualFirstRMSNorm,
-                "residual-first-detected": SwappedRMSNorm}.get(variant, S.RMSNorm)
-    model = S.from_hf(_hf("Qwen2"), norm_cls=norm_cls, path="cuda" if variant == "cuda-in-place" else "native")
+                "residual-first-detected": SwappedRMSNorm, "gemma-xpu-in-place": S.GemmaRMSNorm,
+                "unlisted-in-place": UnlistedRMSNorm}.get(variant, S.RMSNorm)
+    path = {"cuda-in-place": "cuda", "gemma-xpu-in-place": "xpu", "unlisted-in-place": "xpu"}.get(variant, "native")
+    model = S.from_hf(_hf("Qwen2"), norm_cls=norm_cls, path=path)
     if variant == "residual-first-registered":
         structure.register_fused_norm("ResidualFirstRMSNorm", normed=1, residual=0)
     plain = _Plain(model)
@@ -115,6 +121,10 @@ def test_stored_norm_outputs_equal_a_plain_recomputation_bit_for_bit(variant, id
 
 class SwappedRMSNorm(S.ResidualFirstRMSNorm):
     """Returns (residual, normed) and is declared nowhere: hwdiff must find the normed element by meaning."""
+
+
+class UnlistedRMSNorm(S.RMSNorm):
+    """A fused add+norm of a name no table lists, overwriting its arguments (its xpu path)."""
 
 
 def test_in_place_updates_do_not_leak_into_earlier_records(ids, tmp_path):
@@ -315,9 +325,26 @@ def test_worker_extension_records_the_model_the_worker_holds(ids, tmp_path):
     with pytest.raises(HwdiffError, match="tensor_parallel_size is 2"):
         start(worker, str(tmp_path / "rank1.h5"))
     worker.vllm_config.parallel_config.tensor_parallel_size = 1
+    for key in ("pipeline_parallel_size", "data_parallel_size"):  # every worker would write the same path
+        setattr(worker.vllm_config.parallel_config, key, 2)
+        with pytest.raises(HwdiffError, match=f"{key} is 2"):
+            start(worker, str(tmp_path / "rank1.h5"))
+        setattr(worker.vllm_config.parallel_config, key, 1)
     worker.vllm_config.model_config.enforce_eager = False
     with pytest.raises(HwdiffError, match="enforce_eager=True"):
         start(worker, str(tmp_path / "rank1.h5"))
+
+
+def test_worker_extension_applies_the_aqn_schedule_the_docs_name(tmp_path):
+    """docs/vllm.md sends ``collective_rpc("hwdiff_apply_schedule", …)``: the method exists and puts noise
+    on every RMSNorm of the worker's model, σ from the schedule (stage 1 of 10 → σ_start)."""
+    model = S.from_hf(_hf("Qwen2"))
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(get_model=lambda: model))
+    clean = {n: m.weight.detach().clone() for n, m in structure.find_norms(model)}
+    sigmas = HwdiffWorkerExtension.hwdiff_apply_schedule(worker, 0.01, 1, 10, seed=0)
+    assert sorted(sigmas) == sorted(clean) and set(sigmas.values()) == {0.01}
+    for name, module in structure.find_norms(model):
+        assert (module.weight - clean[name]).std().item() == pytest.approx(0.01, rel=0.3)
 
 
 def test_hwdiff_record_on_a_vllm_model_gives_sequences_and_tokens(ids, tmp_path):
@@ -345,3 +372,75 @@ def test_a_bad_mapping_file_is_one_clear_line(tmp_path, text, message):
     with pytest.raises(HwdiffError, match=message) as refused:
         load_map(path)
     assert "\n" not in str(refused.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The trees vLLM and vLLM-Ascend build on other models and chips
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["native", "cuda"])
+def test_qwen3_tree_q_and_k_norms_compare_with_hugging_face(path, ids, tmp_path):
+    """vLLM's Qwen3 normalises views [num_tokens, heads, head_dim] of q and k, then (cuda) rotates them in
+    place: the stored q/k norms are HF's to float32 rounding, and the in-place rotary leaves them as they were."""
+    hf = _hf("Qwen3")
+    reference = hwdiff.capture(hf, tmp_path / "hf.h5", inputs=ids.numpy(), record_inputs=True, progress=False).path
+    vllm = _record(S.from_hf(hf, path=path), tmp_path / "vllm.h5", ids, record_inputs=True)
+    result = hwdiff.diff(reference, vllm, layout_map="vllm", progress=False)
+    for layer in range(LAYERS):
+        for norm in ("q_norm", "k_norm"):
+            compared = result.layer(f"model.layers.{layer}.self_attn.{norm}")
+            assert compared.shape == (SEQUENCES, TOKENS, 4 if norm == "q_norm" else 2, 16)
+            assert compared.metrics.rel_l2 <= 1e-6, (norm, compared.metrics.rel_l2)
+    assert all(layer.metrics.rel_l2 <= 2e-6 for layer in result.layers), \
+        max((layer.metrics.rel_l2, layer.name) for layer in result.layers)
+
+
+@pytest.mark.parametrize("chip", ["910", "310p"])
+def test_ascend_embedding_and_activation_are_captured(chip, ids, tmp_path):
+    """AscendVocabParallelEmbedding and AscendSiluAndMul (310P: AscendSiluAndMul310, its own forward) are an
+    embedding and an activation by what they are: recorded, with the values a plain lookup and swiglu give."""
+    model = S.from_hf(_hf("Qwen2"), ascend=chip)
+    assert type(model.model.layers[0].mlp.act_fn).__name__ == {"910": "AscendSiluAndMul", "310p": "AscendSiluAndMul310"}[chip]
+    path = _record(model, tmp_path / "npu.h5", ids, record_inputs=True)
+    with hwdiff.open_capture(path) as cap:
+        assert cap.modules["model.embed_tokens"].kind == "embedding"
+        table = model.model.embed_tokens.weight.detach().numpy()
+        np.testing.assert_array_equal(cap.activation("model.embed_tokens"), table[ids.numpy()])
+        for layer in range(LAYERS):
+            act = f"model.layers.{layer}.mlp.act_fn"
+            assert cap.modules[act].kind == "activation"
+            gate_up = cap.activation(f"model.layers.{layer}.mlp.gate_up_proj").astype(np.float64)
+            gate, up = gate_up[..., :128], gate_up[..., 128:]
+            np.testing.assert_allclose(cap.activation(act), gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
+
+
+def test_an_ascend_norm_with_a_bias_keeps_offset_zero_and_its_bias(ids, tmp_path):
+    """A quantised checkpoint gives AscendRMSNorm a bias: y = w·x̂ + b. The zero-weight probe zeroes the
+    bias too, so the norm is a ``w`` norm (offset 0, not the 1 of a Gemma norm), and the stored output
+    carries the bias."""
+    model = S.from_hf(_hf("Qwen2"), ascend="910", norm_bias=True)
+    structure._OFFSETS.clear()
+    with torch.no_grad():
+        for _, norm in structure.find_norms(model):
+            norm.bias.copy_(0.5 + 0.1 * torch.randn(norm.bias.shape, generator=torch.Generator().manual_seed(5)))
+    plain = _Plain(model)
+    try:
+        path = _record(model, tmp_path / "npu.h5", ids, record_inputs=True)
+    finally:
+        plain.remove()
+        structure._OFFSETS.clear()
+    with hwdiff.open_capture(path) as cap:
+        for name, expected in plain.expected.items():
+            assert cap.modules[name].weight_offset == 0.0, name
+            bias = dict(model.named_modules())[name].bias
+            np.testing.assert_allclose(cap.activation(name), (expected + bias).reshape(SEQUENCES, TOKENS, -1).numpy(),
+                                       rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_a_tied_head_that_vllm_never_calls_is_listed_not_recorded(ids, tmp_path):
+    """vLLM's Llama ties the head by sharing the embedding's weight with a ParallelLMHead it never calls."""
+    model = S.from_hf(_hf("Llama", tie=True))
+    assert model.lm_head is not model.model.embed_tokens and model.lm_head.weight is model.model.embed_tokens.weight
+    assert structure.module_kind("lm_head", model.lm_head) == "head"
+    with hwdiff.open_capture(_record(model, tmp_path / "v.h5", ids)) as cap:
+        assert "lm_head" in json.loads(cap.meta["never_called"])
+        assert cap.modules["model.embed_tokens"].kind == "embedding"

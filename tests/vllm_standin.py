@@ -76,6 +76,8 @@ class RMSNorm(CustomOp):
         x.copy_(_rms(residual.float(), self.variance_epsilon).to(x.dtype) * self.weight)
         return x, residual
 
+    forward_xpu = forward_cuda  # ipex_ops.fused_add_rms_norm: the same in-place contract on Intel XPU
+
 
 class GemmaRMSNorm(CustomOp):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -92,18 +94,38 @@ class GemmaRMSNorm(CustomOp):
         x = x.to(orig_dtype)
         return x if residual is None else (x, residual)
 
+    def forward_xpu(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """A platform whose fused Gemma kernel overwrites its arguments (vLLM 0.34 on Intel XPU): the class
+        is the same, whether it writes in place is decided at run time."""
+        if residual is None:
+            return self.forward_native(x)
+        residual.add_(x)
+        x.copy_((_rms(residual.float(), self.variance_epsilon) * (1.0 + self.weight.float())).to(x.dtype))
+        return x, residual
+
 
 class AscendRMSNorm(RMSNorm):
     """vLLM-Ascend's class: forward_oot calls torch_npu.npu_add_rms_norm(x, residual, w, eps), which
-    returns new tensors (y, rstd, x + residual), and returns (y, x + residual)."""
+    returns new tensors (y, rstd, x + residual), and returns (y, x + residual). A quantised checkpoint
+    (anti-outlier method m4) gives it a ``bias``, added in place to the new y (``x.add_(self.bias)``)."""
 
     path = "oot"
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, bias: bool = False) -> None:
+        super().__init__(hidden_size, eps)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False) if bias else None
 
     def forward_oot(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is not None:
             total = x + residual
-            return _rms(total.float(), self.variance_epsilon).to(x.dtype) * self.weight, total
-        return _rms(x.float(), self.variance_epsilon).to(x.dtype) * self.weight
+            y = _rms(total.float(), self.variance_epsilon).to(x.dtype) * self.weight
+            if self.bias is not None:
+                y.add_(self.bias)
+            return y, total
+        y = _rms(x.float(), self.variance_epsilon).to(x.dtype) * self.weight
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y
 
 
 class ResidualFirstRMSNorm(RMSNorm):
@@ -151,13 +173,27 @@ class RowParallelLinear(LinearBase):
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_, self.weight)
 
 
+class AscendVocabParallelEmbedding(VocabParallelEmbedding):
+    """vLLM-Ascend's embedding (vllm_ascend/ops/vocab_parallel_embedding.py): a subclass with its own
+    forward (tensor-parallel variants around the same lookup)."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_, self.weight)
+
+
 class ParallelLMHead(VocabParallelEmbedding):
+    def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> "ParallelLMHead":
+        """vLLM's unquantised tie: the head shares the embedding's weight and stays a module of its own."""
+        self.weight = embed_tokens.weight
+        return self
+
     def forward(self, input_):
         raise RuntimeError("LMHead's weights should be used in the sampler.")
 
@@ -171,6 +207,24 @@ class SiluAndMul(CustomOp):
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+class AscendSiluAndMul(SiluAndMul):
+    """vLLM-Ascend: forward_oot calls torch_npu.npu_swiglu(x) = silu(x[..., :d]) · x[..., d:]."""
+
+    path = "oot"
+
+    def forward_oot(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
+
+
+class AscendSiluAndMul310(AscendSiluAndMul):
+    """vLLM-Ascend on 310P (vllm_ascend/_310p/ops/activation.py): overrides forward itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        return F.silu(x[..., :h]) * x[..., h:]
 
 
 class RotaryEmbedding(CustomOp):
@@ -194,6 +248,13 @@ class RotaryEmbedding(CustomOp):
             return (shaped * cos + rotated * sin).reshape(x.shape)
 
         return rotate(query), rotate(key)
+
+    def forward_cuda(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+        """ops.rotary_embedding is an in-place operation that updates the query and key tensors."""
+        rotated_query, rotated_key = self.forward_native(positions, query, key)
+        query.copy_(rotated_query)
+        key.copy_(rotated_key)
+        return query, key
 
 
 class Attention(nn.Module):
@@ -257,15 +318,42 @@ class Qwen2Attention(nn.Module):
         return output
 
 
+class Qwen3Attention(Qwen2Attention):
+    """vLLM's qwen3.py: RMSNorm over each head of q and k (views [num_tokens, heads, head_dim]) before the
+    rotary embedding."""
+
+    def __init__(self, config, bias: bool, norm_cls: type) -> None:
+        super().__init__(config, bias)
+        self.q_norm = norm_cls(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = norm_cls(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q_by_head = q.view(*q.shape[:-1], q.shape[-1] // self.head_dim, self.head_dim)
+        q_by_head = self.q_norm(q_by_head)
+        q = q_by_head.view(q.shape)
+        k_by_head = k.view(*k.shape[:-1], k.shape[-1] // self.head_dim, self.head_dim)
+        k_by_head = self.k_norm(k_by_head)
+        k = k_by_head.view(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        attn_output = self.attn(q, k, v)
+        output, _ = self.o_proj(attn_output)
+        return output
+
+
 class Qwen2DecoderLayer(nn.Module):
     attention_bias = True
 
     def __init__(self, config, norm_cls: type) -> None:
         super().__init__()
-        self.self_attn = Qwen2Attention(config, bias=getattr(config, "attention_bias", self.attention_bias))
+        self.self_attn = self._attention(config, norm_cls)
         self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+
+    def _attention(self, config, norm_cls: type) -> nn.Module:
+        return Qwen2Attention(config, bias=getattr(config, "attention_bias", self.attention_bias))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         if residual is None:
@@ -312,11 +400,14 @@ class Qwen2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = self.model_cls(config, norm_cls)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            self.lm_head = self._tie(self.lm_head, self.model.embed_tokens)
         self.logits_processor = LogitsProcessor()
+
+    @staticmethod
+    def _tie(lm_head: ParallelLMHead, embed_tokens: VocabParallelEmbedding) -> nn.Module:
+        return embed_tokens  # vLLM's qwen2.py: the head IS the embedding module
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -337,29 +428,76 @@ class LlamaModel(Qwen2Model):
 class LlamaForCausalLM(Qwen2ForCausalLM):
     model_cls = LlamaModel
 
+    @staticmethod
+    def _tie(lm_head: ParallelLMHead, embed_tokens: VocabParallelEmbedding) -> nn.Module:
+        return lm_head.tie_weights(embed_tokens)  # vLLM's llama.py: a head module of its own, never called
+
+
+class Qwen3DecoderLayer(Qwen2DecoderLayer):
+    attention_bias = False
+
+    def _attention(self, config, norm_cls: type) -> nn.Module:
+        return Qwen3Attention(config, bias=getattr(config, "attention_bias", False), norm_cls=norm_cls)
+
+
+class Qwen3Model(Qwen2Model):
+    layer_cls = Qwen3DecoderLayer
+
+
+class Qwen3ForCausalLM(Qwen2ForCausalLM):
+    model_cls = Qwen3Model
+
 
 # ------------------------------------------------------------------------------------------------
-def from_hf(hf_model: nn.Module, *, norm_cls: type = RMSNorm, path: str = "native") -> nn.Module:
+def from_hf(hf_model: nn.Module, *, norm_cls: type = RMSNorm, path: str = "native", ascend: str | None = None,
+            norm_bias: bool = False) -> nn.Module:
     """A vLLM-style model of the HF model's config with its weights, loaded as vLLM's load_weights
     stacks them (q/k/v → qkv_proj, gate/up → gate_up_proj), in the HF model's dtype. ``path``: the
-    norms' implementation ("native", "cuda": in-place fused add+norm)."""
+    norms' and rotary embeddings' implementation ("native"; "cuda" / "xpu": in-place fused add+norm and
+    rotary). ``ascend``: "910" or "310p" — vLLM-Ascend's classes (``AscendRMSNorm``, its embedding and
+    activation; on 310P the activation overrides ``forward``). ``norm_bias``: the Ascend norms carry a
+    ``bias`` (a quantised checkpoint), zero until set."""
     config = hf_model.config
-    cls = {"Qwen2ForCausalLM": Qwen2ForCausalLM, "LlamaForCausalLM": LlamaForCausalLM}[type(hf_model).__name__]
+    cls = {"Qwen2ForCausalLM": Qwen2ForCausalLM, "LlamaForCausalLM": LlamaForCausalLM,
+           "Qwen3ForCausalLM": Qwen3ForCausalLM}[type(hf_model).__name__]
     dtype = next(hf_model.parameters()).dtype
+    if ascend is not None and norm_cls is RMSNorm:
+        norm_cls = AscendRMSNorm
     model = cls(config, norm_cls).to(dtype)
+    if ascend is not None:
+        _to_ascend(model, ascend)
+    for module in model.modules():
+        if norm_bias and isinstance(module, AscendRMSNorm):
+            module.bias = nn.Parameter(torch.zeros_like(module.weight), requires_grad=False)
     source = hf_model.state_dict()
     stacked = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     with torch.no_grad():
         for name, param in model.named_parameters():
             fused = next((f for f in stacked if f".{f}." in name), None)
+            if fused is None and name not in source and name.endswith("norm.bias"):
+                continue  # a quantised checkpoint's norm bias: zero until the test sets it
             if fused is None:
                 param.copy_(source[name])
             else:
                 param.copy_(torch.cat([source[name.replace(fused, part)] for part in stacked[fused]]))
     for module in model.modules():
-        if isinstance(module, RMSNorm) and not isinstance(module, AscendRMSNorm):
+        if isinstance(module, (RMSNorm, GemmaRMSNorm, RotaryEmbedding)) and not isinstance(module, AscendRMSNorm):
             module.path = path
     return model.eval().requires_grad_(False)
+
+
+def _to_ascend(model: nn.Module, chip: str) -> None:
+    """What vLLM-Ascend's op registration does at start-up: the same tree with its subclasses."""
+    act_cls = {"910": AscendSiluAndMul, "310p": AscendSiluAndMul310}[chip]
+    embed = model.model.embed_tokens
+    ascend_embed = AscendVocabParallelEmbedding(embed.num_embeddings, embed.embedding_dim).to(embed.weight.dtype)
+    model.model.embed_tokens = ascend_embed
+    if model.lm_head is embed:
+        model.lm_head = ascend_embed
+    elif model.lm_head.weight is embed.weight:
+        model.lm_head.weight = ascend_embed.weight
+    for layer in model.model.layers:
+        layer.mlp.act_fn = act_cls()
 
 
 def run(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -289,9 +289,14 @@ def _table(result: DiffResult, top: int) -> list[str]:
     if result.golden:
         header.append("tgt/ref vs golden")
     rows = [header]
-    for layer in [layer for layer in result.worst() if not layer.alias_of][:top]:
+    # A module whose output is its child's very tensor (self_attn = o_proj's output) is stored once. Its
+    # output numbers are the child's, but its local error (its own replay: the attention core) is its
+    # own: with --local it has a row of its own; without, the child's row names it.
+    shown = [layer for layer in result.worst() if has_local or not layer.alias_of][:top]
+    also = _aliases(result.outputs) if not has_local else {}
+    for layer in shown:
         m = layer.metrics
-        row = [layer.name + (f"#{layer.call}" if layer.call else ""), layer.kind, f"{m.rel_l2:.3g}",
+        row = [_label(layer, also), layer.kind, f"{m.rel_l2:.3g}",
                f"{m.one_minus_cos:.2g}", f"{m.equal_frac:.1%}", f"{m.ulp.p99:.3g}", f"{m.max_abs:.3g}",
                "exact" if layer.exact else layer.fit.summary + (" !" if layer.diverges else "")]
         if has_nonfinite:
@@ -304,3 +309,27 @@ def _table(result: DiffResult, top: int) -> list[str]:
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _aliases(layers: Any) -> dict[tuple[str, int], list[str]]:
+    """``(name, call)`` of a stored output → the modules whose output is that same tensor."""
+    found: dict[tuple[str, int], list[str]] = {}
+    for layer in layers:
+        if layer.alias_of:
+            name, call, _ = layer.alias_of.rsplit("/", 2)
+            found.setdefault((name, int(call)), []).append(layer.name)
+    return found
+
+
+def _label(layer: LayerDiff, also: dict[tuple[str, int], list[str]]) -> str:
+    """The table's module cell: ``name#call``, ``(= child output)`` for a module stored as a link to its
+    child's output, ``(= parent output too)`` for the child when the parent has no row of its own."""
+    label = layer.name + (f"#{layer.call}" if layer.call else "")
+    if layer.alias_of:
+        target = layer.alias_of.rsplit("/", 2)[0]
+        short = target[len(layer.name):] if target.startswith(layer.name + ".") else target
+        return f"{label} (output = {short})"
+    parents = also.get((layer.name, layer.call), [])
+    if parents:
+        label += " (= " + ", ".join(p.rsplit(".", 1)[-1] if layer.name.startswith(p + ".") else p for p in parents) + ")"
+    return label
