@@ -199,6 +199,9 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
     state = patch_state(qerl)
     hint = {"patched": "", "unpatched": f" ({qerl} is not patched: git apply {PATCH})",
             "modified": f" ({PATCH.name} neither applies to {qerl} nor is applied there)"}[state]
+    missing = set(norm_names(model)) ^ ({l.name for l in calibration.layers} | set(calibration.skipped))
+    if missing:
+        raise CheckFailed(f"the model's norms differ from sigma.yaml's ({len(missing)}, first {sorted(missing)[0]})")
     exporters = logging.getLogger("hwdiff.exporters")
     level = exporters.level
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,6 +235,27 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hwdiff.errors import HwdiffError
+
+    try:
+        return _main(argv)
+    except HwdiffError as exc:  # a bad sigma.yaml, export or model: one line, as hwdiff's CLI says it
+        raise CheckFailed(" ".join(str(exc).split())) from None
+
+
+def vllm_tree(model):
+    """The vLLM-style copy of ``model`` (tests/vllm_standin.py), or CheckFailed for a family it does not build."""
+    sys.path.insert(0, str(HERE.parents[1]))
+    from tests import vllm_standin
+
+    family = type(model).__name__
+    if family not in ("Qwen2ForCausalLM", "LlamaForCausalLM"):  # the families from_hf builds
+        raise CheckFailed(f"--tree vllm builds the vLLM stand-in of Qwen2 and Llama only, not {family}: run with "
+                          f"--tree hf (the patched QeRL selects norms by class name on either tree)")
+    return vllm_standin.from_hf(model)
+
+
+def _main(argv: list[str] | None) -> int:
     import hwdiff
     from hwdiff.calibration import load_sigma
 
@@ -244,13 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", choices=("hf", "vllm"), default="vllm",
                         help="inject into the HF model or a vLLM-style copy (tests/vllm_standin.py; default: %(default)s)")
     args = parser.parse_args(argv)
+    calibration = load_sigma(args.sigma)
     model = hwdiff.load_model(args.model, dtype="float32")
     if args.tree == "vllm":
-        sys.path.insert(0, str(HERE.parents[1]))
-        from tests.vllm_standin import from_hf
-
-        model = from_hf(model)
-    print("\n".join(check(args.qerl, load_sigma(args.sigma), model, args.model_name, args.sigma_qerl)))
+        model = vllm_tree(model)
+    print("\n".join(check(args.qerl, calibration, model, args.model_name, args.sigma_qerl)))
     return 0
 
 

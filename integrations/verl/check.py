@@ -451,10 +451,29 @@ def check(verl: Path, calibration, model, overrides: list[str] | None = None, ba
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hwdiff.errors import HwdiffError
+
+    try:
+        return _main(argv)
+    except HwdiffError as exc:  # a bad sigma.yaml, model or input file: one line, as hwdiff's CLI says it
+        raise CheckFailed(" ".join(str(exc).split())) from None
+
+
+def _read_yaml(path: Path, what: str):
     import yaml
 
+    from hwdiff.errors import HwdiffError
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise HwdiffError(f"cannot read {what} {path}: {exc}") from None
+
+
+def _main(argv: list[str] | None) -> int:
     import hwdiff
     from hwdiff.calibration import load_sigma
+    from hwdiff.errors import HwdiffError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verl", type=Path, default=HERE / "upstream",
@@ -475,10 +494,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     calibration = load_sigma(args.sigma)
     model = hwdiff.load_model(args.model, dtype="float32")
-    overrides = args.overrides.read_text().splitlines() if args.overrides else None
-    base = (yaml.safe_load(args.base_config.read_text()) or {}) if args.base_config else None
-    if base and "trainer" in base:
-        base = base["trainer"].get("noise_injection", {})
+    try:
+        overrides = args.overrides.read_text().splitlines() if args.overrides else None
+    except OSError as exc:
+        raise HwdiffError(f"cannot read --overrides {args.overrides}: {exc}") from None
+    base = (_read_yaml(args.base_config, "--base-config") or {}) if args.base_config else None
+    if isinstance(base, dict) and "trainer" in base:
+        base = base["trainer"].get("noise_injection", {}) if isinstance(base["trainer"], dict) else base["trainer"]
+    if base is not None and not isinstance(base, dict):
+        raise HwdiffError(f"--base-config {args.base_config}: expected a trainer.noise_injection mapping (or that "
+                          f"block alone), found {type(base).__name__}")
     print("\n".join(check(args.verl, calibration, model, overrides, base)))
     return 0
 
