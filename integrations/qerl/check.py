@@ -13,7 +13,7 @@ What it runs, from the checkout's own files (no vLLM, TRL or GPU needed):
    The module's ``torch.normal`` is read through a probe returning the requested std as a constant,
    so each norm's σ is read exactly from its weight change (float64 copy of the model).
 ``--tree vllm`` runs it on a vLLM-style copy of the model (vLLM's class names: ``RMSNorm``;
-``tests/vllm_standin.py``), which is what QeRL injects into. Each norm's σ ÷ sigma.yaml's must be 1
+``tests/vllm_standin.py``; Qwen2 and Llama only), which is what QeRL injects into. Each norm's σ ÷ sigma.yaml's must be 1
 within 1e-5 (0 where sigma.yaml has 0). One line and a non-zero exit on the first miss; when the
 checkout injects nothing at all, it says so.
 """
@@ -235,6 +235,8 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (HERE.parents[1] / "hwdiff" / "__init__.py").is_file():  # check this checkout's hwdiff, not another install
+        sys.path.insert(0, str(HERE.parents[1]))
     from hwdiff.errors import HwdiffError
 
     try:

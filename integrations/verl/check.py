@@ -451,6 +451,8 @@ def check(verl: Path, calibration, model, overrides: list[str] | None = None, ba
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (HERE.parents[1] / "hwdiff" / "__init__.py").is_file():  # check this checkout's hwdiff, not another install
+        sys.path.insert(0, str(HERE.parents[1]))
     from hwdiff.errors import HwdiffError
 
     try:
