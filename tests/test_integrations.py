@@ -333,6 +333,12 @@ def test_check_clis_refuse_bad_input_in_one_line(tmp_path, verl_patched, qerl_pa
     base.write_text("trainer: 3\n")
     cases.append((verl_check, ["--verl", str(verl_patched), "--sigma", str(sigma), "--base-config", str(base)],
                   "--base-config .*expected a trainer.noise_injection mapping"))
+    export_file = tmp_path / "stale.qerl.yaml"
+    export_file.write_text("sigma_start: 0.05\nsigma_end: 0.0005\nnum_stages: four\nnorm_multipliers: {}\n")
+    cases.append((qerl_check, ["--qerl", str(qerl_patched), "--sigma", str(sigma), "--sigma-qerl", str(export_file)],
+                  ".*stale.qerl.yaml: malformed QeRL export"))
+    cases.append((qerl_check, ["--qerl", str(qerl_patched), "--sigma", str(sigma), "--sigma-qerl", str(other)],
+                  ".*other.yaml is not an hwdiff QeRL export"))
     for module, argv, message in cases:
         with pytest.raises(SystemExit, match=f"^check: {message}") as failed:
             module.main(argv)

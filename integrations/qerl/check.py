@@ -257,6 +257,28 @@ def vllm_tree(model):
     return vllm_standin.from_hf(model)
 
 
+def read_export(path: Path) -> dict:
+    """A QeRL export (``--sigma-qerl``) as the patched QeRL reads it, or HwdiffError (one line) when it cannot."""
+    import yaml
+
+    from hwdiff.errors import HwdiffError
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise HwdiffError(f"cannot read QeRL export {path}: {' '.join(str(exc).split())}") from None
+    keys = ("sigma_start", "sigma_end", "num_stages", "norm_multipliers")
+    if not isinstance(data, dict) or any(key not in data for key in keys):
+        raise HwdiffError(f"{path} is not an hwdiff QeRL export: expected the keys {', '.join(keys)} "
+                          f"(hwdiff calibrate --export qerl writes it)")
+    try:  # the conversions load_sigma_config (the patch) makes
+        float(data["sigma_start"]), float(data["sigma_end"]), int(data["num_stages"])
+        {str(name): float(m) for name, m in data["norm_multipliers"].items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise HwdiffError(f"{path}: malformed QeRL export ({exc})") from None
+    return data
+
+
 def _main(argv: list[str] | None) -> int:
     import hwdiff
     from hwdiff.calibration import load_sigma
@@ -271,6 +293,8 @@ def _main(argv: list[str] | None) -> int:
                         help="inject into the HF model or a vLLM-style copy (tests/vllm_standin.py; default: %(default)s)")
     args = parser.parse_args(argv)
     calibration = load_sigma(args.sigma)
+    if args.sigma_qerl:
+        read_export(args.sigma_qerl)
     model = hwdiff.load_model(args.model, dtype="float32")
     if args.tree == "vllm":
         model = vllm_tree(model)
