@@ -343,6 +343,14 @@ def test_check_clis_refuse_bad_input_in_one_line(tmp_path, verl_patched, qerl_pa
         with pytest.raises(SystemExit, match=f"^check: {message}") as failed:
             module.main(argv)
         assert "\n" not in str(failed.value), argv
+    cal = planted(models["qwen2"], TWO)
+    lines = hydra_overrides(cal)
+    unquoted = [line.replace('target_modules=["', 'target_modules=[oops, "') for line in lines]  # valid Hydra
+    with pytest.raises(SystemExit, match=r"^check: cannot read .*oops.* as Hydra would: .*quote every string"):
+        verl_check.check(verl_patched, cal, models["qwen2"], overrides=unquoted)
+    wordy = [line.replace(f"num_stages={K}", "num_stages=four") for line in lines]
+    with pytest.raises(SystemExit, match=r"^check: trainer.noise_injection.num_stages = 'four' is not a number"):
+        verl_check.check(verl_patched, cal, models["qwen2"], overrides=wordy)
     with pytest.raises(SystemExit, match=r"^check: the model's norms differ from sigma.yaml's \(\d+, first "):
         qerl_check.check(qerl_patched, planted(models["qwen2"], TWO), models["dense"])
     with pytest.raises(SystemExit, match="^check: --tree vllm builds the vLLM stand-in of Qwen2 and Llama only, not "

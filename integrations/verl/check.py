@@ -116,10 +116,15 @@ def merge(dst: Node, src: dict) -> None:
 
 
 def override_value(text: str):
-    """A Hydra override value: Python-literal scalars, quoted strings and lists; anything else a string."""
+    """A Hydra override value: Python-literal scalars, quoted strings and lists; anything else a string.
+    A list or dict that is not a Python literal (e.g. unquoted strings, which Hydra accepts) is refused
+    rather than read as one string, which the fork would match character by character."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if text.strip()[:1] in "[{":
+            raise CheckFailed(f"cannot read {text[:60]!r} as Hydra would: check.py reads lists and dicts as Python "
+                              f"literals (quote every string, as hwdiff's ++ lines do)") from None
         return {"true": True, "false": False, "null": None}.get(text.lower(), text)
 
 
@@ -433,7 +438,14 @@ def check(verl: Path, calibration, model, overrides: list[str] | None = None, ba
     hint = {"patched": "", "unpatched": f" ({verl} is not patched: git apply {PATCH})",
             "modified": f" ({PATCH.name} neither applies to {verl} nor is applied there)"}[state]
     config = compose(verl, hydra_overrides(calibration) if overrides is None else overrides, base)
-    k = int(config.trainer.noise_injection.get("num_stages", 10))
+    block = config.trainer.noise_injection
+    for key, kind in (("num_stages", int), ("sigma_start", float), ("sigma_end", float)):
+        try:
+            kind(block.get(key, 10 if key == "num_stages" else 0.0))
+        except (TypeError, ValueError):
+            raise CheckFailed(f"trainer.noise_injection.{key} = {block.get(key)!r} is not a number (the fork computes "
+                              f"its schedule from it)") from None
+    k = int(block.get("num_stages", 10))
     total = 2 * k
     config.trainer.total_epochs, config.trainer.total_training_steps = 2, total  # 2 epochs, stopped after one
     missing = set(norm_names(model)) ^ ({l.name for l in calibration.layers} | set(calibration.skipped))
