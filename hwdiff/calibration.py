@@ -332,13 +332,23 @@ def with_laws(calibration: Calibration, summary: dict[str, Any]) -> Calibration:
     from .law_evidence import law_evidence
 
     evidence = law_evidence(summary, [l.name for l in calibration.layers if l.sigma_end > 0])
-    missing = evidence.note if evidence.note.startswith("law:") else (
-        "law: Gaussian assumed — the norm's own local error is zero (the error lives in its sub-block, whose law "
-        "is not measured at the norm)")
     layers = tuple(replace(l, law=evidence.fits[l.name].law, df=evidence.fits[l.name].df, law_why=evidence.fits[l.name].why)
-                   if l.name in evidence.fits else replace(l, law_why=missing if l.sigma_end > 0 else "no noise")
+                   if l.name in evidence.fits else replace(l, law_why=_law_missing(l, evidence.note))
                    for l in calibration.layers)
     return replace(calibration, layers=layers, rho=evidence.rho, correlation_note=evidence.note)
+
+
+def _law_missing(layer: LayerSigma, note: str) -> str:
+    """Why a norm with noise has no fitted law: the evidence's own reason, or what this norm lacks."""
+    if layer.sigma_end == 0:
+        return "no noise"
+    if note.startswith("law:"):
+        return note
+    if layer.norm_error == 0:
+        return ("law: Gaussian assumed — the norm's own local error is zero (the error lives in its sub-block, whose "
+                "law is not measured at the norm)")
+    return ("law: Gaussian assumed — the norm's local error was not fitted per channel (its recorded input is missing "
+            "or not tokens x channels, e.g. a per-head q/k norm)")
 
 
 def with_sigmas(calibration: Calibration, other: Calibration) -> Calibration:

@@ -424,7 +424,8 @@ def _add_calibrate(sub: Any) -> None:
                           "norm weights) (default: %(default)s, QeRL's ratio)")
     cal.add_argument("--sigma-start", type=float, default=None,
                      help="the global sigma_start itself instead of the rule (warned when above QeRL's range)")
-    cal.add_argument("--stages", type=_at_least(2), default=10, help="number of stages K (default: %(default)s)")
+    cal.add_argument("--stages", type=_at_least(3), default=10,
+                     help="number of stages K, at least 3: stage 0 is noise-free (default: %(default)s)")
     cal.add_argument("--schedule", default="qerl-code", choices=("qerl-code", "qerl-paper", "linear", "constant"),
                      help="schedule shape (default: %(default)s, what the verl fork runs)")
     cal.add_argument("--conversion", default="output-rms", choices=CONVERSIONS,
@@ -442,7 +443,8 @@ def _add_calibrate(sub: Any) -> None:
     cal.add_argument("--device", default="cpu", help="device for --conversion measured / --verify (default: %(default)s)")
     cal.add_argument("--export", action="append", choices=tuple(EXPORTERS), default=None,
                      help="also write SIGMA.verl.yaml (trainer.noise_injection block; prints Hydra ++ lines) or "
-                          "SIGMA.qerl.yaml (global schedule only)")
+                          "SIGMA.qerl.yaml (QeRL's schedule arguments and per-norm multipliers, for integrations/qerl's patch); "
+                          "refused, nothing written, when the consumer cannot give every norm its sigma")
     _quiet_arg(cal)
     cal.set_defaults(handler=_cmd_calibrate)
 

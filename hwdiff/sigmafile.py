@@ -24,8 +24,13 @@ def read_sigma(path: Path) -> Calibration:
 
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise HwdiffError(f"cannot read sigma file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:  # its message spans lines (context, caret): one line with the position
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise HwdiffError(f"cannot read sigma file {path}: not valid YAML ({problem}{where})") from exc
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema not in READABLE_SCHEMAS:
         raise HwdiffError(f"{path} is not a sigma file of schema {' or '.join(READABLE_SCHEMAS)} (schema {schema!r})")

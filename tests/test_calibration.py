@@ -311,3 +311,18 @@ def test_cli_calibrate_and_aqn_check(tmp_path, fp32_plant):
     assert f"matched {2 * L + 1} RMSNorm layers" in check.stdout
     bad = run_cli("calibrate", tmp_path / "missing.h5", "-o", tmp_path / "x.yaml")
     assert bad.returncode == 2 and "no such diff file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_law_note_never_calls_a_measured_norm_error_zero():
+    """A norm with its own local error (a per-head q_norm, no sub-block) whose law was not fitted is not
+    described as having zero error; one whose error lives only in its sub-block is."""
+    from hwdiff.calibration import LayerSigma, _law_missing
+
+    own = LayerSigma("model.layers.0.self_attn.q_norm", 0, None, 2.3e-3, 0.0, 1.0, 1.0, 2.4e-3, 0.05, 1.0)
+    block_only = LayerSigma("model.layers.0.input_layernorm", 0, "model.layers.0.self_attn", 0.0, 4e-3, 1.0, 1.0,
+                            4e-3, 0.05, 1.0)
+    silent = LayerSigma("model.norm", None, None, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+    assert "zero" not in _law_missing(own, "") and "not fitted" in _law_missing(own, "")
+    assert "own local error is zero" in _law_missing(block_only, "")
+    assert _law_missing(silent, "") == "no noise"
+    assert _law_missing(own, "law: Gaussian assumed — x") == "law: Gaussian assumed — x"

@@ -498,7 +498,8 @@ def test_no_argument_prints_the_help():
     (("frobnicate",), "frobnicate"),
     (("diff", "only-one.h5"), "target"),
     (("calibrate", "d.h5", "--stages", "1"), "--stages"),
-], ids=["kinds foo", "mode", "missing -o", "unknown command", "missing target", "stages 1"])
+    (("calibrate", "d.h5", "--stages", "2"), "--stages: must be at least 3"),
+], ids=["kinds foo", "mode", "missing -o", "unknown command", "missing target", "stages 1", "stages 2"])
 def test_usage_errors_are_one_line(args, fragment):
     proc = run_cli(*args)
     one_error(proc, fragment)

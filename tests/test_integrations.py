@@ -74,7 +74,8 @@ def models():
     return {kind: _tiny(kind) for kind in ("dense", "moe", "qwen2")}
 
 
-def planted(model, noisy: set[str], kind: str = "qerl-code", start: float = 0.05, end: float = 5e-4) -> Calibration:
+def planted(model, noisy: set[str], kind: str = "qerl-code", start: float = 0.05, end: float = 5e-4,
+            stages: int = K) -> Calibration:
     """A calibration with a distinct multiplier per noisy norm (0.5 … 1.1) and σ = 0 elsewhere."""
     names = verl_check.norm_names(model)
     layers = []
@@ -82,19 +83,19 @@ def planted(model, noisy: set[str], kind: str = "qerl-code", start: float = 0.05
         m = 0.5 + 0.1 * (i % 7) if structure.norm_class(name) in noisy else 0.0
         layers.append(LayerSigma(name, structure.layer_index(name), None, 0.0, 0.0, 1.0, 1.0,
                                  sigma_end=end * m, sigma_start=start * m, multiplier=m))
-    return Calibration(tuple(layers), SigmaSchedule(start, end, K, kind), "local", "output-rms", "planted")
+    return Calibration(tuple(layers), SigmaSchedule(start, end, stages, kind), "local", "output-rms", "planted")
 
 
 def truth(calibration: Calibration, name: str, step: int, total: int) -> float:
     """The norm's σ at ``step`` from the schedule's definition (QeRL's code, the paper, linear, constant)."""
-    layer = calibration.layer(name)
-    stage = int(min(step, total) // (total / K))
+    layer, k = calibration.layer(name), calibration.schedule.num_stages
+    stage = int(min(step, total) // (total / k))
     if layer.sigma_end == 0 or stage == 0:
         return 0.0
-    j = min(stage - 1, K - 2)
+    j = min(stage - 1, k - 2)
     a, b, kind = layer.sigma_start, layer.sigma_end, calibration.schedule.kind
-    return {"qerl-code": a * (b / a) ** (j / (K - 2)), "qerl-paper": a * (b / a) ** (j / (K - 1)),
-            "linear": a + (b - a) * j / (K - 2), "constant": b}[kind]
+    return {"qerl-code": a * (b / a) ** (j / (k - 2)), "qerl-paper": a * (b / a) ** (j / (k - 1)),
+            "linear": a + (b - a) * j / (k - 2), "constant": b}[kind]
 
 
 def test_truth_is_what_hwdiff_schedules(models):
@@ -276,3 +277,82 @@ def test_hydra_lines_keep_full_precision(models):
     got = config.trainer.noise_injection
     assert got.sigma_start == block["sigma_start"] and got.sigma_end == block["sigma_end"]
     assert [list(p) for p in got.layer_sigma_config.norm_multipliers] == block["layer_sigma_config"]["norm_multipliers"]
+
+
+def _gemma3():
+    """Another family: Gemma 3's six norm classes (q/k norms, pre/post feed-forward norms, (1 + w) weights)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                                 sliding_window=8)
+    return tf.Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [3, 7])
+def test_gemma3_every_class_through_both_patched_consumers(stages, verl_patched, qerl_patched):
+    """Gemma 3 (every norm class noisy but post_feedforward_layernorm, which stays at 0), 3 and 7 stages,
+    qerl-paper: the patched fork and the patched QeRL (HF tree) give each norm the truth at every step."""
+    model = _gemma3()
+    noisy = {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "q_norm", "k_norm",
+             structure.FINAL_NORM}
+    cal = planted(model, noisy, "qerl-paper", stages=stages)
+    assert verl_check.check(verl_patched, cal, model)[-1].startswith("ok:")
+    total = 2 * stages
+    config = verl_check.compose(verl_patched, hydra_overrides(cal), None)
+    config.trainer.total_epochs, config.trainer.total_training_steps = 2, total
+    seen = set()
+    for sync in verl_check.simulate(verl_patched, config, model, steps_per_epoch=total, test_freq=2):
+        for name, got in sync.sigmas.items():
+            want = 0.0 if sync.phase == "validation" else truth(cal, name, sync.step, total)
+            assert got == pytest.approx(want, rel=1e-5, abs=0), (sync.step, name)
+            seen.add((structure.norm_class(name), want > 0))
+    assert ("post_feedforward_layernorm", False) in seen and all((c, True) in seen for c in noisy)
+    assert qerl_check.check(qerl_patched, cal, model)[-1].startswith("ok:")
+
+
+def test_check_clis_refuse_bad_input_in_one_line(tmp_path, verl_patched, qerl_patched, models):
+    """A malformed sigma.yaml, a file of another schema, a base config that is not a mapping, a sigma.yaml
+    of another model and a family the vLLM stand-in does not build: one line each, non-zero exit."""
+    from hwdiff.calibration import save
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("schema: hwdiff/sigma/2\nlayers: [oops\n")  # the flow list never closes: YAML fails at line 3
+    other = tmp_path / "other.yaml"
+    other.write_text("hello: 1\n")
+    cases = [(verl_check, ["--verl", str(verl_patched), "--sigma", str(broken)], "cannot read sigma file .*not valid YAML .*line 3"),
+             (qerl_check, ["--qerl", str(qerl_patched), "--sigma", str(broken)], "cannot read sigma file .*not valid YAML"),
+             (verl_check, ["--verl", str(verl_patched), "--sigma", str(other)], ".*other.yaml is not a sigma file of schema"),
+             (qerl_check, ["--qerl", str(qerl_patched), "--sigma", str(tmp_path / "missing.yaml")], "cannot read sigma file")]
+    import hwdiff
+
+    sigma = save(planted(hwdiff.load_model("tiny-qwen2"), TWO), tmp_path / "sigma.yaml")
+    base = tmp_path / "base.yaml"
+    base.write_text("trainer: 3\n")
+    cases.append((verl_check, ["--verl", str(verl_patched), "--sigma", str(sigma), "--base-config", str(base)],
+                  "--base-config .*expected a trainer.noise_injection mapping"))
+    export_file = tmp_path / "stale.qerl.yaml"
+    export_file.write_text("sigma_start: 0.05\nsigma_end: 0.0005\nnum_stages: four\nnorm_multipliers: {}\n")
+    cases.append((qerl_check, ["--qerl", str(qerl_patched), "--sigma", str(sigma), "--sigma-qerl", str(export_file)],
+                  ".*stale.qerl.yaml: malformed QeRL export"))
+    cases.append((qerl_check, ["--qerl", str(qerl_patched), "--sigma", str(sigma), "--sigma-qerl", str(other)],
+                  ".*other.yaml is not an hwdiff QeRL export"))
+    for module, argv, message in cases:
+        with pytest.raises(SystemExit, match=f"^check: {message}") as failed:
+            module.main(argv)
+        assert "\n" not in str(failed.value), argv
+    cal = planted(models["qwen2"], TWO)
+    lines = hydra_overrides(cal)
+    unquoted = [line.replace('target_modules=["', 'target_modules=[oops, "') for line in lines]  # valid Hydra
+    with pytest.raises(SystemExit, match=r"^check: cannot read .*oops.* as Hydra would: .*quote every string"):
+        verl_check.check(verl_patched, cal, models["qwen2"], overrides=unquoted)
+    wordy = [line.replace(f"num_stages={K}", "num_stages=four") for line in lines]
+    with pytest.raises(SystemExit, match=r"^check: trainer.noise_injection.num_stages = 'four' is not a number"):
+        verl_check.check(verl_patched, cal, models["qwen2"], overrides=wordy)
+    with pytest.raises(SystemExit, match=r"^check: the model's norms differ from sigma.yaml's \(\d+, first "):
+        qerl_check.check(qerl_patched, planted(models["qwen2"], TWO), models["dense"])
+    with pytest.raises(SystemExit, match="^check: --tree vllm builds the vLLM stand-in of Qwen2 and Llama only, not "
+                                         "Qwen3ForCausalLM: run with --tree hf"):
+        qerl_check.vllm_tree(models["dense"])

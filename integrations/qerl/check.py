@@ -13,7 +13,7 @@ What it runs, from the checkout's own files (no vLLM, TRL or GPU needed):
    The module's ``torch.normal`` is read through a probe returning the requested std as a constant,
    so each norm's σ is read exactly from its weight change (float64 copy of the model).
 ``--tree vllm`` runs it on a vLLM-style copy of the model (vLLM's class names: ``RMSNorm``;
-``tests/vllm_standin.py``), which is what QeRL injects into. Each norm's σ ÷ sigma.yaml's must be 1
+``tests/vllm_standin.py``; Qwen2 and Llama only), which is what QeRL injects into. Each norm's σ ÷ sigma.yaml's must be 1
 within 1e-5 (0 where sigma.yaml has 0). One line and a non-zero exit on the first miss; when the
 checkout injects nothing at all, it says so.
 """
@@ -199,6 +199,9 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
     state = patch_state(qerl)
     hint = {"patched": "", "unpatched": f" ({qerl} is not patched: git apply {PATCH})",
             "modified": f" ({PATCH.name} neither applies to {qerl} nor is applied there)"}[state]
+    missing = set(norm_names(model)) ^ ({l.name for l in calibration.layers} | set(calibration.skipped))
+    if missing:
+        raise CheckFailed(f"the model's norms differ from sigma.yaml's ({len(missing)}, first {sorted(missing)[0]})")
     exporters = logging.getLogger("hwdiff.exporters")
     level = exporters.level
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,6 +235,51 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (HERE.parents[1] / "hwdiff" / "__init__.py").is_file():  # check this checkout's hwdiff, not another install
+        sys.path.insert(0, str(HERE.parents[1]))
+    from hwdiff.errors import HwdiffError
+
+    try:
+        return _main(argv)
+    except HwdiffError as exc:  # a bad sigma.yaml, export or model: one line, as hwdiff's CLI says it
+        raise CheckFailed(" ".join(str(exc).split())) from None
+
+
+def vllm_tree(model):
+    """The vLLM-style copy of ``model`` (tests/vllm_standin.py), or CheckFailed for a family it does not build."""
+    sys.path.insert(0, str(HERE.parents[1]))
+    from tests import vllm_standin
+
+    family = type(model).__name__
+    if family not in ("Qwen2ForCausalLM", "LlamaForCausalLM"):  # the families from_hf builds
+        raise CheckFailed(f"--tree vllm builds the vLLM stand-in of Qwen2 and Llama only, not {family}: run with "
+                          f"--tree hf (the patched QeRL selects norms by class name on either tree)")
+    return vllm_standin.from_hf(model)
+
+
+def read_export(path: Path) -> dict:
+    """A QeRL export (``--sigma-qerl``) as the patched QeRL reads it, or HwdiffError (one line) when it cannot."""
+    import yaml
+
+    from hwdiff.errors import HwdiffError
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise HwdiffError(f"cannot read QeRL export {path}: {' '.join(str(exc).split())}") from None
+    keys = ("sigma_start", "sigma_end", "num_stages", "norm_multipliers")
+    if not isinstance(data, dict) or any(key not in data for key in keys):
+        raise HwdiffError(f"{path} is not an hwdiff QeRL export: expected the keys {', '.join(keys)} "
+                          f"(hwdiff calibrate --export qerl writes it)")
+    try:  # the conversions load_sigma_config (the patch) makes
+        float(data["sigma_start"]), float(data["sigma_end"]), int(data["num_stages"])
+        {str(name): float(m) for name, m in data["norm_multipliers"].items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise HwdiffError(f"{path}: malformed QeRL export ({exc})") from None
+    return data
+
+
+def _main(argv: list[str] | None) -> int:
     import hwdiff
     from hwdiff.calibration import load_sigma
 
@@ -244,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", choices=("hf", "vllm"), default="vllm",
                         help="inject into the HF model or a vLLM-style copy (tests/vllm_standin.py; default: %(default)s)")
     args = parser.parse_args(argv)
+    calibration = load_sigma(args.sigma)
+    if args.sigma_qerl:
+        read_export(args.sigma_qerl)
     model = hwdiff.load_model(args.model, dtype="float32")
     if args.tree == "vllm":
-        sys.path.insert(0, str(HERE.parents[1]))
-        from tests.vllm_standin import from_hf
-
-        model = from_hf(model)
-    print("\n".join(check(args.qerl, load_sigma(args.sigma), model, args.model_name, args.sigma_qerl)))
+        model = vllm_tree(model)
+    print("\n".join(check(args.qerl, calibration, model, args.model_name, args.sigma_qerl)))
     return 0
 
 

@@ -116,10 +116,15 @@ def merge(dst: Node, src: dict) -> None:
 
 
 def override_value(text: str):
-    """A Hydra override value: Python-literal scalars, quoted strings and lists; anything else a string."""
+    """A Hydra override value: Python-literal scalars, quoted strings and lists; anything else a string.
+    A list or dict that is not a Python literal (e.g. unquoted strings, which Hydra accepts) is refused
+    rather than read as one string, which the fork would match character by character."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if text.strip()[:1] in "[{":
+            raise CheckFailed(f"cannot read {text[:60]!r} as Hydra would: check.py reads lists and dicts as Python "
+                              f"literals (quote every string, as hwdiff's ++ lines do)") from None
         return {"true": True, "false": False, "null": None}.get(text.lower(), text)
 
 
@@ -433,7 +438,14 @@ def check(verl: Path, calibration, model, overrides: list[str] | None = None, ba
     hint = {"patched": "", "unpatched": f" ({verl} is not patched: git apply {PATCH})",
             "modified": f" ({PATCH.name} neither applies to {verl} nor is applied there)"}[state]
     config = compose(verl, hydra_overrides(calibration) if overrides is None else overrides, base)
-    k = int(config.trainer.noise_injection.get("num_stages", 10))
+    block = config.trainer.noise_injection
+    for key, kind in (("num_stages", int), ("sigma_start", float), ("sigma_end", float)):
+        try:
+            kind(block.get(key, 10 if key == "num_stages" else 0.0))
+        except (TypeError, ValueError):
+            raise CheckFailed(f"trainer.noise_injection.{key} = {block.get(key)!r} is not a number (the fork computes "
+                              f"its schedule from it)") from None
+    k = int(block.get("num_stages", 10))
     total = 2 * k
     config.trainer.total_epochs, config.trainer.total_training_steps = 2, total  # 2 epochs, stopped after one
     missing = set(norm_names(model)) ^ ({l.name for l in calibration.layers} | set(calibration.skipped))
@@ -451,10 +463,31 @@ def check(verl: Path, calibration, model, overrides: list[str] | None = None, ba
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (HERE.parents[1] / "hwdiff" / "__init__.py").is_file():  # check this checkout's hwdiff, not another install
+        sys.path.insert(0, str(HERE.parents[1]))
+    from hwdiff.errors import HwdiffError
+
+    try:
+        return _main(argv)
+    except HwdiffError as exc:  # a bad sigma.yaml, model or input file: one line, as hwdiff's CLI says it
+        raise CheckFailed(" ".join(str(exc).split())) from None
+
+
+def _read_yaml(path: Path, what: str):
     import yaml
 
+    from hwdiff.errors import HwdiffError
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise HwdiffError(f"cannot read {what} {path}: {exc}") from None
+
+
+def _main(argv: list[str] | None) -> int:
     import hwdiff
     from hwdiff.calibration import load_sigma
+    from hwdiff.errors import HwdiffError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verl", type=Path, default=HERE / "upstream",
@@ -475,10 +508,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     calibration = load_sigma(args.sigma)
     model = hwdiff.load_model(args.model, dtype="float32")
-    overrides = args.overrides.read_text().splitlines() if args.overrides else None
-    base = (yaml.safe_load(args.base_config.read_text()) or {}) if args.base_config else None
-    if base and "trainer" in base:
-        base = base["trainer"].get("noise_injection", {})
+    try:
+        overrides = args.overrides.read_text().splitlines() if args.overrides else None
+    except OSError as exc:
+        raise HwdiffError(f"cannot read --overrides {args.overrides}: {exc}") from None
+    base = (_read_yaml(args.base_config, "--base-config") or {}) if args.base_config else None
+    if isinstance(base, dict) and "trainer" in base:
+        base = base["trainer"].get("noise_injection", {}) if isinstance(base["trainer"], dict) else base["trainer"]
+    if base is not None and not isinstance(base, dict):
+        raise HwdiffError(f"--base-config {args.base_config}: expected a trainer.noise_injection mapping (or that "
+                          f"block alone), found {type(base).__name__}")
     print("\n".join(check(args.verl, calibration, model, overrides, base)))
     return 0
 
