@@ -361,7 +361,8 @@ def format_card(summary: dict[str, Any]) -> str:
     m, s, p = summary["model"], summary["sigma"], summary["prompts"]
     lines = [f"robustness of {m['spec']} ({m['dtype']}, {m['device']}, {m['attn_implementation']}) to "
              f"{s['source']}: σ_end on {s['noised']} of {s['norms']} norms (median {s['sigma_end_median']:.3g}, "
-             f"{'/'.join(s['laws'])}, ρ {s['rho']:.2f})",
+             f"{'/'.join(s['laws'])}, ρ {s['rho']:.2f})"
+             + (f"; the file names none of {', '.join(s['not_in_file'])}: no noise there" if s.get("not_in_file") else ""),
              f"{summary['draws']} draws (seed {summary['seed']}), {p['count']} prompts ({p['tokens']} tokens), "
              f"{summary['max_new_tokens']} new tokens; {summary['cost']['seconds']:.1f} s",
              f"intervals: {summary['interval_rule']}", "",
@@ -384,7 +385,8 @@ def _answer_lines(em: dict, me: dict) -> list[str]:
         if not seq:
             continue
         hist = seq["split_positions"]
-        lines.append(f"{name}: first split median {hist['median']}, min {hist['min']}")
+        lines.append(f"{name}: no continuation changed" if hist["median"] is None else
+                     f"{name}: first split median {hist['median']:g}, min {hist['min']:g}")
         answers = seq["answers"]
         if not answers["available"]:
             lines.append(f"{name} answers: {answers['reason']}")

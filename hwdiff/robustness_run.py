@@ -97,13 +97,19 @@ def robustness(model: Any, sigma: Any, *, options: Options | None = None, pair: 
     inputs, references = _prompts(model, opts)
     measured = _measured(pair, inputs, model, opts)
     injector = AQNInjector(model, calibration)
+    applied = injector.sigmas()  # the model's norms: σ_end of the file, 0 where it names none
+    unnamed = sorted(set(applied) - {layer.name for layer in calibration.layers})
+    if unnamed:
+        log.warning("the sigma file names %d of this model's %d RMSNorms; no noise on the other %d: %s",
+                    len(applied) - len(unnamed), len(applied), len(unnamed), ", ".join(unnamed[:4]))
     seeds = [int(s) for s in np.random.SeedSequence(opts.seed).generate_state(opts.draws)]
     log.info("robustness: %d draws x %d prompts: %d forwards of %d prompts, %d greedy decodes of up to %d tokens",
              opts.draws, inputs.shape[0], opts.draws + 1, inputs.shape[0],
              (opts.draws + 1) * inputs.shape[0] * bool(opts.max_new_tokens), opts.max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="hwdiff-robustness-") as work, torch.no_grad(), injector:
         emulated = _emulate(model, injector, inputs, seeds, Path(work), opts)
-    card = RobustnessCard(_meta(model, calibration, sigma, inputs, opts, seeds, pair, time.perf_counter() - started),
+    card = RobustnessCard(_meta(model, calibration, sigma, applied, inputs, opts, seeds, pair,
+                                time.perf_counter() - started),
                           emulated, measured, references)
     if output is not None:
         save_card(card, output)
@@ -240,12 +246,22 @@ def _measured(pair: Sequence[tuple[Any, Any]], inputs: Any, model: Any, opts: Op
 
     token: dict[str, np.ndarray] = {}
     seq: dict | None = None
+    from .outputs import same_file
+
+    kinds: set[str] = set()
     for ref_path, tgt_path in pair:
+        if same_file(Path(ref_path), Path(tgt_path)):
+            raise HwdiffError(f"--pair {ref_path} {tgt_path}: the same file twice (a pair of one run measures "
+                              "nothing): give the reference device's file and the target device's")
         with open_capture(ref_path) as ref, open_capture(tgt_path) as tgt:
-            _check_pair(ref, tgt, inputs, model, opts)
             kind = "generation" if ref.is_generation else "capture"
             if (kind == "generation") != tgt.is_generation:
                 raise HwdiffError(f"--pair {ref_path} {tgt_path}: one is a generation file and the other a capture")
+            if kind in kinds:
+                raise HwdiffError(f"--pair given two {kind} pairs: give at most one pair of captures (token level) "
+                                  "and one of generation files (sequence level)")
+            kinds.add(kind)
+            _check_pair(ref, tgt, inputs, model, opts)
             if kind == "capture":
                 token = _capture_cells(ref, tgt, inputs)
             else:
@@ -293,7 +309,8 @@ def _file_sha256(path: str | os.PathLike) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, seeds: list[int],
+def _meta(model: Any, calibration: Any, sigma: Any, applied: dict[str, float], inputs: Any, opts: Options,
+          seeds: list[int],
           pair: Sequence[tuple[Any, Any]], seconds: float) -> dict[str, Any]:
     from datetime import datetime, timezone
 
@@ -303,6 +320,7 @@ def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, 
     info = model_info(model)
     device, dtype = model_device_and_dtype(model)
     sigmas = [float(layer.sigma_end) for layer in calibration.layers]
+    named = {layer.name for layer in calibration.layers}
     return {
         "hwdiff_version": __version__, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"spec": info.spec, "fingerprint": info.fingerprint, "dtype": dtype_name(dtype), "device": str(device),
@@ -310,8 +328,9 @@ def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, 
         "sigma": {"source": str(sigma) if isinstance(sigma, (str, os.PathLike)) else "object",
                   "fingerprint": sigma_fingerprint(calibration),
                   "file_sha256": _file_sha256(sigma) if isinstance(sigma, (str, os.PathLike)) else None,
-                  "norms": len(sigmas),
-                  "noised": sum(s > 0 for s in sigmas), "sigma_end_median": float(np.median(sigmas)),
+                  "norms": len(applied), "noised": sum(v > 0 for v in applied.values()),
+                  "not_in_file": sorted(set(applied) - named),
+                  "sigma_end_median": float(np.median(sigmas)) if sigmas else 0.0,
                   "laws": sorted({layer.law for layer in calibration.layers}),
                   "rho": float(getattr(calibration, "rho", 0.0) or 0.0)},
         "prompts": {"source": inputs.source, "fingerprint": inputs.fingerprint, "count": inputs.shape[0],

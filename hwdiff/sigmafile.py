@@ -23,7 +23,9 @@ def read_sigma(path: Path) -> Calibration:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HwdiffError(f"{path} is not a sigma file (not text: a binary file such as a capture?)") from None
     except (OSError, yaml.YAMLError) as exc:
         raise HwdiffError(f"cannot read sigma file {path}: {exc}") from exc
     schema = data.get("schema") if isinstance(data, dict) else None

@@ -11,7 +11,8 @@ import hwdiff
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import load_sigma
 from hwdiff.errors import HwdiffError
-from hwdiff.robustness_run import Options, RobustnessCard, compare_cards, extract_answer, is_correct, load_card, robustness
+from hwdiff.robustness_run import (Options, RobustnessCard, compare_cards, extract_answer, format_card, is_correct,
+                                   load_card, robustness)
 
 from .conftest import run_cli
 
@@ -205,10 +206,61 @@ def test_cards_of_other_prompts_or_noise_are_refused(tiny, tmp_path):
 
 def test_pair_of_other_inputs_is_refused(tiny, tmp_path):
     model, sigma, root = tiny
-    cap = hwdiff.capture(model, tmp_path / "c.h5", limit=2, max_tokens=16, kinds=["head"], progress=False).path
+    cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
+    a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(model, tmp_path / "b.h5", **cap).path
     with pytest.raises(HwdiffError, match="other inputs"):
         robustness(model, sigma, options=Options(draws=2, limit=3, max_new_tokens=0, progress=False),
-                   pair=[(cap, cap)])
+                   pair=[(a, b)])
+
+
+def test_pair_of_one_file_mixed_kinds_or_two_capture_pairs_is_refused(tiny, tmp_path):
+    """Each refused before any draw: the same file twice would be a measured pair of exactly 0, a second
+    capture pair would silently replace the first."""
+    from hwdiff.generate import generate
+
+    model, sigma, root = tiny
+    opts = Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False)
+    cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
+    a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(model, tmp_path / "b.h5", **cap).path
+    gen = generate(model, tmp_path / "g.h5", limit=2, max_tokens=16, max_new_tokens=2, progress=False).path
+    for pair, match in (([(a, a)], "the same file twice"), ([(a, gen)], "one is a generation file"),
+                        ([(a, b), (b, a)], "two capture pairs")):
+        with pytest.raises(HwdiffError, match=match):
+            robustness(model, sigma, options=opts, pair=pair)
+    assert not (tmp_path / "card.json").exists()
+
+
+def test_norms_the_sigma_file_does_not_name_are_counted_and_said(tiny, tmp_path):
+    model, _, root = tiny
+    names = [name for name, _ in find_norms(model)]
+    data = yaml.safe_load(_sigma_file(tmp_path / "all.yaml", model).read_text())
+    del data["layers"][names[-1]]
+    (tmp_path / "some.yaml").write_text(yaml.safe_dump(data))
+    card = robustness(model, tmp_path / "some.yaml",
+                      options=Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False))
+    s = card.summary()["sigma"]
+    assert (s["norms"], s["noised"], s["not_in_file"]) == (len(names), len(names) - 1, [names[-1]])
+    assert f"σ_end on {len(names) - 1} of {len(names)} norms" in format_card(card.summary())
+    assert f"the file names none of {names[-1]}" in format_card(card.summary())
+
+
+def test_a_binary_file_as_sigma_is_a_clear_error(tiny, tmp_path):
+    model, _, root = tiny
+    cap = hwdiff.capture(model, tmp_path / "c.h5", limit=1, max_tokens=8, kinds=["head"], progress=False).path
+    with pytest.raises(HwdiffError, match="not a sigma file"):
+        robustness(model, cap, options=Options(draws=2, limit=1, max_tokens=8, max_new_tokens=0, progress=False))
+
+
+def test_split_line_without_changed_continuations():
+    from hwdiff.robustness_card import _answer_lines
+
+    seq = {"split_positions": {"histogram": [], "median": None, "min": None},
+           "answers": {"available": False, "reason": "no tokenizer"}}
+    assert _answer_lines({"sequence": seq}, {})[0] == "emulated: no continuation changed"
+    seq["split_positions"] = {"histogram": [0, 1], "median": 1.0, "min": 1}
+    assert _answer_lines({"sequence": seq}, {})[0] == "emulated: first split median 1, min 1"
 
 
 @pytest.mark.slow
