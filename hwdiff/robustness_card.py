@@ -249,9 +249,14 @@ def load_card(path: str | os.PathLike) -> RobustnessCard:
         raise HwdiffError(f"{path} is not a robustness card of schema {SCHEMA} (schema {found!r})")
     meta_keys = ("hwdiff_version", "created_utc", "model", "sigma", "prompts", "draws", "seed", "draw_seeds",
                  "max_new_tokens", "confidence", "pair", "cost")
-    cells = data["cells"]
-    return RobustnessCard({k: data[k] for k in meta_keys}, Cells.from_json(cells["emulated"]),
-                          Cells.from_json(cells["measured"]), tuple(cells["references"]))
+    try:
+        cells = data["cells"]
+        return RobustnessCard({k: data[k] for k in meta_keys}, Cells.from_json(cells["emulated"]),
+                              Cells.from_json(cells["measured"]), tuple(cells["references"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        missing = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise HwdiffError(f"{path}: malformed robustness card ({missing}): write it again with hwdiff robustness -o") \
+            from None
 
 
 COMPARABLE = (("prompts", "fingerprint", "prompts"), ("sigma", "fingerprint", "noise law (sigma file)"),

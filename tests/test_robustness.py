@@ -202,6 +202,15 @@ def test_cards_of_other_prompts_or_noise_are_refused(tiny, tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"schema": "hwdiff/diff-summary/1"}))
     with pytest.raises(HwdiffError, match="not a robustness card"):
         load_card(tmp_path / "x.json")
+    from hwdiff.robustness_run import save_card
+
+    save_card(a, tmp_path / "a.json")
+    for key in ("cells", "draws"):  # a card with a part cut away: one line, not a KeyError
+        data = json.loads((tmp_path / "a.json").read_text())
+        del data[key]
+        (tmp_path / "cut.json").write_text(json.dumps(data))
+        with pytest.raises(HwdiffError, match=f"malformed robustness card .no '{key}'"):
+            load_card(tmp_path / "cut.json")
 
 
 def test_pair_of_other_inputs_is_refused(tiny, tmp_path):
