@@ -232,6 +232,11 @@ def _prompts(model: Any, opts: Options) -> tuple[Any, tuple[str, ...]]:
     answers: list[str] = []
     if path is not None and path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = rows[:opts.limit] if opts.limit else rows
+        if len(rows) != inputs.shape[0]:  # hwdiff.inputs drops rows without tokens: answers would shift
+            raise HwdiffError(f"{path}: {len(rows) - inputs.shape[0]} of its first {len(rows)} rows hold no tokens "
+                              "(an empty question or input_ids): their answers cannot be matched to the prompts; "
+                              "remove those rows")
         answers = [str(r.get("answer", "")) if isinstance(r, dict) else "" for r in rows]
     answers = (answers + [""] * inputs.shape[0])[: inputs.shape[0]]
     return inputs, tuple(answers)

@@ -255,6 +255,16 @@ def test_norms_the_sigma_file_does_not_name_are_counted_and_said(tiny, tmp_path)
     assert f"the file names none of {names[-1]}" in format_card(card.summary())
 
 
+def test_prompt_rows_without_tokens_are_refused_not_shifted(tiny, tmp_path):
+    """hwdiff.inputs drops a row without tokens; its answer must not slide onto the next prompt."""
+    model, sigma, root = tiny
+    rows = [{"input_ids": [], "answer": "9"}] + [{"input_ids": _byte_ids(q), "answer": "7"} for q in QUESTIONS[:2]]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(HwdiffError, match="1 of its first 3 rows hold no tokens"):
+        robustness(model, sigma, options=Options(draws=2, prompts=path, max_new_tokens=2, progress=False))
+
+
 def test_a_binary_file_as_sigma_is_a_clear_error(tiny, tmp_path):
     model, _, root = tiny
     cap = hwdiff.capture(model, tmp_path / "c.h5", limit=1, max_tokens=8, kinds=["head"], progress=False).path
