@@ -90,8 +90,8 @@ def robustness(model: Any, sigma: Any, *, options: Options | None = None, pair: 
                           "call model.eval() first, or load it with hwdiff.load_model")
     from .outputs import check_outputs
 
-    check_outputs([p for both in pair for p in both] + ([sigma] if isinstance(sigma, (str, os.PathLike)) else []),
-                  [output])
+    check_outputs([p for both in pair for p in both] + ([sigma] if isinstance(sigma, (str, os.PathLike)) else [])
+                  + ([opts.prompts] if isinstance(opts.prompts, (str, os.PathLike)) else []), [output])
     calibration = load_sigma(sigma) if isinstance(sigma, (str, os.PathLike)) else sigma
     started = time.perf_counter()
     inputs, references = _prompts(model, opts)

@@ -319,6 +319,25 @@ def test_cli_card_compare_and_bad_input(tiny, tmp_path):
     assert bad.returncode == 2 and "robustness card" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_output_over_the_prompts_or_into_the_checkpoint_is_refused(tiny, tmp_path):
+    model, sigma, root = tiny
+    prompts = _prompts(tmp_path / "p.jsonl", ["7"] * 4)
+    before = prompts.read_bytes()
+    common = ["--sigma", sigma, "--draws", "2", "--max-new-tokens", "0", "--device", "cpu", "-q"]
+    bad = run_cli("robustness", "--model", "tiny-qwen2", "--prompts", prompts, *common, "-o", prompts)
+    assert bad.returncode == 2 and "would destroy the input" in bad.stderr and "Traceback" not in bad.stderr
+    assert prompts.read_bytes() == before
+    with pytest.raises(HwdiffError, match="would destroy the input"):
+        robustness(model, sigma, options=Options(draws=2, prompts=prompts, max_new_tokens=0, progress=False),
+                   output=prompts)
+    assert prompts.read_bytes() == before
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    bad = run_cli("robustness", "--model", ckpt, *common, "-o", ckpt / "config.json")
+    assert bad.returncode == 2 and "inside the input" in bad.stderr and (ckpt / "config.json").read_text() == "{}"
+
+
 @pytest.mark.slow
 def test_report_shows_the_card(tiny, tmp_path):
     model, sigma, root = tiny
