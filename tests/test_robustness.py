@@ -265,6 +265,17 @@ def test_prompt_rows_without_tokens_are_refused_not_shifted(tiny, tmp_path):
         robustness(model, sigma, options=Options(draws=2, prompts=path, max_new_tokens=2, progress=False))
 
 
+def test_a_sigma_file_without_noise_is_refused(tiny, tmp_path):
+    model, _, root = tiny
+    data = yaml.safe_load(_sigma_file(tmp_path / "zero.yaml", model).read_text())
+    for layer in data["layers"].values():  # every norm named, each with σ 0 (as a calibration's σ = 0 norms)
+        layer.update(sigma_start=0.0, sigma_end=0.0)
+    (tmp_path / "zero.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(HwdiffError, match="noise on none of this model's"):
+        robustness(model, tmp_path / "zero.yaml",
+                   options=Options(draws=2, limit=1, max_tokens=8, max_new_tokens=0, progress=False))
+
+
 def test_a_binary_file_as_sigma_is_a_clear_error(tiny, tmp_path):
     model, _, root = tiny
     cap = hwdiff.capture(model, tmp_path / "c.h5", limit=1, max_tokens=8, kinds=["head"], progress=False).path
