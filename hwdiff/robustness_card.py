@@ -367,7 +367,7 @@ def format_card(summary: dict[str, Any]) -> str:
     lines = [f"robustness of {m['spec']} ({m['dtype']}, {m['device']}, {m['attn_implementation']}) to "
              f"{s['source']}: σ_end on {s['noised']} of {s['norms']} norms (median {s['sigma_end_median']:.3g}, "
              f"{'/'.join(s['laws'])}, ρ {s['rho']:.2f})"
-             + (f"; the file names none of {', '.join(s['not_in_file'])}: no noise there" if s.get("not_in_file") else ""),
+             + _unnamed_note(s.get("not_in_file") or []),
              f"{summary['draws']} draws (seed {summary['seed']}), {p['count']} prompts ({p['tokens']} tokens), "
              f"{summary['max_new_tokens']} new tokens; {summary['cost']['seconds']:.1f} s",
              f"intervals: {summary['interval_rule']}", "",
@@ -381,6 +381,13 @@ def format_card(summary: dict[str, Any]) -> str:
         lines.append(f"emulated / measured mean |Δlogp|: {_fmt(versus['mean_abs_ratio'], '.3g')}   "
                      f"K3: {_fmt(versus['k3_kl_ratio'], '.3g')}")
     return "\n".join(lines)
+
+
+def _unnamed_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"; the file names none of {shown}: no noise there"
 
 
 def _answer_lines(em: dict, me: dict) -> list[str]:
