@@ -100,8 +100,9 @@ def robustness(model: Any, sigma: Any, *, options: Options | None = None, pair: 
     applied = injector.sigmas()  # the model's norms: σ_end of the file, 0 where it names none
     unnamed = sorted(set(applied) - {layer.name for layer in calibration.layers})
     if not any(value > 0 for value in applied.values()):
-        raise HwdiffError(f"the sigma file puts noise on none of this model's {len(applied)} RMSNorms (every σ_end is 0 "
-                          "or unnamed): every draw would equal the clean model, a robustness of exactly 0 measured")
+        raise HwdiffError(f"the sigma file puts noise on none of this model's {len(applied)} RMSNorms (every "
+                          "σ_end is 0 or unnamed): every draw would equal the clean model, a robustness of exactly 0 "
+                          "measured")
     if unnamed:
         log.warning("the sigma file names %d of this model's %d RMSNorms; no noise on the other %d: %s",
                     len(applied) - len(unnamed), len(applied), len(unnamed), ", ".join(unnamed[:4]))
