@@ -271,6 +271,7 @@ def _measured(pair: Sequence[tuple[Any, Any]], inputs: Any, model: Any, opts: Op
                                   "and one of generation files (sequence level)")
             kinds.add(kind)
             _check_pair(ref, tgt, inputs, model, opts)
+            _warn_other_run(ref, model)
             if kind == "capture":
                 token = _capture_cells(ref, tgt, inputs)
             else:
@@ -303,6 +304,21 @@ def _check_pair(ref: Any, tgt: Any, inputs: Any, model: Any, opts: Options) -> N
         if cap.is_generation and int(cap.generation().attrs["max_new_tokens"]) != opts.max_new_tokens:
             raise HwdiffError(f"--pair {cap.path} generated {cap.generation().attrs['max_new_tokens']} new tokens, "
                               f"this card {opts.max_new_tokens}: use the same --max-new-tokens")
+
+
+def _warn_other_run(ref: Any, model: Any) -> None:
+    """The card should run as the pair's reference did (docs/robustness.md): say so where it does not."""
+    from .capturing import model_device_and_dtype
+    from .models import dtype_name
+
+    dtype = dtype_name(model_device_and_dtype(model)[1])
+    attn = str(getattr(model.config, "_attn_implementation", None) or "unknown")
+    ran = {"dtype": ref.meta.get("dtype"), "attn_implementation": ref.meta.get("attn_implementation")}
+    differs = [f"{k} {v} (card: {here})" for (k, v), here in zip(ran.items(), (dtype, attn)) if v and v != here]
+    if differs:
+        log.warning("--pair reference %s ran with %s: the card's clean side is not the pair's reference, so the "
+                    "noise is not the only difference between its sides (run the card in the reference's dtype and "
+                    "kernels)", ref.path, ", ".join(differs))
 
 
 # ---- provenance ----------------------------------------------------------------------------------

@@ -241,6 +241,21 @@ def test_pair_of_one_file_mixed_kinds_or_two_capture_pairs_is_refused(tiny, tmp_
     assert not (tmp_path / "card.json").exists()
 
 
+def test_a_pair_whose_reference_ran_in_another_dtype_is_said(tiny, tmp_path, caplog):
+    model, sigma, root = tiny  # float32
+    cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
+    bf16 = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")
+    a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(bf16, tmp_path / "b.h5", **cap).path
+    opts = Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False)
+    with caplog.at_level("WARNING", logger="hwdiff.robustness_run"):
+        robustness(model, sigma, options=opts, pair=[(a, b)])
+    assert "ran with" not in caplog.text
+    with caplog.at_level("WARNING", logger="hwdiff.robustness_run"):
+        robustness(model, sigma, options=opts, pair=[(b, a)])
+    assert "ran with dtype bfloat16 (card: float32)" in caplog.text
+
+
 def test_norms_the_sigma_file_does_not_name_are_counted_and_said(tiny, tmp_path):
     model, _, root = tiny
     names = [name for name, _ in find_norms(model)]
