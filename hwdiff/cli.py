@@ -492,7 +492,9 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
         return 0
     if not (args.model and args.sigma):
         raise HwdiffError("hwdiff robustness needs --model and --sigma (or --compare CARD_A CARD_B)")
-    check_outputs([args.sigma, *(path for pair in args.pair or [] for path in pair)], [args.output])
+    local_model = [args.model] if Path(args.model).exists() else []  # a checkpoint folder: nothing written inside
+    check_outputs([args.sigma, args.prompts, *local_model, *(path for pair in args.pair or [] for path in pair)],
+                  [args.output])
     from .models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,

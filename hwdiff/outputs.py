@@ -109,8 +109,8 @@ def check_outputs(inputs: Iterable[Any], outputs: Iterable[Any], *, folders: Ite
                 raise OutputError(f"output {path} is the input {source}: writing it would destroy the input; "
                                   "choose another output name")
             if source.is_dir() and _inside(path, source):
-                raise OutputError(f"output {path} is inside the input {source} (a capture directory: its files are "
-                                  "the input); choose an output outside it")
+                raise OutputError(f"output {path} is inside the input {source} (an input folder: a capture directory "
+                                  "or a checkpoint; its files are the input); choose an output outside it")
         for other in files[:index]:
             if same_file(path, other):
                 raise OutputError(f"two outputs of this command are the same file ({other} and {path}); "

@@ -249,9 +249,14 @@ def load_card(path: str | os.PathLike) -> RobustnessCard:
         raise HwdiffError(f"{path} is not a robustness card of schema {SCHEMA} (schema {found!r})")
     meta_keys = ("hwdiff_version", "created_utc", "model", "sigma", "prompts", "draws", "seed", "draw_seeds",
                  "max_new_tokens", "confidence", "pair", "cost")
-    cells = data["cells"]
-    return RobustnessCard({k: data[k] for k in meta_keys}, Cells.from_json(cells["emulated"]),
-                          Cells.from_json(cells["measured"]), tuple(cells["references"]))
+    try:
+        cells = data["cells"]
+        return RobustnessCard({k: data[k] for k in meta_keys}, Cells.from_json(cells["emulated"]),
+                              Cells.from_json(cells["measured"]), tuple(cells["references"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        missing = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise HwdiffError(f"{path}: malformed robustness card ({missing}): write it again with hwdiff robustness -o") \
+            from None
 
 
 COMPARABLE = (("prompts", "fingerprint", "prompts"), ("sigma", "fingerprint", "noise law (sigma file)"),
@@ -361,7 +366,8 @@ def format_card(summary: dict[str, Any]) -> str:
     m, s, p = summary["model"], summary["sigma"], summary["prompts"]
     lines = [f"robustness of {m['spec']} ({m['dtype']}, {m['device']}, {m['attn_implementation']}) to "
              f"{s['source']}: σ_end on {s['noised']} of {s['norms']} norms (median {s['sigma_end_median']:.3g}, "
-             f"{'/'.join(s['laws'])}, ρ {s['rho']:.2f})",
+             f"{'/'.join(s['laws'])}, ρ {s['rho']:.2f})"
+             + _unnamed_note(s.get("not_in_file") or []),
              f"{summary['draws']} draws (seed {summary['seed']}), {p['count']} prompts ({p['tokens']} tokens), "
              f"{summary['max_new_tokens']} new tokens; {summary['cost']['seconds']:.1f} s",
              f"intervals: {summary['interval_rule']}", "",
@@ -377,6 +383,13 @@ def format_card(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _unnamed_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"; the file names none of {shown}: no noise there"
+
+
 def _answer_lines(em: dict, me: dict) -> list[str]:
     lines = []
     for name, side in (("emulated", em), ("measured", me)):
@@ -384,7 +397,8 @@ def _answer_lines(em: dict, me: dict) -> list[str]:
         if not seq:
             continue
         hist = seq["split_positions"]
-        lines.append(f"{name}: first split median {hist['median']}, min {hist['min']}")
+        lines.append(f"{name}: no continuation changed" if hist["median"] is None else
+                     f"{name}: first split median {hist['median']:g}, min {hist['min']:g}")
         answers = seq["answers"]
         if not answers["available"]:
             lines.append(f"{name} answers: {answers['reason']}")

@@ -90,20 +90,30 @@ def robustness(model: Any, sigma: Any, *, options: Options | None = None, pair: 
                           "call model.eval() first, or load it with hwdiff.load_model")
     from .outputs import check_outputs
 
-    check_outputs([p for both in pair for p in both] + ([sigma] if isinstance(sigma, (str, os.PathLike)) else []),
-                  [output])
+    check_outputs([p for both in pair for p in both] + ([sigma] if isinstance(sigma, (str, os.PathLike)) else [])
+                  + ([opts.prompts] if isinstance(opts.prompts, (str, os.PathLike)) else []), [output])
     calibration = load_sigma(sigma) if isinstance(sigma, (str, os.PathLike)) else sigma
     started = time.perf_counter()
     inputs, references = _prompts(model, opts)
     measured = _measured(pair, inputs, model, opts)
     injector = AQNInjector(model, calibration)
+    applied = injector.sigmas()  # the model's norms: σ_end of the file, 0 where it names none
+    unnamed = sorted(set(applied) - {layer.name for layer in calibration.layers})
+    if not any(value > 0 for value in applied.values()):
+        raise HwdiffError(f"the sigma file puts noise on none of this model's {len(applied)} RMSNorms (every "
+                          "σ_end is 0 or unnamed): every draw would equal the clean model, a robustness of exactly 0 "
+                          "measured")
+    if unnamed:
+        log.warning("the sigma file names %d of this model's %d RMSNorms; no noise on the other %d: %s",
+                    len(applied) - len(unnamed), len(applied), len(unnamed), ", ".join(unnamed[:4]))
     seeds = [int(s) for s in np.random.SeedSequence(opts.seed).generate_state(opts.draws)]
     log.info("robustness: %d draws x %d prompts: %d forwards of %d prompts, %d greedy decodes of up to %d tokens",
              opts.draws, inputs.shape[0], opts.draws + 1, inputs.shape[0],
              (opts.draws + 1) * inputs.shape[0] * bool(opts.max_new_tokens), opts.max_new_tokens)
     with tempfile.TemporaryDirectory(prefix="hwdiff-robustness-") as work, torch.no_grad(), injector:
         emulated = _emulate(model, injector, inputs, seeds, Path(work), opts)
-    card = RobustnessCard(_meta(model, calibration, sigma, inputs, opts, seeds, pair, time.perf_counter() - started),
+    card = RobustnessCard(_meta(model, calibration, sigma, applied, inputs, opts, seeds, pair,
+                                time.perf_counter() - started),
                           emulated, measured, references)
     if output is not None:
         save_card(card, output)
@@ -226,6 +236,11 @@ def _prompts(model: Any, opts: Options) -> tuple[Any, tuple[str, ...]]:
     answers: list[str] = []
     if path is not None and path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = rows[:opts.limit] if opts.limit else rows
+        if len(rows) != inputs.shape[0]:  # hwdiff.inputs drops rows without tokens: answers would shift
+            raise HwdiffError(f"{path}: {len(rows) - inputs.shape[0]} of its first {len(rows)} rows hold no tokens "
+                              "(an empty question or input_ids): their answers cannot be matched to the prompts; "
+                              "remove those rows")
         answers = [str(r.get("answer", "")) if isinstance(r, dict) else "" for r in rows]
     answers = (answers + [""] * inputs.shape[0])[: inputs.shape[0]]
     return inputs, tuple(answers)
@@ -240,12 +255,23 @@ def _measured(pair: Sequence[tuple[Any, Any]], inputs: Any, model: Any, opts: Op
 
     token: dict[str, np.ndarray] = {}
     seq: dict | None = None
+    from .outputs import same_file
+
+    kinds: set[str] = set()
     for ref_path, tgt_path in pair:
+        if same_file(Path(ref_path), Path(tgt_path)):
+            raise HwdiffError(f"--pair {ref_path} {tgt_path}: the same file twice (a pair of one run measures "
+                              "nothing): give the reference device's file and the target device's")
         with open_capture(ref_path) as ref, open_capture(tgt_path) as tgt:
-            _check_pair(ref, tgt, inputs, model, opts)
             kind = "generation" if ref.is_generation else "capture"
             if (kind == "generation") != tgt.is_generation:
                 raise HwdiffError(f"--pair {ref_path} {tgt_path}: one is a generation file and the other a capture")
+            if kind in kinds:
+                raise HwdiffError(f"--pair given two {kind} pairs: give at most one pair of captures (token level) "
+                                  "and one of generation files (sequence level)")
+            kinds.add(kind)
+            _check_pair(ref, tgt, inputs, model, opts)
+            _warn_other_run(ref, model)
             if kind == "capture":
                 token = _capture_cells(ref, tgt, inputs)
             else:
@@ -280,6 +306,21 @@ def _check_pair(ref: Any, tgt: Any, inputs: Any, model: Any, opts: Options) -> N
                               f"this card {opts.max_new_tokens}: use the same --max-new-tokens")
 
 
+def _warn_other_run(ref: Any, model: Any) -> None:
+    """The card should run as the pair's reference did (docs/robustness.md): say so where it does not."""
+    from .capturing import model_device_and_dtype
+    from .models import dtype_name
+
+    dtype = dtype_name(model_device_and_dtype(model)[1])
+    attn = str(getattr(model.config, "_attn_implementation", None) or "unknown")
+    ran = {"dtype": ref.meta.get("dtype"), "attn_implementation": ref.meta.get("attn_implementation")}
+    differs = [f"{k} {v} (card: {here})" for (k, v), here in zip(ran.items(), (dtype, attn)) if v and v != here]
+    if differs:
+        log.warning("--pair reference %s ran with %s: the card's clean side is not the pair's reference, so the "
+                    "noise is not the only difference between its sides (run the card in the reference's dtype and "
+                    "kernels)", ref.path, ", ".join(differs))
+
+
 # ---- provenance ----------------------------------------------------------------------------------
 def sigma_fingerprint(calibration: Any) -> str:
     """SHA-256 of the noise law the draws use: each norm's σ_end, law and df, and ρ (not the file's bytes:
@@ -293,7 +334,8 @@ def _file_sha256(path: str | os.PathLike) -> str:
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, seeds: list[int],
+def _meta(model: Any, calibration: Any, sigma: Any, applied: dict[str, float], inputs: Any, opts: Options,
+          seeds: list[int],
           pair: Sequence[tuple[Any, Any]], seconds: float) -> dict[str, Any]:
     from datetime import datetime, timezone
 
@@ -303,6 +345,7 @@ def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, 
     info = model_info(model)
     device, dtype = model_device_and_dtype(model)
     sigmas = [float(layer.sigma_end) for layer in calibration.layers]
+    named = {layer.name for layer in calibration.layers}
     return {
         "hwdiff_version": __version__, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"spec": info.spec, "fingerprint": info.fingerprint, "dtype": dtype_name(dtype), "device": str(device),
@@ -310,8 +353,9 @@ def _meta(model: Any, calibration: Any, sigma: Any, inputs: Any, opts: Options, 
         "sigma": {"source": str(sigma) if isinstance(sigma, (str, os.PathLike)) else "object",
                   "fingerprint": sigma_fingerprint(calibration),
                   "file_sha256": _file_sha256(sigma) if isinstance(sigma, (str, os.PathLike)) else None,
-                  "norms": len(sigmas),
-                  "noised": sum(s > 0 for s in sigmas), "sigma_end_median": float(np.median(sigmas)),
+                  "norms": len(applied), "noised": sum(v > 0 for v in applied.values()),
+                  "not_in_file": sorted(set(applied) - named),
+                  "sigma_end_median": float(np.median(sigmas)) if sigmas else 0.0,
                   "laws": sorted({layer.law for layer in calibration.layers}),
                   "rho": float(getattr(calibration, "rho", 0.0) or 0.0)},
         "prompts": {"source": inputs.source, "fingerprint": inputs.fingerprint, "count": inputs.shape[0],

@@ -23,7 +23,9 @@ def read_sigma(path: Path) -> Calibration:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HwdiffError(f"{path} is not a sigma file (not text: a binary file such as a capture?)") from None
     except OSError as exc:
         raise HwdiffError(f"cannot read sigma file {path}: {exc}") from exc
     except yaml.YAMLError as exc:  # its message spans lines (context, caret): one line with the position

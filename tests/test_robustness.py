@@ -11,7 +11,8 @@ import hwdiff
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import load_sigma
 from hwdiff.errors import HwdiffError
-from hwdiff.robustness_run import Options, RobustnessCard, compare_cards, extract_answer, is_correct, load_card, robustness
+from hwdiff.robustness_run import (Options, RobustnessCard, compare_cards, extract_answer, format_card, is_correct,
+                                   load_card, robustness)
 
 from .conftest import run_cli
 
@@ -201,14 +202,110 @@ def test_cards_of_other_prompts_or_noise_are_refused(tiny, tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"schema": "hwdiff/diff-summary/1"}))
     with pytest.raises(HwdiffError, match="not a robustness card"):
         load_card(tmp_path / "x.json")
+    from hwdiff.robustness_run import save_card
+
+    save_card(a, tmp_path / "a.json")
+    for key in ("cells", "draws"):  # a card with a part cut away: one line, not a KeyError
+        data = json.loads((tmp_path / "a.json").read_text())
+        del data[key]
+        (tmp_path / "cut.json").write_text(json.dumps(data))
+        with pytest.raises(HwdiffError, match=f"malformed robustness card .no '{key}'"):
+            load_card(tmp_path / "cut.json")
 
 
 def test_pair_of_other_inputs_is_refused(tiny, tmp_path):
     model, sigma, root = tiny
-    cap = hwdiff.capture(model, tmp_path / "c.h5", limit=2, max_tokens=16, kinds=["head"], progress=False).path
+    cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
+    a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(model, tmp_path / "b.h5", **cap).path
     with pytest.raises(HwdiffError, match="other inputs"):
         robustness(model, sigma, options=Options(draws=2, limit=3, max_new_tokens=0, progress=False),
-                   pair=[(cap, cap)])
+                   pair=[(a, b)])
+
+
+def test_pair_of_one_file_mixed_kinds_or_two_capture_pairs_is_refused(tiny, tmp_path):
+    """Each refused before any draw: the same file twice would be a measured pair of exactly 0, a second
+    capture pair would silently replace the first."""
+    from hwdiff.generate import generate
+
+    model, sigma, root = tiny
+    opts = Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False)
+    cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
+    a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(model, tmp_path / "b.h5", **cap).path
+    gen = generate(model, tmp_path / "g.h5", limit=2, max_tokens=16, max_new_tokens=2, progress=False).path
+    for pair, match in (([(a, a)], "the same file twice"), ([(a, gen)], "one is a generation file"),
+                        ([(a, b), (b, a)], "two capture pairs")):
+        with pytest.raises(HwdiffError, match=match):
+            robustness(model, sigma, options=opts, pair=pair)
+    assert not (tmp_path / "card.json").exists()
+
+
+def test_a_pair_whose_reference_ran_in_another_dtype_is_said(tiny, tmp_path, caplog):
+    model, sigma, root = tiny  # float32
+    cap = dict(limit=2, max_tokens=16, kinds=["head"], progress=False)
+    bf16 = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")
+    a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
+    b = hwdiff.capture(bf16, tmp_path / "b.h5", **cap).path
+    opts = Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False)
+    with caplog.at_level("WARNING", logger="hwdiff.robustness_run"):
+        robustness(model, sigma, options=opts, pair=[(a, b)])
+    assert "ran with" not in caplog.text
+    with caplog.at_level("WARNING", logger="hwdiff.robustness_run"):
+        robustness(model, sigma, options=opts, pair=[(b, a)])
+    assert "ran with dtype bfloat16 (card: float32)" in caplog.text
+
+
+def test_norms_the_sigma_file_does_not_name_are_counted_and_said(tiny, tmp_path):
+    model, _, root = tiny
+    names = [name for name, _ in find_norms(model)]
+    data = yaml.safe_load(_sigma_file(tmp_path / "all.yaml", model).read_text())
+    del data["layers"][names[-1]]
+    (tmp_path / "some.yaml").write_text(yaml.safe_dump(data))
+    card = robustness(model, tmp_path / "some.yaml",
+                      options=Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False))
+    s = card.summary()["sigma"]
+    assert (s["norms"], s["noised"], s["not_in_file"]) == (len(names), len(names) - 1, [names[-1]])
+    assert f"σ_end on {len(names) - 1} of {len(names)} norms" in format_card(card.summary())
+    assert f"the file names none of {names[-1]}" in format_card(card.summary())
+
+
+def test_prompt_rows_without_tokens_are_refused_not_shifted(tiny, tmp_path):
+    """hwdiff.inputs drops a row without tokens; its answer must not slide onto the next prompt."""
+    model, sigma, root = tiny
+    rows = [{"input_ids": [], "answer": "9"}] + [{"input_ids": _byte_ids(q), "answer": "7"} for q in QUESTIONS[:2]]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(HwdiffError, match="1 of its first 3 rows hold no tokens"):
+        robustness(model, sigma, options=Options(draws=2, prompts=path, max_new_tokens=2, progress=False))
+
+
+def test_a_sigma_file_without_noise_is_refused(tiny, tmp_path):
+    model, _, root = tiny
+    data = yaml.safe_load(_sigma_file(tmp_path / "zero.yaml", model).read_text())
+    for layer in data["layers"].values():  # every norm named, each with σ 0 (as a calibration's σ = 0 norms)
+        layer.update(sigma_start=0.0, sigma_end=0.0)
+    (tmp_path / "zero.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(HwdiffError, match="noise on none of this model's"):
+        robustness(model, tmp_path / "zero.yaml",
+                   options=Options(draws=2, limit=1, max_tokens=8, max_new_tokens=0, progress=False))
+
+
+def test_a_binary_file_as_sigma_is_a_clear_error(tiny, tmp_path):
+    model, _, root = tiny
+    cap = hwdiff.capture(model, tmp_path / "c.h5", limit=1, max_tokens=8, kinds=["head"], progress=False).path
+    with pytest.raises(HwdiffError, match="not a sigma file"):
+        robustness(model, cap, options=Options(draws=2, limit=1, max_tokens=8, max_new_tokens=0, progress=False))
+
+
+def test_split_line_without_changed_continuations():
+    from hwdiff.robustness_card import _answer_lines
+
+    seq = {"split_positions": {"histogram": [], "median": None, "min": None},
+           "answers": {"available": False, "reason": "no tokenizer"}}
+    assert _answer_lines({"sequence": seq}, {})[0] == "emulated: no continuation changed"
+    seq["split_positions"] = {"histogram": [0, 1], "median": 1.0, "min": 1}
+    assert _answer_lines({"sequence": seq}, {})[0] == "emulated: first split median 1, min 1"
 
 
 @pytest.mark.slow
@@ -246,6 +343,25 @@ def test_cli_card_compare_and_bad_input(tiny, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("hwdiff: error:") and "--sigma" in bad.stderr
     bad = run_cli("robustness", "--compare", tmp_path / "a.json", sigma)
     assert bad.returncode == 2 and "robustness card" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_output_over_the_prompts_or_into_the_checkpoint_is_refused(tiny, tmp_path):
+    model, sigma, root = tiny
+    prompts = _prompts(tmp_path / "p.jsonl", ["7"] * 4)
+    before = prompts.read_bytes()
+    common = ["--sigma", sigma, "--draws", "2", "--max-new-tokens", "0", "--device", "cpu", "-q"]
+    bad = run_cli("robustness", "--model", "tiny-qwen2", "--prompts", prompts, *common, "-o", prompts)
+    assert bad.returncode == 2 and "would destroy the input" in bad.stderr and "Traceback" not in bad.stderr
+    assert prompts.read_bytes() == before
+    with pytest.raises(HwdiffError, match="would destroy the input"):
+        robustness(model, sigma, options=Options(draws=2, prompts=prompts, max_new_tokens=0, progress=False),
+                   output=prompts)
+    assert prompts.read_bytes() == before
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    bad = run_cli("robustness", "--model", ckpt, *common, "-o", ckpt / "config.json")
+    assert bad.returncode == 2 and "inside the input" in bad.stderr and (ckpt / "config.json").read_text() == "{}"
 
 
 @pytest.mark.slow
