@@ -221,7 +221,7 @@ def stats_parts(x, partial):
         out[7] = inf
 
 
-@numba.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract", "arcp"})
+@numba.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
 def _t_scale_step(x, weights, weighted, weight_sum, n, loc, scale):
     """The M-step shared by :func:`t_em` and :func:`t_em_counts`: (new loc, new scale, converged)."""
     new_loc = weighted / weight_sum
@@ -241,7 +241,7 @@ def _t_loglik(n, df, scale, log_terms):
         - (df + 1) / 2 * log_terms
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
 def t_em(x, df, loc, scale, iterations):
     """EM for a Student-t's location and scale at fixed ``df`` (:func:`hwdiff.compare.fit._t_em`,
     fused): returns (loc, scale, log-likelihood). Reassociated (vectorized) sums: a fit of a sample,
@@ -249,6 +249,8 @@ def t_em(x, df, loc, scale, iterations):
     n = x.size
     weights = np.empty(n)
     for _ in range(iterations):
+        if not (scale > 0.0 and scale < np.inf):  # collapsed (an unbounded likelihood): no fit at this df
+            return loc, scale, np.nan
         inverse = 1.0 / scale
         weight_sum = 0.0
         weighted = 0.0
@@ -262,6 +264,8 @@ def t_em(x, df, loc, scale, iterations):
         loc, scale = new_loc, new_scale
         if converged:
             break
+    if not (scale > 0.0 and scale < np.inf):
+        return loc, scale, np.nan
     log_terms = 0.0
     for i in range(n):
         z = (x[i] - loc) / scale
@@ -269,7 +273,7 @@ def t_em(x, df, loc, scale, iterations):
     return loc, scale, _t_loglik(n, df, scale, log_terms)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
 def t_em_counts(values, counts, df, loc, scale, iterations):
     """:func:`t_em` on a sample given as its distinct ``values`` and how often each occurs
     (``counts``, float64): the same sums, one term per distinct value instead of per element."""
@@ -278,6 +282,8 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
         n += counts[i]
     weights = np.empty(values.size)
     for _ in range(iterations):
+        if not (scale > 0.0 and scale < np.inf):  # collapsed (an unbounded likelihood): no fit at this df
+            return loc, scale, np.nan
         inverse = 1.0 / scale
         weight_sum = 0.0
         weighted = 0.0
@@ -291,6 +297,8 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
         loc, scale = new_loc, new_scale
         if converged:
             break
+    if not (scale > 0.0 and scale < np.inf):
+        return loc, scale, np.nan
     log_terms = 0.0
     for i in range(values.size):
         z = (values[i] - loc) / scale
