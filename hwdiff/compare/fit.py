@@ -146,7 +146,7 @@ def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:
         return FitResult(best="none", n=int(x.size), reason=f"only {x.size} differing values in the sample")
     if np.ptp(x) == 0:
         return FitResult(best="none", n=int(x.size), reason=f"all {x.size} differing values equal {x[0]:.6g}: a constant offset, no spread to fit")
-    unit = math.ldexp(1.0, int(np.frexp(np.max(np.abs(x)))[1]))  # a power of two: x / unit is exact
+    unit = math.ldexp(1.0, int(np.frexp(np.max(np.abs(x)))[1]) - 1)  # a power of two: x / unit is exact, in [-2, 2)
     z = np.sort(x / unit)  # sorted once: the KS statistics and the Laplace median read it
     sample = _Sample(z)
     fits = {"gaussian": _gaussian(sample), "laplace": _laplace(sample)}
