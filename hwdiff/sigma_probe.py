@@ -1,11 +1,22 @@
 """The torch side of calibration: sub-block gains measured on the model, and the closed-loop verify.
 
-Both inject noise at one norm at a time into a float32 copy of the model (in bf16 a small σ is
-mostly rounded away: the nominal σ is not what acts) and run the shipped prompts, cut to a common
-length so that every position is a real token. What acted is measured, not assumed: the realized
-σ is rms(Δy) at the norm's own output — exactly the channel-power-weighted rms of the realized
-weight change, sqrt(Σ_c Δw_c²·P_c / Σ_c P_c) with P_c = Σ_t x̂_tc² — and the induced error is
-read at the output of the sub-block the norm feeds.
+Both inject noise at one norm at a time into float32 copies (in bf16 a small σ is mostly rounded
+away: the nominal σ is not what acts). With the reference capture at hand (it recorded every
+module's inputs: calibrate needs a replay), only the norm and the sub-block it feeds run, on the
+arguments the reference recorded for them (its first :data:`PROBE_ROWS` sequences, real tokens
+only; the sub-block's main input is the noisy norm output) — no whole-model forward. What acted is
+measured, not assumed: the realized σ is rms(Δy) at the norm's own output — exactly the
+channel-power-weighted rms of the realized weight change, sqrt(Σ_c Δw_c²·P_c / Σ_c P_c) with
+P_c = Σ_t x̂_tc² — and the induced error is read at the output of the sub-block.
+
+Why draws are counted, not fixed: for small σ the induced change is linear in the channel noise Z,
+so E‖Δout‖² = σ²·‖J‖²_F (J: the sub-block output's Jacobian in the norm weights) and each draw is a
+Hutchinson estimate of it, with relative variance 2‖JᵀJ‖²_F/‖J‖⁴_F per draw. When a few outlier
+channels dominate J (real checkpoints' massive activations) that is close to 2: one draw is off by
+a factor ~2 either way, and two or three seeds (what a whole-model probe could afford) put the
+gain 0.5–2× off. Draws therefore continue until the relative standard error of the estimate is
+below :data:`TARGET_SE` (at least :data:`MIN_DRAWS`, at most :data:`MAX_DRAWS`), and the verify
+states that standard error beside each ratio.
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import copy
 import logging
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .calibration import Calibration, VerifyLayer, VerifyResult, load_summary
@@ -20,7 +32,189 @@ from .errors import HwdiffError
 
 log = logging.getLogger(__name__)
 VERIFY_BAND = (0.67, 1.5)
-PROBE_PROMPTS, PROBE_TOKENS = 4, 48
+PROBE_PROMPTS, PROBE_TOKENS = 4, 48  # the whole-model probe (no reference capture at hand)
+PROBE_ROWS = 8  # sequences of the reference capture the sub-block probe runs
+MIN_DRAWS, MAX_DRAWS, TARGET_SE = 8, 256, 0.02
+
+
+class _Blocks:
+    """Norms and the sub-blocks they feed as float32 copies, called on the arguments a reference
+    capture recorded for them (its first :data:`PROBE_ROWS` sequences); errors over real tokens."""
+
+    def __init__(self, model: Any, reference: str) -> None:
+        import torch
+
+        from .replaying import _MaskRebuilder
+        from .store import open_capture
+
+        self.model, self.reference = model, reference
+        self.cap = open_capture(reference)
+        self.rows = slice(0, min(PROBE_ROWS, self.cap.input_ids.shape[0]))
+        self.real = torch.from_numpy(self.cap.attention_mask[self.rows].astype(bool))
+        self.masks = _MaskRebuilder(model, self.cap, torch.device("cpu"), torch.float32)
+
+    def close(self) -> None:
+        self.cap.close()
+
+    def pair(self, norm: str, block: str | None) -> "_Pair":
+        return _Pair(self, norm, block)
+
+    def call(self, name: str) -> tuple[list, dict, tuple]:
+        """(args, kwargs, where the main input sits) of ``name``'s first recorded call, float32."""
+        import numpy as np
+        import torch
+
+        from .callspec import decode_call, unsupported
+        from .store import FLAT
+
+        spec = self.cap.call_spec(name, 0) if name in self.cap.modules else None
+        why = "no recorded arguments" if spec is None else unsupported(spec)
+        if why is None and self.cap.layout(name, 0, "input") == FLAT:
+            why = "its rows are stored flat"
+        if why:
+            raise HwdiffError(f"{name}: {why} in {self.reference}; the sub-block probe needs a reference captured "
+                              "with --record-inputs")
+
+        def load(slot: str) -> Any:
+            values = torch.from_numpy(np.ascontiguousarray(self.cap.read(name, 0, slot, (self.rows,))))
+            return values.float() if values.is_floating_point() else values
+
+        args, kwargs = decode_call(spec, load)
+        if "attention_mask" in kwargs and self.masks.needed:
+            kwargs["attention_mask"] = self.masks.build(self.rows, name)
+        main = next((("args", i) for i, e in enumerate(spec["args"]) if e.get("slot") == "input"),
+                    next((("kwargs", k) for k, e in spec["kwargs"].items() if e.get("slot") == "input"), None))
+        if main is None:
+            raise HwdiffError(f"{name}: its recorded call has no main input to replace")
+        return args, kwargs, main
+
+
+class _Pair:
+    """One norm (float32 copy) and its sub-block (float32 copy, or None), clean outputs kept."""
+
+    def __init__(self, blocks: _Blocks, norm: str, block: str | None) -> None:
+        import torch
+
+        from .structure import norm_offset
+
+        self.blocks = blocks
+        self.norm = copy.deepcopy(blocks.model.get_submodule(norm)).float().eval()
+        self.norm_call = blocks.call(norm)
+        self.block = copy.deepcopy(blocks.model.get_submodule(block)).float().eval() if block else None
+        self.block_call = blocks.call(block) if block else None
+        self.weight = self.norm.weight.detach().clone()
+        with torch.inference_mode():
+            self.y = self._norm()
+            self.out = self._block(self.y) if block else self.y
+        real = blocks.real
+        self.out_norm = float(self.out[real].double().norm())
+        self.offset = norm_offset(self.norm)
+
+    def _norm(self) -> Any:
+        from .structure import output_by_meaning
+
+        args, kwargs, _ = self.norm_call
+        return output_by_meaning(self.norm, self.norm(*args, **kwargs))
+
+    def _block(self, y: Any) -> Any:
+        from .structure import output_by_meaning
+
+        args, kwargs, (where, key) = self.block_call
+        args, kwargs = list(args), dict(kwargs)
+        (args if where == "args" else kwargs)[key] = y
+        return output_by_meaning(self.block, self.block(*args, **kwargs))
+
+    def draw(self, sigma: float, rng: Any, law: str = "gaussian", df: float | None = None) -> tuple[float, float, Any]:
+        """(realized σ, induced relative error, Δy over real tokens) of one draw of σ at the norm."""
+        import torch
+
+        from .laws import standardized
+
+        noise = torch.from_numpy(standardized(law, df, rng, self.weight.numel()) * sigma).float()
+        with torch.inference_mode():
+            self.norm.weight.copy_(self.weight + noise)
+            try:
+                y = self._norm()
+            finally:
+                self.norm.weight.copy_(self.weight)
+            out = self._block(y) if self.block is not None else y
+        real = self.blocks.real
+        delta = (y - self.y)[real].double()
+        induced = float((out - self.out)[real].double().norm()) / self.out_norm if self.out_norm else math.nan
+        return float(delta.pow(2).mean().sqrt()), induced, delta
+
+    def x_hat(self) -> Any:
+        """The normalised input x̂ (the norm with an effective weight of 1), over real tokens."""
+        import torch
+
+        with torch.inference_mode():
+            self.norm.weight.fill_(1.0 - self.offset)
+            try:
+                return self._norm()[self.blocks.real].double()
+            finally:
+                self.norm.weight.copy_(self.weight)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """rms over draws of the induced error and of the realized σ, their ratio (the gain) and its
+    relative standard error (delta method over the draws)."""
+
+    induced: float
+    realized: float
+    draws: int
+    induced_se: float  # relative standard error of ``induced``
+    gain_se: float  # relative standard error of induced / realized
+
+    @property
+    def gain(self) -> float:
+        return self.induced / self.realized if self.realized else math.nan
+
+
+def estimate(pair: _Pair, sigma: float, seed: int, law: str = "gaussian", df: float | None = None, *,
+             keep: list | None = None) -> Estimate:
+    """Draws of σ at ``pair``'s norm until the gain's relative standard error is below TARGET_SE."""
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    e2, r2 = [], []
+    while len(e2) < MAX_DRAWS:
+        realized, induced, delta = pair.draw(sigma, rng, law, df)
+        e2.append(induced * induced)
+        r2.append(realized * realized)
+        if keep is not None and len(keep) < 4:
+            keep.append(delta)
+        if len(e2) >= MIN_DRAWS and _ratio_se(e2, r2) <= TARGET_SE and _mean_se(e2) <= 2 * TARGET_SE:
+            break
+    return Estimate(math.sqrt(sum(e2) / len(e2)), math.sqrt(sum(r2) / len(r2)), len(e2), _mean_se(e2),
+                    _ratio_se(e2, r2))
+
+
+def _mean_se(squares: list[float]) -> float:
+    """Relative standard error of sqrt(mean(squares)) (half that of the mean)."""
+    import numpy as np
+
+    a = np.asarray(squares)
+    return float(0.5 * a.std(ddof=1) / math.sqrt(a.size) / a.mean()) if a.size > 1 and a.mean() > 0 else math.inf
+
+
+def _ratio_se(a: list[float], b: list[float]) -> float:
+    """Relative standard error of sqrt(mean(a) / mean(b)), delta method with their covariance."""
+    import numpy as np
+
+    x, y = np.asarray(a), np.asarray(b)
+    if x.size < 2 or not x.mean() > 0 or not y.mean() > 0:
+        return math.inf
+    u, v = x / x.mean(), y / y.mean()
+    variance = (u.var(ddof=1) + v.var(ddof=1) - 2 * np.cov(u, v)[0, 1]) / x.size
+    return float(0.5 * math.sqrt(max(variance, 0.0)))
+
+
+def _reference_path(reference: str | None) -> str | None:
+    """The reference capture when it is on disk (a file, or a multi-rank capture's directory)."""
+    from pathlib import Path
+
+    return reference if reference and Path(reference).exists() else None
 
 
 class _Probe:
@@ -100,13 +294,36 @@ def _relative(reference: Any, other: Any) -> float:
 
 
 def measure_gains(model: Any, norms: list[tuple[str, str | None]], *, seeds: int = 2,
-                  probe_rel: float = 1e-3, reference: str | None = None) -> dict[str, float]:
+                  probe_rel: float = 1e-3, reference: str | None = None, progress: bool = False) -> dict[str, float]:
     """Relative error at each norm's sub-block output per unit realized σ (norms without a sub-block
-    are left out). The probe σ is ``probe_rel`` × rms of the norm's clean output. ``reference``: a
-    capture whose first prompts to run (default: the shipped prompts, tokenized)."""
+    are left out). The probe σ is ``probe_rel`` × rms of the norm's clean output. With ``reference``
+    on disk: the norm and sub-block alone on its recorded arguments, draws until the gain's standard
+    error is below TARGET_SE (``seeds`` is then unused); else whole-model forwards over the shipped
+    prompts with ``seeds`` draws."""
     pairs = [(norm, block) for norm, block in norms if block]
     if not pairs:
         return {}
+    path = _reference_path(reference)
+    if path is None:
+        return _measure_gains_whole(model, pairs, seeds, probe_rel, reference)
+    from tqdm.auto import tqdm
+
+    blocks, gains = _Blocks(model, path), {}
+    try:
+        for index, (norm, block) in enumerate(tqdm(pairs, desc="gains", unit="norm", disable=not progress, leave=False)):
+            pair = blocks.pair(norm, block)
+            sigma = probe_rel * float(pair.y[blocks.real].double().pow(2).mean().sqrt())
+            found = estimate(pair, sigma, seed=1000 * index)
+            gains[norm] = found.gain
+            log.info("gain %s -> %s: %.4g per unit sigma (±%.1f%%, %d draws)", norm, block, found.gain,
+                     100 * found.gain_se, found.draws)
+    finally:
+        blocks.close()
+    return gains
+
+
+def _measure_gains_whole(model: Any, pairs: list[tuple[str, str]], seeds: int, probe_rel: float,
+                         reference: str | None) -> dict[str, float]:
     probe = _Probe(model, [n for pair in pairs for n in pair], reference)
     gains = {}
     for index, (norm, block) in enumerate(pairs):
@@ -122,22 +339,54 @@ def _rms(values: list[float]) -> float:
 
 
 def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
-           band: tuple[float, float] = VERIFY_BAND) -> VerifyResult:
-    """Inject each norm's σ_end alone (``seeds`` draws) into a float32 copy of ``model`` and compare the
-    relative error it induces at the sub-block output (at the norm when it feeds none) with the error
-    the hardware makes there: the sub-block's local error and the norm's own error carried through the
-    gain that acted in this very injection (induced error / realized σ) — the hardware's norm error
-    reaches the sub-block through the same gain as the noise. So the check isolates what calibrate
-    assumed or measured elsewhere: the gain applied to the sub-block's own error, and σ itself. A ratio
-    outside ``band`` fails. Norms with σ_end = 0 are not injected."""
+           band: tuple[float, float] = VERIFY_BAND, progress: bool = False) -> VerifyResult:
+    """Inject each norm's σ_end alone into float32 copies and compare the relative error it induces at
+    the sub-block output (at the norm when it feeds none) with the error the hardware makes there: the
+    sub-block's local error and the norm's own error carried through the gain that acted in this very
+    injection (induced error / realized σ) — the hardware's norm error reaches the sub-block through
+    the same gain as the noise. So the check isolates what calibrate assumed or measured elsewhere: the
+    gain applied to the sub-block's own error, and σ itself. A ratio outside ``band`` fails. Norms
+    with σ_end = 0 are not injected. With the reference capture on disk only the norm and its
+    sub-block run, draws until the ratio's standard error is below TARGET_SE, stated per norm;
+    else whole-model forwards with ``seeds`` draws."""
     layers = [layer for layer in calibration.layers if layer.sigma_end > 0]
     if not layers:
         raise HwdiffError("no norm has sigma_end > 0: nothing to verify")
+    reference = (calibration.provenance.get("reference") or {}).get("path")
+    path = _reference_path(reference)
+    if path is None:
+        return _verify_whole(layers, model, seeds, band, reference)
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .laws import equivalent_noise, fit_law
+
+    blocks, checks = _Blocks(model, path), []
+    try:
+        for index, layer in enumerate(tqdm(layers, desc="verify", unit="norm", disable=not progress, leave=False)):
+            pair, kept = blocks.pair(layer.name, layer.sub_block), []
+            found = estimate(pair, layer.sigma_end, seed=7919 * index, law=layer.law, df=layer.df, keep=kept)
+            target = math.hypot(found.gain * layer.norm_error * layer.output_rms, layer.block_error)
+            x_hat = pair.x_hat().reshape(-1, pair.weight.numel()).numpy()
+            noise = np.concatenate([equivalent_noise(d.reshape(-1, x_hat.shape[1]).numpy(), x_hat) for d in kept])
+            fitted = fit_law(noise)
+            # the ratio's uncertainty: the induced error's own (the target's norm part moves with the gain)
+            checks.append(VerifyLayer(layer.name, layer.sub_block or layer.name, target, found.induced, found.realized,
+                                      layer.law, fitted.law, fitted.df, draws=found.draws, ratio_se=found.induced_se))
+    finally:
+        blocks.close()
+    method = (f"sigma_end injected at one norm at a time into float32 copies of the norm and the sub-block it feeds, "
+              f"run on the arguments the reference capture recorded for them (first {PROBE_ROWS} sequences, real "
+              f"tokens); draws until the induced error's relative standard error is below {TARGET_SE:.0%} (at least "
+              f"{MIN_DRAWS}, at most {MAX_DRAWS}); induced = relative L2 error at the sub-block output")
+    return VerifyResult(tuple(checks), band, max(c.draws for c in checks), method)
+
+
+def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float], reference: str | None) -> VerifyResult:
     import numpy as np
 
     from .laws import fit_law
 
-    reference = (calibration.provenance.get("reference") or {}).get("path")
     probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n], reference, keep_inputs=True)
     checks = []
     for index, layer in enumerate(layers):
@@ -150,10 +399,11 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
         gain = induced_error / realized if realized else math.nan  # the gain that acted, measured here
         target = math.hypot(gain * layer.norm_error * layer.output_rms, layer.block_error)
         fitted = fit_law(np.concatenate(noise))
-        checks.append(VerifyLayer(layer.name, where, target, induced_error, realized, layer.law, fitted.law, fitted.df))
+        checks.append(VerifyLayer(layer.name, where, target, induced_error, realized, layer.law, fitted.law, fitted.df,
+                                  draws=seeds))
     method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, the first "
-              f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length); induced = relative L2 "
-              "error at the sub-block output")
+              f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length; the reference capture was "
+              "not at hand for the sub-block probe); induced = relative L2 error at the sub-block output")
     return VerifyResult(tuple(checks), band, seeds, method)
 
 
