@@ -273,7 +273,9 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     gains = {}
     if model is not None:
         from .sigma_probe import measure_gains
-        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None],
+        # a norm with no error in it nor in its sub-block gets σ = 0 whatever the gain: not probed
+        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None
+                                      and (e.norm_error > 0 or e.block_error > 0)],
                               reference=(summary.get("reference") or {}).get("path"), progress=progress)
     sigmas = {e.name: sigma_end(e, gains.get(e.name)) for e in errors if e.skip_reason is None}
     positive = [value for value in sigmas.values() if value > 0]
