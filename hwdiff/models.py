@@ -98,6 +98,7 @@ BUILTIN: dict[str, Callable[[str | None], Any]] = {
     "tiny-qwen2": tiny_qwen2_config,
     "qwen2.5-1.5b-arch": qwen25_15b_config,
 }
+REAL = ("smollm2-135m",)  # real trained checkpoints (hwdiff.checkpoints.REAL): converted once, cached
 
 
 def load_model(
@@ -112,7 +113,8 @@ def load_model(
     """Load a model in eval mode with gradients off, fingerprinted before the cast to ``dtype``.
 
     ``spec`` is a built-in name (``tiny-qwen2``, ``qwen2.5-1.5b-arch``: seeded random weights from
-    ``seed``), a local checkpoint directory, or a Hugging Face hub id. ``attn_implementation`` None
+    ``seed``; ``smollm2-135m``: the real SmolLM2-135M-Instruct, :mod:`hwdiff.checkpoints`), a local
+    checkpoint directory, or a Hugging Face hub id. ``attn_implementation`` None
     keeps transformers' default (``sdpa``); ``"eager"`` selects the plain matmul-softmax path.
     """
     from .devices import resolve_device
@@ -124,6 +126,8 @@ def load_model(
     if spec in BUILTIN:  # built directly in dtype on the device; the fingerprint is of the float32 weights
         model, digest = _build_random(spec, attn_implementation, seed, torch_device, torch_dtype)
         info = ModelInfo(spec=spec, fingerprint=digest, tokenizer=None, seed=seed)
+    elif spec in REAL:  # a real checkpoint, converted once into hwdiff's cache (hwdiff.checkpoints)
+        model, info = _load_real(spec, attn_implementation)
     else:
         model = _from_pretrained(spec, attn_implementation, trust_remote_code)
         info = ModelInfo(spec=spec, fingerprint=fingerprint(model), tokenizer=spec, seed=None,
@@ -131,6 +135,22 @@ def load_model(
     model = model.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
     _INFO[model] = info
     return model
+
+
+def _load_real(spec: str, attn_implementation: str | None) -> tuple[torch.nn.Module, ModelInfo]:
+    """A real built-in (``smollm2-135m``): its converted folder (or hub id), checked against the
+    fingerprint recorded at conversion."""
+    from .checkpoints import recorded_fingerprint, resolve
+
+    where, source = resolve(spec)
+    model = _from_pretrained(where, attn_implementation)
+    digest = fingerprint(model)
+    recorded = recorded_fingerprint(where) if Path(where).is_dir() else None
+    if recorded is not None and recorded != digest:
+        raise ModelSpecError(f"{spec}: the converted weights in {where} no longer match the fingerprint recorded at "
+                             f"conversion ({recorded[:19]}…, now {digest[:19]}…); delete that folder to convert again")
+    log.info("hwdiff: %s from %s (%s)", spec, where, source)
+    return model, ModelInfo(spec=spec, fingerprint=digest, tokenizer=where, seed=None)
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:
@@ -283,7 +303,7 @@ def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_co
     if not path.is_dir() and (path.exists() or not _HUB_ID.match(spec)):
         found = "is not a directory" if path.exists() else "does not exist"
         raise ModelSpecError(
-            f"unknown model spec {spec!r} ({path.resolve()} {found}): expected a built-in ({', '.join(BUILTIN)}), "
+            f"unknown model spec {spec!r} ({path.resolve()} {found}): expected a built-in ({', '.join((*BUILTIN, *REAL))}), "
             "a local checkpoint directory, or a Hugging Face hub id"
         )
     if not path.is_dir():

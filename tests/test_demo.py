@@ -5,7 +5,7 @@ from hwdiff.demo import run_demo
 
 
 def test_demo_writes_two_captures_that_differ_only_by_attention_kernel(tmp_path, capsys):
-    reference, target = run_demo(tmp_path, limit=4, max_tokens=24, progress=False)
+    reference, target = run_demo(tmp_path, model_spec="tiny-qwen2", limit=4, max_tokens=24, progress=False)
     assert "wrote" in capsys.readouterr().out
     with hwdiff.open_capture(reference) as ref, hwdiff.open_capture(target) as tgt:
         assert ref.meta["attn_implementation"] == "sdpa" and tgt.meta["attn_implementation"] == "eager"
@@ -19,7 +19,7 @@ def test_demo_writes_two_captures_that_differ_only_by_attention_kernel(tmp_path,
 def test_demo_main_captures_inspects_and_diffs(tmp_path, capsys):
     from hwdiff.demo import main
 
-    assert main(["--out", str(tmp_path), "-q"]) == 0
+    assert main(["--out", str(tmp_path), "--model", "tiny-qwen2", "--limit", "16", "-q"]) == 0
     printed = capsys.readouterr().out
     assert "first divergence  model.layers.0.self_attn" in printed
     for name in ("reference-cpu-bf16-sdpa.h5", "target-cpu-bf16-eager.h5", "diff.h5", "diff.json", "diff.csv"):

@@ -169,3 +169,27 @@ def test_ulp_distances_are_in_the_coarser_dtype_whichever_side_it_is(root, fp32)
         assert embedding.metrics.ulp.max <= 0.5  # one rounding to bfloat16, read in bfloat16 ulps
         assert embedding.ulp_fine.max > 1000  # the same errors in float32 ulps, kept beside
     assert "ulp p99 (bfloat16)" in format_table(result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("coarse", ["bfloat16", "float16"])
+def test_a_decoder_layer_s_local_budget_counts_the_roundings_of_the_ops_it_contains(tmp_path, coarse):
+    """fp32 -> bf16/fp16 is rounding only: no replayed module may diverge locally. A decoder layer
+    re-runs a dozen rounded ops (it measures ~7 roundings against a single op's budget of 4); its
+    budget is 4 + 2 × the largest local roundings of its submodules, a leaf's stays 4."""
+    from hwdiff.compare.verdict import BUDGET_GAIN, BUDGET_ROUNDINGS
+
+    reference = hwdiff.capture(hwdiff.load_model("tiny-qwen2", dtype="float32"), tmp_path / "ref.h5",
+                               record_inputs=True, **CAP).path
+    model = hwdiff.load_model("tiny-qwen2", dtype=coarse)
+    target = hwdiff.capture(model, tmp_path / "t.h5", **CAP).path
+    local = hwdiff.replay(model, reference, tmp_path / "local.h5", progress=False).path
+    result = hwdiff.diff(reference, target, local=local, progress=False)
+    outputs = [layer for layer in result.outputs if layer.local is not None and layer.local.verdict is not None]
+    assert not [layer.name for layer in outputs if layer.local.verdict.diverges]
+    for layer in outputs:
+        inner = [other.local.verdict.roundings for other in outputs if other.name.startswith(layer.name + ".")]
+        expected = BUDGET_ROUNDINGS + BUDGET_GAIN * max(inner) if inner else BUDGET_ROUNDINGS
+        assert layer.local.verdict.budget == pytest.approx(expected), layer.name
+    decoder = result.layer("model.layers.0").local.verdict
+    assert decoder.roundings > BUDGET_ROUNDINGS  # the case the single-op budget got wrong

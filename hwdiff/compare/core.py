@@ -173,7 +173,7 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
             target, name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of, local=local)
     positions = residual_positions(pairs)
     correlation = correlate(ref, tgt, positions, mask, opts.block_elements) if positions else None
-    ordered = with_budgets(_with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs)))
+    ordered = with_local_budgets(with_budgets(_with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs))))
     return DiffResult(
         reference=_meta(ref), target=_meta(tgt), golden=_meta(gold) if gold is not None else None,
         layers=ordered, unmatched=tuple(unmatched), correlation=correlation,
@@ -424,6 +424,28 @@ def with_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
         out.append(layer)
         if layer.slot == "output" and math.isfinite(layer.verdict.roundings):
             seen = max(seen, layer.verdict.roundings)
+    return tuple(out)
+
+
+def with_local_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
+    """Give each local error of a different-precision pair the roundings of the ops it contains: a
+    replayed module that holds recorded submodules (a decoder layer, an MLP) carries their local errors
+    too, so its budget is its own :data:`BUDGET_ROUNDINGS` plus BUDGET_GAIN × the largest local error,
+    in roundings, of its submodules (they complete before it in forward order); a leaf keeps its own."""
+    inner: dict[str, float] = {}  # module name -> the largest local roundings of its submodules so far
+    out = []
+    for layer in layers:
+        verdict = layer.local.verdict if layer.local is not None else None
+        if layer.slot == "output" and verdict is not None:
+            if verdict.rule == "budget" and layer.name in inner:
+                verdict = with_budget(verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * inner[layer.name])
+                layer = dataclasses.replace(layer, local=dataclasses.replace(layer.local, verdict=verdict))
+            if math.isfinite(verdict.roundings):
+                parts = layer.name.split(".")
+                for depth in range(1, len(parts)):
+                    parent = ".".join(parts[:depth])
+                    inner[parent] = max(inner.get(parent, 0.0), verdict.roundings)
+        out.append(layer)
     return tuple(out)
 
 

@@ -60,6 +60,7 @@ class FitResult:
     fits: dict[str, Fit] = field(default_factory=dict)
     relative: "FitResult | None" = None  # the same fits of e/|r| (absolute fits only)
     law: str = ""  # "absolute" or "relative": which describes the error better (absolute fits only)
+    not_fitted: dict[str, str] = field(default_factory=dict)  # law -> why it has no fit in ``fits``
 
     def to_dict(self) -> dict:
         out: dict = {"best": self.best, "n": self.n}
@@ -72,6 +73,8 @@ class FitResult:
             out["relative"] = self.relative.to_dict()
         if self.law:
             out["law"] = self.law
+        if self.not_fitted:
+            out["not_fitted"] = dict(self.not_fitted)
         return out
 
     @property
@@ -126,23 +129,52 @@ class _Done:
 
 
 def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:
-    """Fit the differing elements' errors (zeros, the bit-identical elements, are left out)."""
+    """Fit the differing elements' errors (zeros, the bit-identical elements, are left out).
+
+    Not fitted, with the reason: fewer than ``MIN_SAMPLES`` differing values, one value only (a constant
+    offset has no spread), or any NaN/Inf (no law has them). The sample is fitted after an exact
+    power-of-two rescaling (denormal and near-overflow errors fit like any others) and the parameters and
+    likelihood are carried back. A law that cannot be fitted (the Student-t when one value holds nearly
+    all the sample, :func:`_student_t`) is left out of ``fits`` and named in ``not_fitted``."""
     if exact:
         return FitResult(best="none", n=0, reason="bit-identical: no error to fit")
-    x = np.asarray(errors, dtype=np.float64)
+    x = np.asarray(errors, dtype=np.float64).ravel()
+    nonfinite = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if nonfinite:
+        return FitResult(best="none", n=int(x.size), reason=f"{nonfinite} of the {x.size} errors are NaN or Inf: no law fitted")
     x = x[x != 0]
-    if x.size < MIN_SAMPLES or np.ptp(x) == 0:
+    if x.size < MIN_SAMPLES:
         return FitResult(best="none", n=int(x.size), reason=f"only {x.size} differing values in the sample")
-    x = np.sort(x)  # sorted once: the KS statistics and the Laplace median read it
-    sample = _Sample(x)
-    fits = {"gaussian": _gaussian(sample), "student_t": _student_t(sample), "laplace": _laplace(sample)}
-    centred = x - x.mean()
+    if np.ptp(x) == 0:
+        return FitResult(best="none", n=int(x.size), reason=f"all {x.size} differing values equal {x[0]:.6g}: a constant offset, no spread to fit")
+    unit = math.ldexp(1.0, int(np.frexp(np.max(np.abs(x)))[1]) - 1)  # a power of two: x / unit is exact, in [-2, 2)
+    z = np.sort(x / unit)  # sorted once: the KS statistics and the Laplace median read it
+    sample = _Sample(z)
+    fits = {"gaussian": _gaussian(sample), "laplace": _laplace(sample)}
+    student, why_not = _student_t(sample)
+    if student is not None:
+        fits["student_t"] = student
+    fits = {name: _rescaled(fit, unit, z.size) for name, fit in fits.items()}
+    centred = z - z.mean()
     squared = centred * centred
     m2 = float(np.mean(squared))
     skew = float(np.mean(squared * centred) / m2 ** 1.5)
     kurt = float(np.mean(squared * squared) / m2 ** 2 - 3.0)
     best = min(fits, key=lambda name: fits[name].aic)
-    return FitResult(best=best, n=int(x.size), skew=skew, excess_kurtosis=kurt, fits=fits)
+    return FitResult(best=best, n=int(x.size), skew=skew, excess_kurtosis=kurt, fits=fits,
+                     not_fitted={"student_t": why_not} if why_not else {})
+
+
+_LENGTHS = ("mu", "sigma", "loc", "scale")  # the parameters in the sample's units (df is not)
+
+
+def _rescaled(fit: Fit, unit: float, n: int) -> Fit:
+    """A fit of x / unit carried to x: lengths times ``unit``; the density divides by ``unit`` per value."""
+    params = {key: value * unit if key in _LENGTHS else value for key, value in fit.params.items()}
+    loglik = fit.loglik - n * math.log(unit)
+    k = sum(1 for key in params if key != "df_floor")
+    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, bic=k * math.log(n) - 2 * loglik,
+               ks_stat=fit.ks_stat, ks_p=fit.ks_p)
 
 
 class _Sample:
@@ -195,26 +227,43 @@ def _laplace(sample: _Sample) -> Fit:
     return _finish(sample, {"loc": loc, "scale": scale}, loglik, 2, cdf)
 
 
-def _student_t(sample: _Sample) -> Fit:
+def _student_t(sample: _Sample) -> tuple[Fit | None, str]:
+    """Student-t fit, or None and why not. With a share p of the sample on one value the likelihood is
+    unbounded for df < p/(1 − p) (put loc on that value and let the scale go to 0: the value gains
+    ln(1/scale) per element, the others lose (df + 1) ln(1/scale)), so df is searched above that bound
+    (with a 25 % margin, recorded as ``df_floor``); when the bound passes the top of the df range
+    (p ≥ 99.9 %) there is no Student-t fit."""
     from scipy import special
 
     x = sample.x
+    counts = (sample.last - sample.first + 1).astype(np.float64)
+    share = float(counts.max()) / x.size
+    floor = _DF_BOUNDS[0] if share <= 1 / 3 else 1.25 * share / (1.0 - share)
+    if floor >= _DF_BOUNDS[1]:
+        return None, (f"{share:.1%} of the differing values are one value: the Student-t likelihood has no maximum "
+                      f"for df below {_DF_BOUNDS[1]:g}")
     # A sample with many ties (errors of low-precision outputs are multiples of an ulp) runs the EM on
     # its distinct values with their counts: the same sums, a few hundred terms instead of 20,000.
-    tied = (sample.values, (sample.last - sample.first + 1).astype(np.float64)) \
-        if sample.values.size * TIES_FACTOR <= x.size else None
+    tied = (sample.values, counts) if sample.values.size * TIES_FACTOR <= x.size else None
     state = [float(np.median(x)), 1.4826 * float(np.median(np.abs(x - np.median(x)))) or float(x.std())]
 
     def negative_loglik(log_df: float) -> float:
         loc, scale, loglik = _t_em(x, math.exp(log_df), *state, tied=tied)
+        if not math.isfinite(loglik):
+            return math.inf
         state[:] = [loc, scale]  # warm start: neighbouring df have nearly the same loc and scale
         return -loglik
 
     # scipy.optimize.minimize_scalar(method="bounded")'s algorithm, without importing scipy.optimize
-    df = math.exp(minimize_bounded(negative_loglik, tuple(map(math.log, _DF_BOUNDS)), xatol=1e-2))
+    bounds = (math.log(max(floor, _DF_BOUNDS[0])), math.log(_DF_BOUNDS[1]))
+    df = math.exp(minimize_bounded(negative_loglik, bounds, xatol=1e-2))
     loc, scale, loglik = _t_em(x, df, *state, tied=tied)
-    return _finish(sample, {"df": df, "loc": loc, "scale": scale}, loglik, 3,
-                   special.stdtr(df, (sample.values - loc) / scale))
+    if not (math.isfinite(loglik) and scale > 0):
+        return None, f"the Student-t EM's scale collapsed at df {df:.3g} ({share:.1%} of the values are one value)"
+    params = {"df": df, "loc": loc, "scale": scale}
+    if floor > _DF_BOUNDS[0]:
+        params["df_floor"] = floor
+    return _finish(sample, params, loglik, 3, special.stdtr(df, (sample.values - loc) / scale)), ""
 
 
 def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 50, *,
@@ -230,6 +279,8 @@ def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 
     x, counts = tied if tied is not None else (x, np.ones(1))
     size = float(counts.sum()) if tied is not None else x.size
     for _ in range(iterations):
+        if not (0.0 < scale < math.inf):  # collapsed (an unbounded likelihood): no fit at this df
+            return loc, scale, math.nan
         z2 = ((x - loc) / scale) ** 2
         weights = counts * (df + 1.0) / (df + z2)
         # Plain numpy reductions, not np.dot: BLAS threads would spin on the cores the diff kernel uses.
@@ -239,6 +290,8 @@ def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 
         loc, scale = new_loc, new_scale
         if converged:
             break
+    if not (0.0 < scale < math.inf):
+        return loc, scale, math.nan
     z2 = ((x - loc) / scale) ** 2
     loglik = size * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
         - (df + 1) / 2 * float(np.sum(counts * np.log1p(z2 / df)))

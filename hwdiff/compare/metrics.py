@@ -301,7 +301,9 @@ class Accumulator:
         rr, tt, ee, re_ = s["rr"], s["tt"], s["ee"], s["re"]
         norm_rt = math.sqrt(rr * tt)
         cosine = (rr + re_) / norm_rt if norm_rt else (1.0 if ee == 0 else 0.0)
-        one_minus = max(rr * ee - re_ * re_, 0.0) / (norm_rt * (norm_rt + rr + re_)) if norm_rt else 1.0 - cosine
+        # 1 − cos = (1 − cos²)/(1 + cos) without cancellation; 1 + cos = 0 (t = −c·r) has no such form
+        opposite = norm_rt * (norm_rt + rr + re_)
+        one_minus = max(rr * ee - re_ * re_, 0.0) / opposite if norm_rt and opposite > 0 else 1.0 - cosine
         bias = s["e"] / n
         return Metrics(
             numel=int(s["n"]), equal_frac=float(s["equal"]) / n,
