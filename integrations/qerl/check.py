@@ -26,8 +26,6 @@ import copy
 import importlib.util
 import io
 import logging
-import shutil
-import subprocess
 import sys
 import tempfile
 import types
@@ -36,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
+from checkout import CheckFailed, patch_state as _patch_state  # noqa: E402
+
 UPSTREAM_COMMIT = "e8c6e7979e8aed97ee93eaabeab899ad07fe7040"
 PATCH = HERE / "aqn-delivery.patch"
 NOISE = "trl_trainer/noise_scheduler.py"
@@ -45,31 +46,9 @@ PATCHED = (MAIN, TRAINER, NOISE, "utils/configs.py")
 TOLERANCE = 1e-5
 
 
-class CheckFailed(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"check: {message}")
-
-
 def patch_state(qerl: Path) -> str:
-    """``"patched"``, ``"unpatched"`` or ``"modified"`` (the patch neither applies nor is applied) by
-    ``git apply --check`` on a scratch copy; the checkout is not touched."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in PATCHED:
-            if not (qerl / name).is_file():
-                raise CheckFailed(f"{qerl} is not a QeRL checkout: {name} is missing")
-            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(qerl / name, Path(tmp) / name)
-        subprocess.run(["git", "init", "-q", tmp], check=True)
-
-        def applies(*flags: str) -> bool:
-            return subprocess.run(["git", "apply", "--check", *flags, str(PATCH)], cwd=tmp,
-                                  capture_output=True).returncode == 0
-
-        if applies("-R"):
-            return "patched"
-        if applies():
-            return "unpatched"
-    return "modified"  # neither: another commit or local changes; the simulated run decides
+    """``"patched"``, ``"unpatched"`` or ``"modified"`` (:func:`checkout.patch_state`)."""
+    return _patch_state(qerl, PATCHED, PATCH, "a QeRL checkout")
 
 
 def _lines(qerl: Path, name: str) -> tuple[list[str], ast.Module]:

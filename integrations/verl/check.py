@@ -37,14 +37,14 @@ import copy
 import dataclasses
 import importlib.util
 import io
-import shutil
-import subprocess
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
+from checkout import CheckFailed, patch_state as _patch_state  # noqa: E402
+
 UPSTREAM_COMMIT = "cfb21db5062f6092e70db67f53f77e80cd899cf3"
 PATCH = HERE / "aqn-delivery.patch"
 TRAINER = "verl/trainer/ppo/ray_trainer.py"
@@ -56,32 +56,9 @@ PATCHED = (TRAINER, ROLLOUT_CONFIG, NOISE)
 TOLERANCE = 1e-5
 
 
-class CheckFailed(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"check: {message}")
-
-
-# ---------------------------------------------------------------- the patch
 def patch_state(verl: Path) -> str:
-    """``"patched"``, ``"unpatched"`` or ``"modified"`` (the patch neither applies nor is applied) by
-    ``git apply --check`` on a scratch copy; the checkout is not touched."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in PATCHED:
-            if not (verl / name).is_file():
-                raise CheckFailed(f"{verl} is not a checkout of the fork: {name} is missing")
-            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(verl / name, Path(tmp) / name)
-        subprocess.run(["git", "init", "-q", tmp], check=True)
-
-        def applies(*flags: str) -> bool:
-            return subprocess.run(["git", "apply", "--check", *flags, str(PATCH)], cwd=tmp,
-                                  capture_output=True).returncode == 0
-
-        if applies("-R"):
-            return "patched"
-        if applies():
-            return "unpatched"
-    return "modified"  # neither: another commit or local changes; the simulated run decides
+    """``"patched"``, ``"unpatched"`` or ``"modified"`` (:func:`checkout.patch_state`)."""
+    return _patch_state(verl, PATCHED, PATCH, "a checkout of the fork")
 
 
 # ---------------------------------------------------------------- config (Hydra's override rules)
