@@ -104,3 +104,19 @@ def test_verify_checks_the_law_it_injects(tmp_path):
     heavy = [c for c in check.layers if c.law == "student_t"]
     assert heavy and sum(c.law_induced == "student_t" for c in heavy) > len(heavy) / 2
     assert check.passed  # the planted σ at the norm: induced / target near 1
+
+
+def test_depth_correlation_pairs_only_norms_at_the_same_place_in_their_layers():
+    """Zamba2's hybrid layer holds ``shared_transformer.input_layernorm`` (width 2·hidden: it normalises
+    the hidden state concatenated with the embeddings) beside the mamba layers' ``input_layernorm``
+    (width hidden); grouping by the last name component paired them and calibrate crashed in
+    np.corrcoef. Planted: two 64-wide norms with correlated noise, one 128-wide norm between them."""
+    from hwdiff.law_evidence import _evidence
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=64)
+    b = 0.6 * a + 0.8 * rng.normal(size=64)
+    noise = {"model.layers.0.input_layernorm": a, "model.layers.1.shared_transformer.input_layernorm": rng.normal(size=128),
+             "model.layers.2.input_layernorm": b}
+    evidence = _evidence(noise)
+    assert evidence.rho_measured == pytest.approx(float(np.corrcoef(a, b)[0, 1]), rel=1e-12)
