@@ -66,7 +66,11 @@ def _noise(ref: Any, loc: Any, name: str, mask: np.ndarray) -> np.ndarray | None
     y_ref, y_loc = ref.activation(name), loc.activation(name)
     if x.shape != y_ref.shape or x.shape[:2] != mask.shape:
         return None
-    x, e = x[mask].astype(np.float64), (y_loc[mask].astype(np.float64) - y_ref[mask].astype(np.float64))
+    # [real tokens, …, channels] → one row per normalised vector: q/k norms ([b, t, heads, head_dim]) and
+    # Qwen3-Next's gated norm normalise each head's vector over the last axis, which the weight scales
+    rows = (-1, x.shape[-1])
+    x = x[mask].astype(np.float64).reshape(rows)
+    e = (y_loc[mask].astype(np.float64) - y_ref[mask].astype(np.float64)).reshape(rows)
     x_hat = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + EPS)
     return equivalent_noise(e, x_hat)
 

@@ -201,6 +201,7 @@ class _MaskRebuilder:
         mine = str(getattr(config, "_attn_implementation", None))
         self.needed = config is not None and mine != str(ref.meta.get("attn_implementation"))
         self.config, self.device, self.dtype = config, device, dtype
+        self.reference_impl = ref.meta.get("attn_implementation")
         self.mask2d = torch.from_numpy(ref.attention_mask)
         if self.needed:
             if getattr(config, "use_bidirectional_attention", False):
@@ -218,7 +219,11 @@ class _MaskRebuilder:
         plain = recorded is None or (isinstance(recorded, torch.Tensor) and recorded.dim() == 2)
         if plain and padding_only(self.config, layer_index(name)):
             return recorded
-        kind, _ = attention_type(self.config, layer_index(name))
+        try:
+            kind, _ = attention_type(self.config, layer_index(name))
+        except HwdiffError as exc:  # the reference's own masks need no rebuilding
+            raise HwdiffError(f"{exc}; replay with the reference's attention implementation "
+                              f"(--attn-impl {self.reference_impl})") from None
         function = getattr(masking_utils, self._FUNCTIONS[kind], None)
         if function is None:
             raise HwdiffError(f"{name} attends with a {kind} mask, which this transformers version cannot build")

@@ -183,16 +183,17 @@ def norm_class(name: str) -> str:
 
 
 def depth_chains(names: Iterable[str]) -> list[list[str]]:
-    """``names`` grouped by :func:`norm_class`, each group in layer order; a name outside the decoder
-    layers stands alone."""
+    """``names`` grouped by their path inside the decoder layer (``input_layernorm``,
+    ``self_attn.q_norm``; Zamba2's ``shared_transformer.input_layernorm``, of twice the width, is not
+    ``input_layernorm``), each group in layer order; a name outside the decoder layers stands alone."""
     chains: dict[str, list[tuple[int, str]]] = {}
     singles = []
     for name in names:
-        index = layer_index(name)
-        if index is None:
+        match = _LAYER.search(name)
+        if match is None:
             singles.append([name])
         else:
-            chains.setdefault(norm_class(name), []).append((index, name))
+            chains.setdefault(name[match.end():], []).append((int(match.group(1)), name))
     return [[name for _, name in sorted(chain)] for chain in chains.values()] + singles
 
 

@@ -104,3 +104,46 @@ def test_verify_checks_the_law_it_injects(tmp_path):
     heavy = [c for c in check.layers if c.law == "student_t"]
     assert heavy and sum(c.law_induced == "student_t" for c in heavy) > len(heavy) / 2
     assert check.passed  # the planted σ at the norm: induced / target near 1
+
+
+def test_depth_correlation_pairs_only_norms_at_the_same_place_in_their_layers():
+    """Zamba2's hybrid layer holds ``shared_transformer.input_layernorm`` (width 2·hidden: it normalises
+    the hidden state concatenated with the embeddings) beside the mamba layers' ``input_layernorm``
+    (width hidden); grouping by the last name component paired them and calibrate crashed in
+    np.corrcoef. Planted: two 64-wide norms with correlated noise, one 128-wide norm between them."""
+    from hwdiff.law_evidence import _evidence
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=64)
+    b = 0.6 * a + 0.8 * rng.normal(size=64)
+    noise = {"model.layers.0.input_layernorm": a, "model.layers.1.shared_transformer.input_layernorm": rng.normal(size=128),
+             "model.layers.2.input_layernorm": b}
+    evidence = _evidence(noise)
+    assert evidence.rho_measured == pytest.approx(float(np.corrcoef(a, b)[0, 1]), rel=1e-12)
+
+
+class _Capture:
+    """What law_evidence._noise reads from a capture: modules and activations by slot."""
+
+    def __init__(self, **slots):
+        self.slots, self.modules = slots, {"norm": None}
+
+    def activation(self, name, call=0, slot="output"):
+        return self.slots[slot]
+
+
+def test_equivalent_noise_of_a_per_head_norm_is_taken_over_its_last_axis():
+    """q/k norms and Qwen3-Next's gated norm are stored [batch, tokens, heads, head_dim] and normalise each
+    head's vector: planted weight noise z (one value per head_dim channel) is recovered exactly. It was
+    normalised over the heads axis (a wrong Z) and, pooled with 1-D norms, crashed calibrate."""
+    from hwdiff.law_evidence import EPS, _noise
+
+    rng = np.random.default_rng(0)
+    x, w, z = rng.normal(size=(2, 5, 3, 8)), 1 + 0.1 * rng.normal(size=8), 0.01 * rng.normal(size=8)
+    x_hat = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + EPS)
+    mask = np.ones((2, 5), dtype=bool)
+    mask[1, 3:] = False  # padding: its rows carry garbage that must not count
+    y_loc = x_hat * (w + z)
+    y_loc[1, 3:] += 100.0
+    found = _noise(_Capture(input=x, output=x_hat * w), _Capture(output=y_loc), "norm", mask)
+    assert found.shape == (8,) and np.allclose(found, z, rtol=1e-9, atol=1e-15)

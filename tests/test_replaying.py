@@ -110,3 +110,21 @@ def test_cli_replay_and_diff_local(tmp_path, attn_pair):
     assert proc.returncode == 0 and "amplif." in proc.stdout
     bad = run_cli("replay", tmp_path / "missing.h5", "-o", tmp_path / "y.h5")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
+
+
+def test_a_mask_replay_cannot_rebuild_names_the_implementation_that_needs_none():
+    """Zamba2's ``hybrid`` layer type is no mask kind hwdiff can rebuild: replay under sdpa of an eager
+    reference is refused with the way out (replay with the reference's implementation), not a bare no."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from hwdiff.replaying import _MaskRebuilder
+
+    config = SimpleNamespace(_attn_implementation="sdpa", layer_types=["mamba", "hybrid"], hidden_size=8)
+    ref = SimpleNamespace(meta={"attn_implementation": "eager"}, attention_mask=np.ones((1, 4), dtype=np.int64))
+    masks = _MaskRebuilder(SimpleNamespace(config=config), ref, torch.device("cpu"), torch.float32)
+    assert masks.build(slice(0, 1), "model.layers.0.mamba", None) is None  # a mamba layer keeps its padding mask
+    with pytest.raises(HwdiffError, match=r"layer 1 uses 'hybrid' attention.*\(--attn-impl eager\)$"):
+        masks.build(slice(0, 1), "model.layers.1.shared_transformer.self_attn", torch.zeros(1, 1, 4, 4))
