@@ -266,9 +266,14 @@ def _sigma_fact(calibration: Any, implied: bool, why_none: str | None = None) ->
         verify = (f" Verify: {'passed' if calibration.verify.passed else 'FAILED'} — σ_end injected alone induces "
                   f"{lo:g}–{hi:g}× the target error at the sub-block output"
                   f"{'' if calibration.verify.passed else f' except at {len(calibration.verify.failed)} norm(s)'}.")
+    policy = ""
+    if getattr(calibration, "policy", None) is not None:
+        from ..policy_check import policy_sentence
+
+        policy = " " + policy_sentence(calibration.policy)
     return (f"σ_end {s.sigma_end:.3g} (median over norms; per norm {span}), σ_start {s.sigma_start:.3g} "
             f"({calibration.start_rule}), {s.num_stages} stages — {source}. For comparison: {presets}.{verify}"
-            f"{_law_fact(calibration)}")
+            f"{policy}{_law_fact(calibration)}")
 
 
 def _law_fact(calibration: Any) -> str:
