@@ -34,6 +34,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import HwdiffError
+from .policy_check import PolicyCheck, format_policy
 from .schedule import SigmaSchedule
 from .structure import layer_index
 
@@ -182,6 +183,7 @@ class Calibration:
     unattributed_fraction: float = 0.0  # Σ unattributed² / Σ sub-block local error²
     unreproduced: tuple[str, ...] = ()  # norms with σ = 0 (or none) while their sub-block has local error
     roles_from: str = ""  # how the norm → sub-block map was found (measured data flow, or the name rule)
+    policy: PolicyCheck | None = None  # all σ_end at once against the hardware pair (calibrate --policy-check)
 
     @property
     def factor(self) -> float:
@@ -227,6 +229,7 @@ class Calibration:
             "warnings": list(self.warnings),
             "provenance": self.provenance,
             **({"verify": self.verify.to_dict()} if self.verify is not None else {}),
+            **({"policy_check": self.policy.to_dict()} if self.policy is not None else {}),
         }
 
 
@@ -813,7 +816,7 @@ def format_calibration(calibration: Calibration) -> str:
         lines.append(f"unattributed local error ({calibration.unattributed_fraction:.1%} of the sub-blocks' squared local "
                      "error; no norm's sigma carries it):")
         lines += [f"  {name:<40} {error:.3g}" for name, error in calibration.unattributed.items()]
-    lines += _rounding_lines(calibration) + _verify_lines(calibration.verify)
+    lines += _rounding_lines(calibration) + _verify_lines(calibration.verify) + format_policy(calibration.policy)
     if calibration.verify is not None and not calibration.verify.passed and calibration.conversion == "output-rms":
         lines.append("  the sub-blocks do not pass a relative error on unchanged here: --conversion measured measures "
                      "their gain on the model")

@@ -97,7 +97,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     exports = {target: Path(args.output).with_suffix(f".{target}.yaml") for target in args.export or []}
     check_outputs([args.diff, *([args.sigma] if args.sigma else [])], [args.output, *exports.values()])
-    needs_model = args.verify or args.conversion == "measured"
+    needs_model = args.verify or args.policy_check or args.conversion == "measured"
     model = reference_model(args.diff, spec=args.model, device=args.device) if needs_model else None
     result = calibrate(args.diff, factor=args.factor, num_stages=args.stages, kind=args.schedule,
                        sigma_start=args.sigma_start, model=model if args.conversion == "measured" else None,
@@ -106,6 +106,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         result = with_sigmas(result, load_sigma(args.sigma))
     if args.verify:
         result = dataclasses.replace(result, verify=verify(result, model, progress=not args.quiet))
+    if args.policy_check:
+        from .policy_check import policy_check
+
+        result = dataclasses.replace(result, policy=policy_check(result, model, args.diff, draws=args.policy_draws,
+                                                                 progress=not args.quiet))
     for target in exports:  # a refused export writes nothing, sigma.yaml included
         check_export(result, target)
     written = [save(result, args.output)]
@@ -438,13 +443,21 @@ def _add_calibrate(sub: Any) -> None:
                      help="inject each norm's sigma_end alone (float32 copies of the norm and its sub-block on the "
                           "reference's recorded inputs, draws until the standard error is below 2%%) and compare "
                           "the error induced at its sub-block output with the error sigma_end is meant to reproduce")
+    cal.add_argument("--policy-check", action="store_true",
+                     help="also inject every norm's sigma_end at once into the reference model (its dtype and "
+                          "kernels) on the reference capture's prompts (--policy-draws draws, hwdiff robustness at the "
+                          "token level) and set mean |dlogp|, K3 KL and top-1 agreement beside the hardware pair's "
+                          "(the diff's RL block), with the noise/hardware ratio and its 95%% bootstrap interval; "
+                          "needs both captures with log-probs; reported, never fails --strict")
+    cal.add_argument("--policy-draws", type=_at_least(2), default=4,
+                     help="noise draws of --policy-check (default: %(default)s)")
     cal.add_argument("--sigma", default=None,
                      help="take the sigma of this sigma file (e.g. hand-edited) instead of the calibrated ones: with "
                           "--verify, checks them against this diff's measured errors")
     cal.add_argument("--strict", action="store_true",
                      help="with --verify: exit 1 when a norm's induced/target ratio is outside 0.67-1.5")
-    cal.add_argument("--model", default=None, help="model for --conversion measured / --verify (default: the diff's reference model)")
-    cal.add_argument("--device", default="cpu", help="device for --conversion measured / --verify (default: %(default)s)")
+    cal.add_argument("--model", default=None, help="model for --conversion measured / --verify / --policy-check (default: the diff's reference model)")
+    cal.add_argument("--device", default="cpu", help="device for --conversion measured / --verify / --policy-check (default: %(default)s)")
     cal.add_argument("--export", action="append", choices=tuple(EXPORTERS), default=None,
                      help="also write SIGMA.verl.yaml (trainer.noise_injection block; prints Hydra ++ lines) or "
                           "SIGMA.qerl.yaml (QeRL's schedule arguments and per-norm multipliers, for integrations/qerl's patch); "

@@ -433,11 +433,13 @@ def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float
 
 
 def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:
-    """The model of a diff's reference capture (its spec, seed and dtype), or ``spec`` instead."""
+    """The model of a diff's reference capture (its spec, seed, dtype and attention kernels), or ``spec`` instead."""
     from .models import load_model
 
     reference = load_summary(diff).get("reference") or {}
     model_spec = spec or reference.get("model_spec")
     if not model_spec or str(model_spec).startswith("object:"):
         raise HwdiffError("the diff does not name a loadable reference model; pass --model SPEC")
-    return load_model(str(model_spec), device=device, dtype=str(reference.get("dtype", "float32")))
+    attn = reference.get("attn_implementation")
+    return load_model(str(model_spec), device=device, dtype=str(reference.get("dtype", "float32")),
+                      attn_implementation=attn if attn and attn != "unknown" else None)

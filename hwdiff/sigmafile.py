@@ -7,6 +7,7 @@ from typing import Any
 
 from .calibration import READABLE_SCHEMAS, Calibration, LayerSigma, StageRounding, VerifyResult
 from .errors import HwdiffError
+from .policy_check import PolicyCheck
 from .schedule import SigmaSchedule
 
 
@@ -63,7 +64,7 @@ def _calibration(data: dict, schema: str) -> Calibration:
         (data.get("correlation") or {}).get("note", ""), dict(data.get("zero_sigma") or {}),
         dict((data.get("unattributed") or {}).get("sub_blocks") or {}),
         float((data.get("unattributed") or {}).get("fraction_of_total") or 0.0), tuple(data.get("unreproduced") or ()),
-        data.get("roles_from", ""))
+        data.get("roles_from", ""), PolicyCheck.from_dict(data["policy_check"]) if data.get("policy_check") else None)
 
 
 def _layer(name: str, entry: dict) -> LayerSigma:

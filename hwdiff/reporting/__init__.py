@@ -192,7 +192,7 @@ def _facts(summary: dict, calibration: Any, implied: Any, why_none: str | None =
 
 def _rl_fact(block: dict | None) -> tuple[str, str]:
     """("Does it matter for RL?" answer, the comparison with published figures) from the JSON block."""
-    from ..compare.rl import NEMO_RL_GATE, SLIME_GATE
+    from ..compare.rl import SLIME_GATE
 
     if block is None:
         return "not measured: the diff was made by an hwdiff without the RL block; diff again", ""
@@ -203,8 +203,8 @@ def _rl_fact(block: dict | None) -> tuple[str, str]:
             f"above 1e-2, mean exp(|Δlogp|) {block['mean_exp_abs']:.4f}, K3 KL {block['k3_kl']:.3g}, top-{block['topk']} "
             f"KL {block['topk_kl'] if block['topk_kl'] is not None else float('nan'):.3g}, top-1 agreement "
             f"{block['top1_agreement']:.1%}. slime's mean |Δlogp| ≤ {SLIME_GATE:g} gate: "
-            f"{'passes' if block['mean_abs'] <= SLIME_GATE else 'fails'}; NeMo-RL's mean exp(|Δlogp|) ≤ "
-            f"{NEMO_RL_GATE:g} gate: {'passes' if block['mean_exp_abs'] <= NEMO_RL_GATE else 'fails'}.")
+            f"{'passes' if block['mean_abs'] <= SLIME_GATE else 'fails'}. mean exp(|Δlogp|) is NeMo-RL's "
+            "log-prob consistency metric (its docs, 'Add New Models').")
     return text, "Published figures (sources in docs/rl-impact.md): " + "; ".join(block["published"]) + "."
 
 
@@ -266,9 +266,14 @@ def _sigma_fact(calibration: Any, implied: bool, why_none: str | None = None) ->
         verify = (f" Verify: {'passed' if calibration.verify.passed else 'FAILED'} — σ_end injected alone induces "
                   f"{lo:g}–{hi:g}× the target error at the sub-block output"
                   f"{'' if calibration.verify.passed else f' except at {len(calibration.verify.failed)} norm(s)'}.")
+    policy = ""
+    if getattr(calibration, "policy", None) is not None:
+        from ..policy_check import policy_sentence
+
+        policy = " " + policy_sentence(calibration.policy)
     return (f"σ_end {s.sigma_end:.3g} (median over norms; per norm {span}), σ_start {s.sigma_start:.3g} "
             f"({calibration.start_rule}), {s.num_stages} stages — {source}. For comparison: {presets}.{verify}"
-            f"{_law_fact(calibration)}")
+            f"{policy}{_law_fact(calibration)}")
 
 
 def _law_fact(calibration: Any) -> str:

@@ -1,0 +1,133 @@
+"""The policy-level check of a calibration: every norm's σ_end injected at once, against the hardware pair.
+
+The per-norm ``--verify`` checks each norm alone at its sub-block. This check asks the question RL
+cares about: with all of the calibrated noise in the model at once (each norm's σ_end, law and depth
+correlation, drawn by :class:`~hwdiff.aqn.AQNInjector`), do the policy's next-token log-probabilities
+move as much as the hardware pair moved them? It is :func:`hwdiff.robustness_run.robustness` at the
+token level (no greedy decoding), on the reference capture's own prompts, with the diff's two
+captures as the measured pair: mean |Δlogp|, K3 KL and top-1 agreement of the noisy model against
+its clean self (``draws`` noise draws), the same figures of the pair (equal to the diff's RL block,
+checked), and the noise/hardware ratio of the first two with its bootstrap interval (prompts resampled
+paired, draws independently: :data:`hwdiff.robustness_card.INTERVAL_RULE`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import HwdiffError
+
+DRAWS = 4
+STATS = ("mean_abs", "k3_kl", "top1_agreement")
+RATIO_STATS = ("mean_abs", "k3_kl")
+AGREE_RTOL = 1e-6  # the pair's pooled figures against the diff's RL block
+
+
+@dataclass(frozen=True)
+class PolicyCheck:
+    """``emulated``: stat → {value, low, high} under the noise; ``hardware``: stat → the pair's value
+    (the diff's RL block); ``ratio``: mean_abs / k3_kl → {value, low, high} (emulated / hardware; a
+    ``why`` and no value when the pair's figure is 0)."""
+
+    emulated: dict[str, dict[str, float | None]]
+    hardware: dict[str, float]
+    ratio: dict[str, dict[str, Any]]
+    draws: int
+    seed: int
+    prompts: int
+    positions: int
+    confidence: float
+    interval_rule: str
+    model: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "all sigma_end injected at once (hwdiff robustness, token level) on the reference "
+                          "capture's prompts, against the diff's two captures",
+                "draws": self.draws, "seed": self.seed, "prompts": self.prompts, "positions": self.positions,
+                "confidence": self.confidence, "interval_rule": self.interval_rule, "model": dict(self.model),
+                "emulated": {k: dict(v) for k, v in self.emulated.items()}, "hardware": dict(self.hardware),
+                "ratio": {k: dict(v) for k, v in self.ratio.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PolicyCheck":
+        return cls({k: dict(v) for k, v in data["emulated"].items()}, {k: float(v) for k, v in data["hardware"].items()},
+                   {k: dict(v) for k, v in data["ratio"].items()}, int(data["draws"]), int(data["seed"]),
+                   int(data["prompts"]), int(data["positions"]), float(data["confidence"]),
+                   str(data.get("interval_rule", "")), dict(data.get("model") or {}))
+
+
+def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS, seed: int = 0,
+                 confidence: float = 0.95, progress: bool = True) -> PolicyCheck:
+    """Inject ``calibration``'s σ_end everywhere into ``model`` (the reference's checkpoint, dtype and
+    kernels) ``draws`` times on the prompts of the diff's reference capture, and set the token-level
+    effect beside the diff's hardware pair. The model's weights are restored bit for bit on return."""
+    from .calibration import load_summary
+    from .robustness_run import Options, robustness
+    from .store import open_capture
+
+    summary = load_summary(diff)
+    rl = summary.get("rl_impact") or {}
+    if not rl.get("available"):
+        raise HwdiffError("policy check: the diff has no RL block to compare with "
+                          f"({rl.get('reason') or 'an older diff'}): capture both sides with log-probs "
+                          "(without --no-logprobs) and diff again")
+    paths = []
+    for side in ("reference", "target"):
+        path = (summary.get(side) or {}).get("path")
+        if not path or not Path(path).exists():
+            raise HwdiffError(f"policy check: the diff's {side} capture {path!r} is not at hand (the check measures "
+                              "the pair per prompt from the two captures): keep the captures where diff read them")
+        paths.append(Path(path))
+    with open_capture(paths[0]) as cap:
+        inputs = cap.inputs
+    options = Options(draws=draws, seed=seed, prompts=inputs, limit=None, max_tokens=inputs.shape[1],
+                      max_new_tokens=0, confidence=confidence, progress=progress)
+    card = robustness(model, calibration, options=options, pair=[(paths[0], paths[1])])
+    data = card.summary()
+    emulated, measured = data["emulated"]["token"], data["measured"]["token"]
+    hardware = {stat: float(rl[stat]) for stat in STATS}
+    for stat in STATS:  # the pair, pooled over prompts, is the diff's RL block: anything else is another pair
+        pooled = measured[stat]["value"]
+        if pooled is None or not math.isclose(pooled, hardware[stat], rel_tol=AGREE_RTOL, abs_tol=1e-12):
+            raise HwdiffError(f"policy check: the captures give {stat} {pooled} but the diff's RL block says "
+                              f"{hardware[stat]}: the captures changed since the diff; diff them again")
+    versus = data["emulated_vs_measured"]
+    return PolicyCheck({stat: emulated[stat] for stat in STATS}, hardware,
+                       {stat: versus[f"{stat}_ratio"] for stat in RATIO_STATS}, draws, seed, int(inputs.shape[0]),
+                       int(emulated["positions"]), confidence, data["interval_rule"],
+                       {k: str(data["model"][k]) for k in ("dtype", "attn_implementation", "device")})
+
+
+def _fmt(stat: dict[str, Any], spec: str) -> str:
+    if stat.get("value") is None:
+        return stat.get("why", "no value")
+    bounds = "" if stat.get("low") is None else f" [{stat['low']:{spec}}, {stat['high']:{spec}}]"
+    return f"{stat['value']:{spec}}{bounds}"
+
+
+def format_policy(check: PolicyCheck | None) -> list[str]:
+    """The terminal lines of the check (none without one)."""
+    if check is None:
+        return []
+    m = check.model
+    lines = ["", f"policy check: all sigma_end at once, {check.draws} draws (seed {check.seed}), {check.prompts} "
+                 f"prompts ({check.positions} positions), {m.get('dtype')} {m.get('attn_implementation')}; "
+                 f"intervals {check.confidence:.0%} bootstrap",
+             f"  {'':22}{'noise (all norms)':32}{'hardware pair':16}noise / hardware"]
+    for label, stat, spec in (("mean |Δlogp| (nats)", "mean_abs", ".4g"), ("K3 KL", "k3_kl", ".3g"),
+                              ("top-1 agreement", "top1_agreement", ".4f")):
+        ratio = _fmt(check.ratio[stat], ".3g") if stat in check.ratio else ""
+        lines.append(f"  {label:22}{_fmt(check.emulated[stat], spec):32}{check.hardware[stat]:<16{spec}}{ratio}")
+    return lines
+
+
+def policy_sentence(check: PolicyCheck) -> str:
+    """One sentence for the report."""
+    r, h, e = check.ratio, check.hardware, check.emulated
+    return (f"Policy check (all σ_end at once, {check.draws} draws, {check.positions} positions): mean |Δlogp| "
+            f"{_fmt(e['mean_abs'], '.3g')} under the noise against {h['mean_abs']:.3g} on the hardware pair, ratio "
+            f"{_fmt(r['mean_abs'], '.3g')}; K3 KL {_fmt(e['k3_kl'], '.3g')} against {h['k3_kl']:.3g}, ratio "
+            f"{_fmt(r['k3_kl'], '.3g')}; top-1 agreement {_fmt(e['top1_agreement'], '.4f')} against "
+            f"{h['top1_agreement']:.4f} ({check.confidence:.0%} bootstrap intervals).")
