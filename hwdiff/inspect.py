@@ -1,6 +1,7 @@
 """``hwdiff inspect``: a capture's metadata and one table row per module, as text."""
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
@@ -9,7 +10,7 @@ from .store import Capture, open_capture
 
 _HEADLINE = ("device", "device_name", "dtype", "mode", "torch_version", "model_spec", "model_fingerprint",
              "attn_implementation", "inputs_fingerprint", "inputs_source", "hwdiff_version", "created_utc")
-_SKIP = {"schema", "complete", "model_config", *_HEADLINE}
+_SKIP = {"schema", "complete", "model_config", "dataflow", *_HEADLINE}
 
 
 def inspect_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) -> str:
@@ -30,9 +31,26 @@ def _header(cap: Capture) -> list[str]:
     lines.append(f"{'inputs':<20} {ids.shape[0]} sequences x {ids.shape[1]} tokens "
                  f"({int(cap.attention_mask.sum())} real)")
     lines += [f"{key:<20} {_fmt(meta[key])}" for key in sorted(meta) if key not in _SKIP]
+    lines.append(f"{'dataflow':<20} {_dataflow(meta.get('dataflow'))}")
     kinds = Counter(info.kind for info in cap.modules.values())
     lines.append(f"{'modules':<20} {len(cap.modules)} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")
     return lines
+
+
+def _dataflow(record: object) -> str:
+    """One line for the data-flow record (docs/model-families.md): norms by role, sub-blocks by kind."""
+    if not record:
+        return "not recorded (a capture made before hwdiff measured it: calibrate uses the name rule)"
+    try:
+        data = json.loads(record) if isinstance(record, str) else dict(record)
+        roles = Counter(norm["role"] for norm in data.get("norms", []))
+        blocks = Counter(data.get("sub_blocks", {}).values())
+    except (TypeError, ValueError, KeyError):
+        return "unreadable"
+    refused = [n["name"] for n in data.get("norms", []) if n.get("reason")]
+    text = (f"{sum(roles.values())} norms ({', '.join(f'{r} {n}' for r, n in sorted(roles.items()))}); sub-blocks "
+            f"{', '.join(f'{k} {n}' for k, n in sorted(blocks.items())) or 'none'}")
+    return text + (f"; {len(refused)} unresolved, first {refused[0]}" if refused else "")
 
 
 def _module_table(cap: Capture) -> list[str]:

@@ -27,6 +27,8 @@ def test_capture_then_inspect(tmp_path):
     rows = [line for line in shown.stdout.splitlines() if line.split()[2:3] == ["rmsnorm"]]
     assert len(rows) == 2 * L + 1
     assert "model.norm" in rows[-1] and "weight stored" in rows[-1]
+    # Qwen2: two pre-norms per layer (attention, MLP) and the final norm before lm_head
+    assert f"{2 * L + 1} norms (final 1, pre {2 * L}); sub-blocks attention {L}, head 1, mlp {L}" in shown.stdout
 
 
 def test_capture_selects_by_regex_and_kind(tmp_path):
