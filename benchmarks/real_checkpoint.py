@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 import hwdiff
+from hwdiff.devices import cpu_name
 from hwdiff.calibration import load_summary
 from hwdiff.policy_check import policy_check
 from hwdiff.sigma_probe import verify
@@ -41,13 +41,7 @@ PAIRS = (
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpu_name()  # hwdiff.devices: the name captures record too
 
 
 def cpu_flags() -> list[str]:

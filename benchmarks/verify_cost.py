@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -19,17 +18,12 @@ from pathlib import Path
 import torch
 
 import hwdiff
+from hwdiff.devices import cpu_name
 from hwdiff.sigma_probe import verify
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpu_name()  # hwdiff.devices: the name captures record too
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def describe(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"device": str(device), "torch_version": torch.__version__}
     info.update(_numerics_flags())
     if device.type == "cpu":
-        info["device_name"] = _cpu_name()
+        info["device_name"] = cpu_name()
     elif device.type == "cuda":
         info.update(_cuda_info(device.index or 0))
     elif device.type == "npu":
@@ -114,7 +114,8 @@ def _numerics_flags() -> dict[str, Any]:
     return {key: (value if isinstance(value, (bool, int, float)) else str(value)) for key, value in flags.items()}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:

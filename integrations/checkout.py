@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import types
 from pathlib import Path
 
 
@@ -36,3 +37,19 @@ def patch_state(checkout: Path, files: tuple[str, ...], patch: Path, what: str) 
         if applies():
             return "unpatched"
     return "modified"  # neither: another commit or local changes; the simulated run decides
+
+
+def std_probe_torch() -> types.ModuleType:
+    """torch, except that ``torch.normal(mean, std, size)`` returns ``std`` everywhere (float64): put in
+    place of a consumer's noise module's ``torch``, its draws read back the σ it asked for, exactly."""
+    import torch
+
+    class TorchProbe(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def normal(mean=0.0, std=1.0, size=None, dtype=None, **_):
+            return torch.full(tuple(size), float(std), dtype=torch.float64)
+
+    return TorchProbe("torch")

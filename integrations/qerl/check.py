@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
-from checkout import CheckFailed, patch_state as _patch_state  # noqa: E402
+from checkout import CheckFailed, patch_state as _patch_state, std_probe_torch  # noqa: E402
 
 UPSTREAM_COMMIT = "e8c6e7979e8aed97ee93eaabeab899ad07fe7040"
 PATCH = HERE / "aqn-delivery.patch"
@@ -73,20 +73,10 @@ def _function(tree: ast.Module, name: str, cls: str | None = None) -> ast.Functi
 @contextlib.contextmanager
 def qerl_modules(qerl: Path):
     """QeRL's noise_scheduler.py as ``trl_trainer.noise_scheduler``, its ``torch.normal`` read by a probe."""
-    import torch
-
-    class TorchProbe(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def normal(mean=0.0, std=1.0, size=None, dtype=None, **_):
-            return torch.full(tuple(size), float(std), dtype=torch.float64)
-
     spec = importlib.util.spec_from_file_location("trl_trainer.noise_scheduler", qerl / NOISE)
     noise = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(noise)
-    noise.torch = TorchProbe("torch")
+    noise.torch = std_probe_torch()
     package = types.ModuleType("trl_trainer")
     package.noise_scheduler = noise
     saved = {name: sys.modules.get(name) for name in ("trl_trainer", "trl_trainer.noise_scheduler")}

@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
-from checkout import CheckFailed, patch_state as _patch_state  # noqa: E402
+from checkout import CheckFailed, patch_state as _patch_state, std_probe_torch  # noqa: E402
 
 UPSTREAM_COMMIT = "cfb21db5062f6092e70db67f53f77e80cd899cf3"
 PATCH = HERE / "aqn-delivery.patch"
@@ -178,18 +178,10 @@ def fork_modules(verl: Path):
     ``omegaconf`` / ``verl.base_config`` / ``verl.utils.profiler`` stand-ins for rollout.py's imports."""
     import torch
 
-    class TorchProbe(types.ModuleType):
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-        @staticmethod
-        def normal(mean=0.0, std=1.0, size=None, dtype=None, **_):
-            return torch.full(tuple(size), float(std), dtype=torch.float64)
-
     spec = importlib.util.spec_from_file_location("verl.utils.noise_injection", verl / NOISE)
     noise = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(noise)
-    noise.torch = TorchProbe("torch")
+    noise.torch = std_probe_torch()
     omegaconf = types.ModuleType("omegaconf")
     omegaconf.MISSING = "???"
     omegaconf.open_dict = lambda config: contextlib.nullcontext(config)
