@@ -14,12 +14,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import outputs
-from .._version import __version__
 from ..store import create_checked
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff
 from .rl import csv_rows, format_rl, rl_summary
-from .verdict import Verdict, rule_text
+from .verdict import Verdict
 
 SUMMARY_SCHEMA = "hwdiff/diff-summary/1"
 DIFF_SCHEMA = "hwdiff/diff/1"
@@ -92,7 +91,7 @@ def summary(result: DiffResult) -> dict[str, Any]:
     first = result.first_divergence
     difference = result.first_difference
     return {
-        "schema": SUMMARY_SCHEMA, "hwdiff_version": __version__,
+        "schema": SUMMARY_SCHEMA, "hwdiff_version": result.hwdiff_version,
         "reference": result.reference, "target": result.target, "golden": result.golden, "local": result.local,
         "exact": result.exact,
         "modules": [layer_summary(layer) for layer in result.layers],
@@ -113,9 +112,7 @@ def summary(result: DiffResult) -> dict[str, Any]:
         "first_difference": None if difference is None else {
             "name": difference.name, "call": difference.call, "rel_l2": _num(difference.rel_l2),
             "equal_frac": difference.equal_frac, "numel": difference.numel},
-        "divergence_rule": rule_text(result.layers[0].ref_dtype, result.layers[0].target_dtype,
-                                     local=any(layer.local is not None for layer in result.layers))
-        if result.layers else None,
+        "divergence_rule": result.divergence_rule,
         "rl_impact": rl_summary(result.rl_impact, result.rl_absent),
     }
 

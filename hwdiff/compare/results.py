@@ -5,11 +5,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._version import __version__
 from .align import Unmatched
 from .correlation import Correlation
 from .fit import FitResult
 from .metrics import Metrics, UlpStats
-from .verdict import Verdict
+from .verdict import Verdict, rule_text
 from .rl import RLImpact
 
 
@@ -196,6 +197,7 @@ class DiffResult:
     rl_impact: RLImpact | None = None  # token log-prob mismatch (compare/rl.py); None: see rl_absent
     rl_absent: str = ""  # why there is no RL block (older captures without /logprobs)
     routing: tuple[RoutingDiff, ...] = ()  # MoE routers: tokens that chose other experts
+    hwdiff_version: str = __version__  # the hwdiff that made the diff (a loaded file: the one that wrote it)
 
     def layer(self, name: str, call: int = 0, slot: str = "output") -> LayerDiff:
         for layer in self.layers:
@@ -215,6 +217,14 @@ class DiffResult:
     @property
     def exact(self) -> bool:
         return all(layer.exact for layer in self.layers)
+
+    @property
+    def divergence_rule(self) -> str | None:
+        """The divergence rule applied to this pair, in words (:func:`.verdict.rule_text`); None: nothing compared."""
+        if not self.layers:
+            return None
+        return rule_text(self.layers[0].ref_dtype, self.layers[0].target_dtype,
+                         local=any(layer.local is not None for layer in self.layers))
 
     @property
     def nonfinite(self) -> tuple[LayerDiff, ...]:
