@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import hwdiff
+from hwdiff.compare.io import load_diff
 from hwdiff.devices import cpu_name
-from hwdiff.calibration import load_summary
 from hwdiff.policy_check import policy_check
 from hwdiff.sigma_probe import verify
 
@@ -67,18 +67,18 @@ def run_pair(spec: str, pair: dict, limit: int, root: Path, draws: int) -> dict:
     tgt = hwdiff.capture(tgt_model, root / "tgt.h5", limit=limit, emulate=emulate, progress=False).path
     local = hwdiff.replay(tgt_model, ref, root / "local.h5", emulate=emulate, progress=False).path
     result = hwdiff.diff(ref, tgt, local=local, out=root / "diff.h5", progress=False)
-    summary = load_summary(root / "diff.h5")
+    loaded = load_diff(root / "diff.h5", arrays=False)
     calibration = hwdiff.calibrate(root / "diff.h5", model=ref_model)
     checked = verify(calibration, ref_model, progress=False)
     policy = policy_check(calibration, ref_model, root / "diff.h5", draws=draws, progress=False)
     noisy = [l.sigma_end for l in calibration.layers if l.sigma_end > 0]
-    first = summary.get("first_divergence")
-    rl = summary["rl_impact"]
+    first = loaded.first_divergence
+    rl = loaded.rl_impact
     ratios = [l.ratio for l in checked.layers]
     ses = [l.ratio_se for l in checked.layers if l.ratio_se is not None]
     return {
         "pair": pair["name"],
-        "first_divergence": None if first is None else {"name": first["name"], "rel_l2": first["rel_l2"]},
+        "first_divergence": None if first is None else {"name": first.name, "rel_l2": first.rel_l2},
         "worst_modules": [{"name": l.name, "rel_l2": float(l.metrics.rel_l2)}
                           for l in [l for l in result.worst() if not l.alias_of][:3]],
         "sigma_end": {"noisy_norms": len(noisy), "norms": len(calibration.layers),
@@ -86,7 +86,7 @@ def run_pair(spec: str, pair: dict, limit: int, root: Path, draws: int) -> dict:
                       "median": calibration.schedule.sigma_end},
         "verify": {"passed": checked.passed, "norms": len(ratios), "ratio_min": min(ratios) if ratios else None,
                    "ratio_max": max(ratios) if ratios else None, "max_ratio_se": max(ses) if ses else None},
-        "rl_impact": {k: rl[k] for k in ("positions", "mean_abs", "k3_kl", "top1_agreement")},
+        "rl_impact": {"positions": rl.positions, **{k: rl.value(k) for k in ("mean_abs", "k3_kl", "top1_agreement")}},
         "policy_check": policy.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -23,20 +23,22 @@ multiplier per norm, as the verl fork applies it. σ_start follows a stated rule
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import HwdiffError
 from .policy_check import PolicyCheck, format_policy
 from .schedule import SigmaSchedule
 from .structure import layer_index
+
+if TYPE_CHECKING:
+    from .compare.results import DiffResult, LayerDiff
 
 log = logging.getLogger(__name__)
 SCHEMA = "hwdiff/sigma/2"
@@ -295,17 +297,19 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     """
     if not (factor >= 1 and math.isfinite(factor)):
         raise HwdiffError(f"factor (σ_start / σ_end) must be ≥ 1, got {factor}")
-    summary = load_summary(diff)
-    errors = norm_errors(summary)
+    from .compare.io import load_diff
+
+    result = load_diff(diff, arrays=False)
+    errors = norm_errors(result)
     gains = {}
     if model is not None:
         from .sigma_probe import measure_gains
         # a norm with no error in it nor in its sub-block gets σ = 0 whatever the gain: not probed
         gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None
                                       and (e.norm_error > 0 or e.block_error > 0)],
-                              reference=(summary.get("reference") or {}).get("path"), progress=progress)
+                              reference=result.reference.get("path"), progress=progress)
     # the gain is per unit rms(Δy) at the norm's output, and rms(Δy) = σ_w·rms(x̂): both parts over rms(x̂)
-    unit, near_eps_notes = normalised_rms(summary, [e.name for e in errors if e.skip_reason is None])
+    unit, near_eps_notes = normalised_rms(result, [e.name for e in errors if e.skip_reason is None])
     sigmas = {e.name: sigma_end(e, gains.get(e.name)) / unit.get(e.name, 1.0) for e in errors if e.skip_reason is None}
     positive = [value for value in sigmas.values() if value > 0]
     if not sigmas:
@@ -316,7 +320,7 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
     end = statistics.median(positive)
     w_rms = statistics.median(e.weight_rms for e in errors if e.skip_reason is None)
     start, rule, warnings = start_rule(end, w_rms, factor=factor, sigma_start=sigma_start)
-    warnings += layout_notes(summary, [e.name for e in errors if e.skip_reason is None])
+    warnings += layout_notes(result, [e.name for e in errors if e.skip_reason is None])
     warnings += near_eps_notes
     schedule = SigmaSchedule(start, end, num_stages, kind)
     layers = tuple(LayerSigma(
@@ -326,22 +330,22 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
         role=e.role, accounts_for=e.accounts_for, normalised_rms=unit.get(e.name, 1.0),
     ) for e in errors if e.skip_reason is None)
     skipped = {e.name: e.skip_reason for e in errors if e.skip_reason is not None}
-    attributed = attribution(summary, errors, sigmas)
+    attributed = attribution(result, errors, sigmas)
     calibration = with_laws(Calibration(layers, schedule, "local", "measured" if gains else "output-rms", rule,
-                                        _provenance(summary, diff), skipped, warnings=tuple(warnings + attributed.warnings),
+                                        _provenance(result, diff), skipped, warnings=tuple(warnings + attributed.warnings),
                                         zero_sigma=attributed.zero_sigma, unattributed=attributed.unattributed,
                                         unattributed_fraction=attributed.fraction, unreproduced=attributed.unreproduced,
-                                        roles_from=attributed.roles_from), summary)
-    return with_rounding(calibration, weights if weights is not None else reference_weights(summary, layers),
-                         weight_dtype or str(summary.get("reference", {}).get("dtype", "float32")))
+                                        roles_from=attributed.roles_from), result)
+    return with_rounding(calibration, weights if weights is not None else reference_weights(result, layers),
+                         weight_dtype or str(result.reference.get("dtype", "float32")))
 
 
-def with_laws(calibration: Calibration, summary: dict[str, Any]) -> Calibration:
+def with_laws(calibration: Calibration, diff: DiffResult) -> Calibration:
     """Per norm the law (and Student-t df) that reproduces its measured local error, and the
     recommended correlation along depth (:mod:`hwdiff.law_evidence`)."""
     from .law_evidence import law_evidence
 
-    evidence = law_evidence(summary, [l.name for l in calibration.layers if l.sigma_end > 0])
+    evidence = law_evidence(diff, [l.name for l in calibration.layers if l.sigma_end > 0])
     layers = tuple(replace(l, law=evidence.fits[l.name].law, df=evidence.fits[l.name].df, law_why=evidence.fits[l.name].why)
                    if l.name in evidence.fits else replace(l, law_why=_law_missing(l, evidence.note))
                    for l in calibration.layers)
@@ -379,13 +383,13 @@ def with_sigmas(calibration: Calibration, other: Calibration) -> Calibration:
 NEAR_EPS = 0.999  # rms(x̂) below this: the norm's input sits near eps, and σ is divided by rms(x̂)
 
 
-def normalised_rms(summary: dict[str, Any], names: list[str]) -> tuple[dict[str, float], list[str]]:
+def normalised_rms(diff: DiffResult, names: list[str]) -> tuple[dict[str, float], list[str]]:
     """rms of x̂ = y / (offset + w) over real tokens, per norm, read from the reference capture — where
     it is below :data:`NEAR_EPS` (the norm's input sits near eps: x̂ = x / sqrt(mean(x²) + eps) is
     then shorter than unit rms). Both conversions assume unit-rms x̂ (Δy = Δw⊙x̂ has rms σ); there
     σ = ε·rms(y) is rms(x̂) times too small, and σ is divided by it. Channels whose effective weight
     is below 1e-3 of the largest are left out. Returns ({norm: rms(x̂)}, notes)."""
-    path = (summary.get("reference") or {}).get("path")
+    path = diff.reference.get("path")
     if not path or not Path(path).exists():
         return {}, ["the reference capture is not at hand: whether a norm's input sits near eps (x̂ shorter than "
                     "unit rms, sigma too small by that factor) was not checked"]
@@ -463,34 +467,33 @@ def start_rule(sigma_end: float, weight_rms: float, *, factor: float = 100.0,
     return start, rule, warnings
 
 
-def norm_errors(summary: dict[str, Any]) -> list[NormError]:
-    """Local errors, output rms and sub-block of every RMSNorm output in a diff summary."""
-    modules = summary["modules"]
-    outputs = [m for m in modules if m["slot"] == "output"]
-    norms = [m for m in outputs if m["kind"] == "rmsnorm"]
+def norm_errors(diff: DiffResult) -> list[NormError]:
+    """Local errors, output rms and sub-block of every RMSNorm output in a diff."""
+    outputs = list(diff.outputs)
+    norms = [m for m in outputs if m.kind == "rmsnorm"]
     if not norms:
-        others = sorted({m["kind"] for m in outputs})
-        layernorms = [m["name"] for m in outputs if m["kind"] == "layernorm"]
+        others = sorted({m.kind for m in outputs})
+        layernorms = [m.name for m in outputs if m.kind == "layernorm"]
         if layernorms:
             from .structure import aqn_needs_rmsnorm
 
             raise HwdiffError("the diff has no RMSNorm outputs; " + aqn_needs_rmsnorm(layernorms))
         raise HwdiffError(f"the diff has no RMSNorm outputs (kinds present: {', '.join(others) or 'none'}): capture "
                           "with the default module selection or --kinds rmsnorm,attention,mlp,head")
-    missing = [m["name"] for m in norms if m.get("local_rel_l2") is None]
+    missing = [m.name for m in norms if m.local is None]
     if missing and len(missing) < len(norms):  # some norms were not replayed: those are named, not refused whole
         log.warning("no local error for %s: no σ for them", ", ".join(missing))
-        norms = [m for m in norms if m.get("local_rel_l2") is not None]
+        norms = [m for m in norms if m.local is not None]
     elif missing:
         raise HwdiffError(f"calibrate needs local errors and the diff has none for {missing[0]}"
                           f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}: replay the reference on the "
                           "target (hwdiff replay REF.h5 --device TARGET -o local.h5) and diff with --local local.h5 "
                           "(the divergence-increment estimate was measured 1.1-21x off, so it is not offered)")
-    by_name = {m["name"]: m for m in outputs}
-    mapping, flow, _ = norm_map(summary)
+    by_name = {m.name: m for m in outputs}
+    mapping, flow, _ = norm_map(diff)
     nested = _nested_power(flow, by_name)
-    found = [_norm_error(m, mapping[m["name"]], by_name, nested) for m in norms]
-    kept = {m["name"] for m in norms}
+    found = [_norm_error(m, mapping[m.name], by_name, nested) for m in norms]
+    kept = {m.name for m in norms}
     absent = [NormError(name, 0.0, 0.0, 0.0, 0.0, None, entry.reason or (
         "no local error in the diff (the replay did not run it: see its log)" if name in by_name else
         "not in the diff: the capture did not record it (see the capture's 'unrecorded' list)"), entry.role,
@@ -512,21 +515,21 @@ class NormMap:
     consumers: tuple[str, ...] = ()
 
 
-def norm_map(summary: dict[str, Any]) -> tuple[dict[str, NormMap], Any, str]:
+def norm_map(diff: DiffResult) -> tuple[dict[str, NormMap], Any, str]:
     """Every norm's :class:`NormMap`, from the data-flow record of the reference capture
     (:func:`hwdiff.structure.trace_dataflow`): ``(map, DataFlow or None, how it was found)``. A
     reference without that record (captured before it existed) falls back to the name rule
     (:func:`sub_blocks`), which says so."""
     from .structure import DataFlow
 
-    outputs = [m for m in summary["modules"] if m["slot"] == "output"]
-    flow = DataFlow.from_json((summary.get("reference") or {}).get("dataflow"))
+    outputs = list(diff.outputs)
+    flow = DataFlow.from_json(diff.reference.get("dataflow"))
     if flow is None:
-        norms = [m["name"] for m in outputs if m["kind"] == "rmsnorm"]
+        norms = [m.name for m in outputs if m.kind == "rmsnorm"]
         blocks = sub_blocks(norms, outputs)
         return ({n: NormMap("", blocks[n], blocks[n]) for n in norms}, None,
                 "name rule (the reference capture has no data-flow record: captured before hwdiff measured it)")
-    present = {m["name"] for m in outputs}
+    present = {m.name for m in outputs}
     carried_by_pre = {r.sub_block for r in flow.norms if r.role in ("pre", "final")}
     mapping = {}
     for role in flow.norms:
@@ -547,13 +550,13 @@ def norm_map(summary: dict[str, Any]) -> tuple[dict[str, NormMap], Any, str]:
     return mapping, flow, "data flow measured on one traced forward of the reference model"
 
 
-def _nested_power(flow: Any, by_name: dict[str, dict]) -> dict[str, float]:
+def _nested_power(flow: Any, by_name: dict[str, LayerDiff]) -> dict[str, float]:
     """Per sub-block, the squared local errors of the norms nested inside it: their share of the
     sub-block's local error, which their own σ carries (not counted again for the sub-block's norm)."""
     power: dict[str, float] = {}
     for role in flow.norms if flow is not None else ():
         if role.role == "nested" and role.name in by_name:
-            error = float(by_name[role.name].get("local_rel_l2") or 0.0)
+            error = _local_error(by_name[role.name])
             power[role.sub_block] = power.get(role.sub_block, 0.0) + error ** 2
     return power
 
@@ -568,12 +571,12 @@ class Attribution:
     warnings: list[str]
 
 
-def attribution(summary: dict[str, Any], errors: list[NormError], sigmas: dict[str, float]) -> Attribution:
+def attribution(diff: DiffResult, errors: list[NormError], sigmas: dict[str, float]) -> Attribution:
     """No silent zero: why each norm with σ_end = 0 has none; the local error of every sub-block that
     no norm's σ carries (after its nested norms' share), also as a fraction of all sub-blocks' squared
     local error; and the norms given no σ (zero or skipped) while their sub-block has such error."""
-    mapping, flow, roles_from = norm_map(summary)
-    by_name = {m["name"]: m for m in summary["modules"] if m["slot"] == "output"}
+    mapping, flow, roles_from = norm_map(diff)
+    by_name = {m.name: m for m in diff.outputs}
     zero = {e.name: _zero_reason(e) for e in errors if e.skip_reason is None and sigmas.get(e.name) == 0}
     if flow is None:
         return Attribution(zero, {}, 0.0, (), roles_from, [])
@@ -586,7 +589,7 @@ def attribution(summary: dict[str, Any], errors: list[NormError], sigmas: dict[s
     for block in flow.sub_blocks:
         if block not in by_name:
             continue
-        raw = float(by_name[block].get("local_rel_l2") or 0.0)
+        raw = _local_error(by_name[block])
         total += raw ** 2
         left = math.sqrt(max(0.0, raw ** 2 - nested.get(block, 0.0)))
         if left > 0 and block not in carried:
@@ -602,14 +605,14 @@ def _zero_reason(error: NormError) -> str:
     return f"no local error at the norm{where}: nothing to reproduce"
 
 
-def _final_norm_without_head(error: NormError, outputs: list[dict[str, Any]]) -> NormError:
+def _final_norm_without_head(error: NormError, outputs: list[LayerDiff]) -> NormError:
     """The final norm feeds the LM head; a diff without it (vLLM computes logits outside the model's
     forward; a capture without the head kind) cannot say what the norm's noise does there: the norm is
     named as not calibrated rather than given the σ of its own output's error alone (measured 15-26 %
     low on the vLLM stand-in)."""
     if error.skip_reason or error.sub_block or layer_index(error.name) is not None:
         return error
-    if any(m["kind"] == "head" for m in outputs):
+    if any(m.kind == "head" for m in outputs):
         return error
     reason = ("feeds the LM head, which is not in the diff (a vLLM-layout capture: vLLM computes the logits outside the "
               "model's forward; or a capture without the head kind): its sub-block error is unknown, so it is not "
@@ -618,12 +621,12 @@ def _final_norm_without_head(error: NormError, outputs: list[dict[str, Any]]) ->
     return replace(error, skip_reason=reason)
 
 
-def layout_notes(summary: dict[str, Any], names: list[str]) -> list[str]:
+def layout_notes(diff: DiffResult, names: list[str]) -> list[str]:
     """What a capture layout changes in the calibration of the norms ``names``, said in its output."""
-    layouts = {(summary.get(side) or {}).get("layout") for side in ("reference", "target")}
+    layouts = {side.get("layout") for side in (diff.reference, diff.target)}
     if "vllm" not in layouts:
         return []
-    fused = fused_add_norms(summary, names)
+    fused = fused_add_norms(diff, names)
     if fused == []:
         return []
     which = ("norms that vLLM calls as a fused add+norm (norm(x, residual): in its decoder layers every norm but the "
@@ -636,10 +639,10 @@ def layout_notes(summary: dict[str, Any], names: list[str]) -> list[str]:
             "6% with the in-place CUDA path, within 3% with the native path)"]
 
 
-def fused_add_norms(summary: dict[str, Any], names: list[str]) -> list[str] | None:
+def fused_add_norms(diff: DiffResult, names: list[str]) -> list[str] | None:
     """The norms of ``names`` whose recorded call in the reference capture passed a residual (two
     tensor arguments), or None when the capture or its call records are not at hand."""
-    path = (summary.get("reference") or {}).get("path")
+    path = diff.reference.get("path")
     if not path or not Path(path).exists():
         return None
     from .store import open_capture
@@ -654,79 +657,58 @@ def fused_add_norms(summary: dict[str, Any], names: list[str]) -> list[str] | No
     return [name for name, spec in specs.items() if sum(1 for a in spec.get("args", []) if "slot" in a) >= 2]
 
 
-def sub_blocks(norm_names: list[str], outputs: list[dict[str, Any]]) -> dict[str, str | None]:
+def sub_blocks(norm_names: list[str], outputs: list[LayerDiff]) -> dict[str, str | None]:
     """The module whose output carries each norm's noise first (:func:`hwdiff.structure.norm_specs_from_names`):
     the sub-block a pre-norm or the final norm feeds; None — the error is taken at the norm's own
     output — for post-norms (they normalise their sub-block's output), for q/k norms (the attention
     core is no module; its output is o_proj's input) and when the sub-block was not recorded."""
     from .structure import norm_specs_from_names
 
-    specs = norm_specs_from_names([m["name"] for m in outputs], {}, norms=norm_names)
+    specs = norm_specs_from_names([m.name for m in outputs], {}, norms=norm_names)
     return {spec.name: spec.observe[0] if spec.observe and spec.observe[1] == "output" and spec.observe[0] != spec.name
             else None for spec in specs}
 
 
-def _norm_error(norm: dict, entry: NormMap, by_name: dict[str, dict], nested: dict[str, float]) -> NormError:
-    output_rms = norm.get("ref_rms")
-    if output_rms is None:
-        raise HwdiffError(f"the diff has no reference output rms for {norm['name']}: rerun hwdiff diff with this version")
-    weight_rms = norm.get("weight_rms")
+def _local_error(module: LayerDiff) -> float:
+    """A module's local (replayed) relative error; 0 when it has none (not replayed, or exact)."""
+    return float(module.local.local_rel_l2 or 0.0) if module.local is not None else 0.0
+
+
+def _norm_error(norm: LayerDiff, entry: NormMap, by_name: dict[str, LayerDiff], nested: dict[str, float]) -> NormError:
+    output_rms = norm.metrics.ref_rms
+    if not math.isfinite(output_rms):  # NaN: a diff made before hwdiff stored it
+        raise HwdiffError(f"the diff has no reference output rms for {norm.name}: rerun hwdiff diff with this version")
+    weight_rms = norm.weight_rms
     if weight_rms is None:
-        raise HwdiffError(f"the diff has no weight for {norm['name']}: diff captures that store norm weights")
-    norm_local = float(norm["local_rel_l2"])
+        raise HwdiffError(f"the diff has no weight for {norm.name}: diff captures that store norm weights")
+    norm_local = float(norm.local.local_rel_l2)
     block = by_name.get(entry.accounts_for) if entry.accounts_for else None
-    raw = float(block.get("local_rel_l2") or 0.0) if block else 0.0
+    raw = _local_error(block) if block else 0.0
     block_local = math.sqrt(max(0.0, raw ** 2 - nested.get(entry.accounts_for, 0.0)))  # nested norms' share out
     reason = entry.reason or _untrusted(norm) or (_untrusted(block) if block else None)
     if reason:
-        log.warning("%s: %s — no σ for this norm", norm["name"], reason)
-    return NormError(norm["name"], norm_local, block_local, float(output_rms), float(weight_rms),
+        log.warning("%s: %s — no σ for this norm", norm.name, reason)
+    return NormError(norm.name, norm_local, block_local, float(output_rms), float(weight_rms),
                      entry.observe if entry.observe in by_name else None, reason, entry.role, entry.accounts_for)
 
 
-def _untrusted(module: dict) -> str | None:
-    local, total = module.get("local_rel_l2"), module.get("rel_l2")
-    if local is None or total is None or not math.isfinite(local):
+def _untrusted(module: LayerDiff) -> str | None:
+    if module.local is None:
+        return None
+    local, total = module.local.local_rel_l2, module.metrics.rel_l2
+    if not math.isfinite(total) or not math.isfinite(local):
         return None
     if local > LOCAL_OVER_TOTAL * total and local > 1e-6:
-        return (f"local error {local:.3g} at {module['name']} exceeds its total error {total:.3g} by more than "
+        return (f"local error {local:.3g} at {module.name} exceeds its total error {total:.3g} by more than "
                 f"{LOCAL_OVER_TOTAL:g}x: the replay did not reproduce that module's inputs (a mask or state it "
                 "could not rebuild)")
     return None
 
 
-def _provenance(summary: dict, diff: Any) -> dict[str, Any]:
+def _provenance(result: DiffResult, diff: Any) -> dict[str, Any]:
     return {"diff": str(diff) if isinstance(diff, (str, os.PathLike)) else "in memory",
-            "reference": summary.get("reference"), "target": summary.get("target"),
-            "golden": summary.get("golden"), "hwdiff_version": __version__}
-
-
-def load_summary(diff: Any) -> dict[str, Any]:
-    """The ``hwdiff/diff-summary/1`` dict of a DiffResult, a diff.h5 or a diff JSON file."""
-    from .compare.output import DIFF_SCHEMA, SUMMARY_SCHEMA, summary
-
-    if hasattr(diff, "layers") and hasattr(diff, "first_divergence"):
-        return summary(diff)
-    path = Path(diff)
-    if not path.is_file():
-        raise HwdiffError(f"{path}: no such diff file")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HwdiffError(f"{path} is not a diff summary (invalid JSON: {exc})") from exc
-        if not isinstance(data, dict) or data.get("schema") != SUMMARY_SCHEMA:
-            raise HwdiffError(f"{path} is not a diff summary of schema {SUMMARY_SCHEMA}")
-        return data
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            if handle.attrs.get("schema") != DIFF_SCHEMA or not handle.attrs.get("complete"):
-                raise HwdiffError(f"{path} is not a complete diff file of schema {DIFF_SCHEMA}")
-            return json.loads(handle.attrs["summary"])
-    except OSError as exc:
-        raise HwdiffError(f"{path} is not a readable diff file ({exc})") from exc
+            "reference": result.reference, "target": result.target, "golden": result.golden,
+            "hwdiff_version": __version__}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -757,9 +739,9 @@ def with_rounding(calibration: Calibration, weights: dict[str, Any] | None, dtyp
     return replace(calibration, rounding=tuple(rows), rounding_dtype=dtype, warnings=tuple(warnings))
 
 
-def reference_weights(summary: dict, layers: tuple[LayerSigma, ...]) -> dict[str, Any] | None:
+def reference_weights(diff: DiffResult, layers: tuple[LayerSigma, ...]) -> dict[str, Any] | None:
     """The stored weights of ``layers`` from the diff's reference capture, or None when it is not at hand."""
-    path = (summary.get("reference") or {}).get("path")
+    path = diff.reference.get("path")
     if not path or not Path(path).exists():  # a capture file, or a multi-rank capture's directory
         return None
     from .store import open_capture

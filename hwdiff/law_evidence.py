@@ -11,13 +11,16 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import HwdiffError
 from .laws import LawFit, depth_correlation, equivalent_noise, fit_law, pooled_df
 from .structure import depth_chains
+
+if TYPE_CHECKING:
+    from .compare.results import DiffResult
 
 log = logging.getLogger(__name__)
 EPS = 1e-6  # the norms' epsilon: negligible against rms(x) of real activations
@@ -33,11 +36,11 @@ class LawEvidence:
     note: str = ""
 
 
-def law_evidence(summary: dict[str, Any], names: list[str]) -> LawEvidence:
-    """Law fits of ``names`` from the captures a diff summary points to; an empty evidence with the
+def law_evidence(diff: DiffResult, names: list[str]) -> LawEvidence:
+    """Law fits of ``names`` from the captures a diff points to; an empty evidence with the
     reason when they are not at hand (never an error: Gaussian is then assumed, and said)."""
-    ref_path = (summary.get("reference") or {}).get("path")
-    loc_path = (summary.get("local") or {}).get("path")
+    ref_path = diff.reference.get("path")
+    loc_path = (diff.local or {}).get("path")
     if not ref_path or not loc_path or not Path(ref_path).exists() or not Path(loc_path).exists():  # file or directory
         return LawEvidence(note="law: Gaussian assumed — the reference and local captures are not at hand")
     from .store import open_capture

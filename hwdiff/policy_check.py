@@ -63,19 +63,19 @@ def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS,
     """Inject ``calibration``'s σ_end everywhere into ``model`` (the reference's checkpoint, dtype and
     kernels) ``draws`` times on the prompts of the diff's reference capture, and set the token-level
     effect beside the diff's hardware pair. The model's weights are restored bit for bit on return."""
-    from .calibration import load_summary
+    from .compare.io import load_diff
     from .robustness_run import Options, robustness
     from .store import open_capture
 
-    summary = load_summary(diff)
-    rl = summary.get("rl_impact") or {}
-    if not rl.get("available"):
+    result = load_diff(diff, arrays=False)
+    rl = result.rl_impact
+    if rl is None:
         raise HwdiffError("policy check: the diff has no RL block to compare with "
-                          f"({rl.get('reason') or 'an older diff'}): capture both sides with log-probs "
+                          f"({result.rl_absent or 'an older diff'}): capture both sides with log-probs "
                           "(without --no-logprobs) and diff again")
     paths = []
-    for side in ("reference", "target"):
-        path = (summary.get(side) or {}).get("path")
+    for side, meta in (("reference", result.reference), ("target", result.target)):
+        path = meta.get("path")
         if not path or not Path(path).exists():
             raise HwdiffError(f"policy check: the diff's {side} capture {path!r} is not at hand (the check measures "
                               "the pair per prompt from the two captures): keep the captures where diff read them")
@@ -87,7 +87,7 @@ def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS,
     card = robustness(model, calibration, options=options, pair=[(paths[0], paths[1])])
     data = card.summary()
     emulated, measured = data["emulated"]["token"], data["measured"]["token"]
-    hardware = {stat: float(rl[stat]) for stat in STATS}
+    hardware = {stat: rl.value(stat) for stat in STATS}
     for stat in STATS:  # the pair, pooled over prompts, is the diff's RL block: anything else is another pair
         pooled = measured[stat]["value"]
         if pooled is None or not math.isclose(pooled, hardware[stat], rel_tol=AGREE_RTOL, abs_tol=1e-12):

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .calibration import Calibration, VerifyLayer, VerifyResult, load_summary
+from .calibration import Calibration, VerifyLayer, VerifyResult
 from .errors import HwdiffError
 
 log = logging.getLogger(__name__)
@@ -434,9 +434,10 @@ def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float
 
 def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:
     """The model of a diff's reference capture (its spec, seed, dtype and attention kernels), or ``spec`` instead."""
+    from .compare.io import load_diff
     from .models import load_model
 
-    reference = load_summary(diff).get("reference") or {}
+    reference = load_diff(diff, arrays=False).reference
     model_spec = spec or reference.get("model_spec")
     if not model_spec or str(model_spec).startswith("object:"):
         raise HwdiffError("the diff does not name a loadable reference model; pass --model SPEC")

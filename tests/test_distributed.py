@@ -267,9 +267,9 @@ def test_calibration_finds_a_directory_reference(runs):
     from hwdiff.calibration import reference_weights
     from hwdiff.sigma_probe import PROBE_PROMPTS, PROBE_TOKENS, _probe_inputs
 
-    summary = {"reference": {"path": str(runs / "dp")}}
+    diff = SimpleNamespace(reference={"path": str(runs / "dp")})  # the one field of a DiffResult it reads
     norms = [SimpleNamespace(name="model.norm"), SimpleNamespace(name="model.layers.0.input_layernorm")]
-    weights = reference_weights(summary, tuple(norms))
+    weights = reference_weights(diff, tuple(norms))
     with hwdiff.open_capture(runs / "single.h5") as single:
         assert weights is not None and set(weights) == {norm.name for norm in norms}
         assert all(np.array_equal(weights[name], single.weight(name)) for name in weights)

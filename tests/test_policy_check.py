@@ -1,6 +1,7 @@
 """calibrate --policy-check: all σ_end at once against the hardware pair, checked against a noise draw and
 log-probs computed here (torch log_softmax, numpy) and against the two captures read directly."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ import yaml
 
 import hwdiff
 from hwdiff.aqn import AQNInjector
-from hwdiff.calibration import calibrate, load_sigma, load_summary
+from hwdiff.calibration import calibrate, load_sigma
+from hwdiff.compare.io import load_diff
+from hwdiff.compare.output import summary
 from hwdiff.errors import HwdiffError
 from hwdiff.policy_check import policy_check
 from hwdiff.store import open_capture
@@ -81,10 +84,10 @@ def test_cli_policy_check_in_output_sigma_file_and_report(pair, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "policy check: all sigma_end at once, 2 draws" in done.stdout
     data = yaml.safe_load((tmp_path / "sigma.yaml").read_text())
-    summary = load_summary(root / "diff.h5")
+    rl = load_diff(root / "diff.h5").rl_impact
     block = data["policy_check"]
     for stat in ("mean_abs", "k3_kl", "top1_agreement"):  # the hardware side is the diff's RL block
-        assert block["hardware"][stat] == pytest.approx(summary["rl_impact"][stat], rel=1e-9)
+        assert block["hardware"][stat] == pytest.approx(rl.value(stat), rel=1e-9)
     loaded = load_sigma(tmp_path / "sigma.yaml").policy
     assert loaded is not None and loaded.to_dict() == block
     out = tmp_path / "report"
@@ -94,9 +97,9 @@ def test_cli_policy_check_in_output_sigma_file_and_report(pair, tmp_path):
 
 def test_policy_check_refuses_without_the_target_capture(pair, tmp_path):
     root, _ = pair
-    summary = load_summary(root / "diff.h5")
-    summary["target"]["path"] = str(tmp_path / "gone.h5")
-    (tmp_path / "diff.json").write_text(json.dumps(summary))
+    result = load_diff(root / "diff.h5")
+    moved = replace(result, target={**result.target, "path": str(tmp_path / "gone.h5")})
+    (tmp_path / "diff.json").write_text(json.dumps(summary(moved)))
     model = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")
     with pytest.raises(HwdiffError, match="target capture .* is not at hand"):
         policy_check(calibrate(root / "diff.h5"), model, tmp_path / "diff.json", progress=False)

@@ -3,16 +3,18 @@ questions first — where do the devices first diverge, which layers are worst, 
 from __future__ import annotations
 
 import html
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import outputs
-from ..compare.metrics import unit_roundoff
+from ..compare.io import load_diff
+from ..compare.metrics import ulp_edges, unit_roundoff
+from ..compare.results import DiffResult, LayerDiff
+from ..compare.rl import RLImpact
 from ..errors import HwdiffError
 from . import figures
 
@@ -35,7 +37,8 @@ class ReportResult:
 def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None, robustness: Any = None) -> ReportResult:
     """Write ``out_dir/index.html``, ``out_dir/report.md`` and ``out_dir/figures/*.png``.
 
-    ``diff``: a diff.h5 (histograms included) or a :class:`DiffResult`; ``sigma``: a sigma.yaml or
+    ``diff``: a diff.h5 (histograms included), a diff JSON or a :class:`DiffResult` (read by
+    :func:`hwdiff.compare.io.load_diff`); ``sigma``: a sigma.yaml or
     :class:`~hwdiff.calibration.Calibration` (adds the σ figures, the bf16 effectiveness table and the
     QeRL comparison); ``robustness``: a robustness card (JSON from ``hwdiff robustness -o``, or a
     :class:`~hwdiff.robustness_run.RobustnessCard`) adds its section. Only the report's own files are written (each replaced atomically once the whole
@@ -46,13 +49,13 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None, robustne
     out = Path(out_dir)
     sources = [item for item in (diff, sigma, robustness) if isinstance(item, (str, os.PathLike))]
     outputs.check_outputs(sources, [out / "index.html", out / "report.md"], folders=[out, out / "figures"])
-    summary, arrays, edges = _load(diff)
+    result = load_diff(diff)  # read once: the figures, the facts and the implied σ use it
     calibration = sigma if isinstance(sigma, Calibration) or sigma is None else load_sigma(sigma)
     card = _robustness_summary(robustness)
     why_none = None
     if calibration is None:
         try:
-            implied = calibrate(diff if not isinstance(diff, (str, os.PathLike)) else Path(diff))
+            implied = calibrate(result)
         except HwdiffError as exc:  # the report still shows the diff; the σ box says why there is no σ
             implied, why_none = None, str(exc)
     else:
@@ -60,10 +63,10 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None, robustne
     temp = outputs.temporary(out / "report")
     try:
         (temp / "figures").mkdir(parents=True)
-        sections = _figures(summary, arrays, edges, calibration, implied, temp / "figures")
-        facts = _facts(summary, calibration, implied, why_none)
-        (temp / "index.html").write_text(_html(summary, facts, sections, calibration, card), encoding="utf-8")
-        (temp / "report.md").write_text(_markdown(summary, facts, sections, card), encoding="utf-8")
+        sections = _figures(result, calibration, implied, temp / "figures")
+        facts = _facts(result, calibration, implied, why_none)
+        (temp / "index.html").write_text(_html(result, facts, sections, calibration, card), encoding="utf-8")
+        (temp / "report.md").write_text(_markdown(result, facts, sections, card), encoding="utf-8")
         drawn = _install(temp, out)
     except OSError as exc:
         raise outputs.write_error(exc, out) from exc
@@ -94,158 +97,140 @@ def _figures_shown(index: Path) -> set[str]:
         return set()
 
 
-def _load(diff: Any) -> tuple[dict, dict, np.ndarray]:
-    from ..calibration import load_summary
-    from ..compare.metrics import ulp_edges
-
-    if hasattr(diff, "arrays"):
-        return load_summary(diff), diff.arrays, ulp_edges()
-    path = Path(diff)
-    if path.suffix == ".json":
-        return load_summary(path), {}, ulp_edges()
-    import h5py
-
-    from ..store import read_checked
-
-    summary = load_summary(path)
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    with h5py.File(path, "r") as handle:
-        def visit(name: str, node: Any) -> None:
-            if isinstance(node, h5py.Dataset) and name.startswith("layers/"):
-                key, field = name[len("layers/"):].rsplit("/", 1)
-                arrays.setdefault(key, {})[field] = read_checked(node)
-        handle.visititems(visit)
-        edges = read_checked(handle["ulp_edges"])
-    return summary, arrays, edges
+def _rel_l2(module: LayerDiff) -> float:
+    """A module's relative L2 error for ranking and showing; 0 when not finite (the diff's JSON null)."""
+    value = module.metrics.rel_l2
+    return value if math.isfinite(value) else 0.0
 
 
-def _floor(summary: dict) -> tuple[float, str]:
-    dtypes = [summary["reference"].get("dtype", "float32"), summary["target"].get("dtype", "float32")]
+def _floor(result: DiffResult) -> tuple[float, str]:
+    dtypes = [result.reference.get("dtype", "float32"), result.target.get("dtype", "float32")]
     dtype = max(dtypes, key=unit_roundoff)
     return 0.425 * unit_roundoff(dtype), dtype
 
 
-def _figures(summary: dict, arrays: dict, edges: np.ndarray, calibration: Any, implied: Any, folder: Path) -> list[tuple[str, str, str]]:
-    """(title, file name, caption) of every figure drawn."""
-    floor, _ = _floor(summary)
-    drawn = [("Error vs depth", "error_vs_depth.png", figures.error_vs_depth(summary, folder / "error_vs_depth.png", floor)),
-             ("1 − cos vs depth", "one_minus_cos.png", figures.one_minus_cos(summary, folder / "one_minus_cos.png"))]
+def _figures(result: DiffResult, calibration: Any, implied: Any, folder: Path) -> list[tuple[str, str, str]]:
+    """(title, file name, caption) of every figure drawn; the histograms from the diff's arrays (a
+    diff.h5 or a DiffResult; a JSON summary has none). The ULP bins are :func:`ulp_edges`, with which
+    the diff counted them (diff.h5 stores a copy)."""
+    floor, _ = _floor(result)
+    arrays, edges = result.arrays, ulp_edges()
+    drawn = [("Error vs depth", "error_vs_depth.png", figures.error_vs_depth(result, folder / "error_vs_depth.png", floor)),
+             ("1 − cos vs depth", "one_minus_cos.png", figures.one_minus_cos(result, folder / "one_minus_cos.png"))]
     if arrays:
-        drawn.append(("ULP distribution", "ulp.png", figures.ulp_by_kind(summary, arrays, edges, folder / "ulp.png")))
-        for index, module in enumerate(_chosen(summary)):
+        drawn.append(("ULP distribution", "ulp.png", figures.ulp_by_kind(result, arrays, edges, folder / "ulp.png")))
+        for index, module in enumerate(_chosen(result)):
             name = f"errors_{index}.png"
-            drawn.append((f"Error distribution: {module['name']}", name, figures.error_histogram(module, arrays, folder / name)))
+            drawn.append((f"Error distribution: {module.name}", name, figures.error_histogram(module, arrays, folder / name)))
     for title, name, draw in (("Cross-layer correlation", "correlation.png", figures.correlation),
                               ("Local vs propagated error", "local.png", figures.local_vs_propagated),
                               ("Golden attribution", "golden.png", figures.golden)):
-        drawn.append((title, name, draw(summary, folder / name)))
-    rl = summary.get("rl_impact") or {}
-    if rl.get("available"):
-        drawn.append(("Token log-prob mismatch (Δlogp)", "rl_delta.png", figures.rl_histogram(rl, folder / "rl_delta.png")))
+        drawn.append((title, name, draw(result, folder / name)))
+    if result.rl_impact is not None:
+        drawn.append(("Token log-prob mismatch (Δlogp)", "rl_delta.png",
+                      figures.rl_histogram(result.rl_impact, folder / "rl_delta.png")))
     if calibration is not None:
         drawn.append(("σ schedule per norm", "sigma.png", figures.sigma_schedule(calibration, folder / "sigma.png")))
     if implied is not None:
-        pair = f"{summary['target'].get('device')}-vs-{summary['reference'].get('device')}"
+        pair = f"{result.target.get('device')}-vs-{result.reference.get('device')}"
         caption, _ = figures.qerl_vs_hardware({l.name: l.sigma_end for l in implied.layers}, folder / "qerl.png", pair)
         drawn.insert(0, ("Are QeRL's σ values right for hardware errors?", "qerl.png", caption))
     return [(title, name, caption) for title, name, caption in drawn if caption]  # None: nothing to draw
 
 
-def _chosen(summary: dict) -> list[dict]:
+def _chosen(result: DiffResult) -> list[LayerDiff]:
     """Histograms for: the worst module, the first divergence, and one norm per block (first, middle, last)."""
-    outputs = [m for m in summary["modules"] if m["slot"] == "output" and not m["exact"] and not m.get("alias_of")]
+    outputs = [m for m in result.outputs if not m.exact and not m.alias_of]
     if not outputs:
         return []
-    chosen = [max(outputs, key=lambda m: m["rel_l2"] or 0)]
-    first = summary.get("first_divergence")
+    chosen = [max(outputs, key=_rel_l2)]
+    first = result.first_divergence
     if first:
-        chosen += [m for m in outputs if m["name"] == first["detected_at"]]
-    norms = [m for m in outputs if m["kind"] == "rmsnorm"]
+        chosen += [m for m in outputs if m.name == first.detected_at]
+    norms = [m for m in outputs if m.kind == "rmsnorm"]
     if norms:
         chosen += [norms[0], norms[len(norms) // 2], norms[-1]]
-    unique = []
+    unique: list[LayerDiff] = []
     for module in chosen:
-        if module["name"] not in [m["name"] for m in unique]:
+        if module.name not in [m.name for m in unique]:
             unique.append(module)
     return unique[:5]
 
 
-def _facts(summary: dict, calibration: Any, implied: Any, why_none: str | None = None) -> dict[str, str]:
-    floor, dtype = _floor(summary)
-    outputs = [m for m in summary["modules"] if m["slot"] == "output"]
-    worst = sorted((m for m in outputs if not m.get("alias_of")), key=lambda m: -(m["rel_l2"] or 0))[:5]
+def _facts(result: DiffResult, calibration: Any, implied: Any, why_none: str | None = None) -> dict[str, str]:
+    floor, dtype = _floor(result)
+    outputs = list(result.outputs)
+    worst = sorted((m for m in outputs if not m.alias_of), key=lambda m: -_rel_l2(m))[:5]
     last = outputs[-1] if outputs else None
     facts = {
-        "first": _first_fact(summary),
-        "rule": summary.get("divergence_rule") or "",
-        "worst": "; ".join(f"{m['name']} ({m['rel_l2']:.3g} = {m['rel_l2'] / floor:.1f}× one {dtype} rounding)"
-                           for m in worst if m["rel_l2"]) or "none: the captures are bit-identical",
+        "first": _first_fact(result),
+        "rule": result.divergence_rule or "",
+        "worst": "; ".join(f"{m.name} ({_rel_l2(m):.3g} = {_rel_l2(m) / floor:.1f}× one {dtype} rounding)"
+                           for m in worst if _rel_l2(m)) or "none: the captures are bit-identical",
         "verdict": _verdict(last, floor, dtype) if last else "no modules were compared",
     }
     nonfinite = _nonfinite(outputs)
     if nonfinite:
         facts["verdict"] = f"{nonfinite} {facts['verdict']}"
     facts["sigma"] = _sigma_fact(calibration or implied, calibration is None, why_none)
-    facts["rl"], facts["rl_published"] = _rl_fact(summary.get("rl_impact"))
+    facts["rl"], facts["rl_published"] = _rl_fact(result.rl_impact, result.rl_absent)
     return facts
 
 
-def _rl_fact(block: dict | None) -> tuple[str, str]:
-    """("Does it matter for RL?" answer, the comparison with published figures) from the JSON block."""
-    from ..compare.rl import SLIME_GATE
+def _rl_fact(rl: RLImpact | None, absent: str) -> tuple[str, str]:
+    """("Does it matter for RL?" answer, the comparison with published figures); ``absent``: why there is no block."""
+    from ..compare.rl import SLIME_GATE, published_comparison
 
-    if block is None:
-        return "not measured: the diff was made by an hwdiff without the RL block; diff again", ""
-    if not block["available"]:
-        return f"not measured: {block['reason']}", ""
-    text = (f"Over {block['positions']} real next-token positions: mean |Δlogp| {block['mean_abs']:.3g}, max "
-            f"{block['max_abs']:.3g}, {block['frac_above_0.001']:.1%} above 1e-3 and {block['frac_above_0.01']:.1%} "
-            f"above 1e-2, mean exp(|Δlogp|) {block['mean_exp_abs']:.4f}, K3 KL {block['k3_kl']:.3g}, top-{block['topk']} "
-            f"KL {block['topk_kl'] if block['topk_kl'] is not None else float('nan'):.3g}, top-1 agreement "
-            f"{block['top1_agreement']:.1%}. slime's mean |Δlogp| ≤ {SLIME_GATE:g} gate: "
-            f"{'passes' if block['mean_abs'] <= SLIME_GATE else 'fails'}. mean exp(|Δlogp|) is NeMo-RL's "
+    if rl is None:
+        return f"not measured: {absent}", ""
+    text = (f"Over {rl.positions} real next-token positions: mean |Δlogp| {rl.mean_abs:.3g}, max "
+            f"{rl.max_abs:.3g}, {rl.frac_above[0]:.1%} above 1e-3 and {rl.frac_above[1]:.1%} "
+            f"above 1e-2, mean exp(|Δlogp|) {rl.mean_exp_abs:.4f}, K3 KL {rl.k3_kl:.3g}, top-{rl.topk} "
+            f"KL {rl.topk_kl:.3g}, top-1 agreement "
+            f"{rl.top1_agreement:.1%}. slime's mean |Δlogp| ≤ {SLIME_GATE:g} gate: "
+            f"{'passes' if rl.mean_abs <= SLIME_GATE else 'fails'}. mean exp(|Δlogp|) is NeMo-RL's "
             "log-prob consistency metric (its docs, 'Add New Models').")
-    return text, "Published figures (sources in docs/rl-impact.md): " + "; ".join(block["published"]) + "."
+    return text, "Published figures (sources in docs/rl-impact.md): " + "; ".join(published_comparison(rl)) + "."
 
 
-def _first_fact(summary: dict) -> str:
+def _first_fact(result: DiffResult) -> str:
     """The first difference and the first divergence, each said for what it is."""
-    difference, first = summary.get("first_difference"), summary.get("first_divergence")
+    difference, first = result.first_difference, result.first_divergence
     if difference is None:
         return "nowhere: every module output is bit-identical"
-    differing = round((1 - difference["equal_frac"]) * difference.get("numel", 0))
-    text = (f"The first non-identical module output is {difference['name']} ({differing} of {difference.get('numel', '?')} "
-            f"elements differ, relative L2 {difference['rel_l2']:.3g}). ")
+    differing = round((1 - difference.equal_frac) * difference.numel)
+    text = (f"The first non-identical module output is {difference.name} ({differing} of {difference.numel or '?'} "
+            f"elements differ, relative L2 {difference.rel_l2:.3g}). ")
     if first is None:
-        local = any(m.get("local_verdict") for m in summary["modules"])
+        local = any(m.local is not None and m.local.verdict is not None for m in result.layers)
         return text + ("No module's own (local, replayed) error is beyond rounding." if local else
                        "No module output is beyond what rounding explains.")
-    where = first["name"] + (f" (seen at the input of {first['detected_at']})" if first["origin"] == "input" else "")
-    if first.get("basis") == "local":
-        return text + f"The first divergence, the origin, is {where}: its local error (replay) is beyond rounding — {first.get('reasons', '')}."
-    return text + (f"The first module beyond rounding is {where} — {first.get('reasons', '')}; without a replay "
+    where = first.name + (f" (seen at the input of {first.detected_at})" if first.origin == "input" else "")
+    if first.basis == "local":
+        return text + f"The first divergence, the origin, is {where}: its local error (replay) is beyond rounding — {first.reasons}."
+    return text + (f"The first module beyond rounding is {where} — {first.reasons}; without a replay "
                    "(--local) it may carry error propagated from the first non-identical module.")
 
 
-def _nonfinite(outputs: list[dict]) -> str:
+def _nonfinite(outputs: list[LayerDiff]) -> str:
     """A sentence on NaN/Inf in the compared outputs, naming the first module (forward order) that holds them."""
-    found = [m for m in outputs if any(m.get("nan_inf", {}).values()) and not m.get("alias_of")]
+    found = [m for m in outputs if m.metrics.nan_inf.any and not m.alias_of]
     if not found:
         return ""
-    n = found[0]["nan_inf"]
-    return (f"WARNING: NaN/Inf in {len(found)} module output(s), first at {found[0]['name']} (reference "
-            f"{n['ref_nan']} NaN {n['ref_inf']} Inf, target {n['target_nan']} NaN {n['target_inf']} Inf); those "
+    n = found[0].metrics.nan_inf
+    return (f"WARNING: NaN/Inf in {len(found)} module output(s), first at {found[0].name} (reference "
+            f"{n.ref_nan} NaN {n.ref_inf} Inf, target {n.target_nan} NaN {n.target_inf} Inf); those "
             "elements are left out of every number below.")
 
 
-def _verdict(last: dict, floor: float, dtype: str) -> str:
-    if last["exact"]:
-        return f"The final output ({last['name']}) is bit-identical on both sides."
-    ratio = last["rel_l2"] / floor
+def _verdict(last: LayerDiff, floor: float, dtype: str) -> str:
+    if last.exact:
+        return f"The final output ({last.name}) is bit-identical on both sides."
+    ratio = last.metrics.rel_l2 / floor
     size = "within a few roundings of the dtype" if ratio < 3 else "well above one rounding of the dtype"
-    return (f"At the final output ({last['name']}) the two sides differ by relative L2 {last['rel_l2']:.3g}, "
+    return (f"At the final output ({last.name}) the two sides differ by relative L2 {last.metrics.rel_l2:.3g}, "
             f"{ratio:.1f}× the error of a single {dtype} rounding ({floor:.3g}): {size}; "
-            f"{last['equal_frac']:.1%} of its elements are bit-identical.")
+            f"{last.metrics.equal_frac:.1%} of its elements are bit-identical.")
 
 
 def _sigma_fact(calibration: Any, implied: bool, why_none: str | None = None) -> str:
@@ -294,8 +279,8 @@ def _law_fact(calibration: Any) -> str:
     return text + "."
 
 
-def _meta_rows(summary: dict) -> list[tuple[str, str, str]]:
-    ref, tgt = summary["reference"], summary["target"]
+def _meta_rows(result: DiffResult) -> list[tuple[str, str, str]]:
+    ref, tgt = result.reference, result.target
     def show(value: Any) -> str:
         text = str(value)
         return text[:23] + "…" if text.startswith("sha256:") else text
@@ -304,9 +289,9 @@ def _meta_rows(summary: dict) -> list[tuple[str, str, str]]:
             if key in ref or key in tgt]
 
 
-def _worst_rows(summary: dict, count: int = 15) -> list[dict]:
-    outputs = [m for m in summary["modules"] if m["slot"] == "output" and not m.get("alias_of")]
-    return sorted(outputs, key=lambda m: -(m["rel_l2"] or 0))[:count]
+def _worst_rows(result: DiffResult, count: int = 15) -> list[LayerDiff]:
+    outputs = [m for m in result.outputs if not m.alias_of]
+    return sorted(outputs, key=lambda m: -_rel_l2(m))[:count]
 
 
 def _robustness_summary(card: Any) -> dict | None:
@@ -318,18 +303,18 @@ def _robustness_summary(card: Any) -> dict | None:
     return (load_card(card) if isinstance(card, (str, os.PathLike)) else card).summary()
 
 
-def _html(summary: dict, facts: dict, sections: list, calibration: Any, card: dict | None = None) -> str:
+def _html(result: DiffResult, facts: dict, sections: list, calibration: Any, card: dict | None = None) -> str:
     e = html.escape
-    ref, tgt = summary["reference"], summary["target"]
-    meta = "".join(f"<tr><td>{e(k)}</td><td>{e(a)}</td><td>{e(b)}</td></tr>" for k, a, b in _meta_rows(summary))
+    ref, tgt = result.reference, result.target
+    meta = "".join(f"<tr><td>{e(k)}</td><td>{e(a)}</td><td>{e(b)}</td></tr>" for k, a, b in _meta_rows(result))
     rows = "".join(
-        f"<tr><td>{e(m['name'])}</td><td>{e(m['kind'])}</td><td>{m['rel_l2'] or 0:.3g}</td><td>{m['one_minus_cos']:.2g}</td>"
-        f"<td>{m['equal_frac']:.1%}</td><td>{_ulp_cell(m)}</td><td>{e(_fit_cell(m))}</td>"
-        f"<td>{e(m.get('verdict', {}).get('why', '')) or '—'}</td></tr>"
-        for m in _worst_rows(summary))
+        f"<tr><td>{e(m.name)}</td><td>{e(m.kind)}</td><td>{_rel_l2(m):.3g}</td><td>{m.metrics.one_minus_cos:.2g}</td>"
+        f"<td>{m.metrics.equal_frac:.1%}</td><td>{_ulp_cell(m)}</td><td>{e(_fit_cell(m))}</td>"
+        f"<td>{e(m.verdict.describe()) or '—'}</td></tr>"
+        for m in _worst_rows(result))
     figs = "".join(f"<figure><h3>{e(t)}</h3><img src=\"figures/{n}\" alt=\"{e(t)}\"><figcaption>{e(c)}</figcaption></figure>"
                    for t, n, c in sections)
-    effect = _effectiveness_html(summary, calibration)
+    effect = _effectiveness_html(result, calibration)
     if card is not None:
         from ..robustness_run import card_html
 
@@ -342,7 +327,7 @@ table{{border-collapse:collapse;font-size:.85em}} td,th{{border:1px solid #ccc;p
 img{{max-width:100%}} figure{{margin:1.5em 0}} figcaption{{font-size:.85em;color:#555}}</style></head><body>
 <h1>hwdiff report</h1>
 <p>target <b>{e(str(tgt.get('device')))}</b> ({e(str(tgt.get('device_name')))}, {e(str(tgt.get('dtype')))}) against reference
-<b>{e(str(ref.get('device')))}</b> ({e(str(ref.get('device_name')))}, {e(str(ref.get('dtype')))}){', golden ' + e(str(summary['golden'].get('device'))) + ' ' + e(str(summary['golden'].get('dtype'))) if summary.get('golden') else ''}</p>
+<b>{e(str(ref.get('device')))}</b> ({e(str(ref.get('device_name')))}, {e(str(ref.get('dtype')))}){', golden ' + e(str(result.golden.get('device'))) + ' ' + e(str(result.golden.get('dtype'))) if result.golden else ''}</p>
 <dl class="answers">
 <dt>Where do the devices first diverge?</dt><dd>{e(facts['first'])}<br><small>{e(facts['rule'])}</small></dd>
 <dt>Which layers are worst?</dt><dd>{e(facts['worst'])}</dd>
@@ -353,26 +338,26 @@ img{{max-width:100%}} figure{{margin:1.5em 0}} figcaption{{font-size:.85em;color
 <h2>Captures</h2><table><tr><th>field</th><th>reference</th><th>target</th></tr>{meta}</table>
 <h2>Worst modules</h2><table><tr><th>module</th><th>kind</th><th>rel L2</th><th>1−cos</th><th>bit-identical</th><th>ULP p99 (coarser dtype)</th><th>best fit (law)</th><th>beyond rounding</th></tr>{rows}</table>
 {effect}
-<h2>Figures</h2>{_figures_note(summary, figs)}{figs}
-<p style="font-size:.8em;color:#777">hwdiff {e(str(summary.get('hwdiff_version')))} · definitions: docs/diff.md, docs/calibrate.md</p>
+<h2>Figures</h2>{_figures_note(result, figs)}{figs}
+<p style="font-size:.8em;color:#777">hwdiff {e(str(result.hwdiff_version))} · definitions: docs/diff.md, docs/calibrate.md</p>
 </body></html>
 """
 
 
-def _effectiveness_html(summary: dict, calibration: Any) -> str:
+def _effectiveness_html(result: DiffResult, calibration: Any) -> str:
     if calibration is None:
         return ""
-    rows = _effectiveness_rows(summary, calibration)
+    rows = _effectiveness_rows(result, calibration)
     if not rows:
         return ("<h2>bf16 effectiveness</h2><p>The reference capture's norm weights were not found "
-                f"({html.escape(str(summary['reference'].get('path')))}); run <code>hwdiff aqn-check</code>.</p>")
+                f"({html.escape(str(result.reference.get('path')))}); run <code>hwdiff aqn-check</code>.</p>")
     body = "".join(f"<tr><td>{stage}</td><td>{lo:.3g} – {hi:.3g}</td><td>{changed:.1%}</td><td>{warn}</td></tr>"
                    for stage, lo, hi, changed, warn in rows)
-    return (f"<h2>bf16 effectiveness ({html.escape(str(summary['reference'].get('dtype')))} weights)</h2><table><tr><th>stage</th>"
+    return (f"<h2>bf16 effectiveness ({html.escape(str(result.reference.get('dtype')))} weights)</h2><table><tr><th>stage</th>"
             f"<th>σ (min – max over norms)</th><th>changed elements (min over norms)</th><th>note</th></tr>{body}</table>")
 
 
-def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
+def _effectiveness_rows(result: DiffResult, calibration: Any) -> list[tuple]:
     """Per stage: σ range and the smallest fraction of weight elements that change in the training
     dtype — calibrate's exact rounding check (:func:`hwdiff.calibration.with_rounding`), computed here
     for a sigma file that lacks it."""
@@ -380,45 +365,45 @@ def _effectiveness_rows(summary: dict, calibration: Any) -> list[tuple]:
     from ..calibration import reference_weights, with_rounding
 
     if not calibration.rounding:
-        calibration = with_rounding(calibration, reference_weights(summary, calibration.layers),
-                                    str(summary["reference"].get("dtype", "float32")))
+        calibration = with_rounding(calibration, reference_weights(result, calibration.layers),
+                                    str(result.reference.get("dtype", "float32")))
     noisy = [l.multiplier for l in calibration.layers if l.multiplier > 0]
     return [(r.stage, r.sigma * min(noisy), r.sigma * max(noisy), r.min_changed,
              "noise mostly rounded away" if r.min_changed < CHANGED_WARNING else "") for r in calibration.rounding]
 
 
-def _figures_note(summary: dict, figs: str) -> str:
+def _figures_note(result: DiffResult, figs: str) -> str:
     """Why error figures are missing: a bit-identical diff has no error to draw."""
-    if summary.get("exact"):
+    if result.exact:
         return "<p>No error figures: the captures are bit-identical, there is no error to draw.</p>"
     return "" if figs else "<p>No figures: nothing compared has data to draw.</p>"
 
 
-def _ulp_cell(module: dict) -> str:
-    ulp = module["ulp"]
-    return f"{ulp['p99'] if ulp['p99'] is not None else float('inf'):.3g} ({ulp.get('dtype', module['target_dtype'])})"
+def _ulp_cell(module: LayerDiff) -> str:
+    p99 = module.metrics.ulp.p99
+    return f"{p99 if math.isfinite(p99) else math.inf:.3g} ({module.verdict.coarse_dtype})"
 
 
-def _fit_cell(module: dict) -> str:
+def _fit_cell(module: LayerDiff) -> str:
     """The best law, and whether the absolute or the relative error follows it better."""
-    fit = module["fit"]
-    if fit.get("law") == "relative":
-        return f"{fit['relative']['best']} (relative error)"
-    return fit["best"] + (" (absolute error)" if fit.get("law") else "")
+    fit = module.fit
+    if fit.law == "relative":
+        return f"{fit.relative.best} (relative error)"
+    return fit.best + (" (absolute error)" if fit.law else "")
 
 
-def _markdown(summary: dict, facts: dict, sections: list, card: dict | None = None) -> str:
-    ref, tgt = summary["reference"], summary["target"]
+def _markdown(result: DiffResult, facts: dict, sections: list, card: dict | None = None) -> str:
+    ref, tgt = result.reference, result.target
     lines = [f"# hwdiff report: {tgt.get('device')} vs {ref.get('device')}", "",
              f"- **Where they first differ and diverge**: {facts['first']}", f"- **Worst layers**: {facts['worst']}",
              f"- **Verdict**: {facts['verdict']}", f"- **σ to use**: {facts['sigma']}",
              f"- **Does it matter for RL?** {facts['rl']} {facts['rl_published']}".rstrip(), "",
              "| | reference | target |", "|---|---|---|"]
-    lines += [f"| {k} | {a} | {b} |" for k, a, b in _meta_rows(summary)]
+    lines += [f"| {k} | {a} | {b} |" for k, a, b in _meta_rows(result)]
     lines += ["", "| module | kind | rel L2 | bit-identical | ULP p99 (coarser dtype) | best fit (law) | beyond rounding |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {m['name']} | {m['kind']} | {m['rel_l2'] or 0:.3g} | {m['equal_frac']:.1%} | {_ulp_cell(m)} | "
-              f"{_fit_cell(m)} | {m.get('verdict', {}).get('why', '') or '—'} |" for m in _worst_rows(summary)]
+    lines += [f"| {m.name} | {m.kind} | {_rel_l2(m):.3g} | {m.metrics.equal_frac:.1%} | {_ulp_cell(m)} | "
+              f"{_fit_cell(m)} | {m.verdict.describe() or '—'} |" for m in _worst_rows(result)]
     if card is not None:
         from ..robustness_run import format_card
 

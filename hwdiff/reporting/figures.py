@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..compare.results import DiffResult, LayerDiff
+    from ..compare.rl import RLImpact
 
 KIND_ORDER = ("embedding", "rmsnorm", "linear", "attention", "activation", "mlp", "moe", "mixer", "decoder_layer", "head", "op",
               "other")
@@ -31,8 +35,13 @@ def _save(fig: Any, path: Path, *, tight: bool = True) -> None:
     _plt().close(fig)
 
 
-def _outputs(summary: dict) -> list[dict]:
-    return [m for m in summary["modules"] if m["slot"] == "output" and not m.get("alias_of")]
+def _outputs(diff: DiffResult) -> list[LayerDiff]:
+    return [m for m in diff.outputs if not m.alias_of]
+
+
+def _finite(value: float) -> float | None:
+    """The value, or None where it is not finite (as the diff's JSON writes it: nothing to draw)."""
+    return value if math.isfinite(value) else None
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
@@ -64,22 +73,22 @@ def depth_ticks(ax: Any, names: list[str], *, max_labels: int = 40) -> None:
     ax.set_xticks(ticks, minor=True)
 
 
-def error_vs_depth(summary: dict, path: Path, floor: float) -> str | None:
-    modules = _outputs(summary)
-    if not any(m["rel_l2"] for m in modules):
+def error_vs_depth(diff: DiffResult, path: Path, floor: float) -> str | None:
+    modules = _outputs(diff)
+    if not any(_finite(m.metrics.rel_l2) for m in modules):
         return None  # bit-identical: nothing to draw
     plt = _plt()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for kind in KIND_ORDER:
-        points = [(i, m) for i, m in enumerate(modules) if m["kind"] == kind and m["rel_l2"]]
+        points = [(i, m) for i, m in enumerate(modules) if m.kind == kind and _finite(m.metrics.rel_l2)]
         if points:
             x = [i for i, _ in points]
-            top.semilogy(x, [m["rel_l2"] for _, m in points], "o-", ms=3, lw=0.8, label=kind)
-            bottom.plot(x, [m["sqnr_db"] for _, m in points], "o-", ms=3, lw=0.8, label=kind)
+            top.semilogy(x, [m.metrics.rel_l2 for _, m in points], "o-", ms=3, lw=0.8, label=kind)
+            bottom.plot(x, [_finite(m.metrics.sqnr_db) for _, m in points], "o-", ms=3, lw=0.8, label=kind)
     top.axhline(floor, color="k", ls="--", lw=0.8, label="one rounding of the dtype")
     top.set_ylabel("relative L2 error")
     bottom.set_ylabel("SQNR (dB)")
-    depth_ticks(bottom, [m["name"] for m in modules])
+    depth_ticks(bottom, [m.name for m in modules])
     bottom.set_xlabel("module, in forward order")
     top.legend(fontsize=7, ncol=4)
     top.set_title("Error vs depth per module kind (bit-identical modules are not drawn)")
@@ -88,16 +97,16 @@ def error_vs_depth(summary: dict, path: Path, floor: float) -> str | None:
             "is one rounding to the dtype.")
 
 
-def one_minus_cos(summary: dict, path: Path) -> str | None:
-    modules = _outputs(summary)
-    points = [(i, m["one_minus_cos"]) for i, m in enumerate(modules) if m["one_minus_cos"] > 0]
+def one_minus_cos(diff: DiffResult, path: Path) -> str | None:
+    modules = _outputs(diff)
+    points = [(i, m.metrics.one_minus_cos) for i, m in enumerate(modules) if m.metrics.one_minus_cos > 0]
     if not points:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.semilogy([i for i, _ in points], [v for _, v in points], ".-", lw=0.6)
     ax.set_xlim(-0.5, len(modules) - 0.5)
-    depth_ticks(ax, [m["name"] for m in modules])
+    depth_ticks(ax, [m.name for m in modules])
     ax.set_ylabel("1 − cosine")
     ax.set_xlabel("module, in forward order (bit-identical modules are not drawn)")
     ax.set_title("1 − cos vs depth (cosine alone prints 1.0 at bf16-level error)")
@@ -105,14 +114,14 @@ def one_minus_cos(summary: dict, path: Path) -> str | None:
     return "1 − cosine similarity of each module output that is not bit-identical, in forward order (log)."
 
 
-def ulp_by_kind(summary: dict, arrays: dict, edges: np.ndarray, path: Path) -> str | None:
+def ulp_by_kind(diff: DiffResult, arrays: dict, edges: np.ndarray, path: Path) -> str | None:
     totals: dict[str, np.ndarray] = {}
     dtypes = set()
-    for m in _outputs(summary):
-        hist = arrays.get(f"{m['name']}/{m['call']}/output", {}).get("ulp_hist")
-        if hist is not None and not m["exact"]:
-            totals[m["kind"]] = totals.get(m["kind"], 0) + np.asarray(hist)
-            dtypes.add(m["ulp"].get("dtype", m["target_dtype"]))
+    for m in _outputs(diff):
+        hist = arrays.get(f"{m.name}/{m.call}/output", {}).get("ulp_hist")
+        if hist is not None and not m.exact:
+            totals[m.kind] = totals.get(m.kind, 0) + np.asarray(hist)
+            dtypes.add(m.verdict.coarse_dtype)
     if not any(total.sum() for total in totals.values()):
         return None  # bit-identical: every distance is 0
     occupied = max(int(np.flatnonzero(total)[-1]) for total in totals.values() if total.sum())
@@ -135,17 +144,17 @@ def ulp_by_kind(summary: dict, arrays: dict, edges: np.ndarray, path: Path) -> s
             "modules that are not bit-identical; left of the dashed line: within one ulp.")
 
 
-def error_histogram(module: dict, arrays: dict, path: Path) -> str | None:
+def error_histogram(module: LayerDiff, arrays: dict, path: Path) -> str | None:
     from scipy import stats
 
-    data = arrays.get(f"{module['name']}/{module['call']}/output", {})
+    data = arrays.get(f"{module.name}/{module.call}/output", {})
     counts, edges = np.asarray(data.get("err_hist", [])), np.asarray(data.get("err_edges", []))
     if not counts.size or not counts.sum():
         return None
     sample = np.asarray(data.get("err_sample", []), dtype=np.float64)
     sample = sample[sample != 0]
-    fit = module.get("fit", {})
-    quantile_plot = sample.size > 10 and "gaussian" in fit
+    fit = module.fit
+    quantile_plot = sample.size > 10 and "gaussian" in fit.fits
     plt = _plt()
     fig, axes = plt.subplots(1, 2 if quantile_plot else 1, figsize=(10, 3.6), squeeze=False)
     left = axes[0][0]
@@ -153,20 +162,21 @@ def error_histogram(module: dict, arrays: dict, path: Path) -> str | None:
     total = counts.sum()
     left.bar(centers, counts, width=width, color="0.7", label="sampled errors")
     x = np.linspace(edges[0], edges[-1], 400)
-    if "gaussian" in fit:
-        g = fit["gaussian"]
+    if "gaussian" in fit.fits:
+        g = fit.fits["gaussian"].params
         left.plot(x, total * width * stats.norm.pdf(x, g["mu"], g["sigma"]), label="Gaussian fit")
-    if "student_t" in fit:
-        t = fit["student_t"]
+    if "student_t" in fit.fits:
+        t = fit.fits["student_t"].params
         left.plot(x, total * width * stats.t.pdf(x, t["df"], t["loc"], t["scale"]), label=f"Student-t (df={t['df']:.3g})")
     left.set_yscale("log")
     left.set_ylim(0.5, total * 2)
     left.legend(fontsize=7)
-    law = f"; the {fit['law']} error fits better" if fit.get("law") else ""
-    left.set_title(f"{short_name(module['name'])}: error t − r (best: {fit.get('best')}{law})", fontsize=9)
+    law = f"; the {fit.law} error fits better" if fit.law else ""
+    left.set_title(f"{short_name(module.name)}: error t − r (best: {fit.best}{law})", fontsize=9)
     if quantile_plot:
         right = axes[0][1]
-        quantiles = np.sort((sample - fit["gaussian"]["mu"]) / max(fit["gaussian"]["sigma"], 1e-300))
+        gaussian = fit.fits["gaussian"].params
+        quantiles = np.sort((sample - gaussian["mu"]) / max(gaussian["sigma"], 1e-300))
         theory = stats.norm.ppf((np.arange(1, quantiles.size + 1) - 0.5) / quantiles.size)
         right.plot(theory, quantiles, ".", ms=2)
         right.plot(theory, theory, "k--", lw=0.8)
@@ -174,28 +184,29 @@ def error_histogram(module: dict, arrays: dict, path: Path) -> str | None:
         right.set_ylabel("standardized error quantile")
         right.set_title("QQ plot against the Gaussian fit", fontsize=9)
     _save(fig, path)
-    relative = fit.get("relative", {})
-    law_text = (f" The relative error e/|r| is best described by a {relative['best']} law and describes the error "
-                f"{'better' if fit.get('law') == 'relative' else 'less well'} than the absolute one."
-                if relative.get("best") not in (None, "none") else "")
-    return (f"Errors of {module['name']} ({module['kind']}): histogram of the sampled errors with the fitted Gaussian "
+    relative = fit.relative
+    law_text = (f" The relative error e/|r| is best described by a {relative.best} law and describes the error "
+                f"{'better' if fit.law == 'relative' else 'less well'} than the absolute one."
+                if relative is not None and relative.best != "none" else "")
+    return (f"Errors of {module.name} ({module.kind}): histogram of the sampled errors with the fitted Gaussian "
             "and Student-t of the differing elements (log y)" + (", and a QQ plot against the Gaussian." if quantile_plot
                                                                    else ".") + law_text)
 
 
-def correlation(summary: dict, path: Path) -> str | None:
-    corr = summary.get("correlation")
-    if not corr:
+def correlation(diff: DiffResult, path: Path) -> str | None:
+    corr = diff.correlation
+    if corr is None:
         return None
-    exact = set(corr.get("exact") or [])
-    keep = [i for i, name in enumerate(corr["names"]) if name not in exact]  # no error: no correlation to draw
+    exact = set(corr.exact)
+    keep = [i for i, name in enumerate(corr.names) if name not in exact]  # no error: no correlation to draw
     if len(keep) < 2:
         return None
     plt = _plt()
-    names = [short_name(corr["names"][i]) for i in keep]
+    names = [short_name(corr.names[i]) for i in keep]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, key, title in ((axes[0], "accumulated", "accumulated error"), (axes[1], "increments", "per-layer increments")):
-        matrix = np.array([[np.nan if v is None else v for v in row] for row in corr[key]], dtype=float)[np.ix_(keep, keep)]
+    for ax, values, title in ((axes[0], corr.accumulated, "accumulated error"),
+                              (axes[1], corr.increments, "per-layer increments")):
+        matrix = np.where(np.isfinite(values), values, np.nan)[np.ix_(keep, keep)]
         image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         ax.set_yticks(range(len(names)), names, fontsize=6)
@@ -207,23 +218,23 @@ def correlation(summary: dict, path: Path) -> str | None:
             "layer adds (right)." + left_out)
 
 
-def local_vs_propagated(summary: dict, path: Path) -> str | None:
-    modules = [m for m in _outputs(summary) if m.get("local_rel_l2") is not None]
+def local_vs_propagated(diff: DiffResult, path: Path) -> str | None:
+    modules = [m for m in _outputs(diff) if m.local is not None]
     if not modules:
         return None
-    if not any(m["rel_l2"] for m in modules):
+    if not any(_finite(m.metrics.rel_l2) for m in modules):
         return None
 
-    def positive(key: str) -> list[float]:  # zero (bit-identical) is not drawn on a log axis
-        return [m[key] if m[key] else np.nan for m in modules]
+    def positive(values: list[float | None]) -> list[float]:  # zero (bit-identical) is not drawn on a log axis
+        return [value if value else np.nan for value in values]
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 4.4))
     x = range(len(modules))
-    ax.semilogy(x, positive("rel_l2"), ".-", lw=0.6, label="total")
-    ax.semilogy(x, positive("local_rel_l2"), "o", ms=3, label="local (replay)")
-    ax.semilogy(x, positive("propagated_rel_l2"), "x", ms=4, label="propagated")
-    depth_ticks(ax, [m["name"] for m in modules])
+    ax.semilogy(x, positive([_finite(m.metrics.rel_l2) for m in modules]), ".-", lw=0.6, label="total")
+    ax.semilogy(x, positive([m.local.local_rel_l2 for m in modules]), "o", ms=3, label="local (replay)")
+    ax.semilogy(x, positive([m.local.propagated_rel_l2 for m in modules]), "x", ms=4, label="propagated")
+    depth_ticks(ax, [m.name for m in modules])
     ax.set_xlabel("module, in forward order")
     ax.set_ylabel("relative L2")
     ax.legend(fontsize=7)
@@ -233,24 +244,24 @@ def local_vs_propagated(summary: dict, path: Path) -> str | None:
             "(propagated); a missing marker is zero: a module whose total error is all local has no propagated part.")
 
 
-def golden(summary: dict, path: Path) -> str | None:
-    modules = [m for m in _outputs(summary) if m.get("golden")]
+def golden(diff: DiffResult, path: Path) -> str | None:
+    modules = [m for m in _outputs(diff) if m.golden is not None]
     if not modules:
         return None
-    if not any(m["golden"]["reference_rel_l2"] or m["golden"]["target_rel_l2"] for m in modules):
+    if not any(m.golden.reference_rel_l2 or m.golden.target_rel_l2 for m in modules):
         return None
     plt = _plt()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     x = range(len(modules))
     for side, label in (("reference_rel_l2", "reference vs golden"), ("target_rel_l2", "target vs golden")):
-        top.semilogy(x, [m["golden"][side] or np.nan for m in modules], ".-", label=label)
+        top.semilogy(x, [getattr(m.golden, side) or np.nan for m in modules], ".-", label=label)
     top.legend(fontsize=7)
     top.set_ylabel("relative L2")
-    ratios = [m["golden"]["ratio"] if m["golden"]["ratio"] is not None else np.nan for m in modules]
+    ratios = [m.golden.ratio if math.isfinite(m.golden.ratio) else np.nan for m in modules]
     bottom.plot(x, ratios, ".-")
     bottom.axhline(1, color="k", ls="--", lw=0.8)
     bottom.set_ylabel("target / reference")
-    depth_ticks(bottom, [m["name"] for m in modules])
+    depth_ticks(bottom, [m.name for m in modules])
     bottom.set_xlabel("module, in forward order")
     top.set_title("Which side is off: each side's error against the golden capture")
     _save(fig, path)
@@ -325,12 +336,12 @@ def qerl_vs_hardware(levels: dict[str, float], path: Path, pair: str = "GPU-vs-N
     return text, below
 
 
-def rl_histogram(block: dict, path: Path) -> str:
-    """Histogram of Δlogp = logp_target − logp_reference over real next-token positions (the JSON
-    ``rl_impact`` block), log count axis, with the ±1e-3 and ±1e-2 thresholds marked."""
+def rl_histogram(rl: RLImpact, path: Path) -> str:
+    """Histogram of Δlogp = logp_target − logp_reference over real next-token positions (the diff's
+    RL block), log count axis, with the ±1e-3 and ±1e-2 thresholds marked."""
     plt = _plt()
-    counts = np.asarray(block["histogram"]["counts"], dtype=float)
-    edges = np.asarray(block["histogram"]["edges"], dtype=float)
+    counts = np.asarray(rl.hist_counts, dtype=float)
+    edges = np.asarray(rl.hist_edges, dtype=float)
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.stairs(counts, edges, fill=True, alpha=0.7)
     ax.set_yscale("log")
@@ -340,8 +351,8 @@ def rl_histogram(block: dict, path: Path) -> str:
                 ax.axvline(sign * threshold, color="k", ls=style, lw=0.8)
     ax.set_xlabel("Δlogp = logp(target) − logp(reference), nats")
     ax.set_ylabel("positions")
-    ax.set_title(f"Token log-prob mismatch over {block['positions']} next-token positions")
+    ax.set_title(f"Token log-prob mismatch over {rl.positions} next-token positions")
     _save(fig, path)
     return (f"Distribution of Δlogp of the next input token at every real position; dotted ±1e-3, dashed ±1e-2 "
-            f"(where inside the range). Mean |Δlogp| {block['mean_abs']:.3g}, "
-            f"{block['frac_above_0.001']:.1%} of positions above 1e-3.")
+            f"(where inside the range). Mean |Δlogp| {rl.mean_abs:.3g}, "
+            f"{rl.frac_above[0]:.1%} of positions above 1e-3.")
