@@ -57,7 +57,7 @@ def written(tmp_path_factory):
     "budget" — float32 vs bf16, different precisions (the budget rule, ULP in the finer dtype)."""
     root = tmp_path_factory.mktemp("diff_io")
     build("qwen2_moe").save_pretrained(root / "model")
-    cap = dict(inputs=ids_file(root), batch_size=4, progress=False)
+    cap = {"inputs": ids_file(root), "batch_size": 4, "progress": False}
     ref_model = hwdiff.load_model(str(root / "model"), dtype="bfloat16", attn_implementation="sdpa")
     tgt_model = hwdiff.load_model(str(root / "model"), dtype="bfloat16", attn_implementation="eager")
     fp32_model = hwdiff.load_model(str(root / "model"), dtype="float32", attn_implementation="eager")
@@ -65,7 +65,7 @@ def written(tmp_path_factory):
     tgt = hwdiff.capture(tgt_model, root / "tgt.h5", record_inputs=True, **cap).path  # input slots compared
     golden = hwdiff.capture(fp32_model, root / "fp32.h5", **cap).path
     local = hwdiff.replay(tgt_model, ref, root / "local.h5", progress=False).path
-    pairs = {"local": ((ref, tgt), dict(local=local, golden=golden)), "budget": ((golden, tgt), {})}
+    pairs = {"local": ((ref, tgt), {"local": local, "golden": golden}), "budget": ((golden, tgt), {})}
     done = {}
     for name, (sides, extra) in pairs.items():
         h5, js = root / f"diff_{name}.h5", root / f"diff_{name}.json"
@@ -97,7 +97,7 @@ def test_a_loaded_diff_is_the_result_written(written, pair, kind):
 
 @pytest.mark.parametrize("pair", ["local", "budget"])
 def test_summary_of_a_loaded_diff_is_the_file_byte_for_byte(written, pair):
-    result, h5, js = written[pair]
+    _, h5, js = written[pair]
     text = js.read_text()
     for path in (h5, js):
         assert json.dumps(summary(load_diff(path)), indent=1) == text
@@ -137,7 +137,7 @@ def test_non_finite_values_come_back_as_documented(written):
 
 
 def test_bad_files_are_one_line_errors(tmp_path, written):
-    _, h5, js = written["budget"]
+    js = written["budget"][2]
     with pytest.raises(HwdiffError, match="no such diff file"):
         load_diff(tmp_path / "missing.h5")
     (tmp_path / "bad.json").write_text("{not json")
@@ -154,3 +154,18 @@ def test_bad_files_are_one_line_errors(tmp_path, written):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(HwdiffError, match="is not a readable diff file"):
         load_diff(tmp_path / "junk.h5")
+
+
+def test_an_early_summary_without_verdicts_loads():
+    """data/reference/ keeps a summary from before per-module verdicts, RL blocks and first differences:
+    it loads, each module's verdict the one rule of that version, rebuilt from what it stored."""
+    from .conftest import ROOT
+
+    path = ROOT / "data/reference/tiny-qwen2-cuda-vs-cpu-bf16.diff.json"
+    stored = json.loads(path.read_text())
+    loaded = load_diff(path)
+    assert [(l.name, l.exact, l.diverges, l.beyond_rounding_frac) for l in loaded.layers] == \
+        [(m["name"], m["exact"], m["diverges"], m["beyond_rounding_frac"]) for m in stored["modules"]]
+    assert loaded.first_divergence.name == stored["first_divergence"]["name"] and loaded.first_difference is None
+    assert loaded.rl_impact is None and "without the RL block" in loaded.rl_absent
+    assert all(math.isnan(l.metrics.ref_rms) for l in loaded.layers)

@@ -20,6 +20,10 @@ meant where the field allows only one reading, else as NaN:
 - everything else (``ref_rms``, a verdict's ``rounding_rel`` / ``roundings``, fit statistics, the
   correlation matrices, ``topk_kl``): NaN.
 
+A summary written before hwdiff stored per-module verdicts (data/reference/ holds one) loads with the
+verdict of the one rule it applied then, rebuilt from its ``beyond_rounding_frac`` and ``diverges``;
+fields it lacks take their defaults (``ref_rms`` NaN, no RL block: :data:`NO_RL_BLOCK`).
+
 Not in the summary, so not restored: :class:`Metrics`'s ``max_ref`` / ``max_target`` (the values at the
 largest error; taken from the verdict's outlier when there is one, else NaN). A :class:`LocalDiff`'s
 ``exact`` is ``local_rel_l2 == 0`` (what the diff sets it from).
@@ -39,7 +43,7 @@ from ..errors import HwdiffError
 from .align import Unmatched
 from .correlation import Correlation
 from .fit import Fit, FitResult
-from .metrics import Metrics, NonFinite, UlpStats
+from .metrics import Metrics, NonFinite, UlpStats, lower_precision
 from .output import DIFF_SCHEMA, SUMMARY_SCHEMA
 from .results import (
     DiffResult,
@@ -151,7 +155,7 @@ def _layers(modules: list[dict[str, Any]]) -> tuple[LayerDiff, ...]:
 
 def _layer(m: dict[str, Any], inputs: dict[tuple[str, int], float]) -> LayerDiff:
     metrics = _metrics(m)
-    verdict = _verdict(m["verdict"], (metrics.bias, metrics.rmse))
+    verdict = _verdict(m["verdict"], (metrics.bias, metrics.rmse)) if "verdict" in m else _first_rule(m)
     if verdict.outlier is not None:  # the values at the largest error, which the summary keeps only here
         metrics = _with_max_values(metrics, verdict.outlier)
     fine = m.get("ulp_fine")
@@ -200,6 +204,17 @@ def _verdict(v: dict[str, Any], full_test: tuple[float, float] | None) -> Verdic
     )
 
 
+def _first_rule(m: dict[str, Any]) -> Verdict:
+    """The verdict of a summary written before verdicts were stored (hwdiff's first diff rule, the only
+    one then: more than 1 % of the sampled elements beyond one ulp of the coarser dtype), from the
+    ``beyond_rounding_frac`` and ``diverges`` it kept; the tests it did not run (bias, outlier, rounding
+    budget) are NaN / absent."""
+    return Verdict(rule="ulp", coarse_dtype=lower_precision(m["ref_dtype"], m["target_dtype"]),
+                   beyond_ulp_frac=_float(m["beyond_rounding_frac"]), rounding_rel=math.nan, roundings=math.nan,
+                   budget=None, bias_z=math.nan, bias_effect=math.nan, bias_outward=math.nan, outlier=None,
+                   reasons=("ulp",) if m.get("diverges") else ())
+
+
 def _bias_z(v: dict[str, Any], full_test: tuple[float, float] | None) -> float:
     """A stored z, or ±inf for null: z is infinite exactly when the chosen test's errors have no spread
     (:func:`.verdict._bias`), and carries the sign of that test's mean — the full tensor's when its
@@ -214,7 +229,7 @@ def _bias_z(v: dict[str, Any], full_test: tuple[float, float] | None) -> float:
 
 def _fit(f: dict[str, Any]) -> FitResult:
     fits = {name: Fit(params={k: _float(x) for k, x in values.items() if k not in _FIT_STATS},
-                      **{k: _float(values[k]) for k in _FIT_STATS})
+                      **{k: _float(values.get(k)) for k in _FIT_STATS})  # an early summary: no bic
             for name, values in f.items() if isinstance(values, dict) and name not in ("relative", "not_fitted")}
     return FitResult(best=f["best"], n=f["n"], reason=f.get("reason", ""), skew=_float(f.get("skew")),
                      excess_kurtosis=_float(f.get("excess_kurtosis")), fits=fits,
