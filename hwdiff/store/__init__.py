@@ -67,7 +67,8 @@ New files use the HDF5 1.10 object format (``libver="v110"``: smaller and quicke
 small groups and attributes; any HDF5 ≥ 1.10 reads them); files written in the older format read alike.
 
 The package, by role (bottom to top): :mod:`~hwdiff.store.format` (the names above and the bfloat16
-encoding; no h5py), :mod:`~hwdiff.store.stats` (``stats``-mode reductions), :mod:`~hwdiff.store.h5`
+encoding; no h5py), :mod:`~hwdiff.store.tokens` (the run's token ids, :class:`~hwdiff.store.tokens.Inputs`),
+:mod:`~hwdiff.store.stats` (``stats``-mode reductions), :mod:`~hwdiff.store.h5`
 (checksummed datasets, attributes, checked reads), :mod:`~hwdiff.store.ranks` (the multi-rank
 directory), :mod:`~hwdiff.store.writer`, :mod:`~hwdiff.store.reader`, :mod:`~hwdiff.store.verify` and
 :mod:`~hwdiff.store.inspect` (``hwdiff inspect``). The names of ``_EXPORTS`` below are also importable from

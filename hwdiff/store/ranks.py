@@ -36,8 +36,8 @@ import numpy as np
 
 from .. import outputs
 from ..errors import CaptureFormatError
-from ..inputs import Inputs
 from .h5 import create_checked
+from .tokens import Inputs
 
 MANIFEST = "manifest.h5"
 SHARD_LAST = "Shard(-1)"

@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 
 from ..errors import CaptureFormatError, HwdiffError
-from ..inputs import Inputs
 from ..structure import offset_from_class
 from . import ranks
 from .format import (
@@ -29,6 +28,7 @@ from .format import (
     decode,
 )
 from .h5 import _open_h5, read_checked
+from .tokens import Inputs
 
 log = logging.getLogger(__name__)
 

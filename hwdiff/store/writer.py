@@ -19,11 +19,11 @@ import numpy as np
 
 from .. import outputs
 from ..errors import HwdiffError
-from ..inputs import Inputs
 from ..structure import offset_from_class
 from . import stats
 from .format import CHUNK_BYTES, LOGPROB_FIELDS, SCHEMA, SLOTS, encode, nonfinite_counts
 from .h5 import compression_options, create_checked, new_group, set_attrs
+from .tokens import Inputs
 
 
 @dataclass
