@@ -40,7 +40,7 @@ _LAZY = {
     "record": "hooks",
     "capture": "capturing",
     "open_capture": "store",
-    "inspect_capture": "inspect",
+    "inspect_capture": "store.inspect",
     "diff": "compare",
     "DiffResult": "compare",
     "replay": "replaying",

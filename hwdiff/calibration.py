@@ -389,7 +389,7 @@ def normalised_rms(summary: dict[str, Any], names: list[str]) -> tuple[dict[str,
     if not path or not Path(path).exists():
         return {}, ["the reference capture is not at hand: whether a norm's input sits near eps (x̂ shorter than "
                     "unit rms, sigma too small by that factor) was not checked"]
-    from .store import open_capture
+    from .store.reader import open_capture
 
     found = {}
     with open_capture(path) as cap:
@@ -642,7 +642,7 @@ def fused_add_norms(summary: dict[str, Any], names: list[str]) -> list[str] | No
     path = (summary.get("reference") or {}).get("path")
     if not path or not Path(path).exists():
         return None
-    from .store import open_capture
+    from .store.reader import open_capture
 
     try:
         with open_capture(path) as cap:
@@ -762,7 +762,7 @@ def reference_weights(summary: dict, layers: tuple[LayerSigma, ...]) -> dict[str
     path = (summary.get("reference") or {}).get("path")
     if not path or not Path(path).exists():  # a capture file, or a multi-rank capture's directory
         return None
-    from .store import open_capture
+    from .store.reader import open_capture
 
     try:
         with open_capture(path) as cap:

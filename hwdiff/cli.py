@@ -65,7 +65,7 @@ def _check_capture_args(args: argparse.Namespace, ranks: Any) -> None:
                               "multi-rank capture under torchrun writes")
         check_outputs([args.inputs], [args.output])
     else:
-        from .rankstore import check_target
+        from .store.ranks import check_target
 
         check_target(Path(args.output))
 
@@ -153,7 +153,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.verify:
-        from .store import verify_file
+        from .store.verify import verify_file
 
         found = verify_file(args.file)
         print(found)
@@ -161,7 +161,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             name, problem = found.problems[0]
             raise HwdiffError(f"{args.file}: {len(found.problems)} damaged dataset(s), first {name}: {problem}")
         return 0
-    from .inspect import inspect_capture
+    from .store.inspect import inspect_capture
 
     print(inspect_capture(args.file, allow_incomplete=args.allow_incomplete))
     return 0

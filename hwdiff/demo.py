@@ -22,7 +22,7 @@ from .exporters import export
 from .capturing import capture
 from .compare import diff
 from .compare.output import format_table
-from .inspect import inspect_capture
+from .store.inspect import inspect_capture
 from .models import load_model
 from .replaying import replay
 from .reporting import report

@@ -65,7 +65,7 @@ def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS,
     effect beside the diff's hardware pair. The model's weights are restored bit for bit on return."""
     from .calibration import load_summary
     from .robustness_run import Options, robustness
-    from .store import open_capture
+    from .store.reader import open_capture
 
     summary = load_summary(diff)
     rl = summary.get("rl_impact") or {}

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import outputs
 from .._version import __version__
-from ..store import create_checked
+from ..store.h5 import create_checked
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff
 from .rl import csv_rows, format_rl, rl_summary

@@ -105,7 +105,7 @@ def _load(diff: Any) -> tuple[dict, dict, np.ndarray]:
         return load_summary(path), {}, ulp_edges()
     import h5py
 
-    from ..store import read_checked
+    from ..store.h5 import read_checked
 
     summary = load_summary(path)
     arrays: dict[str, dict[str, np.ndarray]] = {}
