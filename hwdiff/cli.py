@@ -4,7 +4,6 @@ The options and their validation are :mod:`hwdiff.cli_args`; here each subcomman
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -88,31 +87,20 @@ def _cmd_probe_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate, format_calibration, load_sigma, save, with_sigmas
-    from .exporters import check_export, export, hydra_overrides
-    from .sigma_probe import reference_model, verify
+    from .calibrate_run import calibrate, export_paths, write
+    from .calibration import format_calibration
+    from .exporters import hydra_overrides
+    from .sigma_probe import reference_model
 
-    exports = {target: Path(args.output).with_suffix(f".{target}.yaml") for target in args.export or []}
+    exports = export_paths(args.output, args.export or [])
     check_outputs([args.diff, *([args.sigma] if args.sigma else [])], [args.output, *exports.values()])
     needs_model = args.verify or args.policy_check or args.conversion == "measured"
     model = reference_model(args.diff, spec=args.model, device=args.device) if needs_model else None
-    result = calibrate(args.diff, factor=args.factor, num_stages=args.stages, kind=args.schedule,
-                       sigma_start=args.sigma_start, model=model if args.conversion == "measured" else None,
-                       progress=not args.quiet)
-    if args.sigma:
-        result = with_sigmas(result, load_sigma(args.sigma))
-    if args.verify:
-        result = dataclasses.replace(result, verify=verify(result, model, progress=not args.quiet))
-    if args.policy_check:
-        from .policy_check import policy_check
-
-        result = dataclasses.replace(result, policy=policy_check(result, model, args.diff, draws=args.policy_draws,
-                                                                 progress=not args.quiet))
-    for target in exports:  # a refused export writes nothing, sigma.yaml included
-        check_export(result, target)
-    written = [save(result, args.output)]
-    for target, path in exports.items():
-        written.append(export(result, target, path))
+    result = calibrate(args.diff, model=model, factor=args.factor, num_stages=args.stages, kind=args.schedule,
+                       sigma_start=args.sigma_start, conversion=args.conversion, progress=not args.quiet,
+                       verify=args.verify, policy_check=args.policy_check, policy_draws=args.policy_draws,
+                       sigma=args.sigma)
+    written = write(result, args.output, exports=args.export or [])  # a refused export writes nothing, sigma.yaml included
     print(format_calibration(result))
     if "verl" in (args.export or []):
         print("\nHydra overrides for verl:\n  " + " \\\n  ".join(hydra_overrides(result)))

@@ -26,7 +26,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .calibration import Calibration, VerifyLayer, VerifyResult, load_summary
+from .calibration import load_summary
+from .calibration_types import Calibration, VerifyLayer, VerifyResult
 from .errors import HwdiffError
 
 log = logging.getLogger(__name__)
