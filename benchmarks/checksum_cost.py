@@ -33,18 +33,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 @contextlib.contextmanager
 def checksums(enabled: bool):
     """Leave hwdiff's writer as it is, or make it create every dataset without the checksum filter."""
-    from hwdiff import store
+    from hwdiff.store import writer
 
-    original = store.create_checked
+    original = writer.create_checked
 
     def plain(group, name, *, data=None, **kwargs):
         return group.create_dataset(name, data=data, **kwargs)
 
-    store.create_checked = original if enabled else plain
+    writer.create_checked = original if enabled else plain
     try:
         yield
     finally:
-        store.create_checked = original
+        writer.create_checked = original
 
 
 def filter_cost(nbytes: int, repeats: int) -> dict[str, float]:

@@ -29,8 +29,6 @@ import torch
 import hwdiff
 from hwdiff.compare.io import load_diff
 from hwdiff.devices import cpu_name
-from hwdiff.policy_check import policy_check
-from hwdiff.sigma_probe import verify
 
 PAIRS = (
     {"name": "bf16 sdpa vs bf16 eager", "ref": ("bfloat16", "sdpa", None), "tgt": ("bfloat16", "eager", None)},
@@ -68,9 +66,9 @@ def run_pair(spec: str, pair: dict, limit: int, root: Path, draws: int) -> dict:
     local = hwdiff.replay(tgt_model, ref, root / "local.h5", emulate=emulate, progress=False).path
     result = hwdiff.diff(ref, tgt, local=local, out=root / "diff.h5", progress=False)
     loaded = load_diff(root / "diff.h5", arrays=False)
-    calibration = hwdiff.calibrate(root / "diff.h5", model=ref_model)
-    checked = verify(calibration, ref_model, progress=False)
-    policy = policy_check(calibration, ref_model, root / "diff.h5", draws=draws, progress=False)
+    calibration = hwdiff.calibrate(root / "diff.h5", model=ref_model, verify=True, policy_check=True,
+                                   policy_draws=draws)
+    checked, policy = calibration.verify, calibration.policy
     noisy = [l.sigma_end for l in calibration.layers if l.sigma_end > 0]
     first = loaded.first_divergence
     rl = loaded.rl_impact

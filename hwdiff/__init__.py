@@ -40,15 +40,15 @@ _LAZY = {
     "record": "hooks",
     "capture": "capturing",
     "open_capture": "store",
-    "inspect_capture": "inspect",
+    "inspect_capture": "store.inspect",
     "diff": "compare",
     "DiffResult": "compare",
     "replay": "replaying",
-    "calibrate": "calibration",
+    "calibrate": "calibrate_run",  # the library call of hwdiff calibrate; hwdiff.calibration.calibrate is the σ math
     "SigmaSchedule": "schedule",
     "AQNInjector": "aqn",
-    "load_sigma": "calibration",
-    "save_sigma": "calibration",
+    "load_sigma": "sigmafile",
+    "save_sigma": "sigmafile",
     "report": "reporting",
     "robustness": "robustness_run",  # not hwdiff/robustness.py: a module of that name would shadow the function
 }

@@ -300,7 +300,7 @@ def apply_schedule(model: torch.nn.Module, sigma_config: Any, step: int, total_s
         if state is not None:
             state[1].restore()  # back to clean before another configuration takes over
         if isinstance(sigma_config, (str, os.PathLike)):
-            from .calibration import load_sigma
+            from .sigmafile import load_sigma
 
             sigma_config = load_sigma(sigma_config)
         state = _SCHEDULES[model] = (key, AQNInjector(model, sigma_config))

@@ -27,243 +27,29 @@ import logging
 import math
 import os
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ._version import __version__
+from .calibration_types import (METHOD_NOTE, QERL_PRESETS, Calibration, LayerSigma, PolicyCheck, StageRounding,
+                                VerifyResult)
 from .errors import HwdiffError
-from .policy_check import PolicyCheck, format_policy
 from .schedule import SigmaSchedule
 from .structure import layer_index
+
+# the types and the sigma file's functions, where hwdiff.calibration named them before they had modules of their own
+from .calibration_types import CONVERSION_NOTES, CONVERSIONS, READABLE_SCHEMAS, SCHEMA  # noqa: F401
+from .calibration_types import UNATTRIBUTED_NOTE, VerifyLayer  # noqa: F401
+from .sigmafile import load_sigma, save, save_sigma  # noqa: F401
 
 if TYPE_CHECKING:
     from .compare.results import DiffResult, LayerDiff
 
 log = logging.getLogger(__name__)
-SCHEMA = "hwdiff/sigma/2"
-READABLE_SCHEMAS = ("hwdiff/sigma/1", SCHEMA)
-CONVERSIONS = ("output-rms", "measured")
 SUB_BLOCK_KINDS = ("attention", "mlp", "head")
-QERL_PRESETS = {"QeRL config default": (5e-2, 5e-4), "QeRL shipped scripts": (1e-2, 1e-4)}
 QERL_MAX_START = 5e-2  # QeRL's largest σ_start, for weights ≈ 1: the cap relative to rms(w_eff)
 LOCAL_OVER_TOTAL = 2.0  # a local error this many times the total error is not a measurement to trust
-
-
-@dataclass(frozen=True)
-class LayerSigma:
-    """The calibrated noise of one RMSNorm (σ absolute, on the weight; errors relative L2)."""
-
-    name: str
-    layer_index: int | None
-    sub_block: str | None
-    norm_error: float  # relative error the hardware adds in the norm (local)
-    block_error: float  # relative error the hardware adds in the sub-block the norm feeds (local)
-    output_rms: float  # rms of the reference norm output over real tokens
-    weight_rms: float  # rms of the effective weight (1+w for Gemma-style norms)
-    sigma_end: float
-    sigma_start: float
-    multiplier: float
-    gain_block: float | None = None  # measured: relative sub-block error per unit realized σ
-    law: str = "gaussian"  # the noise law that best reproduces the measured error (hwdiff.laws)
-    df: float | None = None  # Student-t degrees of freedom (pooled over the norms that choose it)
-    law_why: str = ""
-    role: str = ""  # pre / post / nested / final (hwdiff.structure.NormRole), "" when not known
-    accounts_for: str | None = None  # the sub-block whose local error (block_error) σ carries
-    normalised_rms: float = 1.0  # rms of x̂ (< 1 where the norm's input sits near eps): σ was divided by it
-
-    @property
-    def assumed_gain(self) -> float:
-        """Relative error at the sub-block output per unit σ that the conversion assumed."""
-        if self.gain_block is not None:
-            return self.gain_block
-        return 1.0 / self.output_rms if self.output_rms else math.nan
-
-    @property
-    def target_error(self) -> float:
-        """The error σ_end is meant to reproduce at the sub-block output (at the norm when it feeds none):
-        the sub-block's local error with the norm's own error carried there through the gain the
-        conversion assumed (``--verify`` recomputes it with the gain it measures)."""
-        carried = self.norm_error * self.output_rms * self.assumed_gain
-        return math.hypot(carried, self.block_error)
-
-
-@dataclass(frozen=True)
-class VerifyLayer:
-    """Closed-loop check of one norm: σ_end injected alone, error induced where the claim lives."""
-
-    name: str
-    measured_at: str  # module whose output was compared (the sub-block, else the norm)
-    target_error: float
-    induced_error: float  # rms over seeds of the relative L2 error induced there
-    realized_sigma: float  # rms over seeds of the power-weighted realized σ (rms of Δy at the norm)
-    law: str = "gaussian"  # the calibrated law that was injected
-    law_induced: str | None = None  # the law fitted to the weight noise recovered from the induced error
-    df_induced: float | None = None
-    draws: int = 0  # noise draws behind induced_error
-    ratio_se: float | None = None  # relative standard error of the ratio (None: not estimated)
-
-    @property
-    def ratio(self) -> float:
-        return self.induced_error / self.target_error if self.target_error else math.nan
-
-    @property
-    def law_matches(self) -> bool | None:
-        return None if self.law_induced is None else self.law_induced == self.law
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    layers: tuple[VerifyLayer, ...]
-    band: tuple[float, float]
-    seeds: int
-    method: str
-    unreproduced: tuple[str, ...] = ()  # norms with σ = 0 (or none) while their sub-block has local error
-
-    @property
-    def failed(self) -> tuple[VerifyLayer, ...]:
-        lo, hi = self.band
-        return tuple(layer for layer in self.layers if not lo <= layer.ratio <= hi)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failed and not self.unreproduced
-
-    @property
-    def law_mismatches(self) -> tuple[VerifyLayer, ...]:
-        return tuple(layer for layer in self.layers if layer.law_matches is False)
-
-    def layer(self, name: str) -> VerifyLayer:
-        return next(layer for layer in self.layers if layer.name == name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "band": list(self.band), "seeds": self.seeds, "passed": self.passed,
-                "unreproduced": list(self.unreproduced),
-                "layers": {l.name: {"measured_at": l.measured_at, "target_error": l.target_error,
-                                    "induced_error": l.induced_error, "realized_sigma": l.realized_sigma,
-                                    "ratio": _num(l.ratio), "law": l.law, "law_induced": l.law_induced,
-                                    "df_induced": l.df_induced, "draws": l.draws, "ratio_se": _num(l.ratio_se)}
-                           for l in self.layers}}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VerifyResult":
-        layers = tuple(VerifyLayer(name, e["measured_at"], float(e["target_error"]), float(e["induced_error"]),
-                                   float(e["realized_sigma"]), e.get("law", "gaussian"), e.get("law_induced"),
-                                   e.get("df_induced"), int(e.get("draws") or 0), e.get("ratio_se"))
-                       for name, e in data["layers"].items())
-        return cls(layers, tuple(data["band"]), int(data["seeds"]), data["method"], tuple(data.get("unreproduced") or ()))
-
-
-@dataclass(frozen=True)
-class StageRounding:
-    """Per stage: the fraction of weight elements σ changes once cast to the weights' dtype."""
-
-    stage: int
-    sigma: float  # the global σ of the stage
-    min_changed: float  # over norms with σ > 0
-    median_changed: float
-    weakest: str
-
-
-@dataclass(frozen=True)
-class Calibration:
-    layers: tuple[LayerSigma, ...]
-    schedule: SigmaSchedule
-    method: str  # "local"
-    conversion: str  # "output-rms" or "measured"
-    start_rule: str
-    provenance: dict[str, Any] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # norm → why it got no σ
-    rounding: tuple[StageRounding, ...] = ()
-    rounding_dtype: str | None = None
-    verify: VerifyResult | None = None
-    warnings: tuple[str, ...] = ()
-    rho: float = 0.0  # recommended correlation of consecutive layers' noise (AR(1) along depth)
-    correlation_note: str = ""
-    zero_sigma: dict[str, str] = field(default_factory=dict)  # norm with σ_end = 0 → why
-    unattributed: dict[str, float] = field(default_factory=dict)  # sub-block → local error no norm's σ carries
-    unattributed_fraction: float = 0.0  # Σ unattributed² / Σ sub-block local error²
-    unreproduced: tuple[str, ...] = ()  # norms with σ = 0 (or none) while their sub-block has local error
-    roles_from: str = ""  # how the norm → sub-block map was found (measured data flow, or the name rule)
-    policy: PolicyCheck | None = None  # all σ_end at once against the hardware pair (calibrate --policy-check)
-
-    @property
-    def factor(self) -> float:
-        return self.schedule.sigma_start / self.schedule.sigma_end
-
-    def layer(self, name: str) -> LayerSigma:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(name)
-
-    def schedule_for(self, name: str) -> SigmaSchedule | None:
-        """The norm's schedule (the global one times its multiplier), or None: no noise there."""
-        try:
-            layer = self.layer(name)
-        except KeyError:
-            return None
-        if layer.sigma_end == 0:
-            return None
-        return replace(self.schedule, sigma_start=layer.sigma_start, sigma_end=layer.sigma_end)
-
-    def to_dict(self) -> dict[str, Any]:
-        s = self.schedule
-        return {
-            "schema": SCHEMA, "hwdiff_version": __version__, "method": self.method,
-            "method_note": METHOD_NOTE, "conversion": self.conversion, "conversion_note": CONVERSION_NOTES[self.conversion],
-            "schedule": {"kind": s.kind, "sigma_start": s.sigma_start, "sigma_end": s.sigma_end,
-                         "num_stages": s.num_stages, "factor": self.factor, "start_rule": self.start_rule,
-                         "values": list(s.values)},
-            "qerl_presets": {name: {"sigma_start": a, "sigma_end": b} for name, (a, b) in QERL_PRESETS.items()},
-            "layers": {layer.name: _layer_dict(layer) for layer in self.layers},
-            "skipped": dict(self.skipped),
-            "zero_sigma": dict(self.zero_sigma),
-            "roles_from": self.roles_from,
-            "unattributed": {"sub_blocks": dict(self.unattributed), "fraction_of_total": self.unattributed_fraction,
-                             "note": UNATTRIBUTED_NOTE},
-            "unreproduced": list(self.unreproduced),
-            "correlation": {"kind": "ar1-depth", "rho": self.rho, "note": self.correlation_note},
-            "rounding": None if self.rounding_dtype is None else {
-                "dtype": self.rounding_dtype, "stages": [{"stage": r.stage, "sigma": r.sigma, "min_changed": r.min_changed,
-                                                          "median_changed": r.median_changed, "weakest": r.weakest}
-                                                         for r in self.rounding]},
-            "warnings": list(self.warnings),
-            "provenance": self.provenance,
-            **({"verify": self.verify.to_dict()} if self.verify is not None else {}),
-            **({"policy_check": self.policy.to_dict()} if self.policy is not None else {}),
-        }
-
-
-UNATTRIBUTED_NOTE = ("local error of a sub-block that no norm's sigma carries (a sub-block without a pre- or "
-                     "post-norm, or whose norm was refused), after the share of the norms nested inside it; fraction: "
-                     "its squared sum over the squared sum of all sub-blocks' local errors")
-METHOD_NOTE = "local errors from a replay of the reference's inputs on the target device (diff --local)"
-CONVERSION_NOTES = {
-    "output-rms": "sigma = rms(y_ref) * sqrt(eps_norm^2 + eps_block^2): exact for the norm's own error; assumes the "
-                  "sub-block passes a relative error on unchanged (gain 1/rms(y)); --verify measures that",
-    "measured": "sigma = sqrt((eps_norm * rms(y_ref))^2 + (eps_block / g)^2), g = relative sub-block error per unit "
-                "realized sigma, measured on a float32 copy of the model",
-}
-
-
-def _num(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
-
-
-def _layer_dict(layer: LayerSigma) -> dict[str, Any]:
-    out = {"layer_index": layer.layer_index, "sub_block": layer.sub_block, "norm_error": layer.norm_error,
-           "block_error": layer.block_error, "target_error": layer.target_error, "output_rms": layer.output_rms,
-           "weight_rms": layer.weight_rms, "sigma_start": layer.sigma_start, "sigma_end": layer.sigma_end,
-           "multiplier": layer.multiplier}
-    if layer.gain_block is not None:
-        out["gain_block"] = layer.gain_block
-    if layer.role:
-        out.update(role=layer.role, accounts_for=layer.accounts_for)
-    if layer.normalised_rms != 1.0:
-        out["normalised_rms"] = layer.normalised_rms
-    out.update(law=layer.law, df=layer.df, law_why=layer.law_why)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,18 +68,35 @@ class NormError:
     accounts_for: str | None = None
 
 
+@dataclass(frozen=True)
+class GainRequest:
+    """What :func:`calibrate` needs measured on the model: ``norms``, the (norm, sub-block) pairs
+    whose sub-block gain its σ uses, and ``reference``, the reference capture whose recorded
+    arguments the probe runs (None when the diff names none)."""
+
+    norms: tuple[tuple[str, str | None], ...]
+    reference: str | None
+
+
+GainProbe = Callable[[GainRequest], Mapping[str, float]]  # measures the gains a calibration asks for
+
+
 def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: str = "qerl-code",
-              model: Any = None, sigma_start: float | None = None, weights: Any = None,
-              weight_dtype: str | None = None, progress: bool = False) -> Calibration:
+              gains: Mapping[str, float] | GainProbe | None = None, sigma_start: float | None = None,
+              weights: Any = None, weight_dtype: str | None = None) -> Calibration:
     """Per-norm σ schedules from a diff with local errors (a DiffResult, a diff.h5 or a diff JSON).
 
-    ``model``: when given, the sub-block gain is measured on a float32 copy of it (conversion
-    ``measured``); else ``output-rms``. ``factor``: σ_start / σ_end before the cap of
-    :func:`start_rule`; ``sigma_start``: the global σ_start itself (overrides the rule, warned when
-    above QeRL's range). ``weights`` ({norm: numpy array}) and ``weight_dtype`` (default: the
-    reference's dtype) feed the per-stage rounding check; by default the weights are read from the
-    reference capture when it is on disk. Raises :class:`HwdiffError` for a diff without RMSNorm
-    outputs or local errors, a diff with no error at any norm, or an out-of-range schedule.
+    ``gains``: the sub-block gains measured on the model ({norm: relative sub-block error per unit
+    realized σ}, for the norms of :func:`norms_to_probe`), or a function that measures them given
+    that :class:`GainRequest` (called once the diff is read, before the σ math) — conversion
+    ``measured`` where a gain is given; without any, ``output-rms`` (the gain assumed).
+    :func:`hwdiff.calibrate` passes :func:`hwdiff.sigma_probe.measure_gains` on the model; this
+    function touches no model. ``factor``: σ_start / σ_end before the cap of :func:`start_rule`;
+    ``sigma_start``: the global σ_start itself (overrides the rule, warned when above QeRL's range).
+    ``weights`` ({norm: numpy array}) and ``weight_dtype`` (default: the reference's dtype) feed the
+    per-stage rounding check; by default the weights are read from the reference capture when it is
+    on disk. Raises :class:`HwdiffError` for a diff without RMSNorm outputs or local errors, a diff
+    with no error at any norm, or an out-of-range schedule.
     """
     if not (factor >= 1 and math.isfinite(factor)):
         raise HwdiffError(f"factor (σ_start / σ_end) must be ≥ 1, got {factor}")
@@ -301,13 +104,9 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
 
     result = load_diff(diff, arrays=False)
     errors = norm_errors(result)
-    gains = {}
-    if model is not None:
-        from .sigma_probe import measure_gains
-        # a norm with no error in it nor in its sub-block gets σ = 0 whatever the gain: not probed
-        gains = measure_gains(model, [(e.name, e.sub_block) for e in errors if e.skip_reason is None
-                                      and (e.norm_error > 0 or e.block_error > 0)],
-                              reference=result.reference.get("path"), progress=progress)
+    if callable(gains):
+        gains = gains(_gain_request(result, errors))
+    gains = dict(gains or {})
     # the gain is per unit rms(Δy) at the norm's output, and rms(Δy) = σ_w·rms(x̂): both parts over rms(x̂)
     unit, near_eps_notes = normalised_rms(result, [e.name for e in errors if e.skip_reason is None])
     sigmas = {e.name: sigma_end(e, gains.get(e.name)) / unit.get(e.name, 1.0) for e in errors if e.skip_reason is None}
@@ -338,6 +137,22 @@ def calibrate(diff: Any, *, factor: float = 100.0, num_stages: int = 10, kind: s
                                         roles_from=attributed.roles_from), result)
     return with_rounding(calibration, weights if weights is not None else reference_weights(result, layers),
                          weight_dtype or str(result.reference.get("dtype", "float32")))
+
+
+def norms_to_probe(diff: Any) -> GainRequest:
+    """The norms of a diff whose sub-block gain :func:`calibrate` uses, and the reference capture to
+    probe them on (:class:`GainRequest`)."""
+    from .compare.io import load_diff
+
+    result = load_diff(diff, arrays=False)
+    return _gain_request(result, norm_errors(result))
+
+
+def _gain_request(diff: DiffResult, errors: list[NormError]) -> GainRequest:
+    # a norm with no error in it nor in its sub-block gets σ = 0 whatever the gain: not probed
+    return GainRequest(tuple((e.name, e.sub_block) for e in errors
+                             if e.skip_reason is None and (e.norm_error > 0 or e.block_error > 0)),
+                       diff.reference.get("path"))
 
 
 def with_laws(calibration: Calibration, diff: DiffResult) -> Calibration:
@@ -393,7 +208,7 @@ def normalised_rms(diff: DiffResult, names: list[str]) -> tuple[dict[str, float]
     if not path or not Path(path).exists():
         return {}, ["the reference capture is not at hand: whether a norm's input sits near eps (x̂ shorter than "
                     "unit rms, sigma too small by that factor) was not checked"]
-    from .store import open_capture
+    from .store.reader import open_capture
 
     found = {}
     with open_capture(path) as cap:
@@ -645,7 +460,7 @@ def fused_add_norms(diff: DiffResult, names: list[str]) -> list[str] | None:
     path = diff.reference.get("path")
     if not path or not Path(path).exists():
         return None
-    from .store import open_capture
+    from .store.reader import open_capture
 
     try:
         with open_capture(path) as cap:
@@ -744,7 +559,7 @@ def reference_weights(diff: DiffResult, layers: tuple[LayerSigma, ...]) -> dict[
     path = diff.reference.get("path")
     if not path or not Path(path).exists():  # a capture file, or a multi-rank capture's directory
         return None
-    from .store import open_capture
+    from .store.reader import open_capture
 
     try:
         with open_capture(path) as cap:
@@ -755,23 +570,6 @@ def reference_weights(diff: DiffResult, layers: tuple[LayerSigma, ...]) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------
-def save_sigma(calibration: Calibration, path: str | os.PathLike) -> Path:
-    """Write ``sigma.yaml`` (schema ``hwdiff/sigma/2``) atomically."""
-    from .sigmafile import write_yaml
-
-    return write_yaml(Path(path), calibration.to_dict())
-
-
-def load_sigma(path: str | os.PathLike) -> Calibration:
-    """Read a ``sigma.yaml`` (schema 2, or 1 of hwdiff 0.1); refuses other schemas and out-of-range values."""
-    from .sigmafile import read_sigma
-
-    return read_sigma(Path(path))
-
-
-save = save_sigma
-
-
 def format_calibration(calibration: Calibration) -> str:
     """The terminal summary: method, conversion, schedule vs QeRL's presets, σ per norm, checks."""
     s = calibration.schedule
@@ -846,3 +644,36 @@ def _verify_lines(result: VerifyResult | None) -> list[str]:
                      f"{len(checked) - len(result.law_mismatches)} of {len(checked)} norms"
                      + "".join(f"; {l.name}: {l.law} injected, {l.law_induced} fitted" for l in result.law_mismatches[:3]))
     return lines
+
+
+def _fmt(stat: dict[str, Any], spec: str) -> str:
+    if stat.get("value") is None:
+        return stat.get("why", "no value")
+    bounds = "" if stat.get("low") is None else f" [{stat['low']:{spec}}, {stat['high']:{spec}}]"
+    return f"{stat['value']:{spec}}{bounds}"
+
+
+def format_policy(check: PolicyCheck | None) -> list[str]:
+    """The terminal lines of the check (none without one)."""
+    if check is None:
+        return []
+    m = check.model
+    lines = ["", f"policy check: all sigma_end at once, {check.draws} draws (seed {check.seed}), {check.prompts} "
+                 f"prompts ({check.positions} positions), {m.get('dtype')} {m.get('attn_implementation')}; "
+                 f"intervals {check.confidence:.0%} bootstrap",
+             f"  {'':22}{'noise (all norms)':32}{'hardware pair':16}noise / hardware"]
+    for label, stat, spec in (("mean |Δlogp| (nats)", "mean_abs", ".4g"), ("K3 KL", "k3_kl", ".3g"),
+                              ("top-1 agreement", "top1_agreement", ".4f")):
+        ratio = _fmt(check.ratio[stat], ".3g") if stat in check.ratio else ""
+        lines.append(f"  {label:22}{_fmt(check.emulated[stat], spec):32}{check.hardware[stat]:<16{spec}}{ratio}")
+    return lines
+
+
+def policy_sentence(check: PolicyCheck) -> str:
+    """One sentence for the report."""
+    r, h, e = check.ratio, check.hardware, check.emulated
+    return (f"Policy check (all σ_end at once, {check.draws} draws, {check.positions} positions): mean |Δlogp| "
+            f"{_fmt(e['mean_abs'], '.3g')} under the noise against {h['mean_abs']:.3g} on the hardware pair, ratio "
+            f"{_fmt(r['mean_abs'], '.3g')}; K3 KL {_fmt(e['k3_kl'], '.3g')} against {h['k3_kl']:.3g}, ratio "
+            f"{_fmt(r['k3_kl'], '.3g')}; top-1 agreement {_fmt(e['top1_agreement'], '.4f')} against "
+            f"{h['top1_agreement']:.4f} ({check.confidence:.0%} bootstrap intervals).")

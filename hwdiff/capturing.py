@@ -16,14 +16,17 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from . import devices, distributed, outputs, rankstore
+from . import devices, distributed, outputs
 from ._version import __version__
 from .emulate import describe, emulation
 from .errors import HwdiffError, InputsError
 from .inputs import DEFAULT_MAX_TOKENS, ByteTokenizer, Inputs, check_counts, load_inputs
 from .models import dtype_name, model_info
 from .hooks import record
-from .store import MODES, CaptureWriter, compression_options
+from .store.format import MODES
+from .store.h5 import compression_options
+from .store.ranks import write_manifest
+from .store.writer import CaptureWriter
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = No
 
     Inside an initialised process group of several ranks (torchrun), ``path`` is a directory: every
     rank writes its own file there and rank 0 a manifest (:mod:`hwdiff.distributed`,
-    :mod:`hwdiff.rankstore`); data parallel (rank r takes batches r, r + N, …) unless the model was
+    :mod:`hwdiff.store.ranks`); data parallel (rank r takes batches r, r + N, …) unless the model was
     sharded with :func:`hwdiff.distributed.tensor_parallel`. Every rank must call it.
     """
     if mode not in MODES:
@@ -204,7 +207,7 @@ def _capture_ranks(job: _Job, target: Path, ranks: distributed.RankInfo, inputs:
                              placements)
         manifest = {"capture_id": uuid.uuid4().hex, "created_utc": distributed.utc_now(), "run_id": run.run_id,
                     "inputs_fingerprint": inputs.fingerprint, "inputs_source": inputs.source, "world_size": world}
-        final = run.finish(lambda folder: rankstore.write_manifest(folder, world, parallel, inputs, positions,
+        final = run.finish(lambda folder: write_manifest(folder, world, parallel, inputs, positions,
                                                                    manifest, rows))
     except BaseException as exc:
         run.abort(exc)
@@ -339,8 +342,8 @@ def capture_metadata(model: torch.nn.Module, device: torch.device, dtype: torch.
         record_inputs=record_inputs, batch_size=opts.batch_size, seed=opts.seed,
         sample_tokens=opts.tokens if mode == "sample" else 0,
     )
-    if mode == "stats":  # what the device summed in before the host's float64 merge (hwdiff.stats)
-        from .stats import accumulation_dtype
+    if mode == "stats":  # what the device summed in before the host's float64 merge (hwdiff.store.stats)
+        from .store.stats import accumulation_dtype
 
         meta["stats_accumulation"] = dtype_name(accumulation_dtype(device))
     from .devicemap import device_map_of

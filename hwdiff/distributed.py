@@ -1,7 +1,7 @@
 """Capture under ``torch.distributed``: ranks, the data- and tensor-parallel split, and the run directory.
 
 Every rank of a process group writes its own capture file (``rankR.h5``) into one directory; rank 0
-writes the manifest last (:mod:`hwdiff.rankstore`), once every rank has committed its file, and
+writes the manifest last (:mod:`hwdiff.store.ranks`), once every rank has committed its file, and
 renames the directory into place. A run that fails or loses a rank leaves no directory a reader
 accepts, and an earlier capture at that path is left as it was (:mod:`hwdiff.outputs`).
 
@@ -33,7 +33,7 @@ import torch
 from . import outputs
 from .errors import HwdiffError
 from .inputs import Inputs
-from .rankstore import SHARD_LAST, check_target  # the ``placement`` attribute of a column-parallel output's datasets
+from .store.ranks import SHARD_LAST, check_target  # the ``placement`` attribute of a column-parallel output's datasets
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .calibration import Calibration
+from .calibration_types import Calibration
 from .errors import HwdiffError
 from .sigmafile import write_yaml
 

@@ -26,7 +26,8 @@ from .capturing import CaptureOptions, _resolve_inputs, capture_metadata, model_
 from .errors import HwdiffError
 from .logprobs import DEFAULT_TOPK, compute_dtype, distribution_stats
 from .models import dtype_name
-from .store import GENERATE_MODE, CaptureWriter
+from .store.format import GENERATE_MODE
+from .store.writer import CaptureWriter
 
 PAD = -1  # ids after a sequence ended (EOS) in /generation/ids
 

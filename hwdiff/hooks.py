@@ -3,7 +3,7 @@
 Hooks are removed in ``finally`` and the model is never modified. Outputs leave the device through
 asynchronous copies into pinned host memory; a sink (the capture writer) waits for each copy's
 event on its own thread, so the forward is not stalled by transfers or file I/O. In ``stats`` mode an
-accelerator first reduces each output to a few float64 numbers on the device (:mod:`hwdiff.stats`).
+accelerator first reduces each output to a few float64 numbers on the device (:mod:`hwdiff.store.stats`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import torch
 
 from .errors import HwdiffError, SelectionError
 from .models import dtype_name
-from .stats import partial_stats
 from .callspec import encode_call, main_input_path
-from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Alias, Record, Register, Signature, encode
+from .store.format import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, encode
+from .store.stats import partial_stats
+from .store.writer import Alias, Record, Register, Signature
 from .structure import (KINDS, SemanticsError, expert_count, expert_from_name, expert_index, experts_per_token,
                         flat_sequences,
                         input_by_meaning, is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens,

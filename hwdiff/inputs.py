@@ -5,16 +5,15 @@ length, so all batches concatenate along the batch axis and two devices provably
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import InputsError
+from .store.tokens import Inputs  # defined in store, which reads it back
 
 PROMPTS_FILE = "prompts/math_word_problems.jsonl"
 DEFAULT_MAX_TOKENS = 128  # prompts and files; explicit token ids are used whole unless cut on request
@@ -30,58 +29,6 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [self.bos_token_id, *text.encode("utf-8")]
-
-
-@dataclass(frozen=True, eq=False)
-class Inputs:
-    """Token ids ``[sequences, tokens]`` (int64) with their attention mask (1 = real token)."""
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    source: str
-
-    def __post_init__(self) -> None:
-        if self.input_ids.ndim != 2 or self.input_ids.shape != self.attention_mask.shape:
-            raise InputsError(
-                f"token ids must be a 2-D [sequences, tokens] array with a mask of the same shape; "
-                f"got ids {self.input_ids.shape} and mask {self.attention_mask.shape}"
-            )
-        if self.input_ids.size == 0:
-            raise InputsError(f"inputs from {self.source} hold no tokens")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.input_ids.shape)  # type: ignore[return-value]
-
-    @property
-    def num_real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    @property
-    def fingerprint(self) -> str:
-        """SHA-256 of the shape, ids and mask: equal inputs give equal fingerprints on any machine."""
-        digest = hashlib.sha256(repr(self.shape).encode())
-        digest.update(np.ascontiguousarray(self.input_ids, dtype="<i8").tobytes())
-        digest.update(np.ascontiguousarray(self.attention_mask, dtype="<i8").tobytes())
-        return "sha256:" + digest.hexdigest()
-
-    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Yield ``(first row, ids, mask)`` for consecutive batches of up to ``batch_size`` rows."""
-        for start in range(0, self.shape[0], batch_size):
-            stop = start + batch_size
-            yield start, self.input_ids[start:stop], self.attention_mask[start:stop]
-
-    def check_vocab(self, vocab_size: int) -> None:
-        """Raise when a real token id falls outside ``[0, vocab_size)``."""
-        real = self.input_ids[self.attention_mask.astype(bool)]
-        if real.size and (real.min() < 0 or real.max() >= vocab_size):
-            raise InputsError(
-                f"token ids from {self.source} span [{real.min()}, {real.max()}] but the model's "
-                f"vocabulary has {vocab_size} entries"
-            )
-
-    def __repr__(self) -> str:
-        return f"Inputs({self.shape[0]} sequences x {self.shape[1]} tokens, from {self.source})"
 
 
 def load_inputs(

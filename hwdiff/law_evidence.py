@@ -43,7 +43,7 @@ def law_evidence(diff: DiffResult, names: list[str]) -> LawEvidence:
     loc_path = (diff.local or {}).get("path")
     if not ref_path or not loc_path or not Path(ref_path).exists() or not Path(loc_path).exists():  # file or directory
         return LawEvidence(note="law: Gaussian assumed — the reference and local captures are not at hand")
-    from .store import open_capture
+    from .store.reader import open_capture
 
     try:
         with open_capture(ref_path) as ref, open_capture(loc_path) as loc:

@@ -74,7 +74,7 @@ def tiny_qwen2_config(attn_implementation: str | None = None) -> Any:
 
 
 def qwen25_15b_config(attn_implementation: str | None = None) -> Any:
-    """The Qwen2.5-1.5B-Instruct architecture (DESIGN.md, reference facts)."""
+    """The Qwen2.5-1.5B-Instruct architecture (docs/design.md#numbers-to-know)."""
     return _qwen2_config(
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,

@@ -13,49 +13,17 @@ paired, draws independently: :data:`hwdiff.robustness_card.INTERVAL_RULE`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .calibration import format_policy, policy_sentence  # noqa: F401 (re-exported: they were defined here)
+from .calibration_types import PolicyCheck
 from .errors import HwdiffError
 
 DRAWS = 4
 STATS = ("mean_abs", "k3_kl", "top1_agreement")
 RATIO_STATS = ("mean_abs", "k3_kl")
 AGREE_RTOL = 1e-6  # the pair's pooled figures against the diff's RL block
-
-
-@dataclass(frozen=True)
-class PolicyCheck:
-    """``emulated``: stat → {value, low, high} under the noise; ``hardware``: stat → the pair's value
-    (the diff's RL block); ``ratio``: mean_abs / k3_kl → {value, low, high} (emulated / hardware; a
-    ``why`` and no value when the pair's figure is 0)."""
-
-    emulated: dict[str, dict[str, float | None]]
-    hardware: dict[str, float]
-    ratio: dict[str, dict[str, Any]]
-    draws: int
-    seed: int
-    prompts: int
-    positions: int
-    confidence: float
-    interval_rule: str
-    model: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": "all sigma_end injected at once (hwdiff robustness, token level) on the reference "
-                          "capture's prompts, against the diff's two captures",
-                "draws": self.draws, "seed": self.seed, "prompts": self.prompts, "positions": self.positions,
-                "confidence": self.confidence, "interval_rule": self.interval_rule, "model": dict(self.model),
-                "emulated": {k: dict(v) for k, v in self.emulated.items()}, "hardware": dict(self.hardware),
-                "ratio": {k: dict(v) for k, v in self.ratio.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PolicyCheck":
-        return cls({k: dict(v) for k, v in data["emulated"].items()}, {k: float(v) for k, v in data["hardware"].items()},
-                   {k: dict(v) for k, v in data["ratio"].items()}, int(data["draws"]), int(data["seed"]),
-                   int(data["prompts"]), int(data["positions"]), float(data["confidence"]),
-                   str(data.get("interval_rule", "")), dict(data.get("model") or {}))
 
 
 def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS, seed: int = 0,
@@ -65,7 +33,7 @@ def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS,
     effect beside the diff's hardware pair. The model's weights are restored bit for bit on return."""
     from .compare.io import load_diff
     from .robustness_run import Options, robustness
-    from .store import open_capture
+    from .store.reader import open_capture
 
     result = load_diff(diff, arrays=False)
     rl = result.rl_impact
@@ -98,36 +66,3 @@ def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS,
                        {stat: versus[f"{stat}_ratio"] for stat in RATIO_STATS}, draws, seed, int(inputs.shape[0]),
                        int(emulated["positions"]), confidence, data["interval_rule"],
                        {k: str(data["model"][k]) for k in ("dtype", "attn_implementation", "device")})
-
-
-def _fmt(stat: dict[str, Any], spec: str) -> str:
-    if stat.get("value") is None:
-        return stat.get("why", "no value")
-    bounds = "" if stat.get("low") is None else f" [{stat['low']:{spec}}, {stat['high']:{spec}}]"
-    return f"{stat['value']:{spec}}{bounds}"
-
-
-def format_policy(check: PolicyCheck | None) -> list[str]:
-    """The terminal lines of the check (none without one)."""
-    if check is None:
-        return []
-    m = check.model
-    lines = ["", f"policy check: all sigma_end at once, {check.draws} draws (seed {check.seed}), {check.prompts} "
-                 f"prompts ({check.positions} positions), {m.get('dtype')} {m.get('attn_implementation')}; "
-                 f"intervals {check.confidence:.0%} bootstrap",
-             f"  {'':22}{'noise (all norms)':32}{'hardware pair':16}noise / hardware"]
-    for label, stat, spec in (("mean |Δlogp| (nats)", "mean_abs", ".4g"), ("K3 KL", "k3_kl", ".3g"),
-                              ("top-1 agreement", "top1_agreement", ".4f")):
-        ratio = _fmt(check.ratio[stat], ".3g") if stat in check.ratio else ""
-        lines.append(f"  {label:22}{_fmt(check.emulated[stat], spec):32}{check.hardware[stat]:<16{spec}}{ratio}")
-    return lines
-
-
-def policy_sentence(check: PolicyCheck) -> str:
-    """One sentence for the report."""
-    r, h, e = check.ratio, check.hardware, check.emulated
-    return (f"Policy check (all σ_end at once, {check.draws} draws, {check.positions} positions): mean |Δlogp| "
-            f"{_fmt(e['mean_abs'], '.3g')} under the noise against {h['mean_abs']:.3g} on the hardware pair, ratio "
-            f"{_fmt(r['mean_abs'], '.3g')}; K3 KL {_fmt(e['k3_kl'], '.3g')} against {h['k3_kl']:.3g}, ratio "
-            f"{_fmt(r['k3_kl'], '.3g')}; top-1 agreement {_fmt(e['top1_agreement'], '.4f')} against "
-            f"{h['top1_agreement']:.4f} ({check.confidence:.0%} bootstrap intervals).")

@@ -32,7 +32,7 @@ from .emulate import describe, emulation
 from .hooks import slot_record
 from .inputs import Inputs
 from .models import dtype_name, resolve_dtype
-from .store import CaptureWriter, Register
+from .store.writer import CaptureWriter, Register
 
 MATMUL_KS = tuple(64 * 2 ** i for i in range(9))  # 64 … 16384
 ROWS = 64

@@ -26,7 +26,9 @@ from .errors import HwdiffError
 from .hooks import slot_record
 from .models import dtype_name, model_info
 from .structure import attention_type, is_norm, layer_index, module_kind, norm_offset, output_by_meaning, padding_only
-from .store import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, Capture, CaptureWriter, Register, open_capture
+from .store.format import EXPERT_ROWS, EXPERTS, FLAT, ROUTED
+from .store.reader import Capture, open_capture
+from .store.writer import CaptureWriter, Register
 
 log = logging.getLogger(__name__)
 

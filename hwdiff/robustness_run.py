@@ -152,7 +152,8 @@ def _token_logprobs(model: Any, inputs: Any, batch_size: int) -> Any:
 
     from .capturing import model_device_and_dtype
     from .logprobs import token_logprobs
-    from .store import LOGPROB_FIELDS, TokenLogProbs
+    from .store.format import LOGPROB_FIELDS
+    from .store.reader import TokenLogProbs
 
     device = model_device_and_dtype(model)[0]
     parts = []
@@ -167,7 +168,7 @@ def _token_logprobs(model: Any, inputs: Any, batch_size: int) -> Any:
 def _token_cells(ref: Any, tgt: Any, inputs: Any) -> dict[str, np.ndarray]:
     """Per prompt: :func:`hwdiff.compare.rl.rl_impact` of its rows (Δlogp = target − reference)."""
     from .compare.rl import rl_impact
-    from .store import TokenLogProbs
+    from .store.reader import TokenLogProbs
 
     def row(side: Any, p: int) -> Any:
         return TokenLogProbs(*(getattr(side, f)[p:p + 1] for f in ("next_token", "entropy", "topk_ids",
@@ -203,7 +204,7 @@ def _sequence_cells(clean: Path | None, noisy: Path | None, model: Any) -> dict 
 
 
 def _answers(path: Path, decode: Any) -> tuple[str, ...]:
-    from .store import open_capture
+    from .store.reader import open_capture
 
     with open_capture(path) as cap:
         gen = cap.generation()
@@ -251,7 +252,7 @@ def _measured(pair: Sequence[tuple[Any, Any]], inputs: Any, model: Any, opts: Op
     """The measured pair's cells: token level from two captures, sequence level from two generation files."""
     if not pair:
         return None
-    from .store import open_capture
+    from .store.reader import open_capture
 
     token: dict[str, np.ndarray] = {}
     seq: dict | None = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .errors import HwdiffError
 
 KINDS = ("qerl-code", "qerl-paper", "linear", "constant")
+MIN_STAGES = 3  # stage 0 is noise-free, and the decay needs two more (it divides by K − 2)
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class SigmaSchedule:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise HwdiffError(f"unknown schedule {self.kind!r}: expected one of {', '.join(KINDS)}")
-        if self.num_stages < 3:
-            raise HwdiffError(f"num_stages must be at least 3 (stage 0 is noise-free), got {self.num_stages}")
+        if self.num_stages < MIN_STAGES:
+            raise HwdiffError(f"num_stages must be at least {MIN_STAGES} (stage 0 is noise-free), got {self.num_stages}")
         for name in ("sigma_start", "sigma_end"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

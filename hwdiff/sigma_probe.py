@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from .calibration import Calibration, VerifyLayer, VerifyResult
+from .calibration_types import Calibration, VerifyLayer, VerifyResult
 from .errors import HwdiffError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class _Blocks:
         import torch
 
         from .replaying import _MaskRebuilder
-        from .store import open_capture
+        from .store.reader import open_capture
 
         self.model, self.reference = model, reference
         self.cap = open_capture(reference)
@@ -65,7 +65,7 @@ class _Blocks:
         import torch
 
         from .callspec import decode_call, unsupported
-        from .store import FLAT
+        from .store.format import FLAT
 
         spec = self.cap.call_spec(name, 0) if name in self.cap.modules else None
         why = "no recorded arguments" if spec is None else unsupported(spec)
@@ -300,7 +300,7 @@ def _probe_inputs(model: Any, reference: str | None) -> tuple[Any, Any]:
     from pathlib import Path
 
     if reference and Path(reference).exists():  # a capture file, or a multi-rank capture's directory
-        from .store import open_capture
+        from .store.reader import open_capture
 
         with open_capture(reference) as cap:
             ids, mask = cap.input_ids[:PROBE_PROMPTS, :PROBE_TOKENS], cap.attention_mask[:PROBE_PROMPTS, :PROBE_TOKENS]

@@ -1,14 +1,34 @@
-"""Reading and writing sigma files (``hwdiff/sigma/2``; ``hwdiff/sigma/1`` of hwdiff 0.1 is read too)."""
+"""The sigma file, read and written in one place (``hwdiff/sigma/2``; ``hwdiff/sigma/1`` of hwdiff 0.1 is read too).
+
+:func:`save_sigma` writes a :class:`~hwdiff.calibration_types.Calibration` as ``sigma.yaml``
+(:func:`to_dict`), :func:`load_sigma` reads one back; both on the types alone, not on calibrate's
+math, so the injector reads sigma files without importing it.
+"""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from .calibration import READABLE_SCHEMAS, Calibration, LayerSigma, StageRounding, VerifyResult
+from ._version import __version__
+from .calibration_types import (CONVERSION_NOTES, METHOD_NOTE, QERL_PRESETS, READABLE_SCHEMAS, SCHEMA,
+                                UNATTRIBUTED_NOTE, Calibration, LayerSigma, PolicyCheck, StageRounding, VerifyResult)
 from .errors import HwdiffError
-from .policy_check import PolicyCheck
 from .schedule import SigmaSchedule
+
+
+def save_sigma(calibration: Calibration, path: str | os.PathLike) -> Path:
+    """Write ``sigma.yaml`` (schema ``hwdiff/sigma/2``) atomically."""
+    return write_yaml(Path(path), to_dict(calibration))
+
+
+def load_sigma(path: str | os.PathLike) -> Calibration:
+    """Read a ``sigma.yaml`` (schema 2, or 1 of hwdiff 0.1); refuses other schemas and out-of-range values."""
+    return read_sigma(Path(path))
+
+
+save = save_sigma
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
@@ -18,6 +38,50 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     from .outputs import write_text
 
     return write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def to_dict(calibration: Calibration) -> dict[str, Any]:
+    """The sigma file's content (schema ``hwdiff/sigma/2``), in the order it is written."""
+    c, s = calibration, calibration.schedule
+    return {
+        "schema": SCHEMA, "hwdiff_version": __version__, "method": c.method,
+        "method_note": METHOD_NOTE, "conversion": c.conversion, "conversion_note": CONVERSION_NOTES[c.conversion],
+        "schedule": {"kind": s.kind, "sigma_start": s.sigma_start, "sigma_end": s.sigma_end,
+                     "num_stages": s.num_stages, "factor": c.factor, "start_rule": c.start_rule,
+                     "values": list(s.values)},
+        "qerl_presets": {name: {"sigma_start": a, "sigma_end": b} for name, (a, b) in QERL_PRESETS.items()},
+        "layers": {layer.name: _layer_dict(layer) for layer in c.layers},
+        "skipped": dict(c.skipped),
+        "zero_sigma": dict(c.zero_sigma),
+        "roles_from": c.roles_from,
+        "unattributed": {"sub_blocks": dict(c.unattributed), "fraction_of_total": c.unattributed_fraction,
+                         "note": UNATTRIBUTED_NOTE},
+        "unreproduced": list(c.unreproduced),
+        "correlation": {"kind": "ar1-depth", "rho": c.rho, "note": c.correlation_note},
+        "rounding": None if c.rounding_dtype is None else {
+            "dtype": c.rounding_dtype, "stages": [{"stage": r.stage, "sigma": r.sigma, "min_changed": r.min_changed,
+                                                   "median_changed": r.median_changed, "weakest": r.weakest}
+                                                  for r in c.rounding]},
+        "warnings": list(c.warnings),
+        "provenance": c.provenance,
+        **({"verify": c.verify.to_dict()} if c.verify is not None else {}),
+        **({"policy_check": c.policy.to_dict()} if c.policy is not None else {}),
+    }
+
+
+def _layer_dict(layer: LayerSigma) -> dict[str, Any]:
+    out = {"layer_index": layer.layer_index, "sub_block": layer.sub_block, "norm_error": layer.norm_error,
+           "block_error": layer.block_error, "target_error": layer.target_error, "output_rms": layer.output_rms,
+           "weight_rms": layer.weight_rms, "sigma_start": layer.sigma_start, "sigma_end": layer.sigma_end,
+           "multiplier": layer.multiplier}
+    if layer.gain_block is not None:
+        out["gain_block"] = layer.gain_block
+    if layer.role:
+        out.update(role=layer.role, accounts_for=layer.accounts_for)
+    if layer.normalised_rms != 1.0:
+        out["normalised_rms"] = layer.normalised_rms
+    out.update(law=layer.law, df=layer.df, law_why=layer.law_why)
+    return out
 
 
 def read_sigma(path: Path) -> Calibration:

@@ -52,7 +52,7 @@ _VLLM_LINEARS = frozenset(("linearbase", "qkvparallellinear", "mergedcolumnparal
 _VLLM_ACTIVATIONS = frozenset(("siluandmul", "geluandmul", "mulandsilu", "siluandmulwithclamp", "swigluoaiandmul",
                                "fatreluandmul", "quickgelu", "newgelu", "fastgelu"))
 
-# model_type → norms per decoder layer (plus one final norm): DESIGN.md, "The AQN injector".
+# model_type → norms per decoder layer (plus one final norm): docs/design.md#the-aqn-injector.
 NORMS_PER_LAYER = {
     "qwen2": 2, "llama": 2, "mistral": 2, "qwen2_moe": 2, "mixtral": 2, "gemma": 2,
     "qwen3": 4, "qwen3_moe": 4, "gemma2": 4,

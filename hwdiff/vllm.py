@@ -34,7 +34,8 @@ from .capturing import CaptureOptions, capture_metadata, model_device_and_dtype,
 from .errors import HwdiffError
 from .hooks import Recorder, select_modules
 from .inputs import Inputs
-from .store import MODES, CaptureWriter
+from .store.format import MODES
+from .store.writer import CaptureWriter
 from .structure import SemanticsError, flat_sequences
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import yaml
 import hwdiff
 from hwdiff import structure
 from hwdiff.aqn import AQNInjector, find_norms
-from hwdiff.calibration import QERL_PRESETS, calibrate, format_calibration, load_sigma, save, start_rule
+from hwdiff.calibration import (QERL_PRESETS, calibrate, format_calibration, load_sigma, norms_to_probe, save,
+                                start_rule)
 from hwdiff.errors import HwdiffError
 from hwdiff.exporters import export, hydra_overrides
 from hwdiff.rounding import changed_fraction
@@ -92,11 +93,27 @@ def test_sigma_recovered_against_the_power_weighted_realized_sigma(plant, reques
 
 def test_measured_conversion_on_bf16_within_25_percent_of_realized(bf16_plant):
     model, _, realized, root = bf16_plant
-    result = calibrate(root / "diff.h5", model=model)
+    result = hwdiff.calibrate(root / "diff.h5", model=model)
     assert result.conversion == "measured"
     assert all(l.gain_block is not None and l.gain_block > 0 for l in result.layers if l.sub_block)
     for layer in result.layers:
         assert layer.sigma_end == pytest.approx(realized[layer.name], rel=0.25), layer.name
+    # the σ math itself takes the measured gains and touches no model: the same calibration from them
+    gains = {l.name: l.gain_block for l in result.layers if l.gain_block is not None}
+    assert calibrate(root / "diff.h5", gains=gains) == result
+
+
+def test_calibrate_asks_for_the_gains_it_uses(fp32_plant):
+    *_, root = fp32_plant
+    asked = []
+    result = calibrate(root / "diff.h5", gains=lambda request: asked.append(request) or {})
+    assert result.conversion == "output-rms" and asked == [norms_to_probe(root / "diff.h5")]
+    request = asked[0]
+    assert request.reference == str(root / "clean.h5")
+    assert {name for name, _ in request.norms} == {l.name for l in result.layers if l.target_error > 0}
+    assert all(block == result.layer(name).sub_block for name, block in request.norms)
+    with pytest.raises(HwdiffError, match="verify needs the model"):
+        hwdiff.calibrate(root / "diff.h5", verify=True)
 
 
 def test_without_local_errors_calibrate_refuses(fp32_plant):

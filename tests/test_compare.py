@@ -13,7 +13,7 @@ from hwdiff.errors import CaptureFormatError, HwdiffError
 from .conftest import L, run_cli
 
 CAP = dict(limit=8, max_tokens=32, batch_size=4, progress=False)
-BF16_ROUNDING = 0.425 * 2.0 ** -8  # RMS relative error of one rounding to bfloat16 (DESIGN.md)
+BF16_ROUNDING = 0.425 * 2.0 ** -8  # RMS relative error of one rounding to bfloat16 (docs/design.md#numbers-to-know)
 
 
 @pytest.fixture(scope="module")

@@ -246,7 +246,7 @@ def test_no_output_is_written_inside_an_input_capture_directory(runs, tmp_path, 
 def test_a_capture_directory_holding_other_files_is_not_replaced(runs, tmp_path):
     """Replacing an earlier capture directory deletes it whole: one that also holds a user's files is
     refused (before torchrun would start), and nothing in it changes."""
-    from hwdiff.rankstore import check_target
+    from hwdiff.store.ranks import check_target
 
     target = tmp_path / "dp"
     shutil.copytree(runs / "dp", target)

@@ -496,9 +496,9 @@ def test_no_argument_prints_the_help():
     (("capture", "--mode", "everything", "-o", "x.h5"), "--mode"),
     (("capture",), "-o/--output"),
     (("frobnicate",), "frobnicate"),
-    (("diff", "only-one.h5"), "target"),
-    (("calibrate", "d.h5", "--stages", "1"), "--stages"),
-    (("calibrate", "d.h5", "--stages", "2"), "--stages: must be at least 3"),
+    (("diff", __file__), "target"),  # an existing file: a missing one is refused first
+    (("calibrate", "--stages", "1", "d.h5"), "--stages"),  # before the diff file, which does not exist
+    (("calibrate", "--stages", "2", "d.h5"), "--stages: must be at least 3"),
 ], ids=["kinds foo", "mode", "missing -o", "unknown command", "missing target", "stages 1", "stages 2"])
 def test_usage_errors_are_one_line(args, fragment):
     proc = run_cli(*args)

@@ -169,7 +169,8 @@ def _assert_close(x, y, where):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_compiled_statistics_equal_the_torch_path(dtype):
-    from hwdiff import jit, stats
+    from hwdiff import jit
+    from hwdiff.store import stats
 
     x = torch.randn(3, 70, 500, generator=torch.Generator().manual_seed(2)).to(dtype)
     x[0, 0, :3] = float("nan")

@@ -76,7 +76,7 @@ _LINES: set = set()
 def _start_trace() -> None:
     import threading
 
-    watched = {str(ROOT / "hwdiff" / name) for name in ("ascend.py", "devices.py", "hooks.py", "stats.py")}
+    watched = {str(ROOT / "hwdiff" / name) for name in ("ascend.py", "devices.py", "hooks.py", "store/stats.py")}
 
     def local(frame, event, arg):
         if event == "line":

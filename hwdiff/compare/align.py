@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import HwdiffError
-from ..store import Capture
+from ..store.reader import Capture
 
 
 @dataclass(frozen=True)

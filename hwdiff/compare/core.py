@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import outputs
 from ..errors import HwdiffError
-from ..store import Capture, open_capture, plan_blocks
+from ..store.reader import Capture, open_capture, plan_blocks
 from ..structure import token_axis
 from .align import Pair, Unmatched, align, check_comparable
 from .correlation import correlate, residual_positions

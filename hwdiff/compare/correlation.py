@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..store import Capture, plan_blocks
+from ..store.reader import Capture, plan_blocks
 from .align import Pair
 
 

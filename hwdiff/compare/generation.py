@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import outputs
 from ..errors import HwdiffError
-from ..store import Capture, Generation, open_capture
+from ..store.reader import Capture, Generation, open_capture
 from .align import check_comparable
 
 

@@ -76,7 +76,7 @@ def load_diff(diff: DiffResult | str | os.PathLike, *, arrays: bool = True) -> D
         return from_summary(_json_summary(path), source=path)
     import h5py
 
-    from ..store import read_checked
+    from ..store.h5 import read_checked
 
     found: dict[str, dict[str, np.ndarray]] = {}
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import jit
-from ..store import decoded
+from ..store.format import decoded
 
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
 _MAX_ABS, _MAX_ULP, _NONFINITE, _MAX_INDEX, _COLUMNS = 11, 12, slice(13, 17), 17, 18

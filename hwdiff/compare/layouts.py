@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import HwdiffError
-from ..store import Capture, ModuleInfo
+from ..store.reader import Capture, ModuleInfo
 
 BUILTIN: dict[str, dict[str, Any]] = {
     "vllm": {

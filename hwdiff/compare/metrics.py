@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import jit
-from ..store import decoded
+from ..store.format import decoded
 from . import kernel
 
 MANTISSA_BITS = {"bfloat16": 7, "float16": 10, "float32": 23, "float64": 52}

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import outputs
-from ..store import create_checked
+from ..store.h5 import create_checked
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff
 from .rl import csv_rows, format_rl, rl_summary

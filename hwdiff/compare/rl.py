@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HwdiffError
-from ..store import Capture, TokenLogProbs
+from ..store.reader import Capture, TokenLogProbs
 
 THRESHOLDS = (1e-3, 1e-2)
 WORST = 10

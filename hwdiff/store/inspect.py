@@ -5,8 +5,8 @@ import json
 import os
 from collections import Counter
 
-from .rankstore import capture_file
-from .store import Capture, open_capture
+from .ranks import capture_file
+from .reader import Capture, open_capture
 
 _HEADLINE = ("device", "device_name", "dtype", "mode", "torch_version", "model_spec", "model_fingerprint",
              "attn_implementation", "inputs_fingerprint", "inputs_source", "hwdiff_version", "created_utc")

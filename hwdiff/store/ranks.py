@@ -34,9 +34,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import outputs
-from .errors import CaptureFormatError
-from .inputs import Inputs
+from .. import outputs
+from ..errors import CaptureFormatError
+from .h5 import create_checked
+from .tokens import Inputs
 
 MANIFEST = "manifest.h5"
 SHARD_LAST = "Shard(-1)"
@@ -115,8 +116,6 @@ def write_manifest(folder: Path, world_size: int, parallel: str, inputs: Inputs,
 
     ``rows``: data parallel, each rank's global rows; None for tensor parallel. ``meta``: root
     attributes that replace rank 0's (capture id, times)."""
-    from .store import create_checked
-
     handles = [h5py.File(folder / rank_file(rank), "r") for rank in range(world_size)]
     try:
         with outputs.atomic_output(folder / MANIFEST) as temp:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import jit
+from .. import jit
 
 if TYPE_CHECKING:  # torch is imported where a tensor is reduced, so readers of captures never load it
     import torch
