@@ -34,6 +34,7 @@ from typing import Any
 
 from ._version import __version__
 from .errors import HwdiffError
+from .numbers import json_number as _num
 from .policy_check import PolicyCheck, format_policy
 from .schedule import SigmaSchedule
 from .structure import layer_index
@@ -243,10 +244,6 @@ CONVERSION_NOTES = {
     "measured": "sigma = sqrt((eps_norm * rms(y_ref))^2 + (eps_block / g)^2), g = relative sub-block error per unit "
                 "realized sigma, measured on a float32 copy of the model",
 }
-
-
-def _num(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
 
 
 def _layer_dict(layer: LayerSigma) -> dict[str, Any]:
