@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "hwdiff/sigma/2"
 READABLE_SCHEMAS = ("hwdiff/sigma/1", SCHEMA)
 CONVERSIONS = ("output-rms", "measured")
-SUB_BLOCK_KINDS = ("attention", "mlp", "head")
 QERL_PRESETS = {"QeRL config default": (5e-2, 5e-4), "QeRL shipped scripts": (1e-2, 1e-4)}
 QERL_MAX_START = 5e-2  # QeRL's largest σ_start, for weights ≈ 1: the cap relative to rms(w_eff)
 LOCAL_OVER_TOTAL = 2.0  # a local error this many times the total error is not a measurement to trust

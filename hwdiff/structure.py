@@ -229,10 +229,6 @@ class NormSpec:
     offset: float = 0.0
     class_name: str = ""
 
-    @property
-    def gemma_style(self) -> bool:
-        return self.offset != 0.0
-
 
 def norm_specs(model: Any) -> list[NormSpec]:
     """A :class:`NormSpec` for every RMSNorm of ``model``, in registration order."""
