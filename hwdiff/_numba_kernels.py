@@ -10,9 +10,6 @@ from numba.core import types
 from numba.cpython.unsafe.numbers import leading_zeros
 from numba.extending import intrinsic, overload
 
-COLUMNS = 18  # count, equal, rr, tt, ee, re, e, |e|, le1, r1, r5, max|e|, max ulp, r NaN, r Inf, t NaN, t Inf,
-#              index of the first max |e| (-1: none)
-
 
 @intrinsic
 def _float32_from_bits(typingctx, bits):
@@ -51,8 +48,9 @@ def _ordered(bits, top):
 @numba.njit(parallel=True, cache=True, nogil=True)
 def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_exponent, floor, light, width,
                  quarter_steps, thresholds, partial, hist, exact_counts, row_ee):
-    """Reduce one block of element pairs into one row per chunk of ``partial`` [chunks, COLUMNS],
-    ``hist`` [chunks, bins] and ``exact_counts`` [chunks, small]; chunks end on token boundaries.
+    """Reduce one block of element pairs into one row per chunk of ``partial`` [chunks, columns] (the
+    columns of :data:`hwdiff.compare.kernel.COLUMNS`, in that order), ``hist`` [chunks, bins] and
+    ``exact_counts`` [chunks, small]; chunks end on token boundaries.
 
     r, t: 1-D arrays, float32 / float64 values or uint16 bfloat16 bit patterns as stored (each
     side on its own). Same dtype: the ULP distance is the integer
@@ -62,8 +60,7 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
     u = |e| / ulp at r (at t where r is 0) of a format with ``mantissa`` bits and ``min_exponent``,
     binned by 1/16 below 16 and by quarter octaves 16·2^j·quarter_steps[q] above, read off u/16's
     exponent and fraction fields. Either way the bins are the numpy path's edges, compared exactly.
-    ``width`` > 0: elements per token, each token's ‖e‖² goes to ``row_ee``. Column 17 is the
-    index of the chunk's first largest |e|.
+    ``width`` > 0: elements per token, each token's ‖e‖² goes to ``row_ee``.
     """
     n = r.size
     chunks = partial.shape[0]
@@ -161,7 +158,7 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
             if width > 0:
                 row_ee[start // width] = row
             start = stop
-        out = partial[c]
+        out = partial[c]  # in the order of hwdiff.compare.kernel.COLUMNS
         out[0] = count
         out[1] = equal
         out[2] = rr

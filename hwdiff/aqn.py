@@ -20,6 +20,7 @@ import torch
 from . import structure
 from .errors import HwdiffError
 from .laws import check_law, mixing_matrix, standardized
+from .rounding import CHANGED_WARNING
 from .schedule import SigmaSchedule
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,6 @@ def _sigma_for(sigma: Any, name: str, step: int | None, total_steps: int | None)
     if value < 0 or not np.isfinite(value):
         raise HwdiffError(f"σ must be finite and ≥ 0, got {value} for {name}")
     return value
-
-
-CHANGED_WARNING = 0.5  # below this fraction of changed elements the noise is mostly rounded away
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from .compare.results import DiffResult, LayerDiff
 
 log = logging.getLogger(__name__)
-SUB_BLOCK_KINDS = ("attention", "mlp", "head")
 QERL_MAX_START = 5e-2  # QeRL's largest σ_start, for weights ≈ 1: the cap relative to rms(w_eff)
 LOCAL_OVER_TOTAL = 2.0  # a local error this many times the total error is not a measurement to trust
 
@@ -530,7 +529,7 @@ def _provenance(result: DiffResult, diff: Any) -> dict[str, Any]:
 def with_rounding(calibration: Calibration, weights: dict[str, Any] | None, dtype: str) -> Calibration:
     """Add the per-stage rounding check (``weights``: {norm: stored weight values}); warns when
     late stages are mostly rounded away in ``dtype``."""
-    from .rounding import changed_fraction
+    from .rounding import CHANGED_WARNING, changed_fraction
 
     if not weights:
         note = "the norm weights are not at hand (reference capture not found): no per-stage rounding check"
@@ -544,7 +543,7 @@ def with_rounding(calibration: Calibration, weights: dict[str, Any] | None, dtyp
             continue
         weakest = min(changed, key=changed.get)
         rows.append(StageRounding(stage, value, changed[weakest], statistics.median(changed.values()), weakest))
-    late = [r for r in rows if r.min_changed < 0.5]
+    late = [r for r in rows if r.min_changed < CHANGED_WARNING]
     if late:
         warnings.append(f"in {dtype}, stages {', '.join(str(r.stage) for r in late)} change fewer than half of some "
                         f"norm's weight elements (stage {late[-1].stage}: {late[-1].min_changed:.1%} of "
@@ -613,11 +612,13 @@ def _law_text(layer: LayerSigma) -> str:
 
 
 def _rounding_lines(calibration: Calibration) -> list[str]:
+    from .rounding import CHANGED_WARNING
+
     if not calibration.rounding:
         return []
     lines = ["", f"weight elements changed per stage in {calibration.rounding_dtype} (min / median over norms):"]
     lines += [f"  stage {r.stage}: sigma {r.sigma:.3g}: {r.min_changed:.1%} / {r.median_changed:.1%}"
-              + ("  <- mostly rounded away" if r.min_changed < 0.5 else "") for r in calibration.rounding]
+              + ("  <- mostly rounded away" if r.min_changed < CHANGED_WARNING else "") for r in calibration.rounding]
     return lines
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .schedule import SigmaSchedule
+from .numbers import json_number as _num
 
 SCHEMA = "hwdiff/sigma/2"
 READABLE_SCHEMAS = ("hwdiff/sigma/1", SCHEMA)
@@ -27,10 +28,6 @@ CONVERSION_NOTES = {
     "measured": "sigma = sqrt((eps_norm * rms(y_ref))^2 + (eps_block / g)^2), g = relative sub-block error per unit "
                 "realized sigma, measured on a float32 copy of the model",
 }
-
-
-def _num(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
 
 
 @dataclass(frozen=True)

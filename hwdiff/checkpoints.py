@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelSpecError
 
@@ -158,8 +159,6 @@ def _convert(gguf: Path, out: Path) -> str:
         raise ModelSpecError(f"converting {gguf.name}: weights missing {untied} or unexpected {list(unexpected)}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    from .models import fingerprint
-
     return fingerprint(model)
 
 
@@ -179,12 +178,68 @@ def _version(distribution: str) -> str:
 
 
 def _hub_available(hub_id: str) -> bool:
-    from .models import _check_hub_id, _cached
-
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return _cached(hub_id)
+        return in_hub_cache(hub_id)
     try:
-        _check_hub_id(hub_id, Path(hub_id))
+        check_hub_id(hub_id, Path(hub_id))
     except ModelSpecError:
         return False
     return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights' identity and the hub: what models.load_model and the conversion both use
+# ------------------------------------------------------------------------------------------------
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def fingerprint(model: Any) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the persistent state, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        hash_tensor(digest, name, tensor.detach().to("cpu").contiguous())
+    return "sha256:" + digest.hexdigest()
+
+
+def hash_tensor(digest: Any, name: str, data: Any) -> None:
+    import torch
+
+    digest.update(f"{name}|{dtype_name(data.dtype)}|{tuple(data.shape)}\n".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+
+
+def check_hub_id(spec: str, path: Path) -> None:
+    """Fail at once, instead of after the hub client's retries, for a spec that names a local folder
+    that is not there (its first part is a folder here) or a hub id that is neither cached nor reachable."""
+    first = Path(spec.split("/", 1)[0])
+    if "/" in spec and first.is_dir():
+        raise ModelSpecError(f"no checkpoint directory {path} (the folder {first}/ exists, {path.name!r} is not in it); "
+                             "check the spelling")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or in_hub_cache(spec):
+        return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: leave it to the hub client
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    hostname, _, port = host.partition(":")
+    try:
+        import socket
+
+        socket.create_connection((hostname, int(port or (443 if endpoint.startswith("https") else 80))), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"model {spec!r} is not a local directory, not in the Hugging Face cache, and the hub "
+                             f"({endpoint}) cannot be reached ({exc}); check the spelling, or pass a local "
+                             "checkpoint directory") from None
+
+
+def in_hub_cache(spec: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an invalid repo id for the cache lookup: leave the verdict to from_pretrained
+        return False

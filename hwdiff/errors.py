@@ -32,3 +32,11 @@ class SelectionError(HwdiffError):
 
 class CorruptDataError(CaptureFormatError):
     """A stored dataset whose checksum fails: the file was damaged after it was written."""
+
+
+class OutputError(HwdiffError):
+    """An output that cannot or must not be written: same as an input, unwritable, disk full."""
+
+
+class SemanticsError(HwdiffError):
+    """A module's output cannot be told apart by meaning (which tuple element is what)."""

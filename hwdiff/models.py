@@ -19,6 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .checkpoints import check_hub_id, fingerprint, hash_tensor, recorded_fingerprint, resolve
+from .checkpoints import dtype_name  # noqa: F401  (callers import it from here, where the dtypes are)
 from .errors import ModelSpecError
 
 log = logging.getLogger(__name__)
@@ -57,11 +59,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise ModelSpecError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16, float64") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` → ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
 
 
 def tiny_qwen2_config(attn_implementation: str | None = None) -> Any:
@@ -140,7 +137,6 @@ def load_model(
 def _load_real(spec: str, attn_implementation: str | None) -> tuple[torch.nn.Module, ModelInfo]:
     """A real built-in (``smollm2-135m``): its converted folder (or hub id), checked against the
     fingerprint recorded at conversion."""
-    from .checkpoints import recorded_fingerprint, resolve
 
     where, source = resolve(spec)
     model = _from_pretrained(where, attn_implementation)
@@ -165,14 +161,6 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
         info = ModelInfo(spec=f"object:{name}", fingerprint=fingerprint(model), tokenizer=None, seed=None)
         _INFO[model] = info
     return info
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the persistent state, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        _hash_tensor(digest, name, tensor.detach().to("cpu").contiguous())
-    return "sha256:" + digest.hexdigest()
 
 
 def _build_random(spec: str, attn_implementation: str | None, seed: int, device: torch.device,
@@ -247,7 +235,7 @@ def _materialize_seeded(model: torch.nn.Module, seed: int, device: torch.device,
     for key in sorted(state):
         tensor = state[key]
         if id(tensor) not in real:  # a persistent buffer: hashed as built, as fingerprint() would
-            _hash_tensor(digest, key, tensor.detach().to("cpu").contiguous())
+            hash_tensor(digest, key, tensor.detach().to("cpu").contiguous())
             continue
         target = real[id(tensor)].data.view(-1)
         digest.update(f"{key}|float32|{tuple(tensor.shape)}\n".encode())
@@ -279,11 +267,6 @@ def _seeded_values(name: str, param: torch.Tensor, seed: int) -> Any:
         yield values
 
 
-def _hash_tensor(digest: Any, name: str, data: torch.Tensor) -> None:
-    digest.update(f"{name}|{dtype_name(data.dtype)}|{tuple(data.shape)}\n".encode())
-    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-
-
 def _init_std(name: str, param: torch.Tensor) -> float:
     if "norm" in name:
         return 0.1
@@ -307,7 +290,7 @@ def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_co
             "a local checkpoint directory, or a Hugging Face hub id"
         )
     if not path.is_dir():
-        _check_hub_id(spec, path)
+        check_hub_id(spec, path)
     # Code shipped with a checkpoint runs only when the user says so; False (never None) refuses at
     # once instead of transformers' interactive prompt.
     kwargs: dict[str, Any] = {"dtype": "auto", "trust_remote_code": trust_remote_code}
@@ -320,41 +303,6 @@ def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_co
         hint = ("; it ships its own Python code: pass --trust-remote-code (trust_remote_code=True) if you trust it"
                 if "trust_remote_code" in str(exc) and not trust_remote_code else "")
         raise ModelSpecError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}{hint}") from exc
-
-
-def _check_hub_id(spec: str, path: Path) -> None:
-    """Fail at once, instead of after the hub client's retries, for a spec that names a local folder
-    that is not there (its first part is a folder here) or a hub id that is neither cached nor reachable."""
-    first = Path(spec.split("/", 1)[0])
-    if "/" in spec and first.is_dir():
-        raise ModelSpecError(f"no checkpoint directory {path} (the folder {first}/ exists, {path.name!r} is not in it); "
-                             "check the spelling")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or _cached(spec):
-        return
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return  # the hub is reached through a proxy: leave it to the hub client
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    hostname, _, port = host.partition(":")
-    try:
-        import socket
-
-        socket.create_connection((hostname, int(port or (443 if endpoint.startswith("https") else 80))), timeout=5).close()
-    except (OSError, ValueError) as exc:
-        raise ModelSpecError(f"model {spec!r} is not a local directory, not in the Hugging Face cache, and the hub "
-                             f"({endpoint}) cannot be reached ({exc}); check the spelling, or pass a local "
-                             "checkpoint directory") from None
-
-
-def _cached(spec: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    try:
-        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
-    except Exception:  # an invalid repo id for the cache lookup: leave the verdict to from_pretrained
-        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -29,17 +29,13 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import HwdiffError
+from .errors import HwdiffError, OutputError
 
 log = logging.getLogger(__name__)
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9_-]+))?\.partial$")
 _live: set[Path] = set()  # temporaries of this process not yet committed or removed
-
-
-class OutputError(HwdiffError):
-    """An output that cannot or must not be written: same as an input, unwritable, disk full."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import HwdiffError
+from .numbers import json_number as _num
 
 SCHEMA = "hwdiff/robustness-card/1"
 COMPARISON_SCHEMA = "hwdiff/robustness-comparison/1"
@@ -146,10 +147,6 @@ def _interval(point: float, boot: np.ndarray, confidence: float) -> dict[str, fl
     tail = (1 - confidence) / 2 * 100
     low, high = (np.percentile(finite, [tail, 100 - tail]) if finite.size else (math.nan, math.nan))
     return {"value": _num(point), "low": _num(float(low)), "high": _num(float(high))}
-
-
-def _num(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def _stat(values: np.ndarray, weights: np.ndarray, confidence: float, rng: np.random.Generator,

@@ -13,6 +13,8 @@ import numpy as np
 
 from .errors import HwdiffError
 
+CHANGED_WARNING = 0.5  # below this fraction of changed elements the noise is mostly rounded away
+
 
 def neighbours(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """(next value below, next value above) of each ``values`` element (representable in ``dtype``)."""

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .errors import HwdiffError
+from .errors import HwdiffError, SemanticsError
 
 KINDS = ("embedding", "rmsnorm", "layernorm", "linear", "attention", "mlp", "moe", "mixer", "router", "activation",
          "decoder_layer", "head", "other")
@@ -228,10 +228,6 @@ class NormSpec:
     observe: tuple[str, str] | None
     offset: float = 0.0
     class_name: str = ""
-
-    @property
-    def gemma_style(self) -> bool:
-        return self.offset != 0.0
 
 
 def norm_specs(model: Any) -> list[NormSpec]:
@@ -955,10 +951,6 @@ def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
 # ------------------------------------------------------------------------------------------------
 # Call semantics: tuple outputs and in-place updates, by meaning
 # ------------------------------------------------------------------------------------------------
-class SemanticsError(HwdiffError):
-    """A module's output cannot be told apart by meaning (which tuple element is what)."""
-
-
 @dataclass(frozen=True)
 class FusedNorm:
     """How a fused add+norm class answers ``norm(x, residual)``: the tuple element holding the normed

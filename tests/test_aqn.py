@@ -1,10 +1,13 @@
 import logging
+import math
 
+import numpy as np
 import pytest
 import torch
 
 from hwdiff.aqn import AQNInjector, check_effectiveness, effectiveness
 from hwdiff.errors import HwdiffError
+from hwdiff.rounding import changed_fraction
 
 from .conftest import L
 
@@ -89,6 +92,31 @@ def test_bf16_rounds_away_a_small_sigma_with_a_warning(tiny_bf16, caplog):
         checks = check_effectiveness(tiny_bf16, 5e-4)
     assert checks[0].min_changed_frac < 0.02
     assert "rounded away" in caplog.text
+
+
+@pytest.mark.parametrize("dtype, bits", [("bfloat16", 8), ("float16", 11)])  # significand bits, the implicit one too
+def test_the_exact_changed_fraction_agrees_with_the_injectors_draw(dtype, bits):
+    """calibrate's rounding check (hwdiff.rounding.changed_fraction, exact) and check_effectiveness
+    (aqn.effectiveness, one draw of the injector's noise) answer the same question two ways: on the same
+    weights and σ they agree within the draw's binomial standard error."""
+    n = 120_000
+    # planted: w = 1.5 and -0.75 sit mid-binade (half an ulp either side: 2^-bits, 2^-(bits+1)); w = 1.0
+    # starts a binade (half an ulp above, 2^-bits, a quarter below); σ = 2^-bits
+    sigma = 2.0 ** -bits
+    halves = {1.5: (sigma, sigma), -0.75: (sigma / 2, sigma / 2), 1.0: (sigma / 2, sigma)}  # w: (below, above)
+    planted = np.repeat(np.array(list(halves), dtype=np.float32), n // len(halves))
+    # P(w + σz leaves [w - below, w + above]) = (erfc(below/σ√2) + erfc(above/σ√2)) / 2
+    expected = np.mean([0.5 * (math.erfc(lo / (sigma * math.sqrt(2))) + math.erfc(hi / (sigma * math.sqrt(2))))
+                        for lo, hi in halves.values()])
+    assert changed_fraction(planted, sigma, dtype) == pytest.approx(expected, abs=1e-12)
+    torch_dtype = getattr(torch, dtype)
+    cases = [(planted, sigma)] + [(np.asarray(torch.tensor(1 + 0.1 * np.random.default_rng(5).standard_normal(n))
+                                              .to(torch_dtype).float()), sigma * factor) for factor in (0.25, 1, 4)]
+    for seed, (weights, s) in enumerate(cases):
+        exact = changed_fraction(weights, s, dtype)
+        drawn = effectiveness("w", torch.from_numpy(weights), s, torch_dtype, seed=seed).changed_frac
+        se = math.sqrt(exact * (1 - exact) / weights.size)  # each element changes or not: at most binomial
+        assert 0.02 < exact < 0.98 and abs(drawn - exact) < 4 * se, (s, exact, drawn, se)
 
 
 def test_a_sigma_mapping_leaves_other_norms_clean(tiny_fp32):

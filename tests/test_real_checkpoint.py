@@ -70,7 +70,7 @@ def test_without_the_extra_and_the_hub_a_one_line_hint(monkeypatch, tmp_path):
     monkeypatch.setenv("HWDIFF_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(checkpoints, "find_gguf", lambda spec: None)
-    monkeypatch.setattr("hwdiff.models._cached", lambda spec: False)
+    monkeypatch.setattr("hwdiff.checkpoints.in_hub_cache", lambda spec: False)
     with pytest.raises(ModelSpecError, match=r"pip install 'hwdiff\[real\]'") as caught:
         hwdiff.load_model("smollm2-135m")
     assert "\n" not in str(caught.value)

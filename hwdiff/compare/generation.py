@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import outputs
 from ..errors import HwdiffError
+from ..numbers import json_number as _num
 from ..store.reader import Capture, Generation, open_capture
 from .align import check_comparable
 
@@ -135,10 +136,6 @@ def _meta(cap: Capture) -> dict[str, Any]:
     keys = ("device", "device_name", "dtype", "attn_implementation", "model_spec", "model_fingerprint",
             "inputs_fingerprint", "torch_version", "hwdiff_version")
     return {"path": str(cap.path), **{k: cap.meta[k] for k in keys if k in cap.meta}}
-
-
-def _num(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
 
 
 def summary(result: GenerationDiff) -> dict[str, Any]:

@@ -20,7 +20,11 @@ from .. import jit
 from ..store.format import decoded
 
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
-_MAX_ABS, _MAX_ULP, _NONFINITE, _MAX_INDEX, _COLUMNS = 11, 12, slice(13, 17), 17, 18
+# The row of partial results the kernel (hwdiff._numba_kernels.reduce_block) writes per chunk, in column order:
+# the sums, the maxima, the non-finite counts, the flat index of the chunk's first largest |e| (-1: none)
+COLUMNS = SUMS + ("max_abs", "max_ulp", "ref_nan", "ref_inf", "target_nan", "target_inf", "max_index")
+_MAX_ABS, _MAX_ULP, _MAX_INDEX = (COLUMNS.index(name) for name in ("max_abs", "max_ulp", "max_index"))
+_NONFINITE = slice(COLUMNS.index("ref_nan"), COLUMNS.index("target_inf") + 1)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
     r, t = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (r, t))
     rbits, tbits = bits if same else (r, t)  # unused unless same: any array of the right length
     chunks = jit.chunks(r.size)
-    partial = np.zeros((chunks, _COLUMNS), dtype=np.float64)
+    partial = np.zeros((chunks, len(COLUMNS)), dtype=np.float64)
     hist = np.zeros((chunks, bins), dtype=np.int64)
     exact = np.zeros((chunks, small_bins.size if same and not light else 1), dtype=np.int64)
     row_ee = np.zeros(r.size // width if width > 0 else 0, dtype=np.float64)

@@ -162,7 +162,7 @@ class Accumulator:
         self.floor = SMALL_VALUE.get(lower_precision(ref_dtype, target_dtype), 1e-9)
         self.sample_fraction = sample_fraction
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.sums = dict.fromkeys(("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5"), 0.0)
+        self.sums = dict.fromkeys(kernel.SUMS, 0.0)
         self.max_abs = 0.0
         self.max_at: tuple[int, ...] | None = None
         self.max_values = (math.nan, math.nan)

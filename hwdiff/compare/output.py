@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import outputs
+from ..numbers import json_number as _num
 from ..store.h5 import create_checked
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff
@@ -22,11 +23,6 @@ from .verdict import Verdict
 
 SUMMARY_SCHEMA = "hwdiff/diff-summary/1"
 DIFF_SCHEMA = "hwdiff/diff/1"
-
-
-def _num(value: float) -> float | None:
-    """JSON has no inf / nan: they become null (an exact module says ``exact: true`` beside it)."""
-    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
 
 
 def layer_summary(layer: LayerDiff) -> dict[str, Any]:

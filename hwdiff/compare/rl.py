@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HwdiffError
+from ..numbers import json_number as _num
 from ..store.reader import Capture, TokenLogProbs
 
 THRESHOLDS = (1e-3, 1e-2)
@@ -183,10 +184,6 @@ def published_comparison(rl: RLImpact) -> list[str]:
         where = "below" if value < low else "above" if value > high else "within"
         lines.append(f"{metric} {shown}: {where} {span} for {what} ({source})")
     return lines
-
-
-def _num(value: float) -> float | None:
-    return None if not math.isfinite(value) else value
 
 
 def rl_summary(rl: RLImpact | None, absent: str = "") -> dict:

@@ -361,8 +361,8 @@ def _effectiveness_rows(result: DiffResult, calibration: Any) -> list[tuple]:
     """Per stage: σ range and the smallest fraction of weight elements that change in the training
     dtype — calibrate's exact rounding check (:func:`hwdiff.calibration.with_rounding`), computed here
     for a sigma file that lacks it."""
-    from ..aqn import CHANGED_WARNING
     from ..calibration import reference_weights, with_rounding
+    from ..rounding import CHANGED_WARNING
 
     if not calibration.rounding:
         calibration = with_rounding(calibration, reference_weights(result, calibration.layers),

@@ -1,4 +1,4 @@
-"""The capture file: the one package that writes and reads the HDF5 contract (DESIGN.md).
+"""The capture file: the one package that writes and reads the HDF5 contract (docs/design.md#file-contracts).
 
 Layout (schema ``hwdiff/capture/1``)::
 
