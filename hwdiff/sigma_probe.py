@@ -380,8 +380,7 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
     reference = (calibration.provenance.get("reference") or {}).get("path")
     path = _reference_path(reference)
     if path is None:
-        return _verify_whole(layers, model, seeds, band, reference)
-    import numpy as np
+        return _verify_whole(layers, model, seeds, band, reference, calibration.unreproduced)
     from tqdm.auto import tqdm
 
     from .laws import fit_law
@@ -407,7 +406,8 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
     return VerifyResult(tuple(checks), band, max(c.draws for c in checks), method, calibration.unreproduced)
 
 
-def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float], reference: str | None) -> VerifyResult:
+def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float], reference: str | None,
+                  unreproduced: tuple[str, ...]) -> VerifyResult:
     import numpy as np
 
     from .laws import fit_law
@@ -429,7 +429,7 @@ def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float
     method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, the first "
               f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length; the reference capture was "
               "not at hand for the sub-block probe); induced = relative L2 error at the sub-block output")
-    return VerifyResult(tuple(checks), band, seeds, method, calibration.unreproduced)
+    return VerifyResult(tuple(checks), band, seeds, method, unreproduced)
 
 
 def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:

@@ -230,6 +230,22 @@ def test_verify_measures_at_the_sub_block_and_can_fail(sdpa_vs_eager):
     assert not failed.passed and all(c.ratio > 1.5 for c in failed.layers)
 
 
+def test_verify_without_the_reference_capture_runs_whole_model_forwards(sdpa_vs_eager):
+    """The fallback when the reference capture is not at hand (moved, another machine): whole-model
+    forwards with a fixed number of seeds, and the calibration's unreproduced norms carried over (this
+    path once raised NameError)."""
+    import dataclasses
+
+    result = calibrate(sdpa_vs_eager / "diff.h5")
+    gone = dict(result.provenance, reference=dict(result.provenance["reference"], path="/nonexistent/ref.h5"))
+    moved = dataclasses.replace(result, provenance=gone, unreproduced=("model.layers.9.input_layernorm",))
+    check = verify(moved, hwdiff.load_model("tiny-qwen2", dtype="bfloat16"), seeds=2)
+    assert "reference capture was not at hand" in check.method
+    assert [c.name for c in check.layers] == [l.name for l in result.layers if l.sigma_end > 0]
+    assert all(c.draws == 2 and math.isfinite(c.ratio) for c in check.layers)
+    assert check.unreproduced == ("model.layers.9.input_layernorm",) and not check.passed
+
+
 def test_cli_verify_strict_fails_on_a_wrong_sigma(sdpa_vs_eager, tmp_path):
     root = sdpa_vs_eager
     good = run_cli("calibrate", root / "diff.h5", "-o", tmp_path / "good.yaml", "--verify", "--strict", "-q")
