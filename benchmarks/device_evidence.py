@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import hwdiff  # noqa: E402
-from hwdiff.devices import describe  # noqa: E402
-from hwdiff.probe_ops import probe_ops  # noqa: E402
+from hwdiff.capturing.devices import describe  # noqa: E402
+from hwdiff.capturing.probe_ops import probe_ops  # noqa: E402
 
 VARIANTS = (("tf32-off.det-on", False, True), ("tf32-on.det-on", True, True),
             ("tf32-off.det-off", False, False), ("tf32-on.det-off", True, False))

@@ -28,7 +28,7 @@ import torch
 
 import hwdiff
 from hwdiff.compare.io import load_diff
-from hwdiff.devices import cpu_name
+from hwdiff.capturing.devices import cpu_name
 
 PAIRS = (
     {"name": "bf16 sdpa vs bf16 eager", "ref": ("bfloat16", "sdpa", None), "tgt": ("bfloat16", "eager", None)},
@@ -39,7 +39,7 @@ PAIRS = (
 
 
 def cpu_model() -> str:
-    return cpu_name()  # hwdiff.devices: the name captures record too
+    return cpu_name()  # hwdiff.capturing.devices: the name captures record too
 
 
 def cpu_flags() -> list[str]:
@@ -148,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     from datetime import datetime, timezone
 
-    from hwdiff.models import model_info
+    from hwdiff.capturing.models import model_info
 
     rows = []
     for pair in PAIRS:

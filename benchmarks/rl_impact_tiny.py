@@ -19,7 +19,7 @@ import torch
 
 import hwdiff
 from hwdiff.compare.generation import diff_generations
-from hwdiff.generate import generate
+from hwdiff.capturing.generate import generate
 
 from real_checkpoint import cpu_flags, cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
 

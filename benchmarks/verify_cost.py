@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 import hwdiff
-from hwdiff.devices import cpu_name
-from hwdiff.sigma_probe import verify
+from hwdiff.capturing.devices import cpu_name
+from hwdiff.measure.sigma_probe import verify
 
 
 def cpu_model() -> str:
-    return cpu_name()  # hwdiff.devices: the name captures record too
+    return cpu_name()  # hwdiff.capturing.devices: the name captures record too
 
 
 def main() -> None:

@@ -164,12 +164,12 @@ def write_bound(work: Path, nbytes: int, forward_s: float, repeats: int) -> dict
 
 
 def logprob_cost(model, ids, repeats: int) -> dict:
-    """The token log-probs (hwdiff.logprobs.token_logprobs) against the earlier whole-row float64
+    """The token log-probs (hwdiff.capturing.logprobs.token_logprobs) against the earlier whole-row float64
     log_softmax, on workload A's own logits and on random logits of Qwen2.5's 151,936 words: seconds
     and the largest difference of any stored value (nats)."""
     import torch
 
-    from hwdiff.logprobs import token_logprobs
+    from hwdiff.capturing.logprobs import token_logprobs
 
     def whole_row(logits, ids):  # the earlier implementation: float64 log_softmax, entropy and top-k per row
         lp = torch.log_softmax(logits.double(), -1)

@@ -9,7 +9,10 @@ import importlib.util
 from typing import Any
 
 from ._version import __version__
+from . import _moved
 from .errors import HwdiffError
+
+_moved.install()  # the flat layout's module paths (hwdiff.hooks, ...) still import, with a DeprecationWarning
 
 __all__ = [
     "__version__",
@@ -34,30 +37,30 @@ __all__ = [
 ]
 
 _LAZY = {
-    "load_model": "models",
-    "load_inputs": "inputs",
-    "resolve_device": "devices",
-    "record": "hooks",
-    "capture": "capturing",
-    "open_capture": "store",
+    "load_model": "capturing.models",
+    "load_inputs": "capturing.inputs",
+    "resolve_device": "capturing.devices",
+    "record": "capturing.hooks",
+    "capture": "capturing.run",
+    "open_capture": "store.reader",
     "inspect_capture": "store.inspect",
-    "diff": "compare",
-    "DiffResult": "compare",
-    "replay": "replaying",
-    "calibrate": "calibrate_run",  # the library call of hwdiff calibrate; hwdiff.calibration.calibrate is the σ math
-    "SigmaSchedule": "schedule",
+    "diff": "compare.core",
+    "DiffResult": "compare.results",
+    "replay": "capturing.replaying",
+    "calibrate": "measure.calibrate_run",  # the library call of hwdiff calibrate; hwdiff.calibration.calibrate is the σ math
+    "SigmaSchedule": "calibration.schedule",
     "AQNInjector": "aqn",
-    "load_sigma": "sigmafile",
-    "save_sigma": "sigmafile",
+    "load_sigma": "calibration.sigmafile",
+    "save_sigma": "calibration.sigmafile",
     "report": "reporting",
-    "robustness": "robustness_run",  # not hwdiff/robustness.py: a module of that name would shadow the function
+    "robustness": "measure.robustness_run",  # not hwdiff/robustness.py: a module of that name would shadow the function
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # hwdiff.aqn, hwdiff.distributed, ... as in the docs
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # hwdiff.aqn, hwdiff.capturing, ... as in the docs
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hwdiff' has no attribute {name!r}")
 

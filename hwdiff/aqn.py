@@ -19,9 +19,9 @@ import torch
 
 from . import structure
 from .errors import HwdiffError
-from .laws import check_law, mixing_matrix, standardized
-from .rounding import CHANGED_WARNING
-from .schedule import SigmaSchedule
+from .compare.laws import check_law, mixing_matrix, standardized
+from .calibration.rounding import CHANGED_WARNING
+from .calibration.schedule import SigmaSchedule
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class AQNInjector:
     ``sigma``: a float (every norm), a ``{module name: σ}`` mapping (norms it does not name get no
     noise), or a :class:`~hwdiff.calibration.Calibration` (per-layer schedules; pass ``step`` and
     ``total_steps`` to :meth:`apply`). ``law`` (``gaussian``, ``student_t`` with ``df`` > 2, or
-    ``laplace``; :mod:`hwdiff.laws`): every draw is scaled to standard deviation σ; None → each norm's
+    ``laplace``; :mod:`hwdiff.compare.laws`): every draw is scaled to standard deviation σ; None → each norm's
     law from a calibration, else Gaussian. ``rho``: correlation of the noise of the same norm class in
     consecutive layers (AR(1) along depth), or ``correlation``: a layer × layer matrix; None → a
     calibration's recommended ρ, else independent. ``expected_count`` (default: the family's count from
@@ -298,7 +298,7 @@ def apply_schedule(model: torch.nn.Module, sigma_config: Any, step: int, total_s
         if state is not None:
             state[1].restore()  # back to clean before another configuration takes over
         if isinstance(sigma_config, (str, os.PathLike)):
-            from .sigmafile import load_sigma
+            from .calibration.sigmafile import load_sigma
 
             sigma_config = load_sigma(sigma_config)
         state = _SCHEDULES[model] = (key, AQNInjector(model, sigma_config))

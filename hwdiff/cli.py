@@ -12,23 +12,23 @@ from typing import Any, Callable, Sequence
 
 from .cli_args import build_parser
 from .errors import HwdiffError
-from .outputs import check_outputs
+from .common.outputs import check_outputs
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from . import distributed
+    from .capturing import distributed
 
     device = distributed.init_from_env(args.device)  # torchrun: this rank's device, process group from the env
     try:
         ranks = distributed.rank_info()
         _check_capture_args(args, ranks)
-        from .capturing import capture
-        from .models import load_model
+        from .capturing.run import capture
+        from .capturing.models import load_model
 
         model = load_model(args.model, device="cpu" if args.device_map else device, dtype=args.dtype,
                            attn_implementation=args.attn_impl, seed=args.seed, trust_remote_code=args.trust_remote_code)
         if args.device_map:
-            from .devicemap import dispatch
+            from .capturing.devicemap import dispatch
 
             model = dispatch(model)
         if args.tp > 1:
@@ -68,7 +68,7 @@ def _check_capture_args(args: argparse.Namespace, ranks: Any) -> None:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     check_outputs([args.reference], [args.output])
-    from .replaying import model_for, replay
+    from .capturing.replaying import model_for, replay
 
     model = model_for(args.reference, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
                       spec=args.model, trust_remote_code=args.trust_remote_code)
@@ -79,7 +79,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _cmd_probe_ops(args: argparse.Namespace) -> int:
     check_outputs([], [args.output])
-    from .probe_ops import probe_ops
+    from .capturing.probe_ops import probe_ops
 
     print(probe_ops(args.output, device=args.device, dtype=args.dtype, seed=args.seed, emulate=args.emulate,
                     progress=not args.quiet))
@@ -87,10 +87,10 @@ def _cmd_probe_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate_run import calibrate, export_paths, write
-    from .calibration import format_calibration
-    from .exporters import hydra_overrides
-    from .sigma_probe import reference_model
+    from .measure.calibrate_run import calibrate, export_paths, write
+    from .calibration.text import format_calibration
+    from .calibration.exporters import hydra_overrides
+    from .measure.sigma_probe import reference_model
 
     exports = export_paths(args.output, args.export or [])
     check_outputs([args.diff, *([args.sigma] if args.sigma else [])], [args.output, *exports.values()])
@@ -119,8 +119,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _cmd_aqn_check(args: argparse.Namespace) -> int:
     from .aqn import AQNInjector, check_effectiveness, format_checks
-    from .calibration import load_sigma
-    from .models import load_model, resolve_dtype
+    from .calibration.sigmafile import load_sigma
+    from .capturing.models import load_model, resolve_dtype
 
     sigma = load_sigma(args.sigma)
     model = load_model(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -179,8 +179,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     check_outputs([args.inputs], [args.output])
-    from .generate import generate
-    from .models import load_model
+    from .capturing.generate import generate
+    from .capturing.models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
                        seed=args.seed, trust_remote_code=args.trust_remote_code)
@@ -189,9 +189,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- hwdiff robustness (hwdiff/robustness_run.py, docs/robustness.md) ----------------------------------
+# ---- hwdiff robustness (hwdiff/measure/robustness_run.py, docs/robustness.md) ----------------------------------
 def _cmd_robustness(args: argparse.Namespace) -> int:
-    from . import robustness_run as rb
+    from .measure import robustness_run as rb
 
     if args.compare:
         if args.model or args.sigma or args.pair:
@@ -207,7 +207,7 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     local_model = [args.model] if Path(args.model).exists() else []  # a checkpoint folder: nothing written inside
     check_outputs([args.sigma, args.prompts, *local_model, *(path for pair in args.pair or [] for path in pair)],
                   [args.output])
-    from .models import load_model
+    from .capturing.models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, attn_implementation=args.attn_impl,
                        seed=args.seed, trust_remote_code=args.trust_remote_code)
@@ -239,7 +239,7 @@ def _single_process_only(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from . import outputs
+    from .common import outputs
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)

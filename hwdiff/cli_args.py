@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable
 
 from ._version import __version__
-from .schedule import KINDS as SCHEDULES, MIN_STAGES
+from .calibration.schedule import KINDS as SCHEDULES, MIN_STAGES
 from .structure import KINDS
 
 
@@ -33,8 +33,8 @@ def _at_least(low: int, why: str = "") -> Callable[[str], int]:
 
 COUNT = _at_least(1)  # sequences, tokens, rows, ranks, samples: 0 and negative counts have no meaning
 NON_NEGATIVE = _at_least(0)  # seeds, and lengths where 0 means none
-STAGES = _at_least(MIN_STAGES, " (stage 0 is noise-free)")  # hwdiff.schedule.SigmaSchedule's rule
-DRAWS = _at_least(2, " (an interval over draws needs two)")  # hwdiff.robustness_run.Options' rule
+STAGES = _at_least(MIN_STAGES, " (stage 0 is noise-free)")  # hwdiff.calibration.schedule.SigmaSchedule's rule
+DRAWS = _at_least(2, " (an interval over draws needs two)")  # hwdiff.measure.robustness_run.Options' rule
 
 
 def _existing(what: str) -> Callable[[str], str]:
@@ -315,8 +315,8 @@ def _add_probe_ops(sub: Any) -> None:
 
 
 def _add_calibrate(sub: Any) -> None:
-    from .calibration import CONVERSIONS
-    from .exporters import EXPORTERS
+    from .calibration.types import CONVERSIONS
+    from .calibration.exporters import EXPORTERS
 
     cal = sub.add_parser("calibrate", help="turn a diff into per-norm AQN sigma schedules (hwdiff, verl, QeRL)",
                          description="For every RMSNorm: the local error the hardware introduces in the norm and in "

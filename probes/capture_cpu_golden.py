@@ -30,6 +30,6 @@ def set_flags():
 if __name__ == "__main__":
     import sys
 
-    from hwdiff.probe import run_probe
+    from hwdiff.capturing.probe import run_probe
 
     sys.exit(run_probe(SETTINGS, set_flags, __doc__))

@@ -23,7 +23,7 @@ DETERMINISTIC = True             # deterministic NPU kernels: bit-identical reru
 def set_flags():
     import torch
 
-    from hwdiff.ascend import import_torch_npu
+    from hwdiff.capturing.ascend import import_torch_npu
 
     import_torch_npu()  # clear error when torch_npu / CANN is missing
     torch.npu.matmul.allow_hf32 = ALLOW_HF32_MATMUL
@@ -34,6 +34,6 @@ def set_flags():
 if __name__ == "__main__":
     import sys
 
-    from hwdiff.probe import run_probe
+    from hwdiff.capturing.probe import run_probe
 
     sys.exit(run_probe(SETTINGS, set_flags, __doc__))

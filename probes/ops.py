@@ -23,9 +23,9 @@ if __name__ == "__main__":
 
     import torch
 
-    from hwdiff.devices import resolve_device
+    from hwdiff.capturing.devices import resolve_device
     from hwdiff.errors import HwdiffError
-    from hwdiff.probe_ops import probe_ops
+    from hwdiff.capturing.probe_ops import probe_ops
 
     try:
         device = resolve_device(args.device)

@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("hwdiff/ascend.py", "hwdiff/devices.py", "hwdiff/hooks.py", "hwdiff/store/stats.py")
+FILES = ("hwdiff/capturing/ascend.py", "hwdiff/capturing/devices.py", "hwdiff/capturing/hooks.py", "hwdiff/store/stats.py")
 
 
 def executable_lines(path: Path) -> dict[str, set[int]]:

@@ -5,7 +5,8 @@ import os
 import signal
 import sys
 
-from hwdiff import capturing, cli
+from hwdiff import cli
+from hwdiff.capturing import run as capturing  # where capture() looks _run_batches up
 
 _run_batches = capturing._run_batches
 

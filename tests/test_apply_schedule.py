@@ -6,7 +6,7 @@ import torch
 from hwdiff.aqn import apply_schedule, find_norms
 from hwdiff.calibration import Calibration, LayerSigma
 from hwdiff.errors import HwdiffError
-from hwdiff.schedule import SigmaSchedule
+from hwdiff.calibration.schedule import SigmaSchedule
 
 H, LAYERS = 4096, 3  # wide norms: the std of 4096 draws is within 2% of σ
 

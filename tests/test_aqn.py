@@ -7,7 +7,7 @@ import torch
 
 from hwdiff.aqn import AQNInjector, check_effectiveness, effectiveness
 from hwdiff.errors import HwdiffError
-from hwdiff.rounding import changed_fraction
+from hwdiff.calibration.rounding import changed_fraction
 
 from .conftest import L
 
@@ -51,7 +51,7 @@ def test_refuses_a_model_without_norms_and_a_wrong_count(tiny_fp32):
 
 def test_qwen25_layout_expects_57_norms():
     from hwdiff.aqn import expected_norm_count
-    from hwdiff.models import qwen25_15b_config
+    from hwdiff.capturing.models import qwen25_15b_config
 
     class Shell(torch.nn.Module):
         config = qwen25_15b_config()
@@ -96,7 +96,7 @@ def test_bf16_rounds_away_a_small_sigma_with_a_warning(tiny_bf16, caplog):
 
 @pytest.mark.parametrize("dtype, bits", [("bfloat16", 8), ("float16", 11)])  # significand bits, the implicit one too
 def test_the_exact_changed_fraction_agrees_with_the_injectors_draw(dtype, bits):
-    """calibrate's rounding check (hwdiff.rounding.changed_fraction, exact) and check_effectiveness
+    """calibrate's rounding check (hwdiff.calibration.rounding.changed_fraction, exact) and check_effectiveness
     (aqn.effectiveness, one draw of the injector's noise) answer the same question two ways: on the same
     weights and σ they agree within the draw's binomial standard error."""
     n = 120_000

@@ -14,9 +14,9 @@ from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import (QERL_PRESETS, calibrate, format_calibration, load_sigma, norms_to_probe, save,
                                 start_rule)
 from hwdiff.errors import HwdiffError
-from hwdiff.exporters import export, hydra_overrides
-from hwdiff.rounding import changed_fraction
-from hwdiff.sigma_probe import verify
+from hwdiff.calibration.exporters import export, hydra_overrides
+from hwdiff.calibration.rounding import changed_fraction
+from hwdiff.measure.sigma_probe import verify
 from hwdiff.store import open_capture
 
 from .conftest import L, run_cli

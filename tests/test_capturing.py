@@ -12,7 +12,7 @@ import torch
 import hwdiff
 from hwdiff.capturing import sample_positions
 from hwdiff.errors import CaptureFormatError, HwdiffError
-from hwdiff.hooks import select_modules
+from hwdiff.capturing.hooks import select_modules
 from hwdiff.store import STATS_FIELDS
 
 from .conftest import L, ROOT
@@ -255,7 +255,7 @@ def test_writer_queue_bounds_host_memory(tmp_path, tiny_fp32):
 def test_cpu_captures_write_synchronously_and_match_the_writer_thread(monkeypatch, tmp_path, tiny_bf16, mode):
     """On the CPU the hooks write without copies; the writer-thread path (used on accelerators)
     must store the very same bits and statistics."""
-    import hwdiff.capturing as capturing
+    import hwdiff.capturing.run as capturing  # where capture() looks CaptureWriter up
     from hwdiff.store import CaptureWriter
 
     made = []
@@ -314,7 +314,7 @@ def test_stats_reduced_on_device_travel_in_one_copy_per_forward(tmp_path, tiny_b
     """The accelerator path of stats mode, run on the CPU: every slot's parts are stacked on the device
     and copied to the host once per forward (2 forwards here, not one copy per module), and the
     stored statistics are those of the full capture's activations."""
-    import hwdiff.hooks as hooks
+    import hwdiff.capturing.hooks as hooks
 
     full = hwdiff.capture(tiny_bf16, tmp_path / "full.h5", **SMALL).path
     copies = []

@@ -96,7 +96,6 @@ def _typed_options():
 
 def _bad_values():
     from hwdiff import cli_args as a
-
     missing = "/nonexistent/hwdiff-test.file"
     return {a.COUNT: "0", a.NON_NEGATIVE: "-1", a.STAGES: "2", a.DRAWS: "1", a.CAPTURE: missing, a.DIFF_FILE: missing,
             a.SIGMA_FILE: missing, a.INPUTS_FILE: missing, a.CARD_FILE: missing, a.MODE: "everything",
@@ -141,7 +140,6 @@ def test_an_untyped_option_is_untyped_everywhere_and_alike_options_share_a_valid
     """--dtype, --device, --model ... are checked by the library (one message everywhere); an option that
     some subcommands validate is validated by all; options of one meaning under two names, alike."""
     from hwdiff import cli_args as a
-
     typed = _typed_options()
     for command, parser in _subcommands().items():
         for action in parser._actions:
@@ -163,10 +161,10 @@ def test_generate_refuses_what_capture_refuses(option, capture_option, value, ca
 
 
 def test_stages_follow_the_schedule_rule(capsys):
-    """calibrate --stages takes what hwdiff.schedule takes, refused at parse time with its reason."""
+    """calibrate --stages takes what hwdiff.calibration.schedule takes, refused at parse time with its reason."""
     from hwdiff.cli_args import build_parser
     from hwdiff.errors import HwdiffError
-    from hwdiff.schedule import MIN_STAGES, SigmaSchedule
+    from hwdiff.calibration.schedule import MIN_STAGES, SigmaSchedule
 
     with pytest.raises(HwdiffError, match=f"at least {MIN_STAGES} \\(stage 0 is noise-free\\), got {MIN_STAGES - 1}"):
         SigmaSchedule(0.01, 0.001, MIN_STAGES - 1)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hwdiff import ascend
-from hwdiff.devices import describe, resolve_device, synchronize
+from hwdiff.capturing import ascend
+from hwdiff.capturing.devices import describe, resolve_device, synchronize
 from hwdiff.errors import DeviceError
 
 

@@ -21,7 +21,7 @@ import torch
 
 import hwdiff
 from hwdiff.errors import CaptureFormatError, HwdiffError
-from hwdiff.outputs import OutputError
+from hwdiff.common.outputs import OutputError
 
 from .conftest import ROOT, run_cli
 
@@ -161,7 +161,7 @@ def test_a_rank_killed_mid_capture_leaves_no_capture(runs, tmp_path):
 
 
 def test_batches_are_dealt_whole(tmp_path):
-    from hwdiff.distributed import batch_rows
+    from hwdiff.capturing.distributed import batch_rows
 
     assert batch_rows(7, 2, 0, 2).tolist() == [0, 1, 4, 5]
     assert batch_rows(7, 2, 1, 2).tolist() == [2, 3, 6]
@@ -170,8 +170,7 @@ def test_batches_are_dealt_whole(tmp_path):
 
 
 def test_device_map_splits_layers_and_keeps_results(tmp_path):
-    from hwdiff import devicemap
-
+    from hwdiff.capturing import devicemap
     model = hwdiff.load_model("tiny-qwen2", dtype="float32")
     blocks = devicemap.plan(model, ["cuda:0", "cuda:1"])
     assert [blocks[f"model.layers.{i}"] for i in range(4)] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
@@ -265,7 +264,7 @@ def test_calibration_finds_a_directory_reference(runs):
     from types import SimpleNamespace
 
     from hwdiff.calibration import reference_weights
-    from hwdiff.sigma_probe import PROBE_PROMPTS, PROBE_TOKENS, _probe_inputs
+    from hwdiff.measure.sigma_probe import PROBE_PROMPTS, PROBE_TOKENS, _probe_inputs
 
     diff = SimpleNamespace(reference={"path": str(runs / "dp")})  # the one field of a DiffResult it reads
     norms = [SimpleNamespace(name="model.norm"), SimpleNamespace(name="model.layers.0.input_layernorm")]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff.emulate import emulation, parse
+from hwdiff.capturing.emulate import emulation, parse
 from hwdiff.errors import HwdiffError
 
 from .conftest import run_cli

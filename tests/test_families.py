@@ -10,7 +10,7 @@ import torch
 import hwdiff
 from hwdiff.aqn import AQNInjector, check_effectiveness, find_norms
 from hwdiff.calibration import calibrate, format_calibration, load_sigma, save
-from hwdiff.emulate import emulation
+from hwdiff.capturing.emulate import emulation
 from hwdiff.errors import HwdiffError
 from hwdiff.store import open_capture
 
@@ -364,7 +364,7 @@ def test_no_silent_zero_a_refused_norm_and_its_unattributed_error(tmp_path):
     """A norm feeding attention and MLP in parallel gets no σ, with its reason; the local error of the
     two sub-blocks is reported as unattributed (its fraction computed here from the diff); verify
     fails on it; the name rule is used, and said so, for a capture without the data-flow record."""
-    from hwdiff.sigma_probe import verify
+    from hwdiff.measure.sigma_probe import verify
 
     from .test_structure import TinyParallelLM
 

@@ -34,7 +34,7 @@ def pair(tmp_path_factory):
     """ref (with inputs), tgt (eager attention), local (replay of ref), a second reference with its
     own replay, diff.h5 / diff.json of ref vs tgt with --local, sigma.yaml."""
     import hwdiff
-    from hwdiff.replaying import replay
+    from hwdiff.capturing.replaying import replay
 
     root = tmp_path_factory.mktemp("faults-pair")
     sdpa = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")
@@ -527,7 +527,7 @@ def test_an_interrupt_swallowed_inside_a_callback_still_stops_the_write(tmp_path
     target = tmp_path / "out.txt"
     script = f"""
 import os, signal, sys, weakref
-from hwdiff import outputs
+from hwdiff.common import outputs
 outputs.install_signal_handlers()
 class Thing:
     pass

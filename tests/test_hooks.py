@@ -6,7 +6,7 @@ import torch
 
 import hwdiff
 from hwdiff.errors import SelectionError
-from hwdiff.hooks import module_kind, select_modules
+from hwdiff.capturing.hooks import module_kind, select_modules
 
 from .conftest import L
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hwdiff.errors import InputsError
-from hwdiff.inputs import ByteTokenizer, Inputs, load_inputs, prompts_path
+from hwdiff.capturing.inputs import ByteTokenizer, Inputs, load_inputs, prompts_path
 
 
 def test_shipped_prompt_set_has_at_least_64_distinct_problems():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff import jit
+from hwdiff.common import jit
 from hwdiff.compare.metrics import Accumulator, ulp_distance
 
 from .conftest import ROOT
@@ -169,7 +169,7 @@ def _assert_close(x, y, where):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_compiled_statistics_equal_the_torch_path(dtype):
-    from hwdiff import jit
+    from hwdiff.common import jit
     from hwdiff.store import stats
 
     x = torch.randn(3, 70, 500, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -189,7 +189,7 @@ def test_compiled_statistics_equal_the_torch_path(dtype):
 
 
 def test_compiled_student_t_em_equals_the_numpy_iteration():
-    from hwdiff import jit
+    from hwdiff.common import jit
     from hwdiff.compare import fit
 
     x = np.random.default_rng(4).standard_t(3, 20_000) * 1e-3
@@ -228,7 +228,7 @@ def test_student_t_em_on_distinct_values_with_counts_equals_the_em_on_every_valu
     """Errors of low-precision outputs are multiples of an ulp: the EM sums per distinct value with
     its count. Same sums, other order: equal to 1e-9, compiled or not; the whole fit (df search
     included) lands on the same df and likelihood."""
-    from hwdiff import jit
+    from hwdiff.common import jit
     from hwdiff.compare import fit
 
     x = np.sort(np.round(np.random.default_rng(5).standard_t(3, 20_000) * 8) * 2.0 ** -10)

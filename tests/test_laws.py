@@ -9,7 +9,7 @@ import hwdiff
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import calibrate, load_sigma, save
 from hwdiff.errors import HwdiffError
-from hwdiff.laws import mixing_matrix, standardized
+from hwdiff.compare.laws import mixing_matrix, standardized
 
 from .conftest import L
 
@@ -96,7 +96,7 @@ def test_injector_follows_the_calibrated_law_and_correlation(tmp_path):
 
 
 def test_verify_checks_the_law_it_injects(tmp_path):
-    from hwdiff.sigma_probe import verify
+    from hwdiff.measure.sigma_probe import verify
 
     _plant(tmp_path, law="student_t", df=3.0)
     result = calibrate(tmp_path / "diff.h5")
@@ -111,7 +111,7 @@ def test_depth_correlation_pairs_only_norms_at_the_same_place_in_their_layers():
     the hidden state concatenated with the embeddings) beside the mamba layers' ``input_layernorm``
     (width hidden); grouping by the last name component paired them and calibrate crashed in
     np.corrcoef. Planted: two 64-wide norms with correlated noise, one 128-wide norm between them."""
-    from hwdiff.law_evidence import _evidence
+    from hwdiff.calibration.law_evidence import _evidence
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=64)
@@ -136,7 +136,7 @@ def test_equivalent_noise_of_a_per_head_norm_is_taken_over_its_last_axis():
     """q/k norms and Qwen3-Next's gated norm are stored [batch, tokens, heads, head_dim] and normalise each
     head's vector: planted weight noise z (one value per head_dim channel) is recovered exactly. It was
     normalised over the heads axis (a wrong Z) and, pooled with 1-D norms, crashed calibrate."""
-    from hwdiff.law_evidence import EPS, _noise
+    from hwdiff.calibration.law_evidence import EPS, _noise
 
     rng = np.random.default_rng(0)
     x, w, z = rng.normal(size=(2, 5, 3, 8)), 1 + 0.1 * rng.normal(size=8), 0.01 * rng.normal(size=8)

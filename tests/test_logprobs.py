@@ -1,4 +1,4 @@
-"""Token log-probabilities (hwdiff/logprobs.py): the blocked normaliser against numpy float64, and the
+"""Token log-probabilities (hwdiff/capturing/logprobs.py): the blocked normaliser against numpy float64, and the
 source: the model's own output logits, after the logit scaling / soft-capping some families apply
 past their head module."""
 import numpy as np
@@ -6,9 +6,7 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff import logprobs as lp
-
-
+from hwdiff.capturing import logprobs as lp
 def _reference(logits: np.ndarray, ids: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """log_softmax, entropy, next-token log-prob and top-k in numpy float64, written out directly."""
     z = logits.astype(np.float64)

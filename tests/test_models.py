@@ -3,7 +3,7 @@ import torch
 
 import hwdiff
 from hwdiff.errors import ModelSpecError
-from hwdiff.models import fingerprint, model_info, qwen25_15b_config, resolve_dtype
+from hwdiff.capturing.models import fingerprint, model_info, qwen25_15b_config, resolve_dtype
 
 from .conftest import L
 
@@ -83,7 +83,7 @@ def test_builtin_built_directly_in_bfloat16_equals_the_float32_build_cast(tiny_f
     """The bfloat16 build never holds a float32 copy, yet has the float32 build's values rounded once,
     the same buffers, and the fingerprint that hashing the float32 model gives (the generic
     function, not the build's own hash). A tiny fill chunk forces several chunks per parameter."""
-    import hwdiff.models as models
+    import hwdiff.capturing.models as models
 
     monkeypatch.setattr(models, "_FILL_CHUNK", 1000)
     built = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")

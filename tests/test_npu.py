@@ -104,8 +104,8 @@ def _dump_trace() -> None:
 
 # -- scenarios (run in the worker) -----------------------------------------------------------------
 def _import_and_resolve():
-    from hwdiff import ascend
-    from hwdiff.devices import device_module, resolve_device, synchronize
+    from hwdiff.capturing import ascend
+    from hwdiff.capturing.devices import device_module, resolve_device, synchronize
     from hwdiff.errors import DeviceError
     from tests import npu_standin
 
@@ -129,7 +129,7 @@ def _import_and_resolve():
 
 
 def _describe_records_versions_and_flags():
-    from hwdiff.devices import describe, resolve_device
+    from hwdiff.capturing.devices import describe, resolve_device
     from tests import npu_standin
 
     with npu_standin.installed():
@@ -146,7 +146,7 @@ def _describe_records_versions_and_flags():
 
 
 def _cann_version_fallbacks():
-    from hwdiff import ascend
+    from hwdiff.capturing import ascend
     from tests import npu_standin
 
     def raising(module="CANN"):
@@ -166,8 +166,9 @@ def _cann_version_fallbacks():
 
 
 def _missing_and_broken_torch_npu(tmp_path):
-    from hwdiff import ascend, cli
-    from hwdiff.devices import resolve_device
+    from hwdiff.capturing import ascend
+    from hwdiff import cli
+    from hwdiff.capturing.devices import resolve_device
     from hwdiff.errors import DeviceError
     from tests import npu_standin
 
@@ -186,7 +187,7 @@ def _missing_and_broken_torch_npu(tmp_path):
 
 def _plain_hooks(model, cap, slot="output", positions=None):
     """What plain forward hooks see for the capture's inputs, moved to the host by ``.cpu()``."""
-    from hwdiff.hooks import select_modules
+    from hwdiff.capturing.hooks import select_modules
 
     seen = {}
 
@@ -311,7 +312,7 @@ def _replay_cli_on_the_device(tmp_path):
 def _probe_ops_cli_on_the_device(tmp_path):
     import hwdiff
     from hwdiff import cli
-    from hwdiff.probe_ops import build
+    from hwdiff.capturing.probe_ops import build
     from tests import npu_standin
 
     with npu_standin.installed():
@@ -331,7 +332,7 @@ def _probe_ops_cli_on_the_device(tmp_path):
 
 def _npu_probe_script_records_hf32_and_determinism(tmp_path):
     import hwdiff
-    from hwdiff.probe import run_probe
+    from hwdiff.capturing.probe import run_probe
     from tests import npu_standin
 
     script = runpy.run_path(str(ROOT / "probes" / "capture_npu.py"), run_name="probe")
@@ -353,7 +354,7 @@ def _npu_probe_script_records_hf32_and_determinism(tmp_path):
 
 
 def _stand_in_models_the_async_hazard():
-    from hwdiff.hooks import to_host
+    from hwdiff.capturing.hooks import to_host
     from tests import npu_standin
 
     with npu_standin.installed():

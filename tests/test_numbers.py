@@ -1,7 +1,7 @@
 import json
 import math
 
-from hwdiff.numbers import json_number
+from hwdiff.common.numbers import json_number
 
 
 def test_json_number_turns_inf_and_nan_into_null_and_leaves_the_rest_alone():

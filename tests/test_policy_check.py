@@ -14,7 +14,7 @@ from hwdiff.calibration import calibrate, load_sigma
 from hwdiff.compare.io import load_diff
 from hwdiff.compare.output import summary
 from hwdiff.errors import HwdiffError
-from hwdiff.policy_check import policy_check
+from hwdiff.measure.policy_check import policy_check
 from hwdiff.store import open_capture
 
 from .conftest import run_cli

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff.probe_ops import MATMUL_KS, build, probe_ops
+from hwdiff.capturing.probe_ops import MATMUL_KS, build, probe_ops
 
 from .conftest import ROOT, run_cli
 

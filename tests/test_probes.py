@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff import ascend
-
+from hwdiff.capturing import ascend
 from .conftest import ROOT
 
 

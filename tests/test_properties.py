@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hwdiff import jit
+from hwdiff.common import jit
 from hwdiff.compare import fit
 from hwdiff.compare.metrics import Accumulator
 from hwdiff.compare.verdict import judge

@@ -1,11 +1,11 @@
-"""The real built-in ``smollm2-135m`` (hwdiff.checkpoints): the GGUF conversion, its cache and
+"""The real built-in ``smollm2-135m`` (hwdiff.capturing.checkpoints): the GGUF conversion, its cache and
 fingerprint, and the pipeline on real weights. The conversion runs once per test session into a
 temporary $HWDIFF_CACHE (about a minute on 2 cores); the tests need the ``real`` extra."""
 import numpy as np
 import pytest
 
 import hwdiff
-from hwdiff import checkpoints
+from hwdiff.capturing import checkpoints
 from hwdiff.errors import ModelSpecError
 
 SPEC = checkpoints.REAL["smollm2-135m"]
@@ -35,7 +35,7 @@ def test_the_conversion_holds_the_gguf_weights_and_its_fingerprint(in_cache):
     import gguf
 
     model = hwdiff.load_model("smollm2-135m")
-    info = hwdiff.models.model_info(model)
+    info = hwdiff.capturing.models.model_info(model)
     assert info.fingerprint == checkpoints.recorded_fingerprint(in_cache)
     assert (type(model).__name__, model.config.num_hidden_layers, model.config.hidden_size) == ("LlamaForCausalLM", 30, 576)
     norms = [name for name, m in model.named_modules() if "rmsnorm" in type(m).__name__.lower()]
@@ -47,7 +47,7 @@ def test_the_conversion_holds_the_gguf_weights_and_its_fingerprint(in_cache):
         assert np.array_equal(model.state_dict()[name].numpy(), values.astype(np.float32)), name
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
     # a second load reads the cache: the same weights, whatever the dtype of the capture
-    assert hwdiff.models.model_info(hwdiff.load_model("smollm2-135m", dtype="bfloat16")).fingerprint == info.fingerprint
+    assert hwdiff.capturing.models.model_info(hwdiff.load_model("smollm2-135m", dtype="bfloat16")).fingerprint == info.fingerprint
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_without_the_extra_and_the_hub_a_one_line_hint(monkeypatch, tmp_path):
     monkeypatch.setenv("HWDIFF_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(checkpoints, "find_gguf", lambda spec: None)
-    monkeypatch.setattr("hwdiff.checkpoints.in_hub_cache", lambda spec: False)
+    monkeypatch.setattr("hwdiff.capturing.checkpoints.in_hub_cache", lambda spec: False)
     with pytest.raises(ModelSpecError, match=r"pip install 'hwdiff\[real\]'") as caught:
         hwdiff.load_model("smollm2-135m")
     assert "\n" not in str(caught.value)
@@ -81,7 +81,7 @@ def test_without_the_extra_and_the_hub_a_one_line_hint(monkeypatch, tmp_path):
 def test_the_pipeline_on_the_real_checkpoint_passes_its_own_verify(in_cache, tmp_path):
     """sdpa vs eager in bf16: the first divergence is the first attention, and the default (measured)
     calibration reproduces the measured sub-block errors when injected (its own verify)."""
-    from hwdiff.sigma_probe import verify
+    from hwdiff.measure.sigma_probe import verify
 
     paths = {}
     for attn in ("sdpa", "eager"):

@@ -5,7 +5,7 @@ import pytest
 
 import hwdiff
 from hwdiff.errors import HwdiffError
-from hwdiff.replaying import model_for
+from hwdiff.capturing.replaying import model_for
 
 from .conftest import L, run_cli
 
@@ -99,7 +99,7 @@ def test_model_for_rebuilds_the_captured_builtin(attn_pair):
     model = model_for(attn_pair["sdpa"], device="cpu")
     assert str(next(model.parameters()).dtype) == "torch.bfloat16"
     with hwdiff.open_capture(attn_pair["sdpa"]) as ref:
-        assert hwdiff.models.model_info(model).fingerprint == ref.meta["model_fingerprint"]
+        assert hwdiff.capturing.models.model_info(model).fingerprint == ref.meta["model_fingerprint"]
 
 
 def test_cli_replay_and_diff_local(tmp_path, attn_pair):
@@ -120,7 +120,7 @@ def test_a_mask_replay_cannot_rebuild_names_the_implementation_that_needs_none()
     import numpy as np
     import torch
 
-    from hwdiff.replaying import _MaskRebuilder
+    from hwdiff.capturing.replaying import _MaskRebuilder
 
     config = SimpleNamespace(_attn_implementation="sdpa", layer_types=["mamba", "hybrid"], hidden_size=8)
     ref = SimpleNamespace(meta={"attn_implementation": "eager"}, attention_mask=np.ones((1, 4), dtype=np.int64))

@@ -143,7 +143,7 @@ def test_the_report_of_a_1_5b_width_diff_has_data_in_every_figure(tmp_path, monk
     import torch
 
     import hwdiff
-    from hwdiff import models
+    from hwdiff.capturing import models
     from hwdiff.calibration import calibrate
 
     sizes = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,

@@ -16,7 +16,7 @@ import hwdiff
 from hwdiff.compare.generation import diff_generations, is_generation_pair
 from hwdiff.compare.rl import rl_impact
 from hwdiff.errors import HwdiffError
-from hwdiff.generate import generate
+from hwdiff.capturing.generate import generate
 from hwdiff.store import TokenLogProbs
 
 from .conftest import run_cli
@@ -27,7 +27,7 @@ CAP = dict(kinds="head", batch_size=4, progress=False)
 
 def _padded_inputs():
     """Six shipped prompts cut to 32 tokens, two of them shortened (right padding) so the mask matters."""
-    from hwdiff.inputs import ByteTokenizer, Inputs
+    from hwdiff.capturing.inputs import ByteTokenizer, Inputs
 
     base = hwdiff.load_inputs(limit=6, max_tokens=32)
     ids, mask = base.input_ids.copy(), base.attention_mask.copy()
@@ -229,7 +229,7 @@ def test_generation_files_of_other_settings_or_kinds_are_refused(tmp_path, pair)
 
 def test_float32_path_matches_float64_to_float32_rounding():
     """The float32 path (devices without float64) against numpy float64 on planted logits."""
-    from hwdiff.logprobs import token_logprobs
+    from hwdiff.capturing.logprobs import token_logprobs
 
     rng = np.random.default_rng(0)
     logits = torch.from_numpy(rng.normal(0, 3, (2, 5, 50)).astype(np.float32))

@@ -11,7 +11,7 @@ import hwdiff
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import load_sigma
 from hwdiff.errors import HwdiffError
-from hwdiff.robustness_run import (Options, RobustnessCard, compare_cards, extract_answer, format_card, is_correct,
+from hwdiff.measure.robustness_run import (Options, RobustnessCard, compare_cards, extract_answer, format_card, is_correct,
                                    load_card, robustness)
 
 from .conftest import run_cli
@@ -202,7 +202,7 @@ def test_cards_of_other_prompts_or_noise_are_refused(tiny, tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"schema": "hwdiff/diff-summary/1"}))
     with pytest.raises(HwdiffError, match="not a robustness card"):
         load_card(tmp_path / "x.json")
-    from hwdiff.robustness_run import save_card
+    from hwdiff.measure.robustness_run import save_card
 
     save_card(a, tmp_path / "a.json")
     for key in ("cells", "draws"):  # a card with a part cut away: one line, not a KeyError
@@ -226,7 +226,7 @@ def test_pair_of_other_inputs_is_refused(tiny, tmp_path):
 def test_pair_of_one_file_mixed_kinds_or_two_capture_pairs_is_refused(tiny, tmp_path):
     """Each refused before any draw: the same file twice would be a measured pair of exactly 0, a second
     capture pair would silently replace the first."""
-    from hwdiff.generate import generate
+    from hwdiff.capturing.generate import generate
 
     model, sigma, root = tiny
     opts = Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False)
@@ -248,10 +248,10 @@ def test_a_pair_whose_reference_ran_in_another_dtype_is_said(tiny, tmp_path, cap
     a = hwdiff.capture(model, tmp_path / "a.h5", **cap).path
     b = hwdiff.capture(bf16, tmp_path / "b.h5", **cap).path
     opts = Options(draws=2, limit=2, max_tokens=16, max_new_tokens=0, progress=False)
-    with caplog.at_level("WARNING", logger="hwdiff.robustness_run"):
+    with caplog.at_level("WARNING", logger="hwdiff.measure.robustness_run"):
         robustness(model, sigma, options=opts, pair=[(a, b)])
     assert "ran with" not in caplog.text
-    with caplog.at_level("WARNING", logger="hwdiff.robustness_run"):
+    with caplog.at_level("WARNING", logger="hwdiff.measure.robustness_run"):
         robustness(model, sigma, options=opts, pair=[(b, a)])
     assert "ran with dtype bfloat16 (card: float32)" in caplog.text
 
@@ -271,7 +271,7 @@ def test_norms_the_sigma_file_does_not_name_are_counted_and_said(tiny, tmp_path)
 
 
 def test_prompt_rows_without_tokens_are_refused_not_shifted(tiny, tmp_path):
-    """hwdiff.inputs drops a row without tokens; its answer must not slide onto the next prompt."""
+    """hwdiff.capturing.inputs drops a row without tokens; its answer must not slide onto the next prompt."""
     model, sigma, root = tiny
     rows = [{"input_ids": [], "answer": "9"}] + [{"input_ids": _byte_ids(q), "answer": "7"} for q in QUESTIONS[:2]]
     path = tmp_path / "ids.jsonl"
@@ -299,7 +299,7 @@ def test_a_binary_file_as_sigma_is_a_clear_error(tiny, tmp_path):
 
 
 def test_split_line_without_changed_continuations():
-    from hwdiff.robustness_card import _answer_lines
+    from hwdiff.measure.robustness_card import _answer_lines
 
     seq = {"split_positions": {"histogram": [], "median": None, "min": None},
            "answers": {"available": False, "reason": "no tokenizer"}}
@@ -382,7 +382,7 @@ def test_report_shows_the_card(tiny, tmp_path):
 
 def _synthetic(values, seed):
     """A card from planted per-(draw, prompt) values (no model): token statistics only."""
-    from hwdiff.robustness_run import Cells
+    from hwdiff.measure.robustness_run import Cells
 
     meta = {"model": {"spec": "planted", "fingerprint": "sha256:0", "dtype": "float32", "device": "cpu",
                       "attn_implementation": "sdpa"}, "sigma": {"fingerprint": "sha256:1"},

@@ -1,7 +1,7 @@
 import pytest
 
 from hwdiff.errors import HwdiffError
-from hwdiff.schedule import SigmaSchedule
+from hwdiff.calibration.schedule import SigmaSchedule
 
 
 def test_qerl_code_values_and_stages():

@@ -3,8 +3,7 @@ bit, and both equal numpy's sums in float64 on the values as stored."""
 import numpy as np
 import pytest
 
-from hwdiff import jit
-
+from hwdiff.common import jit
 pytestmark = pytest.mark.skipif(not jit.available(), reason=f"compiled kernels unavailable: {jit.why_unavailable()}")
 
 

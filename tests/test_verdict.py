@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import hwdiff
-from hwdiff import jit
+from hwdiff.common import jit
 from hwdiff.compare.metrics import Accumulator
 from hwdiff.compare.output import format_table
 

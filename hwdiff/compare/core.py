@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import outputs
+from ..common import outputs
 from ..errors import HwdiffError
 from ..store.reader import Capture, open_capture, plan_blocks
 from ..structure import token_axis

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import jit
+from ..common import jit
 from .bounded import minimize_bounded
 
 MIN_SAMPLES = 50  # fewer differing elements than this: too few for a meaningful fit
@@ -270,7 +270,7 @@ def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 
           tied: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float, float]:
     """EM for a Student-t's location and scale at fixed ``df``; returns (loc, scale, log-likelihood).
     ``tied``: the sample as (distinct values, counts), summed per distinct value. The compiled kernel
-    (:mod:`hwdiff.jit`) runs the same iteration when available."""
+    (:mod:`hwdiff.common.jit`) runs the same iteration when available."""
     compiled = jit.kernels()
     if compiled is not None:
         if tied is not None:

@@ -1,4 +1,4 @@
-"""Where greedy generations split: compare two generation files (:mod:`hwdiff.generate`).
+"""Where greedy generations split: compare two generation files (:mod:`hwdiff.capturing.generate`).
 
 Per prompt, the split is the first generated position j where the two continuations differ (or
 where one ended and the other went on). Before it both sides saw the same context, so the
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import outputs
+from ..common import outputs
 from ..errors import HwdiffError
-from ..numbers import json_number as _num
+from ..common.numbers import json_number as _num
 from ..store.reader import Capture, Generation, open_capture
 from .align import check_comparable
 

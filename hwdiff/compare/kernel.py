@@ -1,7 +1,7 @@
 """One fused, compiled pass per block for :class:`~hwdiff.compare.metrics.Accumulator`.
 
 The numpy path in :mod:`.metrics` makes about forty passes over float64 copies of a block; the numba
-kernel (:mod:`hwdiff._numba_kernels`) reads each element pair once, in its stored dtype, and accumulates every sum,
+kernel (:mod:`hwdiff.common._numba_kernels`) reads each element pair once, in its stored dtype, and accumulates every sum,
 the ULP histogram bin, the 1‰/5‰ counts, the non-finite counts and each token's ‖e‖² in registers.
 A block is cut into a fixed number of chunks (on token boundaries) reduced on parallel threads, each
 into its own row of partial results, and the rows are added in a fixed order: results do not depend
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import jit
+from ..common import jit
 from ..store.format import decoded
 
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
-# The row of partial results the kernel (hwdiff._numba_kernels.reduce_block) writes per chunk, in column order:
+# The row of partial results the kernel (hwdiff.common._numba_kernels.reduce_block) writes per chunk, in column order:
 # the sums, the maxima, the non-finite counts, the flat index of the chunk's first largest |e| (-1: none)
 COLUMNS = SUMS + ("max_abs", "max_ulp", "ref_nan", "ref_inf", "target_nan", "target_inf", "max_index")
 _MAX_ABS, _MAX_ULP, _MAX_INDEX = (COLUMNS.index(name) for name in ("max_abs", "max_ulp", "max_index"))

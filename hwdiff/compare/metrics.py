@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import jit
+from ..common import jit
 from ..store.format import decoded
 from . import kernel
 

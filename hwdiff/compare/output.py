@@ -1,6 +1,6 @@
 """Writing a :class:`DiffResult`: JSON summary, CSV table, diff.h5, and the terminal table.
 
-Every file is written under a temporary name and renamed when complete (:mod:`hwdiff.outputs`);
+Every file is written under a temporary name and renamed when complete (:mod:`hwdiff.common.outputs`);
 every dataset of diff.h5 carries a checksum, as in captures.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .. import outputs
-from ..numbers import json_number as _num
+from ..common import outputs
+from ..common.numbers import json_number as _num
 from ..store.h5 import create_checked
 from .metrics import ulp_edges
 from .results import DiffResult, LayerDiff

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HwdiffError
-from ..numbers import json_number as _num
+from ..common.numbers import json_number as _num
 from ..store.reader import Capture, TokenLogProbs
 
 THRESHOLDS = (1e-3, 1e-2)

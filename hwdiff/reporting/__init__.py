@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import outputs
+from ..common import outputs
 from ..compare.io import load_diff
 from ..compare.metrics import ulp_edges, unit_roundoff
 from ..compare.results import DiffResult, LayerDiff
@@ -41,10 +41,12 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None, robustne
     :func:`hwdiff.compare.io.load_diff`); ``sigma``: a sigma.yaml or
     :class:`~hwdiff.calibration.Calibration` (adds the σ figures, the bf16 effectiveness table and the
     QeRL comparison); ``robustness``: a robustness card (JSON from ``hwdiff robustness -o``, or a
-    :class:`~hwdiff.robustness_run.RobustnessCard`) adds its section. Only the report's own files are written (each replaced atomically once the whole
+    :class:`~hwdiff.measure.robustness_run.RobustnessCard`) adds its section. Only the report's own files are written (each replaced atomically once the whole
     report is rendered, index.html last); anything else in ``out_dir`` is left alone.
     """
-    from ..calibration import Calibration, calibrate, load_sigma
+    from ..calibration.types import Calibration
+    from ..calibration.core import calibrate
+    from ..calibration.sigmafile import load_sigma
 
     out = Path(out_dir)
     sources = [item for item in (diff, sigma, robustness) if isinstance(item, (str, os.PathLike))]
@@ -234,7 +236,7 @@ def _verdict(last: LayerDiff, floor: float, dtype: str) -> str:
 
 
 def _sigma_fact(calibration: Any, implied: bool, why_none: str | None = None) -> str:
-    from ..calibration import QERL_PRESETS
+    from ..calibration.types import QERL_PRESETS
 
     if calibration is None:
         return f"no σ: {why_none or 'no calibration'}"
@@ -253,7 +255,7 @@ def _sigma_fact(calibration: Any, implied: bool, why_none: str | None = None) ->
                   f"{'' if calibration.verify.passed else f' except at {len(calibration.verify.failed)} norm(s)'}.")
     policy = ""
     if getattr(calibration, "policy", None) is not None:
-        from ..policy_check import policy_sentence
+        from ..measure.policy_check import policy_sentence
 
         policy = " " + policy_sentence(calibration.policy)
     return (f"σ_end {s.sigma_end:.3g} (median over norms; per norm {span}), σ_start {s.sigma_start:.3g} "
@@ -298,7 +300,7 @@ def _robustness_summary(card: Any) -> dict | None:
     """The JSON of a robustness card given as a path or a card (None: no robustness section)."""
     if card is None:
         return None
-    from ..robustness_run import load_card
+    from ..measure.robustness_run import load_card
 
     return (load_card(card) if isinstance(card, (str, os.PathLike)) else card).summary()
 
@@ -316,7 +318,7 @@ def _html(result: DiffResult, facts: dict, sections: list, calibration: Any, car
                    for t, n, c in sections)
     effect = _effectiveness_html(result, calibration)
     if card is not None:
-        from ..robustness_run import card_html
+        from ..measure.robustness_run import card_html
 
         effect += card_html(card)
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -361,8 +363,8 @@ def _effectiveness_rows(result: DiffResult, calibration: Any) -> list[tuple]:
     """Per stage: σ range and the smallest fraction of weight elements that change in the training
     dtype — calibrate's exact rounding check (:func:`hwdiff.calibration.with_rounding`), computed here
     for a sigma file that lacks it."""
-    from ..calibration import reference_weights, with_rounding
-    from ..rounding import CHANGED_WARNING
+    from ..calibration.core import reference_weights, with_rounding
+    from ..calibration.rounding import CHANGED_WARNING
 
     if not calibration.rounding:
         calibration = with_rounding(calibration, reference_weights(result, calibration.layers),
@@ -405,7 +407,7 @@ def _markdown(result: DiffResult, facts: dict, sections: list, card: dict | None
     lines += [f"| {m.name} | {m.kind} | {_rel_l2(m):.3g} | {m.metrics.equal_frac:.1%} | {_ulp_cell(m)} | "
               f"{_fit_cell(m)} | {m.verdict.describe() or '—'} |" for m in _worst_rows(result)]
     if card is not None:
-        from ..robustness_run import format_card
+        from ..measure.robustness_run import format_card
 
         lines += ["", "## Robustness to the calibrated noise", "", "```", format_card(card), "```"]
     for title, name, caption in sections:

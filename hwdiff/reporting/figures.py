@@ -307,7 +307,7 @@ def qerl_vs_hardware(levels: dict[str, float], path: Path, pair: str = "GPU-vs-N
     """QeRL's default schedule against each layer's hardware-equivalent σ; returns the caption and the
     first stage at which QeRL's σ is below the median hardware level (None: never). ``pair`` names
     the two sides of the diff in the caption ("cuda:0-vs-npu:0")."""
-    from ..schedule import SigmaSchedule
+    from ..calibration.schedule import SigmaSchedule
 
     plt = _plt()
     qerl = SigmaSchedule(*QERL_DEFAULT)

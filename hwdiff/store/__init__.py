@@ -44,7 +44,7 @@ Layout (schema ``hwdiff/capture/1``)::
                             /logprobs; attrs ``max_new_tokens``, ``strategy``, ``topk``,
                             ``compute_dtype``, ``head_dtype``, ``pad``
 
-Log-probabilities are log_softmax of the model's output logits (:mod:`hwdiff.logprobs`) computed on
+Log-probabilities are log_softmax of the model's output logits (:mod:`hwdiff.capturing.logprobs`) computed on
 the capture device in ``compute_dtype`` (never in the model's bfloat16), stored as computed (float64 or float32). All
 positions are kept in every mode (they are small: 8 bytes per token plus 16·k), padding included;
 readers mask with the attention mask.
@@ -55,7 +55,7 @@ cannot filter, a ``crc32`` attribute instead; the v110 object format checksums t
 flipped bit is reported by name instead of read as a number (:func:`verify_file`, ``hwdiff inspect
 --verify``). Root attribute ``capture_id`` names the run; a replay records ``replay_of_id``. A slot holding the very tensor another module already returned is an HDF5 soft link to it
 (attribute ``<slot>_alias_of`` on the call group). Files are written under a temporary name and
-synced and renamed only after ``complete`` is set (:mod:`hwdiff.outputs`), so a partial file is
+synced and renamed only after ``complete`` is set (:mod:`hwdiff.common.outputs`), so a partial file is
 never taken for a whole one and an existing file is replaced only by a complete one.
 A multi-rank capture (torchrun) is a directory of such files, one per rank, plus ``manifest.h5``: a
 capture file whose activations are HDF5 virtual datasets over the rank files (:mod:`hwdiff.store.ranks`);

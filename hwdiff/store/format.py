@@ -18,7 +18,7 @@ MODES = ("full", "sample", "stats")
 # from the hdf5plugin package (pip install hdf5plugin), which any reader then needs too.
 COMPRESSIONS = ("gzip", "lzf", "lz4", "zstd")
 PLUGIN_FILTERS = {32001: "blosc", 32026: "blosc2"}  # HDF5 filter id → name, read through hdf5plugin
-GENERATE_MODE = "generate"  # root ``mode`` of a greedy generation file (:mod:`hwdiff.generate`)
+GENERATE_MODE = "generate"  # root ``mode`` of a greedy generation file (:mod:`hwdiff.capturing.generate`)
 LOGPROB_FIELDS = ("next_token", "entropy", "topk_ids", "topk_logprobs")
 SLOTS = ("output", "input", "routing")  # routing: a router's chosen experts per token (int64 [sequences, tokens, k])
 ROUTED = "routed"  # slot attribute ``rows``: rows of the tokens routed to one expert, scattered to their token

@@ -1,6 +1,6 @@
 """The directory form of the capture contract: one capture file per rank plus a manifest.
 
-A multi-rank capture (:mod:`hwdiff.distributed`) is a directory::
+A multi-rank capture (:mod:`hwdiff.capturing.distributed`) is a directory::
 
     run/rank0.h5 … rank{N-1}.h5   each a capture file (schema hwdiff/capture/1) written by one rank,
                                    with root attributes rank, world_size, local_rank, local_device,
@@ -34,7 +34,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import outputs
+from ..common import outputs
 from ..errors import CaptureFormatError
 from .h5 import create_checked
 from .tokens import Inputs

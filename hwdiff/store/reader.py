@@ -124,7 +124,7 @@ class Capture:
 
     @property
     def inputs(self) -> Inputs:
-        """The exact inputs of the run, as :class:`~hwdiff.inputs.Inputs`."""
+        """The exact inputs of the run, as :class:`~hwdiff.capturing.inputs.Inputs`."""
         return Inputs(self.input_ids, self.attention_mask, source=str(self.meta.get("inputs_source", self.path)))
 
     @property
@@ -134,7 +134,7 @@ class Capture:
 
     @property
     def is_generation(self) -> bool:
-        """A greedy generation file (:mod:`hwdiff.generate`) rather than a layer capture."""
+        """A greedy generation file (:mod:`hwdiff.capturing.generate`) rather than a layer capture."""
         return self.mode == GENERATE_MODE
 
     def token_logprobs(self) -> TokenLogProbs | None:
@@ -213,7 +213,7 @@ class Capture:
         return None if value is None else _plain(value.attrs.get(f"{slot}_alias_of"))
 
     def call_spec(self, name: str, call: int = 0) -> dict | None:
-        """The recorded call arguments of a module call (:mod:`hwdiff.callspec`), or None."""
+        """The recorded call arguments of a module call (:mod:`hwdiff.structure.callspec`), or None."""
         group = self._call_group(name, call)
         spec = None if group is None else group.attrs.get("call_spec")
         return None if spec is None else json.loads(spec)

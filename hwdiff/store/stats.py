@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import jit
+from ..common import jit
 
 if TYPE_CHECKING:  # torch is imported where a tensor is reduced, so readers of captures never load it
     import torch
@@ -61,7 +61,7 @@ def partial_stats(tensor: "torch.Tensor") -> "torch.Tensor":
 
 
 def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
-    """The parts vector of a CPU float tensor in one compiled pass (:mod:`hwdiff.jit`), float64."""
+    """The parts vector of a CPU float tensor in one compiled pass (:mod:`hwdiff.common.jit`), float64."""
     import torch
 
     if x.dtype == torch.bfloat16:  # its bit patterns: the kernel widens them as it reads

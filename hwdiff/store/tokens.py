@@ -1,6 +1,6 @@
 """The token ids of a run, as every capture file holds them in ``/inputs``: :class:`Inputs`, checked
 on creation, with the fingerprint a capture records as ``inputs_fingerprint``. Reading prompts, files
-and arrays into it is :mod:`hwdiff.inputs`; the writer, the reader and the rank manifest take it here.
+and arrays into it is :mod:`hwdiff.capturing.inputs`; the writer, the reader and the rank manifest take it here.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import outputs
+from ..common import outputs
 from ..errors import HwdiffError
 from ..structure import offset_from_class
 from . import stats
@@ -70,7 +70,7 @@ class Register:
 
 @dataclass
 class Signature:
-    """How module ``name`` was called at ``call``: a :mod:`hwdiff.callspec` JSON spec."""
+    """How module ``name`` was called at ``call``: a :mod:`hwdiff.structure.callspec` JSON spec."""
 
     name: str
     call: int

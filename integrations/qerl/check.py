@@ -163,7 +163,7 @@ def simulate(qerl: Path, calibration, export_path: Path, model, model_name: str,
 
 def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", export_path: Path | None = None) -> list[str]:
     """Rows of a passing check; CheckFailed (one line) otherwise."""
-    from hwdiff.exporters import export
+    from hwdiff.calibration.exporters import export
 
     state = patch_state(qerl)
     hint = {"patched": "", "unpatched": f" ({qerl} is not patched: git apply {PATCH})",
@@ -171,7 +171,7 @@ def check(qerl: Path, calibration, model, model_name: str = "model-nvfp4", expor
     missing = set(norm_names(model)) ^ ({l.name for l in calibration.layers} | set(calibration.skipped))
     if missing:
         raise CheckFailed(f"the model's norms differ from sigma.yaml's ({len(missing)}, first {sorted(missing)[0]})")
-    exporters = logging.getLogger("hwdiff.exporters")
+    exporters = logging.getLogger("hwdiff.calibration.exporters")
     level = exporters.level
     with tempfile.TemporaryDirectory() as tmp:
         exporters.setLevel(logging.ERROR)  # its warnings describe QeRL as published: this check says what it finds

@@ -401,7 +401,7 @@ def compare(calibration, runs: list[list[Sync]], total: int, hint: str = "") -> 
 
 def check(verl: Path, calibration, model, overrides: list[str] | None = None, base: dict | None = None) -> list[str]:
     """Rows of a passing check; CheckFailed (one line) otherwise. ``overrides`` None: hwdiff's lines for ``calibration``."""
-    from hwdiff.exporters import hydra_overrides
+    from hwdiff.calibration.exporters import hydra_overrides
 
     state = patch_state(verl)
     hint = {"patched": "", "unpatched": f" ({verl} is not patched: git apply {PATCH})",

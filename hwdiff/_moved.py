@@ -1,0 +1,81 @@
+"""Where the modules of hwdiff's flat layout (up to 0.3) live now.
+
+``import hwdiff.hooks`` (or ``from hwdiff.sigma_probe import verify``) still works: a finder on
+``sys.meta_path`` answers the old name with the module at its new place — the same module object,
+so a monkeypatch through either name is seen by both — and warns with a :class:`DeprecationWarning`
+naming the new path. The table is the whole story; docs/design.md ("Layout") says why each moved.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+from types import ModuleType
+
+# old name under hwdiff -> new dotted name under hwdiff
+MOVED: dict[str, str] = {
+    "_numba_kernels": "common._numba_kernels",
+    "ascend": "capturing.ascend",
+    "calibrate_run": "measure.calibrate_run",
+    "calibration_types": "calibration.types",
+    "callspec": "structure.callspec",
+    "checkpoints": "capturing.checkpoints",
+    "devicemap": "capturing.devicemap",
+    "devices": "capturing.devices",
+    "distributed": "capturing.distributed",
+    "emulate": "capturing.emulate",
+    "exporters": "calibration.exporters",
+    "generate": "capturing.generate",
+    "hooks": "capturing.hooks",
+    "inputs": "capturing.inputs",
+    "inspect": "store.inspect",
+    "jit": "common.jit",
+    "law_evidence": "calibration.law_evidence",
+    "laws": "compare.laws",
+    "logprobs": "capturing.logprobs",
+    "models": "capturing.models",
+    "numbers": "common.numbers",
+    "outputs": "common.outputs",
+    "policy_check": "measure.policy_check",
+    "probe": "capturing.probe",
+    "probe_ops": "capturing.probe_ops",
+    "rankstore": "store.ranks",
+    "replaying": "capturing.replaying",
+    "robustness_card": "measure.robustness_card",
+    "robustness_run": "measure.robustness_run",
+    "rounding": "calibration.rounding",
+    "schedule": "calibration.schedule",
+    "sigma_probe": "measure.sigma_probe",
+    "sigmafile": "calibration.sigmafile",
+    "stats": "store.stats",
+}
+
+
+class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers ``hwdiff.<old>`` with ``hwdiff.<new>`` (and warns); everything else passes by."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+        old = fullname.partition("hwdiff.")[2] if fullname.startswith("hwdiff.") else ""
+        if old not in MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        old = spec.name.partition("hwdiff.")[2]
+        new = f"hwdiff.{MOVED[old]}"
+        warnings.warn(f"{spec.name} moved to {new}: import it from there (the old path goes in a later release)",
+                      DeprecationWarning, stacklevel=4)
+        module = importlib.import_module(new)
+        self._real_spec = module.__spec__
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__spec__ = self._real_spec  # the import system set the old name's spec on the shared module
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` once (``import hwdiff`` calls this)."""
+    if not any(isinstance(finder, _OldPath) for finder in sys.meta_path):
+        sys.meta_path.append(_OldPath())
