@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def main() -> int:
     import torch
+    import vs_msprobe
 
     import hwdiff
-    import vs_msprobe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/hwdiff-vs-msprobe"))

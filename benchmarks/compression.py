@@ -80,9 +80,9 @@ def measure(arrays, options: dict, work: Path, repeats: int) -> dict:
 def whole_captures(work: Path, repeats: int) -> dict:
     """Workload A captured with each --compression, against the plain forward in the same process."""
     import torch
+    from vs_msprobe import load_model, timed
 
     import hwdiff
-    from vs_msprobe import load_model, timed
 
     model, ids = load_model(work, "sdpa")
     inputs = hwdiff.load_inputs(ids, max_tokens=None)
@@ -109,9 +109,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "compression.json")
     args = parser.parse_args()
     import torch
+    from vs_msprobe import load_model
 
     import hwdiff
-    from vs_msprobe import load_model
 
     msprobe_bytes = json.loads((ROOT / "docs" / "benchmarks.json").read_text())["msprobe"]["tensor_dump_output_bytes"]
     model, ids = load_model(args.work, "sdpa")

@@ -31,9 +31,9 @@ def main() -> int:
     os.environ["NUMBA_NUM_THREADS"] = "1"
     sys.path[:0] = [str(args.root.resolve()), str(HERE)]
     import torch
+    import vs_msprobe
 
     import hwdiff
-    import vs_msprobe
 
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)

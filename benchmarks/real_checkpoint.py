@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import hwdiff
-from hwdiff.compare.io import load_diff
 from hwdiff.capturing.devices import cpu_name
+from hwdiff.compare.io import load_diff
 
 PAIRS = (
     {"name": "bf16 sdpa vs bf16 eager", "ref": ("bfloat16", "sdpa", None), "tgt": ("bfloat16", "eager", None)},

@@ -16,12 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from real_checkpoint import cpu_flags, cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
 
 import hwdiff
-from hwdiff.compare.generation import diff_generations
 from hwdiff.capturing.generate import generate
-
-from real_checkpoint import cpu_flags, cpu_model  # noqa: E402  (benchmarks/ is the script's directory)
+from hwdiff.compare.generation import diff_generations
 
 SIDES = {"fp32": ("float32", "sdpa"), "bf16": ("bfloat16", "sdpa"), "bf16_eager": ("bfloat16", "eager")}
 PAIRS = (("float32 → bfloat16 (sdpa)", "fp32", "bf16"), ("bfloat16 sdpa → eager", "bf16", "bf16_eager"))

@@ -8,8 +8,8 @@ import importlib
 import importlib.util
 from typing import Any
 
-from ._version import __version__
 from . import _moved
+from ._version import __version__
 from .errors import HwdiffError
 
 _moved.install()  # the flat layout's module paths (hwdiff.hooks, ...) still import, with a DeprecationWarning

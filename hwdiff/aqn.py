@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from . import structure
-from .errors import HwdiffError
-from .compare.laws import check_law, mixing_matrix, standardized
 from .calibration.rounding import CHANGED_WARNING
 from .calibration.schedule import SigmaSchedule
+from .compare.laws import check_law, mixing_matrix, standardized
+from .errors import HwdiffError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .cli_args import build_parser
-from .errors import HwdiffError
 from .common.outputs import check_outputs
+from .errors import HwdiffError
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -22,8 +22,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     try:
         ranks = distributed.rank_info()
         _check_capture_args(args, ranks)
-        from .capturing.run import capture
         from .capturing.models import load_model
+        from .capturing.run import capture
 
         model = load_model(args.model, device="cpu" if args.device_map else device, dtype=args.dtype,
                            attn_implementation=args.attn_impl, seed=args.seed, trust_remote_code=args.trust_remote_code)
@@ -87,9 +87,9 @@ def _cmd_probe_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .measure.calibrate_run import calibrate, export_paths, write
-    from .calibration.text import format_calibration
     from .calibration.exporters import hydra_overrides
+    from .calibration.text import format_calibration
+    from .measure.calibrate_run import calibrate, export_paths, write
     from .measure.sigma_probe import reference_model
 
     exports = export_paths(args.output, args.export or [])

@@ -12,7 +12,8 @@ import os
 from typing import Any, Callable
 
 from ._version import __version__
-from .calibration.schedule import KINDS as SCHEDULES, MIN_STAGES
+from .calibration.schedule import KINDS as SCHEDULES
+from .calibration.schedule import MIN_STAGES
 from .structure import KINDS
 
 
@@ -315,8 +316,8 @@ def _add_probe_ops(sub: Any) -> None:
 
 
 def _add_calibrate(sub: Any) -> None:
-    from .calibration.types import CONVERSIONS
     from .calibration.exporters import EXPORTERS
+    from .calibration.types import CONVERSIONS
 
     cal = sub.add_parser("calibrate", help="turn a diff into per-norm AQN sigma schedules (hwdiff, verl, QeRL)",
                          description="For every RMSNorm: the local error the hardware introduces in the norm and in "

@@ -16,15 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from .measure.calibrate_run import calibrate, write
 from .calibration.text import format_calibration
+from .capturing.models import load_model
+from .capturing.replaying import replay
 from .capturing.run import capture
 from .compare import diff
 from .compare.output import format_table
-from .store.inspect import inspect_capture
-from .capturing.models import load_model
-from .capturing.replaying import replay
+from .measure.calibrate_run import calibrate, write
 from .reporting import report
+from .store.inspect import inspect_capture
 
 PAIR = (("reference", "sdpa"), ("target", "eager"))
 

@@ -29,11 +29,16 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from .common import outputs
-from .capturing.run import CaptureOptions, capture_metadata, model_device_and_dtype, sample_positions
-from .errors import HwdiffError
 from .capturing.hooks import Recorder, select_modules
 from .capturing.inputs import Inputs
+from .capturing.run import (
+    CaptureOptions,
+    capture_metadata,
+    model_device_and_dtype,
+    sample_positions,
+)
+from .common import outputs
+from .errors import HwdiffError
 from .store.format import MODES
 from .store.writer import CaptureWriter
 from .structure import SemanticsError, flat_sequences

@@ -24,8 +24,8 @@ if __name__ == "__main__":
     import torch
 
     from hwdiff.capturing.devices import resolve_device
-    from hwdiff.errors import HwdiffError
     from hwdiff.capturing.probe_ops import probe_ops
+    from hwdiff.errors import HwdiffError
 
     try:
         device = resolve_device(args.device)

@@ -5,8 +5,8 @@ import torch
 
 from hwdiff.aqn import apply_schedule, find_norms
 from hwdiff.calibration import Calibration, LayerSigma
-from hwdiff.errors import HwdiffError
 from hwdiff.calibration.schedule import SigmaSchedule
+from hwdiff.errors import HwdiffError
 
 H, LAYERS = 4096, 3  # wide norms: the std of 4096 draws is within 2% of σ
 

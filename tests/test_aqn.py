@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hwdiff.aqn import AQNInjector, check_effectiveness, effectiveness
-from hwdiff.errors import HwdiffError
 from hwdiff.calibration.rounding import changed_fraction
+from hwdiff.errors import HwdiffError
 
 from .conftest import L
 

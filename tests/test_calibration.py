@@ -11,11 +11,18 @@ import yaml
 import hwdiff
 from hwdiff import structure
 from hwdiff.aqn import AQNInjector, find_norms
-from hwdiff.calibration import (QERL_PRESETS, calibrate, format_calibration, load_sigma, norms_to_probe, save,
-                                start_rule)
-from hwdiff.errors import HwdiffError
+from hwdiff.calibration import (
+    QERL_PRESETS,
+    calibrate,
+    format_calibration,
+    load_sigma,
+    norms_to_probe,
+    save,
+    start_rule,
+)
 from hwdiff.calibration.exporters import export, hydra_overrides
 from hwdiff.calibration.rounding import changed_fraction
+from hwdiff.errors import HwdiffError
 from hwdiff.measure.sigma_probe import verify
 from hwdiff.store import open_capture
 

@@ -11,11 +11,11 @@ import torch
 
 import hwdiff
 from hwdiff.capturing import sample_positions
-from hwdiff.errors import CaptureFormatError, HwdiffError
 from hwdiff.capturing.hooks import select_modules
+from hwdiff.errors import CaptureFormatError, HwdiffError
 from hwdiff.store import STATS_FIELDS
 
-from .conftest import L, ROOT
+from .conftest import ROOT, L
 
 SMALL = dict(limit=6, max_tokens=24, batch_size=4, progress=False)
 

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from .conftest import L, ROOT, run_cli
+from .conftest import ROOT, L, run_cli
 
 
 def _one_clear_line(proc, *fragments):
@@ -162,9 +162,9 @@ def test_generate_refuses_what_capture_refuses(option, capture_option, value, ca
 
 def test_stages_follow_the_schedule_rule(capsys):
     """calibrate --stages takes what hwdiff.calibration.schedule takes, refused at parse time with its reason."""
+    from hwdiff.calibration.schedule import MIN_STAGES, SigmaSchedule
     from hwdiff.cli_args import build_parser
     from hwdiff.errors import HwdiffError
-    from hwdiff.calibration.schedule import MIN_STAGES, SigmaSchedule
 
     with pytest.raises(HwdiffError, match=f"at least {MIN_STAGES} \\(stage 0 is noise-free\\), got {MIN_STAGES - 1}"):
         SigmaSchedule(0.01, 0.001, MIN_STAGES - 1)

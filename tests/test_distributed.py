@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff.errors import CaptureFormatError, HwdiffError
 from hwdiff.common.outputs import OutputError
+from hwdiff.errors import CaptureFormatError, HwdiffError
 
 from .conftest import ROOT, run_cli
 

@@ -1,7 +1,6 @@
 """Every model family RL teams train, end to end: capture (sdpa vs eager), replay, diff --local,
 calibrate, aqn-check, on tiny random models built here, saved locally and loaded by path."""
 import json
-import logging
 
 import numpy as np
 import pytest

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff.errors import SelectionError
 from hwdiff.capturing.hooks import module_kind, select_modules
+from hwdiff.errors import SelectionError
 
 from .conftest import L
 

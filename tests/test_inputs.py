@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hwdiff.errors import InputsError
 from hwdiff.capturing.inputs import ByteTokenizer, Inputs, load_inputs, prompts_path
+from hwdiff.errors import InputsError
 
 
 def test_shipped_prompt_set_has_at_least_64_distinct_problems():

@@ -15,9 +15,15 @@ import yaml
 
 from hwdiff import structure
 from hwdiff.calibration import Calibration, LayerSigma
-from hwdiff.errors import HwdiffError
-from hwdiff.calibration.exporters import export, hydra_overrides, qerl_block, verl_block, verl_selection
+from hwdiff.calibration.exporters import (
+    export,
+    hydra_overrides,
+    qerl_block,
+    verl_block,
+    verl_selection,
+)
 from hwdiff.calibration.schedule import SigmaSchedule
+from hwdiff.errors import HwdiffError
 
 from .conftest import ROOT
 

@@ -3,13 +3,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import hwdiff
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import calibrate, load_sigma, save
-from hwdiff.errors import HwdiffError
 from hwdiff.compare.laws import mixing_matrix, standardized
+from hwdiff.errors import HwdiffError
 
 from .conftest import L
 
@@ -84,7 +83,7 @@ def test_planted_depth_correlation_is_recovered(tmp_path):
 
 
 def test_injector_follows_the_calibrated_law_and_correlation(tmp_path):
-    drawn = _plant(tmp_path, law="student_t", df=3.0, rho=0.8)
+    _plant(tmp_path, law="student_t", df=3.0, rho=0.8)
     result = calibrate(tmp_path / "diff.h5")
     model = hwdiff.load_model("tiny-qwen2", dtype="float32")
     with AQNInjector(model, result) as injector:

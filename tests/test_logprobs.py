@@ -7,6 +7,8 @@ import torch
 
 import hwdiff
 from hwdiff.capturing import logprobs as lp
+
+
 def _reference(logits: np.ndarray, ids: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """log_softmax, entropy, next-token log-prob and top-k in numpy float64, written out directly."""
     z = logits.astype(np.float64)

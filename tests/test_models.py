@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import hwdiff
-from hwdiff.errors import ModelSpecError
 from hwdiff.capturing.models import fingerprint, model_info, qwen25_15b_config, resolve_dtype
+from hwdiff.errors import ModelSpecError
 
 from .conftest import L
 

@@ -166,8 +166,8 @@ def _cann_version_fallbacks():
 
 
 def _missing_and_broken_torch_npu(tmp_path):
-    from hwdiff.capturing import ascend
     from hwdiff import cli
+    from hwdiff.capturing import ascend
     from hwdiff.capturing.devices import resolve_device
     from hwdiff.errors import DeviceError
     from tests import npu_standin

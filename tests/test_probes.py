@@ -7,6 +7,7 @@ import torch
 
 import hwdiff
 from hwdiff.capturing import ascend
+
 from .conftest import ROOT
 
 

@@ -4,8 +4,8 @@ import h5py
 import pytest
 
 import hwdiff
-from hwdiff.errors import HwdiffError
 from hwdiff.capturing.replaying import model_for
+from hwdiff.errors import HwdiffError
 
 from .conftest import L, run_cli
 

@@ -143,8 +143,8 @@ def test_the_report_of_a_1_5b_width_diff_has_data_in_every_figure(tmp_path, monk
     import torch
 
     import hwdiff
-    from hwdiff.capturing import models
     from hwdiff.calibration import calibrate
+    from hwdiff.capturing import models
 
     sizes = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,
                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768)

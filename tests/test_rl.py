@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import hwdiff
+from hwdiff.capturing.generate import generate
 from hwdiff.compare.generation import diff_generations, is_generation_pair
 from hwdiff.compare.rl import rl_impact
 from hwdiff.errors import HwdiffError
-from hwdiff.capturing.generate import generate
 from hwdiff.store import TokenLogProbs
 
 from .conftest import run_cli
@@ -257,6 +257,6 @@ def _logprobs_on_the_npu_stand_in(tmp_path):
 
 
 @pytest.mark.npu
-def test_logprobs_on_the_npu_stand_in_are_float32_and_match_the_head(npu, tmp_path):
+def test_logprobs_on_the_npu_stand_in_are_float32_and_match_the_head(npu, tmp_path):  # noqa: F811 (a fixture)
     """The Ascend path (tests/npu_standin.py): computed on the device in float32, copied asynchronously."""
     npu(_logprobs_on_the_npu_stand_in, tmp_path)

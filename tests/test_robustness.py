@@ -11,8 +11,16 @@ import hwdiff
 from hwdiff.aqn import AQNInjector, find_norms
 from hwdiff.calibration import load_sigma
 from hwdiff.errors import HwdiffError
-from hwdiff.measure.robustness_run import (Options, RobustnessCard, compare_cards, extract_answer, format_card, is_correct,
-                                   load_card, robustness)
+from hwdiff.measure.robustness_run import (
+    Options,
+    RobustnessCard,
+    compare_cards,
+    extract_answer,
+    format_card,
+    is_correct,
+    load_card,
+    robustness,
+)
 
 from .conftest import run_cli
 

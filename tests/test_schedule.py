@@ -1,7 +1,7 @@
 import pytest
 
-from hwdiff.errors import HwdiffError
 from hwdiff.calibration.schedule import SigmaSchedule
+from hwdiff.errors import HwdiffError
 
 
 def test_qerl_code_values_and_stages():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from hwdiff.common import jit
+
 pytestmark = pytest.mark.skipif(not jit.available(), reason=f"compiled kernels unavailable: {jit.why_unavailable()}")
 
 

@@ -8,15 +8,17 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
+
 from .._version import __version__
-from .types import (Calibration, LayerSigma, StageRounding)
 from ..errors import HwdiffError
-from .schedule import SigmaSchedule
 from ..structure import layer_index
+from .norms import NormError, attribution, layout_notes, norm_errors
+from .schedule import SigmaSchedule
+from .types import Calibration, LayerSigma, StageRounding
+
 if TYPE_CHECKING:
     from ..compare.results import DiffResult
 log = logging.getLogger(__name__)
-from .norms import NormError, attribution, layout_notes, norm_errors
 
 
 QERL_MAX_START = 5e-2  # QeRL's largest σ_start, for weights ≈ 1: the cap relative to rms(w_eff)

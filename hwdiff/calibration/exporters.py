@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .types import Calibration
 from ..errors import HwdiffError
 from .sigmafile import write_yaml
+from .types import Calibration
 
 log = logging.getLogger(__name__)
 VERL_NEEDS_PATCH = (

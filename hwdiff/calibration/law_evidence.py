@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import HwdiffError
 from ..compare.laws import LawFit, depth_correlation, equivalent_noise, fit_law, pooled_df
+from ..errors import HwdiffError
 from ..structure import depth_chains
 
 if TYPE_CHECKING:

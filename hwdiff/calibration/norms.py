@@ -6,8 +6,10 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
 from ..errors import HwdiffError
 from ..structure import layer_index
+
 if TYPE_CHECKING:
     from ..compare.results import DiffResult, LayerDiff
 log = logging.getLogger(__name__)

@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from .types import (CONVERSION_NOTES, METHOD_NOTE, QERL_PRESETS, READABLE_SCHEMAS, SCHEMA,
-                                UNATTRIBUTED_NOTE, Calibration, LayerSigma, PolicyCheck, StageRounding, VerifyResult)
 from ..errors import HwdiffError
 from .schedule import SigmaSchedule
+from .types import (
+    CONVERSION_NOTES,
+    METHOD_NOTE,
+    QERL_PRESETS,
+    READABLE_SCHEMAS,
+    SCHEMA,
+    UNATTRIBUTED_NOTE,
+    Calibration,
+    LayerSigma,
+    PolicyCheck,
+    StageRounding,
+    VerifyResult,
+)
 
 
 def save_sigma(calibration: Calibration, path: str | os.PathLike) -> Path:

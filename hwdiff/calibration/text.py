@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
-from .types import (METHOD_NOTE, QERL_PRESETS, Calibration, LayerSigma, PolicyCheck, VerifyResult)
+
+from .types import METHOD_NOTE, QERL_PRESETS, Calibration, LayerSigma, PolicyCheck, VerifyResult
+
 if TYPE_CHECKING:
     pass
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .schedule import SigmaSchedule
 from ..common.numbers import json_number as _num
+from .schedule import SigmaSchedule
 
 SCHEMA = "hwdiff/sigma/2"
 READABLE_SCHEMAS = ("hwdiff/sigma/1", SCHEMA)

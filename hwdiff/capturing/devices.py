@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from . import ascend
 from ..errors import DeviceError
+from . import ascend
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda|npu)(?::(\d+))?$")
 DEVICE_HELP = "cpu, cuda[:N], npu[:N] or auto"

@@ -32,8 +32,11 @@ import torch
 
 from ..common import outputs
 from ..errors import HwdiffError
+from ..store.ranks import (  # the ``placement`` attribute of a column-parallel output's datasets
+    SHARD_LAST,
+    check_target,
+)
 from .inputs import Inputs
-from ..store.ranks import SHARD_LAST, check_target  # the ``placement`` attribute of a column-parallel output's datasets
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,11 @@ def tensor_parallel(model: torch.nn.Module, size: int) -> torch.nn.Module:
         raise HwdiffError(f"--tp {size} needs exactly {size} ranks (torchrun --nproc_per_node {size}); this process "
                           f"group has {world} (data and tensor parallel together are not supported)")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     layers = _decoder_layers(model)
     _check_divisible(model, size)

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .run import CaptureOptions, _resolve_inputs, capture_metadata, model_device_and_dtype
 from ..errors import HwdiffError
-from .logprobs import DEFAULT_TOPK, compute_dtype, distribution_stats
-from .models import dtype_name
 from ..store.format import GENERATE_MODE
 from ..store.writer import CaptureWriter
+from .logprobs import DEFAULT_TOPK, compute_dtype, distribution_stats
+from .models import dtype_name
+from .run import CaptureOptions, _resolve_inputs, capture_metadata, model_device_and_dtype
 
 PAD = -1  # ids after a sequence ended (EOS) in /generation/ids
 

@@ -19,15 +19,29 @@ import numpy as np
 import torch
 
 from ..errors import HwdiffError, SelectionError
-from .models import dtype_name
-from ..structure.callspec import encode_call, main_input_path
 from ..store.format import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, encode
 from ..store.stats import partial_stats
 from ..store.writer import Alias, Record, Register, Signature
-from ..structure import (KINDS, SemanticsError, expert_count, expert_from_name, expert_index, experts_per_token,
-                        flat_sequences,
-                        input_by_meaning, is_norm, module_kind, norm_offset, output_by_meaning, routed_tokens,
-                        routing_indices, row_layout, writes_into_arguments)
+from ..structure import (
+    KINDS,
+    SemanticsError,
+    expert_count,
+    expert_from_name,
+    expert_index,
+    experts_per_token,
+    flat_sequences,
+    input_by_meaning,
+    is_norm,
+    module_kind,
+    norm_offset,
+    output_by_meaning,
+    routed_tokens,
+    routing_indices,
+    row_layout,
+    writes_into_arguments,
+)
+from ..structure.callspec import encode_call, main_input_path
+from .models import dtype_name
 
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
@@ -323,7 +337,6 @@ class Recorder:
             return
         fingerprint = _fingerprint(source) if version is None and not self._reads_back(source) else None
         self._seen[id(source)] = (weakref.ref(source), key, version, fingerprint)
-        on_cpu = tensor.device.type == "cpu"
         if self.mode == "stats" and _batched_stats(tensor):  # reduced where it is, sent once per forward
             self._pending.append((name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor)))
         elif self.mode == "stats" and self.views:  # reduced now, before anything can change the tensor

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .hooks import first_tensor, module_kind, to_host
-from .models import dtype_name
 from ..store.format import LOGPROB_FIELDS
 from ..store.writer import LogProbRecord
+from .hooks import first_tensor, module_kind, to_host
+from .models import dtype_name
 
 DEFAULT_TOPK = 8
 DEFINITION = ("next_token[s, t] = log_softmax(logits[s, t])[input_ids[s, t+1]] (NaN at the last position); "

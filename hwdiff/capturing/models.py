@@ -19,9 +19,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoints import check_hub_id, fingerprint, hash_tensor, recorded_fingerprint, resolve
-from .checkpoints import dtype_name  # noqa: F401  (callers import it from here, where the dtypes are)
 from ..errors import ModelSpecError
+from .checkpoints import (
+    check_hub_id,
+    dtype_name,  # noqa: F401  (callers import it from here, where the dtypes are)
+    fingerprint,
+    hash_tensor,
+    recorded_fingerprint,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 

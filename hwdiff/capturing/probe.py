@@ -19,10 +19,9 @@ def run_probe(settings: dict[str, Any], set_flags: Callable[[], None], descripti
     ``set_flags`` sets the device's numerics flags (TF32, HF32, determinism) before the model loads;
     the capture records what is in force. Returns the exit code.
     """
-    from .run import capture
-    from .models import load_model
-
     from ..common.outputs import install_signal_handlers
+    from .models import load_model
+    from .run import capture
 
     args = _parser(settings, description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="hwdiff: %(message)s")

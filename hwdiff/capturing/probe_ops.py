@@ -25,15 +25,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import devices
-from ..common import outputs
 from .._version import __version__
-from .run import CaptureResult
+from ..common import outputs
+from ..store.writer import CaptureWriter, Register
+from . import devices
 from .emulate import describe, emulation
 from .hooks import slot_record
 from .inputs import Inputs
 from .models import dtype_name, resolve_dtype
-from ..store.writer import CaptureWriter, Register
+from .run import CaptureResult
 
 MATMUL_KS = tuple(64 * 2 ** i for i in range(9))  # 64 … 16384
 ROWS = 64

@@ -19,16 +19,24 @@ import numpy as np
 import torch
 
 from ..common import outputs
-from ..structure.callspec import decode_call, unsupported
-from .run import CaptureOptions, CaptureResult, model_device_and_dtype, capture_metadata
-from .emulate import describe, emulation
 from ..errors import HwdiffError
-from .hooks import slot_record
-from .models import dtype_name, model_info
-from ..structure import attention_type, is_norm, layer_index, module_kind, norm_offset, output_by_meaning, padding_only
 from ..store.format import EXPERT_ROWS, EXPERTS, FLAT, ROUTED
 from ..store.reader import Capture, open_capture
 from ..store.writer import CaptureWriter, Register
+from ..structure import (
+    attention_type,
+    is_norm,
+    layer_index,
+    module_kind,
+    norm_offset,
+    output_by_meaning,
+    padding_only,
+)
+from ..structure.callspec import decode_call, unsupported
+from .emulate import describe, emulation
+from .hooks import slot_record
+from .models import dtype_name, model_info
+from .run import CaptureOptions, CaptureResult, capture_metadata, model_device_and_dtype
 
 log = logging.getLogger(__name__)
 

@@ -16,19 +16,18 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from . import devices
-from . import distributed
-from ..common import outputs
 from .._version import __version__
-from .emulate import describe, emulation
+from ..common import outputs
 from ..errors import HwdiffError, InputsError
-from .inputs import DEFAULT_MAX_TOKENS, ByteTokenizer, Inputs, check_counts, load_inputs
-from .models import dtype_name, model_info
-from .hooks import record
 from ..store.format import MODES
 from ..store.h5 import compression_options
 from ..store.ranks import write_manifest
 from ..store.writer import CaptureWriter
+from . import devices, distributed
+from .emulate import describe, emulation
+from .hooks import record
+from .inputs import DEFAULT_MAX_TOKENS, ByteTokenizer, Inputs, check_counts, load_inputs
+from .models import dtype_name, model_info
 
 log = logging.getLogger(__name__)
 

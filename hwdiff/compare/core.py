@@ -19,9 +19,18 @@ from .align import Pair, Unmatched, align, check_comparable
 from .correlation import correlate, residual_positions
 from .fit import fit_both
 from .metrics import Accumulator, UlpStats, ulp_distance, unit_roundoff
+from .results import (
+    DiffResult,
+    FirstDifference,
+    FirstDivergence,
+    GoldenDiff,
+    Growth,
+    LayerDiff,
+    LocalDiff,
+    RoutedToken,
+    RoutingDiff,
+)
 from .rl import rl_for
-from .results import (DiffResult, FirstDifference, FirstDivergence, GoldenDiff, Growth, LayerDiff, LocalDiff,
-                      RoutedToken, RoutingDiff)
 from .verdict import BUDGET_GAIN, BUDGET_ROUNDINGS, judge, rule_text, with_budget
 
 _META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",

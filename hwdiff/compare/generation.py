@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..common import outputs
-from ..errors import HwdiffError
 from ..common.numbers import json_number as _num
+from ..errors import HwdiffError
 from ..store.reader import Capture, Generation, open_capture
 from .align import check_comparable
 

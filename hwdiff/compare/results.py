@@ -10,8 +10,8 @@ from .align import Unmatched
 from .correlation import Correlation
 from .fit import FitResult
 from .metrics import Metrics, UlpStats
-from .verdict import Verdict, rule_text
 from .rl import RLImpact
+from .verdict import Verdict, rule_text
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import HwdiffError
 from ..common.numbers import json_number as _num
+from ..errors import HwdiffError
 from ..store.reader import Capture, TokenLogProbs
 
 THRESHOLDS = (1e-3, 1e-2)

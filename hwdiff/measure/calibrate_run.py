@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import calibration
+from ..calibration.exporters import check_export, export
+from ..calibration.sigmafile import load_sigma, save_sigma
 from ..calibration.types import Calibration
 from ..errors import HwdiffError
-from ..calibration.exporters import check_export, export
-from .policy_check import DRAWS, policy_check as check_policy
-from .sigma_probe import measure_gains, verify as verify_sigma
-from ..calibration.sigmafile import load_sigma, save_sigma
+from .policy_check import DRAWS
+from .policy_check import policy_check as check_policy
+from .sigma_probe import measure_gains
+from .sigma_probe import verify as verify_sigma
 
 
 def calibrate(diff: Any, *, model: Any = None, factor: float = 100.0, num_stages: int = 10, kind: str = "qerl-code",

@@ -32,8 +32,8 @@ def policy_check(calibration: Any, model: Any, diff: Any, *, draws: int = DRAWS,
     kernels) ``draws`` times on the prompts of the diff's reference capture, and set the token-level
     effect beside the diff's hardware pair. The model's weights are restored bit for bit on return."""
     from ..compare.io import load_diff
-    from .robustness_run import Options, robustness
     from ..store.reader import open_capture
+    from .robustness_run import Options, robustness
 
     result = load_diff(diff, arrays=False)
     rl = result.rl_impact

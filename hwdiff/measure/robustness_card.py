@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import HwdiffError
 from ..common.numbers import json_number as _num
+from ..errors import HwdiffError
 
 SCHEMA = "hwdiff/robustness-card/1"
 COMPARISON_SCHEMA = "hwdiff/robustness-comparison/1"

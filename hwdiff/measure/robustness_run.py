@@ -27,10 +27,29 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import HwdiffError
-from .robustness_card import (ANSWER_RULE, COMPARISON_SCHEMA, INTERVAL_RULE, RESAMPLES, SCHEMA, TOKEN_STATS, Cells,
-                              Comparison, RobustnessCard, answer_matrix, card_html, check_comparable, compare_cards,
-                              describe, extract_answer, format_card, format_comparison, is_correct, load_card,
-                              save_card, save_comparison)
+from .robustness_card import (
+    ANSWER_RULE,
+    COMPARISON_SCHEMA,
+    INTERVAL_RULE,
+    RESAMPLES,
+    SCHEMA,
+    TOKEN_STATS,
+    Cells,
+    Comparison,
+    RobustnessCard,
+    answer_matrix,
+    card_html,
+    check_comparable,
+    compare_cards,
+    describe,
+    extract_answer,
+    format_card,
+    format_comparison,
+    is_correct,
+    load_card,
+    save_card,
+    save_comparison,
+)
 
 __all__ = ["Options", "robustness", "sigma_fingerprint", "SCHEMA", "COMPARISON_SCHEMA", "RESAMPLES", "INTERVAL_RULE",
            "ANSWER_RULE", "Cells", "RobustnessCard", "Comparison", "answer_matrix", "card_html", "check_comparable",
@@ -150,8 +169,8 @@ def _token_logprobs(model: Any, inputs: Any, batch_size: int) -> Any:
     """``TokenLogProbs`` of the prompts' own next tokens from the model's output logits."""
     import torch
 
-    from ..capturing.run import model_device_and_dtype
     from ..capturing.logprobs import token_logprobs
+    from ..capturing.run import model_device_and_dtype
     from ..store.format import LOGPROB_FIELDS
     from ..store.reader import TokenLogProbs
 
@@ -228,8 +247,8 @@ def _decoder(model: Any) -> Any:
 
 def _prompts(model: Any, opts: Options) -> tuple[Any, tuple[str, ...]]:
     """The prompts as token ids, and each prompt's reference answer ("" where the file has none)."""
-    from ..capturing.run import CaptureOptions, _resolve_inputs
     from ..capturing.inputs import prompts_path
+    from ..capturing.run import CaptureOptions, _resolve_inputs
 
     inputs = _resolve_inputs(model, opts.prompts, CaptureOptions(max_tokens=opts.max_tokens, limit=opts.limit))
     path = prompts_path() if opts.prompts is None else Path(opts.prompts) if isinstance(
@@ -309,8 +328,8 @@ def _check_pair(ref: Any, tgt: Any, inputs: Any, model: Any, opts: Options) -> N
 
 def _warn_other_run(ref: Any, model: Any) -> None:
     """The card should run as the pair's reference did (docs/robustness.md): say so where it does not."""
-    from ..capturing.run import model_device_and_dtype
     from ..capturing.models import dtype_name
+    from ..capturing.run import model_device_and_dtype
 
     dtype = dtype_name(model_device_and_dtype(model)[1])
     attn = str(getattr(model.config, "_attn_implementation", None) or "unknown")
@@ -340,8 +359,8 @@ def _meta(model: Any, calibration: Any, sigma: Any, applied: dict[str, float], i
           pair: Sequence[tuple[Any, Any]], seconds: float) -> dict[str, Any]:
     from datetime import datetime, timezone
 
-    from ..capturing.run import model_device_and_dtype
     from ..capturing.models import dtype_name, model_info
+    from ..capturing.run import model_device_and_dtype
 
     info = model_info(model)
     device, dtype = model_device_and_dtype(model)

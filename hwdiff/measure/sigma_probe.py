@@ -64,8 +64,8 @@ class _Blocks:
         import numpy as np
         import torch
 
-        from ..structure.callspec import decode_call, unsupported
         from ..store.format import FLAT
+        from ..structure.callspec import decode_call, unsupported
 
         spec = self.cap.call_spec(name, 0) if name in self.cap.modules else None
         why = "no recorded arguments" if spec is None else unsupported(spec)
@@ -306,8 +306,8 @@ def _probe_inputs(model: Any, reference: str | None) -> tuple[Any, Any]:
             ids, mask = cap.input_ids[:PROBE_PROMPTS, :PROBE_TOKENS], cap.attention_mask[:PROBE_PROMPTS, :PROBE_TOKENS]
         if mask.sum(axis=1).min() > 0:
             return ids, mask
-    from ..capturing.run import model_tokenizer
     from ..capturing.inputs import load_inputs
+    from ..capturing.run import model_tokenizer
 
     inputs = load_inputs(tokenizer=model_tokenizer(model), max_tokens=PROBE_TOKENS, limit=PROBE_PROMPTS)
     return inputs.input_ids, inputs.attention_mask
@@ -434,8 +434,8 @@ def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float
 
 def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") -> Any:
     """The model of a diff's reference capture (its spec, seed, dtype and attention kernels), or ``spec`` instead."""
-    from ..compare.io import load_diff
     from ..capturing.models import load_model
+    from ..compare.io import load_diff
 
     reference = load_diff(diff, arrays=False).reference
     model_spec = spec or reference.get("model_spec")

@@ -44,9 +44,9 @@ def report(diff: Any, out_dir: str | os.PathLike, *, sigma: Any = None, robustne
     :class:`~hwdiff.measure.robustness_run.RobustnessCard`) adds its section. Only the report's own files are written (each replaced atomically once the whole
     report is rendered, index.html last); anything else in ``out_dir`` is left alone.
     """
-    from ..calibration.types import Calibration
     from ..calibration.core import calibrate
     from ..calibration.sigmafile import load_sigma
+    from ..calibration.types import Calibration
 
     out = Path(out_dir)
     sources = [item for item in (diff, sigma, robustness) if isinstance(item, (str, os.PathLike))]

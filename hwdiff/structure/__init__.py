@@ -33,6 +33,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..errors import SemanticsError  # noqa: F401  (hwdiff.structure.SemanticsError: defined here before errors.py held every exception)
+
 # every name the module had before it became a package, and the part that holds it now
 _EXPORTS = {
     "FINAL_NORM": "norms",
@@ -138,5 +140,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(_EXPORTS)
-
-from ..errors import SemanticsError  # noqa: F401  (hwdiff.structure.SemanticsError: defined here before errors.py held every exception)

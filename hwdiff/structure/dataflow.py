@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
-from ..errors import HwdiffError
-from .norms import is_decoder_layer_name, is_layernorm, is_norm, norm_specs_from_names
-from .kinds import module_kind
-from .semantics import _takes_residual
 
+from ..errors import HwdiffError
+from .kinds import module_kind
+from .norms import is_decoder_layer_name, is_layernorm, is_norm, norm_specs_from_names
+from .semantics import _takes_residual
 
 # ------------------------------------------------------------------------------------------------
 # Data flow: every norm's role, measured on one traced forward

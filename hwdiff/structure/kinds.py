@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 from typing import Any
-from .norms import _ACTIVATION_MODULES, _VLLM_ACTIVATIONS, _VLLM_LINEARS, is_decoder_layer_name, is_layernorm, is_norm
+
+from .norms import (
+    _ACTIVATION_MODULES,
+    _VLLM_ACTIVATIONS,
+    _VLLM_LINEARS,
+    is_decoder_layer_name,
+    is_layernorm,
+    is_norm,
+)
 
 
 # ------------------------------------------------------------------------------------------------

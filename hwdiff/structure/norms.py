@@ -4,8 +4,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
-from ..errors import HwdiffError
 
+from ..errors import HwdiffError
 
 KINDS = ("embedding", "rmsnorm", "layernorm", "linear", "attention", "mlp", "moe", "mixer", "router", "activation",
          "decoder_layer", "head", "other")

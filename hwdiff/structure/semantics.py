@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
 from ..errors import HwdiffError, SemanticsError
 from .norms import is_norm, norm_weight_effective
 

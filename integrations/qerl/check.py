@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
-from checkout import CheckFailed, patch_state as _patch_state, std_probe_torch  # noqa: E402
+from checkout import CheckFailed, std_probe_torch, patch_state as _patch_state  # noqa: E402, I001
 
 UPSTREAM_COMMIT = "e8c6e7979e8aed97ee93eaabeab899ad07fe7040"
 PATCH = HERE / "aqn-delivery.patch"

@@ -43,7 +43,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
-from checkout import CheckFailed, patch_state as _patch_state, std_probe_torch  # noqa: E402
+from checkout import CheckFailed, std_probe_torch, patch_state as _patch_state  # noqa: E402, I001
 
 UPSTREAM_COMMIT = "cfb21db5062f6092e70db67f53f77e80cd899cf3"
 PATCH = HERE / "aqn-delivery.patch"
@@ -176,8 +176,6 @@ def _bind(obj, text: str, tree: ast.Module, cls: str, names: tuple[str, ...], na
 def fork_modules(verl: Path):
     """``verl.utils.noise_injection`` imported from the checkout, with a σ probe for ``torch.normal``;
     ``omegaconf`` / ``verl.base_config`` / ``verl.utils.profiler`` stand-ins for rollout.py's imports."""
-    import torch
-
     spec = importlib.util.spec_from_file_location("verl.utils.noise_injection", verl / NOISE)
     noise = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(noise)
