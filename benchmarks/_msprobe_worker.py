@@ -1,4 +1,5 @@
 """Runs inside the msprobe virtual environment (see vs_msprobe.py): workload A under msprobe's L0 dump."""
+
 import json
 import shutil
 import statistics
@@ -30,8 +31,19 @@ def dump(m, task, path):
 
     shutil.rmtree(path, ignore_errors=True)
     config_path = work / f"msprobe-{task}.json"
-    config_path.write_text(json.dumps({"task": task, "dump_path": str(path), "rank": [], "step": [], "level": "L0",
-                                       "async_dump": False, task: {"scope": [], "list": [], "data_mode": ["forward"]}}))
+    config_path.write_text(
+        json.dumps(
+            {
+                "task": task,
+                "dump_path": str(path),
+                "rank": [],
+                "step": [],
+                "level": "L0",
+                "async_dump": False,
+                task: {"scope": [], "list": [], "data_mode": ["forward"]},
+            }
+        )
+    )
     debugger = PrecisionDebugger(config_path=str(config_path))
     start = time.perf_counter()
     debugger.start(model=m)
@@ -56,7 +68,9 @@ m = model("sdpa")
 forward(m)
 result = {"plain_forward_s": median_time(lambda: forward(m), repeats)}
 for task in ("tensor", "statistics"):
-    result[f"{task}_s"] = statistics.median(dump(m, task, work / f"msp-{task}") for _ in range(repeats))
+    result[f"{task}_s"] = statistics.median(
+        dump(m, task, work / f"msp-{task}") for _ in range(repeats)
+    )
 result["plain_forward_after_s"] = median_time(lambda: forward(m), repeats)
 for attn in ("sdpa", "eager"):
     dump(model(attn), "tensor", work / f"msp-{attn}")

@@ -8,6 +8,7 @@ Workload A's random Qwen2 (vocab 8192, hidden 512, 8 layers; saved by benchmarks
 forward over all batches and hwdiff's capture in stats and full mode, and full mode with lzf and
 gzip compression (time and bytes); medians, the previous file removed before the clock starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,27 +40,49 @@ def main() -> int:
     rows = []
     for size in args.sizes.split(","):
         sequences, tokens = map(int, size.split("x"))
-        ids = torch.randint(0, 8192, (sequences, tokens), generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(
+            0, 8192, (sequences, tokens), generator=torch.Generator().manual_seed(1)
+        )
         inputs = hwdiff.load_inputs(ids, max_tokens=None)
 
         def forward():
             with torch.no_grad():
                 for start in range(0, sequences, 2):
-                    model(input_ids=ids[start:start + 2], use_cache=False)
+                    model(input_ids=ids[start : start + 2], use_cache=False)
 
         forward()
-        row = {"sequences": sequences, "tokens": tokens, "plain_forward_s": vs_msprobe.timed(forward, args.repeats)}
+        row = {
+            "sequences": sequences,
+            "tokens": tokens,
+            "plain_forward_s": vs_msprobe.timed(forward, args.repeats),
+        }
         for mode in ("stats", "full"):
             path = args.work / f"scaling-{mode}.h5"
             row[f"{mode}_s"] = vs_msprobe.timed(
-                lambda: hwdiff.capture(model, path, inputs=inputs, mode=mode, batch_size=2, progress=False),
-                args.repeats, setup=lambda: path.unlink(missing_ok=True))
+                lambda: hwdiff.capture(
+                    model, path, inputs=inputs, mode=mode, batch_size=2, progress=False
+                ),
+                args.repeats,
+                setup=lambda: path.unlink(missing_ok=True),
+            )
             row[f"{mode}_ratio"] = row[f"{mode}_s"] / row["plain_forward_s"]
-        for compression in ("lzf", "gzip"):  # full mode, HDF5 filters with byte shuffle: lossless size
+        for compression in (
+            "lzf",
+            "gzip",
+        ):  # full mode, HDF5 filters with byte shuffle: lossless size
             path = args.work / f"scaling-{compression}.h5"
             row[f"full_{compression}_s"] = vs_msprobe.timed(
-                lambda: hwdiff.capture(model, path, inputs=inputs, batch_size=2, compression=compression,
-                                       progress=False), args.repeats, setup=lambda: path.unlink(missing_ok=True))
+                lambda: hwdiff.capture(
+                    model,
+                    path,
+                    inputs=inputs,
+                    batch_size=2,
+                    compression=compression,
+                    progress=False,
+                ),
+                args.repeats,
+                setup=lambda: path.unlink(missing_ok=True),
+            )
             row[f"full_{compression}_bytes"] = path.stat().st_size
         row["full_bytes"] = (args.work / "scaling-full.h5").stat().st_size
         rows.append(row)

@@ -15,6 +15,7 @@ a shared machine) are both reported, as medians and minima (the minimum is the l
 of one sequence row, 512 KiB) written to and read from an in-memory HDF5 file with and without
 Fletcher-32, minimum of --repeats runs: seconds per GB that the checksum adds to a write and a read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,22 +60,32 @@ def filter_cost(nbytes: int, repeats: int) -> dict[str, float]:
         for fletcher in (False, True):
             with h5py.File(f"mem-{fletcher}.h5", "w", driver="core", backing_store=False) as handle:
                 start = time.perf_counter()
-                dataset = handle.create_dataset("x", shape=data.shape, dtype=data.dtype, chunks=(1, 256, 512),
-                                                fletcher32=fletcher)
+                dataset = handle.create_dataset(
+                    "x",
+                    shape=data.shape,
+                    dtype=data.dtype,
+                    chunks=(1, 256, 512),
+                    fletcher32=fletcher,
+                )
                 for row in range(rows):
-                    dataset[row:row + 1] = data[row:row + 1]
+                    dataset[row : row + 1] = data[row : row + 1]
                 written = time.perf_counter() - start
                 start = time.perf_counter()
                 for row in range(rows):
-                    dataset[row:row + 1]
+                    dataset[row : row + 1]
                 read = time.perf_counter() - start
             for key, value in ((f"write_{fletcher}", written), (f"read_{fletcher}", read)):
                 best[key] = min(best.get(key, float("inf")), value)
     gb = data.nbytes / 1e9
-    return {"bytes": int(data.nbytes), "write_s": best["write_False"], "write_fletcher32_s": best["write_True"],
-            "read_s": best["read_False"], "read_fletcher32_s": best["read_True"],
-            "write_added_s_per_gb": (best["write_True"] - best["write_False"]) / gb,
-            "read_added_s_per_gb": (best["read_True"] - best["read_False"]) / gb}
+    return {
+        "bytes": int(data.nbytes),
+        "write_s": best["write_False"],
+        "write_fletcher32_s": best["write_True"],
+        "read_s": best["read_False"],
+        "read_fletcher32_s": best["read_True"],
+        "write_added_s_per_gb": (best["write_True"] - best["write_False"]) / gb,
+        "read_added_s_per_gb": (best["read_True"] - best["read_False"]) / gb,
+    }
 
 
 @contextlib.contextmanager
@@ -100,8 +111,12 @@ def main() -> int:
     models = {attn: load_model(args.work, attn) for attn in ("sdpa", "eager")}
     ids = models["sdpa"][1]
     inputs = hwdiff.load_inputs(ids, max_tokens=None)
-    times: dict[str, list[float]] = {f"{what}_{setting}{clock}": [] for what in ("capture", "diff")
-                                     for setting in ("on", "off") for clock in ("", "_cpu")}
+    times: dict[str, list[float]] = {
+        f"{what}_{setting}{clock}": []
+        for what in ("capture", "diff")
+        for setting in ("on", "off")
+        for clock in ("", "_cpu")
+    }
     sizes = {}
     for _ in range(args.repeats):
         for setting in ("on", "off"):
@@ -113,20 +128,34 @@ def main() -> int:
     pairs = {}
     for setting in ("on", "off"):
         with checksums(setting == "on"):
-            pairs[setting] = [hwdiff.capture(models[attn][0], args.work / f"{attn}-{setting}.h5", inputs=inputs,
-                                             batch_size=2, progress=False).path for attn in ("sdpa", "eager")]
+            pairs[setting] = [
+                hwdiff.capture(
+                    models[attn][0],
+                    args.work / f"{attn}-{setting}.h5",
+                    inputs=inputs,
+                    batch_size=2,
+                    progress=False,
+                ).path
+                for attn in ("sdpa", "eager")
+            ]
     hwdiff.diff(*pairs["on"], progress=False)  # warm-up: numba's kernels loaded from its cache
     for _ in range(args.repeats):
         for setting in ("on", "off"):
             with clocked(times, f"diff_{setting}"):
                 hwdiff.diff(*pairs[setting], progress=False)
     medians = {key: statistics.median(values) for key, values in times.items()}
-    result = {"repeats": args.repeats, "median_s": medians, "min_s": {k: min(v) for k, v in times.items()},
-              "all_s": times, "capture_bytes": sizes, "filter_cost": filter_cost(sizes["off"], args.repeats),
-              "capture_cost": medians["capture_on"] / medians["capture_off"] - 1,
-              "capture_cost_cpu": medians["capture_on_cpu"] / medians["capture_off_cpu"] - 1,
-              "diff_cost": medians["diff_on"] / medians["diff_off"] - 1,
-              "diff_cost_cpu": medians["diff_on_cpu"] / medians["diff_off_cpu"] - 1}
+    result = {
+        "repeats": args.repeats,
+        "median_s": medians,
+        "min_s": {k: min(v) for k, v in times.items()},
+        "all_s": times,
+        "capture_bytes": sizes,
+        "filter_cost": filter_cost(sizes["off"], args.repeats),
+        "capture_cost": medians["capture_on"] / medians["capture_off"] - 1,
+        "capture_cost_cpu": medians["capture_on_cpu"] / medians["capture_off_cpu"] - 1,
+        "diff_cost": medians["diff_on"] / medians["diff_off"] - 1,
+        "diff_cost_cpu": medians["diff_on_cpu"] / medians["diff_off_cpu"] - 1,
+    }
     print(json.dumps(result, indent=1))
     return 0
 

@@ -9,6 +9,7 @@ the uncompressed data and to msprobe's output dumps of workload A (docs/benchmar
 capture with each of ``hwdiff capture --compression`` is timed against the plain forward, in one process.
 Medians of --repeats. Writes docs/compression.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,24 @@ FILTERS = {
     "lzf (shuffle)": dict(compression="lzf", shuffle=True),
     "gzip 4 (shuffle)": dict(compression="gzip", shuffle=True),
     "gzip 1 (shuffle)": dict(compression="gzip", compression_opts=1, shuffle=True),
-    "blosc lz4 (byte shuffle)": dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)),
-    "blosc lz4 (bit shuffle) = --compression lz4": dict(hdf5plugin.Blosc(cname="lz4", clevel=5,
-                                                                          shuffle=hdf5plugin.Blosc.BITSHUFFLE)),
-    "blosc zstd 1 (byte shuffle)": dict(hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE)),
-    "blosc zstd 3 (bit shuffle)": dict(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.BITSHUFFLE)),
-    "blosc2 zstd 1 (byte shuffle) = --compression zstd": dict(hdf5plugin.Blosc2(cname="zstd", clevel=1,
-                                                                                 filters=hdf5plugin.Blosc2.SHUFFLE)),
-    "blosc2 lz4 (byte shuffle)": dict(hdf5plugin.Blosc2(cname="lz4", clevel=5, filters=hdf5plugin.Blosc2.SHUFFLE)),
+    "blosc lz4 (byte shuffle)": dict(
+        hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE)
+    ),
+    "blosc lz4 (bit shuffle) = --compression lz4": dict(
+        hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.BITSHUFFLE)
+    ),
+    "blosc zstd 1 (byte shuffle)": dict(
+        hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE)
+    ),
+    "blosc zstd 3 (bit shuffle)": dict(
+        hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.BITSHUFFLE)
+    ),
+    "blosc2 zstd 1 (byte shuffle) = --compression zstd": dict(
+        hdf5plugin.Blosc2(cname="zstd", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE)
+    ),
+    "blosc2 lz4 (byte shuffle)": dict(
+        hdf5plugin.Blosc2(cname="lz4", clevel=5, filters=hdf5plugin.Blosc2.SHUFFLE)
+    ),
     "bitshuffle lz4": dict(hdf5plugin.Bitshuffle(cname="lz4")),
     "zstd 1 (no shuffle)": dict(hdf5plugin.Zstd(clevel=1)),
 }
@@ -48,9 +59,11 @@ def outputs(path: Path) -> list[tuple[object, tuple]]:
     """(array as stored, chunk shape) of every stored module output of a capture."""
     found = []
     with h5py.File(path, "r") as handle:
+
         def visit(name, node):
             if isinstance(node, h5py.Dataset) and name.endswith("/output") and node.ndim >= 2:
                 found.append((node[()], node.chunks))
+
         handle["modules"].visititems(visit)
     return found
 
@@ -64,7 +77,9 @@ def measure(arrays, options: dict, work: Path, repeats: int) -> dict:
         start = time.perf_counter()
         with h5py.File(path, "w", libver=("v110", "v110"), rdcc_nbytes=0) as handle:
             for index, (array, chunks) in enumerate(arrays):
-                handle.create_dataset(str(index), data=array, chunks=chunks, fletcher32=True, **options)
+                handle.create_dataset(
+                    str(index), data=array, chunks=chunks, fletcher32=True, **options
+                )
         writes.append(time.perf_counter() - start)
         start = time.perf_counter()
         with h5py.File(path, "r", rdcc_nbytes=0) as handle:
@@ -73,8 +88,12 @@ def measure(arrays, options: dict, work: Path, repeats: int) -> dict:
         reads.append(time.perf_counter() - start)
     size = path.stat().st_size
     path.unlink()
-    return {"bytes": size, "of_raw": size / raw, "write_gb_s": raw / statistics.median(writes) / 1e9,
-            "read_gb_s": raw / statistics.median(reads) / 1e9}
+    return {
+        "bytes": size,
+        "of_raw": size / raw,
+        "write_gb_s": raw / statistics.median(writes) / 1e9,
+        "read_gb_s": raw / statistics.median(reads) / 1e9,
+    }
 
 
 def whole_captures(work: Path, repeats: int) -> dict:
@@ -96,8 +115,13 @@ def whole_captures(work: Path, repeats: int) -> dict:
     result = {"plain_forward_s": plain}
     path = work / "hw-compressed.h5"
     for name in (None, "lz4", "zstd", "lzf", "gzip"):
-        seconds = timed(lambda: hwdiff.capture(model, path, inputs=inputs, batch_size=2, progress=False,
-                                               compression=name), repeats, setup=lambda: path.unlink(missing_ok=True))
+        seconds = timed(
+            lambda: hwdiff.capture(
+                model, path, inputs=inputs, batch_size=2, progress=False, compression=name
+            ),
+            repeats,
+            setup=lambda: path.unlink(missing_ok=True),
+        )
         result[name or "none"] = {"ratio_to_forward": seconds / plain, "bytes": path.stat().st_size}
     return result
 
@@ -113,12 +137,23 @@ def main() -> int:
 
     import hwdiff
 
-    msprobe_bytes = json.loads((ROOT / "docs" / "benchmarks.json").read_text())["msprobe"]["tensor_dump_output_bytes"]
+    msprobe_bytes = json.loads((ROOT / "docs" / "benchmarks.json").read_text())["msprobe"][
+        "tensor_dump_output_bytes"
+    ]
     model, ids = load_model(args.work, "sdpa")
     bf16 = args.work / "hw-full-bf16.h5"
-    hwdiff.capture(model.to(torch.bfloat16), bf16, inputs=hwdiff.load_inputs(ids, max_tokens=None), batch_size=2,
-                   progress=False)
-    result = {"machine": {"cpus": os.cpu_count()}, "msprobe_output_bytes": msprobe_bytes, "filters": {}}
+    hwdiff.capture(
+        model.to(torch.bfloat16),
+        bf16,
+        inputs=hwdiff.load_inputs(ids, max_tokens=None),
+        batch_size=2,
+        progress=False,
+    )
+    result = {
+        "machine": {"cpus": os.cpu_count()},
+        "msprobe_output_bytes": msprobe_bytes,
+        "filters": {},
+    }
     for label, path in (("float32", args.work / "hw-full.h5"), ("bfloat16", bf16)):
         arrays = outputs(path)
         result["filters"][label] = {"raw_bytes": sum(a.nbytes for a, _ in arrays)}
@@ -126,8 +161,11 @@ def main() -> int:
             row = measure(arrays, options, args.work, args.repeats)
             row["of_msprobe_outputs"] = row["bytes"] / msprobe_bytes
             result["filters"][label][name] = row
-            print(f"{label:8s} {name:50s} {row['of_raw']:.3f} of raw, {row['of_msprobe_outputs']:.3f} of msprobe, "
-                  f"write {row['write_gb_s']:.2f} GB/s, read {row['read_gb_s']:.2f} GB/s", flush=True)
+            print(
+                f"{label:8s} {name:50s} {row['of_raw']:.3f} of raw, {row['of_msprobe_outputs']:.3f} of msprobe, "
+                f"write {row['write_gb_s']:.2f} GB/s, read {row['read_gb_s']:.2f} GB/s",
+                flush=True,
+            )
     result["captures"] = whole_captures(args.work, args.repeats)
     print(json.dumps(result["captures"], indent=1))
     args.out.write_text(json.dumps(result, indent=1))

@@ -9,6 +9,7 @@ stored activation of both files with h5py in the differ's block order, and `hwdi
 process — its first call (lazy imports and numba's cache loads included) and a second, warm one —
 whose peak RSS is read from the kernel (VmHWM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,13 @@ def read_all(paths: tuple[Path, Path]) -> float:
 
 def run_diff(paths: tuple[Path, Path]) -> tuple[float, float, float]:
     """(seconds of the first diff of a fresh process, of a second one in it, peak RSS in MB)."""
-    out = subprocess.run([sys.executable, "-c", DIFF_SNIPPET, *map(str, paths)], capture_output=True, text=True,
-                         check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", DIFF_SNIPPET, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     first, second, rss_kb = out.stdout.split()
     return float(first), float(second), float(rss_kb) / 1024
 
@@ -98,12 +104,24 @@ def main() -> int:
     read_s, diff_s = statistics.median(reads), statistics.median(d[0] for d in diffs)
     warm_s = statistics.median(d[1] for d in diffs)
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "files_bytes": [p.stat().st_size for p in paths], "repeats": args.repeats,
-        "read_both_s": read_s, "diff_s": diff_s, "diff_over_read": diff_s / read_s,
-        "diff_gb_per_s": size / diff_s / 1e9, "read_gb_per_s": size / read_s / 1e9,
-        "diff_warm_s": warm_s, "diff_warm_gb_per_s": size / warm_s / 1e9, "diff_warm_over_read": warm_s / read_s,
-        "diff_peak_rss_mb": max(d[2] for d in diffs), "all_read_s": reads, "all_diff": diffs,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "files_bytes": [p.stat().st_size for p in paths],
+        "repeats": args.repeats,
+        "read_both_s": read_s,
+        "diff_s": diff_s,
+        "diff_over_read": diff_s / read_s,
+        "diff_gb_per_s": size / diff_s / 1e9,
+        "read_gb_per_s": size / read_s / 1e9,
+        "diff_warm_s": warm_s,
+        "diff_warm_gb_per_s": size / warm_s / 1e9,
+        "diff_warm_over_read": warm_s / read_s,
+        "diff_peak_rss_mb": max(d[2] for d in diffs),
+        "all_read_s": reads,
+        "all_diff": diffs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -9,6 +9,7 @@ forward, medians of --repeats. torch and numba run on one thread each, so that n
 while it waits for another counts. --root imports hwdiff from another checkout (an earlier commit's
 tree), so that two versions can be measured alternately under the same load. Prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=HERE.parent, help="checkout whose hwdiff is measured")
+    parser.add_argument(
+        "--root", type=Path, default=HERE.parent, help="checkout whose hwdiff is measured"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/hwdiff-vs-msprobe"))
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
@@ -59,11 +62,22 @@ def main() -> int:
         return statistics.median(runs)
 
     forward()
-    result = {"hwdiff": str(Path(hwdiff.__file__).parent), "tokens": list(short.shape), "forward_cpu_s": cpu_seconds(forward)}
+    result = {
+        "hwdiff": str(Path(hwdiff.__file__).parent),
+        "tokens": list(short.shape),
+        "forward_cpu_s": cpu_seconds(forward),
+    }
     for mode in ("stats", "full"):
-        capture = lambda: hwdiff.capture(model, path, inputs=inputs, mode=mode, batch_size=2, progress=False)  # noqa: E731
+
+        def capture(mode=mode):
+            return hwdiff.capture(
+                model, path, inputs=inputs, mode=mode, batch_size=2, progress=False
+            )
+
         capture()
-        result[f"{mode}_overhead_cpu_s"] = cpu_seconds(capture, lambda: path.unlink(missing_ok=True)) - result["forward_cpu_s"]
+        result[f"{mode}_overhead_cpu_s"] = (
+            cpu_seconds(capture, lambda: path.unlink(missing_ok=True)) - result["forward_cpu_s"]
+        )
     path.unlink(missing_ok=True)
     result["loadavg"] = os.getloadavg()
     print(json.dumps(result))

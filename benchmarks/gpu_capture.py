@@ -12,6 +12,7 @@ are serial; the forward overlaps both). A cProfile of one stats capture (top 20 
 to show where a miss goes. Targets: stats ≤ 1.2×, sample ≤ 1.5× the plain forward, full ≤ 1.5 ×
 (forward + bound).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ def write_gb_s(nbytes: int, work: Path) -> float:
         path = work / "write.h5"
         start = time.perf_counter()
         with h5py.File(path, "w", libver=("v110", "v110"), rdcc_nbytes=0) as handle:
-            dataset = handle.create_dataset("x", shape=data.shape, dtype=data.dtype, chunks=(1, 2 << 20),
-                                            fletcher32=True)
+            dataset = handle.create_dataset(
+                "x", shape=data.shape, dtype=data.dtype, chunks=(1, 2 << 20), fletcher32=True
+            )
             for row in range(rows):
                 dataset[row] = data[row]
         with open(path, "rb+") as raw:
@@ -79,7 +81,9 @@ def write_gb_s(nbytes: int, work: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-capture")))
-    parser.add_argument("--work", type=Path, default=None, help="where captures are written (default: a temp dir)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="where captures are written (default: a temp dir)"
+    )
     parser.add_argument("--model", default="qwen2.5-1.5b-arch")
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512)
@@ -89,32 +93,53 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     model = hwdiff.load_model(args.model, device="cuda", dtype="bfloat16")
-    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.sequences, args.tokens))
+    ids = np.random.default_rng(0).integers(
+        0, model.config.vocab_size, (args.sequences, args.tokens)
+    )
     inputs = hwdiff.load_inputs(ids, max_tokens=None)
     device_ids = torch.from_numpy(ids).cuda()
     with torch.inference_mode():
         forward = lambda: model(input_ids=device_ids, use_cache=False)  # noqa: E731
         forward()
         plain = timed(forward, args.repeats)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [args.sequences, args.tokens],
-              "plain_forward_s": statistics.median(plain), "plain_forward_runs_s": plain}
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shape": [args.sequences, args.tokens],
+        "plain_forward_s": statistics.median(plain),
+        "plain_forward_runs_s": plain,
+    }
     path = work / "capture.h5"
     for mode in ("stats", "sample", "full"):
-        capture = lambda: hwdiff.capture(model, path, inputs=inputs, mode=mode,  # noqa: E731
-                                         batch_size=args.sequences, progress=False)
+
+        def capture(mode=mode):
+            return hwdiff.capture(
+                model, path, inputs=inputs, mode=mode, batch_size=args.sequences, progress=False
+            )
+
         capture()
         runs = timed(capture, args.repeats, setup=lambda: path.unlink(missing_ok=True))
-        result[mode] = {"capture_s": statistics.median(runs), "runs_s": runs, "bytes": path.stat().st_size,
-                        "ratio": statistics.median(runs) / result["plain_forward_s"]}
+        result[mode] = {
+            "capture_s": statistics.median(runs),
+            "runs_s": runs,
+            "bytes": path.stat().st_size,
+            "ratio": statistics.median(runs) / result["plain_forward_s"],
+        }
         print(mode, result[mode], flush=True)
     nbytes = result["full"]["bytes"]
     result["d2h_gb_s"], result["h5py_write_gb_s"] = d2h_gb_s(nbytes), write_gb_s(nbytes, work)
-    result["full_bound_s"] = nbytes / result["d2h_gb_s"] / 1e9 + nbytes / result["h5py_write_gb_s"] / 1e9
-    result["full_over_forward_plus_bound"] = result["full"]["capture_s"] / (result["plain_forward_s"] + result["full_bound_s"])
+    result["full_bound_s"] = (
+        nbytes / result["d2h_gb_s"] / 1e9 + nbytes / result["h5py_write_gb_s"] / 1e9
+    )
+    result["full_over_forward_plus_bound"] = result["full"]["capture_s"] / (
+        result["plain_forward_s"] + result["full_bound_s"]
+    )
     profiler = cProfile.Profile()
     path.unlink(missing_ok=True)
     profiler.enable()
-    hwdiff.capture(model, path, inputs=inputs, mode="stats", batch_size=args.sequences, progress=False)
+    hwdiff.capture(
+        model, path, inputs=inputs, mode="stats", batch_size=args.sequences, progress=False
+    )
     torch.cuda.synchronize()
     profiler.disable()
     text = io.StringIO()

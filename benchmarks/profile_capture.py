@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Profile one capture (after a warm-up capture): where does the time beyond the forward go?
 
-    python benchmarks/profile_capture.py --model qwen2.5-1.5b-arch --device cuda --mode stats
+python benchmarks/profile_capture.py --model qwen2.5-1.5b-arch --device cuda --mode stats
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ def main() -> int:
     parser.add_argument("--model", default="tiny-qwen2")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--modes", default="stats", help="comma-separated capture modes to profile in turn")
+    parser.add_argument(
+        "--modes", default="stats", help="comma-separated capture modes to profile in turn"
+    )
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--top", type=int, default=25)

@@ -15,6 +15,7 @@ written by this script):
     OMP_NUM_THREADS=1 python benchmarks/real_checkpoint.py --limit 8 \\
         --json docs/real-checkpoint.json --markdown docs/real-checkpoint.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,17 @@ from hwdiff.capturing.devices import cpu_name
 from hwdiff.compare.io import load_diff
 
 PAIRS = (
-    {"name": "bf16 sdpa vs bf16 eager", "ref": ("bfloat16", "sdpa", None), "tgt": ("bfloat16", "eager", None)},
+    {
+        "name": "bf16 sdpa vs bf16 eager",
+        "ref": ("bfloat16", "sdpa", None),
+        "tgt": ("bfloat16", "eager", None),
+    },
     {"name": "fp32 vs bf16", "ref": ("float32", "sdpa", None), "tgt": ("bfloat16", "sdpa", None)},
-    {"name": "bf16 vs bf16 --emulate bf16-block-accum (NPU-like)", "ref": ("bfloat16", "sdpa", None),
-     "tgt": ("bfloat16", "sdpa", ["bf16-block-accum"])},
+    {
+        "name": "bf16 vs bf16 --emulate bf16-block-accum (NPU-like)",
+        "ref": ("bfloat16", "sdpa", None),
+        "tgt": ("bfloat16", "sdpa", ["bf16-block-accum"]),
+    },
 )
 
 
@@ -61,13 +69,18 @@ def run_pair(spec: str, pair: dict, limit: int, root: Path, draws: int) -> dict:
     started = time.perf_counter()
     ref_model = hwdiff.load_model(spec, dtype=r_dtype, attn_implementation=r_attn)
     tgt_model = hwdiff.load_model(spec, dtype=t_dtype, attn_implementation=t_attn)
-    ref = hwdiff.capture(ref_model, root / "ref.h5", record_inputs=True, limit=limit, progress=False).path
-    tgt = hwdiff.capture(tgt_model, root / "tgt.h5", limit=limit, emulate=emulate, progress=False).path
+    ref = hwdiff.capture(
+        ref_model, root / "ref.h5", record_inputs=True, limit=limit, progress=False
+    ).path
+    tgt = hwdiff.capture(
+        tgt_model, root / "tgt.h5", limit=limit, emulate=emulate, progress=False
+    ).path
     local = hwdiff.replay(tgt_model, ref, root / "local.h5", emulate=emulate, progress=False).path
     result = hwdiff.diff(ref, tgt, local=local, out=root / "diff.h5", progress=False)
     loaded = load_diff(root / "diff.h5", arrays=False)
-    calibration = hwdiff.calibrate(root / "diff.h5", model=ref_model, verify=True, policy_check=True,
-                                   policy_draws=draws)
+    calibration = hwdiff.calibrate(
+        root / "diff.h5", model=ref_model, verify=True, policy_check=True, policy_draws=draws
+    )
     checked, policy = calibration.verify, calibration.policy
     noisy = [l.sigma_end for l in calibration.layers if l.sigma_end > 0]
     first = loaded.first_divergence
@@ -77,14 +90,28 @@ def run_pair(spec: str, pair: dict, limit: int, root: Path, draws: int) -> dict:
     return {
         "pair": pair["name"],
         "first_divergence": None if first is None else {"name": first.name, "rel_l2": first.rel_l2},
-        "worst_modules": [{"name": l.name, "rel_l2": float(l.metrics.rel_l2)}
-                          for l in [l for l in result.worst() if not l.alias_of][:3]],
-        "sigma_end": {"noisy_norms": len(noisy), "norms": len(calibration.layers),
-                      "min": min(noisy) if noisy else 0.0, "max": max(noisy) if noisy else 0.0,
-                      "median": calibration.schedule.sigma_end},
-        "verify": {"passed": checked.passed, "norms": len(ratios), "ratio_min": min(ratios) if ratios else None,
-                   "ratio_max": max(ratios) if ratios else None, "max_ratio_se": max(ses) if ses else None},
-        "rl_impact": {"positions": rl.positions, **{k: rl.value(k) for k in ("mean_abs", "k3_kl", "top1_agreement")}},
+        "worst_modules": [
+            {"name": l.name, "rel_l2": float(l.metrics.rel_l2)}
+            for l in [l for l in result.worst() if not l.alias_of][:3]
+        ],
+        "sigma_end": {
+            "noisy_norms": len(noisy),
+            "norms": len(calibration.layers),
+            "min": min(noisy) if noisy else 0.0,
+            "max": max(noisy) if noisy else 0.0,
+            "median": calibration.schedule.sigma_end,
+        },
+        "verify": {
+            "passed": checked.passed,
+            "norms": len(ratios),
+            "ratio_min": min(ratios) if ratios else None,
+            "ratio_max": max(ratios) if ratios else None,
+            "max_ratio_se": max(ses) if ses else None,
+        },
+        "rl_impact": {
+            "positions": rl.positions,
+            **{k: rl.value(k) for k in ("mean_abs", "k3_kl", "top1_agreement")},
+        },
         "policy_check": policy.to_dict(),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -119,22 +146,39 @@ def markdown(data: dict) -> str:
         worst = "<br>".join(f"`{w['name']}` ({w['rel_l2']:.3g})" for w in row["worst_modules"])
         s, v, rl = row["sigma_end"], row["verify"], row["rl_impact"]
         sigma = f"{s['min']:.3g} – {s['max']:.3g}, median {s['median']:.3g} ({s['noisy_norms']} of {s['norms']})"
-        check = ("no noisy norm" if v["ratio_min"] is None else
-                 f"{'PASS' if v['passed'] else 'FAIL'} {v['ratio_min']:.3f} – {v['ratio_max']:.3f} over {v['norms']} "
-                 f"norms (largest standard error {100 * (v['max_ratio_se'] or 0):.1f} %)")
-        impact = (f"{rl['mean_abs']:.3g}, {rl['k3_kl']:.3g}, {rl['top1_agreement']:.4f} "
-                  f"({rl['positions']} positions)")
+        check = (
+            "no noisy norm"
+            if v["ratio_min"] is None
+            else f"{'PASS' if v['passed'] else 'FAIL'} {v['ratio_min']:.3f} – {v['ratio_max']:.3f} over {v['norms']} "
+            f"norms (largest standard error {100 * (v['max_ratio_se'] or 0):.1f} %)"
+        )
+        impact = (
+            f"{rl['mean_abs']:.3g}, {rl['k3_kl']:.3g}, {rl['top1_agreement']:.4f} "
+            f"({rl['positions']} positions)"
+        )
         ratio = row["policy_check"]["ratio"]["mean_abs"]
-        policy = ("no ratio" if ratio.get("value") is None else
-                  f"{ratio['value']:.3g} ({ratio['low']:.3g} – {ratio['high']:.3g}); K3 "
-                  + ("no ratio" if row["policy_check"]["ratio"]["k3_kl"].get("value") is None else
-                     f"{row['policy_check']['ratio']['k3_kl']['value']:.3g}"))
-        lines.append(f"| {row['pair']} | {first_text} | {worst} | {sigma} | {check} | {impact} | {policy} | "
-                     f"{row['seconds']} |")
-    lines += ["", "Reading the policy check: a ratio above 1 means the calibrated noise, injected at every norm at "
-              "once, moves the policy's next-token log-probabilities more than the hardware pair does; below 1, "
-              "less. The per-norm verify (each σ_end alone, at its sub-block) and the policy check (all at once, at "
-              "the output) answer different questions: both are reported, only the verify gates `--strict`.", ""]
+        policy = (
+            "no ratio"
+            if ratio.get("value") is None
+            else f"{ratio['value']:.3g} ({ratio['low']:.3g} – {ratio['high']:.3g}); K3 "
+            + (
+                "no ratio"
+                if row["policy_check"]["ratio"]["k3_kl"].get("value") is None
+                else f"{row['policy_check']['ratio']['k3_kl']['value']:.3g}"
+            )
+        )
+        lines.append(
+            f"| {row['pair']} | {first_text} | {worst} | {sigma} | {check} | {impact} | {policy} | "
+            f"{row['seconds']} |"
+        )
+    lines += [
+        "",
+        "Reading the policy check: a ratio above 1 means the calibrated noise, injected at every norm at "
+        "once, moves the policy's next-token log-probabilities more than the hardware pair does; below 1, "
+        "less. The per-norm verify (each σ_end alone, at its sub-block) and the policy check (all at once, at "
+        "the output) answer different questions: both are reported, only the verify gates `--strict`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -155,11 +199,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="hwdiff-real-") as tmp:
             rows.append(run_pair(args.model, pair, args.limit, Path(tmp), args.draws))
             print(json.dumps(rows[-1]), flush=True)
-    data = {"model": args.model, "model_fingerprint": model_info(hwdiff.load_model(args.model)).fingerprint,
-            "limit": args.limit, "policy_draws": args.draws, "cpu": cpu_model(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-            "hwdiff": hwdiff.__version__, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "pairs": rows}
+    data = {
+        "model": args.model,
+        "model_fingerprint": model_info(hwdiff.load_model(args.model)).fingerprint,
+        "limit": args.limit,
+        "policy_draws": args.draws,
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "hwdiff": hwdiff.__version__,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pairs": rows,
+    }
     args.json.write_text(json.dumps(data, indent=1) + "\n")
     args.markdown.write_text(markdown(data))
 

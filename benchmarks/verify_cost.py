@@ -7,6 +7,7 @@ with the seconds, the ratio, torch's thread count and the CPU model (numbers dep
 
     python benchmarks/verify_cost.py --model smollm2-135m --out docs/verify-cost.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def main() -> None:
         sdpa = hwdiff.load_model(args.model, dtype="bfloat16", attn_implementation="sdpa")
         eager = hwdiff.load_model(args.model, dtype="bfloat16", attn_implementation="eager")
         started = time.perf_counter()
-        reference = hwdiff.capture(sdpa, root / "ref.h5", record_inputs=True, limit=args.limit, progress=False).path
+        reference = hwdiff.capture(
+            sdpa, root / "ref.h5", record_inputs=True, limit=args.limit, progress=False
+        ).path
         capture_s = time.perf_counter() - started
         target = hwdiff.capture(eager, root / "tgt.h5", limit=args.limit, progress=False).path
         local = hwdiff.replay(eager, reference, root / "local.h5", progress=False).path
@@ -48,12 +51,24 @@ def main() -> None:
         started = time.perf_counter()
         checked = verify(calibration, sdpa)
         verify_s = time.perf_counter() - started
-    result = {"model": args.model, "prompts": args.limit, "pair": "bf16 sdpa vs bf16 eager, CPU",
-              "capture_s": round(capture_s, 2), "calibrate_measured_s": round(calibrate_s, 2),
-              "verify_s": round(verify_s, 2), "calibrate_and_verify_over_capture": round((calibrate_s + verify_s) / capture_s, 2),
-              "verify_over_capture": round(verify_s / capture_s, 2), "verify_passed": checked.passed,
-              "ratios": [round(min(l.ratio for l in checked.layers), 3), round(max(l.ratio for l in checked.layers), 3)],
-              "torch_threads": torch.get_num_threads(), "cpu": cpu_model(), "hwdiff": hwdiff.__version__}
+    result = {
+        "model": args.model,
+        "prompts": args.limit,
+        "pair": "bf16 sdpa vs bf16 eager, CPU",
+        "capture_s": round(capture_s, 2),
+        "calibrate_measured_s": round(calibrate_s, 2),
+        "verify_s": round(verify_s, 2),
+        "calibrate_and_verify_over_capture": round((calibrate_s + verify_s) / capture_s, 2),
+        "verify_over_capture": round(verify_s / capture_s, 2),
+        "verify_passed": checked.passed,
+        "ratios": [
+            round(min(l.ratio for l in checked.layers), 3),
+            round(max(l.ratio for l in checked.layers), 3),
+        ],
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "hwdiff": hwdiff.__version__,
+    }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -2,6 +2,7 @@
 
 The public API; heavy dependencies (torch, transformers, h5py) load on first use of a name.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -60,7 +61,9 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # hwdiff.aqn, hwdiff.capturing, ... as in the docs
+    if (
+        importlib.util.find_spec(f"{__name__}.{name}") is not None
+    ):  # hwdiff.aqn, hwdiff.capturing, ... as in the docs
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hwdiff' has no attribute {name!r}")
 

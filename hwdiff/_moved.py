@@ -5,6 +5,7 @@
 so a monkeypatch through either name is seen by both — and warns with a :class:`DeprecationWarning`
 naming the new path. The table is the whole story; docs/design.md ("Layout") says why each moved.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -56,7 +57,9 @@ MOVED: dict[str, str] = {
 class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Answers ``hwdiff.<old>`` with ``hwdiff.<new>`` (and warns); everything else passes by."""
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         old = fullname.partition("hwdiff.")[2] if fullname.startswith("hwdiff.") else ""
         if old not in MOVED:
             return None
@@ -65,14 +68,19 @@ class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         old = spec.name.partition("hwdiff.")[2]
         new = f"hwdiff.{MOVED[old]}"
-        warnings.warn(f"{spec.name} moved to {new}: import it from there (the old path goes in a later release)",
-                      DeprecationWarning, stacklevel=4)
+        warnings.warn(
+            f"{spec.name} moved to {new}: import it from there (the old path goes in a later release)",
+            DeprecationWarning,
+            stacklevel=4,
+        )
         module = importlib.import_module(new)
         self._real_spec = module.__spec__
         return module
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = self._real_spec  # the import system set the old name's spec on the shared module
+        module.__spec__ = (
+            self._real_spec
+        )  # the import system set the old name's spec on the shared module
 
 
 def install() -> None:

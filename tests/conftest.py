@@ -28,5 +28,11 @@ def tiny_bf16():
 def run_cli(*args, cwd=None, timeout=300):
     """Run ``python -m hwdiff ARGS`` in a subprocess; returns the CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "hwdiff", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hwdiff", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )

@@ -1,6 +1,7 @@
 """``python -m hwdiff`` for torchrun tests, where the rank named by ``HWDIFF_TEST_KILL_RANK`` kills
 itself with SIGKILL right after its first batch (a rank that dies mid-capture, as an out-of-memory
 kill would). Used by tests/test_distributed.py only; the library has no such hook."""
+
 import os
 import signal
 import sys

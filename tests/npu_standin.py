@@ -30,6 +30,7 @@ is installed), more than one device. See docs/npu-standin.md.
 PrivateUse1 name, hooks and guard cannot be unregistered in a process, so tests use it in a
 dedicated worker process (tests/test_npu.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,13 +57,21 @@ class NpuTensor(torch.Tensor):
     """A tensor on ``npu:0`` that wraps a CPU tensor (``raw``) and runs every op on it."""
 
     raw: torch.Tensor
-    __torch_function__ = torch._C._disabled_torch_function_impl  # results keep their own type (.cpu() is CPU)
+    __torch_function__ = (
+        torch._C._disabled_torch_function_impl
+    )  # results keep their own type (.cpu() is CPU)
 
     @staticmethod
     def __new__(cls, raw: torch.Tensor) -> "NpuTensor":
         wrapper = torch.Tensor._make_wrapper_subclass(
-            cls, raw.shape, strides=raw.stride(), storage_offset=raw.storage_offset(), dtype=raw.dtype,
-            device=torch.device(NPU, 0), requires_grad=raw.requires_grad)
+            cls,
+            raw.shape,
+            strides=raw.stride(),
+            storage_offset=raw.storage_offset(),
+            dtype=raw.dtype,
+            device=torch.device(NPU, 0),
+            requires_grad=raw.requires_grad,
+        )
         wrapper.raw = raw
         return wrapper
 
@@ -70,10 +79,16 @@ class NpuTensor(torch.Tensor):
         return f"NpuTensor({self.raw!r})"
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_dispatch__(
+        cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is torch.ops.aten.copy_.default and not isinstance(args[0], NpuTensor):
-            return _device_to_host(args[0], args[1], bool(args[2]) if len(args) > 2 else kwargs.get("non_blocking", False))
+            return _device_to_host(
+                args[0],
+                args[1],
+                bool(args[2]) if len(args) > 2 else kwargs.get("non_blocking", False),
+            )
         if any(isinstance(v, torch.device) and v.type == "cpu" for v in (*args, *kwargs.values())):
             STREAM.synchronize()  # to("cpu") and kin: a blocking copy to the host waits for the stream
             return func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
@@ -106,9 +121,13 @@ def _rewrap(value: Any, inputs: dict, func: Any) -> Any:
     same = inputs.get(id(value))
     if same is None:
         return NpuTensor(value)
-    if same.shape != value.shape or same.stride() != value.stride():  # out= / in-place resize: cannot follow
-        raise RuntimeError(f"npu stand-in: {func} changed the shape of an npu tensor in place; register "
-                           "a PrivateUse1 kernel for it in tests/npu_standin.py")
+    if (
+        same.shape != value.shape or same.stride() != value.stride()
+    ):  # out= / in-place resize: cannot follow
+        raise RuntimeError(
+            f"npu stand-in: {func} changed the shape of an npu tensor in place; register "
+            "a PrivateUse1 kernel for it in tests/npu_standin.py"
+        )
     return same
 
 
@@ -128,7 +147,10 @@ class _Stream:
 
     def complete(self, upto: int) -> None:
         """Land every copy enqueued before the ``upto``-th."""
-        with self._lock, torch.inference_mode():  # the device writes the buffer: no autograd rules apply
+        with (
+            self._lock,
+            torch.inference_mode(),
+        ):  # the device writes the buffer: no autograd rules apply
             while self.completed < upto:
                 host, value = self._pending.pop(0)
                 host.copy_(value)
@@ -157,18 +179,24 @@ def _pinned_empty(original: Callable) -> Callable:
     def empty(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
         tensor = original(*args, **kwargs)
         if pin_memory:
-            tensor.fill_(float("nan") if tensor.is_floating_point() else
-                         (True if tensor.dtype == torch.bool else torch.iinfo(tensor.dtype).max))
+            tensor.fill_(
+                float("nan")
+                if tensor.is_floating_point()
+                else (True if tensor.dtype == torch.bool else torch.iinfo(tensor.dtype).max)
+            )
             _PINNED[id(tensor)] = tensor
             COUNTS["pinned_buffers"] += 1
         return tensor
+
     return empty
 
 
 class Event:
     """torch_npu.npu.Event: ``record`` marks the stream's position, ``synchronize`` waits for it."""
 
-    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+    def __init__(
+        self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False
+    ) -> None:
         self._mark: int | None = None
 
     def record(self, stream: Any = None) -> None:
@@ -300,13 +328,16 @@ def _torch_npu_module(behaviour: dict) -> types.ModuleType:
     c_ext._npu_setOption, c_ext._npu_getOption = OPTIONS.set, OPTIONS.get
     package.version, package._C = version, c_ext
     package.npu = _npu_module(behaviour)
-    package.npu_fusion_attention = _no_kernel("npu_fusion_attention")  # transformers imports it on Ascend
+    package.npu_fusion_attention = _no_kernel(
+        "npu_fusion_attention"
+    )  # transformers imports it on Ascend
     return package
 
 
 def _no_kernel(name: str) -> Callable:
     def kernel(*_: Any, **__: Any) -> Any:
         raise NotImplementedError(f"torch_npu.{name}: the npu stand-in has no Ascend kernels")
+
     return kernel
 
 
@@ -335,7 +366,9 @@ def _register_privateuse1() -> None:
     if _PROCESS_WIDE:
         return
     torch.utils.rename_privateuse1_backend(NPU)
-    torch.utils.generate_methods_for_privateuse1_backend(for_tensor=True, for_module=True, for_storage=False)
+    torch.utils.generate_methods_for_privateuse1_backend(
+        for_tensor=True, for_module=True, for_storage=False
+    )
     torch._C._acc.register_python_privateuseone_hook(_Hooks())
     torch._C._acc.register_python_privateuseone_device_guard(_Guard())
     _PROCESS_WIDE = True
@@ -343,15 +376,24 @@ def _register_privateuse1() -> None:
 
 def _factory(op: Any) -> Callable:
     """A PrivateUse1 kernel for a factory: build on the CPU, wrap."""
+
     def kernel(*args: Any, **kwargs: Any) -> NpuTensor:
         kwargs = {**kwargs, "device": torch.device("cpu")}
         kwargs.pop("pin_memory", None)
         return NpuTensor(op(*args, **kwargs))
+
     return kernel
 
 
-_FACTORIES = ("empty.memory_format", "empty_strided", "arange", "arange.start", "arange.start_step",
-              "scalar_tensor", "linspace")
+_FACTORIES = (
+    "empty.memory_format",
+    "empty_strided",
+    "arange",
+    "arange.start",
+    "arange.start_step",
+    "scalar_tensor",
+    "linspace",
+)
 
 
 def _kernels() -> torch.library.Library:
@@ -380,7 +422,11 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         package = self.state.package()
         if spec.name == "torch_npu":
             return package
-        return {"torch_npu.npu": package.npu, "torch_npu.version": package.version, "torch_npu._C": package._C}[spec.name]
+        return {
+            "torch_npu.npu": package.npu,
+            "torch_npu.version": package.version,
+            "torch_npu._C": package._C,
+        }[spec.name]
 
     def exec_module(self, module: types.ModuleType) -> None:
         if module.__name__ == "torch_npu":
@@ -431,8 +477,12 @@ def _default_cann(module: str = "CANN") -> str:
 
 
 @contextlib.contextmanager
-def installed(*, get_cann_version: Callable[..., str] | None = _default_cann, torch_version_cann: str = "not known",
-              broken: str | None = None) -> Iterator[None]:
+def installed(
+    *,
+    get_cann_version: Callable[..., str] | None = _default_cann,
+    torch_version_cann: str = "not known",
+    broken: str | None = None,
+) -> Iterator[None]:
     """Make ``import torch_npu`` find the stand-in for the ``with`` block (``broken``: its import
     raises ImportError with that message, as a torch_npu without CANN libraries does).
     ``get_cann_version`` (None: absent, as in older torch_npu) and ``torch_version_cann`` replace
@@ -441,7 +491,9 @@ def installed(*, get_cann_version: Callable[..., str] | None = _default_cann, to
         if name in sys.modules:
             raise RuntimeError(f"{name} is already imported: the stand-in would not be what runs")
     options = dict(OPTIONS.values)
-    state = _State({"get_cann_version": get_cann_version, "torch_version_cann": torch_version_cann}, broken)
+    state = _State(
+        {"get_cann_version": get_cann_version, "torch_version_cann": torch_version_cann}, broken
+    )
     sys.meta_path.insert(0, state.finder)
     try:
         yield

@@ -1,4 +1,5 @@
 """apply_schedule on a vLLM-style module tree: class names, fused modules, weight syncs."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,9 @@ from hwdiff.errors import HwdiffError
 H, LAYERS = 4096, 3  # wide norms: the std of 4096 draws is within 2% of σ
 
 
-class RMSNorm(torch.nn.Module):  # vLLM's class name and call signature: norm(x) or norm(x, residual)
+class RMSNorm(
+    torch.nn.Module
+):  # vLLM's class name and call signature: norm(x) or norm(x, residual)
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(hidden))
@@ -56,7 +59,10 @@ class Qwen2ForCausalLM(torch.nn.Module):  # vLLM's tree: model.layers.N.*, model
 
 def _calibration(multipliers: dict[str, float]) -> Calibration:
     schedule = SigmaSchedule(2e-2, 2e-4, 10)
-    layers = tuple(LayerSigma(name, None, None, 0.0, 0.0, 1.0, 1.0, m * 2e-4, m * 2e-2, m) for name, m in multipliers.items())
+    layers = tuple(
+        LayerSigma(name, None, None, 0.0, 0.0, 1.0, 1.0, m * 2e-4, m * 2e-2, m)
+        for name, m in multipliers.items()
+    )
     return Calibration(layers, schedule, "local", "output-rms", "given")
 
 
@@ -82,7 +88,9 @@ def test_apply_schedule_hits_exactly_the_vllm_style_norms_with_qerls_stage_sigma
         for name, module in find_norms(model):
             expected = multipliers[name] * stage_sigma
             assert sigmas[name] == pytest.approx(expected, rel=1e-12)
-            realized = float((module.weight.detach() - clean[name]).std())  # from the clean weights: no accumulation
+            realized = float(
+                (module.weight.detach() - clean[name]).std()
+            )  # from the clean weights: no accumulation
             assert realized == pytest.approx(expected, rel=0.05, abs=1e-12), (name, step)
     fused = [n for n, m in model.named_modules() if type(m).__name__.endswith("ParallelLinear")]
     assert len(fused) == 2 * LAYERS and not set(fused) & set(names)

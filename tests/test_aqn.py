@@ -29,8 +29,15 @@ class ForeignModel(torch.nn.Module):
     def __init__(self, layers=3, hidden=16):
         super().__init__()
         self.layers = torch.nn.ModuleList(
-            torch.nn.ModuleDict({"input_layernorm": RMSNorm(hidden), "post_attention_layernorm": AscendRMSNorm(hidden),
-                                 "proj": torch.nn.Linear(hidden, hidden)}) for _ in range(layers))
+            torch.nn.ModuleDict(
+                {
+                    "input_layernorm": RMSNorm(hidden),
+                    "post_attention_layernorm": AscendRMSNorm(hidden),
+                    "proj": torch.nn.Linear(hidden, hidden),
+                }
+            )
+            for _ in range(layers)
+        )
         self.norm = AscendRMSNorm(hidden)
 
 
@@ -66,7 +73,9 @@ def test_apply_resamples_from_clean_weights_and_restore_is_bit_exact(tiny_bf16, 
             injector.apply(seed=1)
             first = tiny_bf16.model.norm.weight.clone()
             injector.apply(seed=1)
-            assert torch.equal(first, tiny_bf16.model.norm.weight)  # same seed, same noise: nothing accumulated
+            assert torch.equal(
+                first, tiny_bf16.model.norm.weight
+            )  # same seed, same noise: nothing accumulated
             injector.apply(seed=2)
             assert not torch.equal(first, tiny_bf16.model.norm.weight)
     assert f"applied noise to {2 * L + 1} RMSNorm layers" in caplog.text
@@ -94,7 +103,9 @@ def test_bf16_rounds_away_a_small_sigma_with_a_warning(tiny_bf16, caplog):
     assert "rounded away" in caplog.text
 
 
-@pytest.mark.parametrize("dtype, bits", [("bfloat16", 8), ("float16", 11)])  # significand bits, the implicit one too
+@pytest.mark.parametrize(
+    "dtype, bits", [("bfloat16", 8), ("float16", 11)]
+)  # significand bits, the implicit one too
 def test_the_exact_changed_fraction_agrees_with_the_injectors_draw(dtype, bits):
     """calibrate's rounding check (hwdiff.calibration.rounding.changed_fraction, exact) and check_effectiveness
     (aqn.effectiveness, one draw of the injector's noise) answer the same question two ways: on the same
@@ -102,20 +113,41 @@ def test_the_exact_changed_fraction_agrees_with_the_injectors_draw(dtype, bits):
     n = 120_000
     # planted: w = 1.5 and -0.75 sit mid-binade (half an ulp either side: 2^-bits, 2^-(bits+1)); w = 1.0
     # starts a binade (half an ulp above, 2^-bits, a quarter below); σ = 2^-bits
-    sigma = 2.0 ** -bits
-    halves = {1.5: (sigma, sigma), -0.75: (sigma / 2, sigma / 2), 1.0: (sigma / 2, sigma)}  # w: (below, above)
+    sigma = 2.0**-bits
+    halves = {
+        1.5: (sigma, sigma),
+        -0.75: (sigma / 2, sigma / 2),
+        1.0: (sigma / 2, sigma),
+    }  # w: (below, above)
     planted = np.repeat(np.array(list(halves), dtype=np.float32), n // len(halves))
     # P(w + σz leaves [w - below, w + above]) = (erfc(below/σ√2) + erfc(above/σ√2)) / 2
-    expected = np.mean([0.5 * (math.erfc(lo / (sigma * math.sqrt(2))) + math.erfc(hi / (sigma * math.sqrt(2))))
-                        for lo, hi in halves.values()])
+    expected = np.mean(
+        [
+            0.5 * (math.erfc(lo / (sigma * math.sqrt(2))) + math.erfc(hi / (sigma * math.sqrt(2))))
+            for lo, hi in halves.values()
+        ]
+    )
     assert changed_fraction(planted, sigma, dtype) == pytest.approx(expected, abs=1e-12)
     torch_dtype = getattr(torch, dtype)
-    cases = [(planted, sigma)] + [(np.asarray(torch.tensor(1 + 0.1 * np.random.default_rng(5).standard_normal(n))
-                                              .to(torch_dtype).float()), sigma * factor) for factor in (0.25, 1, 4)]
+    cases = [(planted, sigma)] + [
+        (
+            np.asarray(
+                torch.tensor(1 + 0.1 * np.random.default_rng(5).standard_normal(n))
+                .to(torch_dtype)
+                .float()
+            ),
+            sigma * factor,
+        )
+        for factor in (0.25, 1, 4)
+    ]
     for seed, (weights, s) in enumerate(cases):
         exact = changed_fraction(weights, s, dtype)
-        drawn = effectiveness("w", torch.from_numpy(weights), s, torch_dtype, seed=seed).changed_frac
-        se = math.sqrt(exact * (1 - exact) / weights.size)  # each element changes or not: at most binomial
+        drawn = effectiveness(
+            "w", torch.from_numpy(weights), s, torch_dtype, seed=seed
+        ).changed_frac
+        se = math.sqrt(
+            exact * (1 - exact) / weights.size
+        )  # each element changes or not: at most binomial
         assert 0.02 < exact < 0.98 and abs(drawn - exact) < 4 * se, (s, exact, drawn, se)
 
 

@@ -1,5 +1,6 @@
 """Calibration truth: planted σ recovered against numbers computed here (numpy), verify that can fail,
 exports that the verl fork reads as intended."""
+
 import logging
 import math
 
@@ -29,7 +30,14 @@ from hwdiff.store import open_capture
 from .conftest import L, run_cli
 
 CAP = dict(limit=8, max_tokens=48, batch_size=4, progress=False)
-OUTLIERS = (3, 40, 77, 128, 190, 250)  # residual channels ×20: ~90% of x̂'s power in 6 of 256 channels
+OUTLIERS = (
+    3,
+    40,
+    77,
+    128,
+    190,
+    250,
+)  # residual channels ×20: ~90% of x̂'s power in 6 of 256 channels
 
 
 def _concentrated_model(dtype: str):
@@ -40,7 +48,9 @@ def _concentrated_model(dtype: str):
         model.model.embed_tokens.weight[:, list(OUTLIERS)] *= 20
         for _, norm in find_norms(model):
             weight = rng.lognormal(-0.5, 0.6, norm.weight.shape[0])
-            weight[list(OUTLIERS)] = 0.02  # as in real LLMs: small norm weights on the outlier channels
+            weight[list(OUTLIERS)] = (
+                0.02  # as in real LLMs: small norm weights on the outlier channels
+            )
             norm.weight.copy_(torch.from_numpy(weight))
     return model.to(getattr(torch, dtype))
 
@@ -51,9 +61,9 @@ def _effective_sigma(clean_path, name, delta_w, eps=1e-6):
         x = cap.activation(name, slot="input").astype(np.float64)
         mask = cap.attention_mask.astype(bool)
     x = x[mask]  # [real tokens, channels]
-    x_hat = x / np.sqrt((x ** 2).mean(axis=1, keepdims=True) + eps)
-    power = (x_hat ** 2).sum(axis=0)
-    return float(np.sqrt((delta_w ** 2 * power).sum() / power.sum()))
+    x_hat = x / np.sqrt((x**2).mean(axis=1, keepdims=True) + eps)
+    power = (x_hat**2).sum(axis=0)
+    return float(np.sqrt((delta_w**2 * power).sum() / power.sum()))
 
 
 def _plant(root, dtype, sigmas):
@@ -117,7 +127,9 @@ def test_calibrate_asks_for_the_gains_it_uses(fp32_plant):
     assert result.conversion == "output-rms" and asked == [norms_to_probe(root / "diff.h5")]
     request = asked[0]
     assert request.reference == str(root / "clean.h5")
-    assert {name for name, _ in request.norms} == {l.name for l in result.layers if l.target_error > 0}
+    assert {name for name, _ in request.norms} == {
+        l.name for l in result.layers if l.target_error > 0
+    }
     assert all(block == result.layer(name).sub_block for name, block in request.norms)
     with pytest.raises(HwdiffError, match="verify needs the model"):
         hwdiff.calibrate(root / "diff.h5", verify=True)
@@ -134,35 +146,55 @@ def test_sigma_start_rule_is_bounded_and_stated(fp32_plant, caplog):
     result = calibrate(root / "diff.h5")
     w_rms = np.median([l.weight_rms for l in result.layers])
     assert result.schedule.sigma_start <= 0.05 * w_rms * (1 + 1e-12)
-    assert result.schedule.sigma_start == pytest.approx(min(100 * result.schedule.sigma_end, 0.05 * w_rms))
+    assert result.schedule.sigma_start == pytest.approx(
+        min(100 * result.schedule.sigma_end, 0.05 * w_rms)
+    )
     assert "0.05 x median rms(w_eff)" in result.start_rule
     for layer in result.layers:  # verl's structure: every norm = multiplier × the global schedule
         assert layer.sigma_start == pytest.approx(layer.multiplier * result.schedule.sigma_start)
     start, _, warnings = start_rule(1e-3, 1.0, sigma_start=0.2)
     assert start == 0.2 and "above QeRL's range" in warnings[0]
     text = format_calibration(result)
-    assert all(name in text for name in QERL_PRESETS) and "0.05 -> 0.0005" in text and "0.01 -> 0.0001" in text
+    assert (
+        all(name in text for name in QERL_PRESETS)
+        and "0.05 -> 0.0005" in text
+        and "0.01 -> 0.0001" in text
+    )
 
 
 def test_rounding_check_matches_a_monte_carlo_and_warns(bf16_plant):
     rng = np.random.default_rng(3)
     w = torch.tensor(rng.lognormal(0, 0.5, 4000) * rng.choice([-1, 1], 4000), dtype=torch.bfloat16)
     for sigma in (5e-4, 4e-3, 2e-2):
-        draws = [((w.float() + torch.randn(w.shape) * sigma).bfloat16() != w).double().mean().item() for _ in range(20)]
-        assert changed_fraction(w.float().numpy(), sigma, "bfloat16") == pytest.approx(np.mean(draws), abs=0.01)
+        draws = [
+            ((w.float() + torch.randn(w.shape) * sigma).bfloat16() != w).double().mean().item()
+            for _ in range(20)
+        ]
+        assert changed_fraction(w.float().numpy(), sigma, "bfloat16") == pytest.approx(
+            np.mean(draws), abs=0.01
+        )
     # at 1.0 the spacing is 2^-7 above and 2^-8 below: P(|z| beyond 1.95e-3 downwards) = Phi(-3.9) = 4.7e-5
-    assert changed_fraction(np.ones(8, np.float32), 5e-4, "bfloat16") == pytest.approx(0.5 * math.erfc(3.90625 / math.sqrt(2)), rel=1e-6)
+    assert changed_fraction(np.ones(8, np.float32), 5e-4, "bfloat16") == pytest.approx(
+        0.5 * math.erfc(3.90625 / math.sqrt(2)), rel=1e-6
+    )
     *_, root = bf16_plant
     result = calibrate(root / "diff.h5", num_stages=10)
     assert result.rounding_dtype == "bfloat16" and len(result.rounding) == 9
     changed = [r.min_changed for r in result.rounding]
     assert changed == sorted(changed, reverse=True)  # σ decays stage by stage
-    last = result.rounding[-1]  # Monte Carlo of the injector's own scheme on the weakest norm's stored weights
+    last = result.rounding[
+        -1
+    ]  # Monte Carlo of the injector's own scheme on the weakest norm's stored weights
     with open_capture(root / "clean.h5") as cap:
         stored = torch.from_numpy(cap.weight(last.weakest)).bfloat16()
     sigma = last.sigma * result.layer(last.weakest).multiplier
-    draws = [((stored.float() + torch.randn(stored.shape) * sigma).bfloat16() != stored).double().mean().item()
-             for _ in range(50)]
+    draws = [
+        ((stored.float() + torch.randn(stored.shape) * sigma).bfloat16() != stored)
+        .double()
+        .mean()
+        .item()
+        for _ in range(50)
+    ]
     assert last.min_changed == pytest.approx(np.mean(draws), abs=0.03)
     assert any("rounded away" in w for w in result.warnings) == any(c < 0.5 for c in changed)
 
@@ -176,17 +208,45 @@ def test_sigma_file_schema_and_round_trip(fp32_plant, tmp_path):
     assert data["schedule"]["num_stages"] == 8 and len(data["schedule"]["values"]) == 7
     assert data["provenance"]["reference"]["device"] == "cpu"
     layer = data["layers"]["model.layers.2.input_layernorm"]
-    assert {"target_error", "output_rms", "weight_rms", "sigma_start", "sigma_end", "multiplier"} <= set(layer)
+    assert {
+        "target_error",
+        "output_rms",
+        "weight_rms",
+        "sigma_start",
+        "sigma_end",
+        "multiplier",
+    } <= set(layer)
     loaded = load_sigma(path)
-    assert loaded.layer("model.norm").sigma_end == pytest.approx(result.layer("model.norm").sigma_end)
+    assert loaded.layer("model.norm").sigma_end == pytest.approx(
+        result.layer("model.norm").sigma_end
+    )
     assert loaded.rounding == result.rounding and loaded.start_rule == result.start_rule
 
 
 def test_old_schema_1_files_are_read(tmp_path):
-    old = {"schema": "hwdiff/sigma/1", "method": "local", "conversion": "rms",
-           "schedule": {"kind": "qerl-code", "sigma_start": 0.1, "sigma_end": 0.001, "num_stages": 10, "factor": 100},
-           "layers": {"model.norm": {"layer_index": None, "sub_block": "lm_head", "measured_error": 0.001,
-                                     "weight_rms": 1.0, "sigma_start": 0.1, "sigma_end": 0.001, "multiplier": 1.0}}}
+    old = {
+        "schema": "hwdiff/sigma/1",
+        "method": "local",
+        "conversion": "rms",
+        "schedule": {
+            "kind": "qerl-code",
+            "sigma_start": 0.1,
+            "sigma_end": 0.001,
+            "num_stages": 10,
+            "factor": 100,
+        },
+        "layers": {
+            "model.norm": {
+                "layer_index": None,
+                "sub_block": "lm_head",
+                "measured_error": 0.001,
+                "weight_rms": 1.0,
+                "sigma_start": 0.1,
+                "sigma_end": 0.001,
+                "multiplier": 1.0,
+            }
+        },
+    }
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
     loaded = load_sigma(tmp_path / "old.yaml")
     assert loaded.conversion == "output-rms" and loaded.layer("model.norm").sigma_end == 0.001
@@ -208,8 +268,15 @@ def sdpa_vs_eager(tmp_path_factory):
     """The demo's pair, smaller: bf16 sdpa vs eager attention, replay, diff --local."""
     root = tmp_path_factory.mktemp("demo")
     small = dict(limit=4, max_tokens=32, batch_size=4, progress=False)
-    paths = [hwdiff.capture(hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation=attn),
-                            root / f"{attn}.h5", record_inputs=True, **small).path for attn in ("sdpa", "eager")]
+    paths = [
+        hwdiff.capture(
+            hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation=attn),
+            root / f"{attn}.h5",
+            record_inputs=True,
+            **small,
+        ).path
+        for attn in ("sdpa", "eager")
+    ]
     eager = hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation="eager")
     local = hwdiff.replay(eager, paths[0], root / "local.h5", progress=False).path
     hwdiff.diff(*paths, local=local, out=root / "diff.h5", progress=False)
@@ -223,16 +290,22 @@ def test_verify_measures_at_the_sub_block_and_can_fail(sdpa_vs_eager):
     model = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")
     result = calibrate(root / "diff.h5")
     attention_norms = [l for l in result.layers if l.sigma_end > 0]
-    assert {l.name.rsplit(".", 1)[-1] for l in attention_norms} == {"input_layernorm"}  # only attention differs
+    assert {l.name.rsplit(".", 1)[-1] for l in attention_norms} == {
+        "input_layernorm"
+    }  # only attention differs
     check = verify(result, model)
     assert [c.measured_at for c in check.layers] == [l.sub_block for l in attention_norms]
     assert all(c.measured_at.endswith("self_attn") for c in check.layers)
     ratios = [c.ratio for c in check.layers]
     assert check.passed and all(0.67 <= r <= 1.5 for r in ratios)
-    for c, layer in zip(check.layers, attention_norms):  # fp32 copy: the realized σ is the nominal one
+    for c, layer in zip(
+        check.layers, attention_norms
+    ):  # fp32 copy: the realized σ is the nominal one
         assert c.realized_sigma == pytest.approx(layer.sigma_end, rel=0.2)
-    wrong = dataclasses.replace(result, layers=tuple(dataclasses.replace(l, sigma_end=3 * l.sigma_end)
-                                                     for l in result.layers))
+    wrong = dataclasses.replace(
+        result,
+        layers=tuple(dataclasses.replace(l, sigma_end=3 * l.sigma_end) for l in result.layers),
+    )
     failed = verify(wrong, model)
     assert not failed.passed and all(c.ratio > 1.5 for c in failed.layers)
 
@@ -244,8 +317,13 @@ def test_verify_without_the_reference_capture_runs_whole_model_forwards(sdpa_vs_
     import dataclasses
 
     result = calibrate(sdpa_vs_eager / "diff.h5")
-    gone = dict(result.provenance, reference=dict(result.provenance["reference"], path="/nonexistent/ref.h5"))
-    moved = dataclasses.replace(result, provenance=gone, unreproduced=("model.layers.9.input_layernorm",))
+    gone = dict(
+        result.provenance,
+        reference=dict(result.provenance["reference"], path="/nonexistent/ref.h5"),
+    )
+    moved = dataclasses.replace(
+        result, provenance=gone, unreproduced=("model.layers.9.input_layernorm",)
+    )
     check = verify(moved, hwdiff.load_model("tiny-qwen2", dtype="bfloat16"), seeds=2)
     assert "reference capture was not at hand" in check.method
     assert [c.name for c in check.layers] == [l.name for l in result.layers if l.sigma_end > 0]
@@ -255,32 +333,54 @@ def test_verify_without_the_reference_capture_runs_whole_model_forwards(sdpa_vs_
 
 def test_cli_verify_strict_fails_on_a_wrong_sigma(sdpa_vs_eager, tmp_path):
     root = sdpa_vs_eager
-    good = run_cli("calibrate", root / "diff.h5", "-o", tmp_path / "good.yaml", "--verify", "--strict", "-q")
+    good = run_cli(
+        "calibrate", root / "diff.h5", "-o", tmp_path / "good.yaml", "--verify", "--strict", "-q"
+    )
     assert good.returncode == 0, good.stderr
     assert "verify: PASS" in good.stdout and "at self_attn" in good.stdout
     data = yaml.safe_load((tmp_path / "good.yaml").read_text())
     assert data["verify"]["passed"] and set(data["verify"]["layers"]) == {
-        n for n, e in data["layers"].items() if e["sigma_end"] > 0}
+        n for n, e in data["layers"].items() if e["sigma_end"] > 0
+    }
     for entry in data["layers"].values():
         entry["sigma_end"] *= 3
     (tmp_path / "x3.yaml").write_text(yaml.safe_dump(data))
-    bad = run_cli("calibrate", root / "diff.h5", "--sigma", tmp_path / "x3.yaml", "-o", tmp_path / "checked.yaml",
-                  "--verify", "--strict", "-q")
+    bad = run_cli(
+        "calibrate",
+        root / "diff.h5",
+        "--sigma",
+        tmp_path / "x3.yaml",
+        "-o",
+        tmp_path / "checked.yaml",
+        "--verify",
+        "--strict",
+        "-q",
+    )
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "verify: FAIL" in bad.stdout and bad.stderr.count("hwdiff: error:") == 1 and "Traceback" not in bad.stderr
+    assert (
+        "verify: FAIL" in bad.stdout
+        and bad.stderr.count("hwdiff: error:") == 1
+        and "Traceback" not in bad.stderr
+    )
 
 
 def test_verl_export_of_a_real_calibration_names_every_norm(sdpa_vs_eager, tmp_path, caplog):
     result = calibrate(sdpa_vs_eager / "diff.h5")
     with caplog.at_level(logging.WARNING):
-        block = yaml.safe_load(export(result, "verl", tmp_path / "verl.yaml").read_text())["trainer"]["noise_injection"]
+        block = yaml.safe_load(export(result, "verl", tmp_path / "verl.yaml").read_text())[
+            "trainer"
+        ]["noise_injection"]
     assert "never copies layer_sigma_config" in caplog.text and "aqn-delivery.patch" in caplog.text
     noisy = {l.name for l in result.layers if l.sigma_end > 0}
     assert set(block["target_modules"]) == noisy  # full names, never the fork's automatic mode
-    assert set(block["exclude_patterns"]) == {l.name for l in result.layers if l.sigma_end == 0} | set(result.skipped)
+    assert set(block["exclude_patterns"]) == {
+        l.name for l in result.layers if l.sigma_end == 0
+    } | set(result.skipped)
     pairs = dict(block["layer_sigma_config"]["norm_multipliers"])
     for name in noisy:  # each norm's own σ_end over the exported global σ_end
-        assert pairs[name] * block["sigma_end"] == pytest.approx(result.layer(name).sigma_end, rel=1e-12)
+        assert pairs[name] * block["sigma_end"] == pytest.approx(
+            result.layer(name).sigma_end, rel=1e-12
+        )
     overrides = hydra_overrides(result)
     assert all(line.lstrip("'").startswith("++trainer.noise_injection.") for line in overrides)
     assert "++trainer.noise_injection.epoch_aware=False" in overrides
@@ -298,13 +398,17 @@ def test_verl_export_with_two_noisy_classes_reaches_the_fork_per_norm(fp32_plant
     *_, root = fp32_plant
     result = calibrate(root / "diff.h5")
     assert len({structure.norm_class(l.name) for l in result.layers if l.sigma_end > 0}) >= 2
-    spec = importlib.util.spec_from_file_location("hwdiff_verl_check_c", ROOT / "integrations/verl/check.py")
+    spec = importlib.util.spec_from_file_location(
+        "hwdiff_verl_check_c", ROOT / "integrations/verl/check.py"
+    )
     check = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = check
     spec.loader.exec_module(check)
     fork = tmp_path / "verl"
     shutil.copytree(ROOT / "integrations/verl/upstream", fork)
-    subprocess.run(["git", "apply", str(ROOT / "integrations/verl/aqn-delivery.patch")], cwd=fork, check=True)
+    subprocess.run(
+        ["git", "apply", str(ROOT / "integrations/verl/aqn-delivery.patch")], cwd=fork, check=True
+    )
     model = hwdiff.load_model("tiny-qwen2", dtype="float32")
     assert check.check(fork, result, model)[-1].startswith("ok:")
 
@@ -312,7 +416,9 @@ def test_verl_export_with_two_noisy_classes_reaches_the_fork_per_norm(fp32_plant
 def test_cli_refused_export_writes_nothing(fp32_plant, tmp_path):
     *_, root = fp32_plant
     out = tmp_path / "sigma.yaml"
-    proc = run_cli("calibrate", root / "diff.h5", "-o", out, "--export", "verl", "--schedule", "linear", "-q")
+    proc = run_cli(
+        "calibrate", root / "diff.h5", "-o", out, "--export", "verl", "--schedule", "linear", "-q"
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.count("hwdiff: error:") == 1 and "verl export refused" in proc.stderr
     assert not out.exists() and not out.with_suffix(".verl.yaml").exists()
@@ -321,7 +427,9 @@ def test_cli_refused_export_writes_nothing(fp32_plant, tmp_path):
 def test_bad_inputs_are_clear_errors(tmp_path, fp32_plant):
     *_, root = fp32_plant
     model = hwdiff.load_model("tiny-qwen2")
-    linear_only = [hwdiff.capture(model, tmp_path / f"{i}.h5", kinds="linear", **CAP).path for i in range(2)]
+    linear_only = [
+        hwdiff.capture(model, tmp_path / f"{i}.h5", kinds="linear", **CAP).path for i in range(2)
+    ]
     hwdiff.diff(*linear_only, out=tmp_path / "nonorm.h5", progress=False)
     with pytest.raises(HwdiffError, match="no RMSNorm outputs"):
         calibrate(tmp_path / "nonorm.h5")
@@ -342,15 +450,23 @@ def test_bad_inputs_are_clear_errors(tmp_path, fp32_plant):
 def test_cli_calibrate_and_aqn_check(tmp_path, fp32_plant):
     *_, root = fp32_plant
     out = tmp_path / "sigma.yaml"
-    proc = run_cli("calibrate", root / "diff.h5", "-o", out, "--export", "verl", "--export", "qerl", "-q")
+    proc = run_cli(
+        "calibrate", root / "diff.h5", "-o", out, "--export", "verl", "--export", "qerl", "-q"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "++trainer.noise_injection.sigma_end=" in proc.stdout
-    assert out.exists() and out.with_suffix(".verl.yaml").exists() and out.with_suffix(".qerl.yaml").exists()
+    assert (
+        out.exists()
+        and out.with_suffix(".verl.yaml").exists()
+        and out.with_suffix(".qerl.yaml").exists()
+    )
     check = run_cli("aqn-check", "--model", "tiny-qwen2", "--sigma", out, "--dtype", "bfloat16")
     assert check.returncode == 0, check.stderr
     assert f"matched {2 * L + 1} RMSNorm layers" in check.stdout
     bad = run_cli("calibrate", tmp_path / "missing.h5", "-o", tmp_path / "x.yaml")
-    assert bad.returncode == 2 and "no such diff file" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 2 and "no such diff file" in bad.stderr and "Traceback" not in bad.stderr
+    )
 
 
 def test_law_note_never_calls_a_measured_norm_error_zero():
@@ -358,9 +474,21 @@ def test_law_note_never_calls_a_measured_norm_error_zero():
     described as having zero error; one whose error lives only in its sub-block is."""
     from hwdiff.calibration import LayerSigma, _law_missing
 
-    own = LayerSigma("model.layers.0.self_attn.q_norm", 0, None, 2.3e-3, 0.0, 1.0, 1.0, 2.4e-3, 0.05, 1.0)
-    block_only = LayerSigma("model.layers.0.input_layernorm", 0, "model.layers.0.self_attn", 0.0, 4e-3, 1.0, 1.0,
-                            4e-3, 0.05, 1.0)
+    own = LayerSigma(
+        "model.layers.0.self_attn.q_norm", 0, None, 2.3e-3, 0.0, 1.0, 1.0, 2.4e-3, 0.05, 1.0
+    )
+    block_only = LayerSigma(
+        "model.layers.0.input_layernorm",
+        0,
+        "model.layers.0.self_attn",
+        0.0,
+        4e-3,
+        1.0,
+        1.0,
+        4e-3,
+        0.05,
+        1.0,
+    )
     silent = LayerSigma("model.norm", None, None, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
     assert "zero" not in _law_missing(own, "") and "not fitted" in _law_missing(own, "")
     assert "own local error is zero" in _law_missing(block_only, "")

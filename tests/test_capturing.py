@@ -34,15 +34,21 @@ def _plain_hook_outputs(model, cap, batch_size, slot="output", device="cpu"):
             if slot == "input":
                 tensor = args[0] if args else kwargs["hidden_states"]
             seen.setdefault(name, []).append(tensor.detach().clone())
+
         return fn
 
-    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m, _ in select_modules(model)]
+    handles = [
+        m.register_forward_hook(hook(n), with_kwargs=True) for n, m, _ in select_modules(model)
+    ]
     try:
         ids = torch.from_numpy(cap.input_ids).to(device)
         mask = torch.from_numpy(cap.attention_mask).to(device)
         with torch.inference_mode():
             for start in range(0, len(ids), batch_size):
-                model(input_ids=ids[start:start + batch_size], attention_mask=mask[start:start + batch_size])
+                model(
+                    input_ids=ids[start : start + batch_size],
+                    attention_mask=mask[start : start + batch_size],
+                )
     finally:
         for handle in handles:
             handle.remove()
@@ -65,14 +71,27 @@ def test_every_stored_activation_equals_a_plain_forward_hook(request, tmp_path, 
                 assert np.array_equal(cap.activation(name, slot="input"), expected_in[name]), name
 
 
-def test_two_bf16_captures_are_bit_identical_and_share_fingerprints_with_fp32(tmp_path, tiny_bf16, tiny_fp32):
+def test_two_bf16_captures_are_bit_identical_and_share_fingerprints_with_fp32(
+    tmp_path, tiny_bf16, tiny_fp32
+):
     paths = [hwdiff.capture(tiny_bf16, tmp_path / f"bf16-{i}.h5", **SMALL).path for i in range(2)]
     fp32 = hwdiff.capture(tiny_fp32, tmp_path / "fp32.h5", **SMALL).path
-    with hwdiff.open_capture(paths[0]) as a, hwdiff.open_capture(paths[1]) as b, \
-            hwdiff.open_capture(fp32) as c:
+    with (
+        hwdiff.open_capture(paths[0]) as a,
+        hwdiff.open_capture(paths[1]) as b,
+        hwdiff.open_capture(fp32) as c,
+    ):
         assert a.meta["dtype"] == "bfloat16" and c.meta["dtype"] == "float32"
-        assert a.meta["model_fingerprint"] == b.meta["model_fingerprint"] == c.meta["model_fingerprint"]
-        assert a.meta["inputs_fingerprint"] == b.meta["inputs_fingerprint"] == c.meta["inputs_fingerprint"]
+        assert (
+            a.meta["model_fingerprint"]
+            == b.meta["model_fingerprint"]
+            == c.meta["model_fingerprint"]
+        )
+        assert (
+            a.meta["inputs_fingerprint"]
+            == b.meta["inputs_fingerprint"]
+            == c.meta["inputs_fingerprint"]
+        )
         with h5py.File(paths[0]) as ha, h5py.File(paths[1]) as hb:
             for name in a.modules:
                 raw_a, raw_b = ha[f"modules/{name}/0/output"], hb[f"modules/{name}/0/output"]
@@ -86,7 +105,9 @@ def test_capture_lists_2l_plus_1_norms_with_their_weights(tmp_path, tiny_bf16):
         assert len(cap.modules) == 2 * L + 1
         assert all(info.kind == "rmsnorm" and info.has_weight for info in cap.modules.values())
         weight = cap.weight("model.layers.2.post_attention_layernorm")
-        assert np.array_equal(weight, tiny_bf16.model.layers[2].post_attention_layernorm.weight.float().numpy())
+        assert np.array_equal(
+            weight, tiny_bf16.model.layers[2].post_attention_layernorm.weight.float().numpy()
+        )
 
 
 def test_a_tensor_returned_by_two_modules_is_stored_once_as_a_link(tmp_path, tiny_fp32):
@@ -97,12 +118,16 @@ def test_a_tensor_returned_by_two_modules_is_stored_once_as_a_link(tmp_path, tin
         assert link.path == "/modules/model.layers.0.self_attn.o_proj/0/output"
     with hwdiff.open_capture(path) as cap:
         assert cap.modules["model.layers.0.mlp"].alias_of == "model.layers.0.mlp.down_proj/0/output"
-        assert np.array_equal(cap.activation("model.layers.0.mlp"), cap.activation("model.layers.0.mlp.down_proj"))
+        assert np.array_equal(
+            cap.activation("model.layers.0.mlp"), cap.activation("model.layers.0.mlp.down_proj")
+        )
 
 
 def test_sample_mode_keeps_the_stored_positions_of_each_sequence(tmp_path, tiny_fp32):
     full = hwdiff.capture(tiny_fp32, tmp_path / "full.h5", **SMALL).path
-    sampled = hwdiff.capture(tiny_fp32, tmp_path / "s.h5", mode="sample", tokens=5, seed=3, **SMALL).path
+    sampled = hwdiff.capture(
+        tiny_fp32, tmp_path / "s.h5", mode="sample", tokens=5, seed=3, **SMALL
+    ).path
     with hwdiff.open_capture(full) as f, hwdiff.open_capture(sampled) as s:
         positions = s.sample_positions
         assert positions.shape == (6, 5)
@@ -123,7 +148,11 @@ def test_stats_mode_stores_float64_statistics_only(tmp_path, tiny_bf16):
             values = f.activation(name).astype(np.float64)
             got = s.stats(name)
             assert set(got) == set(STATS_FIELDS)
-            assert got["count"] == values.size and got["max"] == values.max() and got["min"] == values.min()
+            assert (
+                got["count"] == values.size
+                and got["max"] == values.max()
+                and got["min"] == values.min()
+            )
             assert got["mean"] == pytest.approx(values.mean(), rel=1e-12)
             assert got["std"] == pytest.approx(values.std(), rel=1e-9)
         with pytest.raises(HwdiffError, match="statistics, not activations"):
@@ -185,8 +214,12 @@ def test_a_capture_killed_midway_leaves_nothing_a_reader_accepts(tmp_path):
         model.model.layers[3].register_forward_hook(stall)
         hwdiff.capture(model, {str(target)!r}, limit=8, max_tokens=24, batch_size=2, progress=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert proc.stdout.readline().strip() == "stalled"
     finally:
@@ -247,12 +280,16 @@ def test_writer_queue_bounds_host_memory(tmp_path, tiny_fp32):
     writer.finish()
     assert writer._queued_bytes == 0
     with hwdiff.open_capture(tmp_path / "w.h5") as cap:
-        assert np.array_equal(cap.activation("lm_head"),
-                              tiny_fp32(input_ids=torch.from_numpy(inputs.input_ids)).logits.detach().numpy())
+        assert np.array_equal(
+            cap.activation("lm_head"),
+            tiny_fp32(input_ids=torch.from_numpy(inputs.input_ids)).logits.detach().numpy(),
+        )
 
 
 @pytest.mark.parametrize("mode", ["full", "stats", "sample"])
-def test_cpu_captures_write_synchronously_and_match_the_writer_thread(monkeypatch, tmp_path, tiny_bf16, mode):
+def test_cpu_captures_write_synchronously_and_match_the_writer_thread(
+    monkeypatch, tmp_path, tiny_bf16, mode
+):
     """On the CPU the hooks write without copies; the writer-thread path (used on accelerators)
     must store the very same bits and statistics."""
     import hwdiff.capturing.run as capturing  # where capture() looks CaptureWriter up
@@ -266,20 +303,32 @@ def test_cpu_captures_write_synchronously_and_match_the_writer_thread(monkeypatc
             made.append(self.synchronous)
 
     monkeypatch.setattr(capturing, "CaptureWriter", Recording)
-    direct = hwdiff.capture(tiny_bf16, tmp_path / "direct.h5", mode=mode, record_inputs=True, **SMALL).path
-    monkeypatch.setattr(capturing, "CaptureWriter",
-                        lambda *args, **kwargs: Recording(*args, **{**kwargs, "synchronous": False}))
-    threaded = hwdiff.capture(tiny_bf16, tmp_path / "threaded.h5", mode=mode, record_inputs=True, **SMALL).path
+    direct = hwdiff.capture(
+        tiny_bf16, tmp_path / "direct.h5", mode=mode, record_inputs=True, **SMALL
+    ).path
+    monkeypatch.setattr(
+        capturing,
+        "CaptureWriter",
+        lambda *args, **kwargs: Recording(*args, **{**kwargs, "synchronous": False}),
+    )
+    threaded = hwdiff.capture(
+        tiny_bf16, tmp_path / "threaded.h5", mode=mode, record_inputs=True, **SMALL
+    ).path
     assert made == [True, False]
     with h5py.File(direct) as a, h5py.File(threaded) as b:
         names = []
         a["modules"].visit(names.append)
         datasets = [n for n in names if isinstance(a["modules"][n], h5py.Dataset)]
-        assert datasets and datasets == [n for n in _visit(b["modules"]) if isinstance(b["modules"][n], h5py.Dataset)]
+        assert datasets and datasets == [
+            n for n in _visit(b["modules"]) if isinstance(b["modules"][n], h5py.Dataset)
+        ]
         for name in datasets:
             x, y = a["modules"][name], b["modules"][name]
-            assert np.array_equal(x[...], y[...], equal_nan=x.dtype.kind == "f") if x.dtype.names is None \
-                else x[...].tobytes() == y[...].tobytes(), name
+            assert (
+                np.array_equal(x[...], y[...], equal_nan=x.dtype.kind == "f")
+                if x.dtype.names is None
+                else x[...].tobytes() == y[...].tobytes()
+            ), name
             assert dict(x.attrs) == dict(y.attrs), name
 
 
@@ -303,7 +352,9 @@ def test_an_activation_changed_in_place_after_its_hook_is_stored_as_it_was(tmp_p
 
     model = Doubles()
     inputs = hwdiff.load_inputs(limit=2, max_tokens=8)
-    path = hwdiff.capture(model, tmp_path / "c.h5", inputs=inputs, modules="inner", progress=False).path
+    path = hwdiff.capture(
+        model, tmp_path / "c.h5", inputs=inputs, modules="inner", progress=False
+    ).path
     with hwdiff.open_capture(path) as cap, torch.no_grad():
         ids = torch.from_numpy(cap.input_ids)
         expected = model.inner(ids.float()[..., None].expand(*ids.shape, 4) / 256).numpy()
@@ -321,13 +372,19 @@ def test_stats_reduced_on_device_travel_in_one_copy_per_forward(tmp_path, tiny_b
     real_to_host = hooks.to_host
     monkeypatch.setattr(hooks, "_batched_stats", lambda tensor: True)
     monkeypatch.setattr(hooks, "to_host", lambda *t: copies.append(t[0].shape) or real_to_host(*t))
-    stats = hwdiff.capture(tiny_bf16, tmp_path / "st.h5", mode="stats", logprobs=False, **SMALL).path
+    stats = hwdiff.capture(
+        tiny_bf16, tmp_path / "st.h5", mode="stats", logprobs=False, **SMALL
+    ).path
     with hwdiff.open_capture(full) as f, hwdiff.open_capture(stats) as s:
         stored = [name for name in s.modules if s.modules[name].alias_of is None]
         assert copies == [(len(stored), 9)] * 2  # -(-6 // 4) forwards, one [slots, 9] buffer each
         for name in stored:
             values = f.activation(name).astype(np.float64)
             got = s.stats(name)
-            assert got["count"] == values.size and got["max"] == values.max() and got["min"] == values.min(), name
+            assert (
+                got["count"] == values.size
+                and got["max"] == values.max()
+                and got["min"] == values.min()
+            ), name
             assert got["mean"] == pytest.approx(values.mean(), rel=1e-9, abs=1e-12), name
-            assert got["rms"] == pytest.approx(np.sqrt(np.mean(values ** 2)), rel=1e-9), name
+            assert got["rms"] == pytest.approx(np.sqrt(np.mean(values**2)), rel=1e-9), name

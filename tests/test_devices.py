@@ -36,7 +36,12 @@ def test_cpu_description_records_versions_and_numerics_flags():
     info = describe(torch.device("cpu"))
     assert info["device"] == "cpu" and info["device_name"]
     assert info["torch_version"] == torch.__version__
-    for flag in ("cuda_matmul_allow_tf32", "cudnn_allow_tf32", "deterministic_algorithms", "cpu_threads"):
+    for flag in (
+        "cuda_matmul_allow_tf32",
+        "cudnn_allow_tf32",
+        "deterministic_algorithms",
+        "cpu_threads",
+    ):
         assert flag in info
     assert all(isinstance(value, (bool, int, float, str)) for value in info.values())
 

@@ -15,23 +15,32 @@ CONTAINERS = {"decoder_layer"}
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     model = hwdiff.load_model("tiny-qwen2", dtype="float32")
-    path = hwdiff.capture(model, tmp_path_factory.mktemp("emu") / "clean.h5", record_inputs=True, **CAP).path
+    path = hwdiff.capture(
+        model, tmp_path_factory.mktemp("emu") / "clean.h5", record_inputs=True, **CAP
+    ).path
     return model, path
 
 
-@pytest.mark.parametrize("profile, perturbed", [
-    ("aqn:sigma=0.01", {"rmsnorm"}),
-    ("bf16-truncate", {"linear", "head", "attention", "mlp"}),
-    ("bf16-block-accum:block=32", {"linear", "head", "attention", "mlp"}),
-    ("approx-silu", {"activation", "mlp"}),
-    ("rmsnorm-order", {"rmsnorm"}),
-])
+@pytest.mark.parametrize(
+    "profile, perturbed",
+    [
+        ("aqn:sigma=0.01", {"rmsnorm"}),
+        ("bf16-truncate", {"linear", "head", "attention", "mlp"}),
+        ("bf16-block-accum:block=32", {"linear", "head", "attention", "mlp"}),
+        ("approx-silu", {"activation", "mlp"}),
+        ("rmsnorm-order", {"rmsnorm"}),
+    ],
+)
 def test_each_profile_is_localized_by_replay_and_diff(tmp_path, clean, profile, perturbed):
     model, reference = clean
-    local = hwdiff.replay(model, reference, tmp_path / "local.h5", emulate=[profile], progress=False).path
+    local = hwdiff.replay(
+        model, reference, tmp_path / "local.h5", emulate=[profile], progress=False
+    ).path
     result = hwdiff.diff(reference, local, progress=False)
     with_error = {layer.kind for layer in result.outputs if not layer.exact}
-    assert with_error == perturbed | CONTAINERS  # the perturbed modules and the layers that contain them
+    assert (
+        with_error == perturbed | CONTAINERS
+    )  # the perturbed modules and the layers that contain them
     for layer in result.outputs:  # every module of a perturbed kind is hit, nothing else is
         assert layer.exact == (layer.kind not in perturbed | CONTAINERS), layer.name
     with hwdiff.open_capture(local) as cap:
@@ -58,34 +67,66 @@ def test_truncation_clears_the_low_bits_toward_zero(clean):
     bits = truncated.contiguous().view(torch.int32)
     assert (bits & 0xFFFF).eq(0).all()
     assert (truncated.abs() <= reference.abs()).all()
-    assert ((reference - truncated).abs() <= reference.abs() * 2.0 ** -7).all()
+    assert ((reference - truncated).abs() <= reference.abs() * 2.0**-7).all()
 
 
 def test_capture_records_the_profile(tmp_path):
     model = hwdiff.load_model("tiny-qwen2")
-    path = hwdiff.capture(model, tmp_path / "e.h5", emulate=["bf16-block-accum:block=16"], **CAP).path
+    path = hwdiff.capture(
+        model, tmp_path / "e.h5", emulate=["bf16-block-accum:block=16"], **CAP
+    ).path
     with hwdiff.open_capture(path) as cap:
         assert cap.meta["emulate"] == "bf16-block-accum:block=16"
         assert np.isfinite(cap.activation("lm_head")).all()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("fast-math", "unknown emulation profile"),
-    ("aqn:mu=1", "takes sigma, seed"),
-    ("aqn:sigma=x", "must be a number"),
-    ("bf16-block-accum:block=0", "out-of-range"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("fast-math", "unknown emulation profile"),
+        ("aqn:mu=1", "takes sigma, seed"),
+        ("aqn:sigma=x", "must be a number"),
+        ("bf16-block-accum:block=0", "out-of-range"),
+    ],
+)
 def test_bad_profiles_are_clear_errors(text, message):
     with pytest.raises(HwdiffError, match=message):
         parse(text)
 
 
 def test_cli_emulate(tmp_path):
-    proc = run_cli("capture", "--device", "cpu", "--limit", "2", "--max-tokens", "8", "-q", "--emulate", "approx-silu",
-                   "-o", tmp_path / "e.h5")
+    proc = run_cli(
+        "capture",
+        "--device",
+        "cpu",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "8",
+        "-q",
+        "--emulate",
+        "approx-silu",
+        "-o",
+        tmp_path / "e.h5",
+    )
     assert proc.returncode == 0, proc.stderr
-    bad = run_cli("capture", "--device", "cpu", "--limit", "2", "-q", "--emulate", "nope", "-o", tmp_path / "x.h5")
-    assert bad.returncode == 2 and "unknown emulation profile" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli(
+        "capture",
+        "--device",
+        "cpu",
+        "--limit",
+        "2",
+        "-q",
+        "--emulate",
+        "nope",
+        "-o",
+        tmp_path / "x.h5",
+    )
+    assert (
+        bad.returncode == 2
+        and "unknown emulation profile" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,7 +142,9 @@ def _bf16_round(values: np.ndarray) -> np.ndarray:
 def _block_accum(x: np.ndarray, weight: np.ndarray, block: int) -> np.ndarray:
     total = np.zeros((x.shape[0], weight.shape[0]), dtype=np.float32)
     for start in range(0, x.shape[1], block):
-        total = _bf16_round(total + x[:, start:start + block] @ weight[:, start:start + block].T)
+        total = _bf16_round(
+            total + x[:, start : start + block] @ weight[:, start : start + block].T
+        )
     return total
 
 
@@ -110,9 +153,19 @@ def llama4(tmp_path_factory):
     import transformers
 
     config = transformers.Llama4TextConfig(
-        hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=4, num_experts_per_tok=1,
-        max_position_embeddings=64, attention_chunk_size=64)
+        hidden_size=64,
+        intermediate_size=32,
+        intermediate_size_mlp=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        max_position_embeddings=64,
+        attention_chunk_size=64,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("llama4") / "model"
     transformers.Llama4ForCausalLM(config).save_pretrained(path)
@@ -120,7 +173,9 @@ def llama4(tmp_path_factory):
 
 
 def test_a_linear_that_returns_a_tuple_is_emulated_where_its_product_is_computed(llama4):
-    router = llama4.model.layers[0].feed_forward.router  # Llama4Router(nn.Linear) returns (scores, logits)
+    router = llama4.model.layers[
+        0
+    ].feed_forward.router  # Llama4Router(nn.Linear) returns (scores, logits)
     x = torch.randn(10, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), emulation(llama4, ["bf16-block-accum:block=16"]):
         scores, logits = router(x)
@@ -136,29 +191,41 @@ def test_llama4_capture_and_replay_under_block_accumulation(llama4, tmp_path):
     ids = np.random.default_rng(0).integers(0, 128, (4, 8))
     options = dict(inputs=ids, batch_size=2, progress=False, emulate=["bf16-block-accum:block=16"])
     path = hwdiff.capture(llama4, tmp_path / "e.h5", record_inputs=True, **options).path
-    local = hwdiff.replay(llama4, path, tmp_path / "r.h5", emulate=["bf16-block-accum:block=16"], progress=False).path
+    local = hwdiff.replay(
+        llama4, path, tmp_path / "r.h5", emulate=["bf16-block-accum:block=16"], progress=False
+    ).path
     result = hwdiff.diff(path, local, progress=False)
     router = [layer for layer in result.outputs if layer.name.endswith("feed_forward.router")]
-    assert router and all(layer.exact for layer in router)  # replayed under the same emulation: bit-identical
+    assert router and all(
+        layer.exact for layer in router
+    )  # replayed under the same emulation: bit-identical
 
 
 def _gated(kind: str) -> torch.nn.Module:
     from transformers.models.bamba.modeling_bamba import BambaRMSNormGated
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
 
-    norm = Qwen3NextRMSNormGated(64, eps=1e-6) if kind == "qwen3_next" else BambaRMSNormGated(64, group_size=16)
+    norm = (
+        Qwen3NextRMSNormGated(64, eps=1e-6)
+        if kind == "qwen3_next"
+        else BambaRMSNormGated(64, group_size=16)
+    )
     with torch.no_grad():
-        norm.weight.copy_(torch.exp(0.3 * torch.randn(64, generator=torch.Generator().manual_seed(2))))
+        norm.weight.copy_(
+            torch.exp(0.3 * torch.randn(64, generator=torch.Generator().manual_seed(2)))
+        )
     return torch.nn.ModuleDict({"norm": norm})
 
 
-def _gated_numpy(kind: str, x: np.ndarray, gate: np.ndarray, weight: np.ndarray, group: int) -> np.ndarray:
+def _gated_numpy(
+    kind: str, x: np.ndarray, gate: np.ndarray, weight: np.ndarray, group: int
+) -> np.ndarray:
     """float64 oracle: Qwen3-Next normalises x then multiplies by silu(gate); Bamba multiplies first and
     normalises per group."""
     silu = gate / (1 + np.exp(-gate))
     source = x * silu if kind == "bamba" else x
     grouped = source.reshape(*source.shape[:-1], -1, group)
-    normed = (grouped / np.sqrt((grouped ** 2).mean(-1, keepdims=True) + 1e-6)).reshape(source.shape)
+    normed = (grouped / np.sqrt((grouped**2).mean(-1, keepdims=True) + 1e-6)).reshape(source.shape)
     return weight * normed * (silu if kind == "qwen3_next" else 1.0)
 
 
@@ -171,11 +238,21 @@ def test_rmsnorm_order_calls_a_gated_norm_with_its_gate(kind):
         own = holder["norm"](x, gate)
         with emulation(holder, ["rmsnorm-order:chunk=8"]):
             reordered = holder["norm"](x, gate)
-    oracle = _gated_numpy(kind, x.double().numpy(), gate.double().numpy(), holder["norm"].weight.detach().double().numpy(),
-                          64 if kind == "qwen3_next" else 16)
-    for value in (own, reordered):  # both within float32 rounding of the formula (the bug gave 9.05)
+    oracle = _gated_numpy(
+        kind,
+        x.double().numpy(),
+        gate.double().numpy(),
+        holder["norm"].weight.detach().double().numpy(),
+        64 if kind == "qwen3_next" else 16,
+    )
+    for value in (
+        own,
+        reordered,
+    ):  # both within float32 rounding of the formula (the bug gave 9.05)
         assert np.linalg.norm(value.double().numpy() - oracle) / np.linalg.norm(oracle) < 1e-6
-    assert not torch.equal(reordered, own) or kind == "bamba"  # another order moves some float32 bits
+    assert (
+        not torch.equal(reordered, own) or kind == "bamba"
+    )  # another order moves some float32 bits
 
 
 def test_rmsnorm_order_refuses_a_norm_it_cannot_reproduce():
@@ -189,5 +266,8 @@ def test_rmsnorm_order_refuses_a_norm_it_cannot_reproduce():
             return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) + self.bias
 
     holder = torch.nn.ModuleDict({"norm": BiasRMSNorm()})
-    with emulation(holder, ["rmsnorm-order"]), pytest.raises(HwdiffError, match="cannot emulate BiasRMSNorm"):
+    with (
+        emulation(holder, ["rmsnorm-order"]),
+        pytest.raises(HwdiffError, match="cannot emulate BiasRMSNorm"),
+    ):
         holder["norm"](torch.randn(3, 16))

@@ -1,5 +1,6 @@
 """Every model family RL teams train, end to end: capture (sdpa vs eager), replay, diff --local,
 calibrate, aqn-check, on tiny random models built here, saved locally and loaded by path."""
+
 import json
 
 import numpy as np
@@ -17,12 +18,30 @@ from .conftest import run_cli
 
 FAST = dict(progress=False, fit_samples=2_000)  # the fits are not under test here
 LENGTHS = (40, 33, 24, 40)  # padded, and longer than the sliding window of 16
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # family: RMSNorms the family must carry with 2 layers (counted by hand from the architectures), whether it
 # has sdpa; without sdpa the two sides are float32 and bfloat16 eager instead.
-FAMILIES = {"llama": (5, True), "mistral": (5, True), "qwen3": (9, True), "gemma2": (9, False), "gemma3": (13, True),
-            "qwen2_moe": (5, True), "mixtral": (5, True), "gpt2": (0, True)}
+FAMILIES = {
+    "llama": (5, True),
+    "mistral": (5, True),
+    "qwen3": (9, True),
+    "gemma2": (9, False),
+    "gemma3": (13, True),
+    "qwen2_moe": (5, True),
+    "mixtral": (5, True),
+    "gpt2": (0, True),
+}
 
 
 def build(family: str, hidden: int = 64):
@@ -34,16 +53,46 @@ def build(family: str, hidden: int = 64):
         "llama": lambda: (tf.LlamaConfig(**sizes), tf.LlamaForCausalLM),
         "mistral": lambda: (tf.MistralConfig(**sizes, sliding_window=16), tf.MistralForCausalLM),
         "qwen3": lambda: (tf.Qwen3Config(**sizes, head_dim=16), tf.Qwen3ForCausalLM),
-        "gemma2": lambda: (tf.Gemma2Config(**sizes, head_dim=16, sliding_window=16), tf.Gemma2ForCausalLM),
-        "gemma3": lambda: (tf.Gemma3TextConfig(**sizes, head_dim=16, sliding_window=16,
-                                               layer_types=["sliding_attention", "full_attention"]),
-                           tf.Gemma3ForCausalLM),
-        "qwen2_moe": lambda: (tf.Qwen2MoeConfig(**sizes, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                                shared_expert_intermediate_size=64, decoder_sparse_step=1),
-                              tf.Qwen2MoeForCausalLM),
-        "mixtral": lambda: (tf.MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2), tf.MixtralForCausalLM),
-        "gpt2": lambda: (tf.GPT2Config(vocab_size=256, n_embd=hidden, n_layer=2, n_head=4, n_positions=256,
-                                       bos_token_id=1, eos_token_id=2), tf.GPT2LMHeadModel),
+        "gemma2": lambda: (
+            tf.Gemma2Config(**sizes, head_dim=16, sliding_window=16),
+            tf.Gemma2ForCausalLM,
+        ),
+        "gemma3": lambda: (
+            tf.Gemma3TextConfig(
+                **sizes,
+                head_dim=16,
+                sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            tf.Gemma3ForCausalLM,
+        ),
+        "qwen2_moe": lambda: (
+            tf.Qwen2MoeConfig(
+                **sizes,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=64,
+                decoder_sparse_step=1,
+            ),
+            tf.Qwen2MoeForCausalLM,
+        ),
+        "mixtral": lambda: (
+            tf.MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2),
+            tf.MixtralForCausalLM,
+        ),
+        "gpt2": lambda: (
+            tf.GPT2Config(
+                vocab_size=256,
+                n_embd=hidden,
+                n_layer=2,
+                n_head=4,
+                n_positions=256,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            tf.GPT2LMHeadModel,
+        ),
         **_data_flow_families(tf, sizes),
     }
     config, cls = configs[family]()
@@ -63,30 +112,89 @@ def _data_flow_families(tf, sizes):
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     return {
         "olmo2": lambda: (tf.Olmo2Config(**sizes), tf.Olmo2ForCausalLM),
-        "qwen3_moe": lambda: (tf.Qwen3MoeConfig(**sizes, head_dim=16, **moe), tf.Qwen3MoeForCausalLM),
-        "deepseek_v3": lambda: (tf.DeepseekV3Config(
-            **{**sizes, "num_key_value_heads": 4}, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
-            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), tf.DeepseekV3ForCausalLM),
-        "llama4": lambda: (tf.Llama4TextConfig(**sizes, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
-                                               intermediate_size_mlp=128, interleave_moe_layer_step=1,
-                                               attention_chunk_size=16, no_rope_layers=[1, 1]), tf.Llama4ForCausalLM),
-        "bamba": lambda: (tf.BambaConfig(**sizes, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32,
-                                         mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16), tf.BambaForCausalLM),
-        "qwen3_next": lambda: (tf.Qwen3NextConfig(
-            **sizes, head_dim=16, **moe, shared_expert_intermediate_size=32, linear_num_value_heads=4,
-            linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
-            layer_types=["linear_attention", "full_attention"]), tf.Qwen3NextForCausalLM),
-        "falcon_h1": lambda: (tf.FalconH1Config(**sizes, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
-                                                mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16),
-                              tf.FalconH1ForCausalLM),
+        "qwen3_moe": lambda: (
+            tf.Qwen3MoeConfig(**sizes, head_dim=16, **moe),
+            tf.Qwen3MoeForCausalLM,
+        ),
+        "deepseek_v3": lambda: (
+            tf.DeepseekV3Config(
+                **{**sizes, "num_key_value_heads": 4},
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                n_group=1,
+                topk_group=1,
+                q_lora_rank=32,
+                kv_lora_rank=16,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+            ),
+            tf.DeepseekV3ForCausalLM,
+        ),
+        "llama4": lambda: (
+            tf.Llama4TextConfig(
+                **sizes,
+                head_dim=16,
+                num_local_experts=4,
+                num_experts_per_tok=1,
+                intermediate_size_mlp=128,
+                interleave_moe_layer_step=1,
+                attention_chunk_size=16,
+                no_rope_layers=[1, 1],
+            ),
+            tf.Llama4ForCausalLM,
+        ),
+        "bamba": lambda: (
+            tf.BambaConfig(
+                **sizes,
+                attn_layer_indices=[1],
+                mamba_n_heads=4,
+                mamba_d_head=32,
+                mamba_n_groups=1,
+                mamba_d_state=16,
+                mamba_chunk_size=16,
+            ),
+            tf.BambaForCausalLM,
+        ),
+        "qwen3_next": lambda: (
+            tf.Qwen3NextConfig(
+                **sizes,
+                head_dim=16,
+                **moe,
+                shared_expert_intermediate_size=32,
+                linear_num_value_heads=4,
+                linear_num_key_heads=2,
+                linear_key_head_dim=16,
+                linear_value_head_dim=16,
+                layer_types=["linear_attention", "full_attention"],
+            ),
+            tf.Qwen3NextForCausalLM,
+        ),
+        "falcon_h1": lambda: (
+            tf.FalconH1Config(
+                **sizes,
+                head_dim=16,
+                mamba_d_ssm=64,
+                mamba_n_heads=4,
+                mamba_d_head=16,
+                mamba_n_groups=1,
+                mamba_d_state=16,
+                mamba_chunk_size=16,
+            ),
+            tf.FalconH1ForCausalLM,
+        ),
     }
 
 
 def ids_file(root):
     rng = np.random.default_rng(0)
     path = root / "ids.jsonl"
-    path.write_text("".join(json.dumps({"input_ids": rng.integers(3, 256, n).tolist()}) + "\n" for n in LENGTHS))
+    path.write_text(
+        "".join(json.dumps({"input_ids": rng.integers(3, 256, n).tolist()}) + "\n" for n in LENGTHS)
+    )
     return path
 
 
@@ -100,6 +208,7 @@ def pipelines(tmp_path_factory):
         if name not in done:
             done[name] = _pipeline(name, tmp_path_factory.mktemp(name))
         return done[name]
+
     return get
 
 
@@ -107,9 +216,14 @@ def _pipeline(name, root):
     build(name).save_pretrained(root / "model")  # no tokenizer: token-id inputs must not need one
     inputs = ids_file(root)
     sdpa = FAMILIES[name][1]
-    ref_model = hwdiff.load_model(str(root / "model"), dtype="bfloat16" if sdpa else "float32",
-                                  attn_implementation="sdpa" if sdpa else "eager")
-    tgt_model = hwdiff.load_model(str(root / "model"), dtype="bfloat16", attn_implementation="eager")
+    ref_model = hwdiff.load_model(
+        str(root / "model"),
+        dtype="bfloat16" if sdpa else "float32",
+        attn_implementation="sdpa" if sdpa else "eager",
+    )
+    tgt_model = hwdiff.load_model(
+        str(root / "model"), dtype="bfloat16", attn_implementation="eager"
+    )
     cap = dict(inputs=inputs, batch_size=4, progress=False)
     ref = hwdiff.capture(ref_model, root / "ref.h5", record_inputs=True, **cap).path
     tgt = hwdiff.capture(tgt_model, root / "tgt.h5", **cap).path
@@ -126,14 +240,19 @@ def test_capture_replay_diff_calibrate_and_aqn_check(pipelines, name):
     assert all(layer.local is not None for layer in outputs.values() if layer.kind == "attention")
     if name == "gpt2":
         for call in (lambda: calibrate(root / "diff.json"), lambda: AQNInjector(model, 0.01)):
-            with pytest.raises(HwdiffError, match=r"LayerNorm \(5 modules: transformer\.h\.0\.ln_1.*later extension"):
+            with pytest.raises(
+                HwdiffError,
+                match=r"LayerNorm \(5 modules: transformer\.h\.0\.ln_1.*later extension",
+            ):
                 call()
         return
     calibration = calibrate(root / "diff.json")
     assert calibration.method == "local" and calibration.schedule.sigma_end > 0
     sigma = load_sigma(save(calibration, root / "sigma.yaml"))
     checks = check_effectiveness(model, sigma)
-    assert len(checks) == 9 and {layer.name for layer in checks[0].layers} == {n for n, _ in find_norms(model)}
+    assert len(checks) == 9 and {layer.name for layer in checks[0].layers} == {
+        n for n, _ in find_norms(model)
+    }
 
 
 @pytest.mark.parametrize("name", [name for name, (count, _) in FAMILIES.items() if count])
@@ -146,7 +265,10 @@ def test_gpt2_blocks_get_their_kinds(pipelines):
     root = pipelines("gpt2")[1]
     with open_capture(root / "ref.h5") as cap:
         kinds = {n: info.kind for n, info in cap.modules.items()}
-    assert kinds["transformer.h.0.ln_1"] == "layernorm" and kinds["transformer.h.0.attn.c_attn"] == "linear"
+    assert (
+        kinds["transformer.h.0.ln_1"] == "layernorm"
+        and kinds["transformer.h.0.attn.c_attn"] == "linear"
+    )
     assert kinds["transformer.h.1"] == "decoder_layer" and kinds["transformer.h.0.mlp"] == "mlp"
 
 
@@ -174,7 +296,7 @@ def test_qk_norm_error_counts_real_tokens_only(pipelines):
             assert r.shape[2] == max(LENGTHS) and r.shape[1] != max(LENGTHS)
             real = mask[:, None, :]
             delta, base = (t - r) * real[..., None], r * real[..., None]
-            expected = np.sqrt((delta ** 2).sum() / (base ** 2).sum())
+            expected = np.sqrt((delta**2).sum() / (base**2).sum())
             assert result.layer(module).metrics.rel_l2 == pytest.approx(expected, rel=1e-6)
             everything = np.linalg.norm(t - r) / np.linalg.norm(r)
             assert everything != pytest.approx(expected, rel=1e-3)  # the padded positions do differ
@@ -186,20 +308,26 @@ def test_moe_experts_by_token_and_a_planted_routing_difference(name, tmp_path):
     towards another expert on the target side shows up as exactly that token choosing other experts."""
     build(name).save_pretrained(tmp_path / "model")
     model = hwdiff.load_model(str(tmp_path / "model"), dtype="float32", attn_implementation="eager")
-    model.set_experts_implementation("eager")  # one call per expert: rows that can be placed on tokens
+    model.set_experts_implementation(
+        "eager"
+    )  # one call per expert: rows that can be placed on tokens
     cap = dict(inputs=ids_file(tmp_path), batch_size=2, progress=False)
     ref = hwdiff.capture(model, tmp_path / "ref.h5", record_inputs=True, **cap).path
     gate, act = "model.layers.1.mlp.gate", "model.layers.1.mlp.experts.act_fn"
     with open_capture(ref) as capture:
         chosen = capture.activation(gate, 0, "routing")  # [sequences, tokens, k]
-        x = capture.activation("model.layers.1.mlp.experts", 0, "input")  # [sequences, tokens, hidden]
+        x = capture.activation(
+            "model.layers.1.mlp.experts", 0, "input"
+        )  # [sequences, tokens, hidden]
         assert capture.layout(act, 0) == "routed"
         experts = model.get_submodule("model.layers.1.mlp.experts")
         for expert in range(capture.modules[act].calls):
             present = capture.present(act, expert)
             assert np.array_equal(present, np.any(chosen == expert, axis=-1))
             gate_up = experts.gate_up_proj[expert].detach().double().numpy()
-            expected = x[present].astype(np.float64) @ gate_up.T[:, : gate_up.shape[0] // 2]  # act_fn's input
+            expected = (
+                x[present].astype(np.float64) @ gate_up.T[:, : gate_up.shape[0] // 2]
+            )  # act_fn's input
             silu = expected / (1 + np.exp(-expected))
             assert np.allclose(capture.activation(act, expert)[present], silu, rtol=1e-4, atol=1e-5)
     sequence, token = 3, 20  # second batch (sequences 2 and 3), its row 1
@@ -208,8 +336,12 @@ def test_moe_experts_by_token_and_a_planted_routing_difference(name, tmp_path):
     flat = (sequence - 2) * max(LENGTHS) + token
     batches = []
 
-    def push(module, args):  # in the second batch, one token's router input moves towards expert `other`
-        if args[0].shape[0] != 2 * max(LENGTHS):  # a forward of capture's data-flow trace, not a batch
+    def push(
+        module, args
+    ):  # in the second batch, one token's router input moves towards expert `other`
+        if args[0].shape[0] != 2 * max(
+            LENGTHS
+        ):  # a forward of capture's data-flow trace, not a batch
             return None
         batches.append(None)
         if len(batches) != 2:
@@ -265,7 +397,7 @@ def test_planted_sigma_on_one_plus_w_norms_is_recovered(name, zero, tmp_path):
         assert layer.weight_rms == pytest.approx(1.0, abs=0.35)  # the effective scale 1 + w, not w
 
 
-CUSTOM_CODE = '''
+CUSTOM_CODE = """
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -275,7 +407,7 @@ class TinyCustomConfig(LlamaConfig):
 
 class TinyCustomForCausalLM(LlamaForCausalLM):
     config_class = TinyCustomConfig
-'''
+"""
 
 
 def test_checkpoint_with_its_own_code_needs_trust_remote_code(tmp_path):
@@ -287,8 +419,10 @@ def test_checkpoint_with_its_own_code_needs_trust_remote_code(tmp_path):
         from custom_code import TinyCustomConfig, TinyCustomForCausalLM
 
         config = TinyCustomConfig(**COMMON)
-        config.auto_map = {"AutoConfig": "custom_code.TinyCustomConfig",
-                           "AutoModelForCausalLM": "custom_code.TinyCustomForCausalLM"}
+        config.auto_map = {
+            "AutoConfig": "custom_code.TinyCustomConfig",
+            "AutoModelForCausalLM": "custom_code.TinyCustomForCausalLM",
+        }
         TinyCustomForCausalLM(config).save_pretrained(tmp_path / "model")
     finally:
         sys.path.remove(str(tmp_path))
@@ -296,14 +430,28 @@ def test_checkpoint_with_its_own_code_needs_trust_remote_code(tmp_path):
     (tmp_path / "model" / "custom_code.py").write_text(CUSTOM_CODE)
     ids = tmp_path / "ids.npy"
     np.save(ids, np.arange(3, 27, dtype=np.int64).reshape(2, 12))
-    refused = run_cli("capture", "--model", tmp_path / "model", "--dtype", "float32", "--inputs", ids,
-                      "-o", tmp_path / "no.h5", "-q")
+    refused = run_cli(
+        "capture",
+        "--model",
+        tmp_path / "model",
+        "--dtype",
+        "float32",
+        "--inputs",
+        ids,
+        "-o",
+        tmp_path / "no.h5",
+        "-q",
+    )
     assert refused.returncode == 2 and "pass --trust-remote-code" in refused.stderr
     assert refused.stderr.startswith("hwdiff: error:") and "Traceback" not in refused.stderr
     model = hwdiff.load_model(str(tmp_path / "model"), dtype="float32", trust_remote_code=True)
-    with open_capture(hwdiff.capture(model, tmp_path / "yes.h5", inputs=ids, progress=False).path) as cap:
+    with open_capture(
+        hwdiff.capture(model, tmp_path / "yes.h5", inputs=ids, progress=False).path
+    ) as cap:
         assert cap.meta["model_class"] == "TinyCustomForCausalLM"
-    help_texts = [run_cli(command, "--help").stdout for command in ("capture", "replay", "aqn-check")]
+    help_texts = [
+        run_cli(command, "--help").stdout for command in ("capture", "replay", "aqn-check")
+    ]
     assert all("--trust-remote-code" in text for text in help_texts)
 
 
@@ -315,7 +463,11 @@ def test_rmsnorm_order_emulation_keeps_the_one_plus_w_scale():
     name = "model.layers.0.input_layernorm"
     with torch.no_grad(), hwdiff.record(model, [f"^{name}$"]) as plain:
         model(input_ids=ids)
-    with torch.no_grad(), emulation(model, ["rmsnorm-order"]), hwdiff.record(model, [f"^{name}$"]) as emulated:
+    with (
+        torch.no_grad(),
+        emulation(model, ["rmsnorm-order"]),
+        hwdiff.record(model, [f"^{name}$"]) as emulated,
+    ):
         model(input_ids=ids)
     r, t = plain.activations[(name, 0, "output")][0], emulated.activations[(name, 0, "output")][0]
     assert float((t - r).norm() / r.norm()) < 1e-6
@@ -323,7 +475,13 @@ def test_rmsnorm_order_emulation_keeps_the_one_plus_w_scale():
 
 # Every family with RMSNorms: the name-rule families above and those of issue 24.
 PLANTED = [name for name, (count, _) in FAMILIES.items() if count] + [
-    "olmo2", "qwen3_moe", "deepseek_v3", "llama4", "bamba", "qwen3_next"]
+    "olmo2",
+    "qwen3_moe",
+    "deepseek_v3",
+    "llama4",
+    "bamba",
+    "qwen3_next",
+]
 
 
 @pytest.mark.slow
@@ -345,7 +503,7 @@ def test_planted_sigma_on_every_norm_is_recovered(name, tmp_path):
     with torch.no_grad():
         for _, norm in norms:
             draw = rng.normal(0.0, 1.0, norm.weight.shape[0])
-            norm.weight.add_(torch.from_numpy(0.01 * draw / np.sqrt(np.mean(draw ** 2))).float())
+            norm.weight.add_(torch.from_numpy(0.01 * draw / np.sqrt(np.mean(draw**2))).float())
     noisy = hwdiff.capture(model, tmp_path / "noisy.h5", **cap).path
     local = hwdiff.replay(model, clean, tmp_path / "local.h5", progress=False).path
     result = calibrate(hwdiff.diff(clean, noisy, local=local, **FAST))
@@ -372,7 +530,9 @@ def test_no_silent_zero_a_refused_norm_and_its_unattributed_error(tmp_path):
     ids = np.random.default_rng(0).integers(3, 32, (4, 12))
     cap = dict(inputs=ids, batch_size=2, progress=False)
     clean = hwdiff.capture(model, tmp_path / "clean.h5", record_inputs=True, **cap).path
-    with torch.no_grad():  # hardware error stand-in: the sub-blocks and the head compute a little differently
+    with (
+        torch.no_grad()
+    ):  # hardware error stand-in: the sub-blocks and the head compute a little differently
         for name, param in model.named_parameters():
             if name.endswith(("self_attn.weight", "mlp.weight", "lm_head.weight")):
                 param.mul_(1 + 0.01 * torch.randn_like(param))
@@ -381,26 +541,36 @@ def test_no_silent_zero_a_refused_norm_and_its_unattributed_error(tmp_path):
     hwdiff.diff(clean, noisy, local=local, json_path=tmp_path / "diff.json", **FAST)
     result = calibrate(tmp_path / "diff.json")
     refused = {f"layers.{i}.input_layernorm" for i in (0, 1)}
-    assert set(result.skipped) == refused and all("in parallel" in result.skipped[n] for n in refused)
+    assert set(result.skipped) == refused and all(
+        "in parallel" in result.skipped[n] for n in refused
+    )
     assert result.layer("norm").sigma_end > 0
     data = json.loads((tmp_path / "diff.json").read_text())
     local_errors = {m["name"]: m["local_rel_l2"] for m in data["modules"] if m["slot"] == "output"}
     blocks = [f"layers.{i}.{b}" for i in (0, 1) for b in ("self_attn", "mlp")]
     assert result.unattributed == pytest.approx({b: local_errors[b] for b in blocks})
     power = sum(local_errors[b] ** 2 for b in blocks)
-    assert result.unattributed_fraction == pytest.approx(power / (power + local_errors["lm_head"] ** 2))
+    assert result.unattributed_fraction == pytest.approx(
+        power / (power + local_errors["lm_head"] ** 2)
+    )
     assert set(result.unreproduced) == refused
     text = format_calibration(result)
     assert "unattributed local error" in text and "in parallel" in text
     checked = verify(result, model, seeds=1)
     assert not checked.passed and set(checked.unreproduced) == refused and not checked.failed
-    data["reference"].pop("dataflow")  # a capture made before the record: the name rule, stated as such
+    data["reference"].pop(
+        "dataflow"
+    )  # a capture made before the record: the name rule, stated as such
     (tmp_path / "old.json").write_text(json.dumps(data))
     assert calibrate(tmp_path / "old.json").roles_from.startswith("name rule")
 
 
-@pytest.mark.parametrize("name, mixer", [("bamba", "model.layers.0.mamba"), ("qwen3_next", "model.layers.0.linear_attn")])
-def test_replay_under_another_attention_keeps_the_padding_mask_of_mixer_layers(name, mixer, tmp_path):
+@pytest.mark.parametrize(
+    "name, mixer", [("bamba", "model.layers.0.mamba"), ("qwen3_next", "model.layers.0.linear_attn")]
+)
+def test_replay_under_another_attention_keeps_the_padding_mask_of_mixer_layers(
+    name, mixer, tmp_path
+):
     """A mamba / linear-attention layer takes only the plain padding mask, the same for every attention
     implementation: replay (eager) of an sdpa reference rebuilds the attention layers' masks and keeps
     the mixers' (it refused the whole model). Float32 on both sides: the mixer's local error is 0, and

@@ -5,6 +5,7 @@
 One tiny capture set (tiny-qwen2, 2 sequences x 16 tokens) is shared by the whole module; an autouse
 guard hashes it before and after every test.
 """
+
 from __future__ import annotations
 
 import errno
@@ -40,13 +41,23 @@ def pair(tmp_path_factory):
     sdpa = hwdiff.load_model("tiny-qwen2", dtype="bfloat16")
     eager = hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation="eager")
     opts = dict(limit=2, max_tokens=16, progress=False)
-    files = {"ref": hwdiff.capture(sdpa, root / "ref.h5", record_inputs=True, **opts).path,
-             "tgt": hwdiff.capture(eager, root / "tgt.h5", **opts).path,
-             "ref2": hwdiff.capture(sdpa, root / "ref2.h5", record_inputs=True, **opts).path}
+    files = {
+        "ref": hwdiff.capture(sdpa, root / "ref.h5", record_inputs=True, **opts).path,
+        "tgt": hwdiff.capture(eager, root / "tgt.h5", **opts).path,
+        "ref2": hwdiff.capture(sdpa, root / "ref2.h5", record_inputs=True, **opts).path,
+    }
     files["local"] = replay(eager, files["ref"], root / "local.h5", progress=False).path
-    files["other_local"] = replay(eager, files["ref2"], root / "other-local.h5", progress=False).path
-    hwdiff.diff(files["ref"], files["tgt"], root / "diff.h5", local=files["local"], json_path=root / "diff.json",
-                progress=False)
+    files["other_local"] = replay(
+        eager, files["ref2"], root / "other-local.h5", progress=False
+    ).path
+    hwdiff.diff(
+        files["ref"],
+        files["tgt"],
+        root / "diff.h5",
+        local=files["local"],
+        json_path=root / "diff.json",
+        progress=False,
+    )
     files.update(diff=root / "diff.h5", json=root / "diff.json")
     files["sigma"] = hwdiff.save_sigma(hwdiff.calibrate(files["diff"]), root / "sigma.yaml")
     files["root"] = root
@@ -54,8 +65,11 @@ def pair(tmp_path_factory):
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _partials(*folders: Path) -> list[Path]:
@@ -95,8 +109,12 @@ def previous(path: Path, content: bytes = b"previous result, must survive") -> b
 def test_report_into_a_folder_with_other_files_keeps_them_and_replaces_only_its_own(pair, tmp_path):
     results = tmp_path / "results"
     (results / "sub").mkdir(parents=True)
-    others = {"notes.txt": b"my notes", "capture.h5": pair["ref"].read_bytes(), "sub/keep.bin": b"\x00\x01",
-              "diff.h5": pair["diff"].read_bytes()}
+    others = {
+        "notes.txt": b"my notes",
+        "capture.h5": pair["ref"].read_bytes(),
+        "sub/keep.bin": b"\x00\x01",
+        "diff.h5": pair["diff"].read_bytes(),
+    }
     for name, data in others.items():
         (results / name).write_bytes(data)
     proc = run_cli("report", results / "diff.h5", "-q", "-o", results)
@@ -108,7 +126,9 @@ def test_report_into_a_folder_with_other_files_keeps_them_and_replaces_only_its_
     (results / "figures" / "mine.png").write_bytes(others["figures/mine.png"])
     (results / "figures" / "golden.png").write_bytes(b"a figure an older report showed")
     index = (results / "index.html").read_text()
-    (results / "index.html").write_text(index.replace("</body>", '<img src="figures/golden.png"></body>'))
+    (results / "index.html").write_text(
+        index.replace("</body>", '<img src="figures/golden.png"></body>')
+    )
     proc = run_cli("report", "diff.h5", "-q", "-o", ".", cwd=results)
     assert proc.returncode == 0, proc.stderr
     for name, data in others.items():
@@ -128,7 +148,14 @@ OUTPUT_IS_INPUT = {
     "replay -o ref": ("replay", "{ref}", "--device", "cpu", "-o", "{ref}"),
     "calibrate -o diff.h5": ("calibrate", "{diff}", "-o", "{diff}"),
     "calibrate -o diff.json": ("calibrate", "{json}", "-o", "{json}"),
-    "report --sigma sigma.yaml -o its folder": ("report", "{diff}", "--sigma", "{sigma}", "-o", "{sigma}"),
+    "report --sigma sigma.yaml -o its folder": (
+        "report",
+        "{diff}",
+        "--sigma",
+        "{sigma}",
+        "-o",
+        "{sigma}",
+    ),
 }
 
 
@@ -169,7 +196,11 @@ def full_disk(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("disk-full cases mount a small tmpfs, which needs root")
     mount = tmp_path_factory.mktemp("tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
@@ -212,8 +243,9 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_file(pair, full_disk, args)
         filler.unlink()
     one_error(proc, "no space left", "MiB free")
     assert (folder / "index.html" if args[0] == "report" else out).read_bytes() == earlier
-    assert sorted(p.name for p in full_disk.rglob("*")) == sorted(["report", "index.html"] if args[0] == "report"
-                                                                  else ["out.file"])
+    assert sorted(p.name for p in full_disk.rglob("*")) == sorted(
+        ["report", "index.html"] if args[0] == "report" else ["out.file"]
+    )
     shutil.rmtree(folder, ignore_errors=True)
     out.unlink(missing_ok=True)
 
@@ -228,7 +260,11 @@ def read_only(tmp_path):
     folder.mkdir()
     (folder / "old.h5").write_bytes(b"old")
     if os.geteuid() == 0:
-        done = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(folder), str(folder)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot make a read-only bind mount here: {done.stderr.strip()}")
         yield folder
@@ -277,9 +313,29 @@ def test_existing_file_as_report_folder_is_refused(pair, tmp_path):
 def _capture_until_written(out: Path) -> subprocess.Popen:
     """Start a capture of 16 sequences (batch 1) and return once its temporary holds > 256 KiB."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "hwdiff", "capture", "--device", "cpu", "--limit", "16",
-                             "--max-tokens", "64", "--batch-size", "1", "-q", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hwdiff",
+            "capture",
+            "--device",
+            "cpu",
+            "--limit",
+            "16",
+            "--max-tokens",
+            "64",
+            "--batch-size",
+            "1",
+            "-q",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         temps = _partials(out.parent)
@@ -287,17 +343,23 @@ def _capture_until_written(out: Path) -> subprocess.Popen:
             return proc
         time.sleep(0.02)
     proc.kill()
-    pytest.fail(f"the capture never wrote part of its file (rc {proc.poll()}): {proc.stderr.read()[-500:]}")
+    pytest.fail(
+        f"the capture never wrote part of its file (rc {proc.poll()}): {proc.stderr.read()[-500:]}"
+    )
 
 
-@pytest.mark.parametrize("signum, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
 def test_signal_mid_capture_removes_the_temporary(tmp_path, signum, rc):
     out = tmp_path / "cap.h5"
     earlier = previous(out)
     proc = _capture_until_written(out)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    one_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), "interrupted", rc=rc)
+    one_error(
+        subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), "interrupted", rc=rc
+    )
     assert out.read_bytes() == earlier
 
 
@@ -309,10 +371,26 @@ def test_sigkill_leftover_is_removed_at_the_next_write_there(tmp_path):
     proc.communicate(timeout=60)
     left = _partials(tmp_path)
     assert len(left) == 1 and out.read_bytes() == earlier
-    proc = run_cli("capture", "--device", "cpu", "--limit", "1", "--max-tokens", "8", "-q", "-o", tmp_path / "next.h5")
+    proc = run_cli(
+        "capture",
+        "--device",
+        "cpu",
+        "--limit",
+        "1",
+        "--max-tokens",
+        "8",
+        "-q",
+        "-o",
+        tmp_path / "next.h5",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "removed" in lines[0] and str(left[0]) in lines[0] and "no longer running" in lines[0]
+    assert (
+        len(lines) == 1
+        and "removed" in lines[0]
+        and str(left[0]) in lines[0]
+        and "no longer running" in lines[0]
+    )
     assert not _partials(tmp_path) and out.read_bytes() == earlier
 
 
@@ -366,7 +444,9 @@ def test_nan_and_inf_are_warned_about_in_terminal_table_report_and_verify(pair, 
     bad = tmp_path / "nan.h5"
     bad.write_bytes(pair["tgt"].read_bytes())
     first = "model.layers.1.self_attn.o_proj"
-    with h5py.File(bad, "r+") as handle:  # through h5py: the checksum stays valid, the values do not
+    with h5py.File(
+        bad, "r+"
+    ) as handle:  # through h5py: the checksum stays valid, the values do not
         node = handle[f"/modules/{first}/0/output"]
         values = node[...]
         values[0, 0, :3] = [0x7FC0, 0x7F80, 0xFF80]  # bfloat16 NaN, +Inf, -Inf
@@ -379,13 +459,24 @@ def test_nan_and_inf_are_warned_about_in_terminal_table_report_and_verify(pair, 
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "NaN/Inf" in line]
     assert len(warnings) == 1 and warnings[0].startswith("hwdiff: warning:")
-    assert "in 2 module output(s)" in warnings[0] and first in warnings[0] and "1 NaN 2 Inf" in warnings[0]
+    assert (
+        "in 2 module output(s)" in warnings[0]
+        and first in warnings[0]
+        and "1 NaN 2 Inf" in warnings[0]
+    )
     assert any(line.startswith("WARNING") and first in line for line in proc.stdout.splitlines())
     header = next(line for line in proc.stdout.splitlines() if line.startswith("module"))
     assert "NaN+Inf ref/tgt" in header
-    assert any(line.startswith(first) and line.rstrip().endswith("0/3") for line in proc.stdout.splitlines())
+    assert any(
+        line.startswith(first) and line.rstrip().endswith("0/3")
+        for line in proc.stdout.splitlines()
+    )
     assert run_cli("report", tmp_path / "d.h5", "-q", "-o", tmp_path / "rep").returncode == 0
-    verdict = next(line for line in (tmp_path / "rep" / "report.md").read_text().splitlines() if "**Verdict**" in line)
+    verdict = next(
+        line
+        for line in (tmp_path / "rep" / "report.md").read_text().splitlines()
+        if "**Verdict**" in line
+    )
     assert "NaN/Inf in 2 module output(s)" in verdict and first in verdict
     one_error(run_cli("inspect", "--verify", bad), first, "its values were changed")
 
@@ -416,16 +507,28 @@ def test_capture_argument_out_of_range_is_one_line(tmp_path, args, fragment):
 def test_float_token_ids_are_refused_not_truncated(tmp_path):
     ids = tmp_path / "ids.npy"
     np.save(ids, np.array([[1.7, 2.2, 3.9]]))
-    one_error(run_cli("capture", *SMALL, "--inputs", ids, "-o", tmp_path / "x.h5"), "float64", "integers")
+    one_error(
+        run_cli("capture", *SMALL, "--inputs", ids, "-o", tmp_path / "x.h5"), "float64", "integers"
+    )
 
 
 def test_explicit_token_ids_are_used_whole_unless_max_tokens_is_given(tmp_path, tiny_bf16):
     import hwdiff
 
-    ids = np.arange(1, 201, dtype=np.int64)[None]  # 200 tokens: more than the 128 that prompts are cut to
-    whole = hwdiff.capture(tiny_bf16, tmp_path / "whole.h5", inputs=ids, modules=["^model.norm$"], progress=False)
-    cut = hwdiff.capture(tiny_bf16, tmp_path / "cut.h5", inputs=ids, modules=["^model.norm$"], max_tokens=50,
-                         progress=False)
+    ids = np.arange(1, 201, dtype=np.int64)[
+        None
+    ]  # 200 tokens: more than the 128 that prompts are cut to
+    whole = hwdiff.capture(
+        tiny_bf16, tmp_path / "whole.h5", inputs=ids, modules=["^model.norm$"], progress=False
+    )
+    cut = hwdiff.capture(
+        tiny_bf16,
+        tmp_path / "cut.h5",
+        inputs=ids,
+        modules=["^model.norm$"],
+        max_tokens=50,
+        progress=False,
+    )
     assert (whole.tokens, cut.tokens) == (200, 50)
     with hwdiff.open_capture(whole.path) as cap:
         assert np.array_equal(cap.input_ids, ids)
@@ -434,13 +537,21 @@ def test_explicit_token_ids_are_used_whole_unless_max_tokens_is_given(tmp_path, 
 # ------------------------------------------------------------------------------------------------
 # 8. diff --local must be a replay of the reference
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("local, fragment", [("tgt", "is not a replay"), ("other_local", "replay of another capture")])
+@pytest.mark.parametrize(
+    "local, fragment", [("tgt", "is not a replay"), ("other_local", "replay of another capture")]
+)
 def test_local_that_is_not_a_replay_of_the_reference_is_refused(pair, local, fragment):
-    one_error(run_cli("diff", pair["ref"], pair["tgt"], "-q", "--local", pair[local]), fragment, "--allow-any-local")
+    one_error(
+        run_cli("diff", pair["ref"], pair["tgt"], "-q", "--local", pair[local]),
+        fragment,
+        "--allow-any-local",
+    )
 
 
 def test_allow_any_local_overrides(pair):
-    proc = run_cli("diff", pair["ref"], pair["tgt"], "-q", "--local", pair["other_local"], "--allow-any-local")
+    proc = run_cli(
+        "diff", pair["ref"], pair["tgt"], "-q", "--local", pair["other_local"], "--allow-any-local"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "local" in proc.stdout
 
@@ -450,10 +561,16 @@ def test_allow_any_local_overrides(pair):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["diff", "inspect"])
 def test_closed_pipe_exits_quietly(pair, command):
-    args = ["diff", pair["ref"], pair["tgt"], "-q"] if command == "diff" else ["inspect", pair["ref"]]
+    args = (
+        ["diff", pair["ref"], pair["tgt"], "-q"] if command == "diff" else ["inspect", pair["ref"]]
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "hwdiff", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hwdiff", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     proc.stdout.close()  # the reader is gone before anything is printed, as with `| head` on a long table
     stderr = proc.stderr.read().decode()
     proc.wait(timeout=120)
@@ -471,12 +588,30 @@ def test_model_spec_that_looks_like_a_missing_local_path_fails_at_once(tmp_path)
 
 
 def test_uncached_hub_id_with_unreachable_hub_fails_fast_with_one_line(tmp_path):
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    }
     env.update(PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hwdiff", "capture", *SMALL, "--model", "Qwen/No-Such-Model-Typo",
-                           "-o", str(tmp_path / "x.h5")], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hwdiff",
+            "capture",
+            *SMALL,
+            "--model",
+            "Qwen/No-Such-Model-Typo",
+            "-o",
+            str(tmp_path / "x.h5"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert time.perf_counter() - started < 20
     one_error(proc, "Qwen/No-Such-Model-Typo", "cannot be reached")
     assert len(proc.stderr.splitlines()) == 1
@@ -488,18 +623,37 @@ def test_uncached_hub_id_with_unreachable_hub_fails_fast_with_one_line(tmp_path)
 def test_no_argument_prints_the_help():
     proc = run_cli()
     assert proc.returncode == 0 and proc.stderr == ""
-    assert proc.stdout.startswith("usage: hwdiff") and "capture" in proc.stdout and "diff" in proc.stdout
+    assert (
+        proc.stdout.startswith("usage: hwdiff")
+        and "capture" in proc.stdout
+        and "diff" in proc.stdout
+    )
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (("capture", "--kinds", "foo", "-o", "x.h5"), "unknown kind foo"),
-    (("capture", "--mode", "everything", "-o", "x.h5"), "--mode"),
-    (("capture",), "-o/--output"),
-    (("frobnicate",), "frobnicate"),
-    (("diff", __file__), "target"),  # an existing file: a missing one is refused first
-    (("calibrate", "--stages", "1", "d.h5"), "--stages"),  # before the diff file, which does not exist
-    (("calibrate", "--stages", "2", "d.h5"), "--stages: must be at least 3"),
-], ids=["kinds foo", "mode", "missing -o", "unknown command", "missing target", "stages 1", "stages 2"])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("capture", "--kinds", "foo", "-o", "x.h5"), "unknown kind foo"),
+        (("capture", "--mode", "everything", "-o", "x.h5"), "--mode"),
+        (("capture",), "-o/--output"),
+        (("frobnicate",), "frobnicate"),
+        (("diff", __file__), "target"),  # an existing file: a missing one is refused first
+        (
+            ("calibrate", "--stages", "1", "d.h5"),
+            "--stages",
+        ),  # before the diff file, which does not exist
+        (("calibrate", "--stages", "2", "d.h5"), "--stages: must be at least 3"),
+    ],
+    ids=[
+        "kinds foo",
+        "mode",
+        "missing -o",
+        "unknown command",
+        "missing target",
+        "stages 1",
+        "stages 2",
+    ],
+)
 def test_usage_errors_are_one_line(args, fragment):
     proc = run_cli(*args)
     one_error(proc, fragment)
@@ -515,8 +669,13 @@ def test_demo_hint_names_a_command_that_runs():
     from hwdiff.demo import hwdiff_command
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([*shlex.split(hwdiff_command()), "--version"], capture_output=True, text=True, env=env,
-                          cwd=os.getcwd())  # the hint may be relative to the folder it was printed in
+    proc = subprocess.run(
+        [*shlex.split(hwdiff_command()), "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.getcwd(),
+    )  # the hint may be relative to the folder it was printed in
     assert proc.returncode == 0 and proc.stdout.startswith("hwdiff "), proc.stderr
 
 
@@ -540,7 +699,12 @@ del thing
 print("still running", flush=True)
 outputs.write_text({str(target)!r}, "x")
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "still running" in run.stdout and "Exception ignored" not in run.stderr, (run.stdout, run.stderr)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert "still running" in run.stdout and "Exception ignored" not in run.stderr, (
+        run.stdout,
+        run.stderr,
+    )
     assert run.returncode != 0 and "Interrupted: SIGINT" in run.stderr
     assert not target.exists() and not list(tmp_path.iterdir())

@@ -24,17 +24,29 @@ def test_default_selection_covers_every_kind_but_other(tiny_fp32):
 
 def test_selection_by_regex_and_kind(tiny_fp32):
     names = [name for name, _, _ in select_modules(tiny_fp32, r"layers\.1\.", kinds=["linear"])]
-    assert names == [f"model.layers.1.{p}" for p in
-                     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert names == [
+        f"model.layers.1.{p}"
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
     assert [n for n, _, _ in select_modules(tiny_fp32, kinds="rmsnorm")][-1] == "model.norm"
 
 
-@pytest.mark.parametrize("modules, kinds, message", [
-    ("no_such_module", None, "matches no module"),
-    ("(", None, "invalid module regex"),
-    (None, ["bogus"], "unknown module kind"),
-])
+@pytest.mark.parametrize(
+    "modules, kinds, message",
+    [
+        ("no_such_module", None, "matches no module"),
+        ("(", None, "invalid module regex"),
+        (None, ["bogus"], "unknown module kind"),
+    ],
+)
 def test_bad_selection_is_a_clear_error(tiny_fp32, modules, kinds, message):
     with pytest.raises(SelectionError, match=message):
         select_modules(tiny_fp32, modules, kinds)
@@ -67,8 +79,10 @@ def test_record_leaves_no_hook_behind_and_does_not_change_outputs(tiny_fp32):
     assert len(norm_out) == 2 and torch.equal(norm_out[0], norm_out[1])
     assert torch.equal(rec.activations[("lm_head", 0, "output")][0], before)
     # the MLP returns down_proj's very tensor: recorded once and shared, not copied twice
-    assert rec.activations[("model.layers.0.mlp", 0, "output")][0] is \
-        rec.activations[("model.layers.0.mlp.down_proj", 0, "output")][0]
+    assert (
+        rec.activations[("model.layers.0.mlp", 0, "output")][0]
+        is rec.activations[("model.layers.0.mlp.down_proj", 0, "output")][0]
+    )
 
 
 def test_hooks_are_removed_when_the_forward_raises(tiny_fp32):
@@ -125,7 +139,9 @@ def test_per_expert_rows_are_stored_at_their_tokens_and_empty_experts_are_not_ex
     chosen = model.mlp.gate(x).topk(2, -1).indices.reshape(4, 10, 2)
     with hwdiff.open_capture(ref) as cap:
         assert json.loads(cap.meta["never_called"]) == ["unused"]
-        assert np.array_equal(np.sort(cap.activation("mlp.gate", 0, "routing"), -1), np.sort(chosen.numpy(), -1))
+        assert np.array_equal(
+            np.sort(cap.activation("mlp.gate", 0, "routing"), -1), np.sort(chosen.numpy(), -1)
+        )
         for e in range(4):
             present = cap.present(f"mlp.experts.{e}", 0)
             assert np.array_equal(present, (chosen == e).any(-1).numpy())
@@ -146,15 +162,27 @@ def _llama4(path):
     import transformers
 
     config = transformers.Llama4TextConfig(
-        hidden_size=32, intermediate_size=16, intermediate_size_mlp=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, vocab_size=64, num_local_experts=4, num_experts_per_tok=1,
-        max_position_embeddings=32, attention_chunk_size=32)
+        hidden_size=32,
+        intermediate_size=16,
+        intermediate_size_mlp=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        max_position_embeddings=32,
+        attention_chunk_size=32,
+    )
     torch.manual_seed(0)
     transformers.Llama4ForCausalLM(config).save_pretrained(path)
     return hwdiff.load_model(str(path), dtype="float32")
 
 
-@pytest.mark.parametrize("batch_size", [4, 3])  # 4 = the expert count: the first axis must not pass for sequences
+@pytest.mark.parametrize(
+    "batch_size", [4, 3]
+)  # 4 = the expert count: the first axis must not pass for sequences
 def test_expert_major_rows_are_stored_by_token_whatever_the_batch_size(batch_size, tmp_path):
     """Llama 4's experts see every token at every expert: act_fn's [experts, sequences·tokens, …] and the
     experts' [experts·sequences·tokens, …] rows are stored [sequences, tokens, experts, …], compared with
@@ -163,14 +191,26 @@ def test_expert_major_rows_are_stored_by_token_whatever_the_batch_size(batch_siz
     ids = np.random.default_rng(0).integers(0, 64, (6, 5))
     raw = {}
     experts = model.model.layers[0].feed_forward.experts
-    handles = [experts.act_fn.register_forward_hook(lambda m, a, out: raw.__setitem__("act_fn", out.detach().numpy())),
-               experts.register_forward_hook(lambda m, a, out: raw.__setitem__("experts", out.detach().numpy()))]
+    handles = [
+        experts.act_fn.register_forward_hook(
+            lambda m, a, out: raw.__setitem__("act_fn", out.detach().numpy())
+        ),
+        experts.register_forward_hook(
+            lambda m, a, out: raw.__setitem__("experts", out.detach().numpy())
+        ),
+    ]
     with torch.no_grad():
         model(torch.from_numpy(ids))
     for handle in handles:
         handle.remove()
-    path = hwdiff.capture(model, tmp_path / "c.h5", inputs=ids, batch_size=batch_size, record_inputs=True,
-                          progress=False).path
+    path = hwdiff.capture(
+        model,
+        tmp_path / "c.h5",
+        inputs=ids,
+        batch_size=batch_size,
+        record_inputs=True,
+        progress=False,
+    ).path
     prefix = "model.layers.0.feed_forward.experts"
     with hwdiff.open_capture(path) as cap:
         assert json.loads(cap.meta["unrecorded"]) == {}
@@ -213,7 +253,9 @@ class _InPlaceToy(torch.nn.Module):
 
 
 @pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
-def test_a_parent_that_changes_its_childs_output_in_place_is_not_stored_as_a_link(grad_mode, tmp_path):
+def test_a_parent_that_changes_its_childs_output_in_place_is_not_stored_as_a_link(
+    grad_mode, tmp_path
+):
     torch.manual_seed(0)
     model = _InPlaceToy().eval()
     ids = torch.randint(0, 16, (2, 5))
@@ -227,7 +269,10 @@ def test_a_parent_that_changes_its_childs_output_in_place_is_not_stored_as_a_lin
     else:
         with hwdiff.record(model, kinds=["linear", "mlp"]) as rec, torch.no_grad():
             model(ids)
-        stored = {name: rec.activations[(name, 0, "output")][0].numpy() for name in ("mlp.down_proj", "mlp")}
+        stored = {
+            name: rec.activations[(name, 0, "output")][0].numpy()
+            for name in ("mlp.down_proj", "mlp")
+        }
     np.testing.assert_array_equal(stored["mlp.down_proj"], child)
     np.testing.assert_allclose(stored["mlp"], child + 1.0, rtol=0, atol=1e-6)
 
@@ -247,8 +292,14 @@ def test_a_link_that_a_later_batch_would_break_is_refused(tmp_path):
     model = _InPlaceToy().eval()
     model.mlp = _SometimesAddingMLP()
     with torch.no_grad():
-        model.embed.weight[:, 0] = torch.linspace(-1, 1, 16)  # token t's first channel > 0 iff t >= 8
-    ids = np.array([[1, 2, 3], [4, 5, 6], [12, 13, 14], [9, 10, 11]])  # batch 1: unchanged; batch 2: changed
-    with pytest.raises(hwdiff.HwdiffError, match="mlp/0/output was stored as a link .* changed in place"):
+        model.embed.weight[:, 0] = torch.linspace(
+            -1, 1, 16
+        )  # token t's first channel > 0 iff t >= 8
+    ids = np.array(
+        [[1, 2, 3], [4, 5, 6], [12, 13, 14], [9, 10, 11]]
+    )  # batch 1: unchanged; batch 2: changed
+    with pytest.raises(
+        hwdiff.HwdiffError, match="mlp/0/output was stored as a link .* changed in place"
+    ):
         hwdiff.capture(model, tmp_path / "c.h5", inputs=ids, batch_size=2, progress=False)
     assert not (tmp_path / "c.h5").exists()

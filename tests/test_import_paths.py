@@ -2,6 +2,7 @@
 probes and benchmarks resolve at their current place without a warning, and the flat layout's old
 module paths (``hwdiff.hooks``, ``hwdiff.sigma_probe``, ...) still import — the same module object —
 with a DeprecationWarning naming the new place."""
+
 from __future__ import annotations
 
 import ast
@@ -18,10 +19,19 @@ import pytest
 from hwdiff._moved import MOVED
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "docs/*.md", "notebooks/*.ipynb", "integrations/**/*.py", "probes/*.py", "benchmarks/*.py"]
+DOCUMENTS = [
+    "README.md",
+    "docs/*.md",
+    "notebooks/*.ipynb",
+    "integrations/**/*.py",
+    "probes/*.py",
+    "benchmarks/*.py",
+]
 FROM_IMPORT = re.compile(r"^\s*from (hwdiff(?:\.\w+)*) import \(?([\w ,]+)\)?\s*$", re.M)
 PLAIN_IMPORT = re.compile(r"^\s*import (hwdiff(?:\.\w+)*)", re.M)
-REFERENCE = re.compile(r"`(hwdiff(?:\.\w+)+)")  # a dotted name in backticks: `hwdiff.aqn.apply_schedule`
+REFERENCE = re.compile(
+    r"`(hwdiff(?:\.\w+)+)"
+)  # a dotted name in backticks: `hwdiff.aqn.apply_schedule`
 
 
 def _code(path: Path) -> str:
@@ -41,17 +51,30 @@ def documented() -> list[tuple[str, str, str | None]]:
             where = str(path.relative_to(ROOT))
             if path.suffix == ".py":
                 for node in ast.walk(ast.parse(path.read_text())):
-                    if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("hwdiff"):
+                    if (
+                        isinstance(node, ast.ImportFrom)
+                        and not node.level
+                        and (node.module or "").startswith("hwdiff")
+                    ):
                         found.update((where, node.module, alias.name) for alias in node.names)
                     elif isinstance(node, ast.Import):
-                        found.update((where, alias.name, None) for alias in node.names if alias.name.startswith("hwdiff"))
+                        found.update(
+                            (where, alias.name, None)
+                            for alias in node.names
+                            if alias.name.startswith("hwdiff")
+                        )
                 continue
             text = _code(path)
             for match in FROM_IMPORT.finditer(text):
-                found.update((where, match.group(1), name.strip().split(" ")[0])
-                             for name in match.group(2).split(",") if name.strip())
+                found.update(
+                    (where, match.group(1), name.strip().split(" ")[0])
+                    for name in match.group(2).split(",")
+                    if name.strip()
+                )
             found.update((where, match.group(1), None) for match in PLAIN_IMPORT.finditer(text))
-            found.update((where, match.group(1), "") for match in REFERENCE.finditer(path.read_text()))
+            found.update(
+                (where, match.group(1), "") for match in REFERENCE.finditer(path.read_text())
+            )
     return sorted(found, key=lambda item: (item[1], item[2] or "", item[0]))
 
 
@@ -75,7 +98,10 @@ PATHS = documented()
 def test_the_documents_name_import_paths():
     """The scan finds what it should (a broken pattern would make the test below vacuous)."""
     modules = {module for _, module, _ in PATHS}
-    assert len(PATHS) > 50 and {"hwdiff", "hwdiff.aqn", "hwdiff.capturing.generate", "hwdiff.errors"} <= modules
+    assert (
+        len(PATHS) > 50
+        and {"hwdiff", "hwdiff.aqn", "hwdiff.capturing.generate", "hwdiff.errors"} <= modules
+    )
 
 
 @pytest.mark.parametrize("where, module, name", PATHS, ids=[f"{w}:{m}:{n}" for w, m, n in PATHS])
@@ -88,7 +114,9 @@ def test_documented_path_imports_without_a_warning(where, module, name):
             importlib.import_module(module)
         else:
             value = importlib.import_module(module)
-            assert hasattr(value, name) or importlib.import_module(f"{module}.{name}"), f"{where}: {module}.{name}"
+            assert hasattr(value, name) or importlib.import_module(f"{module}.{name}"), (
+                f"{where}: {module}.{name}"
+            )
 
 
 OLD_PATHS = r"""
@@ -109,22 +137,30 @@ print(json.dumps(out))
 
 
 def test_old_flat_paths_still_import_with_a_deprecation_warning():
-    result = subprocess.run([sys.executable, "-c", OLD_PATHS], capture_output=True, text=True, cwd=ROOT, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", OLD_PATHS], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     seen = json.loads(result.stdout)
     assert set(seen) == set(MOVED)
     for old, new in MOVED.items():
         assert seen[old]["same"] and seen[old]["names"], old
         assert seen[old]["spec"] == f"hwdiff.{new}", old  # the shared module keeps its own name
-        assert any(f"hwdiff.{old} moved to hwdiff.{new}" in message for message in seen[old]["warnings"]), old
+        assert any(
+            f"hwdiff.{old} moved to hwdiff.{new}" in message for message in seen[old]["warnings"]
+        ), old
 
 
 def test_no_subpackage_shadows_a_function_of_the_api():
     """Importing every subpackage leaves hwdiff.capture, hwdiff.diff, ... the functions (a subpackage
     named like one would replace it on hwdiff once imported)."""
-    code = ("import importlib, pkgutil, hwdiff\n"
-            "for info in pkgutil.walk_packages(hwdiff.__path__, 'hwdiff.'):\n"
-            "    if not info.name.endswith(('__main__', '_msprobe_worker')): importlib.import_module(info.name)\n"
-            "print(sorted(n for n in hwdiff.__all__ if n[0].islower() and n != '__version__'"
-            " and not callable(getattr(hwdiff, n))))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    code = (
+        "import importlib, pkgutil, hwdiff\n"
+        "for info in pkgutil.walk_packages(hwdiff.__path__, 'hwdiff.'):\n"
+        "    if not info.name.endswith(('__main__', '_msprobe_worker')): importlib.import_module(info.name)\n"
+        "print(sorted(n for n in hwdiff.__all__ if n[0].islower() and n != '__version__'"
+        " and not callable(getattr(hwdiff, n))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert result.stdout.strip() == "[]"

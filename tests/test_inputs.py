@@ -25,7 +25,7 @@ def test_default_inputs_are_byte_tokens_right_padded_with_a_mask():
     lengths = short.attention_mask.sum(axis=1)
     assert short.shape[1] == lengths.max() and (lengths < short.shape[1]).any()
     row = int(np.argmin(lengths))
-    assert (short.input_ids[row, lengths[row]:] == ByteTokenizer.pad_token_id).all()
+    assert (short.input_ids[row, lengths[row] :] == ByteTokenizer.pad_token_id).all()
 
 
 def test_fingerprint_depends_on_ids_only():
@@ -39,7 +39,9 @@ def test_fingerprint_depends_on_ids_only():
 def test_token_ids_from_npy_jsonl_txt_and_arrays(tmp_path):
     ids = np.arange(24, dtype=np.int64).reshape(3, 8)
     np.save(tmp_path / "ids.npy", ids)
-    (tmp_path / "ids.jsonl").write_text("\n".join(json.dumps({"input_ids": row.tolist()}) for row in ids))
+    (tmp_path / "ids.jsonl").write_text(
+        "\n".join(json.dumps({"input_ids": row.tolist()}) for row in ids)
+    )
     (tmp_path / "p.txt").write_text("one\n\ntwo two\n")
     from_npy = load_inputs(tmp_path / "ids.npy")
     assert from_npy.fingerprint == load_inputs(str(tmp_path / "ids.jsonl")).fingerprint
@@ -54,12 +56,15 @@ def test_batches_cover_every_row_once():
     assert starts == [(0, 4), (4, 4), (8, 2)]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", "{not json", "not valid JSON"),
-    ("bad2.jsonl", '{"foo": 1}', "expected an object"),
-    ("bad.csv", "1,2", "unknown type"),
-    ("missing.npy", None, "cannot read"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", "{not json", "not valid JSON"),
+        ("bad2.jsonl", '{"foo": 1}', "expected an object"),
+        ("bad.csv", "1,2", "unknown type"),
+        ("missing.npy", None, "cannot read"),
+    ],
+)
 def test_unreadable_inputs_are_clear_errors(tmp_path, name, content, message):
     if content is not None:
         (tmp_path / name).write_text(content)

@@ -1,4 +1,5 @@
 """The compiled one-pass diff kernel against the numpy reference path (hwdiff.compare.kernel)."""
+
 import dataclasses
 import json
 import os
@@ -15,7 +16,9 @@ from hwdiff.compare.metrics import Accumulator, ulp_distance
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not jit.available(), reason=f"compiled kernel unavailable: {jit.why_unavailable()}")
+pytestmark = pytest.mark.skipif(
+    not jit.available(), reason=f"compiled kernel unavailable: {jit.why_unavailable()}"
+)
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -40,7 +43,13 @@ def _hard_pair(shape, seed=0):
 
 def _bf16_stored(x: np.ndarray) -> np.ndarray:
     """bfloat16 as captures store it: the uint16 bit patterns."""
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        .bfloat16()
+        .view(torch.int16)
+        .numpy()
+        .view(np.uint16)
+    )
 
 
 CASES = {
@@ -53,15 +62,25 @@ CASES = {
     "float16": lambda r, t: (r.astype(np.float16), t.astype(np.float16), "float16", "float16"),
     "float64 vs bfloat16": lambda r, t: (r.astype(np.float64), _bf16(t), "float64", "bfloat16"),
     "float32 vs float64": lambda r, t: (r, t.astype(np.float64), "float32", "float64"),
-    "float16 vs float64": lambda r, t: (r.astype(np.float16), t.astype(np.float64), "float16", "float64"),
+    "float16 vs float64": lambda r, t: (
+        r.astype(np.float16),
+        t.astype(np.float64),
+        "float16",
+        "float64",
+    ),
     "float32 vs float16": lambda r, t: (r, t.astype(np.float16), "float32", "float16"),
 }
 
 
 def _accumulate(fused, r, t, ref_dtype, target_dtype, mask, light):
-    acc = Accumulator(ref_dtype, target_dtype, sample_fraction=0.05, seed=3, light=light, fused=fused)
+    acc = Accumulator(
+        ref_dtype, target_dtype, sample_fraction=0.05, seed=3, light=light, fused=fused
+    )
     rows = r.shape[0]
-    for block in (slice(0, rows // 3), slice(rows // 3, rows)):  # two blocks, as the differ streams them
+    for block in (
+        slice(0, rows // 3),
+        slice(rows // 3, rows),
+    ):  # two blocks, as the differ streams them
         acc.update(r[block], t[block], None if mask is None else mask[block])
     return acc
 
@@ -88,9 +107,16 @@ def test_kernel_equals_the_numpy_path(case, light, masked):
     assert np.array_equal(numpy_path.hist, fused.hist)
     assert a.nan_inf.any and a.numel > 0.9 * r.size * (1 if mask is None else mask.mean())
     if not light and ref_dtype == target_dtype == "float32":
-        assert a.ulp.max > 1 << 20  # beyond the exactly counted range: the bit-length bins are exercised
+        assert (
+            a.ulp.max > 1 << 20
+        )  # beyond the exactly counted range: the bit-length bins are exercised
     if masked and not light:
-        assert np.allclose(np.concatenate(numpy_path.token_norms), np.concatenate(fused.token_norms), rtol=1e-12, atol=0)
+        assert np.allclose(
+            np.concatenate(numpy_path.token_norms),
+            np.concatenate(fused.token_norms),
+            rtol=1e-12,
+            atol=0,
+        )
     assert all(np.array_equal(x, y) for x, y in zip(numpy_path.sample(), fused.sample()))
 
 
@@ -106,7 +132,9 @@ def test_histogram_bins_cover_every_exact_distance_the_same_way():
     fused.update(base, target, None)
     assert np.array_equal(numpy_path.hist, fused.hist)
     assert fused.metrics().ulp.max == base.size - 1
-    assert np.array_equal(ulp_distance(base, target, "float32", "float32"), np.arange(base.size, dtype=np.float64))
+    assert np.array_equal(
+        ulp_distance(base, target, "float32", "float32"), np.arange(base.size, dtype=np.float64)
+    )
 
 
 def test_results_do_not_depend_on_the_thread_count_and_reruns_are_bit_identical():
@@ -136,15 +164,24 @@ def test_a_whole_diff_agrees_with_the_numpy_path(tmp_path, tiny_fp32, tiny_bf16)
     b = hwdiff.capture(tiny_bf16, tmp_path / "b.h5", **cap).path
     hwdiff.diff(a, b, json_path=tmp_path / "fused.json", progress=False)
     env = {**os.environ, "HWDIFF_JIT": "0", "PYTHONPATH": str(ROOT)}
-    script = ("import sys, hwdiff; from hwdiff import jit; assert not jit.available(), 'jit on'; "
-              "print(jit.why_unavailable()); hwdiff.diff(sys.argv[1], sys.argv[2], json_path=sys.argv[3], progress=False)")
-    proc = subprocess.run([sys.executable, "-c", script, str(a), str(b), str(tmp_path / "numpy.json")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    script = (
+        "import sys, hwdiff; from hwdiff import jit; assert not jit.available(), 'jit on'; "
+        "print(jit.why_unavailable()); hwdiff.diff(sys.argv[1], sys.argv[2], json_path=sys.argv[3], progress=False)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(a), str(b), str(tmp_path / "numpy.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "HWDIFF_JIT=0" in proc.stdout
     fused = json.loads((tmp_path / "fused.json").read_text())
     reference = json.loads((tmp_path / "numpy.json").read_text())
-    assert [layer["name"] for layer in fused["modules"]] == [layer["name"] for layer in reference["modules"]]
+    assert [layer["name"] for layer in fused["modules"]] == [
+        layer["name"] for layer in reference["modules"]
+    ]
     for x, y in zip(reference["modules"], fused["modules"]):
         _assert_close(x, y, x["name"])
 
@@ -183,7 +220,9 @@ def test_compiled_statistics_equal_the_torch_path(dtype):
     finally:
         jit._state.clear()
         jit._state.update(saved)
-    assert compiled[[0, 4, 5, 6, 7]].tolist() == reference[[0, 4, 5, 6, 7]].tolist()  # count, min, max, NaN, Inf
+    assert (
+        compiled[[0, 4, 5, 6, 7]].tolist() == reference[[0, 4, 5, 6, 7]].tolist()
+    )  # count, min, max, NaN, Inf
     assert compiled[1:4] == pytest.approx(reference[1:4], rel=1e-12)
     assert compiled[6:8].tolist() == [3, 2]
 
@@ -202,7 +241,9 @@ def test_compiled_student_t_em_equals_the_numpy_iteration():
         jit._state.clear()
         jit._state.update(saved)
     assert compiled[1:] == pytest.approx(reference[1:], rel=1e-9)
-    assert compiled[0] == pytest.approx(reference[0], rel=1e-6, abs=1e-12)  # loc ≈ 0: relative to the scale
+    assert compiled[0] == pytest.approx(
+        reference[0], rel=1e-6, abs=1e-12
+    )  # loc ≈ 0: relative to the scale
 
 
 def test_a_missing_numba_is_said_once_and_the_numpy_path_is_used(tmp_path):
@@ -210,15 +251,19 @@ def test_a_missing_numba_is_said_once_and_the_numpy_path_is_used(tmp_path):
     blocker = tmp_path / "no_numba"
     blocker.mkdir()
     (blocker / "numba.py").write_text("raise ImportError('numba blocked by the test')\n")
-    script = ("import logging, numpy as np; logging.basicConfig(level=logging.WARNING); "
-              "from hwdiff.compare.metrics import Accumulator; from hwdiff import jit; "
-              "a = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
-              "b = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
-              "a.update(np.ones(4, np.float32), np.ones(4, np.float32), None); "
-              "print(a.fused, b.fused, jit.why_unavailable())")
+    script = (
+        "import logging, numpy as np; logging.basicConfig(level=logging.WARNING); "
+        "from hwdiff.compare.metrics import Accumulator; from hwdiff import jit; "
+        "a = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
+        "b = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
+        "a.update(np.ones(4, np.float32), np.ones(4, np.float32), None); "
+        "print(a.fused, b.fused, jit.why_unavailable())"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
     env.pop("HWDIFF_JIT", None)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("False False numba is not importable (numba blocked by the test)")
     assert proc.stderr.count("numba is not importable") == 1
@@ -231,7 +276,7 @@ def test_student_t_em_on_distinct_values_with_counts_equals_the_em_on_every_valu
     from hwdiff.common import jit
     from hwdiff.compare import fit
 
-    x = np.sort(np.round(np.random.default_rng(5).standard_t(3, 20_000) * 8) * 2.0 ** -10)
+    x = np.sort(np.round(np.random.default_rng(5).standard_t(3, 20_000) * 8) * 2.0**-10)
     x = x[x != 0]
     values, counts = np.unique(x, return_counts=True)
     assert values.size * fit.TIES_FACTOR <= x.size
@@ -249,7 +294,7 @@ def test_student_t_em_on_distinct_values_with_counts_equals_the_em_on_every_valu
         assert other[1:] == pytest.approx(every[1:], rel=1e-9)
         assert other[0] == pytest.approx(every[0], rel=1e-6, abs=1e-12)
     with_ties = fit.fit_errors(x).fits["student_t"]
-    monkeypatch.setattr(fit, "TIES_FACTOR", 10 ** 9)  # never grouped
+    monkeypatch.setattr(fit, "TIES_FACTOR", 10**9)  # never grouped
     without = fit.fit_errors(x).fits["student_t"]
     assert with_ties.params["df"] == pytest.approx(without.params["df"], rel=1e-6)
     assert with_ties.loglik == pytest.approx(without.loglik, rel=1e-9)

@@ -1,4 +1,5 @@
 """Noise laws and depth correlation: the injector draws them, calibrate recovers them from a planted truth."""
+
 import math
 
 import numpy as np
@@ -15,7 +16,9 @@ from .conftest import L
 CAP = dict(limit=8, max_tokens=48, batch_size=4, progress=False)
 
 
-@pytest.mark.parametrize("law,df,kurtosis", [("gaussian", None, 0.0), ("student_t", 8.0, 1.5), ("laplace", None, 3.0)])
+@pytest.mark.parametrize(
+    "law,df,kurtosis", [("gaussian", None, 0.0), ("student_t", 8.0, 1.5), ("laplace", None, 3.0)]
+)
 def test_standardized_laws_have_unit_std_and_their_kurtosis(law, df, kurtosis):
     x = standardized(law, df, np.random.default_rng(0), 2_000_000)
     assert x.std() == pytest.approx(1.0, abs=0.01)
@@ -59,11 +62,15 @@ def test_planted_student_t_is_recognised_with_its_df_and_sigma(tmp_path):
     assert laws.count("student_t") > len(laws) / 2, laws
     dfs = {layer.df for layer in result.layers if layer.law == "student_t"}
     assert len(dfs) == 1 and 2.3 <= dfs.pop() <= 4.2  # pooled over the norms
-    for layer in result.layers:  # σ: the realized std of the drawn noise (x̂'s power is near uniform here)
+    for (
+        layer
+    ) in result.layers:  # σ: the realized std of the drawn noise (x̂'s power is near uniform here)
         assert layer.sigma_end == pytest.approx(np.sqrt(np.mean(drawn[layer.name] ** 2)), rel=0.2)
     assert abs(result.rho) < 0.2  # independent draws: no correlation recommended
     loaded = load_sigma(save(result, tmp_path / "s.yaml"))
-    assert [l.law for l in loaded.layers] == laws and loaded.layer(result.layers[0].name).df == result.layers[0].df
+    assert [l.law for l in loaded.layers] == laws and loaded.layer(
+        result.layers[0].name
+    ).df == result.layers[0].df
 
 
 def test_planted_gaussian_stays_gaussian(tmp_path):
@@ -75,8 +82,15 @@ def test_planted_gaussian_stays_gaussian(tmp_path):
 def test_planted_depth_correlation_is_recovered(tmp_path):
     drawn = _plant(tmp_path, law="gaussian", rho=0.8)
     # the truth: the drawn noise of consecutive input_layernorms correlates as planted
-    truth = np.mean([np.corrcoef(drawn[f"model.layers.{i}.input_layernorm"],
-                                 drawn[f"model.layers.{i + 1}.input_layernorm"])[0, 1] for i in range(L - 1)])
+    truth = np.mean(
+        [
+            np.corrcoef(
+                drawn[f"model.layers.{i}.input_layernorm"],
+                drawn[f"model.layers.{i + 1}.input_layernorm"],
+            )[0, 1]
+            for i in range(L - 1)
+        ]
+    )
     assert truth == pytest.approx(0.8, abs=0.1)
     result = calibrate(tmp_path / "diff.h5")
     assert result.rho == pytest.approx(0.8, abs=0.15), result.correlation_note
@@ -87,8 +101,9 @@ def test_injector_follows_the_calibrated_law_and_correlation(tmp_path):
     result = calibrate(tmp_path / "diff.h5")
     model = hwdiff.load_model("tiny-qwen2", dtype="float32")
     with AQNInjector(model, result) as injector:
-        assert injector.rho == result.rho and all(law[0] in ("student_t", "laplace", "gaussian")
-                                                  for law in injector.laws.values())
+        assert injector.rho == result.rho and all(
+            law[0] in ("student_t", "laplace", "gaussian") for law in injector.laws.values()
+        )
         assert injector.laws[result.layers[0].name] == (result.layers[0].law, result.layers[0].df)
         sigmas = injector.apply(seed=0)
     assert all(math.isfinite(v) for v in sigmas.values())
@@ -115,8 +130,11 @@ def test_depth_correlation_pairs_only_norms_at_the_same_place_in_their_layers():
     rng = np.random.default_rng(0)
     a = rng.normal(size=64)
     b = 0.6 * a + 0.8 * rng.normal(size=64)
-    noise = {"model.layers.0.input_layernorm": a, "model.layers.1.shared_transformer.input_layernorm": rng.normal(size=128),
-             "model.layers.2.input_layernorm": b}
+    noise = {
+        "model.layers.0.input_layernorm": a,
+        "model.layers.1.shared_transformer.input_layernorm": rng.normal(size=128),
+        "model.layers.2.input_layernorm": b,
+    }
     evidence = _evidence(noise)
     assert evidence.rho_measured == pytest.approx(float(np.corrcoef(a, b)[0, 1]), rel=1e-12)
 

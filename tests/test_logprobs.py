@@ -1,6 +1,7 @@
 """Token log-probabilities (hwdiff/capturing/logprobs.py): the blocked normaliser against numpy float64, and the
 source: the model's own output logits, after the logit scaling / soft-capping some families apply
 past their head module."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,24 +19,34 @@ def _reference(logits: np.ndarray, ids: np.ndarray, k: int) -> dict[str, np.ndar
     entropy = -np.where(p > 0, p * logp, 0.0).sum(-1)
     following = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
     order = np.argsort(-logp, -1, kind="stable")[..., :k]
-    return {"next_token": following, "entropy": entropy, "topk_ids": order,
-            "topk_logprobs": np.take_along_axis(logp, order, -1)}
+    return {
+        "next_token": following,
+        "entropy": entropy,
+        "topk_ids": order,
+        "topk_logprobs": np.take_along_axis(logp, order, -1),
+    }
 
 
 @pytest.mark.parametrize("vocab,scale", [(50, 3.0), (8192, 3.0), (1000, 40.0), (3, 1e-3)])
 def test_float64_path_equals_numpy_float64(vocab, scale, monkeypatch):
     """Within 1e-12 nats of numpy float64 (the stated error is a few float64 ulp), over several row blocks."""
-    monkeypatch.setitem(lp._BLOCK_BYTES, "cpu", 4096)  # forces many blocks, partial last one included
+    monkeypatch.setitem(
+        lp._BLOCK_BYTES, "cpu", 4096
+    )  # forces many blocks, partial last one included
     rng = np.random.default_rng(vocab)
     logits = (rng.normal(0, scale, (3, 7, vocab))).astype(np.float32)
     ids = rng.integers(0, vocab, (3, 7))
     out = lp.token_logprobs(torch.from_numpy(logits), torch.from_numpy(ids), k=4)
     ref = _reference(logits, ids, 4)
     assert out["next_token"].dtype == torch.float64 and torch.isnan(out["next_token"][:, -1]).all()
-    np.testing.assert_allclose(out["next_token"][:, :-1].numpy(), ref["next_token"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        out["next_token"][:, :-1].numpy(), ref["next_token"], rtol=0, atol=1e-12
+    )
     np.testing.assert_allclose(out["entropy"].numpy(), ref["entropy"], rtol=0, atol=1e-12)
-    np.testing.assert_array_equal(out["topk_ids"].numpy(), ref["topk_ids"][..., :min(4, vocab)])
-    np.testing.assert_allclose(out["topk_logprobs"].numpy(), ref["topk_logprobs"], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(out["topk_ids"].numpy(), ref["topk_ids"][..., : min(4, vocab)])
+    np.testing.assert_allclose(
+        out["topk_logprobs"].numpy(), ref["topk_logprobs"], rtol=0, atol=1e-12
+    )
 
 
 def test_masked_words_add_nothing_to_the_entropy_and_nan_logits_stay_nan():
@@ -71,7 +82,9 @@ def _cohere():
 def _gemma2():
     import transformers as tf
 
-    return tf.Gemma2ForCausalLM(tf.Gemma2Config(final_logit_softcapping=0.5, head_dim=16, sliding_window=16, **_SIZES))
+    return tf.Gemma2ForCausalLM(
+        tf.Gemma2Config(final_logit_softcapping=0.5, head_dim=16, sliding_window=16, **_SIZES)
+    )
 
 
 def _phi3():
@@ -80,12 +93,25 @@ def _phi3():
     return tf.Phi3ForCausalLM(tf.Phi3Config(**_SIZES))
 
 
-_SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_SIZES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
-@pytest.mark.parametrize("build,rescaled", [(_granite, True), (_cohere, True), (_gemma2, True), (_phi3, False)],
-                         ids=["granite", "cohere", "gemma2", "phi3"])
+@pytest.mark.parametrize(
+    "build,rescaled",
+    [(_granite, True), (_cohere, True), (_gemma2, True), (_phi3, False)],
+    ids=["granite", "cohere", "gemma2", "phi3"],
+)
 def test_logprobs_are_those_of_the_models_own_output_logits(build, rescaled, tmp_path):
     """Saved, loaded by path and captured: /logprobs equals log_softmax of the model's own
     ``output.logits`` (computed here), not of the head module's output, which Granite, Cohere and
@@ -94,7 +120,9 @@ def test_logprobs_are_those_of_the_models_own_output_logits(build, rescaled, tmp
     build().save_pretrained(tmp_path / "model")
     model = hwdiff.load_model(str(tmp_path / "model"))
     ids = np.random.default_rng(0).integers(3, 128, (2, 12))
-    path = hwdiff.capture(model, tmp_path / "c.h5", inputs=hwdiff.load_inputs(ids), kinds="head", progress=False).path
+    path = hwdiff.capture(
+        model, tmp_path / "c.h5", inputs=hwdiff.load_inputs(ids), kinds="head", progress=False
+    ).path
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), output_hidden_states=True)
         head_logits = model.lm_head(out.hidden_states[-1]).numpy()
@@ -107,4 +135,6 @@ def test_logprobs_are_those_of_the_models_own_output_logits(build, rescaled, tmp
     np.testing.assert_allclose(stored.topk_logprobs, ref["topk_logprobs"], rtol=0, atol=1e-12)
     from_head = _reference(head_logits, ids, 8)["next_token"]
     gap = np.abs(from_head - ref["next_token"]).max()
-    assert gap > 1e-2 if rescaled else gap < 1e-5  # the head's output is the wrong source where it is rescaled
+    assert (
+        gap > 1e-2 if rescaled else gap < 1e-5
+    )  # the head's output is the wrong source where it is rescaled

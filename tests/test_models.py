@@ -9,7 +9,9 @@ from .conftest import L
 
 
 def _norms(model):
-    return [name for name, module in model.named_modules() if "rmsnorm" in type(module).__name__.lower()]
+    return [
+        name for name, module in model.named_modules() if "rmsnorm" in type(module).__name__.lower()
+    ]
 
 
 def test_tiny_qwen2_has_2l_plus_1_norms_with_weights_spread_around_one(tiny_fp32):
@@ -36,7 +38,9 @@ def test_seed_changes_weights_and_fingerprint(tiny_fp32):
 
 def test_local_checkpoint_loads_with_from_pretrained_and_keeps_the_fingerprint(tmp_path, tiny_fp32):
     tiny_fp32.save_pretrained(tmp_path / "ckpt")
-    loaded = hwdiff.load_model(str(tmp_path / "ckpt"), dtype="bfloat16", attn_implementation="eager")
+    loaded = hwdiff.load_model(
+        str(tmp_path / "ckpt"), dtype="bfloat16", attn_implementation="eager"
+    )
     assert model_info(loaded).spec == str(tmp_path / "ckpt")
     assert model_info(loaded).fingerprint == model_info(tiny_fp32).fingerprint
     assert loaded.config._attn_implementation == "eager"
@@ -51,10 +55,22 @@ def test_fingerprint_of_a_foreign_model_is_computed_from_its_weights():
 
 def test_qwen25_arch_matches_the_reference_facts():
     config = qwen25_15b_config()
-    facts = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    facts = dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
     assert {key: getattr(config, key) for key in facts} == facts
-    assert config.rope_parameters["rope_theta"] == 1e6 if hasattr(config, "rope_parameters") else config.rope_theta == 1e6
+    assert (
+        config.rope_parameters["rope_theta"] == 1e6
+        if hasattr(config, "rope_parameters")
+        else config.rope_theta == 1e6
+    )
 
 
 @pytest.mark.parametrize("spec", ["no/such/thing", "./missing-dir", "not a model"])
@@ -75,8 +91,10 @@ def test_builtin_weights_match_the_reference_capture_made_on_another_machine(tin
     with hwdiff.open_capture(ROOT / "data/reference/tiny-qwen2-cuda-bf16-sdpa.h5") as ref:
         assert model_info(tiny_bf16).fingerprint == ref.meta["model_fingerprint"]
         assert tiny_bf16.lm_head.weight is tiny_bf16.model.embed_tokens.weight
-        assert torch.equal(torch.from_numpy(ref.weight("model.layers.1.input_layernorm")),
-                           tiny_bf16.model.layers[1].input_layernorm.weight.float())
+        assert torch.equal(
+            torch.from_numpy(ref.weight("model.layers.1.input_layernorm")),
+            tiny_bf16.model.layers[1].input_layernorm.weight.float(),
+        )
 
 
 def test_builtin_built_directly_in_bfloat16_equals_the_float32_build_cast(tiny_fp32, monkeypatch):
@@ -93,6 +111,8 @@ def test_builtin_built_directly_in_bfloat16_equals_the_float32_build_cast(tiny_f
     reference = tiny_fp32.state_dict()
     for name, tensor in built.state_dict().items():
         assert torch.equal(tensor, reference[name].bfloat16()), name
-    cast = hwdiff.load_model("tiny-qwen2", dtype="float32").to(torch.bfloat16)  # the old way: build, then cast
+    cast = hwdiff.load_model("tiny-qwen2", dtype="float32").to(
+        torch.bfloat16
+    )  # the old way: build, then cast
     for (name, ours), (_, theirs) in zip(built.named_buffers(), cast.named_buffers()):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name

@@ -6,6 +6,7 @@ scenario installs the stand-in for its own ``with`` block and the worker checks,
 that the stand-in left nothing behind. Expected values come from plain forward hooks, numpy and
 the stand-in's own facts, never from another hwdiff capture alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ def _run(scenario, *args):
         return scenario(*args)
     finally:
         _dump_trace()
-        leftovers = [name for name in ("torch_npu", "torch_npu.npu", "torch.npu") if name in sys.modules]
+        leftovers = [
+            name for name in ("torch_npu", "torch_npu.npu", "torch.npu") if name in sys.modules
+        ]
         leftovers += ["torch.npu"] if "npu" in vars(torch) else []
         leftovers += ["torch.empty"] if torch.empty is not npu_standin.ORIGINAL_EMPTY else []
         leftovers += ["torch.version.cann"] if hasattr(torch.version, "cann") else []
@@ -58,9 +61,13 @@ def _run(scenario, *args):
 def npu():
     """``npu(scenario, *args)`` runs ``scenario`` in the stand-in's worker process."""
     saved = os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD")
-    os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"  # a real torch_npu must not load itself into the worker
+    os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = (
+        "0"  # a real torch_npu must not load itself into the worker
+    )
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+        ) as pool:
             pool.submit(int).result(timeout=600)  # start the worker now, in this environment
             yield lambda scenario, *args: pool.submit(_run, scenario, *args).result(timeout=600)
     finally:
@@ -76,7 +83,10 @@ _LINES: set = set()
 def _start_trace() -> None:
     import threading
 
-    watched = {str(ROOT / "hwdiff" / name) for name in ("ascend.py", "devices.py", "hooks.py", "store/stats.py")}
+    watched = {
+        str(ROOT / "hwdiff" / name)
+        for name in ("ascend.py", "devices.py", "hooks.py", "store/stats.py")
+    }
 
     def local(frame, event, arg):
         if event == "line":
@@ -123,7 +133,9 @@ def _import_and_resolve():
         with pytest.raises(DeviceError, match=r"'npu:1' does not exist: this machine has 1 npu"):
             resolve_device("npu:1")
         x = torch.arange(6.0).reshape(2, 3).to(device)
-        assert x.device == device and torch.equal((x * 2).sum(0).cpu(), torch.tensor([6.0, 10.0, 14.0]))
+        assert x.device == device and torch.equal(
+            (x * 2).sum(0).cpu(), torch.tensor([6.0, 10.0, 14.0])
+        )
         synchronize(device)
     assert not ascend.is_installed()
 
@@ -138,7 +150,9 @@ def _describe_records_versions_and_flags():
         assert info["device"] == "npu:0" and info["device_name"] == npu_standin.DEVICE_NAME
         assert info["torch_npu_version"] == npu_standin.TORCH_NPU_VERSION
         assert info["cann_version"] == npu_standin.CANN_VERSION
-        assert info["npu_matmul_allow_hf32"] is False and info["npu_conv_allow_hf32"] is True  # torch_npu defaults
+        assert (
+            info["npu_matmul_allow_hf32"] is False and info["npu_conv_allow_hf32"] is True
+        )  # torch_npu defaults
         assert all(isinstance(value, (bool, int, float, str)) for value in info.values())
         torch.npu.matmul.allow_hf32, torch.npu.conv.allow_hf32 = True, False
         info = describe(device)
@@ -174,14 +188,18 @@ def _missing_and_broken_torch_npu(tmp_path):
 
     with npu_standin.hidden():
         assert not ascend.is_installed()
-        with pytest.raises(DeviceError, match=r"needs the torch_npu package, which is not installed: install"):
+        with pytest.raises(
+            DeviceError, match=r"needs the torch_npu package, which is not installed: install"
+        ):
             resolve_device("npu")
         assert resolve_device("auto").type in ("cpu", "cuda")
         assert cli.main(["probe-ops", "--device", "npu", "-q", "-o", str(tmp_path / "x.h5")]) == 2
         assert not (tmp_path / "x.h5").exists()
     with npu_standin.installed(broken="libhccl.so: cannot open shared object file"):
         assert ascend.is_installed()
-        with pytest.raises(DeviceError, match=r"installed but failed to import \(libhccl.so: .*\); install"):
+        with pytest.raises(
+            DeviceError, match=r"installed but failed to import \(libhccl.so: .*\); install"
+        ):
             ascend.import_torch_npu()
 
 
@@ -197,15 +215,18 @@ def _plain_hooks(model, cap, slot="output", positions=None):
             if slot == "input":
                 tensor = args[0] if args else kwargs["hidden_states"]
             seen.setdefault(name, []).append(tensor.detach().cpu())
+
         return fn
 
     device = next(model.parameters()).device
-    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m, _ in select_modules(model)]
+    handles = [
+        m.register_forward_hook(hook(n), with_kwargs=True) for n, m, _ in select_modules(model)
+    ]
     try:
         ids, mask = (torch.from_numpy(a).to(device) for a in (cap.input_ids, cap.attention_mask))
         with torch.inference_mode():
             for start in range(0, len(ids), SMALL["batch_size"]):
-                model(input_ids=ids[start:start + 4], attention_mask=mask[start:start + 4])
+                model(input_ids=ids[start : start + 4], attention_mask=mask[start : start + 4])
     finally:
         for handle in handles:
             handle.remove()
@@ -226,8 +247,13 @@ def _full_capture_equals_plain_hooks(tmp_path):
         path = hwdiff.capture(model, tmp_path / "npu.h5", record_inputs=True, **SMALL).path
         counts = {key: npu_standin.COUNTS[key] - before[key] for key in before}
         with hwdiff.open_capture(path) as cap:
-            assert cap.meta["device"] == "npu:0" and cap.meta["device_name"] == npu_standin.DEVICE_NAME
-            assert cap.meta["cann_version"] == npu_standin.CANN_VERSION and cap.meta["npu_matmul_allow_hf32"]
+            assert (
+                cap.meta["device"] == "npu:0" and cap.meta["device_name"] == npu_standin.DEVICE_NAME
+            )
+            assert (
+                cap.meta["cann_version"] == npu_standin.CANN_VERSION
+                and cap.meta["npu_matmul_allow_hf32"]
+            )
             assert cap.meta["dtype"] == "bfloat16"
             outputs, inputs = _plain_hooks(model, cap), _plain_hooks(model, cap, slot="input")
             assert set(cap.modules) == set(outputs)
@@ -246,7 +272,9 @@ def _stats_mode_on_the_device(tmp_path):
     with npu_standin.installed():
         model = hwdiff.load_model("tiny-qwen2", device="npu", dtype="float32")
         before = dict(npu_standin.COUNTS)
-        path = hwdiff.capture(model, tmp_path / "stats.h5", mode="stats", logprobs=False, **SMALL).path
+        path = hwdiff.capture(
+            model, tmp_path / "stats.h5", mode="stats", logprobs=False, **SMALL
+        ).path
         counts = {key: npu_standin.COUNTS[key] - before[key] for key in before}
         # every slot's statistics leave the device together: one async copy per forward (6 rows in 4s: 2)
         assert counts["async_copies"] == counts["pinned_buffers"] == 2, counts
@@ -256,10 +284,14 @@ def _stats_mode_on_the_device(tmp_path):
             expected = _plain_hooks(model, cap)
             for name in (name for name, info in cap.modules.items() if info.alias_of is None):
                 values, got = expected[name].astype(np.float64), cap.stats(name)
-                assert got["count"] == values.size and got["nan_count"] == got["inf_count"] == 0, name
+                assert got["count"] == values.size and got["nan_count"] == got["inf_count"] == 0, (
+                    name
+                )
                 # Ascend accumulates in float32 (no fast float64): float32-sum agreement, not float64's
-                assert got["mean"] == pytest.approx(values.mean(), abs=1e-6 * np.abs(values).max()), name
-                assert got["rms"] == pytest.approx(np.sqrt(np.mean(values ** 2)), rel=1e-5), name
+                assert got["mean"] == pytest.approx(
+                    values.mean(), abs=1e-6 * np.abs(values).max()
+                ), name
+                assert got["rms"] == pytest.approx(np.sqrt(np.mean(values**2)), rel=1e-5), name
                 assert got["min"] == values.min() and got["abs_max"] == np.abs(values).max(), name
         with torch.no_grad():
             model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
@@ -268,7 +300,9 @@ def _stats_mode_on_the_device(tmp_path):
         with hwdiff.open_capture(result.path) as cap:
             up = _plain_hooks(model, cap)["model.layers.2.mlp.up_proj"]
             got = cap.stats("model.layers.2.mlp.up_proj")
-            assert got["nan_count"] == np.isnan(up).sum() > 0 and got["count"] == np.isfinite(up).sum()
+            assert (
+                got["nan_count"] == np.isnan(up).sum() > 0 and got["count"] == np.isfinite(up).sum()
+            )
             assert got["max"] == np.nanmax(up)
 
 
@@ -279,9 +313,34 @@ def _sample_mode_cli_on_the_device(tmp_path):
 
     out = tmp_path / "sample.h5"
     with npu_standin.installed():
-        assert cli.main(["capture", "--device", "npu", "--dtype", "float32", "--mode", "sample", "--tokens", "5",
-                         "--limit", "6", "--max-tokens", "24", "--batch-size", "4", "-q", "-o", str(out)]) == 0
-        model = hwdiff.load_model("tiny-qwen2", device="npu", dtype="float32")  # the same seeded weights
+        assert (
+            cli.main(
+                [
+                    "capture",
+                    "--device",
+                    "npu",
+                    "--dtype",
+                    "float32",
+                    "--mode",
+                    "sample",
+                    "--tokens",
+                    "5",
+                    "--limit",
+                    "6",
+                    "--max-tokens",
+                    "24",
+                    "--batch-size",
+                    "4",
+                    "-q",
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        model = hwdiff.load_model(
+            "tiny-qwen2", device="npu", dtype="float32"
+        )  # the same seeded weights
         with hwdiff.open_capture(out) as cap:
             assert cap.meta["device"] == "npu:0" and cap.mode == "sample"
             positions, full = cap.sample_positions, _plain_hooks(model, cap)
@@ -316,7 +375,18 @@ def _probe_ops_cli_on_the_device(tmp_path):
     from tests import npu_standin
 
     with npu_standin.installed():
-        code = cli.main(["probe-ops", "--device", "npu", "--dtype", "float32", "-q", "-o", str(tmp_path / "ops.h5")])
+        code = cli.main(
+            [
+                "probe-ops",
+                "--device",
+                "npu",
+                "--dtype",
+                "float32",
+                "-q",
+                "-o",
+                str(tmp_path / "ops.h5"),
+            ]
+        )
         assert code == 0
     ops = {name: (module, values) for name, module, values in build()}
     with hwdiff.open_capture(tmp_path / "ops.h5") as cap:
@@ -337,20 +407,33 @@ def _npu_probe_script_records_hf32_and_determinism(tmp_path):
 
     script = runpy.run_path(str(ROOT / "probes" / "capture_npu.py"), run_name="probe")
     assert script["SETTINGS"]["device"] == "npu:0"
-    script["set_flags"].__globals__.update(ALLOW_HF32_MATMUL=True, ALLOW_HF32_CONV=False, DETERMINISTIC=True)
+    script["set_flags"].__globals__.update(
+        ALLOW_HF32_MATMUL=True, ALLOW_HF32_CONV=False, DETERMINISTIC=True
+    )
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         with npu_standin.installed():
             out = tmp_path / "probe.h5"
-            code = run_probe(script["SETTINGS"], script["set_flags"], "npu probe",
-                             ["--limit", "2", "--max-tokens", "8", "--mode", "stats", "--output", str(out)])
+            code = run_probe(
+                script["SETTINGS"],
+                script["set_flags"],
+                "npu probe",
+                ["--limit", "2", "--max-tokens", "8", "--mode", "stats", "--output", str(out)],
+            )
             assert code == 0
     finally:
         torch.use_deterministic_algorithms(deterministic)
     with hwdiff.open_capture(out) as cap:
         meta = cap.meta
-    assert meta["device"] == "npu:0" and meta["npu_matmul_allow_hf32"] is True and meta["npu_conv_allow_hf32"] is False
-    assert meta["deterministic_algorithms"] is True and meta["torch_npu_version"] == npu_standin.TORCH_NPU_VERSION
+    assert (
+        meta["device"] == "npu:0"
+        and meta["npu_matmul_allow_hf32"] is True
+        and meta["npu_conv_allow_hf32"] is False
+    )
+    assert (
+        meta["deterministic_algorithms"] is True
+        and meta["torch_npu_version"] == npu_standin.TORCH_NPU_VERSION
+    )
 
 
 def _stand_in_models_the_async_hazard():

@@ -1,5 +1,6 @@
 """calibrate --policy-check: all σ_end at once against the hardware pair, checked against a noise draw and
 log-probs computed here (torch log_softmax, numpy) and against the two captures read directly."""
+
 import json
 from dataclasses import replace
 
@@ -26,8 +27,15 @@ SMALL = dict(limit=4, max_tokens=32, batch_size=4, progress=False)
 def pair(tmp_path_factory):
     """bf16 sdpa vs eager on tiny-qwen2, replay, diff --local (log-probs captured by default)."""
     root = tmp_path_factory.mktemp("policy")
-    paths = [hwdiff.capture(hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation=attn),
-                            root / f"{attn}.h5", record_inputs=True, **SMALL).path for attn in ("sdpa", "eager")]
+    paths = [
+        hwdiff.capture(
+            hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation=attn),
+            root / f"{attn}.h5",
+            record_inputs=True,
+            **SMALL,
+        ).path
+        for attn in ("sdpa", "eager")
+    ]
     eager = hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation="eager")
     local = hwdiff.replay(eager, paths[0], root / "local.h5", progress=False).path
     hwdiff.diff(*paths, local=local, out=root / "diff.h5", progress=False)
@@ -37,8 +45,12 @@ def pair(tmp_path_factory):
 def _logp(model, ids, mask):
     """log p(token t+1 | ≤ t) in float32 and the positions where tokens t and t+1 are real."""
     with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, torch.from_numpy(ids[:, 1:, None]).long())[..., 0]
+        logits = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(
+        -1, torch.from_numpy(ids[:, 1:, None]).long()
+    )[..., 0]
     return logp.numpy().astype(np.float64), (mask[:, :-1] & mask[:, 1:]).astype(bool)
 
 
@@ -55,7 +67,9 @@ def test_policy_check_matches_direct_draws_and_the_captures(pair):
         tgt_lp = tgt.token_logprobs()
     real = (mask[:, :-1] & mask[:, 1:]).astype(bool)
     # the hardware side: the two captures' own next-token log-probs, pooled over real positions
-    delta = (tgt_lp.next_token[:, :-1].astype(np.float64) - ref_lp.next_token[:, :-1].astype(np.float64))[real]
+    delta = (
+        tgt_lp.next_token[:, :-1].astype(np.float64) - ref_lp.next_token[:, :-1].astype(np.float64)
+    )[real]
     assert check.hardware["mean_abs"] == pytest.approx(np.abs(delta).mean(), rel=1e-6)
     assert check.hardware["k3_kl"] == pytest.approx(np.mean(np.expm1(delta) - delta), rel=1e-5)
     # the noise side: the same draws made here (seeds as robustness derives them), log-probs by torch
@@ -73,14 +87,26 @@ def test_policy_check_matches_direct_draws_and_the_captures(pair):
     ratio = check.ratio["mean_abs"]
     assert ratio["value"] == pytest.approx(np.mean(means) / np.abs(delta).mean(), rel=1e-3)
     assert ratio["low"] <= ratio["value"] <= ratio["high"]
-    assert 0 < check.emulated["top1_agreement"]["value"] <= 1 and check.draws == 3 and check.prompts == ids.shape[0]
+    assert (
+        0 < check.emulated["top1_agreement"]["value"] <= 1
+        and check.draws == 3
+        and check.prompts == ids.shape[0]
+    )
 
 
 @pytest.mark.slow
 def test_cli_policy_check_in_output_sigma_file_and_report(pair, tmp_path):
     root, _ = pair
-    done = run_cli("calibrate", root / "diff.h5", "-o", tmp_path / "sigma.yaml", "--policy-check", "--policy-draws", "2",
-                   "-q")
+    done = run_cli(
+        "calibrate",
+        root / "diff.h5",
+        "-o",
+        tmp_path / "sigma.yaml",
+        "--policy-check",
+        "--policy-draws",
+        "2",
+        "-q",
+    )
     assert done.returncode == 0, done.stderr
     assert "policy check: all sigma_end at once, 2 draws" in done.stdout
     data = yaml.safe_load((tmp_path / "sigma.yaml").read_text())
@@ -92,7 +118,9 @@ def test_cli_policy_check_in_output_sigma_file_and_report(pair, tmp_path):
     assert loaded is not None and loaded.to_dict() == block
     out = tmp_path / "report"
     hwdiff.report(root / "diff.h5", out, sigma=tmp_path / "sigma.yaml")
-    assert "Policy check (all σ_end at once, 2 draws" in (out / "index.html").read_text(encoding="utf-8")
+    assert "Policy check (all σ_end at once, 2 draws" in (out / "index.html").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_policy_check_refuses_without_the_target_capture(pair, tmp_path):

@@ -12,8 +12,13 @@ from .conftest import ROOT
 
 
 def _probe(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "probes" / name), *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "probes" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
 
 
 def test_cpu_golden_probe_writes_a_float32_capture_and_says_where(tmp_path):
@@ -27,13 +32,19 @@ def test_cpu_golden_probe_writes_a_float32_capture_and_says_where(tmp_path):
         assert "input" in cap.modules["model.layers.0.mlp"].slots
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
 def test_cuda_probe_without_a_gpu_fails_clearly(tmp_path):
     proc = _probe("capture_cuda.py", "--output", tmp_path / "x.h5")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not available" in proc.stderr
+    assert (
+        proc.returncode == 2 and "Traceback" not in proc.stderr and "not available" in proc.stderr
+    )
 
 
-@pytest.mark.skipif(ascend.is_installed(), reason="checks the message on a machine without torch_npu")
+@pytest.mark.skipif(
+    ascend.is_installed(), reason="checks the message on a machine without torch_npu"
+)
 def test_npu_probe_without_torch_npu_fails_clearly(tmp_path):
     proc = _probe("capture_npu.py", "--output", tmp_path / "x.h5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "torch_npu" in proc.stderr

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) of the metrics, the fits and the verdict on degenerate samples:
 ties, constants, two values, zeros, NaN/Inf, denormals, empty, huge. Each result is either a number
 equal to a numpy reference computed here or a stated "not fitted" reason; nothing raises."""
+
 import math
 
 import numpy as np
@@ -13,18 +14,50 @@ from hwdiff.compare import fit
 from hwdiff.compare.metrics import Accumulator
 from hwdiff.compare.verdict import judge
 
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-SPECIAL = [0.0, -0.0, 5e-324, -5e-324, 2.2e-308, 1e-300, 1.0, -1.0, 0.0117, 0.0078, 1e300, -1e300, 1.7e308]
+FAST = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+SPECIAL = [
+    0.0,
+    -0.0,
+    5e-324,
+    -5e-324,
+    2.2e-308,
+    1e-300,
+    1.0,
+    -1.0,
+    0.0117,
+    0.0078,
+    1e300,
+    -1e300,
+    1.7e308,
+]
 
 
 @st.composite
 def degenerate(draw, allow_nonfinite=True):
     """A float64 sample of one of the awkward shapes errors take."""
-    kind = draw(st.sampled_from(["ties", "constant", "two", "zeros", "denormal", "huge", "empty", "mixed",
-                                 "nonfinite" if allow_nonfinite else "mixed", "atom"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "ties",
+                "constant",
+                "two",
+                "zeros",
+                "denormal",
+                "huge",
+                "empty",
+                "mixed",
+                "nonfinite" if allow_nonfinite else "mixed",
+                "atom",
+            ]
+        )
+    )
     n = draw(st.integers(0 if kind == "empty" else 1, 600))
     value = draw(st.sampled_from(SPECIAL))
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 16)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     if kind == "empty":
         return np.zeros(0)
     if kind == "constant":
@@ -36,14 +69,16 @@ def degenerate(draw, allow_nonfinite=True):
         share = draw(st.floats(0.5, 0.999)) if kind == "atom" else 0.5
         return np.where(rng.random(n) < share, value, other)
     if kind == "ties":
-        return rng.integers(-3, 4, n) * (value or 1.0) * 2.0 ** -8
+        return rng.integers(-3, 4, n) * (value or 1.0) * 2.0**-8
     if kind == "denormal":
         return rng.integers(-50, 50, n) * 5e-324
     if kind == "huge":
         return rng.standard_normal(n) * 1e307
     if kind == "nonfinite":
         x = rng.standard_normal(n)
-        x[rng.integers(0, n, max(1, n // 10))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        x[rng.integers(0, n, max(1, n // 10))] = draw(
+            st.sampled_from([math.nan, math.inf, -math.inf])
+        )
         return x
     return rng.standard_t(3, n) * draw(st.sampled_from([1e-30, 1e-3, 1.0, 1e30]))
 
@@ -69,13 +104,19 @@ def _check_fit(x):
     assert np.isfinite(x).all() and nonzero.size >= fit.MIN_SAMPLES and np.ptp(nonzero) > 0
     assert result.n == nonzero.size and result.best in result.fits
     gaussian, laplace = result.fits["gaussian"].params, result.fits["laplace"].params
-    unit = float(np.max(np.abs(nonzero)))  # numpy's own std of 1e300-sized values overflows: scale first
+    unit = float(
+        np.max(np.abs(nonzero))
+    )  # numpy's own std of 1e300-sized values overflows: scale first
     z = nonzero / unit
-    grain = 1e-12 + 5e-324 / unit  # parameters of denormal samples are themselves on the denormal grid
+    grain = (
+        1e-12 + 5e-324 / unit
+    )  # parameters of denormal samples are themselves on the denormal grid
     assert gaussian["mu"] / unit == pytest.approx(np.mean(z), rel=1e-9, abs=grain)
     assert gaussian["sigma"] / unit == pytest.approx(np.std(z), rel=1e-9, abs=grain)
     assert laplace["loc"] / unit == pytest.approx(np.median(z), rel=1e-12, abs=grain)
-    assert laplace["scale"] / unit == pytest.approx(np.mean(np.abs(z - np.median(z))), rel=1e-9, abs=grain)
+    assert laplace["scale"] / unit == pytest.approx(
+        np.mean(np.abs(z - np.median(z))), rel=1e-9, abs=grain
+    )
     for name, one in result.fits.items():
         assert all(math.isfinite(v) for v in one.params.values()), name
         assert math.isfinite(one.loglik) and math.isfinite(one.aic) and 0 <= one.ks_stat <= 1, name
@@ -93,7 +134,11 @@ def test_fits_are_numbers_equal_to_numpy_or_a_stated_reason(path, x):
 
 
 @FAST
-@given(st.integers(fit.MIN_SAMPLES, 3000), st.floats(0.5, 0.9995), st.sampled_from([0.0117, 1e-300, 1e300]))
+@given(
+    st.integers(fit.MIN_SAMPLES, 3000),
+    st.floats(0.5, 0.9995),
+    st.sampled_from([0.0117, 1e-300, 1e300]),
+)
 def test_a_sample_mostly_one_value_fits_or_says_why(path, n, share, value):
     """The reported crash: 990 × 0.0117 and 10 × 0.0078 (ZeroDivisionError in the compiled EM)."""
     x = np.r_[np.full(int(n * share), value), np.full(n - int(n * share), value * 2 / 3)]
@@ -101,11 +146,13 @@ def test_a_sample_mostly_one_value_fits_or_says_why(path, n, share, value):
 
 
 def test_the_reported_sample_fits(path):
-    x = np.r_[np.full(990, .0117), np.full(10, .0078)]
+    x = np.r_[np.full(990, 0.0117), np.full(10, 0.0078)]
     result = _check_fit(x)
     assert result.best != "none"
     t = result.fits["student_t"].params
-    assert t["df"] >= t["df_floor"] >= 0.99 / 0.01  # the likelihood is unbounded below df = p / (1 − p)
+    assert (
+        t["df"] >= t["df_floor"] >= 0.99 / 0.01
+    )  # the likelihood is unbounded below df = p / (1 − p)
 
 
 def _reference_metrics(r, t):
@@ -122,8 +169,12 @@ def _reference_metrics(r, t):
 def test_metrics_equal_numpy_references(path, x, how):
     with np.errstate(over="ignore", invalid="ignore"):
         r = x.astype(np.float32)
-        t = {"same": r, "offset": r + np.float32(1e-3), "rounded": (r * np.float32(1 + 2 ** -10)),
-             "flipped": -r}[how].astype(np.float32)
+        t = {
+            "same": r,
+            "offset": r + np.float32(1e-3),
+            "rounded": (r * np.float32(1 + 2**-10)),
+            "flipped": -r,
+        }[how].astype(np.float32)
     acc = Accumulator("float32", "float32", sample_fraction=1.0, seed=0)
     acc.update(r, t, None)
     m = acc.metrics()

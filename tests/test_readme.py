@@ -1,4 +1,5 @@
 """The README's examples run as written: its Python block, and each CLI line it shows for capture."""
+
 import re
 
 import numpy as np
@@ -19,13 +20,21 @@ def test_readme_python_examples_run_in_order(tmp_path, monkeypatch):
     assert namespace["norm_out"].dtype == np.float32 and namespace["weight"].shape == (256,)
     assert (tmp_path / "cpu.h5").exists() and (tmp_path / "diff.json").exists()
     assert str(namespace["result"].first_divergence).startswith("model.layers.0.self_attn")
-    assert (tmp_path / "sigma.yaml").exists() and namespace["used"]["model.layers.0.input_layernorm"] > 0
+    assert (tmp_path / "sigma.yaml").exists() and namespace["used"][
+        "model.layers.0.input_layernorm"
+    ] > 0
 
 
 def test_readme_cli_example_runs(tmp_path):
-    lines = [line.strip() for line in README.splitlines() if re.match(r"\s*hwdiff (capture|inspect|diff) ", line)]
-    assert lines[:2] == ["hwdiff capture --model tiny-qwen2 --device cpu --dtype bfloat16 -o cpu.h5",
-                         "hwdiff inspect cpu.h5"]
+    lines = [
+        line.strip()
+        for line in README.splitlines()
+        if re.match(r"\s*hwdiff (capture|inspect|diff) ", line)
+    ]
+    assert lines[:2] == [
+        "hwdiff capture --model tiny-qwen2 --device cpu --dtype bfloat16 -o cpu.h5",
+        "hwdiff inspect cpu.h5",
+    ]
     for line in lines[:2]:
         args = line.split()[1:]
         if args[0] == "capture":
@@ -33,7 +42,11 @@ def test_readme_cli_example_runs(tmp_path):
         proc = run_cli(*args, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
     diff_line = next(line for line in lines if line.startswith("hwdiff diff"))
-    for name in ("gpu.h5", "npu.h5", "golden.h5"):  # stand-ins: three captures of one model and inputs
+    for name in (
+        "gpu.h5",
+        "npu.h5",
+        "golden.h5",
+    ):  # stand-ins: three captures of one model and inputs
         (tmp_path / name).write_bytes((tmp_path / "cpu.h5").read_bytes())
     proc = run_cli(*diff_line.split()[1:], "-q", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -28,7 +28,9 @@ def _with_local_error(result):
 
 
 def _attention_and_parents():
-    return {f"model.layers.{i}.self_attn" for i in range(L)} | {f"model.layers.{i}" for i in range(L)}
+    return {f"model.layers.{i}.self_attn" for i in range(L)} | {
+        f"model.layers.{i}" for i in range(L)
+    }
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -69,16 +71,30 @@ def test_sdpa_vs_eager_first_divergence_and_replay_localize_attention(tmp_path, 
 def test_diff_with_local_separates_local_and_propagated_error(tmp_path, attn_pair):
     eager = hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation="eager")
     local = hwdiff.replay(eager, attn_pair["sdpa"], tmp_path / "local.h5", progress=False).path
-    result = hwdiff.diff(attn_pair["sdpa"], attn_pair["eager"], local=local, json_path=tmp_path / "d.json",
-                         progress=False)
+    result = hwdiff.diff(
+        attn_pair["sdpa"],
+        attn_pair["eager"],
+        local=local,
+        json_path=tmp_path / "d.json",
+        progress=False,
+    )
     first_attention = result.layer("model.layers.0.self_attn").local
-    assert first_attention.local_rel_l2 == pytest.approx(first_attention.total_rel_l2)  # nothing inherited yet
+    assert first_attention.local_rel_l2 == pytest.approx(
+        first_attention.total_rel_l2
+    )  # nothing inherited yet
     linear = result.layer("model.layers.2.mlp.up_proj").local
-    assert linear.local_rel_l2 == 0 and linear.propagated_rel_l2 == pytest.approx(linear.total_rel_l2)
+    assert linear.local_rel_l2 == 0 and linear.propagated_rel_l2 == pytest.approx(
+        linear.total_rel_l2
+    )
     assert 0.5 < linear.amplification < 2
-    module = next(m for m in json.loads((tmp_path / "d.json").read_text())["modules"]
-                  if m["name"] == "model.layers.2.mlp.up_proj" and m["slot"] == "output")
-    assert module["local_rel_l2"] == 0 and module["amplification"] == pytest.approx(linear.amplification)
+    module = next(
+        m
+        for m in json.loads((tmp_path / "d.json").read_text())["modules"]
+        if m["name"] == "model.layers.2.mlp.up_proj" and m["slot"] == "output"
+    )
+    assert module["local_rel_l2"] == 0 and module["amplification"] == pytest.approx(
+        linear.amplification
+    )
 
 
 def test_replay_refuses_what_it_cannot_replay(tmp_path):
@@ -86,12 +102,16 @@ def test_replay_refuses_what_it_cannot_replay(tmp_path):
     plain = hwdiff.capture(model, tmp_path / "plain.h5", **CAP).path
     with pytest.raises(HwdiffError, match="--record-inputs"):
         hwdiff.replay(model, plain, tmp_path / "x.h5", progress=False)
-    sampled = hwdiff.capture(model, tmp_path / "s.h5", mode="sample", record_inputs=True, **CAP).path
+    sampled = hwdiff.capture(
+        model, tmp_path / "s.h5", mode="sample", record_inputs=True, **CAP
+    ).path
     with pytest.raises(HwdiffError, match="full capture"):
         hwdiff.replay(model, sampled, tmp_path / "x.h5", progress=False)
     recorded = hwdiff.capture(model, tmp_path / "r.h5", record_inputs=True, **CAP).path
     with pytest.raises(HwdiffError, match="not the one captured"):
-        hwdiff.replay(hwdiff.load_model("tiny-qwen2", seed=3), recorded, tmp_path / "x.h5", progress=False)
+        hwdiff.replay(
+            hwdiff.load_model("tiny-qwen2", seed=3), recorded, tmp_path / "x.h5", progress=False
+        )
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -99,14 +119,20 @@ def test_model_for_rebuilds_the_captured_builtin(attn_pair):
     model = model_for(attn_pair["sdpa"], device="cpu")
     assert str(next(model.parameters()).dtype) == "torch.bfloat16"
     with hwdiff.open_capture(attn_pair["sdpa"]) as ref:
-        assert hwdiff.capturing.models.model_info(model).fingerprint == ref.meta["model_fingerprint"]
+        assert (
+            hwdiff.capturing.models.model_info(model).fingerprint == ref.meta["model_fingerprint"]
+        )
 
 
 def test_cli_replay_and_diff_local(tmp_path, attn_pair):
     local = tmp_path / "local.h5"
-    proc = run_cli("replay", attn_pair["sdpa"], "--device", "cpu", "--attn-impl", "eager", "-q", "-o", local)
+    proc = run_cli(
+        "replay", attn_pair["sdpa"], "--device", "cpu", "--attn-impl", "eager", "-q", "-o", local
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("diff", attn_pair["sdpa"], attn_pair["eager"], "--local", local, "-q", "--top", "5")
+    proc = run_cli(
+        "diff", attn_pair["sdpa"], attn_pair["eager"], "--local", local, "-q", "--top", "5"
+    )
     assert proc.returncode == 0 and "amplif." in proc.stdout
     bad = run_cli("replay", tmp_path / "missing.h5", "-o", tmp_path / "y.h5")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
@@ -122,9 +148,19 @@ def test_a_mask_replay_cannot_rebuild_names_the_implementation_that_needs_none()
 
     from hwdiff.capturing.replaying import _MaskRebuilder
 
-    config = SimpleNamespace(_attn_implementation="sdpa", layer_types=["mamba", "hybrid"], hidden_size=8)
-    ref = SimpleNamespace(meta={"attn_implementation": "eager"}, attention_mask=np.ones((1, 4), dtype=np.int64))
+    config = SimpleNamespace(
+        _attn_implementation="sdpa", layer_types=["mamba", "hybrid"], hidden_size=8
+    )
+    ref = SimpleNamespace(
+        meta={"attn_implementation": "eager"}, attention_mask=np.ones((1, 4), dtype=np.int64)
+    )
     masks = _MaskRebuilder(SimpleNamespace(config=config), ref, torch.device("cpu"), torch.float32)
-    assert masks.build(slice(0, 1), "model.layers.0.mamba", None) is None  # a mamba layer keeps its padding mask
-    with pytest.raises(HwdiffError, match=r"layer 1 uses 'hybrid' attention.*\(--attn-impl eager\)$"):
-        masks.build(slice(0, 1), "model.layers.1.shared_transformer.self_attn", torch.zeros(1, 1, 4, 4))
+    assert (
+        masks.build(slice(0, 1), "model.layers.0.mamba", None) is None
+    )  # a mamba layer keeps its padding mask
+    with pytest.raises(
+        HwdiffError, match=r"layer 1 uses 'hybrid' attention.*\(--attn-impl eager\)$"
+    ):
+        masks.build(
+            slice(0, 1), "model.layers.1.shared_transformer.self_attn", torch.zeros(1, 1, 4, 4)
+        )

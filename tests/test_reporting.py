@@ -43,11 +43,17 @@ def test_every_image_of_the_page_is_a_real_png(demo):
 
 def test_the_page_answers_the_three_questions_up_front(demo):
     page = (demo / "report" / "index.html").read_text()
-    answers = page[page.index('class="answers"'):page.index("<h2>Captures")]
+    answers = page[page.index('class="answers"') : page.index("<h2>Captures")]
     assert "model.layers.0.self_attn" in answers  # where the devices first diverge
     assert "down_proj" in answers  # the worst layers
     assert "σ_end" in answers and "from the sigma file" in answers  # which σ to use
-    for title in ("Are QeRL", "Local vs propagated", "Cross-layer correlation", "σ schedule", "bf16 effectiveness"):
+    for title in (
+        "Are QeRL",
+        "Local vs propagated",
+        "Cross-layer correlation",
+        "σ schedule",
+        "bf16 effectiveness",
+    ):
         assert title in page
 
 
@@ -72,15 +78,44 @@ def test_a_failed_report_keeps_the_previous_folder(demo, tmp_path):
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_the_page_renders_in_headless_chromium(demo, tmp_path):
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,6000", f"--screenshot={shot}",
-                    (demo / "report" / "index.html").as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,6000",
+            f"--screenshot={shot}",
+            (demo / "report" / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     assert _png_size(shot) == (1200, 6000) and shot.stat().st_size > 200_000
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile2'}",
-                          "--dump-dom", (demo / "report" / "index.html").as_uri()],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--dump-dom",
+            (demo / "report" / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert dom.count("<img") >= 10 and "Where do the devices first diverge?" in dom
 
 
@@ -91,8 +126,12 @@ def _assert_drawn(fig, name):
     for ax in fig.axes:
         if getattr(ax, "_colorbar", None) is not None or ax.get_label() == "<colorbar>":
             continue
-        lines = [line for line in ax.lines if line.get_transform() is ax.transData
-                 and np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any()]
+        lines = [
+            line
+            for line in ax.lines
+            if line.get_transform() is ax.transData
+            and np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any()
+        ]
         bars = [patch for patch in ax.patches if patch.get_data_transform() is ax.transData]
         assert lines or bars or ax.images, f"{name}: an axes without data ({ax.get_title()!r})"
         for limits, scale in ((ax.get_xlim(), ax.get_xscale()), (ax.get_ylim(), ax.get_yscale())):
@@ -109,9 +148,16 @@ def checked_figures(monkeypatch):
 
     def save(fig, path, **options):
         _assert_drawn(fig, path.name)
-        if path.name in ("error_vs_depth.png", "one_minus_cos.png", "local.png"):  # module names on the depth axis
+        if path.name in (
+            "error_vs_depth.png",
+            "one_minus_cos.png",
+            "local.png",
+        ):  # module names on the depth axis
             labels = [tick.get_text() for ax in fig.axes for tick in ax.get_xticklabels()]
-            assert any(label.startswith("L0") for label in labels) and "lm_head" in labels, (path.name, labels)
+            assert any(label.startswith("L0") for label in labels) and "lm_head" in labels, (
+                path.name,
+                labels,
+            )
         drawn.append(path.name)
         original(fig, path, **options)
 
@@ -122,20 +168,38 @@ def checked_figures(monkeypatch):
 def test_a_bit_identical_diff_has_no_empty_figure_and_says_why(tmp_path, checked_figures):
     import hwdiff
 
-    path = hwdiff.capture(hwdiff.load_model("tiny-qwen2"), tmp_path / "a.h5", limit=2, max_tokens=8, progress=False).path
+    path = hwdiff.capture(
+        hwdiff.load_model("tiny-qwen2"), tmp_path / "a.h5", limit=2, max_tokens=8, progress=False
+    ).path
     shutil.copyfile(path, tmp_path / "b.h5")
     hwdiff.diff(path, tmp_path / "b.h5", out=tmp_path / "d.h5", progress=False)
     result = report(tmp_path / "d.h5", tmp_path / "r")
     page = result.index.read_text()
-    error_figures = {"error_vs_depth.png", "one_minus_cos.png", "ulp.png", "correlation.png", "local.png", "golden.png"}
-    assert not error_figures & set(checked_figures) and not any(n.startswith("errors_") for n in checked_figures)
-    assert len(result.figures) == len(checked_figures)  # whatever is drawn (the Δlogp histogram) was checked
-    assert "bit-identical, there is no error to draw" in page and "every module output is bit-identical" in page
+    error_figures = {
+        "error_vs_depth.png",
+        "one_minus_cos.png",
+        "ulp.png",
+        "correlation.png",
+        "local.png",
+        "golden.png",
+    }
+    assert not error_figures & set(checked_figures) and not any(
+        n.startswith("errors_") for n in checked_figures
+    )
+    assert len(result.figures) == len(
+        checked_figures
+    )  # whatever is drawn (the Δlogp histogram) was checked
+    assert (
+        "bit-identical, there is no error to draw" in page
+        and "every module output is bit-identical" in page
+    )
     assert "no RMSNorm outputs" not in page
 
 
 @pytest.mark.slow
-def test_the_report_of_a_1_5b_width_diff_has_data_in_every_figure(tmp_path, monkeypatch, checked_figures):
+def test_the_report_of_a_1_5b_width_diff_has_data_in_every_figure(
+    tmp_path, monkeypatch, checked_figures
+):
     """The Qwen2.5-1.5B architecture at two layers (hidden 1536, intermediate 8960, 12/2 heads,
     vocabulary 151936): the full 28 layers take ~60 s and 7 GB per capture on a CPU — too heavy
     for the test suite — while the widths, which set what the figures draw (ULP ranges of the
@@ -146,9 +210,18 @@ def test_the_report_of_a_1_5b_width_diff_has_data_in_every_figure(tmp_path, monk
     from hwdiff.calibration import calibrate
     from hwdiff.capturing import models
 
-    sizes = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768)
-    monkeypatch.setitem(models.BUILTIN, "qwen2.5-1.5b-width", lambda attn=None: models._qwen2_config(attn, **sizes))
+    sizes = dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+    )
+    monkeypatch.setitem(
+        models.BUILTIN, "qwen2.5-1.5b-width", lambda attn=None: models._qwen2_config(attn, **sizes)
+    )
     cap = dict(limit=1, max_tokens=8, progress=False)
     fp32 = hwdiff.load_model("qwen2.5-1.5b-width", dtype="float32")
     reference = hwdiff.capture(fp32, tmp_path / "fp32.h5", record_inputs=True, **cap).path
@@ -158,10 +231,21 @@ def test_the_report_of_a_1_5b_width_diff_has_data_in_every_figure(tmp_path, monk
     target = hwdiff.capture(bf16, tmp_path / "bf16.h5", **cap).path
     local = hwdiff.replay(bf16, reference, tmp_path / "local.h5", progress=False).path
     del bf16
-    hwdiff.diff(reference, target, golden=golden, local=local, out=tmp_path / "d.h5", progress=False)
+    hwdiff.diff(
+        reference, target, golden=golden, local=local, out=tmp_path / "d.h5", progress=False
+    )
     result = report(tmp_path / "d.h5", tmp_path / "r", sigma=calibrate(tmp_path / "d.h5"))
-    expected = {"error_vs_depth.png", "one_minus_cos.png", "ulp.png", "errors_0.png", "correlation.png", "local.png",
-                "golden.png", "sigma.png", "qerl.png"}
+    expected = {
+        "error_vs_depth.png",
+        "one_minus_cos.png",
+        "ulp.png",
+        "errors_0.png",
+        "correlation.png",
+        "local.png",
+        "golden.png",
+        "sigma.png",
+        "qerl.png",
+    }
     assert expected <= set(checked_figures) and len(result.figures) == len(checked_figures)
     page = result.index.read_text()
     assert "GPU-vs-NPU" not in page and "cpu-vs-cpu" in page and "one roundings" not in page

@@ -3,6 +3,7 @@
 Every expected number is computed here from the raw stored logits (numpy, float64) or from
 transformers' own ``generate``, never from hwdiff's results.
 """
+
 import json
 import math
 import shutil
@@ -34,6 +35,8 @@ def _padded_inputs():
     for row, length in ((1, 20), (3, 9)):
         ids[row, length:], mask[row, length:] = ByteTokenizer.pad_token_id, 0
     return Inputs(ids, mask, source="test:padded")
+
+
 GEN_PROMPTS, GEN_TOKENS = 3, 8
 
 
@@ -43,9 +46,12 @@ def pair(tmp_path_factory, tiny_bf16):
     root = tmp_path_factory.mktemp("rl")
     eager = hwdiff.load_model("tiny-qwen2", dtype="bfloat16", attn_implementation="eager")
     inputs = _padded_inputs()
-    return {"sdpa": hwdiff.capture(tiny_bf16, root / "sdpa.h5", inputs=inputs, **CAP).path,
-            "eager": hwdiff.capture(eager, root / "eager.h5", inputs=inputs, **CAP).path, "root": root,
-            "inputs": inputs}
+    return {
+        "sdpa": hwdiff.capture(tiny_bf16, root / "sdpa.h5", inputs=inputs, **CAP).path,
+        "eager": hwdiff.capture(eager, root / "eager.h5", inputs=inputs, **CAP).path,
+        "root": root,
+        "inputs": inputs,
+    }
 
 
 def _log_softmax(z):
@@ -57,8 +63,13 @@ def _log_softmax(z):
 def _numpy_side(path):
     with h5py.File(path, "r") as handle:
         raw = handle["modules/lm_head/0/output"][...]
-        logits = (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 bit patterns, widened exactly
-        ids, mask = handle["inputs/input_ids"][...], handle["inputs/attention_mask"][...].astype(bool)
+        logits = (raw.astype(np.uint32) << 16).view(
+            np.float32
+        )  # bf16 bit patterns, widened exactly
+        ids, mask = (
+            handle["inputs/input_ids"][...],
+            handle["inputs/attention_mask"][...].astype(bool),
+        )
     return _log_softmax(logits), ids, mask
 
 
@@ -72,8 +83,12 @@ def test_delta_logp_statistics_equal_numpy_from_lm_head_captures(pair):
     following = ids[rows, cols + 1]
     lr, lt = ref_lp[rows, cols, following], tgt_lp[rows, cols, following]
     delta = lt - lr
-    expected = {"mean_abs": np.mean(np.abs(delta)), "max_abs": np.max(np.abs(delta)),
-                "mean_exp_abs": np.mean(np.exp(np.abs(delta))), "k3_kl": np.mean(np.exp(delta) - 1 - delta)}
+    expected = {
+        "mean_abs": np.mean(np.abs(delta)),
+        "max_abs": np.max(np.abs(delta)),
+        "mean_exp_abs": np.mean(np.exp(np.abs(delta))),
+        "k3_kl": np.mean(np.exp(delta) - 1 - delta),
+    }
     rl = hwdiff.diff(pair["sdpa"], pair["eager"], progress=False).rl_impact
     assert rl.positions == real.sum()
     assert expected["mean_abs"] > 1e-4  # the two kernel paths really differ
@@ -82,7 +97,11 @@ def test_delta_logp_statistics_equal_numpy_from_lm_head_captures(pair):
     for threshold, fraction in zip((1e-3, 1e-2), rl.frac_above):
         assert fraction == np.mean(np.abs(delta) > threshold)
     worst = np.argmax(np.abs(delta))
-    assert (rl.worst[0].prompt, rl.worst[0].position, rl.worst[0].token) == (rows[worst], cols[worst], following[worst])
+    assert (rl.worst[0].prompt, rl.worst[0].position, rl.worst[0].token) == (
+        rows[worst],
+        cols[worst],
+        following[worst],
+    )
     # top-1 agreement, tie-aware: the sets of tokens at each side's maximum share a token
     top_r = ref_lp[rows, cols] == ref_lp[rows, cols].max(-1, keepdims=True)
     top_t = tgt_lp[rows, cols] == tgt_lp[rows, cols].max(-1, keepdims=True)
@@ -99,8 +118,14 @@ def _direct_topk_kl(ref, tgt, mask):
             continue
         zr = sum(math.exp(r[v]) for v in common)
         zq = sum(math.exp(q[v]) for v in common)
-        values.append(sum(math.exp(r[v]) / zr * (math.log(math.exp(r[v]) / zr) - math.log(math.exp(q[v]) / zq))
-                          for v in common))
+        values.append(
+            sum(
+                math.exp(r[v])
+                / zr
+                * (math.log(math.exp(r[v]) / zr) - math.log(math.exp(q[v]) / zq))
+                for v in common
+            )
+        )
     return float(np.mean(values)), len(values)
 
 
@@ -117,9 +142,15 @@ def test_topk_kl_equals_a_direct_computation(pair):
 
 def test_topk_kl_on_planted_partial_overlap():
     """k = 3, the sets share tokens 1 and 2: KL over {1, 2} renormalised, by hand."""
+
     def side(ids, logps, next_token):
-        return TokenLogProbs(np.array([[next_token, np.nan]]), np.zeros((1, 2)), np.array([[ids, ids]]),
-                             np.log(np.array([[logps, logps]])), {})
+        return TokenLogProbs(
+            np.array([[next_token, np.nan]]),
+            np.zeros((1, 2)),
+            np.array([[ids, ids]]),
+            np.log(np.array([[logps, logps]])),
+            {},
+        )
 
     ref = side([1, 2, 3], [0.5, 0.3, 0.1], math.log(0.3))
     tgt = side([2, 1, 4], [0.4, 0.35, 0.2], math.log(0.4))
@@ -134,7 +165,11 @@ def test_topk_kl_on_planted_partial_overlap():
 def test_logprobs_are_stored_alike_in_every_mode(pair, tiny_bf16):
     with hwdiff.open_capture(pair["sdpa"]) as cap:
         full = cap.token_logprobs()
-    assert full.attrs["source"] == "logits" and full.attrs["topk"] == 8 and full.attrs["compute_dtype"] == "float64"
+    assert (
+        full.attrs["source"] == "logits"
+        and full.attrs["topk"] == 8
+        and full.attrs["compute_dtype"] == "float64"
+    )
     path = pair["root"] / "stats.h5"
     hwdiff.capture(tiny_bf16, path, mode="stats", inputs=pair["inputs"], **CAP)
     with hwdiff.open_capture(path) as cap:
@@ -147,7 +182,13 @@ def test_old_captures_without_logprobs_still_diff_with_the_rl_block_absent(pair,
     old = shutil.copyfile(pair["eager"], tmp_path / "old.h5")
     with h5py.File(old, "r+") as handle:
         del handle["logprobs"]
-    result = hwdiff.diff(pair["sdpa"], old, progress=False, json_path=tmp_path / "d.json", csv_path=tmp_path / "d.csv")
+    result = hwdiff.diff(
+        pair["sdpa"],
+        old,
+        progress=False,
+        json_path=tmp_path / "d.json",
+        csv_path=tmp_path / "d.csv",
+    )
     assert result.rl_impact is None and "old.h5" in result.rl_absent
     block = json.loads((tmp_path / "d.json").read_text())["rl_impact"]
     assert block["available"] is False and "no token log-probabilities" in block["reason"]
@@ -156,8 +197,13 @@ def test_old_captures_without_logprobs_still_diff_with_the_rl_block_absent(pair,
 
 
 def test_report_answers_does_it_matter_for_rl(pair, tmp_path):
-    result = hwdiff.diff(pair["sdpa"], pair["eager"], progress=False, json_path=tmp_path / "d.json",
-                         csv_path=tmp_path / "d.csv")
+    result = hwdiff.diff(
+        pair["sdpa"],
+        pair["eager"],
+        progress=False,
+        json_path=tmp_path / "d.json",
+        csv_path=tmp_path / "d.csv",
+    )
     block = json.loads((tmp_path / "d.json").read_text())["rl_impact"]
     assert block["mean_abs"] == result.rl_impact.mean_abs and len(block["worst"]) == 10
     assert "K3" in block["k3_kl_definition"] and "intersection" in block["topk_kl_definition"]
@@ -172,17 +218,28 @@ def test_report_answers_does_it_matter_for_rl(pair, tmp_path):
 def _transformers_greedy(model, prompt):
     ids = torch.from_numpy(prompt)[None]
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=GEN_TOKENS)
-    return out[0, ids.shape[1]:].numpy()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=GEN_TOKENS,
+        )
+    return out[0, ids.shape[1] :].numpy()
 
 
 @pytest.mark.slow
-def test_greedy_split_positions_equal_two_transformers_generate_runs(tmp_path, tiny_fp32, tiny_bf16):
+def test_greedy_split_positions_equal_two_transformers_generate_runs(
+    tmp_path, tiny_fp32, tiny_bf16
+):
     paths = {}
     for name, model in (("fp32", tiny_fp32), ("bf16", tiny_bf16)):
-        paths[name] = generate(model, tmp_path / f"{name}.h5", limit=GEN_PROMPTS, max_new_tokens=GEN_TOKENS,
-                               progress=False).path
+        paths[name] = generate(
+            model,
+            tmp_path / f"{name}.h5",
+            limit=GEN_PROMPTS,
+            max_new_tokens=GEN_TOKENS,
+            progress=False,
+        ).path
     inputs = hwdiff.load_inputs(limit=GEN_PROMPTS)
     expected, stored = [], {}
     for name in paths:
@@ -197,11 +254,16 @@ def test_greedy_split_positions_equal_two_transformers_generate_runs(tmp_path, t
         expected.append(int(differ[0]) if differ.size else None)
     result = diff_generations(paths["fp32"], paths["bf16"], json_path=tmp_path / "g.json")
     assert [p.split for p in result.prompts] == expected
-    assert any(s is None for s in expected) and any(s is not None for s in expected)  # both cases exercised
+    assert any(s is None for s in expected) and any(
+        s is not None for s in expected
+    )  # both cases exercised
     split = next(p for p in result.prompts if p.split is not None)
     assert split.ref_token != split.target_token and split.abs_delta_at_split >= 0
     histogram = json.loads((tmp_path / "g.json").read_text())["split_positions"]["histogram"]
-    assert histogram == np.bincount([s for s in expected if s is not None], minlength=GEN_TOKENS).tolist()
+    assert (
+        histogram
+        == np.bincount([s for s in expected if s is not None], minlength=GEN_TOKENS).tolist()
+    )
     # the stored log-prob of a generated token: log_softmax of a plain forward over prompt + prefix (fp32)
     row, j = 0, 5
     prompt = inputs.input_ids[row][inputs.attention_mask[row].astype(bool)]
@@ -213,18 +275,35 @@ def test_greedy_split_positions_equal_two_transformers_generate_runs(tmp_path, t
 
 
 def test_generation_files_of_other_settings_or_kinds_are_refused(tmp_path, pair):
-    lib = generate(hwdiff.load_model("tiny-qwen2", dtype="bfloat16"), tmp_path / "lib.h5", limit=1, max_new_tokens=3,
-                   progress=False).path
+    lib = generate(
+        hwdiff.load_model("tiny-qwen2", dtype="bfloat16"),
+        tmp_path / "lib.h5",
+        limit=1,
+        max_new_tokens=3,
+        progress=False,
+    ).path
     with pytest.raises(HwdiffError, match="layer capture"):
         is_generation_pair(lib, pair["sdpa"])
     with pytest.raises(HwdiffError, match="generation files"):
         hwdiff.diff(lib, lib, progress=False)
-    proc = run_cli("generate", "--limit", "1", "--max-new-tokens", "2", "--dtype", "float32", "-q", "-o",
-                   tmp_path / "cli.h5")
+    proc = run_cli(
+        "generate",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--dtype",
+        "float32",
+        "-q",
+        "-o",
+        tmp_path / "cli.h5",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1 prompts" in proc.stdout
     proc = run_cli("diff", lib, tmp_path / "cli.h5", "-q")
-    assert proc.returncode == 2 and "max_new_tokens" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and "max_new_tokens" in proc.stderr and "Traceback" not in proc.stderr
+    )
 
 
 def test_float32_path_matches_float64_to_float32_rounding():
@@ -239,8 +318,12 @@ def test_float32_path_matches_float64_to_float32_rounding():
     following = np.take_along_axis(expected[:, :-1], ids.numpy()[:, 1:, None], -1)[..., 0]
     assert out["next_token"].dtype == torch.float32 and torch.isnan(out["next_token"][:, -1]).all()
     np.testing.assert_allclose(out["next_token"][:, :-1].numpy(), following, rtol=0, atol=2e-6)
-    np.testing.assert_allclose(out["entropy"].numpy(), -(np.exp(expected) * expected).sum(-1), rtol=1e-5)
-    np.testing.assert_array_equal(out["topk_ids"].numpy(), np.argsort(-expected, -1, kind="stable")[..., :4])
+    np.testing.assert_allclose(
+        out["entropy"].numpy(), -(np.exp(expected) * expected).sum(-1), rtol=1e-5
+    )
+    np.testing.assert_array_equal(
+        out["topk_ids"].numpy(), np.argsort(-expected, -1, kind="stable")[..., :4]
+    )
 
 
 def _logprobs_on_the_npu_stand_in(tmp_path):
@@ -248,7 +331,9 @@ def _logprobs_on_the_npu_stand_in(tmp_path):
 
     with npu_standin.installed():
         model = hwdiff.load_model("tiny-qwen2", device="npu", dtype="bfloat16")
-        path = hwdiff.capture(model, tmp_path / "npu.h5", kinds="head", limit=3, max_tokens=16, progress=False).path
+        path = hwdiff.capture(
+            model, tmp_path / "npu.h5", kinds="head", limit=3, max_tokens=16, progress=False
+        ).path
     with hwdiff.open_capture(path) as cap:
         stored, logits, ids = cap.token_logprobs(), cap.activation("lm_head"), cap.input_ids
     assert stored.attrs["compute_dtype"] == "float32" and stored.attrs["source"] == "logits"

@@ -17,18 +17,23 @@ def test_qerl_code_values_and_stages():
 
 
 def test_other_kinds():
-    assert SigmaSchedule(0.05, 0.0005, 10, "qerl-paper").values[-1] == pytest.approx(0.05 * 0.01 ** (8 / 9))
+    assert SigmaSchedule(0.05, 0.0005, 10, "qerl-paper").values[-1] == pytest.approx(
+        0.05 * 0.01 ** (8 / 9)
+    )
     assert SigmaSchedule(0.04, 0.01, 5, "linear").values == pytest.approx((0.04, 0.03, 0.02, 0.01))
     assert SigmaSchedule(0.0, 0.01, 4, "constant").values == (0.01, 0.01, 0.01)
     assert SigmaSchedule(0.05, 0.0005, 10).scaled(2).sigma_end == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize("args, message", [
-    ((0.05, 0.0005, 2), "at least 3"),
-    ((-0.05, 0.0005, 10), "finite σ ≥ 0"),
-    ((0.05, 0.0, 10), "sigma_end > 0"),
-    ((0.05, 0.0005, 10, "cosine"), "unknown schedule"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((0.05, 0.0005, 2), "at least 3"),
+        ((-0.05, 0.0005, 10), "finite σ ≥ 0"),
+        ((0.05, 0.0, 10), "sigma_end > 0"),
+        ((0.05, 0.0005, 10, "cosine"), "unknown schedule"),
+    ],
+)
 def test_bad_schedules_are_refused(args, message):
     with pytest.raises(HwdiffError, match=message):
         SigmaSchedule(*args)

@@ -1,4 +1,5 @@
 """hwdiff.structure: the one place that knows norms, layers, sub-blocks, token axes and masks."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,9 @@ def test_the_norm_rule_needs_the_class_name_and_a_1d_weight():
 
     assert structure.is_norm(PlainRMSNorm())
     assert not structure.is_norm(RMSNormNoWeight()) and not structure.is_norm(WeirdRMSNorm())
-    assert not structure.is_norm(torch.nn.LayerNorm(4)) and structure.is_layernorm(torch.nn.LayerNorm(4))
+    assert not structure.is_norm(torch.nn.LayerNorm(4)) and structure.is_layernorm(
+        torch.nn.LayerNorm(4)
+    )
 
 
 def test_one_plus_w_norms_are_found_by_class_and_by_probing():
@@ -49,41 +52,82 @@ def test_one_plus_w_norms_are_found_by_class_and_by_probing():
     assert torch.allclose(structure.norm_weight_effective(offset), torch.full((8,), 1.25))
 
 
-LLAMA = ["model.embed_tokens", "model.layers.0", "model.layers.0.self_attn", "model.layers.0.self_attn.o_proj",
-         "model.layers.0.mlp", "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
-         "model.norm", "lm_head"]
-GEMMA3 = ["model.layers.0.input_layernorm", "model.layers.0.self_attn", "model.layers.0.self_attn.q_norm",
-          "model.layers.0.self_attn.k_norm", "model.layers.0.self_attn.o_proj",
-          "model.layers.0.post_attention_layernorm", "model.layers.0.pre_feedforward_layernorm", "model.layers.0.mlp",
-          "model.layers.0.post_feedforward_layernorm", "model.norm", "lm_head"]
+LLAMA = [
+    "model.embed_tokens",
+    "model.layers.0",
+    "model.layers.0.self_attn",
+    "model.layers.0.self_attn.o_proj",
+    "model.layers.0.mlp",
+    "model.layers.0.input_layernorm",
+    "model.layers.0.post_attention_layernorm",
+    "model.norm",
+    "lm_head",
+]
+GEMMA3 = [
+    "model.layers.0.input_layernorm",
+    "model.layers.0.self_attn",
+    "model.layers.0.self_attn.q_norm",
+    "model.layers.0.self_attn.k_norm",
+    "model.layers.0.self_attn.o_proj",
+    "model.layers.0.post_attention_layernorm",
+    "model.layers.0.pre_feedforward_layernorm",
+    "model.layers.0.mlp",
+    "model.layers.0.post_feedforward_layernorm",
+    "model.norm",
+    "lm_head",
+]
 
 
 def _roles(names, cls):
     specs = structure.norm_specs_from_names(names, {n: cls for n in names if "norm" in n})
-    return {s.name.replace("model.layers.0.", ""): (s.role, s.subblock, s.observe, s.offset) for s in specs}
+    return {
+        s.name.replace("model.layers.0.", ""): (s.role, s.subblock, s.observe, s.offset)
+        for s in specs
+    }
 
 
 def test_llama_style_norms_feed_attention_and_mlp():
     roles = _roles(LLAMA, "LlamaRMSNorm")
     assert roles["input_layernorm"][:2] == ("pre_attention", "model.layers.0.self_attn")
-    assert roles["post_attention_layernorm"][:3] == ("pre_mlp", "model.layers.0.mlp", ("model.layers.0.mlp", "output"))
+    assert roles["post_attention_layernorm"][:3] == (
+        "pre_mlp",
+        "model.layers.0.mlp",
+        ("model.layers.0.mlp", "output"),
+    )
     assert roles["model.norm"][:2] == ("final", "lm_head") and roles["model.norm"][3] == 0.0
 
 
 def test_gemma_post_norms_are_outputs_of_their_sub_block_and_qk_norms_feed_the_core():
     roles = _roles(GEMMA3, "Gemma3RMSNorm")
-    assert roles["post_attention_layernorm"][:3] == ("post_attention", "model.layers.0.self_attn",
-                                                     ("model.layers.0.post_attention_layernorm", "output"))
+    assert roles["post_attention_layernorm"][:3] == (
+        "post_attention",
+        "model.layers.0.self_attn",
+        ("model.layers.0.post_attention_layernorm", "output"),
+    )
     assert roles["pre_feedforward_layernorm"][:2] == ("pre_mlp", "model.layers.0.mlp")
     assert roles["post_feedforward_layernorm"][:2] == ("post_mlp", "model.layers.0.mlp")
-    assert roles["self_attn.q_norm"][:3] == ("q_norm", "model.layers.0.self_attn",
-                                             ("model.layers.0.self_attn.o_proj", "input"))
+    assert roles["self_attn.q_norm"][:3] == (
+        "q_norm",
+        "model.layers.0.self_attn",
+        ("model.layers.0.self_attn.o_proj", "input"),
+    )
     assert all(role[3] == 1.0 for role in roles.values())
 
 
-@pytest.mark.parametrize("model_type, layers, per_layer", [
-    ("qwen2", 28, 2), ("llama", 3, 2), ("mistral", 2, 2), ("qwen2_moe", 2, 2), ("mixtral", 2, 2),
-    ("qwen3", 2, 4), ("gemma2", 2, 4), ("gemma3_text", 2, 6), ("gpt2", 2, None)])
+@pytest.mark.parametrize(
+    "model_type, layers, per_layer",
+    [
+        ("qwen2", 28, 2),
+        ("llama", 3, 2),
+        ("mistral", 2, 2),
+        ("qwen2_moe", 2, 2),
+        ("mixtral", 2, 2),
+        ("qwen3", 2, 4),
+        ("gemma2", 2, 4),
+        ("gemma3_text", 2, 6),
+        ("gpt2", 2, None),
+    ],
+)
 def test_expected_norm_counts_per_family(model_type, layers, per_layer):
     class Config:
         pass
@@ -95,7 +139,13 @@ def test_expected_norm_counts_per_family(model_type, layers, per_layer):
 
 
 def test_unknown_family_needs_the_same_norms_in_every_layer():
-    same = ["m.layers.0.a_norm", "m.layers.0.b_norm", "m.layers.1.a_norm", "m.layers.1.b_norm", "m.norm"]
+    same = [
+        "m.layers.0.a_norm",
+        "m.layers.0.b_norm",
+        "m.layers.1.a_norm",
+        "m.layers.1.b_norm",
+        "m.norm",
+    ]
     structure.check_norm_layout(same)
     with pytest.raises(HwdiffError, match="different sets"):
         structure.check_norm_layout(same[:3])
@@ -103,7 +153,9 @@ def test_unknown_family_needs_the_same_norms_in_every_layer():
 
 def test_token_axis_of_each_layout():
     assert structure.token_axis((2, 40, 16), 2, 40) == 1
-    assert structure.token_axis((2, 4, 40, 16), 2, 40) == 2  # Gemma 3 q_norm: [batch, heads, tokens, dim]
+    assert (
+        structure.token_axis((2, 4, 40, 16), 2, 40) == 2
+    )  # Gemma 3 q_norm: [batch, heads, tokens, dim]
     assert structure.token_axis((80, 16), 2, 40) is None  # flattened rows
     assert structure.token_axis((2, 16), 2, 40) is None
 
@@ -111,8 +163,12 @@ def test_token_axis_of_each_layout():
 def test_attention_type_per_layer():
     from transformers import Gemma3TextConfig, MistralConfig, Qwen2Config
 
-    gemma = Gemma3TextConfig(num_hidden_layers=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
-    assert structure.attention_type(gemma, 0) == ("sliding", 16) and structure.attention_type(gemma, 1) == ("full", None)
+    gemma = Gemma3TextConfig(
+        num_hidden_layers=2, sliding_window=16, layer_types=["sliding_attention", "full_attention"]
+    )
+    assert structure.attention_type(gemma, 0) == ("sliding", 16) and structure.attention_type(
+        gemma, 1
+    ) == ("full", None)
     assert structure.attention_type(MistralConfig(sliding_window=16), 1) == ("sliding", 16)
     assert structure.attention_type(MistralConfig(sliding_window=None), 1) == ("full", None)
     assert structure.attention_type(Qwen2Config(num_hidden_layers=2), 1) == ("full", None)
@@ -121,7 +177,9 @@ def test_attention_type_per_layer():
 
 
 def test_effective_scale_of_stored_weights():
-    assert np.allclose(structure.effective_scale(np.array([0.0, 0.5], dtype=np.float32), 1.0), [1.0, 1.5])
+    assert np.allclose(
+        structure.effective_scale(np.array([0.0, 0.5], dtype=np.float32), 1.0), [1.0, 1.5]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,24 +191,53 @@ def test_effective_scale_of_stored_weights():
 # mixers call a gated norm(x, gate) inside; Llama 4's MoE block is a class of its own with a tuple router.
 L0 = "model.layers.0."
 EXPECTED_ROLES = {
-    "olmo2": {"self_attn.q_norm": ("nested", "self_attn"), "self_attn.k_norm": ("nested", "self_attn"),
-              "post_attention_layernorm": ("post", "self_attn"), "post_feedforward_layernorm": ("post", "mlp")},
-    "deepseek_v3": {"input_layernorm": ("pre", "self_attn"), "self_attn.q_a_layernorm": ("nested", "self_attn"),
-                    "self_attn.kv_a_layernorm": ("nested", "self_attn"), "post_attention_layernorm": ("pre", "mlp")},
-    "llama4": {"input_layernorm": ("pre", "self_attn"), "post_attention_layernorm": ("pre", "feed_forward")},
-    "bamba": {"input_layernorm": ("pre", "mamba"), "mamba.norm": ("nested", "mamba"),
-              "pre_ff_layernorm": ("pre", "feed_forward")},
-    "qwen3_next": {"input_layernorm": ("pre", "linear_attn"), "linear_attn.norm": ("nested", "linear_attn"),
-                   "post_attention_layernorm": ("pre", "mlp")},
-    "qwen3_moe": {"input_layernorm": ("pre", "self_attn"), "self_attn.q_norm": ("nested", "self_attn"),
-                  "self_attn.k_norm": ("nested", "self_attn"), "post_attention_layernorm": ("pre", "mlp")},
-    "gemma3": {"input_layernorm": ("pre", "self_attn"), "self_attn.q_norm": ("nested", "self_attn"),
-               "post_attention_layernorm": ("post", "self_attn"), "pre_feedforward_layernorm": ("pre", "mlp"),
-               "post_feedforward_layernorm": ("post", "mlp")},
+    "olmo2": {
+        "self_attn.q_norm": ("nested", "self_attn"),
+        "self_attn.k_norm": ("nested", "self_attn"),
+        "post_attention_layernorm": ("post", "self_attn"),
+        "post_feedforward_layernorm": ("post", "mlp"),
+    },
+    "deepseek_v3": {
+        "input_layernorm": ("pre", "self_attn"),
+        "self_attn.q_a_layernorm": ("nested", "self_attn"),
+        "self_attn.kv_a_layernorm": ("nested", "self_attn"),
+        "post_attention_layernorm": ("pre", "mlp"),
+    },
+    "llama4": {
+        "input_layernorm": ("pre", "self_attn"),
+        "post_attention_layernorm": ("pre", "feed_forward"),
+    },
+    "bamba": {
+        "input_layernorm": ("pre", "mamba"),
+        "mamba.norm": ("nested", "mamba"),
+        "pre_ff_layernorm": ("pre", "feed_forward"),
+    },
+    "qwen3_next": {
+        "input_layernorm": ("pre", "linear_attn"),
+        "linear_attn.norm": ("nested", "linear_attn"),
+        "post_attention_layernorm": ("pre", "mlp"),
+    },
+    "qwen3_moe": {
+        "input_layernorm": ("pre", "self_attn"),
+        "self_attn.q_norm": ("nested", "self_attn"),
+        "self_attn.k_norm": ("nested", "self_attn"),
+        "post_attention_layernorm": ("pre", "mlp"),
+    },
+    "gemma3": {
+        "input_layernorm": ("pre", "self_attn"),
+        "self_attn.q_norm": ("nested", "self_attn"),
+        "post_attention_layernorm": ("post", "self_attn"),
+        "pre_feedforward_layernorm": ("pre", "mlp"),
+        "post_feedforward_layernorm": ("post", "mlp"),
+    },
     "llama": {"input_layernorm": ("pre", "self_attn"), "post_attention_layernorm": ("pre", "mlp")},
 }
-SUB_BLOCK_KINDS = {"llama4": {"feed_forward": "moe"}, "bamba": {"mamba": "mixer", "feed_forward": "mlp"},
-                   "qwen3_next": {"linear_attn": "mixer", "mlp": "moe"}, "deepseek_v3": {"self_attn": "attention"}}
+SUB_BLOCK_KINDS = {
+    "llama4": {"feed_forward": "moe"},
+    "bamba": {"mamba": "mixer", "feed_forward": "mlp"},
+    "qwen3_next": {"linear_attn": "mixer", "mlp": "moe"},
+    "deepseek_v3": {"self_attn": "attention"},
+}
 
 
 @pytest.mark.parametrize("family", list(EXPECTED_ROLES))
@@ -169,7 +256,9 @@ def test_data_flow_gives_every_norm_its_role(family):
         assert flow.sub_blocks[L0 + leaf] == kind
     gated = {r.name for r in flow.norms if r.gated}
     assert gated == {n for n in roles if n.endswith(("mamba.norm", "linear_attn.norm"))}
-    assert structure.DataFlow.from_json(flow.to_json()) == flow  # stored in the capture, read back equal
+    assert (
+        structure.DataFlow.from_json(flow.to_json()) == flow
+    )  # stored in the capture, read back equal
 
 
 class GatedRMSNorm(PlainRMSNorm):  # norm(x, gate), gate required (as Qwen3NextRMSNormGated)
@@ -213,8 +302,10 @@ def test_falcon_h1_input_norm_feeds_mamba_and_attention_in_parallel():
     role = flow.role(L0 + "input_layernorm")
     assert role.role == "parallel" and role.sub_block is None
     assert f"{L0}mamba, {L0}self_attn" in role.reason
-    assert (flow.role(L0 + "pre_ff_layernorm").role, flow.role(L0 + "pre_ff_layernorm").sub_block) == (
-        "pre", L0 + "feed_forward")
+    assert (
+        flow.role(L0 + "pre_ff_layernorm").role,
+        flow.role(L0 + "pre_ff_layernorm").sub_block,
+    ) == ("pre", L0 + "feed_forward")
 
 
 def test_gated_norm_offset_probe_passes_a_gate():

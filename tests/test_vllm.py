@@ -1,6 +1,7 @@
 """vLLM / vLLM-Ascend layouts on hand-built module trees (tests/vllm_standin.py) with the weights of a
 Hugging Face model of the same config: fused norms stored by meaning, diffs across layouts
 (``--map vllm``), replay + calibrate, the AQN injector, and the capture entry point of a worker."""
+
 import json
 import types
 
@@ -25,9 +26,17 @@ def _hf(arch: str, tie: bool | None = None) -> torch.nn.Module:
     """A tiny fp32 HF model with seeded weights, norm weights away from 1 and non-zero q/k/v biases."""
     extra = {"head_dim": 16} if arch == "Qwen3" else {}
     config = getattr(transformers, f"{arch}Config")(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6,
-        tie_word_embeddings=arch == "Qwen2" if tie is None else tie, **extra)
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=arch == "Qwen2" if tie is None else tie,
+        **extra,
+    )
     torch.manual_seed({"Qwen2": 1, "Llama": 2, "Qwen3": 4}[arch])
     model = getattr(transformers, f"{arch}ForCausalLM")(config).eval().requires_grad_(False)
     with torch.no_grad():
@@ -72,7 +81,9 @@ class _Plain:
         self.expected, self.handles = {}, []
         for name, module in model.named_modules():
             if isinstance(module, (S.RMSNorm, S.GemmaRMSNorm)):
-                self.handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+                self.handles.append(
+                    module.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                )
 
     def _hook(self, name):
         def hook(module, args, kwargs):
@@ -80,7 +91,10 @@ class _Plain:
             residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
             s = x if residual is None else residual.clone() + x
             scale = (1.0 + module.weight) if isinstance(module, S.GemmaRMSNorm) else module.weight
-            self.expected[name] = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + module.variance_epsilon) * scale
+            self.expected[name] = (
+                s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + module.variance_epsilon) * scale
+            )
+
         return hook
 
     def remove(self):
@@ -88,15 +102,33 @@ class _Plain:
             handle.remove()
 
 
-@pytest.mark.parametrize("variant", ["native", "cuda-in-place", "ascend", "gemma", "residual-first-registered",
-                                     "residual-first-detected", "gemma-xpu-in-place", "unlisted-in-place"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "native",
+        "cuda-in-place",
+        "ascend",
+        "gemma",
+        "residual-first-registered",
+        "residual-first-detected",
+        "gemma-xpu-in-place",
+        "unlisted-in-place",
+    ],
+)
 def test_stored_norm_outputs_equal_a_plain_recomputation_bit_for_bit(variant, ids, tmp_path):
     """Whether a norm overwrites its arguments is measured per call: vLLM's GemmaRMSNorm in place on XPU
     (new tensors elsewhere), and an in-place class hwdiff has never heard of, are stored right."""
-    norm_cls = {"ascend": S.AscendRMSNorm, "gemma": S.GemmaRMSNorm, "residual-first-registered": S.ResidualFirstRMSNorm,
-                "residual-first-detected": SwappedRMSNorm, "gemma-xpu-in-place": S.GemmaRMSNorm,
-                "unlisted-in-place": UnlistedRMSNorm}.get(variant, S.RMSNorm)
-    path = {"cuda-in-place": "cuda", "gemma-xpu-in-place": "xpu", "unlisted-in-place": "xpu"}.get(variant, "native")
+    norm_cls = {
+        "ascend": S.AscendRMSNorm,
+        "gemma": S.GemmaRMSNorm,
+        "residual-first-registered": S.ResidualFirstRMSNorm,
+        "residual-first-detected": SwappedRMSNorm,
+        "gemma-xpu-in-place": S.GemmaRMSNorm,
+        "unlisted-in-place": UnlistedRMSNorm,
+    }.get(variant, S.RMSNorm)
+    path = {"cuda-in-place": "cuda", "gemma-xpu-in-place": "xpu", "unlisted-in-place": "xpu"}.get(
+        variant, "native"
+    )
     model = S.from_hf(_hf("Qwen2"), norm_cls=norm_cls, path=path)
     if variant == "residual-first-registered":
         structure.register_fused_norm("ResidualFirstRMSNorm", normed=1, residual=0)
@@ -112,11 +144,15 @@ def test_stored_norm_outputs_equal_a_plain_recomputation_bit_for_bit(variant, id
         for name, expected in plain.expected.items():
             stored = cap.activation(name)
             assert cap.alias_of(name) is None
-            np.testing.assert_array_equal(stored, expected.reshape(SEQUENCES, TOKENS, -1).numpy(), err_msg=name)
+            np.testing.assert_array_equal(
+                stored, expected.reshape(SEQUENCES, TOKENS, -1).numpy(), err_msg=name
+            )
         # the residual stream, not the sub-block output, is each decoder layer's output and the next norm's input
         for layer in range(LAYERS - 1):
-            np.testing.assert_array_equal(cap.activation(f"model.layers.{layer}"),
-                                          cap.activation(f"model.layers.{layer + 1}.input_layernorm", slot="input"))
+            np.testing.assert_array_equal(
+                cap.activation(f"model.layers.{layer}"),
+                cap.activation(f"model.layers.{layer + 1}.input_layernorm", slot="input"),
+            )
 
 
 class SwappedRMSNorm(S.ResidualFirstRMSNorm):
@@ -141,7 +177,9 @@ def test_in_place_updates_do_not_leak_into_earlier_records(ids, tmp_path):
                     expected = a.activation(name, slot=slot)
                 except HwdiffError:
                     continue
-                np.testing.assert_array_equal(b.activation(name, slot=slot), expected, err_msg=f"{name} {slot}")
+                np.testing.assert_array_equal(
+                    b.activation(name, slot=slot), expected, err_msg=f"{name} {slot}"
+                )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +188,9 @@ def test_in_place_updates_do_not_leak_into_earlier_records(ids, tmp_path):
 @pytest.mark.parametrize("path", ["native", "cuda"])
 def test_diff_hf_against_vllm_layout_matches_every_hf_module(hf, hf_capture, ids, path, tmp_path):
     vllm = _record(S.from_hf(hf, path=path), tmp_path / "vllm.h5", ids, record_inputs=True)
-    result = hwdiff.diff(hf_capture, vllm, layout_map="vllm", json_path=tmp_path / "d.json", progress=False)
+    result = hwdiff.diff(
+        hf_capture, vllm, layout_map="vllm", json_path=tmp_path / "d.json", progress=False
+    )
     with hwdiff.open_capture(hf_capture) as ref:
         hf_outputs = set(ref.modules)
     compared = {layer.name for layer in result.layers if layer.slot == "output"}
@@ -158,25 +198,44 @@ def test_diff_hf_against_vllm_layout_matches_every_hf_module(hf, hf_capture, ids
     hf_only = {"lm_head"} | {f"model.layers.{i}.mlp.act_fn" for i in range(LAYERS)}
     assert compared == hf_outputs - hf_only
     unmatched = {(u.name, u.reason.split(" (")[0]) for u in result.unmatched}
-    assert unmatched == ({(n, "only in the reference") for n in hf_only if n in hf_outputs}
-                         | {(f"model.layers.{i}.mlp.act_fn", "only in the target") for i in range(LAYERS)}
-                         | {(f"model.layers.{i}.self_attn.attn", "only in the target") for i in range(LAYERS)}
-                         | (set() if hf.config.tie_word_embeddings else {("lm_head", "never called in the target")}))
+    assert unmatched == (
+        {(n, "only in the reference") for n in hf_only if n in hf_outputs}
+        | {(f"model.layers.{i}.mlp.act_fn", "only in the target") for i in range(LAYERS)}
+        | {(f"model.layers.{i}.self_attn.attn", "only in the target") for i in range(LAYERS)}
+        | (set() if hf.config.tie_word_embeddings else {("lm_head", "never called in the target")})
+    )
     for layer in result.layers:
-        bound = 1e-6 if layer.name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else 2e-6
+        bound = (
+            1e-6
+            if layer.name.rsplit(".", 1)[-1]
+            in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+            else 2e-6
+        )
         assert layer.metrics.rel_l2 <= bound, (layer.name, layer.slot, layer.metrics.rel_l2)
-    assert result.layer("model.layers.0.self_attn.q_proj").exact  # before any attention: same arithmetic
+    assert result.layer(
+        "model.layers.0.self_attn.q_proj"
+    ).exact  # before any attention: same arithmetic
     summary = json.loads((tmp_path / "d.json").read_text())
     assert json.loads(summary["target"]["layout_map"])["name"] == "vllm"
 
 
 def test_the_split_is_checked_and_a_yaml_map_works(hf, hf_capture, ids, tmp_path):
     vllm = _record(S.from_hf(hf), tmp_path / "vllm.h5", ids)
-    rules = "\n".join([
-        "name: mine", "rules:",
-        "  - fused: '{p}.qkv_proj'", "    into: ['{p}.q_proj', '{p}.k_proj', '{p}.v_proj']", "    sizes: [q, kv, kv]",
-        "  - fused: '{p}.gate_up_proj'", "    into: ['{p}.gate_proj', '{p}.up_proj']", "    sizes: [128, 128]",
-        "  - drop: '{p}.act_fn'", "    class: SiluAndMul", "    reason: not HF's act_fn"])
+    rules = "\n".join(
+        [
+            "name: mine",
+            "rules:",
+            "  - fused: '{p}.qkv_proj'",
+            "    into: ['{p}.q_proj', '{p}.k_proj', '{p}.v_proj']",
+            "    sizes: [q, kv, kv]",
+            "  - fused: '{p}.gate_up_proj'",
+            "    into: ['{p}.gate_proj', '{p}.up_proj']",
+            "    sizes: [128, 128]",
+            "  - drop: '{p}.act_fn'",
+            "    class: SiluAndMul",
+            "    reason: not HF's act_fn",
+        ]
+    )
     (tmp_path / "map.yaml").write_text(rules)
     mine = hwdiff.diff(hf_capture, vllm, layout_map=str(tmp_path / "map.yaml"), progress=False)
     assert mine.layer("model.layers.1.mlp.up_proj").metrics.rel_l2 <= 1e-6
@@ -208,13 +267,19 @@ def test_diff_across_layouts_and_dtypes_checks_weights_at_the_coarser_dtype(hf, 
     hf_bf16 = hwdiff.capture(half, tmp_path / "hf_bf16.h5", inputs=ids.numpy(), progress=False).path
     same = S.from_hf(hf)
     with torch.no_grad():  # float32 weights whose bfloat16 rounding is the HF bfloat16 model's
-        same.model.norm.weight.copy_(half.model.norm.weight.float() + 1e-4 * half.model.norm.weight.float())
-    result = hwdiff.diff(hf_bf16, _record(same, tmp_path / "vllm.h5", ids), layout_map="vllm", progress=False)
+        same.model.norm.weight.copy_(
+            half.model.norm.weight.float() + 1e-4 * half.model.norm.weight.float()
+        )
+    result = hwdiff.diff(
+        hf_bf16, _record(same, tmp_path / "vllm.h5", ids), layout_map="vllm", progress=False
+    )
     assert result.layer("model.norm").metrics.rel_l2 > 0
     with torch.no_grad():
         same.model.norm.weight.mul_(1.05)
     with pytest.raises(HwdiffError, match="different weights: model.norm"):
-        hwdiff.diff(hf_bf16, _record(same, tmp_path / "vllm2.h5", ids), layout_map="vllm", progress=False)
+        hwdiff.diff(
+            hf_bf16, _record(same, tmp_path / "vllm2.h5", ids), layout_map="vllm", progress=False
+        )
 
 
 def test_cli_diff_with_map(hf, hf_capture, ids, tmp_path):
@@ -223,7 +288,11 @@ def test_cli_diff_with_map(hf, hf_capture, ids, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "model.layers.1.self_attn.v_proj" in done.stdout
     missing = run_cli("diff", hf_capture, vllm, "--map", tmp_path / "none.yaml", "-q")
-    assert missing.returncode != 0 and missing.stderr.count("hwdiff: error:") == 1 and "built-in" in missing.stderr
+    assert (
+        missing.returncode != 0
+        and missing.stderr.count("hwdiff: error:") == 1
+        and "built-in" in missing.stderr
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +309,10 @@ def _sigmas(model, root, ids, capture, replay_scope):
             local = hwdiff.replay(model, clean, root / "local.h5", progress=False).path
     result = hwdiff.diff(clean, noisy, local=local, progress=False)
     calibration = hwdiff.calibrate(result)
-    return {**{layer.name: layer.sigma_end for layer in calibration.layers}, **dict.fromkeys(calibration.skipped)}
+    return {
+        **{layer.name: layer.sigma_end for layer in calibration.layers},
+        **dict.fromkeys(calibration.skipped),
+    }
 
 
 @pytest.mark.parametrize("path", ["native", "cuda"])
@@ -248,13 +320,24 @@ def test_replay_and_calibrate_give_the_same_sigma_on_both_layouts(ids, path, tmp
     hf = _hf("Qwen2")
     vllm = S.from_hf(hf, path=path)  # cuda: in-place add+norm, in the capture and in the replay
     (tmp_path / "hf").mkdir(), (tmp_path / "vllm").mkdir()
-    hf_sigmas = _sigmas(hf, tmp_path / "hf", ids,
-                        lambda m, p, **o: hwdiff.capture(m, p, inputs=ids.numpy(), progress=False, **o).path,
-                        lambda: __import__("contextlib").nullcontext())
-    vllm_sigmas = _sigmas(vllm, tmp_path / "vllm", ids, lambda m, p, **o: _record(m, p, ids, **o),
-                          lambda: S.set_forward_context(TOKENS))
+    hf_sigmas = _sigmas(
+        hf,
+        tmp_path / "hf",
+        ids,
+        lambda m, p, **o: hwdiff.capture(m, p, inputs=ids.numpy(), progress=False, **o).path,
+        lambda: __import__("contextlib").nullcontext(),
+    )
+    vllm_sigmas = _sigmas(
+        vllm,
+        tmp_path / "vllm",
+        ids,
+        lambda m, p, **o: _record(m, p, ids, **o),
+        lambda: S.set_forward_context(TOKENS),
+    )
     assert set(hf_sigmas) == set(vllm_sigmas) and len(hf_sigmas) == 2 * LAYERS + 1
-    assert vllm_sigmas.pop("model.norm") is None  # vLLM never calls lm_head in the model: named, not calibrated
+    assert (
+        vllm_sigmas.pop("model.norm") is None
+    )  # vLLM never calls lm_head in the model: named, not calibrated
     for name, sigma in vllm_sigmas.items():
         assert sigma > 0 and sigma == pytest.approx(hf_sigmas[name], rel=0.05), name
 
@@ -269,10 +352,14 @@ def test_aqn_injector_and_apply_schedule_find_the_vllm_norms(arch, norm_cls):
     expected = [n for n, m in model.named_modules() if isinstance(m, norm_cls)]
     assert len(expected) == 2 * LAYERS + 1
     clean = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in expected}
-    with AQNInjector(model, 0.01) as injector:  # the family's count (2L + 1) is checked on construction
+    with AQNInjector(
+        model, 0.01
+    ) as injector:  # the family's count (2L + 1) is checked on construction
         assert injector.targets == expected
         injector.apply(seed=0)
-        assert all(not torch.equal(dict(model.named_modules())[n].weight, w) for n, w in clean.items())
+        assert all(
+            not torch.equal(dict(model.named_modules())[n].weight, w) for n, w in clean.items()
+        )
     assert all(torch.equal(dict(model.named_modules())[n].weight, w) for n, w in clean.items())
     sigmas = apply_schedule(model, 0.01, step=3, total_steps=10, seed=0)
     assert sorted(sigmas) == sorted(expected) and all(value == 0.01 for value in sigmas.values())
@@ -286,9 +373,11 @@ def test_aqn_injector_and_apply_schedule_find_the_vllm_norms(arch, norm_cls):
 def test_flat_sequences_reshapes_only_whole_prompts_of_one_length():
     assert structure.flat_sequences(torch.arange(5).repeat(3)) == (3, 5)
     assert structure.flat_sequences(torch.tensor([0])) == (1, 1)
-    for positions, reason in [(torch.tensor([7, 9]), "not whole prompts"),
-                              (torch.cat([torch.arange(4), torch.arange(3)]), "not prompts of one length"),
-                              (torch.arange(4).repeat(3, 1), "M-RoPE")]:
+    for positions, reason in [
+        (torch.tensor([7, 9]), "not whole prompts"),
+        (torch.cat([torch.arange(4), torch.arange(3)]), "not prompts of one length"),
+        (torch.arange(4).repeat(3, 1), "M-RoPE"),
+    ]:
         with pytest.raises(structure.SemanticsError, match=reason):
             structure.flat_sequences(positions)
 
@@ -297,7 +386,10 @@ def test_record_vllm_keeps_the_prefill_and_skips_decode_steps(ids, tmp_path):
     model = S.from_hf(_hf("Qwen2"))
     with record_vllm(model, tmp_path / "v.h5") as report:
         S.run(model, ids)
-        with S.set_forward_context(1), torch.inference_mode():  # a decode step: one new token per sequence
+        with (
+            S.set_forward_context(1),
+            torch.inference_mode(),
+        ):  # a decode step: one new token per sequence
             model(input_ids=ids[:, -1], positions=torch.full((SEQUENCES,), TOKENS))
     assert (report.sequences, report.tokens) == (SEQUENCES, TOKENS) and len(report.skipped) == 1
     with hwdiff.open_capture(report.path) as cap:
@@ -305,8 +397,13 @@ def test_record_vllm_keeps_the_prefill_and_skips_decode_steps(ids, tmp_path):
         assert cap.meta["layout"] == "vllm" and cap.layout("model.layers.0") == "tokens"
     with pytest.raises(HwdiffError, match="nothing was recorded .*not prompts of one length"):
         with record_vllm(model, tmp_path / "w.h5"):
-            with S.set_forward_context(5), torch.inference_mode():  # (the stand-in's attention cannot do ragged batches)
-                model(input_ids=torch.tensor([1, 2, 3, 4, 5]), positions=torch.tensor([0, 1, 2, 0, 1]))
+            with (
+                S.set_forward_context(5),
+                torch.inference_mode(),
+            ):  # (the stand-in's attention cannot do ragged batches)
+                model(
+                    input_ids=torch.tensor([1, 2, 3, 4, 5]), positions=torch.tensor([0, 1, 2, 0, 1])
+                )
     assert not (tmp_path / "w.h5").exists()
 
 
@@ -314,18 +411,29 @@ def test_worker_extension_records_the_model_the_worker_holds(ids, tmp_path):
     model = S.from_hf(_hf("Llama"))
     worker = types.SimpleNamespace(
         model_runner=types.SimpleNamespace(get_model=lambda: model),
-        vllm_config=types.SimpleNamespace(parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
-                                          model_config=types.SimpleNamespace(enforce_eager=True)))
+        vllm_config=types.SimpleNamespace(
+            parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
+            model_config=types.SimpleNamespace(enforce_eager=True),
+        ),
+    )
     start, stop = HwdiffWorkerExtension.hwdiff_start, HwdiffWorkerExtension.hwdiff_stop
-    assert start(worker, str(tmp_path / "rank0.h5"), record_inputs=True) == str(tmp_path / "rank0.h5")
+    assert start(worker, str(tmp_path / "rank0.h5"), record_inputs=True) == str(
+        tmp_path / "rank0.h5"
+    )
     S.run(model, ids)  # the engine's step (llm.generate) between the two collective_rpc calls
     with hwdiff.open_capture(stop(worker)) as cap:
-        assert cap.input_ids.shape == (SEQUENCES, TOKENS) and "model.layers.1.mlp.gate_up_proj" in cap.modules
+        assert (
+            cap.input_ids.shape == (SEQUENCES, TOKENS)
+            and "model.layers.1.mlp.gate_up_proj" in cap.modules
+        )
     worker.vllm_config.parallel_config.tensor_parallel_size = 2
     with pytest.raises(HwdiffError, match="tensor_parallel_size is 2"):
         start(worker, str(tmp_path / "rank1.h5"))
     worker.vllm_config.parallel_config.tensor_parallel_size = 1
-    for key in ("pipeline_parallel_size", "data_parallel_size"):  # every worker would write the same path
+    for key in (
+        "pipeline_parallel_size",
+        "data_parallel_size",
+    ):  # every worker would write the same path
         setattr(worker.vllm_config.parallel_config, key, 2)
         with pytest.raises(HwdiffError, match=f"{key} is 2"):
             start(worker, str(tmp_path / "rank1.h5"))
@@ -359,11 +467,15 @@ def test_hwdiff_record_on_a_vllm_model_gives_sequences_and_tokens(ids, tmp_path)
             np.testing.assert_array_equal(in_memory.numpy(), cap.activation(name))
 
 
-@pytest.mark.parametrize("text, message", [
-    ('rules:\n  - {drop: "x", class: "(["}\n', "bad class regex"),
-    ('rules:\n  - {fused: "a.qkv", into: [q, k], sizes: [-128, 384]}\n', "part size below 1"),
-    ('rules: [\n  - {a: b\n', "not a readable YAML mapping"),
-    ('rules:\n  - {rename: "a"}\n', "needs 'to'")])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('rules:\n  - {drop: "x", class: "(["}\n', "bad class regex"),
+        ('rules:\n  - {fused: "a.qkv", into: [q, k], sizes: [-128, 384]}\n', "part size below 1"),
+        ("rules: [\n  - {a: b\n", "not a readable YAML mapping"),
+        ('rules:\n  - {rename: "a"}\n', "needs 'to'"),
+    ],
+)
 def test_a_bad_mapping_file_is_one_clear_line(tmp_path, text, message):
     from hwdiff.compare.layouts import load_map
 
@@ -382,7 +494,9 @@ def test_qwen3_tree_q_and_k_norms_compare_with_hugging_face(path, ids, tmp_path)
     """vLLM's Qwen3 normalises views [num_tokens, heads, head_dim] of q and k, then (cuda) rotates them in
     place: the stored q/k norms are HF's to float32 rounding, and the in-place rotary leaves them as they were."""
     hf = _hf("Qwen3")
-    reference = hwdiff.capture(hf, tmp_path / "hf.h5", inputs=ids.numpy(), record_inputs=True, progress=False).path
+    reference = hwdiff.capture(
+        hf, tmp_path / "hf.h5", inputs=ids.numpy(), record_inputs=True, progress=False
+    ).path
     vllm = _record(S.from_hf(hf, path=path), tmp_path / "vllm.h5", ids, record_inputs=True)
     result = hwdiff.diff(reference, vllm, layout_map="vllm", progress=False)
     for layer in range(LAYERS):
@@ -390,8 +504,9 @@ def test_qwen3_tree_q_and_k_norms_compare_with_hugging_face(path, ids, tmp_path)
             compared = result.layer(f"model.layers.{layer}.self_attn.{norm}")
             assert compared.shape == (SEQUENCES, TOKENS, 4 if norm == "q_norm" else 2, 16)
             assert compared.metrics.rel_l2 <= 1e-6, (norm, compared.metrics.rel_l2)
-    assert all(layer.metrics.rel_l2 <= 2e-6 for layer in result.layers), \
-        max((layer.metrics.rel_l2, layer.name) for layer in result.layers)
+    assert all(layer.metrics.rel_l2 <= 2e-6 for layer in result.layers), max(
+        (layer.metrics.rel_l2, layer.name) for layer in result.layers
+    )
 
 
 @pytest.mark.parametrize("chip", ["910", "310p"])
@@ -399,7 +514,10 @@ def test_ascend_embedding_and_activation_are_captured(chip, ids, tmp_path):
     """AscendVocabParallelEmbedding and AscendSiluAndMul (310P: AscendSiluAndMul310, its own forward) are an
     embedding and an activation by what they are: recorded, with the values a plain lookup and swiglu give."""
     model = S.from_hf(_hf("Qwen2"), ascend=chip)
-    assert type(model.model.layers[0].mlp.act_fn).__name__ == {"910": "AscendSiluAndMul", "310p": "AscendSiluAndMul310"}[chip]
+    assert (
+        type(model.model.layers[0].mlp.act_fn).__name__
+        == {"910": "AscendSiluAndMul", "310p": "AscendSiluAndMul310"}[chip]
+    )
     path = _record(model, tmp_path / "npu.h5", ids, record_inputs=True)
     with hwdiff.open_capture(path) as cap:
         assert cap.modules["model.embed_tokens"].kind == "embedding"
@@ -410,7 +528,9 @@ def test_ascend_embedding_and_activation_are_captured(chip, ids, tmp_path):
             assert cap.modules[act].kind == "activation"
             gate_up = cap.activation(f"model.layers.{layer}.mlp.gate_up_proj").astype(np.float64)
             gate, up = gate_up[..., :128], gate_up[..., 128:]
-            np.testing.assert_allclose(cap.activation(act), gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                cap.activation(act), gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6
+            )
 
 
 def test_an_ascend_norm_with_a_bias_keeps_offset_zero_and_its_bias(ids, tmp_path):
@@ -421,7 +541,9 @@ def test_an_ascend_norm_with_a_bias_keeps_offset_zero_and_its_bias(ids, tmp_path
     structure._OFFSETS.clear()
     with torch.no_grad():
         for _, norm in structure.find_norms(model):
-            norm.bias.copy_(0.5 + 0.1 * torch.randn(norm.bias.shape, generator=torch.Generator().manual_seed(5)))
+            norm.bias.copy_(
+                0.5 + 0.1 * torch.randn(norm.bias.shape, generator=torch.Generator().manual_seed(5))
+            )
     plain = _Plain(model)
     try:
         path = _record(model, tmp_path / "npu.h5", ids, record_inputs=True)
@@ -432,14 +554,22 @@ def test_an_ascend_norm_with_a_bias_keeps_offset_zero_and_its_bias(ids, tmp_path
         for name, expected in plain.expected.items():
             assert cap.modules[name].weight_offset == 0.0, name
             bias = dict(model.named_modules())[name].bias
-            np.testing.assert_allclose(cap.activation(name), (expected + bias).reshape(SEQUENCES, TOKENS, -1).numpy(),
-                                       rtol=1e-6, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(
+                cap.activation(name),
+                (expected + bias).reshape(SEQUENCES, TOKENS, -1).numpy(),
+                rtol=1e-6,
+                atol=1e-6,
+                err_msg=name,
+            )
 
 
 def test_a_tied_head_that_vllm_never_calls_is_listed_not_recorded(ids, tmp_path):
     """vLLM's Llama ties the head by sharing the embedding's weight with a ParallelLMHead it never calls."""
     model = S.from_hf(_hf("Llama", tie=True))
-    assert model.lm_head is not model.model.embed_tokens and model.lm_head.weight is model.model.embed_tokens.weight
+    assert (
+        model.lm_head is not model.model.embed_tokens
+        and model.lm_head.weight is model.model.embed_tokens.weight
+    )
     assert structure.module_kind("lm_head", model.lm_head) == "head"
     with hwdiff.open_capture(_record(model, tmp_path / "v.h5", ids)) as cap:
         assert "lm_head" in json.loads(cap.meta["never_called"])

@@ -17,6 +17,7 @@ What a stand-in cannot prove: the kernels themselves (CUDA ``fused_add_rms_norm`
 paged attention) are emulated in torch; the real engine's scheduling, CUDA/ACL graphs, torch.compile
 and tensor parallelism are absent.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,13 +71,17 @@ class RMSNorm(CustomOp):
 
     def forward_cuda(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
-            return _rms(x.float(), self.variance_epsilon).to(x.dtype) * self.weight  # ops.rms_norm: a new tensor
+            return (
+                _rms(x.float(), self.variance_epsilon).to(x.dtype) * self.weight
+            )  # ops.rms_norm: a new tensor
         # ops.fused_add_rms_norm(x, residual, weight, eps): residual <- x + residual, x <- norm(residual) * w
         residual.add_(x)
         x.copy_(_rms(residual.float(), self.variance_epsilon).to(x.dtype) * self.weight)
         return x, residual
 
-    forward_xpu = forward_cuda  # ipex_ops.fused_add_rms_norm: the same in-place contract on Intel XPU
+    forward_xpu = (
+        forward_cuda  # ipex_ops.fused_add_rms_norm: the same in-place contract on Intel XPU
+    )
 
 
 class GemmaRMSNorm(CustomOp):
@@ -100,7 +105,11 @@ class GemmaRMSNorm(CustomOp):
         if residual is None:
             return self.forward_native(x)
         residual.add_(x)
-        x.copy_((_rms(residual.float(), self.variance_epsilon) * (1.0 + self.weight.float())).to(x.dtype))
+        x.copy_(
+            (_rms(residual.float(), self.variance_epsilon) * (1.0 + self.weight.float())).to(
+                x.dtype
+            )
+        )
         return x, residual
 
 
@@ -138,9 +147,15 @@ class ResidualFirstRMSNorm(RMSNorm):
 
 # ------------------------------------------------------------------------------------------------
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, skip_bias_add: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, skip_bias_add: bool = False
+    ) -> None:
         super().__init__()
-        self.input_size, self.output_size, self.skip_bias_add = input_size, output_size, skip_bias_add
+        self.input_size, self.output_size, self.skip_bias_add = (
+            input_size,
+            output_size,
+            skip_bias_add,
+        )
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
         self.bias = nn.Parameter(torch.zeros(output_size)) if bias else None
 
@@ -161,8 +176,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int,
-                 bias: bool = False) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        total_num_heads: int,
+        total_num_kv_heads: int,
+        bias: bool = False,
+    ) -> None:
         super().__init__(hidden_size, (total_num_heads + 2 * total_num_kv_heads) * head_size, bias)
 
 
@@ -233,7 +254,9 @@ class RotaryEmbedding(CustomOp):
     def __init__(self, head_size: int, base: float) -> None:
         super().__init__()
         self.head_size = head_size
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward_native(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
@@ -263,7 +286,12 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int) -> None:
         super().__init__()
-        self.num_heads, self.head_size, self.scale, self.num_kv_heads = num_heads, head_size, scale, num_kv_heads
+        self.num_heads, self.head_size, self.scale, self.num_kv_heads = (
+            num_heads,
+            head_size,
+            scale,
+            num_kv_heads,
+        )
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if "tokens" not in _CONTEXT:
@@ -276,7 +304,9 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
-        causal = torch.full((tokens, tokens), torch.finfo(scores.dtype).min, dtype=scores.dtype).triu(1)
+        causal = torch.full(
+            (tokens, tokens), torch.finfo(scores.dtype).min, dtype=scores.dtype
+        ).triu(1)
         weights = F.softmax(scores + causal, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(weights, v).transpose(1, 2)
         return out.reshape(sequences * tokens, self.num_heads * self.head_size)
@@ -286,7 +316,9 @@ class Attention(nn.Module):
 class Qwen2MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=False
+        )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
         self.act_fn = SiluAndMul()
 
@@ -300,14 +332,29 @@ class Qwen2MLP(nn.Module):
 class Qwen2Attention(nn.Module):
     def __init__(self, config, bias: bool) -> None:
         super().__init__()
-        self.total_num_heads, self.total_num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.total_num_heads
-        self.q_size, self.kv_size = self.total_num_heads * self.head_dim, self.total_num_kv_heads * self.head_dim
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.total_num_heads,
-                                          self.total_num_kv_heads, bias=bias)
+        self.total_num_heads, self.total_num_kv_heads = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+        )
+        self.head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // self.total_num_heads
+        )
+        self.q_size, self.kv_size = (
+            self.total_num_heads * self.head_dim,
+            self.total_num_kv_heads * self.head_dim,
+        )
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            self.total_num_heads,
+            self.total_num_kv_heads,
+            bias=bias,
+        )
         self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_parameters["rope_theta"])
-        self.attn = Attention(self.total_num_heads, self.head_dim, self.head_dim ** -0.5, self.total_num_kv_heads)
+        self.attn = Attention(
+            self.total_num_heads, self.head_dim, self.head_dim**-0.5, self.total_num_kv_heads
+        )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -355,14 +402,18 @@ class Qwen2DecoderLayer(nn.Module):
     def _attention(self, config, norm_cls: type) -> nn.Module:
         return Qwen2Attention(config, bias=getattr(config, "attention_bias", self.attention_bias))
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ):
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = _normed_first(self.input_layernorm, hidden_states, residual)
         hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        hidden_states, residual = _normed_first(self.post_attention_layernorm, hidden_states, residual)
+        hidden_states, residual = _normed_first(
+            self.post_attention_layernorm, hidden_states, residual
+        )
         hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
@@ -380,11 +431,18 @@ class Qwen2Model(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([self.layer_cls(config, norm_cls) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [self.layer_cls(config, norm_cls) for _ in range(config.num_hidden_layers)]
+        )
         self.norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
@@ -409,8 +467,13 @@ class Qwen2ForCausalLM(nn.Module):
     def _tie(lm_head: ParallelLMHead, embed_tokens: VocabParallelEmbedding) -> nn.Module:
         return embed_tokens  # vLLM's qwen2.py: the head IS the embedding module
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -430,14 +493,18 @@ class LlamaForCausalLM(Qwen2ForCausalLM):
 
     @staticmethod
     def _tie(lm_head: ParallelLMHead, embed_tokens: VocabParallelEmbedding) -> nn.Module:
-        return lm_head.tie_weights(embed_tokens)  # vLLM's llama.py: a head module of its own, never called
+        return lm_head.tie_weights(
+            embed_tokens
+        )  # vLLM's llama.py: a head module of its own, never called
 
 
 class Qwen3DecoderLayer(Qwen2DecoderLayer):
     attention_bias = False
 
     def _attention(self, config, norm_cls: type) -> nn.Module:
-        return Qwen3Attention(config, bias=getattr(config, "attention_bias", False), norm_cls=norm_cls)
+        return Qwen3Attention(
+            config, bias=getattr(config, "attention_bias", False), norm_cls=norm_cls
+        )
 
 
 class Qwen3Model(Qwen2Model):
@@ -449,8 +516,14 @@ class Qwen3ForCausalLM(Qwen2ForCausalLM):
 
 
 # ------------------------------------------------------------------------------------------------
-def from_hf(hf_model: nn.Module, *, norm_cls: type = RMSNorm, path: str = "native", ascend: str | None = None,
-            norm_bias: bool = False) -> nn.Module:
+def from_hf(
+    hf_model: nn.Module,
+    *,
+    norm_cls: type = RMSNorm,
+    path: str = "native",
+    ascend: str | None = None,
+    norm_bias: bool = False,
+) -> nn.Module:
     """A vLLM-style model of the HF model's config with its weights, loaded as vLLM's load_weights
     stacks them (q/k/v → qkv_proj, gate/up → gate_up_proj), in the HF model's dtype. ``path``: the
     norms' and rotary embeddings' implementation ("native"; "cuda" / "xpu": in-place fused add+norm and
@@ -458,8 +531,11 @@ def from_hf(hf_model: nn.Module, *, norm_cls: type = RMSNorm, path: str = "nativ
     activation; on 310P the activation overrides ``forward``). ``norm_bias``: the Ascend norms carry a
     ``bias`` (a quantised checkpoint), zero until set."""
     config = hf_model.config
-    cls = {"Qwen2ForCausalLM": Qwen2ForCausalLM, "LlamaForCausalLM": LlamaForCausalLM,
-           "Qwen3ForCausalLM": Qwen3ForCausalLM}[type(hf_model).__name__]
+    cls = {
+        "Qwen2ForCausalLM": Qwen2ForCausalLM,
+        "LlamaForCausalLM": LlamaForCausalLM,
+        "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    }[type(hf_model).__name__]
     dtype = next(hf_model.parameters()).dtype
     if ascend is not None and norm_cls is RMSNorm:
         norm_cls = AscendRMSNorm
@@ -479,9 +555,13 @@ def from_hf(hf_model: nn.Module, *, norm_cls: type = RMSNorm, path: str = "nativ
             if fused is None:
                 param.copy_(source[name])
             else:
-                param.copy_(torch.cat([source[name.replace(fused, part)] for part in stacked[fused]]))
+                param.copy_(
+                    torch.cat([source[name.replace(fused, part)] for part in stacked[fused]])
+                )
     for module in model.modules():
-        if isinstance(module, (RMSNorm, GemmaRMSNorm, RotaryEmbedding)) and not isinstance(module, AscendRMSNorm):
+        if isinstance(module, (RMSNorm, GemmaRMSNorm, RotaryEmbedding)) and not isinstance(
+            module, AscendRMSNorm
+        ):
             module.path = path
     return model.eval().requires_grad_(False)
 
@@ -490,7 +570,9 @@ def _to_ascend(model: nn.Module, chip: str) -> None:
     """What vLLM-Ascend's op registration does at start-up: the same tree with its subclasses."""
     act_cls = {"910": AscendSiluAndMul, "310p": AscendSiluAndMul310}[chip]
     embed = model.model.embed_tokens
-    ascend_embed = AscendVocabParallelEmbedding(embed.num_embeddings, embed.embedding_dim).to(embed.weight.dtype)
+    ascend_embed = AscendVocabParallelEmbedding(embed.num_embeddings, embed.embedding_dim).to(
+        embed.weight.dtype
+    )
     model.model.embed_tokens = ascend_embed
     if model.lm_head is embed:
         model.lm_head = ascend_embed
@@ -507,5 +589,7 @@ def run(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     flat = input_ids.reshape(-1)
     positions = torch.arange(tokens).repeat(sequences)
     with set_forward_context(tokens), torch.inference_mode():
-        hidden = model(input_ids=flat, positions=positions, intermediate_tensors=None, inputs_embeds=None)
+        hidden = model(
+            input_ids=flat, positions=positions, intermediate_tensors=None, inputs_embeds=None
+        )
         return model.compute_logits(hidden)

@@ -5,6 +5,7 @@ import cycle between modules at all. Exit 1 with one line per violation. Run by 
 
 usage: python tools/check_layers.py [--graph]
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,9 +50,14 @@ def imports(path: Path, name: str, modules: set[str]) -> set[tuple[str, int]]:
                 stem = ".".join(base + ([node.module] if node.module else []))
             else:
                 stem = node.module or ""
-            targets = [f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in modules
-                       else f"{stem}.{LAZY[stem][alias.name]}" if alias.name in LAZY.get(stem, {}) else stem
-                       for alias in node.names]
+            targets = [
+                f"{stem}.{alias.name}"
+                if f"{stem}.{alias.name}" in modules
+                else f"{stem}.{LAZY[stem][alias.name]}"
+                if alias.name in LAZY.get(stem, {})
+                else stem
+                for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -62,15 +68,22 @@ def imports(path: Path, name: str, modules: set[str]) -> set[tuple[str, int]]:
     return found
 
 
-LAZY: dict[str, dict[str, str]] = {}  # package -> {name: submodule} of a package that re-exports lazily
+LAZY: dict[
+    str, dict[str, str]
+] = {}  # package -> {name: submodule} of a package that re-exports lazily
 
 
 def lazy_exports(path: Path) -> dict[str, str]:
     """A package's ``_EXPORTS`` table (name -> submodule), read without importing it: ``from pkg import
     name`` is then an import of the submodule that holds the name."""
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_EXPORTS" for t in node.targets):
-            return eval(compile(ast.Expression(node.value), str(path), "eval"), {"__builtins__": {"dict": dict}})
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", "") == "_EXPORTS" for t in node.targets
+        ):
+            return eval(
+                compile(ast.Expression(node.value), str(path), "eval"),
+                {"__builtins__": {"dict": dict}},
+            )
     return {}
 
 
@@ -134,10 +147,14 @@ def main() -> int:
         for target, line in sorted(imports(path, name, modules)):
             theirs = layer_of(target)
             if target in UNLAYERED and target != "hwdiff":
-                problems.append(f"{path.relative_to(ROOT)}:{line}: imports {target}, which nothing may import")
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{line}: imports {target}, which nothing may import"
+                )
             elif theirs is not None and theirs > mine:
-                problems.append(f"{path.relative_to(ROOT)}:{line}: {name} (layer {LAYERS[mine][0]}) imports "
-                                f"{target} from a higher layer ({LAYERS[theirs][0]})")
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{line}: {name} (layer {LAYERS[mine][0]}) imports "
+                    f"{target} from a higher layer ({LAYERS[theirs][0]})"
+                )
     # the package root is imported implicitly by every submodule: its edges are by name only
     graph.pop("hwdiff", None)
     for component in cycles({k: v - {"hwdiff"} for k, v in graph.items()}):
@@ -147,8 +164,11 @@ def main() -> int:
     if "--graph" in sys.argv:
         for name in sorted(graph):
             print(name, "->", " ".join(sorted(graph[name])))
-    print(f"import layers: {len(paths)} modules, {sum(map(len, graph.values()))} imports, "
-          f"{len(problems)} problem(s)", file=sys.stderr)
+    print(
+        f"import layers: {len(paths)} modules, {sum(map(len, graph.values()))} imports, "
+        f"{len(problems)} problem(s)",
+        file=sys.stderr,
+    )
     return 1 if problems else 0
 
 

@@ -20,6 +20,7 @@ errors calibrate refuses: the divergence-increment estimate was measured 1.1–2
 The schedule: σ_end per norm; one global schedule (the median σ_end, QeRL's stage formula) and a
 multiplier per norm, as the verl fork applies it. σ_start follows a stated rule
 (:func:`start_rule`): ``factor``·σ_end, capped at QeRL's largest σ_start relative to the weights."""
+
 from __future__ import annotations
 
 import importlib

@@ -18,6 +18,7 @@ verl (the fork ``zhshgmail/verl``, branch ``feature/npu-aqn-test``, read from it
 QeRL (NVlabs/QeRL at e8c6e79): see :data:`QERL_AS_PUBLISHED`; ``integrations/qerl/aqn-delivery.patch``
 makes it select norms by class name and read per-norm multipliers from the export.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,13 +35,15 @@ log = logging.getLogger(__name__)
 VERL_NEEDS_PATCH = (
     "the verl fork as published (cfb21db5) never copies layer_sigma_config into the rollout, sizes the schedule from "
     "epochs (ignoring trainer.total_training_steps), noises validation rollouts and runs step s at step s-1's sigma: "
-    "apply integrations/verl/aqn-delivery.patch and run integrations/verl/check.py")
+    "apply integrations/verl/aqn-delivery.patch and run integrations/verl/check.py"
+)
 QERL_AS_PUBLISHED = (
     "QeRL as published (e8c6e79) injects only when the model name contains 'nvfp4', selects norms with isinstance "
     "against transformers' Qwen2RMSNorm/LlamaRMSNorm while injecting into the vLLM rollout model (whose norms are "
     "vLLM's RMSNorm: nothing is injected there), would give every matched norm the same global sigma (per-norm "
     "values and zeros ignored), and restarts its step counter every epoch: apply integrations/qerl/aqn-delivery.patch "
-    "(norms by class name, per-norm multipliers from this file, a global step) and run integrations/qerl/check.py")
+    "(norms by class name, per-norm multipliers from this file, a global step) and run integrations/qerl/check.py"
+)
 # a pattern no module name contains: an empty exclude list would switch the fork to its MoE automatic mode
 NOTHING_EXCLUDED = "<hwdiff: no norm excluded>"
 RELATIVE = 1e-9  # per-norm schedule vs multiplier x global schedule: float rounding only
@@ -77,16 +80,27 @@ def consumer_schedule(calibration: Calibration, consumer: str) -> ConsumerSchedu
         return ConsumerSchedule(s.sigma_start, s.sigma_end, k, "")
     if s.kind == "qerl-paper":
         end = s.sigma_start * (s.sigma_end / s.sigma_start) ** ((k - 2) / (k - 1))
-        return ConsumerSchedule(s.sigma_start, end, k, f"qerl-paper written as the code's curve ending at {end:.6g} "
-                                                      f"(the paper's last value; sigma_end {s.sigma_end:.6g} is never reached)")
+        return ConsumerSchedule(
+            s.sigma_start,
+            end,
+            k,
+            f"qerl-paper written as the code's curve ending at {end:.6g} "
+            f"(the paper's last value; sigma_end {s.sigma_end:.6g} is never reached)",
+        )
     if s.kind == "constant":
         if s.sigma_end <= 0:
-            raise HwdiffError(f"{consumer} export refused: a constant schedule at sigma 0 injects nothing")
-        return ConsumerSchedule(s.sigma_end, s.sigma_end, k, "constant written as sigma_start = sigma_end")
-    raise HwdiffError(f"{consumer} export refused: {consumer} runs only the exponential schedule "
-                      f"sigma_start*(sigma_end/sigma_start)^(j/(K-2)); a {s.kind} schedule cannot be expressed there "
-                      f"(calibrate with --schedule qerl-code, qerl-paper or constant, or inject with "
-                      f"hwdiff.aqn.apply_schedule)")
+            raise HwdiffError(
+                f"{consumer} export refused: a constant schedule at sigma 0 injects nothing"
+            )
+        return ConsumerSchedule(
+            s.sigma_end, s.sigma_end, k, "constant written as sigma_start = sigma_end"
+        )
+    raise HwdiffError(
+        f"{consumer} export refused: {consumer} runs only the exponential schedule "
+        f"sigma_start*(sigma_end/sigma_start)^(j/(K-2)); a {s.kind} schedule cannot be expressed there "
+        f"(calibrate with --schedule qerl-code, qerl-paper or constant, or inject with "
+        f"hwdiff.aqn.apply_schedule)"
+    )
 
 
 def norm_plan(calibration: Calibration, consumer: str) -> NormPlan:
@@ -103,9 +117,11 @@ def norm_plan(calibration: Calibration, consumer: str) -> NormPlan:
         multiplier = own.values[-1] / consumer_values[-1]
         for stage, (want, base) in enumerate(zip(own.values, consumer_values), start=1):
             if abs(multiplier * base - want) > RELATIVE * want:
-                raise HwdiffError(f"{consumer} export refused: {layer.name}'s sigma at stage {stage} ({want:.6g}) is not "
-                                  f"{multiplier:.6g} x the global schedule ({base:.6g}): {consumer} scales one global "
-                                  f"curve per norm")
+                raise HwdiffError(
+                    f"{consumer} export refused: {layer.name}'s sigma at stage {stage} ({want:.6g}) is not "
+                    f"{multiplier:.6g} x the global schedule ({base:.6g}): {consumer} scales one global "
+                    f"curve per norm"
+                )
         multipliers[layer.name] = multiplier
     if not multipliers:
         raise HwdiffError(f"{consumer} export refused: no norm has sigma > 0 in this calibration")
@@ -118,9 +134,15 @@ def _exponential(s: ConsumerSchedule) -> list[float]:
     return [s.sigma_start * (s.sigma_end / s.sigma_start) ** (j / (k - 2)) for j in range(k - 1)]
 
 
-def verl_selection(names: Iterable[str], target_modules: list[str], exclude_patterns: list[str]) -> set[str]:
+def verl_selection(
+    names: Iterable[str], target_modules: list[str], exclude_patterns: list[str]
+) -> set[str]:
     """The norms of ``names`` the fork's ``_should_target_module`` selects (substring rule, non-empty lists)."""
-    return {n for n in names if any(p in n for p in target_modules) and not any(p in n for p in exclude_patterns)}
+    return {
+        n
+        for n in names
+        if any(p in n for p in target_modules) and not any(p in n for p in exclude_patterns)
+    }
 
 
 def verl_block(calibration: Calibration) -> dict[str, Any]:
@@ -132,16 +154,32 @@ def verl_block(calibration: Calibration) -> dict[str, Any]:
     selected = verl_selection(names, targets, excluded)
     if selected != set(plan.multipliers):
         wrong = sorted(selected ^ set(plan.multipliers))
-        raise HwdiffError(f"verl export refused: the fork's substring patterns cannot single out the noisy norms of "
-                          f"this model ({len(wrong)} norm(s) wrongly selected or dropped, first {wrong[0]})")
+        raise HwdiffError(
+            f"verl export refused: the fork's substring patterns cannot single out the noisy norms of "
+            f"this model ({len(wrong)} norm(s) wrongly selected or dropped, first {wrong[0]})"
+        )
     s = plan.schedule
-    return {"trainer": {"noise_injection": {
-        "enabled": True, "sigma_start": s.sigma_start, "sigma_end": s.sigma_end, "num_stages": s.num_stages,
-        "epoch_aware": False, "target_modules": targets, "exclude_patterns": excluded, "layer_types": ["rmsnorm"],
-        "layer_sigma_config": {
-            "enabled": True, "default_multiplier": 0.0, "layer_multipliers": {},
-            "norm_multipliers": [[name, m] for name, m in plan.multipliers.items()],
-            "zone_schedule": {"enabled": False}}}}}
+    return {
+        "trainer": {
+            "noise_injection": {
+                "enabled": True,
+                "sigma_start": s.sigma_start,
+                "sigma_end": s.sigma_end,
+                "num_stages": s.num_stages,
+                "epoch_aware": False,
+                "target_modules": targets,
+                "exclude_patterns": excluded,
+                "layer_types": ["rmsnorm"],
+                "layer_sigma_config": {
+                    "enabled": True,
+                    "default_multiplier": 0.0,
+                    "layer_multipliers": {},
+                    "norm_multipliers": [[name, m] for name, m in plan.multipliers.items()],
+                    "zone_schedule": {"enabled": False},
+                },
+            }
+        }
+    }
 
 
 def hydra_overrides(calibration: Calibration) -> list[str]:
@@ -152,14 +190,20 @@ def hydra_overrides(calibration: Calibration) -> list[str]:
     prefix = "++trainer.noise_injection"
     layer = block["layer_sigma_config"]
     pairs = ", ".join(f'["{n}", {m!r}]' for n, m in layer["norm_multipliers"])
-    return [f"{prefix}.enabled=True", f"{prefix}.sigma_start={block['sigma_start']!r}",
-            f"{prefix}.sigma_end={block['sigma_end']!r}", f"{prefix}.num_stages={block['num_stages']}",
-            f"{prefix}.epoch_aware=False", f"'{prefix}.target_modules=[{_quoted(block['target_modules'])}]'",
-            f"'{prefix}.exclude_patterns=[{_quoted(block['exclude_patterns'])}]'",
-            f"'{prefix}.layer_types=[\"rmsnorm\"]'", f"{prefix}.layer_sigma_config.enabled=True",
-            f"{prefix}.layer_sigma_config.default_multiplier=0.0",
-            f"'{prefix}.layer_sigma_config.norm_multipliers=[{pairs}]'",
-            f"{prefix}.layer_sigma_config.zone_schedule.enabled=False"]
+    return [
+        f"{prefix}.enabled=True",
+        f"{prefix}.sigma_start={block['sigma_start']!r}",
+        f"{prefix}.sigma_end={block['sigma_end']!r}",
+        f"{prefix}.num_stages={block['num_stages']}",
+        f"{prefix}.epoch_aware=False",
+        f"'{prefix}.target_modules=[{_quoted(block['target_modules'])}]'",
+        f"'{prefix}.exclude_patterns=[{_quoted(block['exclude_patterns'])}]'",
+        f"'{prefix}.layer_types=[\"rmsnorm\"]'",
+        f"{prefix}.layer_sigma_config.enabled=True",
+        f"{prefix}.layer_sigma_config.default_multiplier=0.0",
+        f"'{prefix}.layer_sigma_config.norm_multipliers=[{pairs}]'",
+        f"{prefix}.layer_sigma_config.zone_schedule.enabled=False",
+    ]
 
 
 def _quoted(items: list[str]) -> str:
@@ -171,20 +215,35 @@ def qerl_block(calibration: Calibration) -> dict[str, Any]:
     absent from ``norm_multipliers`` gets no noise there)."""
     plan = norm_plan(calibration, "QeRL")
     s = plan.schedule
-    return {"sigma_start": s.sigma_start, "sigma_end": s.sigma_end, "num_stages": s.num_stages,
-            "norm_multipliers": dict(plan.multipliers)}
+    return {
+        "sigma_start": s.sigma_start,
+        "sigma_end": s.sigma_end,
+        "num_stages": s.num_stages,
+        "norm_multipliers": dict(plan.multipliers),
+    }
 
 
 def law_lost(calibration: Calibration) -> str | None:
     """What a Gaussian, independent export drops of the calibrated laws and correlation, or None."""
-    other = sorted({f"{l.law}" + (f"(df {l.df:.2f})" if l.df else "") for l in calibration.layers
-                    if l.sigma_end > 0 and l.law != "gaussian"})
+    other = sorted(
+        {
+            f"{l.law}" + (f"(df {l.df:.2f})" if l.df else "")
+            for l in calibration.layers
+            if l.sigma_end > 0 and l.law != "gaussian"
+        }
+    )
     parts = ([f"the measured law is {', '.join(other)} for some norms"] if other else []) + (
-        [f"consecutive layers' noise correlates at rho {calibration.rho:g}"] if calibration.rho else [])
+        [f"consecutive layers' noise correlates at rho {calibration.rho:g}"]
+        if calibration.rho
+        else []
+    )
     if not parts:
         return None
-    return ("; ".join(parts) + ": this format draws independent Gaussian noise — the Gaussian sigma (the same standard "
-            "deviation) is kept, the tails and the correlation are lost (hwdiff's injector and apply_schedule keep them)")
+    return (
+        "; ".join(parts)
+        + ": this format draws independent Gaussian noise — the Gaussian sigma (the same standard "
+        "deviation) is kept, the tails and the correlation are lost (hwdiff's injector and apply_schedule keep them)"
+    )
 
 
 def _warn_common(calibration: Calibration, consumer: str) -> None:
@@ -209,14 +268,19 @@ def _write_qerl(calibration: Calibration, path: Path) -> Path:
     return write_yaml(path, block)
 
 
-EXPORTERS: dict[str, Callable[[Calibration, Path], Path]] = {"verl": _write_verl, "qerl": _write_qerl}
+EXPORTERS: dict[str, Callable[[Calibration, Path], Path]] = {
+    "verl": _write_verl,
+    "qerl": _write_qerl,
+}
 CHECKS: dict[str, Callable[[Calibration], Any]] = {"verl": verl_block, "qerl": qerl_block}
 
 
 def check_export(calibration: Calibration, target: str) -> None:
     """Raise the reason when ``target`` cannot carry ``calibration`` (writes nothing)."""
     if target not in EXPORTERS:
-        raise HwdiffError(f"unknown export format {target!r}: expected one of {', '.join(EXPORTERS)}")
+        raise HwdiffError(
+            f"unknown export format {target!r}: expected one of {', '.join(EXPORTERS)}"
+        )
     CHECKS[target](calibration)
 
 

@@ -5,6 +5,7 @@ and its local error e = local output − reference output over real tokens give 
 noise Z_c (:func:`hwdiff.compare.laws.equivalent_noise`); its fits choose the law, Student-t's df is pooled
 over the norms that choose it, and consecutive layers' Z of the same norm class give the correlation.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,12 @@ def law_evidence(diff: DiffResult, names: list[str]) -> LawEvidence:
     reason when they are not at hand (never an error: Gaussian is then assumed, and said)."""
     ref_path = diff.reference.get("path")
     loc_path = (diff.local or {}).get("path")
-    if not ref_path or not loc_path or not Path(ref_path).exists() or not Path(loc_path).exists():  # file or directory
-        return LawEvidence(note="law: Gaussian assumed — the reference and local captures are not at hand")
+    if (
+        not ref_path or not loc_path or not Path(ref_path).exists() or not Path(loc_path).exists()
+    ):  # file or directory
+        return LawEvidence(
+            note="law: Gaussian assumed — the reference and local captures are not at hand"
+        )
     from ..store.reader import open_capture
 
     try:
@@ -55,7 +60,9 @@ def law_evidence(diff: DiffResult, names: list[str]) -> LawEvidence:
         return LawEvidence(note=f"law: Gaussian assumed — {exc}")
     noise = {name: z for name, z in noise.items() if z is not None}
     if not noise:
-        return LawEvidence(note="law: Gaussian assumed — the reference has no recorded norm inputs (--record-inputs)")
+        return LawEvidence(
+            note="law: Gaussian assumed — the reference has no recorded norm inputs (--record-inputs)"
+        )
     return _evidence(noise)
 
 
@@ -84,16 +91,24 @@ def _evidence(noise: dict[str, np.ndarray]) -> LawEvidence:
     df = pooled_df([noise[n] for n in heavy], [fits[n].scale for n in heavy]) if heavy else None
     if df is not None and df <= 2:
         df = 2.05  # a variance must exist for σ to mean anything; the closest law that has one
-    fits = {name: LawFit(fit.law, df if fit.law == "student_t" else None, fit.scale, fit.n, fit.why)
-            for name, fit in fits.items()}
+    fits = {
+        name: LawFit(fit.law, df if fit.law == "student_t" else None, fit.scale, fit.n, fit.why)
+        for name, fit in fits.items()
+    }
     chains = depth_chains(name for name, z in noise.items() if np.any(z))
-    values = [depth_correlation([noise[name] for name in chain]) for chain in chains if len(chain) > 1]
+    values = [
+        depth_correlation([noise[name] for name in chain]) for chain in chains if len(chain) > 1
+    ]
     values = [v for v in values if math.isfinite(v[0])]
     if not values:
-        return LawEvidence(fits, df, note="correlation: fewer than two layers with error in any norm class")
+        return LawEvidence(
+            fits, df, note="correlation: fewer than two layers with error in any norm class"
+        )
     rho = float(np.mean([v[0] for v in values]))
     stderr = float(math.sqrt(sum(v[1] ** 2 for v in values)) / len(values))
     significant = abs(rho) > 3 * stderr
-    note = (f"consecutive layers' equivalent weight noise correlates at {rho:.2f} ± {stderr:.2f} "
-            + ("(significant: recommended)" if significant else "(not significant: 0 recommended)"))
+    note = (
+        f"consecutive layers' equivalent weight noise correlates at {rho:.2f} ± {stderr:.2f} "
+        + ("(significant: recommended)" if significant else "(not significant: 0 recommended)")
+    )
     return LawEvidence(fits, df, round(rho, 3) if significant else 0.0, rho, stderr, note)

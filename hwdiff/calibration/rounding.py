@@ -5,6 +5,7 @@ value changes unless w + z stays inside w's round-to-nearest interval [(w⁻ + w
 (w⁻, w⁺ the neighbouring values of the dtype). The expected fraction of changed elements is
 therefore exact without drawing: 1 − mean(Φ(up/σ) − Φ(−down/σ)).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,11 +26,15 @@ def neighbours(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         return np.nextafter(w, -np.inf), np.nextafter(w, np.inf)
     if dtype == "float16":
         h = w.astype(np.float16)
-        return (np.nextafter(h, np.float16(-np.inf)).astype(np.float32),
-                np.nextafter(h, np.float16(np.inf)).astype(np.float32))
+        return (
+            np.nextafter(h, np.float16(-np.inf)).astype(np.float32),
+            np.nextafter(h, np.float16(np.inf)).astype(np.float32),
+        )
     if dtype == "bfloat16":
         return _bf16_step(w, -1), _bf16_step(w, +1)
-    raise HwdiffError(f"no rounding model for dtype {dtype!r} (expected float32, float16, bfloat16 or float64)")
+    raise HwdiffError(
+        f"no rounding model for dtype {dtype!r} (expected float32, float16, bfloat16 or float64)"
+    )
 
 
 def _bf16_step(w: np.ndarray, direction: int) -> np.ndarray:

@@ -4,6 +4,7 @@ QeRL's code (the verl fork's noise_injection.py) uses K stages: stage 0 injects 
 1 … K−1 take ``sigma_trend[j] = σ_start · (σ_end/σ_start)^(j/(K−2))``, j = 0 … K−2 (it divides by
 K−2; the paper writes K−1). The stage of a step is ``int(min(step, T) // (T / K))``.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ class SigmaSchedule:
         if self.kind not in KINDS:
             raise HwdiffError(f"unknown schedule {self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.num_stages < MIN_STAGES:
-            raise HwdiffError(f"num_stages must be at least {MIN_STAGES} (stage 0 is noise-free), got {self.num_stages}")
+            raise HwdiffError(
+                f"num_stages must be at least {MIN_STAGES} (stage 0 is noise-free), got {self.num_stages}"
+            )
         for name in ("sigma_start", "sigma_end"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -59,4 +62,6 @@ class SigmaSchedule:
         return 0.0 if stage == 0 else self.values[min(stage - 1, self.num_stages - 2)]
 
     def scaled(self, multiplier: float) -> "SigmaSchedule":
-        return SigmaSchedule(self.sigma_start * multiplier, self.sigma_end * multiplier, self.num_stages, self.kind)
+        return SigmaSchedule(
+            self.sigma_start * multiplier, self.sigma_end * multiplier, self.num_stages, self.kind
+        )

@@ -5,6 +5,7 @@ injector (:mod:`hwdiff.aqn`), the sigma file (:mod:`hwdiff.calibration.sigmafile
 (:mod:`hwdiff.measure.sigma_probe`, :mod:`hwdiff.measure.policy_check`) take these types without importing
 calibrate's math (:mod:`hwdiff.calibration`, which re-exports them).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,15 +19,19 @@ SCHEMA = "hwdiff/sigma/2"
 READABLE_SCHEMAS = ("hwdiff/sigma/1", SCHEMA)
 CONVERSIONS = ("output-rms", "measured")
 QERL_PRESETS = {"QeRL config default": (5e-2, 5e-4), "QeRL shipped scripts": (1e-2, 1e-4)}
-UNATTRIBUTED_NOTE = ("local error of a sub-block that no norm's sigma carries (a sub-block without a pre- or "
-                     "post-norm, or whose norm was refused), after the share of the norms nested inside it; fraction: "
-                     "its squared sum over the squared sum of all sub-blocks' local errors")
-METHOD_NOTE = "local errors from a replay of the reference's inputs on the target device (diff --local)"
+UNATTRIBUTED_NOTE = (
+    "local error of a sub-block that no norm's sigma carries (a sub-block without a pre- or "
+    "post-norm, or whose norm was refused), after the share of the norms nested inside it; fraction: "
+    "its squared sum over the squared sum of all sub-blocks' local errors"
+)
+METHOD_NOTE = (
+    "local errors from a replay of the reference's inputs on the target device (diff --local)"
+)
 CONVERSION_NOTES = {
     "output-rms": "sigma = rms(y_ref) * sqrt(eps_norm^2 + eps_block^2): exact for the norm's own error; assumes the "
-                  "sub-block passes a relative error on unchanged (gain 1/rms(y)); --verify measures that",
+    "sub-block passes a relative error on unchanged (gain 1/rms(y)); --verify measures that",
     "measured": "sigma = sqrt((eps_norm * rms(y_ref))^2 + (eps_block / g)^2), g = relative sub-block error per unit "
-                "realized sigma, measured on a float32 copy of the model",
+    "realized sigma, measured on a float32 copy of the model",
 }
 
 
@@ -45,12 +50,16 @@ class LayerSigma:
     sigma_start: float
     multiplier: float
     gain_block: float | None = None  # measured: relative sub-block error per unit realized σ
-    law: str = "gaussian"  # the noise law that best reproduces the measured error (hwdiff.compare.laws)
+    law: str = (
+        "gaussian"  # the noise law that best reproduces the measured error (hwdiff.compare.laws)
+    )
     df: float | None = None  # Student-t degrees of freedom (pooled over the norms that choose it)
     law_why: str = ""
     role: str = ""  # pre / post / nested / final (hwdiff.structure.NormRole), "" when not known
     accounts_for: str | None = None  # the sub-block whose local error (block_error) σ carries
-    normalised_rms: float = 1.0  # rms of x̂ (< 1 where the norm's input sits near eps): σ was divided by it
+    normalised_rms: float = (
+        1.0  # rms of x̂ (< 1 where the norm's input sits near eps): σ was divided by it
+    )
 
     @property
     def assumed_gain(self) -> float:
@@ -78,7 +87,9 @@ class VerifyLayer:
     induced_error: float  # rms over seeds of the relative L2 error induced there
     realized_sigma: float  # rms over seeds of the power-weighted realized σ (rms of Δy at the norm)
     law: str = "gaussian"  # the calibrated law that was injected
-    law_induced: str | None = None  # the law fitted to the weight noise recovered from the induced error
+    law_induced: str | None = (
+        None  # the law fitted to the weight noise recovered from the induced error
+    )
     df_induced: float | None = None
     draws: int = 0  # noise draws behind induced_error
     ratio_se: float | None = None  # relative standard error of the ratio (None: not estimated)
@@ -98,7 +109,9 @@ class VerifyResult:
     band: tuple[float, float]
     seeds: int
     method: str
-    unreproduced: tuple[str, ...] = ()  # norms with σ = 0 (or none) while their sub-block has local error
+    unreproduced: tuple[
+        str, ...
+    ] = ()  # norms with σ = 0 (or none) while their sub-block has local error
 
     @property
     def failed(self) -> tuple[VerifyLayer, ...]:
@@ -117,21 +130,53 @@ class VerifyResult:
         return next(layer for layer in self.layers if layer.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "band": list(self.band), "seeds": self.seeds, "passed": self.passed,
-                "unreproduced": list(self.unreproduced),
-                "layers": {l.name: {"measured_at": l.measured_at, "target_error": l.target_error,
-                                    "induced_error": l.induced_error, "realized_sigma": l.realized_sigma,
-                                    "ratio": _num(l.ratio), "law": l.law, "law_induced": l.law_induced,
-                                    "df_induced": l.df_induced, "draws": l.draws, "ratio_se": _num(l.ratio_se)}
-                           for l in self.layers}}
+        return {
+            "method": self.method,
+            "band": list(self.band),
+            "seeds": self.seeds,
+            "passed": self.passed,
+            "unreproduced": list(self.unreproduced),
+            "layers": {
+                l.name: {
+                    "measured_at": l.measured_at,
+                    "target_error": l.target_error,
+                    "induced_error": l.induced_error,
+                    "realized_sigma": l.realized_sigma,
+                    "ratio": _num(l.ratio),
+                    "law": l.law,
+                    "law_induced": l.law_induced,
+                    "df_induced": l.df_induced,
+                    "draws": l.draws,
+                    "ratio_se": _num(l.ratio_se),
+                }
+                for l in self.layers
+            },
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VerifyResult":
-        layers = tuple(VerifyLayer(name, e["measured_at"], float(e["target_error"]), float(e["induced_error"]),
-                                   float(e["realized_sigma"]), e.get("law", "gaussian"), e.get("law_induced"),
-                                   e.get("df_induced"), int(e.get("draws") or 0), e.get("ratio_se"))
-                       for name, e in data["layers"].items())
-        return cls(layers, tuple(data["band"]), int(data["seeds"]), data["method"], tuple(data.get("unreproduced") or ()))
+        layers = tuple(
+            VerifyLayer(
+                name,
+                e["measured_at"],
+                float(e["target_error"]),
+                float(e["induced_error"]),
+                float(e["realized_sigma"]),
+                e.get("law", "gaussian"),
+                e.get("law_induced"),
+                e.get("df_induced"),
+                int(e.get("draws") or 0),
+                e.get("ratio_se"),
+            )
+            for name, e in data["layers"].items()
+        )
+        return cls(
+            layers,
+            tuple(data["band"]),
+            int(data["seeds"]),
+            data["method"],
+            tuple(data.get("unreproduced") or ()),
+        )
 
 
 @dataclass(frozen=True)
@@ -165,19 +210,35 @@ class PolicyCheck:
     model: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "all sigma_end injected at once (hwdiff robustness, token level) on the reference "
-                          "capture's prompts, against the diff's two captures",
-                "draws": self.draws, "seed": self.seed, "prompts": self.prompts, "positions": self.positions,
-                "confidence": self.confidence, "interval_rule": self.interval_rule, "model": dict(self.model),
-                "emulated": {k: dict(v) for k, v in self.emulated.items()}, "hardware": dict(self.hardware),
-                "ratio": {k: dict(v) for k, v in self.ratio.items()}}
+        return {
+            "method": "all sigma_end injected at once (hwdiff robustness, token level) on the reference "
+            "capture's prompts, against the diff's two captures",
+            "draws": self.draws,
+            "seed": self.seed,
+            "prompts": self.prompts,
+            "positions": self.positions,
+            "confidence": self.confidence,
+            "interval_rule": self.interval_rule,
+            "model": dict(self.model),
+            "emulated": {k: dict(v) for k, v in self.emulated.items()},
+            "hardware": dict(self.hardware),
+            "ratio": {k: dict(v) for k, v in self.ratio.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PolicyCheck":
-        return cls({k: dict(v) for k, v in data["emulated"].items()}, {k: float(v) for k, v in data["hardware"].items()},
-                   {k: dict(v) for k, v in data["ratio"].items()}, int(data["draws"]), int(data["seed"]),
-                   int(data["prompts"]), int(data["positions"]), float(data["confidence"]),
-                   str(data.get("interval_rule", "")), dict(data.get("model") or {}))
+        return cls(
+            {k: dict(v) for k, v in data["emulated"].items()},
+            {k: float(v) for k, v in data["hardware"].items()},
+            {k: dict(v) for k, v in data["ratio"].items()},
+            int(data["draws"]),
+            int(data["seed"]),
+            int(data["prompts"]),
+            int(data["positions"]),
+            float(data["confidence"]),
+            str(data.get("interval_rule", "")),
+            dict(data.get("model") or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -196,11 +257,19 @@ class Calibration:
     rho: float = 0.0  # recommended correlation of consecutive layers' noise (AR(1) along depth)
     correlation_note: str = ""
     zero_sigma: dict[str, str] = field(default_factory=dict)  # norm with σ_end = 0 → why
-    unattributed: dict[str, float] = field(default_factory=dict)  # sub-block → local error no norm's σ carries
+    unattributed: dict[str, float] = field(
+        default_factory=dict
+    )  # sub-block → local error no norm's σ carries
     unattributed_fraction: float = 0.0  # Σ unattributed² / Σ sub-block local error²
-    unreproduced: tuple[str, ...] = ()  # norms with σ = 0 (or none) while their sub-block has local error
-    roles_from: str = ""  # how the norm → sub-block map was found (measured data flow, or the name rule)
-    policy: PolicyCheck | None = None  # all σ_end at once against the hardware pair (calibrate --policy-check)
+    unreproduced: tuple[
+        str, ...
+    ] = ()  # norms with σ = 0 (or none) while their sub-block has local error
+    roles_from: str = (
+        ""  # how the norm → sub-block map was found (measured data flow, or the name rule)
+    )
+    policy: PolicyCheck | None = (
+        None  # all σ_end at once against the hardware pair (calibrate --policy-check)
+    )
 
     @property
     def factor(self) -> float:

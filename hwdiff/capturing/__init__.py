@@ -1,4 +1,5 @@
 """``hwdiff.capture``: run fixed inputs through a model and write every selected activation to HDF5."""
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 torch_npu registers the ``npu`` device type with torch when imported; after that the generic device
 code (``torch.npu`` as the device module, events, pinned memory, synchronize) is the same as for CUDA.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,11 +26,15 @@ def is_installed() -> bool:
 def import_torch_npu() -> Any:
     """Import torch_npu (registering the ``npu`` device) or raise a clear :class:`DeviceError`."""
     if not is_installed():
-        raise DeviceError(f"device 'npu' needs the torch_npu package, which is not installed: {_INSTALL_HINT}")
+        raise DeviceError(
+            f"device 'npu' needs the torch_npu package, which is not installed: {_INSTALL_HINT}"
+        )
     try:
         return importlib.import_module("torch_npu")
     except Exception as exc:  # a broken CANN install raises all sorts of errors at import time
-        raise DeviceError(f"torch_npu is installed but failed to import ({exc}); {_INSTALL_HINT}") from exc
+        raise DeviceError(
+            f"torch_npu is installed but failed to import ({exc}); {_INSTALL_HINT}"
+        ) from exc
 
 
 def describe(index: int) -> dict[str, Any]:

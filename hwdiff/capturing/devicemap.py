@@ -12,6 +12,7 @@ With one visible device (a CPU-only machine, one GPU) nothing is split: the whol
 that device, and the capture says so. accelerate's big-model dispatch is not used: it is not a
 dependency, and this split keeps the per-module device explicit.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,7 +56,9 @@ def plan(model: torch.nn.Module, devices: list[str]) -> dict[str, str]:
         if name.count(".") and any(name.startswith(f"{other}.") for other in placed):
             continue
         if _is_leaf_block(model, name, body):
-            placed[name] = last if name.endswith("norm") or (_is_head(model, name) and not tied) else first
+            placed[name] = (
+                last if name.endswith("norm") or (_is_head(model, name) and not tied) else first
+            )
     return placed
 
 
@@ -63,7 +66,9 @@ def dispatch(model: torch.nn.Module, devices: list[str] | None = None) -> torch.
     """Place ``model`` over ``devices`` (default :func:`visible_devices`) in place; returns it."""
     devices = devices or visible_devices()
     if len(devices) == 1:
-        log.info("--device-map auto: one device visible (%s); the whole model runs there", devices[0])
+        log.info(
+            "--device-map auto: one device visible (%s); the whole model runs there", devices[0]
+        )
         model.to(devices[0])
         _MAPS[model] = {name: devices[0] for name, _ in model.named_modules() if name}
         return model
@@ -83,9 +88,13 @@ def module_devices(model: torch.nn.Module, blocks: dict[str, str]) -> dict[str, 
     for name, _ in model.named_modules():
         if not name:
             continue
-        owner = next((block for block in blocks if name == block or name.startswith(block + ".")), None)
+        owner = next(
+            (block for block in blocks if name == block or name.startswith(block + ".")), None
+        )
         if owner is None:  # a container of several blocks (e.g. ``model``): the devices it spans
-            spanned = sorted({device for block, device in blocks.items() if block.startswith(name + ".")})
+            spanned = sorted(
+                {device for block, device in blocks.items() if block.startswith(name + ".")}
+            )
             found[name] = ",".join(spanned)
         else:
             found[name] = blocks[owner]
@@ -121,15 +130,19 @@ def _layers(model: torch.nn.Module) -> tuple[str, list[str]]:
     for name, child in model.named_modules():
         if isinstance(child, torch.nn.ModuleList) and len(child) and name.endswith("layers"):
             return name, [str(index) for index in range(len(child))]
-    raise HwdiffError(f"--device-map auto: {type(model).__name__} has no ModuleList of decoder layers "
-                      "(…layers) to split")
+    raise HwdiffError(
+        f"--device-map auto: {type(model).__name__} has no ModuleList of decoder layers "
+        "(…layers) to split"
+    )
 
 
 def _is_leaf_block(model: torch.nn.Module, name: str, body: str) -> bool:
     """A direct child of the model or of the decoder stack's parent (embeddings, norm, rotary, head)."""
     parent = body.rsplit(".", 1)[0] if "." in body else ""
     owner = name.rsplit(".", 1)[0] if "." in name else ""
-    return owner == parent or (owner == "" and not any(True for _ in model.get_submodule(name).children()))
+    return owner == parent or (
+        owner == "" and not any(True for _ in model.get_submodule(name).children())
+    )
 
 
 def _is_head(model: torch.nn.Module, name: str) -> bool:

@@ -3,6 +3,7 @@
 The code is generic over torch's device modules (``torch.cuda``, ``torch.npu``): the only
 Ascend-specific part is importing torch_npu, which lives in :mod:`hwdiff.capturing.ascend`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,10 +43,14 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         ascend.import_torch_npu()
     module = getattr(torch, kind, None)
     if module is None or not module.is_available():
-        raise DeviceError(f"device {spec!r} is not available on this machine ({_why_unavailable(kind)})")
+        raise DeviceError(
+            f"device {spec!r} is not available on this machine ({_why_unavailable(kind)})"
+        )
     count = module.device_count()
     if index >= count:
-        raise DeviceError(f"device {spec!r} does not exist: this machine has {count} {kind} device(s)")
+        raise DeviceError(
+            f"device {spec!r} does not exist: this machine has {count} {kind} device(s)"
+        )
     return torch.device(kind, index)
 
 
@@ -100,10 +105,8 @@ def _numerics_flags() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "cuda_matmul_allow_bf16_reduced_precision_reduction":
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-        "cuda_matmul_allow_fp16_reduced_precision_reduction":
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        "cuda_matmul_allow_bf16_reduced_precision_reduction": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        "cuda_matmul_allow_fp16_reduced_precision_reduction": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
@@ -111,7 +114,10 @@ def _numerics_flags() -> dict[str, Any]:
         enabled = getattr(torch.backends.cuda, f"{kernel}_sdp_enabled", None)
         if enabled is not None:
             flags[f"sdp_{kernel}_enabled"] = bool(enabled())
-    return {key: (value if isinstance(value, (bool, int, float)) else str(value)) for key, value in flags.items()}
+    return {
+        key: (value if isinstance(value, (bool, int, float)) else str(value))
+        for key, value in flags.items()
+    }
 
 
 def cpu_name() -> str:
@@ -143,7 +149,11 @@ def _nvidia_driver_version(index: int) -> str:
     try:
         out = subprocess.run(
             ["nvidia-smi", f"--id={index}", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True, env={**os.environ, "LC_ALL": "C"},
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+            env={**os.environ, "LC_ALL": "C"},
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):

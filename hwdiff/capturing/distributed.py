@@ -14,6 +14,7 @@ accepts, and an earlier capture at that path is left as it was (:mod:`hwdiff.com
 The ranks meet through the process group's key-value store and poll it from Python, so a rank that
 waits for a dead peer still answers SIGTERM (torchrun's way of stopping the others) at once.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -40,12 +41,22 @@ from .inputs import Inputs
 
 log = logging.getLogger(__name__)
 
-COLWISE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+COLWISE = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+)
 ROWWISE = ("self_attn.o_proj", "mlp.down_proj")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-WAIT_SECONDS = 1800.0  # how long a rank waits for the others at the end of a run (torch's default timeout)
+WAIT_SECONDS = (
+    1800.0  # how long a rank waits for the others at the end of a run (torch's default timeout)
+)
 _SHARDED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
-_runs = [0]  # captures started by this process: the same sequence on every rank names each run's keys
+_runs = [
+    0
+]  # captures started by this process: the same sequence on every rank names each run's keys
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,14 @@ class RankInfo:
 
     def meta(self, parallel: str, device: torch.device) -> dict[str, Any]:
         """Root attributes of this rank's capture file."""
-        return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank,
-                "process_group_backend": self.backend, "local_device": str(device), "parallel": parallel}
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": self.local_rank,
+            "process_group_backend": self.backend,
+            "local_device": str(device),
+            "parallel": parallel,
+        }
 
 
 def rank_info() -> RankInfo | None:
@@ -115,8 +132,10 @@ def tensor_parallel(model: torch.nn.Module, size: int) -> torch.nn.Module:
     info = rank_info()
     world = 1 if info is None else info.world_size
     if size != world:
-        raise HwdiffError(f"--tp {size} needs exactly {size} ranks (torchrun --nproc_per_node {size}); this process "
-                          f"group has {world} (data and tensor parallel together are not supported)")
+        raise HwdiffError(
+            f"--tp {size} needs exactly {size} ranks (torchrun --nproc_per_node {size}); this process "
+            f"group has {world} (data and tensor parallel together are not supported)"
+        )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -136,8 +155,15 @@ def tensor_parallel(model: torch.nn.Module, size: int) -> torch.nn.Module:
         parallelize_module(model.get_submodule(name), mesh, style)
     sharded = {f"{prefix}.{name}": SHARD_LAST for prefix in layers for name in COLWISE}
     # the activation between the column- and the row-parallel halves of the MLP sees only its shard too
-    sharded.update({f"{prefix}.mlp.act_fn": SHARD_LAST for prefix in layers
-                    if isinstance(getattr(model.get_submodule(f"{prefix}.mlp"), "act_fn", None), torch.nn.Module)})
+    sharded.update(
+        {
+            f"{prefix}.mlp.act_fn": SHARD_LAST
+            for prefix in layers
+            if isinstance(
+                getattr(model.get_submodule(f"{prefix}.mlp"), "act_fn", None), torch.nn.Module
+            )
+        }
+    )
     _SHARDED[model] = sharded
     return model
 
@@ -149,10 +175,14 @@ def sharded_outputs(model: torch.nn.Module) -> dict[str, str]:
 
 def _decoder_layers(model: torch.nn.Module) -> list[str]:
     names = dict(model.named_modules())
-    layers = [name for name in names if all(f"{name}.{part}" in names for part in (*COLWISE, *ROWWISE))]
+    layers = [
+        name for name in names if all(f"{name}.{part}" in names for part in (*COLWISE, *ROWWISE))
+    ]
     if not layers:
-        raise HwdiffError(f"{type(model).__name__} has no decoder layer with self_attn.q/k/v/o_proj and "
-                          "mlp.gate/up/down_proj: --tp supports the Qwen2/Llama layout only")
+        raise HwdiffError(
+            f"{type(model).__name__} has no decoder layer with self_attn.q/k/v/o_proj and "
+            "mlp.gate/up/down_proj: --tp supports the Qwen2/Llama layout only"
+        )
     return layers
 
 
@@ -161,7 +191,9 @@ def _check_divisible(model: torch.nn.Module, size: int) -> None:
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value % size:
-            raise HwdiffError(f"--tp {size} does not divide the model's {key} ({value}); choose a divisor")
+            raise HwdiffError(
+                f"--tp {size} does not divide the model's {key} ({value}); choose a divisor"
+            )
 
 
 # -- data parallel ------------------------------------------------------------------------------
@@ -171,8 +203,10 @@ def batch_rows(sequences: int, batch_size: int, rank: int, world_size: int) -> n
     rows = [np.arange(start, min(start + batch_size, sequences)) for start in starts]
     if not rows:
         batches = -(-sequences // batch_size)
-        raise HwdiffError(f"{sequences} sequences make {batches} batch(es) of {batch_size} for {world_size} ranks: "
-                          "every rank needs at least one; use a smaller --batch-size or fewer ranks")
+        raise HwdiffError(
+            f"{sequences} sequences make {batches} batch(es) of {batch_size} for {world_size} ranks: "
+            "every rank needs at least one; use a smaller --batch-size or fewer ranks"
+        )
     return np.concatenate(rows).astype(np.int64)
 
 
@@ -191,7 +225,9 @@ class RankRun:
     ``abort``: a rank reports its failure; rank 0 removes the temporary directory.
     """
 
-    def __init__(self, target: Path, info: RankInfo, temp: Path, run_id: str, key: str, store: Any) -> None:
+    def __init__(
+        self, target: Path, info: RankInfo, temp: Path, run_id: str, key: str, store: Any
+    ) -> None:
         self.target, self.info, self.temp, self.run_id = target, info, temp, run_id
         self._key, self._store = key, store
 
@@ -225,7 +261,9 @@ class RankRun:
             failed = [f"rank {rank}: {state}" for rank, state in enumerate(states) if state != "ok"]
             if failed:
                 self._store.set(f"{self._key}/committed", "failed")
-                raise HwdiffError(f"{len(failed)} rank(s) failed ({failed[0]}); nothing was written to {self.target}")
+                raise HwdiffError(
+                    f"{len(failed)} rank(s) failed ({failed[0]}); nothing was written to {self.target}"
+                )
             try:
                 write_manifest(self.temp)
                 outputs.commit_dir(self.temp, self.target)
@@ -242,10 +280,14 @@ class RankRun:
     def abort(self, why: BaseException) -> None:
         """Tell the other ranks this one failed; rank 0 removes the temporary directory."""
         try:
-            self._store.set(f"{self._key}/done/{self.info.rank}", f"{type(why).__name__}: {why}"[:500])
+            self._store.set(
+                f"{self._key}/done/{self.info.rank}", f"{type(why).__name__}: {why}"[:500]
+            )
             if self.info.rank == 0:
                 self._store.set(f"{self._key}/committed", "failed")
-        except Exception:  # the store may be gone with a dead rank 0: the directory stays unaccepted anyway
+        except (
+            Exception
+        ):  # the store may be gone with a dead rank 0: the directory stays unaccepted anyway
             log.debug("could not report the failure of rank %d", self.info.rank)
         if self.info.rank == 0:
             outputs.discard(self.temp)
@@ -267,7 +309,9 @@ def _wait(store: Any, keys: list[str], what: str, timeout: float = WAIT_SECONDS)
     deadline = time.monotonic() + timeout
     while not store.check(keys):
         if time.monotonic() > deadline:
-            raise HwdiffError(f"waited {timeout:.0f} s for {what}: a rank is stuck or gone; nothing was written")
+            raise HwdiffError(
+                f"waited {timeout:.0f} s for {what}: a rank is stuck or gone; nothing was written"
+            )
         time.sleep(0.05)
 
 

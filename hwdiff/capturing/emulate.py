@@ -21,6 +21,7 @@ A Linear whose forward returns more than a tensor (Llama 4's router) is run agai
 product replaced where it is computed (:class:`_LinearProduct`).
 Each capture records the profiles in its ``emulate`` attribute.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,18 +60,29 @@ def parse(text: str) -> Profile:
     """``"aqn:sigma=0.02"`` → Profile("aqn", {"sigma": 0.02, "seed": 0})."""
     name, _, rest = text.strip().partition(":")
     if name not in _DEFAULTS:
-        raise HwdiffError(f"unknown emulation profile {name!r}: expected one of {', '.join(PROFILES)}")
+        raise HwdiffError(
+            f"unknown emulation profile {name!r}: expected one of {', '.join(PROFILES)}"
+        )
     params = dict(_DEFAULTS[name])
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in params:
-            raise HwdiffError(f"emulation profile {name} takes {', '.join(params) or 'no parameters'}; got {item!r}")
+            raise HwdiffError(
+                f"emulation profile {name} takes {', '.join(params) or 'no parameters'}; got {item!r}"
+            )
         try:
             params[key] = float(value)
         except ValueError:
-            raise HwdiffError(f"emulation parameter {key} of {name} must be a number, got {value!r}") from None
-    if (params.get("block", 1) < 1 or params.get("chunk", 1) < 1 or params.get("sigma", 0) < 0
-            or params.get("seed", 0) < 0 or not all(map(math.isfinite, params.values()))):
+            raise HwdiffError(
+                f"emulation parameter {key} of {name} must be a number, got {value!r}"
+            ) from None
+    if (
+        params.get("block", 1) < 1
+        or params.get("chunk", 1) < 1
+        or params.get("sigma", 0) < 0
+        or params.get("seed", 0) < 0
+        or not all(map(math.isfinite, params.values()))
+    ):
         raise HwdiffError(f"emulation profile {text!r} has an out-of-range parameter")
     return Profile(name, params)
 
@@ -80,7 +92,9 @@ def describe(profiles: list[Profile]) -> str:
 
 
 @contextlib.contextmanager
-def emulation(model: torch.nn.Module, profiles: list[Profile | str] | None) -> Iterator[list[Profile]]:
+def emulation(
+    model: torch.nn.Module, profiles: list[Profile | str] | None
+) -> Iterator[list[Profile]]:
     """Apply ``profiles`` to ``model`` for the duration of a ``with`` block; everything is undone on exit."""
     if isinstance(profiles, (str, Profile)):  # one profile given on its own, not in a list
         profiles = [profiles]
@@ -96,27 +110,37 @@ def _is_silu(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _replace_outputs(model: torch.nn.Module, select: Callable[[torch.nn.Module], bool],
-                     compute: Callable[[torch.nn.Module, tuple, dict, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def _replace_outputs(
+    model: torch.nn.Module,
+    select: Callable[[torch.nn.Module], bool],
+    compute: Callable[[torch.nn.Module, tuple, dict, torch.Tensor], torch.Tensor],
+) -> Iterator[None]:
     """Replace the output of every selected module by ``compute(module, args, kwargs, output)``, where
     the module returns one tensor. A selected Linear whose forward returns anything else (a router
     returning ``(scores, logits)`` from ``super().forward``: Llama 4) is run again with its linear
     product replaced where it is computed (:class:`_LinearProduct`), so that everything it derives
     from the product (top-k, scores) is derived from the emulated one."""
+
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if isinstance(output, torch.Tensor):
             return compute(module, args, kwargs, output).to(output.dtype)
         if not isinstance(module, torch.nn.Linear):
-            raise HwdiffError(f"the emulation cannot replace the output of {type(module).__name__}: it returns "
-                              f"{type(output).__name__}, not a tensor")
+            raise HwdiffError(
+                f"the emulation cannot replace the output of {type(module).__name__}: it returns "
+                f"{type(output).__name__}, not a tensor"
+            )
         with _LinearProduct(module, compute) as product:
             again = module.forward(*args, **kwargs)  # not __call__: no hooks run twice
         if not product.hits:
-            raise HwdiffError(f"{type(module).__name__} returns {type(output).__name__} and computes no linear "
-                              "product of its own weight that the emulation could replace")
+            raise HwdiffError(
+                f"{type(module).__name__} returns {type(output).__name__} and computes no linear "
+                "product of its own weight that the emulation could replace"
+            )
         return again
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if select(m)]
+    handles = [
+        m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if select(m)
+    ]
     if not handles:
         raise HwdiffError(f"the emulation profile matched no module in {type(model).__name__}")
     try:
@@ -142,7 +166,9 @@ class _LinearProduct(torch.overrides.TorchFunctionMode):
         if func is F.linear and len(args) > 1 and args[1] is self.module.weight:
             exact = func(*args, **kwargs)
             self.hits += 1
-            return self.compute(self.module, args[:1], {}, exact).to(exact.dtype)  # the mode is off in here
+            return self.compute(self.module, args[:1], {}, exact).to(
+                exact.dtype
+            )  # the mode is off in here
         return func(*args, **kwargs)
 
 
@@ -157,18 +183,23 @@ def _truncate_bf16(values: torch.Tensor) -> torch.Tensor:
 
 
 def _bf16_truncate(model: torch.nn.Module, params: dict) -> Any:
-    return _replace_outputs(model, lambda m: isinstance(m, torch.nn.Linear),
-                            lambda m, args, kwargs, out: _truncate_bf16(_linear_fp32(m, _main_input(args, kwargs))))
+    return _replace_outputs(
+        model,
+        lambda m: isinstance(m, torch.nn.Linear),
+        lambda m, args, kwargs, out: _truncate_bf16(_linear_fp32(m, _main_input(args, kwargs))),
+    )
 
 
 def _bf16_block_accum(model: torch.nn.Module, params: dict) -> Any:
     block = int(params["block"])
 
-    def compute(module: torch.nn.Linear, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    def compute(
+        module: torch.nn.Linear, args: tuple, kwargs: dict, output: torch.Tensor
+    ) -> torch.Tensor:
         x, weight = _main_input(args, kwargs).float(), module.weight.float()
         total = torch.zeros(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device=x.device)
         for start in range(0, x.shape[-1], block):
-            partial = F.linear(x[..., start:start + block], weight[:, start:start + block])
+            partial = F.linear(x[..., start : start + block], weight[:, start : start + block])
             total = (total + partial).bfloat16().float()
         if module.bias is not None:
             total = (total + module.bias.float()).bfloat16().float()
@@ -178,7 +209,9 @@ def _bf16_block_accum(model: torch.nn.Module, params: dict) -> Any:
 
 
 def _approx_silu(model: torch.nn.Module, params: dict) -> Any:
-    def compute(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    def compute(
+        module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
+    ) -> torch.Tensor:
         x = _main_input(args, kwargs)
         return x.float() * torch.sigmoid(x.bfloat16()).float()
 
@@ -188,7 +221,9 @@ def _approx_silu(model: torch.nn.Module, params: dict) -> Any:
 def _rmsnorm_order(model: torch.nn.Module, params: dict) -> Any:
     chunk = int(params["chunk"])
 
-    def compute(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    def compute(
+        module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
+    ) -> torch.Tensor:
         x, gate = _norm_arguments(module, args, kwargs)
         form = _norm_form(module, x, gate, output)
         return _rms_norm(module, x, gate, form, lambda s: _reverse_chunk_mean(s, chunk))
@@ -196,14 +231,23 @@ def _rmsnorm_order(model: torch.nn.Module, params: dict) -> Any:
     return _replace_outputs(model, is_norm, compute)
 
 
-def _norm_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _norm_arguments(
+    module: torch.nn.Module, args: tuple, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x, gate)`` of a norm call: the gate of a gated norm (``norm(x, gate)``: Qwen3-Next, Bamba,
     Mamba 2) is its second tensor argument of x's shape. A fused add+norm's ``residual`` is refused."""
-    if is_fused_norm(module) and input_by_meaning(module, args, kwargs) is not _main_input(args, kwargs):
-        raise HwdiffError(f"rmsnorm-order does not emulate {type(module).__name__} called with a residual "
-                          "(a fused add+norm): emulate on the Hugging Face layout")
+    if is_fused_norm(module) and input_by_meaning(module, args, kwargs) is not _main_input(
+        args, kwargs
+    ):
+        raise HwdiffError(
+            f"rmsnorm-order does not emulate {type(module).__name__} called with a residual "
+            "(a fused add+norm): emulate on the Hugging Face layout"
+        )
     x = _main_input(args, kwargs)
-    rest = [*args[1:], *(value for key, value in kwargs.items() if key not in ("hidden_states", "input"))]
+    rest = [
+        *args[1:],
+        *(value for key, value in kwargs.items() if key not in ("hidden_states", "input")),
+    ]
     gate = next((t for t in rest if isinstance(t, torch.Tensor) and t.shape == x.shape), None)
     return x, gate
 
@@ -211,7 +255,9 @@ def _norm_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple
 _FORMS = ("plain", "norm-then-gate", "gate-then-norm")
 
 
-def _norm_form(module: torch.nn.Module, x: torch.Tensor, gate: torch.Tensor | None, output: torch.Tensor) -> str:
+def _norm_form(
+    module: torch.nn.Module, x: torch.Tensor, gate: torch.Tensor | None, output: torch.Tensor
+) -> str:
     """What the norm computes, by measurement: the one formula (plain ``w·x̂``; gated ``w·x̂·act(gate)``
     as Qwen3-Next; gated ``w·(x·act(gate))^`` as Bamba / Mamba 2, per group of ``group_size``) that
     reproduces the module's own output (relative L2 below 1e-2; the forms differ by O(1)). Refuses a
@@ -220,12 +266,19 @@ def _norm_form(module: torch.nn.Module, x: torch.Tensor, gate: torch.Tensor | No
     reference = output.detach().double()
     scale = float(reference.norm()) or 1.0
     with torch.no_grad():
-        errors = {form: float((_rms_norm(module, x, gate, form, _forward_mean).double() - reference).norm()) / scale
-                  for form in forms}
+        errors = {
+            form: float(
+                (_rms_norm(module, x, gate, form, _forward_mean).double() - reference).norm()
+            )
+            / scale
+            for form in forms
+        }
     best = min(errors, key=errors.get)
     if errors[best] > 1e-2:
-        raise HwdiffError(f"rmsnorm-order cannot emulate {type(module).__name__}: no known RMSNorm form reproduces "
-                          f"its output (relative L2 {', '.join(f'{k} {v:.3g}' for k, v in errors.items())})")
+        raise HwdiffError(
+            f"rmsnorm-order cannot emulate {type(module).__name__}: no known RMSNorm form reproduces "
+            f"its output (relative L2 {', '.join(f'{k} {v:.3g}' for k, v in errors.items())})"
+        )
     return best
 
 
@@ -237,12 +290,17 @@ def _reverse_chunk_mean(squares: torch.Tensor, chunk: int) -> torch.Tensor:
     """The mean of squares over the last axis, summed chunk by chunk in reverse order (float32)."""
     total = torch.zeros_like(squares[..., :1])
     for start in reversed(range(0, squares.shape[-1], chunk)):
-        total = total + squares[..., start:start + chunk].sum(-1, keepdim=True)
+        total = total + squares[..., start : start + chunk].sum(-1, keepdim=True)
     return total / squares.shape[-1]
 
 
-def _rms_norm(module: torch.nn.Module, x: torch.Tensor, gate: torch.Tensor | None, form: str,
-              mean: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _rms_norm(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    form: str,
+    mean: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """The norm's output in ``form`` with the mean of squares taken by ``mean``, in the order of
     operations and casts transformers' norms use."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
@@ -282,7 +340,10 @@ def _aqn(model: torch.nn.Module, params: dict) -> Iterator[None]:
     try:
         with torch.no_grad():
             for norm, weight in zip(norms, clean):
-                noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * params["sigma"]
+                noise = (
+                    torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+                    * params["sigma"]
+                )
                 norm.weight.copy_((weight.float() + noise.to(weight.device)).to(weight.dtype))
         yield
     finally:
@@ -292,6 +353,9 @@ def _aqn(model: torch.nn.Module, params: dict) -> Iterator[None]:
 
 
 _APPLY: dict[str, Callable[[torch.nn.Module, dict], Any]] = {
-    "aqn": _aqn, "bf16-truncate": _bf16_truncate, "bf16-block-accum": _bf16_block_accum,
-    "approx-silu": _approx_silu, "rmsnorm-order": _rmsnorm_order,
+    "aqn": _aqn,
+    "bf16-truncate": _bf16_truncate,
+    "bf16-block-accum": _bf16_block_accum,
+    "approx-silu": _approx_silu,
+    "rmsnorm-order": _rmsnorm_order,
 }

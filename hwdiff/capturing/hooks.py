@@ -5,6 +5,7 @@ asynchronous copies into pinned host memory; a sink (the capture writer) waits f
 event on its own thread, so the forward is not stalled by transfers or file I/O. In ``stats`` mode an
 accelerator first reduces each output to a few float64 numbers on the device (:mod:`hwdiff.store.stats`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,9 +47,12 @@ from .models import dtype_name
 DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
 
 
-def select_modules(model: torch.nn.Module, modules: str | Iterable[str] | None = None,
-                   kinds: str | Iterable[str] | None = None,
-                   sub_blocks: dict[str, str] | None = None) -> list[tuple[str, torch.nn.Module, str]]:
+def select_modules(
+    model: torch.nn.Module,
+    modules: str | Iterable[str] | None = None,
+    kinds: str | Iterable[str] | None = None,
+    sub_blocks: dict[str, str] | None = None,
+) -> list[tuple[str, torch.nn.Module, str]]:
     """``(name, module, kind)`` of the modules to record, in registration order.
 
     ``modules``: regexes searched in qualified names (any kind unless ``kinds`` is given too);
@@ -58,18 +62,32 @@ def select_modules(model: torch.nn.Module, modules: str | Iterable[str] | None =
     :class:`SelectionError`.
     """
     patterns = [modules] if isinstance(modules, str) else list(modules or [])
-    wanted = [kinds] if isinstance(kinds, str) else list(kinds or ([] if patterns else DEFAULT_KINDS))
+    wanted = (
+        [kinds] if isinstance(kinds, str) else list(kinds or ([] if patterns else DEFAULT_KINDS))
+    )
     unknown = sorted(set(wanted) - set(KINDS))
     if unknown:
-        raise SelectionError(f"unknown module kind(s) {', '.join(unknown)}: expected {', '.join(KINDS)}")
+        raise SelectionError(
+            f"unknown module kind(s) {', '.join(unknown)}: expected {', '.join(KINDS)}"
+        )
     compiled = [_compile(pattern) for pattern in patterns]
-    named = [(name, module, _kind(name, module, sub_blocks or {})) for name, module in model.named_modules() if name]
-    chosen = [item for item in named
-              if (not wanted or item[2] in wanted) and (not compiled or any(p.search(item[0]) for p in compiled))]
+    named = [
+        (name, module, _kind(name, module, sub_blocks or {}))
+        for name, module in model.named_modules()
+        if name
+    ]
+    chosen = [
+        item
+        for item in named
+        if (not wanted or item[2] in wanted)
+        and (not compiled or any(p.search(item[0]) for p in compiled))
+    ]
     for pattern in compiled:
         if not any(pattern.search(name) for name, _, kind in chosen):
-            raise SelectionError(f"module regex {pattern.pattern!r} matches no module{_kinds_note(wanted, patterns)}; "
-                                 f"module names look like {named[min(2, len(named) - 1)][0]!r}")
+            raise SelectionError(
+                f"module regex {pattern.pattern!r} matches no module{_kinds_note(wanted, patterns)}; "
+                f"module names look like {named[min(2, len(named) - 1)][0]!r}"
+            )
     if not chosen:
         raise SelectionError(f"no module of kind {', '.join(wanted)} in {type(model).__name__}")
     return chosen
@@ -131,7 +149,8 @@ class MemorySink:
         elif isinstance(item, Alias):
             name, call, slot = item.target.rsplit("/", 2)
             self.activations[(item.name, item.call, item.slot)].append(
-                self.activations[(name, int(call), slot)][-1])
+                self.activations[(name, int(call), slot)][-1]
+            )
         else:
             if item.event is not None:
                 item.event.synchronize()
@@ -142,32 +161,64 @@ class Recorder:
     """The hooks of one :func:`record` scope. Set ``row0`` (and ``tokens`` and ``positions`` in
     sample mode) before each forward; call indices restart at every top-level forward of the model."""
 
-    def __init__(self, model: torch.nn.Module, selection: list[tuple[str, torch.nn.Module, str]], *,
-                 mode: str, record_inputs: bool, sink: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        selection: list[tuple[str, torch.nn.Module, str]],
+        *,
+        mode: str,
+        record_inputs: bool,
+        sink: Any,
+    ) -> None:
         self.model, self.selection, self.mode = model, selection, mode
         self.record_inputs, self.sink = record_inputs, sink
-        self.views = bool(getattr(sink, "synchronous", False))  # the sink is done with a tensor when put() returns
+        self.views = bool(
+            getattr(sink, "synchronous", False)
+        )  # the sink is done with a tensor when put() returns
         self.row0 = 0
-        self.tokens = 0  # sequence length of the inputs: sample mode gathers along an axis of this size
+        self.tokens = (
+            0  # sequence length of the inputs: sample mode gathers along an axis of this size
+        )
         self.batch = 0  # sequences in the current forward (read from its input_ids)
         self.positions: torch.Tensor | None = None
-        self.active = True  # False: the current forward is not recorded (set by a top-level pre-hook)
+        self.active = (
+            True  # False: the current forward is not recorded (set by a top-level pre-hook)
+        )
         self.registered: dict[str, int] = {}
         self._calls: dict[str, int] = defaultdict(int)
-        self._open: dict[str, list[int]] = defaultdict(list)  # call indices given by pre-hooks, not yet finished
-        self._seen: dict[int, tuple[weakref.ref, str, int | None, Any]] = {}  # id → (ref, key, version, fingerprint)
-        self._links: dict[str, bool] = {}  # slot key → stored as a link (decided at its first forward, kept)
+        self._open: dict[str, list[int]] = defaultdict(
+            list
+        )  # call indices given by pre-hooks, not yet finished
+        self._seen: dict[
+            int, tuple[weakref.ref, str, int | None, Any]
+        ] = {}  # id → (ref, key, version, fingerprint)
+        self._links: dict[
+            str, bool
+        ] = {}  # slot key → stored as a link (decided at its first forward, kept)
         self._specs: set[tuple[str, int]] = set()
-        self._weights = {name: module.weight.detach().to("cpu", copy=True)
-                         for name, module, kind in selection if is_norm(module)}
+        self._weights = {
+            name: module.weight.detach().to("cpu", copy=True)
+            for name, module, kind in selection
+            if is_norm(module)
+        }
         self._handles: list[Any] = []
         self._top_k = experts_per_token(getattr(model, "config", None))
-        self._routing: dict[str, torch.Tensor] = {}  # MoE block name → experts chosen per flattened token
-        self._experts: dict[str, int | None] = {}  # MoE block name → experts its router chooses from
+        self._routing: dict[
+            str, torch.Tensor
+        ] = {}  # MoE block name → experts chosen per flattened token
+        self._experts: dict[
+            str, int | None
+        ] = {}  # MoE block name → experts its router chooses from
         self.unrecorded: dict[str, str] = {}  # module → why some of its calls could not be stored
-        self._pending: list[tuple[str, int, str, str, torch.Tensor]] = []  # stats reduced on the device
-        self._row_wise: dict[str, int | None] = {}  # norm → k of its token-major [batch·tokens·k, …] input
-        self.token_major: dict[str, int] = {}  # module → k, measured (hwdiff.structure.DataFlow.token_major)
+        self._pending: list[
+            tuple[str, int, str, str, torch.Tensor]
+        ] = []  # stats reduced on the device
+        self._row_wise: dict[
+            str, int | None
+        ] = {}  # norm → k of its token-major [batch·tokens·k, …] input
+        self.token_major: dict[
+            str, int
+        ] = {}  # module → k, measured (hwdiff.structure.DataFlow.token_major)
 
     @property
     def never_called(self) -> list[str]:
@@ -179,12 +230,18 @@ class Recorder:
         return self.sink.activations
 
     def attach(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._new_forward, with_kwargs=True))
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._new_forward, with_kwargs=True)
+        )
         self._handles.append(self.model.register_forward_hook(lambda *_: self.flush_stats()))
         for name, module, kind in self.selection:
             if self.record_inputs:  # before the call: a module may update its arguments in place
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, kind), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._hook(name, kind), with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(self._pre_hook(name, kind), with_kwargs=True)
+                )
+            self._handles.append(
+                module.register_forward_hook(self._hook(name, kind), with_kwargs=True)
+            )
         selected = {name for name, _, _ in self.selection}
         for name, module in self.model.named_modules():  # routing is needed to place routed rows
             if name and name not in selected and module_kind(name, module) == "router":
@@ -207,10 +264,16 @@ class Recorder:
         ids = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
         if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
             self.batch, self.tokens = int(ids.shape[0]), int(ids.shape[1])
-        elif isinstance(ids, torch.Tensor) and ids.dim() == 1:  # vLLM: flattened [num_tokens] ids and positions
+        elif (
+            isinstance(ids, torch.Tensor) and ids.dim() == 1
+        ):  # vLLM: flattened [num_tokens] ids and positions
             try:
-                self.batch, self.tokens = flat_sequences(kwargs.get("positions", args[1] if len(args) > 1 else None))
-            except SemanticsError:  # not whole prompts of one length: rows are kept as the modules return them
+                self.batch, self.tokens = flat_sequences(
+                    kwargs.get("positions", args[1] if len(args) > 1 else None)
+                )
+            except (
+                SemanticsError
+            ):  # not whole prompts of one length: rows are kept as the modules return them
                 self.batch = self.tokens = 0
 
     def _layout(self, tensor: torch.Tensor | None, name: str) -> str:
@@ -229,6 +292,7 @@ class Recorder:
     def _routing_hook(self, name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
             self._note_routing(name, output)
+
         return hook
 
     def _note_routing(self, name: str, output: Any) -> torch.Tensor | None:
@@ -245,8 +309,11 @@ class Recorder:
                 return
             call = self._calls[name]
             self._calls[name] = call + 1
-            self._open[name].append(call)  # registered when it returns: the order is the order of completion
+            self._open[name].append(
+                call
+            )  # registered when it returns: the order is the order of completion
             self._record_call(name, call, module, args, kwargs)
+
         return hook
 
     def _hook(self, name: str, kind: str) -> Callable[..., None]:
@@ -265,26 +332,37 @@ class Recorder:
             except SemanticsError as exc:
                 self.unrecorded[name] = str(exc)
                 return
-            if is_norm(module) and args:  # a norm is row-wise: its output rows are ordered as its input's
+            if (
+                is_norm(module) and args
+            ):  # a norm is row-wise: its output rows are ordered as its input's
                 self._row_wise[name] = _token_major(args[0], self.batch, self.tokens)
             # measured: an output living in an argument's memory holds new values in an old tensor
-            self._emit(name, call, "output", meant, fresh=writes_into_arguments(output, args, kwargs))
+            self._emit(
+                name, call, "output", meant, fresh=writes_into_arguments(output, args, kwargs)
+            )
             if kind == "router":
                 self._emit(name, call, "routing", self._note_routing(name, output))
+
         return hook
 
-    def _record_call(self, name: str, call: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _record_call(
+        self, name: str, call: int, module: torch.nn.Module, args: tuple, kwargs: dict
+    ) -> None:
         """The main input (by meaning: :func:`hwdiff.structure.input_by_meaning`); in full mode also
         every argument, for replay (:mod:`hwdiff.structure.callspec`). A routed expert call keeps only its main
         input: replay does not run single experts. Runs before the call (a pre-hook)."""
         meant = input_by_meaning(module, args, kwargs)
         main = meant if meant is not None else _first_input(args, kwargs)
-        routed = self._layout(main, name) == ROUTED and not (main is not None and self._rows_per_token(name, main))
+        routed = self._layout(main, name) == ROUTED and not (
+            main is not None and self._rows_per_token(name, main)
+        )
         if self.mode != "full" or routed:
             self._emit(name, call, "input", main)
             return
         spec, tensors = encode_call(args, kwargs, main_slot=meant is None)
-        if meant is not None:  # every argument keeps its own slot; "input" is the stream the module reads
+        if (
+            meant is not None
+        ):  # every argument keeps its own slot; "input" is the stream the module reads
             tensors = [("input", meant)] + tensors
         if (name, call) not in self._specs:
             self._specs.add((name, call))
@@ -296,12 +374,27 @@ class Recorder:
     def _register(self, name: str, kind: str, module: torch.nn.Module) -> None:
         self.registered[name] = len(self.registered)
         weight = self._weights.get(name)
-        self.sink.put(Register(name, kind, type(module).__name__, self.registered[name], weight,
-                               dtype_name(weight.dtype) if weight is not None else "",
-                               norm_offset(module) if weight is not None else 0.0))
+        self.sink.put(
+            Register(
+                name,
+                kind,
+                type(module).__name__,
+                self.registered[name],
+                weight,
+                dtype_name(weight.dtype) if weight is not None else "",
+                norm_offset(module) if weight is not None else 0.0,
+            )
+        )
 
-    def _emit(self, name: str, call: int, slot: str, tensor: torch.Tensor | None, rows: int | None = None,
-              fresh: bool = False) -> None:
+    def _emit(
+        self,
+        name: str,
+        call: int,
+        slot: str,
+        tensor: torch.Tensor | None,
+        rows: int | None = None,
+        fresh: bool = False,
+    ) -> None:
         """Send one slot to the sink; a tensor already sent in this forward becomes a link to it only
         when its values are measured unchanged since (:func:`_unchanged`: its version counter, or —
         for inference tensors, which have none — the sum of its values): a parent may change its
@@ -315,8 +408,13 @@ class Recorder:
             tensor = tensor.expand(rows, *tensor.shape[1:])
         layout, present = self._layout(tensor, name), None
         per_token = self._rows_per_token(name, source) if layout == ROUTED else None
-        if per_token:  # [batch·tokens·k, …] rows of a token-major view: stored as [batch, tokens, k, …]
-            layout, tensor = FLAT, tensor.reshape(self.batch, self.tokens, per_token, *tensor.shape[1:])
+        if (
+            per_token
+        ):  # [batch·tokens·k, …] rows of a token-major view: stored as [batch, tokens, k, …]
+            layout, tensor = (
+                FLAT,
+                tensor.reshape(self.batch, self.tokens, per_token, *tensor.shape[1:]),
+            )
         elif layout == ROUTED:
             routed = self._routed(name, call, tensor)
             if routed is None:
@@ -324,7 +422,10 @@ class Recorder:
             call, tensor, present = routed
         elif layout == FLAT:
             tensor = tensor.reshape(self.batch, self.tokens, *tensor.shape[1:])
-        elif layout in (EXPERTS, EXPERT_ROWS):  # expert-major rows → [sequences, tokens, experts, …]
+        elif layout in (
+            EXPERTS,
+            EXPERT_ROWS,
+        ):  # expert-major rows → [sequences, tokens, experts, …]
             experts = self._experts[self._block(name)]
             tail = tensor.shape[2:] if layout == EXPERTS else tensor.shape[1:]
             tensor = tensor.reshape(experts, self.batch, self.tokens, *tail).movedim(0, 2)
@@ -335,19 +436,43 @@ class Recorder:
         if self._link(key, same and self._unchanged(source, tensor, version, seen)):
             self.sink.put(Alias(name, call, slot, seen[1]))
             return
-        fingerprint = _fingerprint(source) if version is None and not self._reads_back(source) else None
+        fingerprint = (
+            _fingerprint(source) if version is None and not self._reads_back(source) else None
+        )
         self._seen[id(source)] = (weakref.ref(source), key, version, fingerprint)
-        if self.mode == "stats" and _batched_stats(tensor):  # reduced where it is, sent once per forward
-            self._pending.append((name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor)))
-        elif self.mode == "stats" and self.views:  # reduced now, before anything can change the tensor
-            self.sink.put(Record(name, call, slot, self.row0, partial_stats(tensor), dtype_name(tensor.dtype),
-                                 reduced=True))
+        if self.mode == "stats" and _batched_stats(
+            tensor
+        ):  # reduced where it is, sent once per forward
+            self._pending.append(
+                (name, call, slot, dtype_name(tensor.dtype), partial_stats(tensor))
+            )
+        elif (
+            self.mode == "stats" and self.views
+        ):  # reduced now, before anything can change the tensor
+            self.sink.put(
+                Record(
+                    name,
+                    call,
+                    slot,
+                    self.row0,
+                    partial_stats(tensor),
+                    dtype_name(tensor.dtype),
+                    reduced=True,
+                )
+            )
         else:  # a queued CPU copy is reduced (stats mode) or its NaN / Inf counted by the writer thread
-            record = slot_record(name, call, slot, self.row0, self._sampled(tensor), copy=not self.views)
-            record.layout, record.present = layout, None if present is None else self._sampled(present)
+            record = slot_record(
+                name, call, slot, self.row0, self._sampled(tensor), copy=not self.views
+            )
+            record.layout, record.present = (
+                layout,
+                None if present is None else self._sampled(present),
+            )
             self.sink.put(record)
 
-    def _unchanged(self, source: torch.Tensor, tensor: torch.Tensor, version: int | None, seen: tuple) -> bool:
+    def _unchanged(
+        self, source: torch.Tensor, tensor: torch.Tensor, version: int | None, seen: tuple
+    ) -> bool:
         """Whether ``source``, recorded before in this forward under ``seen[1]``, still holds the values
         recorded then — measured: its version counter did not move; or, for an inference tensor (capture
         and vLLM's engine run under ``torch.inference_mode``, where torch keeps no counter), the sum of its
@@ -368,7 +493,12 @@ class Recorder:
         """Whether a link candidate of this CPU tensor can be checked against the rows the sink already
         stored (a synchronous writer, the in-memory sink); otherwise its values are summed when recorded."""
         synchronous = getattr(self.sink, "synchronous", isinstance(self.sink, MemorySink))
-        return tensor.device.type == "cpu" and synchronous and hasattr(self.sink, "stored_rows") and self.mode != "stats"
+        return (
+            tensor.device.type == "cpu"
+            and synchronous
+            and hasattr(self.sink, "stored_rows")
+            and self.mode != "stats"
+        )
 
     def _link(self, key: str, unchanged: bool) -> bool:
         """Whether slot ``key`` is stored as a link in this forward: decided at its first forward and kept
@@ -376,9 +506,11 @@ class Recorder:
         in a later batch is refused: the rows already linked cannot be taken back."""
         linked = self._links.setdefault(key, unchanged)
         if linked and not unchanged:
-            raise HwdiffError(f"{key} was stored as a link to an earlier module's output, and in the batch at row "
-                              f"{self.row0} that tensor changed in place first; capture with one batch "
-                              "(--batch-size at least the number of sequences)")
+            raise HwdiffError(
+                f"{key} was stored as a link to an earlier module's output, and in the batch at row "
+                f"{self.row0} that tensor changed in place first; capture with one batch "
+                "(--batch-size at least the number of sequences)"
+            )
         return linked
 
     def flush_stats(self) -> None:
@@ -390,7 +522,9 @@ class Recorder:
         pending, self._pending = self._pending, []
         (host,), event = to_host(torch.stack([parts for *_, parts in pending]))
         for row, (name, call, slot, dtype, _) in enumerate(pending):
-            self.sink.put(Record(name, call, slot, self.row0, host[row], dtype, event, reduced=True))
+            self.sink.put(
+                Record(name, call, slot, self.row0, host[row], dtype, event, reduced=True)
+            )
 
     def _rows_per_token(self, name: str, tensor: torch.Tensor) -> int | None:
         """k when ``tensor``'s rows are provably ``[batch, tokens, k]`` in that order: a view of a
@@ -401,17 +535,22 @@ class Recorder:
             return measured
         return _token_major(tensor, self.batch, self.tokens) or self._row_wise.get(name)
 
-    def _routed(self, name: str, call: int, tensor: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    def _routed(
+        self, name: str, call: int, tensor: torch.Tensor
+    ) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """(call index to store under, rows scattered to their tokens [batch, tokens, …], bool presence
         [batch, tokens]) of a call with a variable number of rows inside an MoE block; None, with the
         reason kept in :attr:`unrecorded`, when its tokens cannot be told."""
         block = self._block(name)
         if block is None or self.mode == "stats":
-            self.unrecorded[name] = ("a variable number of rows outside any routed MoE block" if block is None
-                                     else "routed rows are not reduced to statistics")
+            self.unrecorded[name] = (
+                "a variable number of rows outside any routed MoE block"
+                if block is None
+                else "routed rows are not reduced to statistics"
+            )
             return None
         indices = self._routing[block]
-        relative = name[len(block) + 1:]
+        relative = name[len(block) + 1 :]
         expert = expert_index(relative, call, indices)
         tokens = routed_tokens(indices, expert) if expert is not None else None
         if tokens is None or len(tokens) != tensor.shape[0]:
@@ -419,7 +558,8 @@ class Recorder:
                 f"{tensor.shape[0]} rows per call that the routing of {block} does not place on tokens (an expert "
                 "implementation that groups rows in its own order, such as transformers' grouped_mm; the experts "
                 "module's per-token output is recorded — load the model with experts_implementation='eager' to "
-                "record each expert's rows)")
+                "record each expert's rows)"
+            )
             return None
         dense = tensor.new_zeros(self.batch * self.tokens, *tensor.shape[1:])
         dense[tokens.to(tensor.device)] = tensor
@@ -428,12 +568,21 @@ class Recorder:
         # A per-expert module keeps its call index; a fused module's calls are keyed by expert (the
         # k-th call is another expert on each side when routing differs).
         key = call if expert_from_name(relative) is not None else expert
-        return key, dense.reshape(self.batch, self.tokens, *tensor.shape[1:]), present.reshape(self.batch, self.tokens)
+        return (
+            key,
+            dense.reshape(self.batch, self.tokens, *tensor.shape[1:]),
+            present.reshape(self.batch, self.tokens),
+        )
 
     def _sampled(self, tensor: torch.Tensor) -> torch.Tensor:
         positions = self.positions
-        if self.mode != "sample" or positions is None or tensor.dim() < 2 or tensor.shape[0] != positions.shape[0] \
-                or tensor.shape[1] != self.tokens:
+        if (
+            self.mode != "sample"
+            or positions is None
+            or tensor.dim() < 2
+            or tensor.shape[0] != positions.shape[0]
+            or tensor.shape[1] != self.tokens
+        ):
             return tensor
         rows = torch.arange(positions.shape[0], device=tensor.device)[:, None]
         return tensor[rows, positions.to(tensor.device)]
@@ -445,7 +594,9 @@ def _batched_stats(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
-def slot_record(name: str, call: int, slot: str, row0: int, tensor: torch.Tensor, *, copy: bool = True) -> Record:
+def slot_record(
+    name: str, call: int, slot: str, row0: int, tensor: torch.Tensor, *, copy: bool = True
+) -> Record:
     """A :class:`Record` of ``tensor`` on its way to the host. On an accelerator the copy is
     asynchronous and NaN / Inf are counted on the device, where that is nearly free. On the CPU the
     tensor is copied for a writer thread, which counts them; with ``copy=False`` (a synchronous
@@ -480,9 +631,14 @@ def _token_major(tensor: Any, batch: int, tokens: int) -> int | None:
     if base is None or not batch or not tokens or tensor.dim() < 1 or base.dim() < 3:
         return None
     rows = tensor.shape[0]
-    if (tuple(base.shape[:2]) != (batch, tokens) or rows % (batch * tokens) or rows == batch * tokens
-            or tensor.numel() != base.numel() or tensor.data_ptr() != base.data_ptr()
-            or not (tensor.is_contiguous() and base.is_contiguous())):
+    if (
+        tuple(base.shape[:2]) != (batch, tokens)
+        or rows % (batch * tokens)
+        or rows == batch * tokens
+        or tensor.numel() != base.numel()
+        or tensor.data_ptr() != base.data_ptr()
+        or not (tensor.is_contiguous() and base.is_contiguous())
+    ):
         return None
     return rows // (batch * tokens)
 
@@ -505,14 +661,22 @@ def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     tensor = torch.view_as_real(tensor.detach()) if tensor.is_complex() else tensor.detach()
     if not tensor.is_floating_point():
         return tensor.sum(dtype=torch.int64)
-    return tensor.sum(dtype=torch.float64 if tensor.device.type in ("cpu", "cuda") else torch.float32)
+    return tensor.sum(
+        dtype=torch.float64 if tensor.device.type in ("cpu", "cuda") else torch.float32
+    )
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
     """The primary tensor of a module's output: itself, or the first tensor in a tuple / dict."""
     if isinstance(value, torch.Tensor):
         return value
-    items: Iterable[Any] = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    items: Iterable[Any] = (
+        value.values()
+        if isinstance(value, dict)
+        else value
+        if isinstance(value, (tuple, list))
+        else ()
+    )
     return next((item for item in items if isinstance(item, torch.Tensor)), None)
 
 
@@ -525,10 +689,17 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def record(model: torch.nn.Module, modules: str | Iterable[str] | None = None, *,
-           kinds: str | Iterable[str] | None = None, mode: str = "full", record_inputs: bool = False,
-           sink: Any = None, sub_blocks: dict[str, str] | None = None,
-           token_major: dict[str, int] | None = None) -> Iterator[Recorder]:
+def record(
+    model: torch.nn.Module,
+    modules: str | Iterable[str] | None = None,
+    *,
+    kinds: str | Iterable[str] | None = None,
+    mode: str = "full",
+    record_inputs: bool = False,
+    sink: Any = None,
+    sub_blocks: dict[str, str] | None = None,
+    token_major: dict[str, int] | None = None,
+) -> Iterator[Recorder]:
     """Hook the selected modules of ``model`` for the duration of a ``with`` block.
 
     Without a ``sink`` the recorded host tensors are kept in memory: ``rec.activations[(name, call,
@@ -536,8 +707,13 @@ def record(model: torch.nn.Module, modules: str | Iterable[str] | None = None, *
     See :func:`select_modules` for ``modules``, ``kinds`` and ``sub_blocks``. Every hook is removed on exit.
     """
     selection = select_modules(model, modules, kinds, sub_blocks)
-    recorder = Recorder(model, selection, mode=mode, record_inputs=record_inputs,
-                        sink=sink if sink is not None else MemorySink())
+    recorder = Recorder(
+        model,
+        selection,
+        mode=mode,
+        record_inputs=record_inputs,
+        sink=sink if sink is not None else MemorySink(),
+    )
     recorder.token_major = dict(token_major or {})
     recorder.attach()
     try:

@@ -3,6 +3,7 @@
 Every capture of one run holds the same ``[sequences, tokens]`` id matrix, right-padded to a common
 length, so all batches concatenate along the batch axis and two devices provably ran the same thing.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ from ..errors import InputsError
 from ..store.tokens import Inputs  # defined in store, which reads it back
 
 PROMPTS_FILE = "prompts/math_word_problems.jsonl"
-DEFAULT_MAX_TOKENS = 128  # prompts and files; explicit token ids are used whole unless cut on request
+DEFAULT_MAX_TOKENS = (
+    128  # prompts and files; explicit token ids are used whole unless cut on request
+)
 _TEXT_KEYS = ("question", "text", "prompt")
 
 
@@ -61,20 +64,28 @@ def load_inputs(
 def check_counts(**counts: int | None) -> None:
     """Refuse a count (``max_tokens``, ``limit``, ...) below 1: 0 and negative numbers have no meaning here."""
     for name, value in counts.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-            raise InputsError(f"{name} must be a whole number of at least 1 (or None for no limit), got {value!r}")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+        ):
+            raise InputsError(
+                f"{name} must be a whole number of at least 1 (or None for no limit), got {value!r}"
+            )
 
 
 def prompts_path() -> Path:
     """The shipped prompt file: the repository's data/ in a checkout, share/hwdiff/ once installed."""
     candidates = [
-        Path(__file__).resolve().parents[2] / "data" / PROMPTS_FILE,  # hwdiff/capturing/inputs.py -> the checkout
+        Path(__file__).resolve().parents[2]
+        / "data"
+        / PROMPTS_FILE,  # hwdiff/capturing/inputs.py -> the checkout
         Path(sys.prefix) / "share" / "hwdiff" / PROMPTS_FILE,
     ]
     for path in candidates:
         if path.is_file():
             return path
-    raise InputsError(f"the shipped prompt set is missing (looked in {', '.join(map(str, candidates))})")
+    raise InputsError(
+        f"the shipped prompt set is missing (looked in {', '.join(map(str, candidates))})"
+    )
 
 
 def _read_file(path: Path, tokenizer: Any) -> list[list[int]]:
@@ -82,8 +93,10 @@ def _read_file(path: Path, tokenizer: Any) -> list[list[int]]:
         if path.suffix == ".npy":
             array = np.load(path, allow_pickle=False)
             if array.dtype.kind not in "iu":
-                raise InputsError(f"{path} holds {array.dtype} values; token ids must be integers (save them with "
-                                  "an integer dtype, e.g. numpy.int64)")
+                raise InputsError(
+                    f"{path} holds {array.dtype} values; token ids must be integers (save them with "
+                    "an integer dtype, e.g. numpy.int64)"
+                )
             return [[int(token) for token in row] for row in np.atleast_2d(array)]
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -109,7 +122,9 @@ def _jsonl_row(line: str, path: Path, number: int, tokenizer: Any) -> list[int]:
     for key in _TEXT_KEYS:
         if isinstance(row, dict) and isinstance(row.get(key), str):
             return list(tokenizer.encode(row[key]))
-    raise InputsError(f"{path}:{number}: expected an object with 'input_ids' or one of {', '.join(_TEXT_KEYS)}")
+    raise InputsError(
+        f"{path}:{number}: expected an object with 'input_ids' or one of {', '.join(_TEXT_KEYS)}"
+    )
 
 
 def _from_array(source: Any, max_tokens: int | None, limit: int | None) -> Inputs:
@@ -123,7 +138,9 @@ def _from_array(source: Any, max_tokens: int | None, limit: int | None) -> Input
     return Inputs(array, np.ones_like(array), source="array")
 
 
-def _pad(sequences: Sequence[list[int]], max_tokens: int | None, pad_id: int, source: str) -> Inputs:
+def _pad(
+    sequences: Sequence[list[int]], max_tokens: int | None, pad_id: int, source: str
+) -> Inputs:
     sequences = [seq[:max_tokens] for seq in sequences if seq]
     if not sequences:
         raise InputsError(f"inputs from {source} hold no tokens")

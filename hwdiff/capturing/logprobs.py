@@ -15,6 +15,7 @@ visibly noisy; float64 makes the stored numbers exact functions of the logits. O
 (log Σ exp, and the entropy beside it) is computed over the whole vocabulary, one block of rows at a
 time; the stored log-probs are logits minus it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,10 @@ from .hooks import first_tensor, module_kind, to_host
 from .models import dtype_name
 
 DEFAULT_TOPK = 8
-DEFINITION = ("next_token[s, t] = log_softmax(logits[s, t])[input_ids[s, t+1]] (NaN at the last position); "
-              "entropy[s, t] = -sum_v p log p; topk_*: the k largest log_softmax(logits[s, t]), best first")
+DEFINITION = (
+    "next_token[s, t] = log_softmax(logits[s, t])[input_ids[s, t+1]] (NaN at the last position); "
+    "entropy[s, t] = -sum_v p log p; topk_*: the k largest log_softmax(logits[s, t]), best first"
+)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -43,8 +46,12 @@ def distribution_stats(logits: torch.Tensor, k: int, dtype: torch.dtype) -> dict
     logprobs = torch.log_softmax(logits.to(dtype), dim=-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     top = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
-    return {"logprobs": logprobs, "entropy": entropy, "topk_ids": top.indices.to(torch.int64),
-            "topk_logprobs": top.values}
+    return {
+        "logprobs": logprobs,
+        "entropy": entropy,
+        "topk_ids": top.indices.to(torch.int64),
+        "topk_logprobs": top.values,
+    }
 
 
 # Working memory of one block of rows in log_normalizer: on the CPU small enough to stay in the cache
@@ -90,23 +97,29 @@ def _log_normalizer(logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Ten
     lse = torch.empty(rows, dtype=dtype, device=logits.device)
     entropy = torch.empty(rows, dtype=dtype, device=logits.device)
     for start in range(0, rows, block):
-        part = logits[start:start + block]
+        part = logits[start : start + block]
         top = part.amax(-1, keepdim=True).to(dtype)
         shifted = part.to(dtype, copy=True).sub_(top)
         weights = shifted.exp()
         total = weights.sum(-1)
         log_total = total.log()
-        lse[start:start + block] = top[:, 0] + log_total
+        lse[start : start + block] = top[:, 0] + log_total
         weighted = weights.mul_(shifted).sum(-1)
-        masked = weighted.isnan() & top[:, 0].isfinite()  # a −inf logit: 0·(−inf) is NaN, its term is 0
+        masked = (
+            weighted.isnan() & top[:, 0].isfinite()
+        )  # a −inf logit: 0·(−inf) is NaN, its term is 0
         if masked.any():
             weighted[masked] = torch.where(shifted[masked].isneginf(), 0, weights[masked]).sum(-1)
-        entropy[start:start + block] = log_total - weighted / total
+        entropy[start : start + block] = log_total - weighted / total
     return lse, entropy
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, k: int = DEFAULT_TOPK,
-                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def token_logprobs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    k: int = DEFAULT_TOPK,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
     """The :data:`~hwdiff.store.LOGPROB_FIELDS` of one batch, on the logits' device.
 
     ``logits`` [batch, tokens, vocab] (any float dtype), ``input_ids`` [batch, tokens]. Log-probs in
@@ -124,13 +137,21 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, k: int = DEFAU
     following = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].to(dtype) - lse[:, :-1]
     nan = torch.full((batch, 1), float("nan"), dtype=dtype, device=logits.device)
     top = torch.topk(logits, min(k, vocab), dim=-1)
-    return {"next_token": torch.cat([following, nan], dim=1), "entropy": entropy,
-            "topk_ids": top.indices.to(torch.int64), "topk_logprobs": top.values.to(dtype) - lse[..., None]}
+    return {
+        "next_token": torch.cat([following, nan], dim=1),
+        "entropy": entropy,
+        "topk_ids": top.indices.to(torch.int64),
+        "topk_logprobs": top.values.to(dtype) - lse[..., None],
+    }
 
 
 def find_head(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
     """The one module of kind ``head`` (:func:`hwdiff.capturing.hooks.module_kind`), or None."""
-    heads = [(name, module) for name, module in model.named_modules() if name and module_kind(name, module) == "head"]
+    heads = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and module_kind(name, module) == "head"
+    ]
     return heads[0] if len(heads) == 1 else None
 
 
@@ -140,7 +161,9 @@ class _State:
     def __init__(self) -> None:
         self.row0 = 0
         self.ids: torch.Tensor | None = None
-        self.batches = 0  # batches recorded: 0 after the run means the model has no head and no logits
+        self.batches = (
+            0  # batches recorded: 0 after the run means the model has no head and no logits
+        )
 
 
 def output_logits(output: Any) -> torch.Tensor | None:
@@ -150,7 +173,9 @@ def output_logits(output: Any) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def record_logprobs(model: torch.nn.Module, put: Callable[[LogProbRecord], None], k: int = DEFAULT_TOPK) -> Iterator[_State]:
+def record_logprobs(
+    model: torch.nn.Module, put: Callable[[LogProbRecord], None], k: int = DEFAULT_TOPK
+) -> Iterator[_State]:
     """Hook ``model`` so that every top-level forward (called with ``input_ids=``) sends a
     :class:`~hwdiff.store.LogProbRecord` of its batch to ``put``; rows are numbered in call order
     from 0, as :meth:`hwdiff.capturing.inputs.Inputs.batches` yields them.
@@ -177,8 +202,13 @@ def record_logprobs(model: torch.nn.Module, put: Callable[[LogProbRecord], None]
             return
         arrays = token_logprobs(logits.detach(), ids, k)
         hosts, event = to_host(*(arrays[name] for name in LOGPROB_FIELDS))
-        attrs = {"topk": k, "compute_dtype": dtype_name(arrays["entropy"].dtype), "head_dtype": dtype_name(logits.dtype),
-                 "source": source, "definition": DEFINITION}
+        attrs = {
+            "topk": k,
+            "compute_dtype": dtype_name(arrays["entropy"].dtype),
+            "head_dtype": dtype_name(logits.dtype),
+            "source": source,
+            "definition": DEFINITION,
+        }
         put(LogProbRecord(state.row0, dict(zip(LOGPROB_FIELDS, hosts)), attrs, event))
         state.row0 += ids.shape[0]
         state.batches += 1
@@ -194,8 +224,10 @@ def record_logprobs(model: torch.nn.Module, put: Callable[[LogProbRecord], None]
     def keep_head(_: torch.nn.Module, __: tuple, output: Any) -> None:
         head_out[0] = first_tensor(output)
 
-    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
-               model.register_forward_hook(after_model, with_kwargs=True)]
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after_model, with_kwargs=True),
+    ]
     if head is not None:
         handles.append(head[1].register_forward_hook(keep_head))
     try:

@@ -3,6 +3,7 @@
 The fingerprint hashes the weights as loaded, before any cast or move, so the same checkpoint gives
 the same fingerprint whatever device or dtype a capture runs in.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,10 +33,14 @@ from .checkpoints import (
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -51,7 +56,9 @@ class ModelInfo:
     fingerprint: str
     tokenizer: str | None
     seed: int | None
-    trust_remote_code: bool = False  # the checkpoint's own code was allowed to run (model and tokenizer)
+    trust_remote_code: bool = (
+        False  # the checkpoint's own code was allowed to run (model and tokenizer)
+    )
 
 
 _INFO: "weakref.WeakKeyDictionary[torch.nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
@@ -64,14 +71,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ModelSpecError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16, float64") from None
+        raise ModelSpecError(
+            f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16, float64"
+        ) from None
 
 
 def tiny_qwen2_config(attn_implementation: str | None = None) -> Any:
     """Qwen2 architecture at toy size: 4 layers, hidden 256, byte-level vocabulary, tied embeddings."""
     return _qwen2_config(
-        vocab_size=320, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=320,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
         attn_implementation=attn_implementation,
     )
 
@@ -79,8 +93,13 @@ def tiny_qwen2_config(attn_implementation: str | None = None) -> Any:
 def qwen25_15b_config(attn_implementation: str | None = None) -> Any:
     """The Qwen2.5-1.5B-Instruct architecture (docs/design.md#numbers-to-know)."""
     return _qwen2_config(
-        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
         attn_implementation=attn_implementation,
     )
 
@@ -89,8 +108,15 @@ def _qwen2_config(attn_implementation: str | None, **sizes: int) -> Any:
     from transformers import Qwen2Config
 
     config = Qwen2Config(
-        **sizes, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, hidden_act="silu",
-        bos_token_id=None, eos_token_id=None, pad_token_id=None, use_cache=False,
+        **sizes,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        use_cache=False,
     )
     if attn_implementation:
         config._attn_implementation = attn_implementation
@@ -101,7 +127,9 @@ BUILTIN: dict[str, Callable[[str | None], Any]] = {
     "tiny-qwen2": tiny_qwen2_config,
     "qwen2.5-1.5b-arch": qwen25_15b_config,
 }
-REAL = ("smollm2-135m",)  # real trained checkpoints (hwdiff.capturing.checkpoints.REAL): converted once, cached
+REAL = (
+    "smollm2-135m",
+)  # real trained checkpoints (hwdiff.capturing.checkpoints.REAL): converted once, cached
 
 
 def load_model(
@@ -126,15 +154,24 @@ def load_model(
         raise ModelSpecError(f"seed must be 0 or more, got {seed}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    if spec in BUILTIN:  # built directly in dtype on the device; the fingerprint is of the float32 weights
+    if (
+        spec in BUILTIN
+    ):  # built directly in dtype on the device; the fingerprint is of the float32 weights
         model, digest = _build_random(spec, attn_implementation, seed, torch_device, torch_dtype)
         info = ModelInfo(spec=spec, fingerprint=digest, tokenizer=None, seed=seed)
-    elif spec in REAL:  # a real checkpoint, converted once into hwdiff's cache (hwdiff.capturing.checkpoints)
+    elif (
+        spec in REAL
+    ):  # a real checkpoint, converted once into hwdiff's cache (hwdiff.capturing.checkpoints)
         model, info = _load_real(spec, attn_implementation)
     else:
         model = _from_pretrained(spec, attn_implementation, trust_remote_code)
-        info = ModelInfo(spec=spec, fingerprint=fingerprint(model), tokenizer=spec, seed=None,
-                         trust_remote_code=trust_remote_code)
+        info = ModelInfo(
+            spec=spec,
+            fingerprint=fingerprint(model),
+            tokenizer=spec,
+            seed=None,
+            trust_remote_code=trust_remote_code,
+        )
     model = model.to(device=torch_device, dtype=torch_dtype).eval().requires_grad_(False)
     _INFO[model] = info
     return model
@@ -149,8 +186,10 @@ def _load_real(spec: str, attn_implementation: str | None) -> tuple[torch.nn.Mod
     digest = fingerprint(model)
     recorded = recorded_fingerprint(where) if Path(where).is_dir() else None
     if recorded is not None and recorded != digest:
-        raise ModelSpecError(f"{spec}: the converted weights in {where} no longer match the fingerprint recorded at "
-                             f"conversion ({recorded[:19]}…, now {digest[:19]}…); delete that folder to convert again")
+        raise ModelSpecError(
+            f"{spec}: the converted weights in {where} no longer match the fingerprint recorded at "
+            f"conversion ({recorded[:19]}…, now {digest[:19]}…); delete that folder to convert again"
+        )
     log.info("hwdiff: %s from %s (%s)", spec, where, source)
     return model, ModelInfo(spec=spec, fingerprint=digest, tokenizer=where, seed=None)
 
@@ -164,13 +203,16 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
     info = _INFO.get(model)
     if info is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        info = ModelInfo(spec=f"object:{name}", fingerprint=fingerprint(model), tokenizer=None, seed=None)
+        info = ModelInfo(
+            spec=f"object:{name}", fingerprint=fingerprint(model), tokenizer=None, seed=None
+        )
         _INFO[model] = info
     return info
 
 
-def _build_random(spec: str, attn_implementation: str | None, seed: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
+def _build_random(
+    spec: str, attn_implementation: str | None, seed: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module, str]:
     """A built-in model with seeded random weights, and its fingerprint.
 
     The parameters are created directly in ``dtype`` on ``device`` (no float32 copy of the model, so
@@ -188,7 +230,9 @@ def _build_random(spec: str, attn_implementation: str | None, seed: int, device:
         raise ModelSpecError(f"cannot build {spec}: {_first_line(exc)}") from exc
     model.tie_weights()  # skipped along with the init by some transformers versions
     digest = _materialize_seeded(model, seed, device, dtype)
-    return model.to(device=device, dtype=dtype), digest  # buffers (rotary frequencies) cast as before
+    return model.to(
+        device=device, dtype=dtype
+    ), digest  # buffers (rotary frequencies) cast as before
 
 
 def _skip_transformers_init() -> Any:
@@ -222,7 +266,9 @@ def _parameters_on_meta() -> Any:
 _FILL_CHUNK = 1 << 24  # float32 values generated at a time (64 MiB)
 
 
-def _materialize_seeded(model: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> str:
+def _materialize_seeded(
+    model: torch.nn.Module, seed: int, device: torch.device, dtype: torch.dtype
+) -> str:
     """Replace the meta parameters by real ones in ``dtype`` filled with the seeded values; return
     the fingerprint of the float32 values (state-dict keys in name order, as :func:`fingerprint`)."""
     state = model.state_dict(keep_vars=True)  # key → meta parameter or real buffer
@@ -234,8 +280,9 @@ def _materialize_seeded(model: torch.nn.Module, seed: int, device: torch.device,
         for name, param in list(module._parameters.items()):
             if param is not None and param.device.type == "meta":
                 if id(param) not in real:
-                    real[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
-                                                         requires_grad=False)
+                    real[id(param)] = torch.nn.Parameter(
+                        torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False
+                    )
                 module._parameters[name] = real[id(param)]
     digest, filled = hashlib.sha256(), set()
     for key in sorted(state):
@@ -250,7 +297,7 @@ def _materialize_seeded(model: torch.nn.Module, seed: int, device: torch.device,
             digest.update(values.tobytes())
             if id(tensor) not in filled:
                 with torch.no_grad():
-                    target[offset: offset + values.size].copy_(torch.from_numpy(values))
+                    target[offset : offset + values.size].copy_(torch.from_numpy(values))
             offset += values.size
         filled.add(id(tensor))
     return "sha256:" + digest.hexdigest()
@@ -285,7 +332,9 @@ def _init_mean(name: str) -> float:
     return 1.0 if "norm" in name else 0.0
 
 
-def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_code: bool = False) -> torch.nn.Module:
+def _from_pretrained(
+    spec: str, attn_implementation: str | None, trust_remote_code: bool = False
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = Path(os.path.expanduser(spec))
@@ -306,9 +355,14 @@ def _from_pretrained(spec: str, attn_implementation: str | None, trust_remote_co
         return AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else spec, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         where = "local checkpoint" if path.is_dir() else "hub id (no local directory of that name)"
-        hint = ("; it ships its own Python code: pass --trust-remote-code (trust_remote_code=True) if you trust it"
-                if "trust_remote_code" in str(exc) and not trust_remote_code else "")
-        raise ModelSpecError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}{hint}") from exc
+        hint = (
+            "; it ships its own Python code: pass --trust-remote-code (trust_remote_code=True) if you trust it"
+            if "trust_remote_code" in str(exc) and not trust_remote_code
+            else ""
+        )
+        raise ModelSpecError(
+            f"could not load model {spec!r} as a {where}: {_first_line(exc)}{hint}"
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ and against ``--device cpu --dtype float64`` as the golden.
   apply).
 - ``sum``, ``mean``: reductions over rows of 16384.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +36,7 @@ from .inputs import Inputs
 from .models import dtype_name, resolve_dtype
 from .run import CaptureResult
 
-MATMUL_KS = tuple(64 * 2 ** i for i in range(9))  # 64 … 16384
+MATMUL_KS = tuple(64 * 2**i for i in range(9))  # 64 … 16384
 ROWS = 64
 
 
@@ -69,11 +70,13 @@ class Cast(torch.nn.Module):
         return x.to(self.target)
 
 
-def representable(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+def representable(
+    rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0
+) -> np.ndarray:
     """Normals rounded to bfloat16 with |x| ≥ 2^-12: exact in bf16, fp16, fp32 and fp64."""
     values = torch.from_numpy(rng.standard_normal(shape) * scale).bfloat16().double().numpy()
-    tiny = np.abs(values) < 2.0 ** -12
-    values[tiny] = np.copysign(2.0 ** -12, values[tiny])
+    tiny = np.abs(values) < 2.0**-12
+    values[tiny] = np.copysign(2.0**-12, values[tiny])
     return values
 
 
@@ -86,17 +89,28 @@ def build(seed: int = 0) -> list[tuple[str, torch.nn.Module, np.ndarray]]:
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(representable(rng, (ROWS, k))))
         ops.append((f"matmul.K{k}", linear, representable(rng, (ROWS, k))))
-    ops.append(("cast", Cast(), rng.standard_normal((ROWS, 4096)).astype(np.float32).astype(np.float64)))
+    ops.append(
+        ("cast", Cast(), rng.standard_normal((ROWS, 4096)).astype(np.float32).astype(np.float64))
+    )
     wide = representable(rng, (ROWS, 4096), 2.0)
-    ops += [("silu", torch.nn.SiLU(), wide), ("gelu", torch.nn.GELU(), wide),
-            ("exp", Lambda(torch.exp, "exp"), np.clip(wide, -8, 8)), ("tanh", torch.nn.Tanh(), wide),
-            ("softmax", torch.nn.Softmax(dim=-1), representable(rng, (ROWS, 1024), 2.0))]
+    ops += [
+        ("silu", torch.nn.SiLU(), wide),
+        ("gelu", torch.nn.GELU(), wide),
+        ("exp", Lambda(torch.exp, "exp"), np.clip(wide, -8, 8)),
+        ("tanh", torch.nn.Tanh(), wide),
+        ("softmax", torch.nn.Softmax(dim=-1), representable(rng, (ROWS, 1024), 2.0)),
+    ]
     norm = ProbeRMSNorm(1536).double()
     with torch.no_grad():
-        norm.weight.copy_(torch.from_numpy(representable(rng, (1536,), 0.1) + 1.0).bfloat16().double())
+        norm.weight.copy_(
+            torch.from_numpy(representable(rng, (1536,), 0.1) + 1.0).bfloat16().double()
+        )
     ops.append(("rmsnorm", norm, representable(rng, (ROWS, 1536))))
     long = representable(rng, (ROWS, 16384))
-    ops += [("sum", Lambda(lambda x: x.sum(-1), "sum"), long), ("mean", Lambda(lambda x: x.mean(-1), "mean"), long)]
+    ops += [
+        ("sum", Lambda(lambda x: x.sum(-1), "sum"), long),
+        ("mean", Lambda(lambda x: x.mean(-1), "mean"), long),
+    ]
     return ops
 
 
@@ -111,8 +125,15 @@ def fingerprint(ops: list[tuple[str, torch.nn.Module, np.ndarray]]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def probe_ops(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-              emulate: list[str] | None = None, progress: bool = True) -> CaptureResult:
+def probe_ops(
+    path: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    emulate: list[str] | None = None,
+    progress: bool = True,
+) -> CaptureResult:
     """Run every op on ``device`` in ``dtype`` and write the outputs as a capture at ``path``."""
     from tqdm.auto import tqdm
 
@@ -121,11 +142,22 @@ def probe_ops(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "flo
     torch_device, torch_dtype = devices.resolve_device(device), resolve_dtype(dtype)
     ops = build(seed)
     identity = fingerprint(ops)
-    marker = Inputs(np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.int64), source=f"probe-ops:seed={seed}")
+    marker = Inputs(
+        np.zeros((1, 1), dtype=np.int64),
+        np.ones((1, 1), dtype=np.int64),
+        source=f"probe-ops:seed={seed}",
+    )
     meta = devices.describe(torch_device)
-    meta.update(hwdiff_version=__version__, dtype=dtype_name(torch_dtype), model_spec="probe-ops",
-                model_fingerprint=identity, model_seed=seed, batch_size=1, attn_implementation="none",
-                inputs_fingerprint=identity)  # the op inputs are defined by the probe, not by token ids
+    meta.update(
+        hwdiff_version=__version__,
+        dtype=dtype_name(torch_dtype),
+        model_spec="probe-ops",
+        model_fingerprint=identity,
+        model_seed=seed,
+        batch_size=1,
+        attn_implementation="none",
+        inputs_fingerprint=identity,
+    )  # the op inputs are defined by the probe, not by token ids
     container = torch.nn.ModuleDict({name.replace(".", "_"): module for name, module, _ in ops})
     container.to(device=torch_device, dtype=torch_dtype)
     with emulation(container, emulate) as profiles:
@@ -133,19 +165,37 @@ def probe_ops(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "flo
         writer = CaptureWriter(path, meta=meta, inputs=marker, mode="full")
         try:
             with torch.inference_mode():
-                for order, (name, module, values) in enumerate(tqdm(ops, desc=f"probe-ops on {torch_device}",
-                                                                   disable=not progress, leave=False)):
+                for order, (name, module, values) in enumerate(
+                    tqdm(
+                        ops, desc=f"probe-ops on {torch_device}", disable=not progress, leave=False
+                    )
+                ):
                     _run_op(writer, order, name, module, values, torch_device, torch_dtype)
             devices.synchronize(torch_device)
             final = writer.finish({"capture_seconds": time.perf_counter() - started})
         except BaseException:
             writer.abort()
             raise
-    return CaptureResult(final, len(ops), 1, 1, final.stat().st_size, time.perf_counter() - started, tuple(writer.nonfinite))
+    return CaptureResult(
+        final,
+        len(ops),
+        1,
+        1,
+        final.stat().st_size,
+        time.perf_counter() - started,
+        tuple(writer.nonfinite),
+    )
 
 
-def _run_op(writer: CaptureWriter, order: int, name: str, module: torch.nn.Module, values: np.ndarray,
-            device: torch.device, dtype: torch.dtype) -> None:
+def _run_op(
+    writer: CaptureWriter,
+    order: int,
+    name: str,
+    module: torch.nn.Module,
+    values: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
     x = torch.from_numpy(values).to(device)
     if isinstance(module, Cast):
         module.target = dtype
@@ -153,5 +203,12 @@ def _run_op(writer: CaptureWriter, order: int, name: str, module: torch.nn.Modul
     else:
         x = x.to(dtype)
     output = module(x).unsqueeze(0)  # a leading "batch" axis of 1, as every capture slot has
-    writer.put(Register(name, "op", type(module).__name__ if not isinstance(module, Lambda) else module.label, order))
+    writer.put(
+        Register(
+            name,
+            "op",
+            type(module).__name__ if not isinstance(module, Lambda) else module.label,
+            order,
+        )
+    )
     writer.put(slot_record(name, 0, "output", 0, output))

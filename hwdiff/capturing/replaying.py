@@ -7,6 +7,7 @@ batch by batch with the reference's batch size, and its output is written in the
 ``hwdiff diff REF LOCAL`` then gives the local error of each module; ``hwdiff diff REF TARGET
 --local LOCAL`` puts local and propagated error side by side.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -41,9 +42,15 @@ from .run import CaptureOptions, CaptureResult, capture_metadata, model_device_a
 log = logging.getLogger(__name__)
 
 
-def replay(model: torch.nn.Module, reference: str | os.PathLike | Capture, path: str | os.PathLike, *,
-           emulate: list[str] | None = None, allow_model_mismatch: bool = False,
-           progress: bool = True) -> CaptureResult:
+def replay(
+    model: torch.nn.Module,
+    reference: str | os.PathLike | Capture,
+    path: str | os.PathLike,
+    *,
+    emulate: list[str] | None = None,
+    allow_model_mismatch: bool = False,
+    progress: bool = True,
+) -> CaptureResult:
     """Call every module of ``model`` that ``reference`` recorded inputs for, on those inputs, and
     write the outputs to a capture at ``path`` (atomically). ``model`` may be on any device and dtype:
     inputs are moved there and floating-point ones cast to the model's dtype. ``emulate``: emulation
@@ -58,9 +65,15 @@ def replay(model: torch.nn.Module, reference: str | os.PathLike | Capture, path:
             ref.close()
 
 
-def model_for(reference: str | os.PathLike, *, device: str = "auto", dtype: str | None = None,
-              attn_implementation: str | None = None, spec: str | None = None,
-              trust_remote_code: bool = False) -> torch.nn.Module:
+def model_for(
+    reference: str | os.PathLike,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+    spec: str | None = None,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
     """Load the model a reference capture was made of (its spec and seed), or ``spec`` instead,
     in ``dtype`` (default: the reference's) on ``device``."""
     from .models import load_model
@@ -70,13 +83,27 @@ def model_for(reference: str | os.PathLike, *, device: str = "auto", dtype: str 
     seed = int(meta.get("model_seed", 0))
     model_spec = spec or str(meta.get("model_spec", ""))
     if model_spec.startswith("object:"):
-        raise HwdiffError(f"{reference} was captured from a model object ({model_spec}); pass --model SPEC")
-    return load_model(model_spec, device=device, dtype=dtype or str(meta.get("dtype", "float32")),
-                      attn_implementation=attn_implementation, seed=max(seed, 0), trust_remote_code=trust_remote_code)
+        raise HwdiffError(
+            f"{reference} was captured from a model object ({model_spec}); pass --model SPEC"
+        )
+    return load_model(
+        model_spec,
+        device=device,
+        dtype=dtype or str(meta.get("dtype", "float32")),
+        attn_implementation=attn_implementation,
+        seed=max(seed, 0),
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatch: bool,
-            progress: bool, emulated: str) -> CaptureResult:
+def _replay(
+    model: torch.nn.Module,
+    ref: Capture,
+    path: Any,
+    allow_model_mismatch: bool,
+    progress: bool,
+    emulated: str,
+) -> CaptureResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -84,17 +111,33 @@ def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatc
     _check_model(model, ref, allow_model_mismatch)
     device, dtype = model_device_and_dtype(model)
     batch = int(ref.meta.get("batch_size", ref.input_ids.shape[0]))
-    meta = capture_metadata(model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress))
-    meta.update(replay_of=str(ref.path), replay_of_id=str(ref.meta.get("capture_id", "")), replay_of_device=str(ref.meta.get("device")),
-                replay_of_dtype=str(ref.meta.get("dtype")), emulate=emulated, layout=str(ref.meta.get("layout", "")))
+    meta = capture_metadata(
+        model, device, dtype, "full", False, CaptureOptions(batch_size=batch, progress=progress)
+    )
+    meta.update(
+        replay_of=str(ref.path),
+        replay_of_id=str(ref.meta.get("capture_id", "")),
+        replay_of_device=str(ref.meta.get("device")),
+        replay_of_dtype=str(ref.meta.get("dtype")),
+        emulate=emulated,
+        layout=str(ref.meta.get("layout", "")),
+    )
     masks = _MaskRebuilder(model, ref, device, dtype)
     writer = CaptureWriter(path, meta=meta, inputs=ref.inputs, mode="full")
     try:
-        bar = tqdm(total=len(targets), desc=f"replay on {device}", unit="module", disable=not progress, leave=False)
+        bar = tqdm(
+            total=len(targets),
+            desc=f"replay on {device}",
+            unit="module",
+            disable=not progress,
+            leave=False,
+        )
         with bar, torch.inference_mode():
             for order, (name, calls) in enumerate(targets):
                 module = _submodule(model, name)
-                kind = ref.modules[name].kind or module_kind(name, module)  # as the reference classed it (data flow)
+                kind = ref.modules[name].kind or module_kind(
+                    name, module
+                )  # as the reference classed it (data flow)
                 writer.put(Register(name, kind, type(module).__name__, order, *_weight(module)))
                 for call, spec in calls:
                     _replay_call(ref, writer, module, name, call, spec, batch, device, dtype, masks)
@@ -103,13 +146,21 @@ def _replay(model: torch.nn.Module, ref: Capture, path: Any, allow_model_mismatc
     except BaseException:
         writer.abort()
         raise
-    return CaptureResult(final, len(targets), *ref.input_ids.shape, final.stat().st_size,
-                         time.perf_counter() - started, tuple(writer.nonfinite))
+    return CaptureResult(
+        final,
+        len(targets),
+        *ref.input_ids.shape,
+        final.stat().st_size,
+        time.perf_counter() - started,
+        tuple(writer.nonfinite),
+    )
 
 
 def _replayable(ref: Capture) -> list[tuple[str, list[tuple[int, dict]]]]:
     if ref.mode != "full":
-        raise HwdiffError(f"{ref.path} is a '{ref.mode}' capture; replay needs a full capture made with --record-inputs")
+        raise HwdiffError(
+            f"{ref.path} is a '{ref.mode}' capture; replay needs a full capture made with --record-inputs"
+        )
     targets, skipped = [], []
     for name, info in ref.modules.items():
         calls = []
@@ -127,7 +178,9 @@ def _replayable(ref: Capture) -> list[tuple[str, list[tuple[int, dict]]]]:
         if calls:
             targets.append((name, calls))
     if not targets:
-        raise HwdiffError(f"{ref.path} has no recorded module inputs; capture the reference with --record-inputs")
+        raise HwdiffError(
+            f"{ref.path} has no recorded module inputs; capture the reference with --record-inputs"
+        )
     if skipped:
         log.warning("not replayed: %s", "; ".join(skipped))
     return targets
@@ -136,48 +189,77 @@ def _replayable(ref: Capture) -> list[tuple[str, list[tuple[int, dict]]]]:
 def _check_model(model: torch.nn.Module, ref: Capture, allow_model_mismatch: bool) -> None:
     found = model_info(model).fingerprint
     if found != ref.meta.get("model_fingerprint") and not allow_model_mismatch:
-        raise HwdiffError(f"the model to replay ({found[:19]}…) is not the one captured in {ref.path} "
-                          f"({str(ref.meta.get('model_fingerprint'))[:19]}…, {ref.meta.get('model_spec')}); "
-                          "pass the same checkpoint, or --allow-model-mismatch")
+        raise HwdiffError(
+            f"the model to replay ({found[:19]}…) is not the one captured in {ref.path} "
+            f"({str(ref.meta.get('model_fingerprint'))[:19]}…, {ref.meta.get('model_spec')}); "
+            "pass the same checkpoint, or --allow-model-mismatch"
+        )
 
 
 def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise HwdiffError(f"the model has no module {name!r}, which the reference captured") from None
+        raise HwdiffError(
+            f"the model has no module {name!r}, which the reference captured"
+        ) from None
 
 
 def _weight(module: torch.nn.Module) -> tuple[Any, str, float]:
     if is_norm(module):
-        return module.weight.detach().to("cpu", copy=True), dtype_name(module.weight.dtype), norm_offset(module)
+        return (
+            module.weight.detach().to("cpu", copy=True),
+            dtype_name(module.weight.dtype),
+            norm_offset(module),
+        )
     return None, "", 0.0
 
 
-def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, name: str, call: int, spec: dict,
-                 batch: int, device: torch.device, dtype: torch.dtype, masks: "_MaskRebuilder") -> None:
+def _replay_call(
+    ref: Capture,
+    writer: CaptureWriter,
+    module: torch.nn.Module,
+    name: str,
+    call: int,
+    spec: dict,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    masks: "_MaskRebuilder",
+) -> None:
     rows = ref.input_ids.shape[0]
     reference_dtype = str(ref.meta.get("dtype"))
     for row0 in range(0, rows, batch):
         index = (slice(row0, min(row0 + batch, rows)),)
 
         def load(slot: str) -> torch.Tensor:
-            values = torch.from_numpy(np.ascontiguousarray(ref.read(name, call, slot, index))).to(device)
+            values = torch.from_numpy(np.ascontiguousarray(ref.read(name, call, slot, index))).to(
+                device
+            )
             layout = ref.layout(name, call, slot)
             if layout == FLAT:  # the module saw [sequences·tokens, …] rows
                 values = values.reshape(-1, *values.shape[2:])
-            elif layout in (EXPERTS, EXPERT_ROWS):  # it saw expert-major rows: [experts, sequences·tokens, …]
+            elif layout in (
+                EXPERTS,
+                EXPERT_ROWS,
+            ):  # it saw expert-major rows: [experts, sequences·tokens, …]
                 values = values.movedim(2, 0).reshape(values.shape[2], -1, *values.shape[3:])
                 values = values.reshape(-1, *values.shape[2:]) if layout == EXPERT_ROWS else values
             # Activations in the reference's dtype move to the replaying dtype; a tensor the model
             # keeps in another precision (float32 router weights in a bf16 model) stays as it was.
             recorded = ref.slot_info(name, call, slot)[1]
-            return values.to(dtype) if values.is_floating_point() and recorded == reference_dtype else values
+            return (
+                values.to(dtype)
+                if values.is_floating_point() and recorded == reference_dtype
+                else values
+            )
 
         args, kwargs = decode_call(spec, load)
         if "attention_mask" in kwargs and masks.needed:
             kwargs["attention_mask"] = masks.build(index[0], name, kwargs["attention_mask"])
-        output = output_by_meaning(module, module(*args, **kwargs))  # the element the capture stored
+        output = output_by_meaning(
+            module, module(*args, **kwargs)
+        )  # the element the capture stored
         if output is None:
             raise HwdiffError(f"module {name} returned no tensor when replayed")
         record = slot_record(name, call, "output", row0, output)
@@ -189,7 +271,9 @@ def _replay_call(ref: Capture, writer: CaptureWriter, module: torch.nn.Module, n
         elif layout in (EXPERTS, EXPERT_ROWS):
             experts = ref.slot_info(name, call, "output")[0][2]
             tail = output.shape[2:] if layout == EXPERTS else output.shape[1:]
-            record.array = record.array.reshape(experts, sequences, -1, *tail).movedim(0, 2).contiguous()
+            record.array = (
+                record.array.reshape(experts, sequences, -1, *tail).movedim(0, 2).contiguous()
+            )
             record.layout = layout
         writer.put(record)
 
@@ -202,10 +286,15 @@ class _MaskRebuilder:
     layer (:func:`hwdiff.structure.attention_type`): full causal, sliding window or chunked. A layer
     whose mask hwdiff cannot tell is refused, never given a full causal mask by default."""
 
-    _FUNCTIONS = {"full": "create_causal_mask", "sliding": "create_sliding_window_causal_mask",
-                  "chunked": "create_chunked_causal_mask"}
+    _FUNCTIONS = {
+        "full": "create_causal_mask",
+        "sliding": "create_sliding_window_causal_mask",
+        "chunked": "create_chunked_causal_mask",
+    }
 
-    def __init__(self, model: torch.nn.Module, ref: Capture, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: torch.nn.Module, ref: Capture, device: torch.device, dtype: torch.dtype
+    ) -> None:
         config = getattr(model, "config", None)
         config = getattr(config, "text_config", None) or config
         mine = str(getattr(config, "_attn_implementation", None))
@@ -215,10 +304,16 @@ class _MaskRebuilder:
         self.mask2d = torch.from_numpy(ref.attention_mask)
         if self.needed:
             if getattr(config, "use_bidirectional_attention", False):
-                raise HwdiffError("the model attends bidirectionally (use_bidirectional_attention): replay cannot "
-                                  "rebuild its masks for another attention implementation; replay with "
-                                  f"--attn-impl {ref.meta.get('attn_implementation')}")
-            log.info("rebuilding attention masks for %s (the reference used %s)", mine, ref.meta.get("attn_implementation"))
+                raise HwdiffError(
+                    "the model attends bidirectionally (use_bidirectional_attention): replay cannot "
+                    "rebuild its masks for another attention implementation; replay with "
+                    f"--attn-impl {ref.meta.get('attn_implementation')}"
+                )
+            log.info(
+                "rebuilding attention masks for %s (the reference used %s)",
+                mine,
+                ref.meta.get("attn_implementation"),
+            )
 
     def build(self, rows: slice, name: str, recorded: Any = None) -> Any:
         """The mask module ``name`` (in its decoder layer) needs for batch ``rows``. A layer whose type
@@ -232,17 +327,30 @@ class _MaskRebuilder:
         try:
             kind, _ = attention_type(self.config, layer_index(name))
         except HwdiffError as exc:  # the reference's own masks need no rebuilding
-            raise HwdiffError(f"{exc}; replay with the reference's attention implementation "
-                              f"(--attn-impl {self.reference_impl})") from None
+            raise HwdiffError(
+                f"{exc}; replay with the reference's attention implementation "
+                f"(--attn-impl {self.reference_impl})"
+            ) from None
         function = getattr(masking_utils, self._FUNCTIONS[kind], None)
         if function is None:
-            raise HwdiffError(f"{name} attends with a {kind} mask, which this transformers version cannot build")
+            raise HwdiffError(
+                f"{name} attends with a {kind} mask, which this transformers version cannot build"
+            )
         mask = self.mask2d[rows].to(self.device)
         batch, tokens = mask.shape
-        embeds = torch.zeros(batch, tokens, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        embeds = torch.zeros(
+            batch, tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
+        )
         positions = torch.arange(tokens, device=self.device)
-        offered = {"config": self.config, "inputs_embeds": embeds, "input_embeds": embeds, "attention_mask": mask,
-                   "cache_position": positions, "position_ids": positions[None].expand(batch, -1),
-                   "past_key_values": None, "cache": None}
+        offered = {
+            "config": self.config,
+            "inputs_embeds": embeds,
+            "input_embeds": embeds,
+            "attention_mask": mask,
+            "cache_position": positions,
+            "position_ids": positions[None].expand(batch, -1),
+            "past_key_values": None,
+            "cache": None,
+        }
         accepted = set(inspect.signature(function).parameters)
         return function(**{k: v for k, v in offered.items() if k in accepted})

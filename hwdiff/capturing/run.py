@@ -1,4 +1,5 @@
 """``hwdiff.capture``: run fixed inputs through a model and write every selected activation to HDF5."""
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,9 @@ class CaptureOptions:
     seed: int = 0
     compression: str | None = None
     progress: bool = True
-    logprobs: bool = True  # token log-probabilities at the head (/logprobs, hwdiff.capturing.logprobs)
+    logprobs: bool = (
+        True  # token log-probabilities at the head (/logprobs, hwdiff.capturing.logprobs)
+    )
     logprob_topk: int = 8
 
     def __post_init__(self) -> None:
@@ -57,7 +60,9 @@ class CaptureOptions:
         if self.seed < 0:
             raise HwdiffError(f"seed must be 0 or more, got {self.seed}")
         if self.compression is not None:
-            compression_options(self.compression)  # an unknown name, or hdf5plugin missing: one clear line
+            compression_options(
+                self.compression
+            )  # an unknown name, or hdf5plugin missing: one clear line
 
 
 @dataclass(frozen=True)
@@ -73,17 +78,27 @@ class CaptureResult:
     nonfinite_modules: tuple[str, ...] = field(default=())
 
     def __str__(self) -> str:
-        text = (f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, {self.modules} modules, "
-                f"{self.sequences} x {self.tokens} tokens, {self.seconds:.1f} s)")
+        text = (
+            f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, {self.modules} modules, "
+            f"{self.sequences} x {self.tokens} tokens, {self.seconds:.1f} s)"
+        )
         if self.nonfinite_modules:
             text += f"; NaN/Inf in {len(self.nonfinite_modules)} module(s), first {self.nonfinite_modules[0]}"
         return text
 
 
-def capture(model: torch.nn.Module, path: str | os.PathLike, *, inputs: Any = None,
-            modules: str | Iterable[str] | None = None, kinds: str | Iterable[str] | None = None,
-            mode: str = "full", record_inputs: bool = False, emulate: list[str] | None = None,
-            **options: Any) -> CaptureResult:
+def capture(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    inputs: Any = None,
+    modules: str | Iterable[str] | None = None,
+    kinds: str | Iterable[str] | None = None,
+    mode: str = "full",
+    record_inputs: bool = False,
+    emulate: list[str] | None = None,
+    **options: Any,
+) -> CaptureResult:
     """Run ``inputs`` through ``model`` with hooks and write one capture file at ``path``.
 
     ``inputs``: None (the shipped prompt set), a file path, an :class:`~hwdiff.capturing.inputs.Inputs`, or
@@ -130,8 +145,14 @@ class _Job:
     started: float
 
 
-def _write_file(job: _Job, path: str | os.PathLike, inputs: Inputs, positions: np.ndarray | None,
-                meta: dict[str, Any], placements: dict[str, str] | None = None) -> CaptureResult:
+def _write_file(
+    job: _Job,
+    path: str | os.PathLike,
+    inputs: Inputs,
+    positions: np.ndarray | None,
+    meta: dict[str, Any],
+    placements: dict[str, str] | None = None,
+) -> CaptureResult:
     """Run every batch of ``inputs`` through the model and write one capture file at ``path``."""
     model, opts = job.model, job.opts
     device = model_device_and_dtype(model)[0]
@@ -141,26 +162,57 @@ def _write_file(job: _Job, path: str | os.PathLike, inputs: Inputs, positions: n
     with emulation(model, job.emulate) as profiles:
         meta["emulate"] = describe(profiles)
         # On the CPU the hooks write synchronously: a writer thread would take cores from the forward.
-        writer = CaptureWriter(path, meta=meta, inputs=inputs, mode=job.mode, sample_positions=positions,
-                               compression=opts.compression, synchronous=device.type == "cpu", placements=placements)
+        writer = CaptureWriter(
+            path,
+            meta=meta,
+            inputs=inputs,
+            mode=job.mode,
+            sample_positions=positions,
+            compression=opts.compression,
+            synchronous=device.type == "cpu",
+            placements=placements,
+        )
         try:
-            with record(model, job.modules, kinds=job.kinds, mode=job.mode, record_inputs=job.record_inputs,
-                        sink=writer, sub_blocks=flow.sub_blocks if flow is not None else None,
-                        token_major=flow.token_major if flow is not None else None) as rec, \
-                    _logprobs(model, writer, opts) as lp:
+            with (
+                record(
+                    model,
+                    job.modules,
+                    kinds=job.kinds,
+                    mode=job.mode,
+                    record_inputs=job.record_inputs,
+                    sink=writer,
+                    sub_blocks=flow.sub_blocks if flow is not None else None,
+                    token_major=flow.token_major if flow is not None else None,
+                ) as rec,
+                _logprobs(model, writer, opts) as lp,
+            ):
                 _run_batches(model, rec, inputs, positions, device, opts)
             if opts.logprobs and not lp.batches:
-                log.warning("%s has no head module and no logits output: no token log-probabilities stored",
-                            type(model).__name__)
-            final = writer.finish({"capture_seconds": time.perf_counter() - job.started, **_absences(rec)})
+                log.warning(
+                    "%s has no head module and no logits output: no token log-probabilities stored",
+                    type(model).__name__,
+                )
+            final = writer.finish(
+                {"capture_seconds": time.perf_counter() - job.started, **_absences(rec)}
+            )
         except BaseException:
             writer.abort()
             raise
-    result = CaptureResult(final, len(rec.registered), inputs.shape[0], inputs.shape[1],
-                           final.stat().st_size, time.perf_counter() - job.started, tuple(writer.nonfinite))
+    result = CaptureResult(
+        final,
+        len(rec.registered),
+        inputs.shape[0],
+        inputs.shape[1],
+        final.stat().st_size,
+        time.perf_counter() - job.started,
+        tuple(writer.nonfinite),
+    )
     if result.nonfinite_modules:
-        log.warning("NaN/Inf activations in %d module(s), first in forward order: %s",
-                    len(result.nonfinite_modules), result.nonfinite_modules[0])
+        log.warning(
+            "NaN/Inf activations in %d module(s), first in forward order: %s",
+            len(result.nonfinite_modules),
+            result.nonfinite_modules[0],
+        )
     return result
 
 
@@ -179,43 +231,87 @@ def _dataflow(model: torch.nn.Module, inputs: Inputs) -> Any:
     return flow
 
 
-def _capture_ranks(job: _Job, target: Path, ranks: distributed.RankInfo, inputs: Inputs,
-                   positions: np.ndarray | None, meta: dict[str, Any]) -> CaptureResult:
+def _capture_ranks(
+    job: _Job,
+    target: Path,
+    ranks: distributed.RankInfo,
+    inputs: Inputs,
+    positions: np.ndarray | None,
+    meta: dict[str, Any],
+) -> CaptureResult:
     """This rank's part of a multi-rank capture into directory ``target`` (:mod:`hwdiff.capturing.distributed`)."""
     placements = distributed.sharded_outputs(job.model)
     parallel = "tensor" if placements else "data"
     if job.mode == "stats":
-        raise HwdiffError("a multi-rank capture stores activations (mode full or sample); stats mode is not "
-                          "supported under torch.distributed yet")
+        raise HwdiffError(
+            "a multi-rank capture stores activations (mode full or sample); stats mode is not "
+            "supported under torch.distributed yet"
+        )
     if parallel == "tensor" and job.record_inputs:
-        raise HwdiffError("--record-inputs is not supported with --tp (the inputs of row-parallel modules are "
-                          "shards); replay a single-device or data-parallel capture instead")
+        raise HwdiffError(
+            "--record-inputs is not supported with --tp (the inputs of row-parallel modules are "
+            "shards); replay a single-device or data-parallel capture instead"
+        )
     if parallel == "tensor" and job.emulate:
-        raise HwdiffError("--emulate is not supported with --tp (the emulation profiles patch modules whose "
-                          "weights are sharded tensors); emulate on a single-device or data-parallel capture")
+        raise HwdiffError(
+            "--emulate is not supported with --tp (the emulation profiles patch modules whose "
+            "weights are sharded tensors); emulate on a single-device or data-parallel capture"
+        )
     world, rank = ranks.world_size, ranks.rank
-    rows = None if parallel == "tensor" else [
-        distributed.batch_rows(inputs.shape[0], job.opts.batch_size, r, world) for r in range(world)]
+    rows = (
+        None
+        if parallel == "tensor"
+        else [
+            distributed.batch_rows(inputs.shape[0], job.opts.batch_size, r, world)
+            for r in range(world)
+        ]
+    )
     device = model_device_and_dtype(job.model)[0]
     run = distributed.RankRun.start(target, ranks)
     try:
         mine = inputs if rows is None else distributed.rank_inputs(inputs, rows[rank])
         my_positions = positions if rows is None or positions is None else positions[rows[rank]]
-        rank_meta = {**meta, **ranks.meta(parallel, device), "run_id": run.run_id,
-                     "parallel_sequences": inputs.shape[0]}
+        rank_meta = {
+            **meta,
+            **ranks.meta(parallel, device),
+            "run_id": run.run_id,
+            "parallel_sequences": inputs.shape[0],
+        }
         opts = dataclasses.replace(job.opts, progress=job.opts.progress and rank == 0)
-        result = _write_file(dataclasses.replace(job, opts=opts), run.rank_file, mine, my_positions, rank_meta,
-                             placements)
-        manifest = {"capture_id": uuid.uuid4().hex, "created_utc": distributed.utc_now(), "run_id": run.run_id,
-                    "inputs_fingerprint": inputs.fingerprint, "inputs_source": inputs.source, "world_size": world}
-        final = run.finish(lambda folder: write_manifest(folder, world, parallel, inputs, positions,
-                                                                   manifest, rows))
+        result = _write_file(
+            dataclasses.replace(job, opts=opts),
+            run.rank_file,
+            mine,
+            my_positions,
+            rank_meta,
+            placements,
+        )
+        manifest = {
+            "capture_id": uuid.uuid4().hex,
+            "created_utc": distributed.utc_now(),
+            "run_id": run.run_id,
+            "inputs_fingerprint": inputs.fingerprint,
+            "inputs_source": inputs.source,
+            "world_size": world,
+        }
+        final = run.finish(
+            lambda folder: write_manifest(
+                folder, world, parallel, inputs, positions, manifest, rows
+            )
+        )
     except BaseException as exc:
         run.abort(exc)
         raise
     size = sum(path.stat().st_size for path in final.iterdir() if path.is_file())
-    return CaptureResult(final, result.modules, inputs.shape[0], inputs.shape[1], size,
-                         time.perf_counter() - job.started, result.nonfinite_modules)
+    return CaptureResult(
+        final,
+        result.modules,
+        inputs.shape[0],
+        inputs.shape[1],
+        size,
+        time.perf_counter() - job.started,
+        result.nonfinite_modules,
+    )
 
 
 def _logprobs(model: torch.nn.Module, writer: CaptureWriter, opts: CaptureOptions) -> Any:
@@ -237,21 +333,35 @@ def _absences(rec: Any) -> dict[str, str]:
     return {"never_called": json.dumps(rec.never_called), "unrecorded": json.dumps(rec.unrecorded)}
 
 
-def _run_batches(model: torch.nn.Module, rec: Any, inputs: Inputs, positions: np.ndarray | None,
-                 device: torch.device, opts: CaptureOptions) -> None:
+def _run_batches(
+    model: torch.nn.Module,
+    rec: Any,
+    inputs: Inputs,
+    positions: np.ndarray | None,
+    device: torch.device,
+    opts: CaptureOptions,
+) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=inputs.shape[0], unit="seq", desc=f"capture on {device}", disable=not opts.progress,
-               leave=False)
+    bar = tqdm(
+        total=inputs.shape[0],
+        unit="seq",
+        desc=f"capture on {device}",
+        disable=not opts.progress,
+        leave=False,
+    )
     # inference_mode as vLLM's engine runs: an output a parent updated in place after a child returned
     # it (Llama 4's MoE) is told from an alias by measurement in the recorder (hooks.Recorder._unchanged)
     with bar, torch.inference_mode():
         for row0, ids, mask in inputs.batches(opts.batch_size):
             rec.row0, rec.tokens = row0, ids.shape[1]
             if positions is not None:
-                rec.positions = torch.from_numpy(positions[row0: row0 + len(ids)]).to(device)
-            model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
-                  use_cache=False)
+                rec.positions = torch.from_numpy(positions[row0 : row0 + len(ids)]).to(device)
+            model(
+                input_ids=torch.from_numpy(ids).to(device),
+                attention_mask=torch.from_numpy(mask).to(device),
+                use_cache=False,
+            )
             outputs.check_interrupted()  # a Ctrl-C swallowed inside the forward stops the run here
             bar.update(len(ids))
         devices.synchronize(device)
@@ -267,7 +377,11 @@ def sample_positions(inputs: Inputs, k: int, seed: int) -> np.ndarray:
     for row, mask in enumerate(inputs.attention_mask):
         valid = np.flatnonzero(mask)
         rng = np.random.Generator(np.random.PCG64([seed, row]))
-        chosen = np.sort(rng.choice(valid, size=k, replace=False)) if len(valid) >= k else np.resize(valid, k)
+        chosen = (
+            np.sort(rng.choice(valid, size=k, replace=False))
+            if len(valid) >= k
+            else np.resize(valid, k)
+        )
         rows.append(chosen)
     return np.stack(rows).astype(np.int64)
 
@@ -283,7 +397,9 @@ def _resolve_inputs(model: torch.nn.Module, inputs: Any, opts: CaptureOptions) -
     if not isinstance(inputs, Inputs):
         from_file = inputs is None or isinstance(inputs, (str, os.PathLike))
         max_tokens = opts.max_tokens or (DEFAULT_MAX_TOKENS if from_file else None)
-        inputs = load_inputs(inputs, tokenizer=LazyTokenizer(model), max_tokens=max_tokens, limit=opts.limit)
+        inputs = load_inputs(
+            inputs, tokenizer=LazyTokenizer(model), max_tokens=max_tokens, limit=opts.limit
+        )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int):
         inputs.check_vocab(vocab)
@@ -309,7 +425,11 @@ class LazyTokenizer:
             return getattr(self._loaded, "pad_token_id", None)
         config = getattr(self._model, "config", None)
         value, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
-        return value if isinstance(value, int) and isinstance(vocab, int) and 0 <= value < vocab else None
+        return (
+            value
+            if isinstance(value, int) and isinstance(vocab, int) and 0 <= value < vocab
+            else None
+        )
 
     @property
     def eos_token_id(self) -> int | None:
@@ -326,30 +446,48 @@ def model_tokenizer(model: torch.nn.Module) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=info.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise InputsError(f"model {source!r} has no loadable tokenizer ({str(exc).splitlines()[0]}); "
-                          "pass token ids instead (--inputs ids.npy or ids.jsonl)") from exc
+        raise InputsError(
+            f"model {source!r} has no loadable tokenizer ({str(exc).splitlines()[0]}); "
+            "pass token ids instead (--inputs ids.npy or ids.jsonl)"
+        ) from exc
 
 
-def capture_metadata(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, mode: str,
-              record_inputs: bool, opts: CaptureOptions) -> dict[str, Any]:
+def capture_metadata(
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: str,
+    record_inputs: bool,
+    opts: CaptureOptions,
+) -> dict[str, Any]:
     info = model_info(model)
     config = getattr(model, "config", None)
     meta = devices.describe(device)
     meta.update(
-        hwdiff_version=__version__, host=platform.node(), dtype=dtype_name(dtype),
-        model_spec=info.spec, model_fingerprint=info.fingerprint, model_class=type(model).__name__,
+        hwdiff_version=__version__,
+        host=platform.node(),
+        dtype=dtype_name(dtype),
+        model_spec=info.spec,
+        model_fingerprint=info.fingerprint,
+        model_class=type(model).__name__,
         model_seed=info.seed if info.seed is not None else -1,
         attn_implementation=str(getattr(config, "_attn_implementation", None) or "unknown"),
-        record_inputs=record_inputs, batch_size=opts.batch_size, seed=opts.seed,
+        record_inputs=record_inputs,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
         sample_tokens=opts.tokens if mode == "sample" else 0,
     )
-    if mode == "stats":  # what the device summed in before the host's float64 merge (hwdiff.store.stats)
+    if (
+        mode == "stats"
+    ):  # what the device summed in before the host's float64 merge (hwdiff.store.stats)
         from ..store.stats import accumulation_dtype
 
         meta["stats_accumulation"] = dtype_name(accumulation_dtype(device))
     from .devicemap import device_map_of
 
-    if device_map_of(model) is not None:  # one process over several devices: which device ran each module
+    if (
+        device_map_of(model) is not None
+    ):  # one process over several devices: which device ran each module
         meta["module_devices"] = device_map_of(model)
     if config is not None and hasattr(config, "to_dict"):
         meta["model_config"] = json.dumps(config.to_dict(), default=str, sort_keys=True)

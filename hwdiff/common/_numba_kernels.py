@@ -1,4 +1,5 @@
 """The numba kernels behind :mod:`hwdiff.common.jit` (imported only when numba is installed and wanted)."""
+
 from __future__ import annotations
 
 import math
@@ -14,16 +15,20 @@ from numba.extending import intrinsic, overload
 @intrinsic
 def _float32_from_bits(typingctx, bits):
     """Reinterpret a uint32 as the float32 with those bits."""
+
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
+
     return types.float32(types.uint32), codegen
 
 
 @intrinsic
 def _bits_of_float64(typingctx, value):
     """Reinterpret a float64 as the int64 with its bits."""
+
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(64))
+
     return types.int64(types.float64), codegen
 
 
@@ -41,13 +46,33 @@ def _value_impl(x):
 @numba.njit(cache=True, nogil=True, inline="always")
 def _ordered(bits, top):
     """Sign-magnitude float bits → integers in value order (+0 and −0 both map to 0)."""
-    negative = np.int64(bits < 0)  # branchless: the sign of activations is a coin flip for the predictor
+    negative = np.int64(
+        bits < 0
+    )  # branchless: the sign of activations is a coin flip for the predictor
     return ((bits & top) ^ -negative) + negative
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_exponent, floor, light, width,
-                 quarter_steps, thresholds, partial, hist, exact_counts, row_ee):
+def reduce_block(
+    r,
+    t,
+    rbits,
+    tbits,
+    top,
+    shift,
+    same_dtype,
+    mantissa,
+    min_exponent,
+    floor,
+    light,
+    width,
+    quarter_steps,
+    thresholds,
+    partial,
+    hist,
+    exact_counts,
+    row_ee,
+):
     """Reduce one block of element pairs into one row per chunk of ``partial`` [chunks, columns] (the
     columns of :data:`hwdiff.compare.kernel.COLUMNS`, in that order), ``hist`` [chunks, bins] and
     ``exact_counts`` [chunks, small]; chunks end on token boundaries.
@@ -129,19 +154,27 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
                 scale = max(abs(rv), floor)
                 r1 += a <= 1e-3 * scale
                 r5 += a <= 5e-3 * scale
-                max_index = k if a > max_abs else max_index  # the first largest: strictly greater only
+                max_index = (
+                    k if a > max_abs else max_index
+                )  # the first largest: strictly greater only
                 max_abs = max(max_abs, a)
                 if light:
                     continue
                 if same_dtype:
-                    d = abs(_ordered(np.int64(tbits[k]), top) - _ordered(np.int64(rbits[k]), top)) >> shift
+                    d = (
+                        abs(_ordered(np.int64(tbits[k]), top) - _ordered(np.int64(rbits[k]), top))
+                        >> shift
+                    )
                     max_distance = max(max_distance, d)
                     if d < small:
                         exact_counts[c, d] += 1
                     else:
                         j = 63 - leading_zeros(d)
-                        quarter = (np.int64(d >= thresholds[j, 1]) + np.int64(d >= thresholds[j, 2])
-                                   + np.int64(d >= thresholds[j, 3]))
+                        quarter = (
+                            np.int64(d >= thresholds[j, 1])
+                            + np.int64(d >= thresholds[j, 2])
+                            + np.int64(d >= thresholds[j, 3])
+                        )
                         hist[c, min(256 + (j - 4) * 4 + quarter, last_bin)] += 1
                     continue
                 at = abs(rv) if rv != 0.0 else abs(tv)
@@ -150,8 +183,11 @@ def reduce_block(r, t, rbits, tbits, top, shift, same_dtype, mantissa, min_expon
                 le1 += u <= 1.0
                 max_ulp = max(max_ulp, u)
                 bits = _bits_of_float64(u / 16.0)
-                quarter = (np.int64((bits & fraction_mask) >= step1) + np.int64((bits & fraction_mask) >= step2)
-                           + np.int64((bits & fraction_mask) >= step3))
+                quarter = (
+                    np.int64((bits & fraction_mask) >= step1)
+                    + np.int64((bits & fraction_mask) >= step2)
+                    + np.int64((bits & fraction_mask) >= step3)
+                )
                 coarse = min(256 + (((bits >> 52) & 0x7FF) - 1023) * 4 + quarter, last_bin)
                 hist[c, np.int64(u * 16.0) if u < 16.0 else coarse] += 1
             ee += row
@@ -232,7 +268,13 @@ def _stats_chunk(x, c, chunks, out):
     out[7] = inf
 
 
-@numba.njit(cache=True, nogil=True, inline="always", fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
+@numba.njit(
+    cache=True,
+    nogil=True,
+    inline="always",
+    fastmath={"reassoc", "contract", "arcp"},
+    error_model="numpy",
+)
 def _t_scale_step(x, weights, weighted, weight_sum, n, loc, scale):
     """The M-step shared by :func:`t_em` and :func:`t_em_counts`: (new loc, new scale, converged)."""
     new_loc = weighted / weight_sum
@@ -241,15 +283,25 @@ def _t_scale_step(x, weights, weighted, weight_sum, n, loc, scale):
         d = x[i] - new_loc
         spread += weights[i] * d * d
     new_scale = math.sqrt(spread / n)
-    converged = abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+    converged = (
+        abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+    )
     return new_loc, new_scale, converged
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _t_loglik(n, df, scale, log_terms):
     """Student-t log-likelihood of n values from Σ log1p(z²/df)."""
-    return n * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
+    return (
+        n
+        * (
+            math.lgamma((df + 1) / 2)
+            - math.lgamma(df / 2)
+            - 0.5 * math.log(df * math.pi)
+            - math.log(scale)
+        )
         - (df + 1) / 2 * log_terms
+    )
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "arcp"}, error_model="numpy")
@@ -260,7 +312,9 @@ def t_em(x, df, loc, scale, iterations):
     n = x.size
     weights = np.empty(n)
     for _ in range(iterations):
-        if not (scale > 0.0 and scale < np.inf):  # collapsed (an unbounded likelihood): no fit at this df
+        if not (
+            scale > 0.0 and scale < np.inf
+        ):  # collapsed (an unbounded likelihood): no fit at this df
             return loc, scale, np.nan
         inverse = 1.0 / scale
         weight_sum = 0.0
@@ -271,7 +325,9 @@ def t_em(x, df, loc, scale, iterations):
             weights[i] = w
             weight_sum += w
             weighted += w * x[i]
-        new_loc, new_scale, converged = _t_scale_step(x, weights, weighted, weight_sum, n, loc, scale)
+        new_loc, new_scale, converged = _t_scale_step(
+            x, weights, weighted, weight_sum, n, loc, scale
+        )
         loc, scale = new_loc, new_scale
         if converged:
             break
@@ -293,7 +349,9 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
         n += counts[i]
     weights = np.empty(values.size)
     for _ in range(iterations):
-        if not (scale > 0.0 and scale < np.inf):  # collapsed (an unbounded likelihood): no fit at this df
+        if not (
+            scale > 0.0 and scale < np.inf
+        ):  # collapsed (an unbounded likelihood): no fit at this df
             return loc, scale, np.nan
         inverse = 1.0 / scale
         weight_sum = 0.0
@@ -304,7 +362,9 @@ def t_em_counts(values, counts, df, loc, scale, iterations):
             weights[i] = w
             weight_sum += w
             weighted += w * values[i]
-        new_loc, new_scale, converged = _t_scale_step(values, weights, weighted, weight_sum, n, loc, scale)
+        new_loc, new_scale, converged = _t_scale_step(
+            values, weights, weighted, weight_sum, n, loc, scale
+        )
         loc, scale = new_loc, new_scale
         if converged:
             break

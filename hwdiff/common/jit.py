@@ -4,6 +4,7 @@
 compute the same numbers (the tests hold each kernel to its reference path). ``NUMBA_NUM_THREADS``
 limits the kernels' threads; their results do not depend on it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,9 +26,13 @@ def kernels() -> ModuleType | None:
             try:
                 _numba_kernels = _import_kernels()
             except ImportError as error:
-                _state["why"] = f"numba is not importable ({error}); pip install numba for the compiled kernels"
-                log.warning("hwdiff: %s; using the numpy/torch paths (same numbers, several times slower)",
-                            _state["why"])
+                _state["why"] = (
+                    f"numba is not importable ({error}); pip install numba for the compiled kernels"
+                )
+                log.warning(
+                    "hwdiff: %s; using the numpy/torch paths (same numbers, several times slower)",
+                    _state["why"],
+                )
             else:
                 _state["module"] = _numba_kernels
     return _state["module"]
@@ -52,6 +57,7 @@ def _import_kernels() -> ModuleType:
         sys.modules[_BLAS] = None  # type: ignore[assignment]  # `import` of it raises ImportError
     try:
         from . import _numba_kernels
+
         if blocked:
             import numba.np.arraymath  # noqa: F401  # where the probe runs (otherwise at the first kernel's load)
     finally:

@@ -5,6 +5,7 @@ the writers of hwdiff's JSON (diff summaries, a sigma file's verify block, robus
 floats that may be non-finite through :func:`json_number`, and a reader sees null (in a diff summary,
 an exact module's infinite SQNR is null with ``exact: true`` beside it).
 """
+
 from __future__ import annotations
 
 import math

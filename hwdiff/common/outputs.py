@@ -15,6 +15,7 @@
 4. Temporaries left by processes that no longer run (a SIGKILL, a power cut) are removed the next
    time hwdiff writes into that folder, with one log line each (:func:`remove_stale`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,20 +47,25 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-_received: list[int] = []  # signals seen by the handler, in case the exception it raised was swallowed
+_received: list[
+    int
+] = []  # signals seen by the handler, in case the exception it raised was swallowed
 
 
 def install_signal_handlers() -> None:
     """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted`. The signal is also remembered:
     Python drops an exception raised while it runs a weakref callback or a ``__del__`` ("Exception
     ignored in ..."), and :func:`check_interrupted` raises it again at the next safe point."""
+
     def handler(signum: int, frame: Any) -> None:
         _received.append(signum)
         raise Interrupted(signum)
 
     def unraisable(info: Any, previous: Any = sys.unraisablehook) -> None:
         if not (isinstance(info.exc_value, KeyboardInterrupt) and _received):
-            previous(info)  # (a dropped interrupt is raised again by check_interrupted, not printed)
+            previous(
+                info
+            )  # (a dropped interrupt is raised again by check_interrupted, not printed)
 
     _received.clear()
     sys.unraisablehook = unraisable
@@ -85,7 +91,9 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_outputs(inputs: Iterable[Any], outputs: Iterable[Any], *, folders: Iterable[Any] = ()) -> None:
+def check_outputs(
+    inputs: Iterable[Any], outputs: Iterable[Any], *, folders: Iterable[Any] = ()
+) -> None:
     """Refuse, before any work, outputs that would destroy an input or each other, or cannot be written.
 
     ``inputs`` and ``outputs`` are file paths or objects with a ``path`` (an open capture); other
@@ -95,22 +103,32 @@ def check_outputs(inputs: Iterable[Any], outputs: Iterable[Any], *, folders: Ite
     files = _paths(outputs)
     for folder in (Path(p) for p in folders if p is not None):
         if folder.exists() and not folder.is_dir():
-            raise OutputError(f"output folder {folder} is an existing file, not a folder; choose another -o")
+            raise OutputError(
+                f"output folder {folder} is an existing file, not a folder; choose another -o"
+            )
         _check_creatable(folder)
     for index, path in enumerate(files):
         if path.is_dir():
-            raise OutputError(f"output {path} is an existing directory; give a file name (e.g. {path / 'out.h5'})")
+            raise OutputError(
+                f"output {path} is an existing directory; give a file name (e.g. {path / 'out.h5'})"
+            )
         for source in inputs:
             if same_file(path, source):
-                raise OutputError(f"output {path} is the input {source}: writing it would destroy the input; "
-                                  "choose another output name")
+                raise OutputError(
+                    f"output {path} is the input {source}: writing it would destroy the input; "
+                    "choose another output name"
+                )
             if source.is_dir() and _inside(path, source):
-                raise OutputError(f"output {path} is inside the input {source} (an input folder: a capture directory "
-                                  "or a checkpoint; its files are the input); choose an output outside it")
+                raise OutputError(
+                    f"output {path} is inside the input {source} (an input folder: a capture directory "
+                    "or a checkpoint; its files are the input); choose an output outside it"
+                )
         for other in files[:index]:
             if same_file(path, other):
-                raise OutputError(f"two outputs of this command are the same file ({other} and {path}); "
-                                  "give each its own name")
+                raise OutputError(
+                    f"two outputs of this command are the same file ({other} and {path}); "
+                    "give each its own name"
+                )
         _check_creatable(path.parent)
 
 
@@ -142,7 +160,9 @@ def _check_creatable(folder: Path) -> None:
     if not probe.is_dir():
         raise OutputError(f"cannot create {folder}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        why = "read-only filesystem" if _read_only(probe) else f"no write permission ({_mode(probe)})"
+        why = (
+            "read-only filesystem" if _read_only(probe) else f"no write permission ({_mode(probe)})"
+        )
         raise OutputError(f"cannot write into {probe}: {why}")
 
 
@@ -158,7 +178,9 @@ def _mode(path: Path) -> str:
         info = path.stat()
     except OSError:
         return "unknown mode"
-    return f"mode {info.st_mode & 0o777:o}, owner uid {info.st_uid}, this process uid {os.geteuid()}"
+    return (
+        f"mode {info.st_mode & 0o777:o}, owner uid {info.st_uid}, this process uid {os.geteuid()}"
+    )
 
 
 # -- 2. writing -------------------------------------------------------------------------------
@@ -281,12 +303,16 @@ def write_error(exc: BaseException, target: str | os.PathLike) -> HwdiffError:
     if found and code not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
         code = int(found.group(1))
     if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
-        return OutputError(f"no space left on the device writing {target} ({_free(target)}); nothing was written "
-                           "and any earlier file of that name is unchanged")
+        return OutputError(
+            f"no space left on the device writing {target} ({_free(target)}); nothing was written "
+            "and any earlier file of that name is unchanged"
+        )
     if code == errno.EROFS:
         return OutputError(f"cannot write {target}: read-only filesystem")
     if code in (errno.EACCES, errno.EPERM):
-        return OutputError(f"cannot write {target}: permission denied in {target.parent} ({_mode(target.parent)})")
+        return OutputError(
+            f"cannot write {target}: permission denied in {target.parent} ({_mode(target.parent)})"
+        )
     reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
     return OutputError(f"cannot write {target}: {reason}")
 
@@ -344,7 +370,12 @@ def remove_stale(folder: Path) -> list[Path]:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         except OSError:
             continue
-        log.warning("removed %s (%.1f MiB), left by process %d that is no longer running", entry, size / 2**20, pid)
+        log.warning(
+            "removed %s (%.1f MiB), left by process %d that is no longer running",
+            entry,
+            size / 2**20,
+            pid,
+        )
         removed.append(entry)
     return removed
 

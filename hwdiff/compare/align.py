@@ -3,6 +3,7 @@
 Never by a global op counter: a kernel path that inserts an extra op must not shift every later
 pair. Modules or calls present on one side only, and shape mismatches, are listed, never dropped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,32 +36,49 @@ class Unmatched:
     reason: str
 
 
-def check_comparable(reference: Capture, target: Capture, *, allow_model_mismatch: bool = False,
-                     role: str = "target") -> None:
+def check_comparable(
+    reference: Capture, target: Capture, *, allow_model_mismatch: bool = False, role: str = "target"
+) -> None:
     """Refuse captures of different inputs, of another model (unless allowed), or of stats mode."""
     if reference.is_generation != target.is_generation:
         generation = reference if reference.is_generation else target
-        raise HwdiffError(f"{generation.path} is a greedy generation file (hwdiff generate) and the other a layer "
-                          "capture: compare two captures or two generation files")
+        raise HwdiffError(
+            f"{generation.path} is a greedy generation file (hwdiff generate) and the other a layer "
+            "capture: compare two captures or two generation files"
+        )
     for cap in (reference, target):
         if cap.mode == "stats":
-            raise HwdiffError(f"{cap.path} is a 'stats' capture; diff needs 'full' or 'sample' captures")
+            raise HwdiffError(
+                f"{cap.path} is a 'stats' capture; diff needs 'full' or 'sample' captures"
+            )
     if reference.meta["inputs_fingerprint"] != target.meta["inputs_fingerprint"]:
         raise HwdiffError(
             f"the captures ran different inputs: {reference.path} has {reference.meta['inputs_fingerprint'][:19]}… "
             f"({reference.meta.get('inputs_source')}, {reference.input_ids.shape[0]}x{reference.input_ids.shape[1]}), "
             f"{target.path} has {target.meta['inputs_fingerprint'][:19]}… ({target.meta.get('inputs_source')}, "
             f"{target.input_ids.shape[0]}x{target.input_ids.shape[1]}); capture both with the same --inputs, "
-            "--limit and --max-tokens")
-    if reference.meta.get("model_fingerprint") != target.meta.get("model_fingerprint") and not allow_model_mismatch:
+            "--limit and --max-tokens"
+        )
+    if (
+        reference.meta.get("model_fingerprint") != target.meta.get("model_fingerprint")
+        and not allow_model_mismatch
+    ):
         raise HwdiffError(
             f"the {role} capture is of another model ({target.meta.get('model_spec')}, "
             f"{str(target.meta.get('model_fingerprint'))[:19]}…) than the reference ({reference.meta.get('model_spec')}, "
-            f"{str(reference.meta.get('model_fingerprint'))[:19]}…); pass --allow-model-mismatch to compare anyway")
+            f"{str(reference.meta.get('model_fingerprint'))[:19]}…); pass --allow-model-mismatch to compare anyway"
+        )
     if reference.mode != target.mode:
-        raise HwdiffError(f"cannot compare a '{reference.mode}' capture with a '{target.mode}' capture")
-    if reference.mode == "sample" and not (reference.sample_positions == target.sample_positions).all():
-        raise HwdiffError("the sample captures kept different token positions; capture both with the same --seed and --tokens")
+        raise HwdiffError(
+            f"cannot compare a '{reference.mode}' capture with a '{target.mode}' capture"
+        )
+    if (
+        reference.mode == "sample"
+        and not (reference.sample_positions == target.sample_positions).all()
+    ):
+        raise HwdiffError(
+            "the sample captures kept different token positions; capture both with the same --seed and --tokens"
+        )
 
 
 def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatched]]:
@@ -70,13 +88,22 @@ def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatch
     for name, info in reference.modules.items():
         other = target.modules.get(name)
         if other is None:
-            unmatched += [Unmatched(name, call, "output", "only in the reference") for call in range(info.calls)]
+            unmatched += [
+                Unmatched(name, call, "output", "only in the reference")
+                for call in range(info.calls)
+            ]
             continue
         for call in range(max(info.calls, other.calls)):
-            stored = (call < info.calls and reference.has_call(name, call),
-                      call < other.calls and target.has_call(name, call))
+            stored = (
+                call < info.calls and reference.has_call(name, call),
+                call < other.calls and target.has_call(name, call),
+            )
             if not any(stored):
-                unmatched.append(Unmatched(name, call, "output", "called in neither capture (an expert never chosen)"))
+                unmatched.append(
+                    Unmatched(
+                        name, call, "output", "called in neither capture (an expert never chosen)"
+                    )
+                )
                 continue
             if not all(stored):
                 side = "reference" if stored[0] else "target"
@@ -92,9 +119,12 @@ def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatch
                     unmatched.append(pair)
                 else:
                     pairs.append(pair)
-    unmatched += [Unmatched(name, call, "output", "only in the target")
-                  for name, info in target.modules.items() if name not in reference.modules
-                  for call in range(info.calls)]
+    unmatched += [
+        Unmatched(name, call, "output", "only in the target")
+        for name, info in target.modules.items()
+        if name not in reference.modules
+        for call in range(info.calls)
+    ]
     return pairs, unmatched
 
 
@@ -104,16 +134,39 @@ def absent(capture: Capture, role: str) -> list[Unmatched]:
 
     never = json.loads(str(capture.meta.get("never_called") or "[]"))
     unrecorded = json.loads(str(capture.meta.get("unrecorded") or "{}"))
-    mapped_out = json.loads(str(capture.meta.get("mapped_out") or "{}"))  # a layout mapping's drop rules
-    return ([Unmatched(name, 0, "output", f"never called in the {role}") for name in never]
-            + [Unmatched(name, 0, "output", f"not recorded in the {role}: {why}") for name, why in unrecorded.items()]
-            + [Unmatched(name, 0, "output", f"only in the {role} (not compared: {why})") for name, why in mapped_out.items()])
+    mapped_out = json.loads(
+        str(capture.meta.get("mapped_out") or "{}")
+    )  # a layout mapping's drop rules
+    return (
+        [Unmatched(name, 0, "output", f"never called in the {role}") for name in never]
+        + [
+            Unmatched(name, 0, "output", f"not recorded in the {role}: {why}")
+            for name, why in unrecorded.items()
+        ]
+        + [
+            Unmatched(name, 0, "output", f"only in the {role} (not compared: {why})")
+            for name, why in mapped_out.items()
+        ]
+    )
 
 
-def _pair(reference: Capture, target: Capture, name: str, call: int, slot: str, kind: str) -> Pair | Unmatched:
+def _pair(
+    reference: Capture, target: Capture, name: str, call: int, slot: str, kind: str
+) -> Pair | Unmatched:
     ref_shape, ref_dtype = reference.slot_info(name, call, slot)
     tgt_shape, tgt_dtype = target.slot_info(name, call, slot)
     if ref_shape != tgt_shape:
-        return Unmatched(name, call, slot, f"shape {ref_shape} in the reference, {tgt_shape} in the target")
+        return Unmatched(
+            name, call, slot, f"shape {ref_shape} in the reference, {tgt_shape} in the target"
+        )
     ref_alias, tgt_alias = reference.alias_of(name, call, slot), target.alias_of(name, call, slot)
-    return Pair(name, call, slot, kind, ref_shape, ref_dtype, tgt_dtype, ref_alias if ref_alias == tgt_alias else None)
+    return Pair(
+        name,
+        call,
+        slot,
+        kind,
+        ref_shape,
+        ref_dtype,
+        tgt_dtype,
+        ref_alias if ref_alias == tgt_alias else None,
+    )

@@ -6,6 +6,7 @@ Moler), transcribed from SciPy 1.17's ``_minimize_scalar_bounded`` (BSD-3-Clause
 SciPy Developers) operation for operation, so that it visits the same points and returns the same
 minimiser bit for bit (the tests compare the two).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -13,8 +14,12 @@ from typing import Callable
 import numpy as np
 
 
-def minimize_bounded(func: Callable[[float], float], bounds: tuple[float, float], xatol: float = 1e-5,
-                     maxiter: int = 500) -> float:
+def minimize_bounded(
+    func: Callable[[float], float],
+    bounds: tuple[float, float],
+    xatol: float = 1e-5,
+    maxiter: int = 500,
+) -> float:
     """The ``x`` in ``bounds`` (finite, low ≤ high) that minimises ``func`` to within ``xatol``
     (absolute), after at most ``maxiter`` evaluations: ``minimize_scalar(func, bounds=bounds,
     method="bounded", options={"xatol": xatol, "maxiter": maxiter}).x``."""

@@ -1,4 +1,5 @@
 """``hwdiff.diff``: compare two captures (and optionally each against a golden) slot by slot."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,34 @@ from .results import (
 from .rl import rl_for
 from .verdict import BUDGET_GAIN, BUDGET_ROUNDINGS, judge, rule_text, with_budget
 
-_META_KEYS = ("device", "device_name", "dtype", "torch_version", "model_spec", "model_fingerprint",
-              "inputs_fingerprint", "attn_implementation", "mode", "hwdiff_version", "created_utc",
-              "cuda_version", "cudnn_version", "driver_version", "torch_npu_version", "cann_version",
-              "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "npu_matmul_allow_hf32", "deterministic_algorithms",
-              "cpu_threads", "emulate", "replay_of", "layout", "layout_map", "dataflow")
+_META_KEYS = (
+    "device",
+    "device_name",
+    "dtype",
+    "torch_version",
+    "model_spec",
+    "model_fingerprint",
+    "inputs_fingerprint",
+    "attn_implementation",
+    "mode",
+    "hwdiff_version",
+    "created_utc",
+    "cuda_version",
+    "cudnn_version",
+    "driver_version",
+    "torch_npu_version",
+    "cann_version",
+    "cuda_matmul_allow_tf32",
+    "cudnn_allow_tf32",
+    "npu_matmul_allow_hf32",
+    "deterministic_algorithms",
+    "cpu_threads",
+    "emulate",
+    "replay_of",
+    "layout",
+    "layout_map",
+    "dataflow",
+)
 log = logging.getLogger(__name__)
 
 
@@ -56,10 +80,17 @@ class DiffOptions:
     layout_map: str | None = None  # a layout mapping (:mod:`.layouts`): built-in name or YAML file
 
 
-def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Capture,
-         out: str | os.PathLike | None = None, golden: str | os.PathLike | Capture | None = None,
-         *, local: str | os.PathLike | Capture | None = None, json_path: str | os.PathLike | None = None,
-         csv_path: str | os.PathLike | None = None, **options: Any) -> DiffResult:
+def diff(
+    reference: str | os.PathLike | Capture,
+    target: str | os.PathLike | Capture,
+    out: str | os.PathLike | None = None,
+    golden: str | os.PathLike | Capture | None = None,
+    *,
+    local: str | os.PathLike | Capture | None = None,
+    json_path: str | os.PathLike | None = None,
+    csv_path: str | os.PathLike | None = None,
+    **options: Any,
+) -> DiffResult:
     """Compare ``target`` against ``reference`` module by module; see docs/diff.md for every metric.
 
     ``golden`` (a third capture, e.g. CPU float32) adds each side's error against it. ``local`` (a
@@ -81,15 +112,23 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
             ref, tgt = _mapped(ref, tgt, gold, loc, opts)
         elif {str(ref.meta.get("layout", "")), str(tgt.meta.get("layout", ""))} == {"", "vllm"}:
             vllm = ref if ref.meta.get("layout") == "vllm" else tgt
-            raise HwdiffError(f"{vllm.path} was captured in vLLM's module layout and the other capture was not: "
-                              "compare them with --map vllm (layout_map='vllm')")
-        check_comparable(ref, tgt, allow_model_mismatch=opts.allow_model_mismatch or opts.layout_map is not None)
+            raise HwdiffError(
+                f"{vllm.path} was captured in vLLM's module layout and the other capture was not: "
+                "compare them with --map vllm (layout_map='vllm')"
+            )
+        check_comparable(
+            ref, tgt, allow_model_mismatch=opts.allow_model_mismatch or opts.layout_map is not None
+        )
         if ref.is_generation:
-            raise HwdiffError("these are greedy generation files: compare them with "
-                              "hwdiff.compare.generation.diff_generations (the CLI's diff does so itself)")
+            raise HwdiffError(
+                "these are greedy generation files: compare them with "
+                "hwdiff.compare.generation.diff_generations (the CLI's diff does so itself)"
+            )
         for extra, role in ((gold, "golden"), (loc, "local")):
             if extra is not None:
-                check_comparable(ref, extra, allow_model_mismatch=opts.allow_model_mismatch, role=role)
+                check_comparable(
+                    ref, extra, allow_model_mismatch=opts.allow_model_mismatch, role=role
+                )
         if loc is not None and not opts.allow_any_local:
             check_replay_of(ref, loc)
         result = _compare(ref, tgt, gold, loc, opts)
@@ -102,14 +141,18 @@ def diff(reference: str | os.PathLike | Capture, target: str | os.PathLike | Cap
     return result
 
 
-def _mapped(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions) -> tuple:
+def _mapped(
+    ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions
+) -> tuple:
     """Both captures read through the layout mapping; the same weights checked by the norm weights
     both store, since across layouts the model fingerprints differ by construction."""
     from .layouts import check_same_weights, map_captures
 
     if gold is not None or loc is not None:
-        raise HwdiffError("--map compares two captures of different layouts; --golden and --local are not "
-                          "supported with it (diff each layout's captures without --map)")
+        raise HwdiffError(
+            "--map compares two captures of different layouts; --golden and --local are not "
+            "supported with it (diff each layout's captures without --map)"
+        )
     ref, tgt = map_captures(ref, tgt, opts.layout_map)
     if not opts.allow_model_mismatch:
         check_same_weights(ref, tgt)
@@ -122,20 +165,28 @@ def check_replay_of(ref: Capture, loc: Capture) -> None:
     hint = "make it with `hwdiff replay REFERENCE -o LOCAL`, or pass --allow-any-local (allow_any_local=True)"
     meta = loc.meta
     if not meta.get("replay_of"):
-        raise HwdiffError(f"--local {loc.path} is not a replay (it was written by a capture, not by hwdiff replay); {hint}")
+        raise HwdiffError(
+            f"--local {loc.path} is not a replay (it was written by a capture, not by hwdiff replay); {hint}"
+        )
     mine, theirs = ref.meta.get("capture_id"), meta.get("replay_of_id")
     if mine and theirs:
         if mine != theirs:
-            raise HwdiffError(f"--local {loc.path} is a replay of another capture ({meta['replay_of']}), not of "
-                              f"{ref.path} (capture ids {str(theirs)[:8]}… and {str(mine)[:8]}…); {hint}")
+            raise HwdiffError(
+                f"--local {loc.path} is a replay of another capture ({meta['replay_of']}), not of "
+                f"{ref.path} (capture ids {str(theirs)[:8]}… and {str(mine)[:8]}…); {hint}"
+            )
         return
     for key in ("device", "dtype"):
         if str(meta.get(f"replay_of_{key}")) != str(ref.meta.get(key)):
-            raise HwdiffError(f"--local {loc.path} replays a capture of {key} {meta.get(f'replay_of_{key}')}, but "
-                              f"{ref.path} has {key} {ref.meta.get(key)}; {hint}")
+            raise HwdiffError(
+                f"--local {loc.path} replays a capture of {key} {meta.get(f'replay_of_{key}')}, but "
+                f"{ref.path} has {key} {ref.meta.get(key)}; {hint}"
+            )
 
 
-def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions) -> DiffResult:
+def _compare(
+    ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions
+) -> DiffResult:
     from tqdm.auto import tqdm
 
     pairs, unmatched = align(ref, tgt)
@@ -143,14 +194,24 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     pairs = [pair for pair in pairs if pair.slot != "routing"]
     if opts.strict and unmatched:
         first = unmatched[0]
-        raise HwdiffError(f"{len(unmatched)} slot(s) could not be compared (--strict), first "
-                          f"{first.name}/{first.call}/{first.slot}: {first.reason}")
+        raise HwdiffError(
+            f"{len(unmatched)} slot(s) could not be compared (--strict), first "
+            f"{first.name}/{first.call}/{first.slot}: {first.reason}"
+        )
     mask = ref.attention_mask.astype(bool) if ref.mode == "full" else None
     if ref.mode == "sample":
         mask = np.ones(ref.sample_positions.shape, dtype=bool)
     empty = [pair for pair in pairs if _nothing_routed(ref, tgt, pair, mask)]
-    unmatched += [Unmatched(p.name, p.call, p.slot, "no real token was routed to this expert on both sides (empty "
-                            "calls): nothing to compare") for p in empty]
+    unmatched += [
+        Unmatched(
+            p.name,
+            p.call,
+            p.slot,
+            "no real token was routed to this expert on both sides (empty "
+            "calls): nothing to compare",
+        )
+        for p in empty
+    ]
     pairs = [pair for pair in pairs if pair not in empty]
     layers: dict[tuple[str, int, str], LayerDiff] = {}
     arrays: dict[str, Any] = {}
@@ -161,15 +222,21 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
     # 1.95 s against 2.5 s inline), and with cores to spare the next block is read while one is
     # reduced. Each fit is deterministic: the results do not depend on any of this.
     fit_workers, read_ahead = _helpers()
-    with _executor(fit_workers, "hwdiff-fit") as fitter, _executor(read_ahead, "hwdiff-read") as reader:
+    with (
+        _executor(fit_workers, "hwdiff-fit") as fitter,
+        _executor(read_ahead, "hwdiff-read") as reader,
+    ):
         try:
-            for pair in tqdm(pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False):
+            for pair in tqdm(
+                pairs, desc="diff", unit="slot", disable=not opts.progress, leave=False
+            ):
                 alias = _alias_key(pair)
                 if alias in pending:
                     aliases.append((pair, alias, _local_only(ref, loc, pair, mask, opts)))
                     continue
-                pending[(pair.name, pair.call, pair.slot)] = _compare_pair(ref, tgt, gold, loc, pair, mask, opts,
-                                                                           fitter, reader)
+                pending[(pair.name, pair.call, pair.slot)] = _compare_pair(
+                    ref, tgt, gold, loc, pair, mask, opts, fitter, reader
+                )
             for key, future in pending.items():
                 layers[key], arrays["/".join(map(str, key))] = future.result()
         except BaseException:  # an error or Ctrl-C: drop the queued fits instead of finishing them
@@ -179,16 +246,33 @@ def _compare(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | No
         target = layers[alias]
         local = None if local_acc is None else _local_diff(pair, local_acc, target.metrics.rel_l2)
         layers[(pair.name, pair.call, pair.slot)] = dataclasses.replace(
-            target, name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, alias_of=pair.alias_of, local=local)
+            target,
+            name=pair.name,
+            call=pair.call,
+            slot=pair.slot,
+            kind=pair.kind,
+            alias_of=pair.alias_of,
+            local=local,
+        )
     positions = residual_positions(pairs)
     correlation = correlate(ref, tgt, positions, mask, opts.block_elements) if positions else None
-    ordered = with_local_budgets(with_budgets(_with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs))))
+    ordered = with_local_budgets(
+        with_budgets(_with_inputs(tuple(layers[(p.name, p.call, p.slot)] for p in pairs)))
+    )
     return DiffResult(
-        reference=_meta(ref), target=_meta(tgt), golden=_meta(gold) if gold is not None else None,
-        layers=ordered, unmatched=tuple(unmatched), correlation=correlation,
-        growth=_growth(ordered, positions), first_divergence=first_divergence(ordered),
-        first_difference=first_difference(ordered), arrays=arrays, local=_meta(loc) if loc is not None else None,
-        routing=routing)
+        reference=_meta(ref),
+        target=_meta(tgt),
+        golden=_meta(gold) if gold is not None else None,
+        layers=ordered,
+        unmatched=tuple(unmatched),
+        correlation=correlation,
+        growth=_growth(ordered, positions),
+        first_divergence=first_divergence(ordered),
+        first_difference=first_difference(ordered),
+        arrays=arrays,
+        local=_meta(loc) if loc is not None else None,
+        routing=routing,
+    )
 
 
 def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
@@ -206,17 +290,25 @@ def _token_mask(pair: Pair, mask: np.ndarray | None) -> np.ndarray | None:
     if axis is None:
         return None
     sequences, tokens = mask.shape
-    return np.broadcast_to(mask.reshape(sequences, *([1] * (axis - 1)), tokens), pair.shape[:axis + 1])
+    return np.broadcast_to(
+        mask.reshape(sequences, *([1] * (axis - 1)), tokens), pair.shape[: axis + 1]
+    )
 
 
-def _routed_mask(ref: Capture, tgt: Capture, pair: Pair, token_mask: np.ndarray | None) -> np.ndarray | None:
+def _routed_mask(
+    ref: Capture, tgt: Capture, pair: Pair, token_mask: np.ndarray | None
+) -> np.ndarray | None:
     """A routed expert's slot compares only the tokens both sides routed to it (the others hold no
     data); tokens routed on one side only are routing differences, reported by the router."""
     present = [cap.present(pair.name, pair.call, pair.slot) for cap in (ref, tgt)]
     if present[0] is None and present[1] is None:
         return token_mask
     both = np.logical_and(*[p if p is not None else True for p in present])
-    return both if token_mask is None else token_mask & both.reshape(both.shape + (1,) * (token_mask.ndim - 2))
+    return (
+        both
+        if token_mask is None
+        else token_mask & both.reshape(both.shape + (1,) * (token_mask.ndim - 2))
+    )
 
 
 def _nothing_routed(ref: Capture, tgt: Capture, pair: Pair, mask: np.ndarray | None) -> bool:
@@ -226,11 +318,22 @@ def _nothing_routed(ref: Capture, tgt: Capture, pair: Pair, mask: np.ndarray | N
 
 def compare_routing(ref: Capture, tgt: Capture, pair: Pair) -> RoutingDiff:
     """The router's chosen experts per real token, reference against target."""
-    chosen = [np.sort(cap.activation(pair.name, pair.call, "routing").astype(np.int64), axis=-1) for cap in (ref, tgt)]
-    real = ref.attention_mask.astype(bool) if ref.mode == "full" else np.ones(chosen[0].shape[:2], dtype=bool)
+    chosen = [
+        np.sort(cap.activation(pair.name, pair.call, "routing").astype(np.int64), axis=-1)
+        for cap in (ref, tgt)
+    ]
+    real = (
+        ref.attention_mask.astype(bool)
+        if ref.mode == "full"
+        else np.ones(chosen[0].shape[:2], dtype=bool)
+    )
     differs = np.any(chosen[0] != chosen[1], axis=-1) & real
-    changed = tuple(RoutedToken(int(s), int(t), tuple(map(int, chosen[0][s, t])), tuple(map(int, chosen[1][s, t])))
-                    for s, t in zip(*np.nonzero(differs)))
+    changed = tuple(
+        RoutedToken(
+            int(s), int(t), tuple(map(int, chosen[0][s, t])), tuple(map(int, chosen[1][s, t]))
+        )
+        for s, t in zip(*np.nonzero(differs))
+    )
     return RoutingDiff(pair.name, pair.call, int(real.sum()), changed)
 
 
@@ -239,22 +342,42 @@ def _origin(index: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(item.start or 0 for item in index)
 
 
-def _sampling(pair: Pair, mask: np.ndarray | None, token_mask: np.ndarray | None, opts: DiffOptions) -> tuple[float, int]:
+def _sampling(
+    pair: Pair, mask: np.ndarray | None, token_mask: np.ndarray | None, opts: DiffOptions
+) -> tuple[float, int]:
     """(fraction of the slot's real elements kept in the fit sample, the slot's sampling seed)."""
-    expected = (int(token_mask.sum()) * int(np.prod(pair.shape[token_mask.ndim:]))) if token_mask is not None \
+    expected = (
+        (int(token_mask.sum()) * int(np.prod(pair.shape[token_mask.ndim :])))
+        if token_mask is not None
         else int(np.prod(pair.shape))
-    return min(1.0, opts.fit_samples / max(expected, 1)), opts.seed + sum(map(ord, f"{pair.name}/{pair.call}/{pair.slot}"))
+    )
+    return min(1.0, opts.fit_samples / max(expected, 1)), opts.seed + sum(
+        map(ord, f"{pair.name}/{pair.call}/{pair.slot}")
+    )
 
 
 def _blocks(pair: Pair, token_mask: np.ndarray | None, opts: DiffOptions):
     """(index, mask of that block or None) over the slot, in the order every reader uses."""
     for index in plan_blocks(pair.shape, opts.block_elements):
-        yield index, None if token_mask is None else token_mask[index[0], index[1] if len(index) > 1 else slice(None)]
+        yield (
+            index,
+            None
+            if token_mask is None
+            else token_mask[index[0], index[1] if len(index) > 1 else slice(None)],
+        )
 
 
-def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, pair: Pair,
-                  mask: np.ndarray | None, opts: DiffOptions, fitter: ThreadPoolExecutor,
-                  reader: ThreadPoolExecutor) -> Future:
+def _compare_pair(
+    ref: Capture,
+    tgt: Capture,
+    gold: Capture | None,
+    loc: Capture | None,
+    pair: Pair,
+    mask: np.ndarray | None,
+    opts: DiffOptions,
+    fitter: ThreadPoolExecutor,
+    reader: ThreadPoolExecutor,
+) -> Future:
     """Stream the slot's blocks through the accumulators here; the fits and the rest of the
     :class:`LayerDiff` (a future of it and its arrays) are finished on ``fitter``; ``reader`` reads
     the next block while this one is reduced."""
@@ -262,38 +385,61 @@ def _compare_pair(ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture
     fraction, seed = _sampling(pair, mask, token_mask, opts)
     acc = Accumulator(pair.ref_dtype, pair.target_dtype, sample_fraction=fraction, seed=seed)
     golden_accs = _side_accumulators(gold, pair, ("ref", "target"))
-    local_accs = _side_accumulators(loc, pair, ("local",), fraction, seed) if pair.slot == "output" else []
+    local_accs = (
+        _side_accumulators(loc, pair, ("local",), fraction, seed) if pair.slot == "output" else []
+    )
     sources = [ref, tgt] + ([gold] if golden_accs else []) + ([loc] if local_accs else [])
     stored = acc.fused  # the compiled kernel decodes bfloat16 bits itself, in the same pass
 
     def read(index: tuple[slice, ...]) -> list[np.ndarray]:
-        return [source.read(pair.name, pair.call, pair.slot, index, stored=stored) for source in sources]
+        return [
+            source.read(pair.name, pair.call, pair.slot, index, stored=stored) for source in sources
+        ]
 
-    for index, block_mask, (r, t, *extra) in _prefetched(_blocks(pair, token_mask, opts), read, reader):
+    for index, block_mask, (r, t, *extra) in _prefetched(
+        _blocks(pair, token_mask, opts), read, reader
+    ):
         acc.update(r, t, block_mask, _origin(index))
         if golden_accs:
             golden_accs[0].update(extra[0], r, block_mask)
             golden_accs[1].update(extra[0], t, block_mask)
         if local_accs:
             local_accs[0].update(r, extra[-1], block_mask, _origin(index))
-    golden = GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2) if golden_accs else None
+    golden = (
+        GoldenDiff(golden_accs[0].metrics().rel_l2, golden_accs[1].metrics().rel_l2)
+        if golden_accs
+        else None
+    )
     local = local_accs[0] if local_accs else None
     return fitter.submit(_finish_pair, pair, acc, golden, local, _weight_rms(ref, pair))
 
 
-def _finish_pair(pair: Pair, acc: Accumulator, golden: GoldenDiff | None, local: Accumulator | None,
-                 weight_rms: float | None) -> tuple[LayerDiff, dict[str, np.ndarray]]:
+def _finish_pair(
+    pair: Pair,
+    acc: Accumulator,
+    golden: GoldenDiff | None,
+    local: Accumulator | None,
+    weight_rms: float | None,
+) -> tuple[LayerDiff, dict[str, np.ndarray]]:
     """The fits, the divergence rule and the arrays of a slot whose blocks are all reduced (no file access)."""
     metrics = acc.metrics()
     sample_r, sample_t = acc.sample()
     errors = sample_t - sample_r
     layer = LayerDiff(
-        name=pair.name, call=pair.call, slot=pair.slot, kind=pair.kind, shape=pair.shape,
-        ref_dtype=pair.ref_dtype, target_dtype=pair.target_dtype, metrics=metrics,
+        name=pair.name,
+        call=pair.call,
+        slot=pair.slot,
+        kind=pair.kind,
+        shape=pair.shape,
+        ref_dtype=pair.ref_dtype,
+        target_dtype=pair.target_dtype,
+        metrics=metrics,
         fit=fit_both(sample_r, sample_t, exact=metrics.exact),
         verdict=judge(metrics, sample_r, sample_t, pair.ref_dtype, pair.target_dtype),
-        golden=golden, local=None if local is None else _local_diff(pair, local, metrics.rel_l2),
-        weight_rms=weight_rms, ulp_fine=_ulp_fine(pair, sample_r, sample_t),
+        golden=golden,
+        local=None if local is None else _local_diff(pair, local, metrics.rel_l2),
+        weight_rms=weight_rms,
+        ulp_fine=_ulp_fine(pair, sample_r, sample_t),
     )
     return layer, _layer_arrays(acc, errors)
 
@@ -302,18 +448,34 @@ def _local_diff(pair: Pair, local: Accumulator, total_rel_l2: float) -> LocalDif
     """The local error of a slot and whether it alone is beyond rounding (its own roundings only)."""
     metrics = local.metrics()
     sample_r, sample_l = local.sample()
-    verdict = judge(metrics, sample_r, sample_l, pair.ref_dtype, pair.target_dtype, budget=BUDGET_ROUNDINGS)
-    return LocalDiff(metrics.rel_l2, total_rel_l2, math.nan, verdict=verdict, exact=metrics.exact or not metrics.numel)
+    verdict = judge(
+        metrics, sample_r, sample_l, pair.ref_dtype, pair.target_dtype, budget=BUDGET_ROUNDINGS
+    )
+    return LocalDiff(
+        metrics.rel_l2,
+        total_rel_l2,
+        math.nan,
+        verdict=verdict,
+        exact=metrics.exact or not metrics.numel,
+    )
 
 
 def _ulp_fine(pair: Pair, r: np.ndarray, t: np.ndarray) -> UlpStats | None:
     """Different dtypes: the ULP distance in the finer one, over the fit sample."""
     if unit_roundoff(pair.ref_dtype) == unit_roundoff(pair.target_dtype) or not r.size:
         return None
-    finer = pair.ref_dtype if unit_roundoff(pair.ref_dtype) < unit_roundoff(pair.target_dtype) else pair.target_dtype
+    finer = (
+        pair.ref_dtype
+        if unit_roundoff(pair.ref_dtype) < unit_roundoff(pair.target_dtype)
+        else pair.target_dtype
+    )
     u = ulp_distance(r, t, pair.ref_dtype, pair.target_dtype, finer)
-    return UlpStats(p50=float(np.median(u)), p99=float(np.quantile(u, 0.99)), max=float(u.max()),
-                    le1_frac=float(np.mean(u <= 1)))
+    return UlpStats(
+        p50=float(np.median(u)),
+        p99=float(np.quantile(u, 0.99)),
+        max=float(u.max()),
+        le1_frac=float(np.mean(u <= 1)),
+    )
 
 
 def _helpers() -> tuple[int, int]:
@@ -323,8 +485,10 @@ def _helpers() -> tuple[int, int]:
         try:
             fits, reads = (int(part) for part in override.split(","))
         except ValueError:
-            raise HwdiffError(f"HWDIFF_DIFF_THREADS={override!r}: expected two counts, fit threads and read-ahead "
-                              "threads, such as 1,0") from None
+            raise HwdiffError(
+                f"HWDIFF_DIFF_THREADS={override!r}: expected two counts, fit threads and read-ahead "
+                "threads, such as 1,0"
+            ) from None
         return max(0, fits), max(0, reads)
     cores = os.cpu_count() or 1
     spare = cores - 2
@@ -353,7 +517,11 @@ class _Inline:
 
 
 def _executor(workers: int, name: str):
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers > 0 else _Inline()
+    return (
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        if workers > 0
+        else _Inline()
+    )
 
 
 def _prefetched(blocks, read, reader: ThreadPoolExecutor):
@@ -371,26 +539,42 @@ def _prefetched(blocks, read, reader: ThreadPoolExecutor):
 def _weight_rms(ref: Capture, pair: Pair) -> float | None:
     if pair.slot != "output" or not ref.modules[pair.name].has_weight:
         return None
-    weight = ref.weight(pair.name).astype(np.float64) + ref.modules[pair.name].weight_offset  # effective scale
+    weight = (
+        ref.weight(pair.name).astype(np.float64) + ref.modules[pair.name].weight_offset
+    )  # effective scale
     return float(np.sqrt(np.mean(weight * weight)))
 
 
-def _local_only(ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray | None,
-                opts: DiffOptions) -> Accumulator | None:
+def _local_only(
+    ref: Capture, loc: Capture | None, pair: Pair, mask: np.ndarray | None, opts: DiffOptions
+) -> Accumulator | None:
     """The local error of a slot whose other numbers are shared with the slot it links to: a
     replay runs each module by itself, so a parent's local output is not its child's."""
     token_mask = _token_mask(pair, mask)
-    accs = _side_accumulators(loc, pair, ("local",), *_sampling(pair, mask, token_mask, opts)) if pair.slot == "output" else []
+    accs = (
+        _side_accumulators(loc, pair, ("local",), *_sampling(pair, mask, token_mask, opts))
+        if pair.slot == "output"
+        else []
+    )
     if not accs:
         return None
     for index, block_mask in _blocks(pair, token_mask, opts):
-        accs[0].update(ref.read(pair.name, pair.call, pair.slot, index), loc.read(pair.name, pair.call, pair.slot, index),
-                       block_mask, _origin(index))
+        accs[0].update(
+            ref.read(pair.name, pair.call, pair.slot, index),
+            loc.read(pair.name, pair.call, pair.slot, index),
+            block_mask,
+            _origin(index),
+        )
     return accs[0]
 
 
-def _side_accumulators(extra: Capture | None, pair: Pair, sides: tuple[str, ...], sample_fraction: float = 0.0,
-                       seed: int = 0) -> list[Accumulator]:
+def _side_accumulators(
+    extra: Capture | None,
+    pair: Pair,
+    sides: tuple[str, ...],
+    sample_fraction: float = 0.0,
+    seed: int = 0,
+) -> list[Accumulator]:
     """Light accumulators against a third capture (golden or local) that has this slot, else [];
     ``sample_fraction`` > 0 keeps a sample (for the local error's verdict)."""
     info = None if extra is None else extra.modules.get(pair.name)
@@ -399,15 +583,28 @@ def _side_accumulators(extra: Capture | None, pair: Pair, sides: tuple[str, ...]
     shape, dtype = extra.slot_info(pair.name, pair.call, pair.slot)
     if shape != pair.shape:
         return []
-    return [Accumulator(dtype, dtype, sample_fraction=sample_fraction, seed=seed, light=True) for _ in sides]
+    return [
+        Accumulator(dtype, dtype, sample_fraction=sample_fraction, seed=seed, light=True)
+        for _ in sides
+    ]
 
 
 def _with_inputs(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
     """Give each output's LocalDiff the error of the module's recorded input (for the amplification)."""
-    inputs = {(layer.name, layer.call): layer.metrics.rel_l2 for layer in layers if layer.slot == "input"}
-    return tuple(dataclasses.replace(layer, local=dataclasses.replace(
-        layer.local, input_rel_l2=inputs.get((layer.name, layer.call), math.nan)))
-        if layer.local is not None else layer for layer in layers)
+    inputs = {
+        (layer.name, layer.call): layer.metrics.rel_l2 for layer in layers if layer.slot == "input"
+    }
+    return tuple(
+        dataclasses.replace(
+            layer,
+            local=dataclasses.replace(
+                layer.local, input_rel_l2=inputs.get((layer.name, layer.call), math.nan)
+            ),
+        )
+        if layer.local is not None
+        else layer
+        for layer in layers
+    )
 
 
 def _layer_arrays(acc: Accumulator, errors: np.ndarray) -> dict[str, np.ndarray]:
@@ -416,10 +613,18 @@ def _layer_arrays(acc: Accumulator, errors: np.ndarray) -> dict[str, np.ndarray]
     edges = np.linspace(-6 * spread, 6 * spread, 122) if spread else np.array([-1.0, 1.0])
     counts, _ = np.histogram(errors, bins=edges)
     rng = np.random.Generator(np.random.PCG64(0))
-    keep = rng.choice(errors.size, size=min(4096, errors.size), replace=False) if errors.size else []
-    return {"ulp_hist": acc.hist.copy(), "err_hist": counts, "err_edges": edges,
-            "err_sample": errors[np.sort(keep)].astype(np.float32),
-            "token_norms": np.concatenate(acc.token_norms).astype(np.float32) if acc.token_norms else np.zeros(0)}
+    keep = (
+        rng.choice(errors.size, size=min(4096, errors.size), replace=False) if errors.size else []
+    )
+    return {
+        "ulp_hist": acc.hist.copy(),
+        "err_hist": counts,
+        "err_edges": edges,
+        "err_sample": errors[np.sort(keep)].astype(np.float32),
+        "token_norms": np.concatenate(acc.token_norms).astype(np.float32)
+        if acc.token_norms
+        else np.zeros(0),
+    }
 
 
 def with_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
@@ -429,7 +634,9 @@ def with_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
     out = []
     for layer in layers:
         if layer.verdict.rule == "budget":
-            layer = dataclasses.replace(layer, verdict=with_budget(layer.verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * seen))
+            layer = dataclasses.replace(
+                layer, verdict=with_budget(layer.verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * seen)
+            )
         out.append(layer)
         if layer.slot == "output" and math.isfinite(layer.verdict.roundings):
             seen = max(seen, layer.verdict.roundings)
@@ -441,14 +648,18 @@ def with_local_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
     replayed module that holds recorded submodules (a decoder layer, an MLP) carries their local errors
     too, so its budget is its own :data:`BUDGET_ROUNDINGS` plus BUDGET_GAIN × the largest local error,
     in roundings, of its submodules (they complete before it in forward order); a leaf keeps its own."""
-    inner: dict[str, float] = {}  # module name -> the largest local roundings of its submodules so far
+    inner: dict[
+        str, float
+    ] = {}  # module name -> the largest local roundings of its submodules so far
     out = []
     for layer in layers:
         verdict = layer.local.verdict if layer.local is not None else None
         if layer.slot == "output" and verdict is not None:
             if verdict.rule == "budget" and layer.name in inner:
                 verdict = with_budget(verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * inner[layer.name])
-                layer = dataclasses.replace(layer, local=dataclasses.replace(layer.local, verdict=verdict))
+                layer = dataclasses.replace(
+                    layer, local=dataclasses.replace(layer.local, verdict=verdict)
+                )
             if math.isfinite(verdict.roundings):
                 parts = layer.name.split(".")
                 for depth in range(1, len(parts)):
@@ -465,13 +676,28 @@ def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
     outputs = [layer for layer in layers if layer.slot == "output"]
     if not outputs:
         return None
-    rule = rule_text(outputs[0].ref_dtype, outputs[0].target_dtype, local=any(l.local for l in outputs))
+    rule = rule_text(
+        outputs[0].ref_dtype, outputs[0].target_dtype, local=any(l.local for l in outputs)
+    )
     if any(layer.local is not None and layer.local.verdict is not None for layer in outputs):
         for index, layer in enumerate(outputs):
             verdict = layer.local.verdict if layer.local is not None else None
-            if verdict is not None and verdict.diverges and not _children_differ(layer, outputs[:index]):
-                return FirstDivergence(layer.name, layer.call, layer.name, "output", verdict.beyond_ulp_frac,
-                                       layer.local.local_rel_l2, rule, "local", verdict.describe())
+            if (
+                verdict is not None
+                and verdict.diverges
+                and not _children_differ(layer, outputs[:index])
+            ):
+                return FirstDivergence(
+                    layer.name,
+                    layer.call,
+                    layer.name,
+                    "output",
+                    verdict.beyond_ulp_frac,
+                    layer.local.local_rel_l2,
+                    rule,
+                    "local",
+                    verdict.describe(),
+                )
         return None
     inputs = {(l.name, l.call): l for l in layers if l.slot == "input"}
     for layer in outputs:
@@ -480,10 +706,28 @@ def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
         recorded_input = inputs.get((layer.name, layer.call))
         if recorded_input is not None and recorded_input.diverges and "." in layer.name:
             parent = layer.name.rsplit(".", 1)[0]
-            return FirstDivergence(parent, layer.call, layer.name, "input", recorded_input.beyond_rounding_frac,
-                                   recorded_input.metrics.rel_l2, rule, "total", recorded_input.verdict.describe())
-        return FirstDivergence(layer.name, layer.call, layer.name, "output", layer.beyond_rounding_frac,
-                               layer.metrics.rel_l2, rule, "total", layer.verdict.describe())
+            return FirstDivergence(
+                parent,
+                layer.call,
+                layer.name,
+                "input",
+                recorded_input.beyond_rounding_frac,
+                recorded_input.metrics.rel_l2,
+                rule,
+                "total",
+                recorded_input.verdict.describe(),
+            )
+        return FirstDivergence(
+            layer.name,
+            layer.call,
+            layer.name,
+            "output",
+            layer.beyond_rounding_frac,
+            layer.metrics.rel_l2,
+            rule,
+            "total",
+            layer.verdict.describe(),
+        )
     return None
 
 
@@ -491,15 +735,23 @@ def _children_differ(layer: LayerDiff, before: list[LayerDiff]) -> bool:
     """Whether a replayed submodule of ``layer`` (completed before it) has a local error: the
     replay of ``layer`` then carries that error, propagated, and ``layer`` itself is not its origin."""
     prefix = layer.name + "."
-    return any(other.name.startswith(prefix) and other.local is not None and not other.local.exact for other in before)
+    return any(
+        other.name.startswith(prefix) and other.local is not None and not other.local.exact
+        for other in before
+    )
 
 
 def first_difference(layers: tuple[LayerDiff, ...]) -> FirstDifference | None:
     """The first module output (forward order) that is not bit-identical."""
     for layer in layers:
         if layer.slot == "output" and not layer.exact and layer.metrics.numel:
-            return FirstDifference(layer.name, layer.call, layer.metrics.rel_l2, layer.metrics.equal_frac,
-                                   layer.metrics.numel)
+            return FirstDifference(
+                layer.name,
+                layer.call,
+                layer.metrics.rel_l2,
+                layer.metrics.equal_frac,
+                layer.metrics.numel,
+            )
     return None
 
 

@@ -6,6 +6,7 @@ d_0 = e_0, d_i = e_i − e_{i−1}: the error that layer i added to the stream. 
 taken over all aligned elements (NaN/Inf elements count as zero error) in one streamed pass over
 those positions; a position with no error at all has no correlation (NaN, listed in ``exact``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,21 +53,36 @@ class _Gram:
 
 def residual_positions(pairs: list[Pair]) -> list[Pair]:
     """The embedding output and the decoder layers' outputs (call 0), when they share one shape."""
-    chosen = [p for p in pairs if p.slot == "output" and p.call == 0 and p.kind in ("embedding", "decoder_layer")]
+    chosen = [
+        p
+        for p in pairs
+        if p.slot == "output" and p.call == 0 and p.kind in ("embedding", "decoder_layer")
+    ]
     shapes = {p.shape for p in chosen}
     return chosen if len(chosen) >= 2 and len(shapes) == 1 else []
 
 
-def correlate(reference: Capture, target: Capture, positions: list[Pair], mask: np.ndarray | None,
-              max_elements: int) -> Correlation:
+def correlate(
+    reference: Capture,
+    target: Capture,
+    positions: list[Pair],
+    mask: np.ndarray | None,
+    max_elements: int,
+) -> Correlation:
     """Stream the residual-stream positions block by block and build both correlation matrices."""
     accumulated, increments = _Gram(len(positions)), _Gram(len(positions))
     shape = positions[0].shape
     for index in plan_blocks(shape, max(1, max_elements // len(positions))):
-        block_mask = mask[index[0], index[1] if len(index) > 1 else slice(None)] if mask is not None else None
+        block_mask = (
+            mask[index[0], index[1] if len(index) > 1 else slice(None)]
+            if mask is not None
+            else None
+        )
         errors = None
         for row, pair in enumerate(positions):
-            errors = _errors(reference, target, pair, index, block_mask, errors, row, len(positions))
+            errors = _errors(
+                reference, target, pair, index, block_mask, errors, row, len(positions)
+            )
         if not np.isfinite(errors.sum()):  # rare: NaN/Inf elements count as zero error
             errors = np.nan_to_num(errors, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
         accumulated.add(errors)
@@ -77,8 +93,16 @@ def correlate(reference: Capture, target: Capture, positions: list[Pair], mask: 
     return Correlation(tuple(p.name for p in positions), acc, increments.pearson(), exact)
 
 
-def _errors(reference: Capture, target: Capture, pair: Pair, index: tuple, mask: np.ndarray | None,
-            errors: np.ndarray | None, row: int, rows: int) -> np.ndarray:
+def _errors(
+    reference: Capture,
+    target: Capture,
+    pair: Pair,
+    index: tuple,
+    mask: np.ndarray | None,
+    errors: np.ndarray | None,
+    row: int,
+    rows: int,
+) -> np.ndarray:
     """Write t − r (float64, real tokens, flattened) of one position into ``errors[row]``, allocating
     ``errors`` [rows, elements] on the first call; returns it."""
     r = reference.read(pair.name, pair.call, pair.slot, index)

@@ -12,6 +12,7 @@ tails in any one-width law) while their relative errors are one law. Which descr
 better is decided on one footing: the relative fit's likelihood is carried over to the absolute
 errors (ln L_abs = ln L_rel − Σ ln s, s the floored |r| of each element) and the lower AIC wins.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -29,7 +30,9 @@ from .bounded import minimize_bounded
 MIN_SAMPLES = 50  # fewer differing elements than this: too few for a meaningful fit
 RELATIVE_FLOOR = 1.0 / 1024  # |r| is floored at this fraction of rms(r) in the relative error
 _DF_BOUNDS = (0.5, 1000.0)
-TIES_FACTOR = 4  # the Student-t EM sums per distinct value when there are at most 1/4 as many as values
+TIES_FACTOR = (
+    4  # the Student-t EM sums per distinct value when there are at most 1/4 as many as values
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,14 @@ class Fit:
     ks_p: float
 
     def to_dict(self) -> dict[str, float]:
-        return {**self.params, "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "ks_stat": self.ks_stat,
-                "ks_p": self.ks_p}
+        return {
+            **self.params,
+            "loglik": self.loglik,
+            "aic": self.aic,
+            "bic": self.bic,
+            "ks_stat": self.ks_stat,
+            "ks_p": self.ks_p,
+        }
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,11 @@ def _submit(function: Any, *args: Any) -> Any:
     if (os.cpu_count() or 1) < 2:
         return _Done(function(*args))
     if not _pool:
-        _pool.append(concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="hwdiff-fit"))
+        _pool.append(
+            concurrent.futures.ThreadPoolExecutor(
+                max_workers=os.cpu_count(), thread_name_prefix="hwdiff-fit"
+            )
+        )
     return _pool[0].submit(function, *args)
 
 
@@ -141,13 +154,25 @@ def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:
     x = np.asarray(errors, dtype=np.float64).ravel()
     nonfinite = int(x.size - np.count_nonzero(np.isfinite(x)))
     if nonfinite:
-        return FitResult(best="none", n=int(x.size), reason=f"{nonfinite} of the {x.size} errors are NaN or Inf: no law fitted")
+        return FitResult(
+            best="none",
+            n=int(x.size),
+            reason=f"{nonfinite} of the {x.size} errors are NaN or Inf: no law fitted",
+        )
     x = x[x != 0]
     if x.size < MIN_SAMPLES:
-        return FitResult(best="none", n=int(x.size), reason=f"only {x.size} differing values in the sample")
+        return FitResult(
+            best="none", n=int(x.size), reason=f"only {x.size} differing values in the sample"
+        )
     if np.ptp(x) == 0:
-        return FitResult(best="none", n=int(x.size), reason=f"all {x.size} differing values equal {x[0]:.6g}: a constant offset, no spread to fit")
-    unit = math.ldexp(1.0, int(np.frexp(np.max(np.abs(x)))[1]) - 1)  # a power of two: x / unit is exact, in [-2, 2)
+        return FitResult(
+            best="none",
+            n=int(x.size),
+            reason=f"all {x.size} differing values equal {x[0]:.6g}: a constant offset, no spread to fit",
+        )
+    unit = math.ldexp(
+        1.0, int(np.frexp(np.max(np.abs(x)))[1]) - 1
+    )  # a power of two: x / unit is exact, in [-2, 2)
     z = np.sort(x / unit)  # sorted once: the KS statistics and the Laplace median read it
     sample = _Sample(z)
     fits = {"gaussian": _gaussian(sample), "laplace": _laplace(sample)}
@@ -158,11 +183,17 @@ def fit_errors(errors: np.ndarray, *, exact: bool = False) -> FitResult:
     centred = z - z.mean()
     squared = centred * centred
     m2 = float(np.mean(squared))
-    skew = float(np.mean(squared * centred) / m2 ** 1.5)
-    kurt = float(np.mean(squared * squared) / m2 ** 2 - 3.0)
+    skew = float(np.mean(squared * centred) / m2**1.5)
+    kurt = float(np.mean(squared * squared) / m2**2 - 3.0)
     best = min(fits, key=lambda name: fits[name].aic)
-    return FitResult(best=best, n=int(x.size), skew=skew, excess_kurtosis=kurt, fits=fits,
-                     not_fitted={"student_t": why_not} if why_not else {})
+    return FitResult(
+        best=best,
+        n=int(x.size),
+        skew=skew,
+        excess_kurtosis=kurt,
+        fits=fits,
+        not_fitted={"student_t": why_not} if why_not else {},
+    )
 
 
 _LENGTHS = ("mu", "sigma", "loc", "scale")  # the parameters in the sample's units (df is not)
@@ -173,8 +204,14 @@ def _rescaled(fit: Fit, unit: float, n: int) -> Fit:
     params = {key: value * unit if key in _LENGTHS else value for key, value in fit.params.items()}
     loglik = fit.loglik - n * math.log(unit)
     k = sum(1 for key in params if key != "df_floor")
-    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, bic=k * math.log(n) - 2 * loglik,
-               ks_stat=fit.ks_stat, ks_p=fit.ks_p)
+    return Fit(
+        params=params,
+        loglik=loglik,
+        aic=2 * k - 2 * loglik,
+        bic=k * math.log(n) - 2 * loglik,
+        ks_stat=fit.ks_stat,
+        ks_p=fit.ks_p,
+    )
 
 
 class _Sample:
@@ -189,10 +226,18 @@ class _Sample:
         self.values = x[self.first]
 
 
-def _finish(sample: _Sample, params: dict[str, float], loglik: float, k: int, cdf: np.ndarray) -> Fit:
+def _finish(
+    sample: _Sample, params: dict[str, float], loglik: float, k: int, cdf: np.ndarray
+) -> Fit:
     ks = _ks(sample, cdf)
-    return Fit(params=params, loglik=loglik, aic=2 * k - 2 * loglik, bic=k * math.log(sample.x.size) - 2 * loglik,
-               ks_stat=ks[0], ks_p=ks[1])
+    return Fit(
+        params=params,
+        loglik=loglik,
+        aic=2 * k - 2 * loglik,
+        bic=k * math.log(sample.x.size) - 2 * loglik,
+        ks_stat=ks[0],
+        ks_p=ks[1],
+    )
 
 
 def _ks(sample: _Sample, cdf: np.ndarray) -> tuple[float, float]:
@@ -213,8 +258,13 @@ def _gaussian(sample: _Sample) -> Fit:
 
     x = sample.x
     mu, sigma = float(x.mean()), float(x.std())
-    loglik = float(-0.5 * x.size * math.log(2 * math.pi * sigma * sigma) - 0.5 * np.sum(((x - mu) / sigma) ** 2))
-    return _finish(sample, {"mu": mu, "sigma": sigma}, loglik, 2, special.ndtr((sample.values - mu) / sigma))
+    loglik = float(
+        -0.5 * x.size * math.log(2 * math.pi * sigma * sigma)
+        - 0.5 * np.sum(((x - mu) / sigma) ** 2)
+    )
+    return _finish(
+        sample, {"mu": mu, "sigma": sigma}, loglik, 2, special.ndtr((sample.values - mu) / sigma)
+    )
 
 
 def _laplace(sample: _Sample) -> Fit:
@@ -240,12 +290,17 @@ def _student_t(sample: _Sample) -> tuple[Fit | None, str]:
     share = float(counts.max()) / x.size
     floor = _DF_BOUNDS[0] if share <= 1 / 3 else 1.25 * share / (1.0 - share)
     if floor >= _DF_BOUNDS[1]:
-        return None, (f"{share:.1%} of the differing values are one value: the Student-t likelihood has no maximum "
-                      f"for df below {_DF_BOUNDS[1]:g}")
+        return None, (
+            f"{share:.1%} of the differing values are one value: the Student-t likelihood has no maximum "
+            f"for df below {_DF_BOUNDS[1]:g}"
+        )
     # A sample with many ties (errors of low-precision outputs are multiples of an ulp) runs the EM on
     # its distinct values with their counts: the same sums, a few hundred terms instead of 20,000.
     tied = (sample.values, counts) if sample.values.size * TIES_FACTOR <= x.size else None
-    state = [float(np.median(x)), 1.4826 * float(np.median(np.abs(x - np.median(x)))) or float(x.std())]
+    state = [
+        float(np.median(x)),
+        1.4826 * float(np.median(np.abs(x - np.median(x)))) or float(x.std()),
+    ]
 
     def negative_loglik(log_df: float) -> float:
         loc, scale, loglik = _t_em(x, math.exp(log_df), *state, tied=tied)
@@ -259,22 +314,34 @@ def _student_t(sample: _Sample) -> tuple[Fit | None, str]:
     df = math.exp(minimize_bounded(negative_loglik, bounds, xatol=1e-2))
     loc, scale, loglik = _t_em(x, df, *state, tied=tied)
     if not (math.isfinite(loglik) and scale > 0):
-        return None, f"the Student-t EM's scale collapsed at df {df:.3g} ({share:.1%} of the values are one value)"
+        return (
+            None,
+            f"the Student-t EM's scale collapsed at df {df:.3g} ({share:.1%} of the values are one value)",
+        )
     params = {"df": df, "loc": loc, "scale": scale}
     if floor > _DF_BOUNDS[0]:
         params["df_floor"] = floor
     return _finish(sample, params, loglik, 3, special.stdtr(df, (sample.values - loc) / scale)), ""
 
 
-def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 50, *,
-          tied: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float, float]:
+def _t_em(
+    x: np.ndarray,
+    df: float,
+    loc: float,
+    scale: float,
+    iterations: int = 50,
+    *,
+    tied: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[float, float, float]:
     """EM for a Student-t's location and scale at fixed ``df``; returns (loc, scale, log-likelihood).
     ``tied``: the sample as (distinct values, counts), summed per distinct value. The compiled kernel
     (:mod:`hwdiff.common.jit`) runs the same iteration when available."""
     compiled = jit.kernels()
     if compiled is not None:
         if tied is not None:
-            return compiled.t_em_counts(tied[0], tied[1], float(df), float(loc), float(scale), iterations)
+            return compiled.t_em_counts(
+                tied[0], tied[1], float(df), float(loc), float(scale), iterations
+            )
         return compiled.t_em(x, float(df), float(loc), float(scale), iterations)
     x, counts = tied if tied is not None else (x, np.ones(1))
     size = float(counts.sum()) if tied is not None else x.size
@@ -286,13 +353,19 @@ def _t_em(x: np.ndarray, df: float, loc: float, scale: float, iterations: int = 
         # Plain numpy reductions, not np.dot: BLAS threads would spin on the cores the diff kernel uses.
         new_loc = float((weights * x).sum() / weights.sum())
         new_scale = math.sqrt(float((weights * (x - new_loc) ** 2).sum()) / size)
-        converged = abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+        converged = (
+            abs(new_loc - loc) <= 1e-7 * new_scale and abs(new_scale - scale) <= 1e-7 * new_scale
+        )
         loc, scale = new_loc, new_scale
         if converged:
             break
     if not (0.0 < scale < math.inf):
         return loc, scale, math.nan
     z2 = ((x - loc) / scale) ** 2
-    loglik = size * (math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - math.log(scale)) \
-        - (df + 1) / 2 * float(np.sum(counts * np.log1p(z2 / df)))
+    loglik = size * (
+        math.lgamma((df + 1) / 2)
+        - math.lgamma(df / 2)
+        - 0.5 * math.log(df * math.pi)
+        - math.log(scale)
+    ) - (df + 1) / 2 * float(np.sum(counts * np.log1p(z2 / df)))
     return loc, scale, loglik

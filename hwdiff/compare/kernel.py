@@ -10,6 +10,7 @@ the two paths to each other (counts and maxima exactly, sums to 1e-12 relative).
 
 numba is optional: without it, or with ``HWDIFF_JIT=0`` in the environment, the numpy path is used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,18 @@ from ..store.format import decoded
 SUMS = ("n", "equal", "rr", "tt", "ee", "re", "e", "abs_e", "le1", "r1", "r5")
 # The row of partial results the kernel (hwdiff.common._numba_kernels.reduce_block) writes per chunk, in column order:
 # the sums, the maxima, the non-finite counts, the flat index of the chunk's first largest |e| (-1: none)
-COLUMNS = SUMS + ("max_abs", "max_ulp", "ref_nan", "ref_inf", "target_nan", "target_inf", "max_index")
-_MAX_ABS, _MAX_ULP, _MAX_INDEX = (COLUMNS.index(name) for name in ("max_abs", "max_ulp", "max_index"))
+COLUMNS = SUMS + (
+    "max_abs",
+    "max_ulp",
+    "ref_nan",
+    "ref_inf",
+    "target_nan",
+    "target_inf",
+    "max_index",
+)
+_MAX_ABS, _MAX_ULP, _MAX_INDEX = (
+    COLUMNS.index(name) for name in ("max_abs", "max_ulp", "max_index")
+)
 _NONFINITE = slice(COLUMNS.index("ref_nan"), COLUMNS.index("target_inf") + 1)
 
 
@@ -44,13 +55,30 @@ class BlockSums:
 
 # Integer view, magnitude mask and shift of the ULP distance, by (dtype, storage): bfloat16 arrives
 # either as stored (uint16 bit patterns) or widened to float32 (its bits << 16).
-_BITS = {("float16", "float16"): (np.int16, 0x7FFF, 0), ("float32", "float32"): (np.int32, 0x7FFFFFFF, 0),
-         ("bfloat16", "uint16"): (np.int16, 0x7FFF, 0), ("bfloat16", "float32"): (np.int32, 0x7FFFFFFF, 16)}
+_BITS = {
+    ("float16", "float16"): (np.int16, 0x7FFF, 0),
+    ("float32", "float32"): (np.int32, 0x7FFFFFFF, 0),
+    ("bfloat16", "uint16"): (np.int16, 0x7FFF, 0),
+    ("bfloat16", "float32"): (np.int32, 0x7FFFFFFF, 16),
+}
 
 
-def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: str, floor: float,
-                 light: bool, width: int, mantissa: int, min_exponent: int, quarter_steps: np.ndarray,
-                 thresholds: np.ndarray, small_bins: np.ndarray, bins: int) -> BlockSums:
+def reduce_block(
+    r: np.ndarray,
+    t: np.ndarray,
+    *,
+    ref_dtype: str,
+    target_dtype: str,
+    floor: float,
+    light: bool,
+    width: int,
+    mantissa: int,
+    min_exponent: int,
+    quarter_steps: np.ndarray,
+    thresholds: np.ndarray,
+    small_bins: np.ndarray,
+    bins: int,
+) -> BlockSums:
     """Reduce a block of (r, t) values, decoded or as stored (bfloat16 as uint16 bit patterns, read
     without a decoding pass); ``width`` > 0 gives per-token ‖e‖² of that many elements each.
     ``mantissa`` / ``min_exponent`` describe the target dtype for the ULP distance; ``small_bins[d]``
@@ -74,16 +102,42 @@ def reduce_block(r: np.ndarray, t: np.ndarray, *, ref_dtype: str, target_dtype: 
     hist = np.zeros((chunks, bins), dtype=np.int64)
     exact = np.zeros((chunks, small_bins.size if same and not light else 1), dtype=np.int64)
     row_ee = np.zeros(r.size // width if width > 0 else 0, dtype=np.float64)
-    function(r, t, rbits, tbits, top, shift, same, mantissa, min_exponent, float(floor), light, width,
-             quarter_steps, thresholds, partial, hist, exact, row_ee)
+    function(
+        r,
+        t,
+        rbits,
+        tbits,
+        top,
+        shift,
+        same,
+        mantissa,
+        min_exponent,
+        float(floor),
+        light,
+        width,
+        quarter_steps,
+        thresholds,
+        partial,
+        hist,
+        exact,
+        row_ee,
+    )
     total = partial.sum(axis=0)
-    sums = dict(zip(SUMS, map(float, total[:len(SUMS)])))
+    sums = dict(zip(SUMS, map(float, total[: len(SUMS)])))
     histogram = hist.sum(axis=0)
     if same and not light:
         counts = exact.sum(axis=0)
         histogram += np.bincount(small_bins, weights=counts, minlength=bins).astype(np.int64)
         sums["le1"] = float(counts[:2].sum())  # d ≤ 1
-    first = int(np.argmax(partial[:, _MAX_ABS]))  # chunks are in element order: the first largest |e|
-    return BlockSums(sums=sums, max_abs=float(partial[first, _MAX_ABS]), max_ulp=float(partial[:, _MAX_ULP].max()),
-                     nonfinite=total[_NONFINITE].astype(np.int64), hist=histogram, token_squares=row_ee,
-                     max_index=int(partial[first, _MAX_INDEX]))
+    first = int(
+        np.argmax(partial[:, _MAX_ABS])
+    )  # chunks are in element order: the first largest |e|
+    return BlockSums(
+        sums=sums,
+        max_abs=float(partial[first, _MAX_ABS]),
+        max_ulp=float(partial[:, _MAX_ULP].max()),
+        nonfinite=total[_NONFINITE].astype(np.int64),
+        hist=histogram,
+        token_squares=row_ee,
+        max_index=int(partial[first, _MAX_INDEX]),
+    )

@@ -18,6 +18,7 @@ Evidence: AQN's noise Z on a norm's weight makes its local error e_tc = Z_c·x̂
 that best explains a measured local error is Z_c = Σ_t e_tc x̂_tc / Σ_t x̂_tc² (least squares per
 channel); its distribution and its correlation between layers are what calibrate fits.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,15 +45,20 @@ def _laplace(rng: np.random.Generator, n: int, df: float | None) -> np.ndarray:
 
 
 DRAW: dict[str, Callable[[np.random.Generator, int, float | None], np.ndarray]] = {
-    "gaussian": _gaussian, "student_t": _student_t, "laplace": _laplace}
+    "gaussian": _gaussian,
+    "student_t": _student_t,
+    "laplace": _laplace,
+}
 
 
 def check_law(law: str, df: float | None) -> None:
     if law not in DRAW:
         raise HwdiffError(f"unknown noise law {law!r}: expected one of {', '.join(LAWS)}")
     if law == "student_t" and not (df is not None and math.isfinite(df) and df > 2):
-        raise HwdiffError(f"a student_t law needs df > 2 (its variance df/(df-2) is infinite at df <= 2, so no sigma "
-                          f"describes it), got df={df}")
+        raise HwdiffError(
+            f"a student_t law needs df > 2 (its variance df/(df-2) is infinite at df <= 2, so no sigma "
+            f"describes it), got df={df}"
+        )
 
 
 def standardized(law: str, df: float | None, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -106,7 +112,13 @@ def fit_law(z: np.ndarray) -> LawFit:
 
     result = fit_errors(np.asarray(z, np.float64))
     if result.best == "none":
-        return LawFit("gaussian", None, float(np.std(z)), int(z.size), f"no fit ({result.reason}): Gaussian assumed")
+        return LawFit(
+            "gaussian",
+            None,
+            float(np.std(z)),
+            int(z.size),
+            f"no fit ({result.reason}): Gaussian assumed",
+        )
     aic = {name: fit.aic for name, fit in result.fits.items()}
     ranked = sorted(aic, key=aic.get)
     best, second = ranked[0], ranked[1]
@@ -114,9 +126,14 @@ def fit_law(z: np.ndarray) -> LawFit:
     df = float(t["df"]) if best == "student_t" else None
     if best == "student_t" and df <= 2:  # no σ describes it: the closest law with a variance
         best, df = "laplace", None
-    why = (f"{best} has the lowest AIC over {z.size} channels (ΔAIC {aic[second] - aic[best]:.1f} to {second}"
-           + (f", df {t['df']:.2f}" if best == "student_t" else "") + ")")
-    return LawFit(best, df, float(t["scale"]) if best == "student_t" else float(np.std(z)), int(z.size), why)
+    why = (
+        f"{best} has the lowest AIC over {z.size} channels (ΔAIC {aic[second] - aic[best]:.1f} to {second}"
+        + (f", df {t['df']:.2f}" if best == "student_t" else "")
+        + ")"
+    )
+    return LawFit(
+        best, df, float(t["scale"]) if best == "student_t" else float(np.std(z)), int(z.size), why
+    )
 
 
 def pooled_df(samples: list[np.ndarray], scales: list[float]) -> float:
@@ -126,7 +143,9 @@ def pooled_df(samples: list[np.ndarray], scales: list[float]) -> float:
     pooled = np.concatenate([s / scale for s, scale in zip(samples, scales) if scale > 0])
     result = fit_errors(pooled)
     if "student_t" not in result.fits:
-        raise HwdiffError(f"no Student-t fit of the pooled norm noise: {result.reason or result.not_fitted.get('student_t')}")
+        raise HwdiffError(
+            f"no Student-t fit of the pooled norm noise: {result.reason or result.not_fitted.get('student_t')}"
+        )
     return float(result.fits["student_t"].params["df"])
 
 

@@ -1,4 +1,5 @@
 """Typed, frozen results of a diff. Arrays (histograms, samples) live in ``DiffResult.arrays``."""
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ class GoldenDiff:
         return self.target_rel_l2 / self.reference_rel_l2
 
 
-PROPAGATED_FLOOR = 1e-9  # total² − local² below this fraction of total²: the sums' rounding, not inherited error
+PROPAGATED_FLOOR = (
+    1e-9  # total² − local² below this fraction of total²: the sums' rounding, not inherited error
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,8 @@ class LocalDiff:
     def propagated_rel_l2(self) -> float:
         """sqrt(total² − local²); 0 where the two agree to the rounding of their float64 sums (which
         reduce in different orders): a module whose whole error is local inherits nothing."""
-        inherited = self.total_rel_l2 ** 2 - self.local_rel_l2 ** 2
-        return math.sqrt(inherited) if inherited > PROPAGATED_FLOOR * self.total_rel_l2 ** 2 else 0.0
+        inherited = self.total_rel_l2**2 - self.local_rel_l2**2
+        return math.sqrt(inherited) if inherited > PROPAGATED_FLOOR * self.total_rel_l2**2 else 0.0
 
     @property
     def amplification(self) -> float:
@@ -75,10 +78,16 @@ class LayerDiff:
     fit: FitResult
     verdict: Verdict
     golden: GoldenDiff | None = None
-    alias_of: str | None = None  # the same tensor as this slot (numbers shared, listed once in tables)
+    alias_of: str | None = (
+        None  # the same tensor as this slot (numbers shared, listed once in tables)
+    )
     local: LocalDiff | None = None
-    weight_rms: float | None = None  # RMSNorm outputs: rms of the norm's effective scale (w, or 1 + w) in the reference
-    ulp_fine: UlpStats | None = None  # different dtypes: ULP distance in the finer one, from the fit sample
+    weight_rms: float | None = (
+        None  # RMSNorm outputs: rms of the norm's effective scale (w, or 1 + w) in the reference
+    )
+    ulp_fine: UlpStats | None = (
+        None  # different dtypes: ULP distance in the finer one, from the fit sample
+    )
 
     @property
     def exact(self) -> bool:
@@ -115,7 +124,11 @@ class FirstDivergence:
     reasons: str = ""
 
     def __str__(self) -> str:
-        where = self.name if self.origin == "output" else f"{self.name} (seen at the input of {self.detected_at})"
+        where = (
+            self.name
+            if self.origin == "output"
+            else f"{self.name} (seen at the input of {self.detected_at})"
+        )
         what = "local error (replay)" if self.basis == "local" else "error"
         return f"{where}: {what} beyond rounding — {self.reasons}; rel L2 {self.rel_l2:.3g}"
 
@@ -175,10 +188,13 @@ class RoutingDiff:
         return len(self.changed) / self.tokens if self.tokens else 0.0
 
     def __str__(self) -> str:
-        shown = "; ".join(f"sequence {t.sequence} token {t.position}: {list(t.reference)} -> {list(t.target)}"
-                          for t in self.changed[:3])
-        return (f"{self.name}: {len(self.changed)} of {self.tokens} tokens chose other experts"
-                + (f" ({shown}{' …' if len(self.changed) > 3 else ''})" if self.changed else ""))
+        shown = "; ".join(
+            f"sequence {t.sequence} token {t.position}: {list(t.reference)} -> {list(t.target)}"
+            for t in self.changed[:3]
+        )
+        return f"{self.name}: {len(self.changed)} of {self.tokens} tokens chose other experts" + (
+            f" ({shown}{' …' if len(self.changed) > 3 else ''})" if self.changed else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -194,10 +210,14 @@ class DiffResult:
     first_difference: FirstDifference | None = None
     arrays: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     local: dict[str, Any] | None = None  # metadata of the replay given as --local
-    rl_impact: RLImpact | None = None  # token log-prob mismatch (compare/rl.py); None: see rl_absent
+    rl_impact: RLImpact | None = (
+        None  # token log-prob mismatch (compare/rl.py); None: see rl_absent
+    )
     rl_absent: str = ""  # why there is no RL block (older captures without /logprobs)
     routing: tuple[RoutingDiff, ...] = ()  # MoE routers: tokens that chose other experts
-    hwdiff_version: str = __version__  # the hwdiff that made the diff (a loaded file: the one that wrote it)
+    hwdiff_version: str = (
+        __version__  # the hwdiff that made the diff (a loaded file: the one that wrote it)
+    )
 
     def layer(self, name: str, call: int = 0, slot: str = "output") -> LayerDiff:
         for layer in self.layers:
@@ -223,10 +243,15 @@ class DiffResult:
         """The divergence rule applied to this pair, in words (:func:`.verdict.rule_text`); None: nothing compared."""
         if not self.layers:
             return None
-        return rule_text(self.layers[0].ref_dtype, self.layers[0].target_dtype,
-                         local=any(layer.local is not None for layer in self.layers))
+        return rule_text(
+            self.layers[0].ref_dtype,
+            self.layers[0].target_dtype,
+            local=any(layer.local is not None for layer in self.layers),
+        )
 
     @property
     def nonfinite(self) -> tuple[LayerDiff, ...]:
         """Module outputs holding NaN or Inf on either side, in forward order (first = where they appear)."""
-        return tuple(layer for layer in self.outputs if layer.metrics.nan_inf.any and not layer.alias_of)
+        return tuple(
+            layer for layer in self.outputs if layer.metrics.nan_inf.any and not layer.alias_of
+        )

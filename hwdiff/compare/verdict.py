@@ -25,6 +25,7 @@ and the *coarse* dtype the lower-precision one of the pair:
   otherwise identical tensor has a huge max/rms too, but only an ulp or two) — is flagged with its
   position and counts as a divergence.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,7 +92,7 @@ class Verdict:
         words = {
             "ulp": f"{self.beyond_ulp_frac:.1%} of elements beyond one {self.coarse_dtype} ulp",
             "budget": f"{self.roundings:.1f} {self.coarse_dtype} roundings of error, above its budget of "
-                      f"{self.budget if self.budget is not None else math.nan:.1f}",
+            f"{self.budget if self.budget is not None else math.nan:.1f}",
             "bias": f"a systematic bias of {self.bias_effect:.2f}× the error rms (z = {self.bias_z:.0f})",
             "outlier": str(self.outlier),
         }
@@ -111,8 +112,14 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def judge(metrics: Metrics, r: np.ndarray, t: np.ndarray, ref_dtype: str, target_dtype: str,
-          budget: float | None = BUDGET_ROUNDINGS) -> Verdict:
+def judge(
+    metrics: Metrics,
+    r: np.ndarray,
+    t: np.ndarray,
+    ref_dtype: str,
+    target_dtype: str,
+    budget: float | None = BUDGET_ROUNDINGS,
+) -> Verdict:
     """The verdict of one slot from its metrics and its sampled (r, t) pairs (float64).
     ``budget``: roundings allowed under the budget rule (different precision only)."""
     coarse = lower_precision(ref_dtype, target_dtype)
@@ -123,18 +130,39 @@ def judge(metrics: Metrics, r: np.ndarray, t: np.ndarray, ref_dtype: str, target
         rounding = _model_rounding(r, coarse, metrics.ref_rms)
     else:
         finer = r if unit_roundoff(ref_dtype) < unit_roundoff(target_dtype) else t
-        beyond = float(np.mean(np.abs(round_to(t, coarse) - round_to(r, coarse)) > ulp_at(scale, coarse))) if r.size else 0.0
+        beyond = (
+            float(
+                np.mean(np.abs(round_to(t, coarse) - round_to(r, coarse)) > ulp_at(scale, coarse))
+            )
+            if r.size
+            else 0.0
+        )
         norm_r = float(np.linalg.norm(r))
-        rounding = float(np.linalg.norm(round_to(finer, coarse) - finer)) / norm_r if norm_r else math.nan
-        if not rounding:  # the finer side's sampled values are all representable in the coarse dtype
+        rounding = (
+            float(np.linalg.norm(round_to(finer, coarse) - finer)) / norm_r if norm_r else math.nan
+        )
+        if (
+            not rounding
+        ):  # the finer side's sampled values are all representable in the coarse dtype
             rounding = _model_rounding(r, coarse, metrics.ref_rms)
-    roundings = metrics.rel_l2 / rounding if rounding and math.isfinite(metrics.rel_l2) else math.nan
+    roundings = (
+        metrics.rel_l2 / rounding if rounding and math.isfinite(metrics.rel_l2) else math.nan
+    )
     outward = (t - r) * np.sign(r)
     z, effect = _bias(metrics, outward)
-    verdict = Verdict(rule="ulp" if same else "budget", coarse_dtype=coarse, beyond_ulp_frac=beyond,
-                      rounding_rel=rounding, roundings=roundings, budget=None if same else budget, bias_z=z,
-                      bias_effect=effect, bias_outward=float(outward.mean()) if outward.size else 0.0,
-                      outlier=_outlier(metrics, coarse), reasons=())
+    verdict = Verdict(
+        rule="ulp" if same else "budget",
+        coarse_dtype=coarse,
+        beyond_ulp_frac=beyond,
+        rounding_rel=rounding,
+        roundings=roundings,
+        budget=None if same else budget,
+        bias_z=z,
+        bias_effect=effect,
+        bias_outward=float(outward.mean()) if outward.size else 0.0,
+        outlier=_outlier(metrics, coarse),
+        reasons=(),
+    )
     return _with_reasons(verdict)
 
 
@@ -171,7 +199,9 @@ def _bias(metrics: Metrics, outward: np.ndarray) -> tuple[float, float]:
     """(z, |mean| / rms(e)) of the stronger of mean e (all elements) and mean e·sign(r) (the sample)."""
     tests = [(metrics.bias, metrics.rmse, metrics.numel)]
     if outward.size:
-        tests.append((float(outward.mean()), float(np.sqrt(np.mean(outward * outward))), outward.size))
+        tests.append(
+            (float(outward.mean()), float(np.sqrt(np.mean(outward * outward))), outward.size)
+        )
     best = (0.0, 0.0)
     for mean, rms, n in tests:
         if not n or not rms:
@@ -189,28 +219,43 @@ def _outlier(metrics: Metrics, coarse: str) -> Outlier | None:
         return None
     ratio = metrics.max_abs / metrics.rmse
     scale = max(abs(metrics.max_ref), metrics.ref_rms / 64.0)
-    if ratio <= OUTLIER_K or metrics.max_abs <= OUTLIER_ULPS * float(ulp_at(np.array(scale), coarse)):
+    if ratio <= OUTLIER_K or metrics.max_abs <= OUTLIER_ULPS * float(
+        ulp_at(np.array(scale), coarse)
+    ):
         return None
-    return Outlier(position=metrics.max_at, error=metrics.max_target - metrics.max_ref, reference=metrics.max_ref,
-                   target=metrics.max_target, ratio=ratio)
+    return Outlier(
+        position=metrics.max_at,
+        error=metrics.max_target - metrics.max_ref,
+        reference=metrics.max_ref,
+        target=metrics.max_target,
+        ratio=ratio,
+    )
 
 
 def rule_text(ref_dtype: str, target_dtype: str, local: bool) -> str:
     """The rule applied to this pair, in words (for the summary and the report)."""
     coarse = lower_precision(ref_dtype, target_dtype)
     if unit_roundoff(ref_dtype) == unit_roundoff(target_dtype):
-        core = (f"same precision ({coarse}): a slot is beyond rounding when more than {ULP_FRACTION:.0%} of its "
-                f"sampled elements differ by more than one ulp, the ulp taken at max(|r|, rms(r)/64)")
+        core = (
+            f"same precision ({coarse}): a slot is beyond rounding when more than {ULP_FRACTION:.0%} of its "
+            f"sampled elements differ by more than one ulp, the ulp taken at max(|r|, rms(r)/64)"
+        )
     else:
-        core = (f"different precision ({ref_dtype} vs {target_dtype}): a slot is beyond rounding when its relative "
-                f"error exceeds {BUDGET_ROUNDINGS:g} roundings to {coarse} (ε₁ measured by rounding the finer side) "
-                f"plus {BUDGET_GAIN:g}× the largest error, in roundings, of the module outputs before it")
-    extra = (f"; either way a bias of at least {BIAS_EFFECT:g}× the error rms with |z| > {BIAS_Z:g}, or an "
-             f"outlier above {OUTLIER_K:g}× the error rms and {OUTLIER_ULPS:g} ulps, counts")
-    origin = ("With a replay (--local) the first divergence is the first module whose local error is beyond "
-              "rounding (local errors have a budget of their own roundings only); a module whose replayed "
-              "submodules already differ locally is not named for their propagated error." if local else
-              "Without a replay the first module beyond rounding may carry error propagated from the first "
-              "non-identical module, which is named beside it.")
+        core = (
+            f"different precision ({ref_dtype} vs {target_dtype}): a slot is beyond rounding when its relative "
+            f"error exceeds {BUDGET_ROUNDINGS:g} roundings to {coarse} (ε₁ measured by rounding the finer side) "
+            f"plus {BUDGET_GAIN:g}× the largest error, in roundings, of the module outputs before it"
+        )
+    extra = (
+        f"; either way a bias of at least {BIAS_EFFECT:g}× the error rms with |z| > {BIAS_Z:g}, or an "
+        f"outlier above {OUTLIER_K:g}× the error rms and {OUTLIER_ULPS:g} ulps, counts"
+    )
+    origin = (
+        "With a replay (--local) the first divergence is the first module whose local error is beyond "
+        "rounding (local errors have a budget of their own roundings only); a module whose replayed "
+        "submodules already differ locally is not named for their propagated error."
+        if local
+        else "Without a replay the first module beyond rounding may carry error propagated from the first "
+        "non-identical module, which is named beside it."
+    )
     return f"{core}{extra}. {origin}"
-

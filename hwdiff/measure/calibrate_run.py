@@ -8,6 +8,7 @@ an optional σ override from a sigma file, the per-norm verify and the policy-le
 :func:`write` then writes sigma.yaml and its exports, all or nothing. ``hwdiff.calibrate`` is
 :func:`calibrate`; the ``hwdiff calibrate`` command is these two calls and their printout.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,11 +27,23 @@ from .sigma_probe import measure_gains
 from .sigma_probe import verify as verify_sigma
 
 
-def calibrate(diff: Any, *, model: Any = None, factor: float = 100.0, num_stages: int = 10, kind: str = "qerl-code",
-              sigma_start: float | None = None, weights: Any = None, weight_dtype: str | None = None,
-              conversion: str | None = None, progress: bool = False, verify: bool = False,
-              policy_check: bool = False, policy_draws: int = DRAWS,
-              sigma: str | os.PathLike | Calibration | None = None) -> Calibration:
+def calibrate(
+    diff: Any,
+    *,
+    model: Any = None,
+    factor: float = 100.0,
+    num_stages: int = 10,
+    kind: str = "qerl-code",
+    sigma_start: float | None = None,
+    weights: Any = None,
+    weight_dtype: str | None = None,
+    conversion: str | None = None,
+    progress: bool = False,
+    verify: bool = False,
+    policy_check: bool = False,
+    policy_draws: int = DRAWS,
+    sigma: str | os.PathLike | Calibration | None = None,
+) -> Calibration:
     """Per-norm σ schedules from a diff with local errors (a DiffResult, a diff.h5 or a diff JSON),
     with the model's measurements that ``hwdiff calibrate`` makes; writes nothing.
 
@@ -47,25 +60,51 @@ def calibrate(diff: Any, *, model: Any = None, factor: float = 100.0, num_stages
     """
     conversion = conversion or ("measured" if model is not None else "output-rms")
     if conversion not in calibration.CONVERSIONS:
-        raise HwdiffError(f"conversion must be one of {', '.join(calibration.CONVERSIONS)}, got {conversion!r}")
-    needs = [name for name, wanted in (("conversion measured", conversion == "measured"), ("verify", verify),
-                                        ("policy_check", policy_check)) if wanted]
+        raise HwdiffError(
+            f"conversion must be one of {', '.join(calibration.CONVERSIONS)}, got {conversion!r}"
+        )
+    needs = [
+        name
+        for name, wanted in (
+            ("conversion measured", conversion == "measured"),
+            ("verify", verify),
+            ("policy_check", policy_check),
+        )
+        if wanted
+    ]
     if needs and model is None:
-        raise HwdiffError(f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} the model: pass model= "
-                          "(the reference's: hwdiff.measure.sigma_probe.reference_model(diff))")
+        raise HwdiffError(
+            f"{' and '.join(needs)} {'needs' if len(needs) == 1 else 'need'} the model: pass model= "
+            "(the reference's: hwdiff.measure.sigma_probe.reference_model(diff))"
+        )
 
-    def probe(request: calibration.GainRequest) -> dict[str, float]:  # the norms calibrate asks for, once it read the diff
-        return measure_gains(model, list(request.norms), reference=request.reference, progress=progress)
+    def probe(
+        request: calibration.GainRequest,
+    ) -> dict[str, float]:  # the norms calibrate asks for, once it read the diff
+        return measure_gains(
+            model, list(request.norms), reference=request.reference, progress=progress
+        )
 
-    result = calibration.calibrate(diff, factor=factor, num_stages=num_stages, kind=kind,
-                            gains=probe if conversion == "measured" else None,
-                            sigma_start=sigma_start, weights=weights, weight_dtype=weight_dtype)
+    result = calibration.calibrate(
+        diff,
+        factor=factor,
+        num_stages=num_stages,
+        kind=kind,
+        gains=probe if conversion == "measured" else None,
+        sigma_start=sigma_start,
+        weights=weights,
+        weight_dtype=weight_dtype,
+    )
     if sigma is not None:
-        result = calibration.with_sigmas(result, sigma if isinstance(sigma, Calibration) else load_sigma(sigma))
+        result = calibration.with_sigmas(
+            result, sigma if isinstance(sigma, Calibration) else load_sigma(sigma)
+        )
     if verify:
         result = replace(result, verify=verify_sigma(result, model, progress=progress))
     if policy_check:
-        result = replace(result, policy=check_policy(result, model, diff, draws=policy_draws, progress=progress))
+        result = replace(
+            result, policy=check_policy(result, model, diff, draws=policy_draws, progress=progress)
+        )
     return result
 
 
@@ -74,7 +113,9 @@ def export_paths(output: str | os.PathLike, targets: Iterable[str]) -> dict[str,
     return {target: Path(output).with_suffix(f".{target}.yaml") for target in targets}
 
 
-def write(calibration: Calibration, output: str | os.PathLike, *, exports: Iterable[str] = ()) -> list[Path]:
+def write(
+    calibration: Calibration, output: str | os.PathLike, *, exports: Iterable[str] = ()
+) -> list[Path]:
     """Write ``output`` (sigma.yaml) and each export of ``exports`` (``verl``, ``qerl``) beside it
     (:func:`export_paths`); the written paths, sigma file first. Every export is checked first: a
     refused one raises :class:`HwdiffError` and nothing is written, the sigma file included."""

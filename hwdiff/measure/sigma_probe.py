@@ -17,6 +17,7 @@ gain 0.5–2× off. So the :data:`LOUDEST` channels of largest power are perturb
 (their terms exactly) and Rademacher draws estimate the rest until the relative standard error is
 below :data:`TARGET_SE`; the verify states that standard error beside each ratio.
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,18 +73,26 @@ class _Blocks:
         if why is None and self.cap.layout(name, 0, "input") == FLAT:
             why = "its rows are stored flat"
         if why:
-            raise HwdiffError(f"{name}: {why} in {self.reference}; the sub-block probe needs a reference captured "
-                              "with --record-inputs")
+            raise HwdiffError(
+                f"{name}: {why} in {self.reference}; the sub-block probe needs a reference captured "
+                "with --record-inputs"
+            )
 
         def load(slot: str) -> Any:
-            values = torch.from_numpy(np.ascontiguousarray(self.cap.read(name, 0, slot, (self.rows,))))
+            values = torch.from_numpy(
+                np.ascontiguousarray(self.cap.read(name, 0, slot, (self.rows,)))
+            )
             return values.float() if values.is_floating_point() else values
 
         args, kwargs = decode_call(spec, load)
         if "attention_mask" in kwargs and self.masks.needed:
             kwargs["attention_mask"] = self.masks.build(self.rows, name)
-        main = next((("args", i) for i, e in enumerate(spec["args"]) if e.get("slot") == "input"),
-                    next((("kwargs", k) for k, e in spec["kwargs"].items() if e.get("slot") == "input"), None))
+        main = next(
+            (("args", i) for i, e in enumerate(spec["args"]) if e.get("slot") == "input"),
+            next(
+                (("kwargs", k) for k, e in spec["kwargs"].items() if e.get("slot") == "input"), None
+            ),
+        )
         if main is None:
             raise HwdiffError(f"{name}: its recorded call has no main input to replace")
         return args, kwargs, main
@@ -100,7 +109,9 @@ class _Pair:
         self.blocks = blocks
         self.norm = copy.deepcopy(blocks.model.get_submodule(norm)).float().eval()
         self.norm_call = blocks.call(norm)
-        self.block = copy.deepcopy(blocks.model.get_submodule(block)).float().eval() if block else None
+        self.block = (
+            copy.deepcopy(blocks.model.get_submodule(block)).float().eval() if block else None
+        )
         self.block_call = blocks.call(block) if block else None
         self.weight = self.norm.weight.detach().clone()
         with torch.inference_mode():
@@ -124,7 +135,9 @@ class _Pair:
         (args if where == "args" else kwargs)[key] = y
         return output_by_meaning(self.block, self.block(*args, **kwargs))
 
-    def draw(self, sigma: float, rng: Any, law: str = "gaussian", df: float | None = None) -> tuple[float, float, Any]:
+    def draw(
+        self, sigma: float, rng: Any, law: str = "gaussian", df: float | None = None
+    ) -> tuple[float, float, Any]:
         """(realized σ, induced relative error, Δy over real tokens) of one draw of σ at the norm."""
         from ..compare.laws import standardized
 
@@ -143,7 +156,11 @@ class _Pair:
             out = self._block(y) if self.block is not None else y
         real = self.blocks.real
         delta = (y - self.y)[real].double()
-        induced = float((out - self.out)[real].double().norm()) / self.out_norm if self.out_norm else math.nan
+        induced = (
+            float((out - self.out)[real].double().norm()) / self.out_norm
+            if self.out_norm
+            else math.nan
+        )
         return float(delta.pow(2).mean().sqrt()), induced, delta
 
     def loudest(self, count: int) -> Any:
@@ -202,7 +219,9 @@ def estimate(pair: _Pair, sigma: float, seed: int) -> Estimate:
     rest[loud] = False
     e2, r2 = [], []
     while rest.any() and len(e2) < MAX_DRAWS:
-        realized, induced, _ = pair.apply(np.where(rest, rng.choice([-1.0, 1.0], size), 0.0) * sigma)
+        realized, induced, _ = pair.apply(
+            np.where(rest, rng.choice([-1.0, 1.0], size), 0.0) * sigma
+        )
         e2.append(induced * induced)
         r2.append(realized * realized)
         if len(e2) >= MIN_DRAWS and _se(exact_e2, e2) <= TARGET_SE:
@@ -223,7 +242,9 @@ def _se(exact: float, squares: list[float]) -> float:
     return float(0.5 * a.std(ddof=1) / math.sqrt(a.size) / total) if total > 0 else math.inf
 
 
-def law_noise(pair: _Pair, sigma: float, seed: int, law: str, df: float | None, draws: int = 2) -> Any:
+def law_noise(
+    pair: _Pair, sigma: float, seed: int, law: str, df: float | None, draws: int = 2
+) -> Any:
     """The weight noise recovered from the change that ``draws`` draws of ``law`` make at the norm's
     output (hwdiff.compare.laws.equivalent_noise): what the law check of the verify fits."""
     import numpy as np
@@ -232,7 +253,9 @@ def law_noise(pair: _Pair, sigma: float, seed: int, law: str, df: float | None, 
 
     rng = np.random.Generator(np.random.PCG64(seed))
     x_hat = pair.x_hat().numpy()
-    return np.concatenate([equivalent_noise(pair.draw(sigma, rng, law, df)[2].numpy(), x_hat) for _ in range(draws)])
+    return np.concatenate(
+        [equivalent_noise(pair.draw(sigma, rng, law, df)[2].numpy(), x_hat) for _ in range(draws)]
+    )
 
 
 def _reference_path(reference: str | None) -> str | None:
@@ -245,13 +268,21 @@ def _reference_path(reference: str | None) -> str | None:
 class _Probe:
     """A float32 copy of ``model`` run on fixed unpadded inputs, recording ``names``' outputs."""
 
-    def __init__(self, model: Any, names: Iterable[str], reference: str | None = None, *,
-                 keep_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        names: Iterable[str],
+        reference: str | None = None,
+        *,
+        keep_inputs: bool = False,
+    ) -> None:
         import torch
 
         self.model = copy.deepcopy(model).float().eval()
         self.names = sorted(set(names))
-        self.keep_inputs = keep_inputs  # the norms' inputs, for the law of the induced noise (verify)
+        self.keep_inputs = (
+            keep_inputs  # the norms' inputs, for the law of the induced noise (verify)
+        )
         ids, mask = _probe_inputs(model, reference)
         length = int(mask.sum(axis=1).min())  # a common length: no padding anywhere
         device = next(self.model.parameters()).device
@@ -263,17 +294,30 @@ class _Probe:
 
         from ..capturing.hooks import record
 
-        with torch.no_grad(), record(self.model, [f"^{re.escape(n)}$" for n in self.names],
-                                            record_inputs=self.keep_inputs) as rec:
+        with (
+            torch.no_grad(),
+            record(
+                self.model,
+                [f"^{re.escape(n)}$" for n in self.names],
+                record_inputs=self.keep_inputs,
+            ) as rec,
+        ):
             self.model(input_ids=self.ids, use_cache=False)
-        out = {key[0]: values[0].double() for key, values in rec.activations.items()
-               if key[2] == "output" and key[1] == 0}
-        self.inputs = {key[0]: values[0].double() for key, values in rec.activations.items()
-                       if key[2] == "input" and key[1] == 0}
+        out = {
+            key[0]: values[0].double()
+            for key, values in rec.activations.items()
+            if key[2] == "output" and key[1] == 0
+        }
+        self.inputs = {
+            key[0]: values[0].double()
+            for key, values in rec.activations.items()
+            if key[2] == "input" and key[1] == 0
+        }
         return out
 
-    def inject(self, norm: str, sigma: float, seed: int, law: str = "gaussian",
-               df: float | None = None) -> tuple[float, dict[str, float]]:
+    def inject(
+        self, norm: str, sigma: float, seed: int, law: str = "gaussian", df: float | None = None
+    ) -> tuple[float, dict[str, float]]:
         """(realized σ at ``norm``, {module: relative L2 error induced there}) for σ at ``norm`` alone;
         keeps the induced change at the norm's output in ``self.last_delta``."""
         from ..aqn import AQNInjector
@@ -299,17 +343,24 @@ def _probe_inputs(model: Any, reference: str | None) -> tuple[Any, Any]:
     error was measured on; no tokenizer needed), else the shipped prompts through the model's tokenizer."""
     from pathlib import Path
 
-    if reference and Path(reference).exists():  # a capture file, or a multi-rank capture's directory
+    if (
+        reference and Path(reference).exists()
+    ):  # a capture file, or a multi-rank capture's directory
         from ..store.reader import open_capture
 
         with open_capture(reference) as cap:
-            ids, mask = cap.input_ids[:PROBE_PROMPTS, :PROBE_TOKENS], cap.attention_mask[:PROBE_PROMPTS, :PROBE_TOKENS]
+            ids, mask = (
+                cap.input_ids[:PROBE_PROMPTS, :PROBE_TOKENS],
+                cap.attention_mask[:PROBE_PROMPTS, :PROBE_TOKENS],
+            )
         if mask.sum(axis=1).min() > 0:
             return ids, mask
     from ..capturing.inputs import load_inputs
     from ..capturing.run import model_tokenizer
 
-    inputs = load_inputs(tokenizer=model_tokenizer(model), max_tokens=PROBE_TOKENS, limit=PROBE_PROMPTS)
+    inputs = load_inputs(
+        tokenizer=model_tokenizer(model), max_tokens=PROBE_TOKENS, limit=PROBE_PROMPTS
+    )
     return inputs.input_ids, inputs.attention_mask
 
 
@@ -318,8 +369,15 @@ def _relative(reference: Any, other: Any) -> float:
     return float((other - reference).norm()) / norm if norm else math.nan
 
 
-def measure_gains(model: Any, norms: list[tuple[str, str | None]], *, seeds: int = 2,
-                  probe_rel: float = 1e-3, reference: str | None = None, progress: bool = False) -> dict[str, float]:
+def measure_gains(
+    model: Any,
+    norms: list[tuple[str, str | None]],
+    *,
+    seeds: int = 2,
+    probe_rel: float = 1e-3,
+    reference: str | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Relative error at each norm's sub-block output per unit realized σ (norms without a sub-block
     are left out). The probe σ is ``probe_rel`` × rms of the norm's clean output. With ``reference``
     on disk: the norm and sub-block alone on its recorded arguments, draws until the gain's standard
@@ -335,26 +393,37 @@ def measure_gains(model: Any, norms: list[tuple[str, str | None]], *, seeds: int
 
     blocks, gains = _Blocks(model, path), {}
     try:
-        for index, (norm, block) in enumerate(tqdm(pairs, desc="gains", unit="norm", disable=not progress, leave=False)):
+        for index, (norm, block) in enumerate(
+            tqdm(pairs, desc="gains", unit="norm", disable=not progress, leave=False)
+        ):
             pair = blocks.pair(norm, block)
             sigma = probe_rel * float(pair.y[blocks.real].double().pow(2).mean().sqrt())
             found = estimate(pair, sigma, seed=1000 * index)
             gains[norm] = found.gain
-            log.info("gain %s -> %s: %.4g per unit sigma (±%.1f%%, %d draws)", norm, block, found.gain,
-                     100 * found.gain_se, found.draws)
+            log.info(
+                "gain %s -> %s: %.4g per unit sigma (±%.1f%%, %d draws)",
+                norm,
+                block,
+                found.gain,
+                100 * found.gain_se,
+                found.draws,
+            )
     finally:
         blocks.close()
     return gains
 
 
-def _measure_gains_whole(model: Any, pairs: list[tuple[str, str]], seeds: int, probe_rel: float,
-                         reference: str | None) -> dict[str, float]:
+def _measure_gains_whole(
+    model: Any, pairs: list[tuple[str, str]], seeds: int, probe_rel: float, reference: str | None
+) -> dict[str, float]:
     probe = _Probe(model, [n for pair in pairs for n in pair], reference)
     gains = {}
     for index, (norm, block) in enumerate(pairs):
         sigma = probe_rel * float(probe.clean[norm].pow(2).mean().sqrt())
         runs = [probe.inject(norm, sigma, seed=1000 * index + s) for s in range(seeds)]
-        gains[norm] = _rms([errors[block] for _, errors in runs]) / _rms([realized for realized, _ in runs])
+        gains[norm] = _rms([errors[block] for _, errors in runs]) / _rms(
+            [realized for realized, _ in runs]
+        )
         log.info("gain %s -> %s: %.4g per unit sigma", norm, block, gains[norm])
     return gains
 
@@ -363,8 +432,14 @@ def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values))
 
 
-def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
-           band: tuple[float, float] = VERIFY_BAND, progress: bool = False) -> VerifyResult:
+def verify(
+    calibration: Calibration,
+    model: Any,
+    *,
+    seeds: int = 3,
+    band: tuple[float, float] = VERIFY_BAND,
+    progress: bool = False,
+) -> VerifyResult:
     """Inject each norm's σ_end alone into float32 copies and compare the relative error it induces at
     the sub-block output (at the norm when it feeds none) with the error the hardware makes there: the
     sub-block's local error and the norm's own error carried through the gain that acted in this very
@@ -387,48 +462,95 @@ def verify(calibration: Calibration, model: Any, *, seeds: int = 3,
 
     blocks, checks = _Blocks(model, path), []
     try:
-        for index, layer in enumerate(tqdm(layers, desc="verify", unit="norm", disable=not progress, leave=False)):
+        for index, layer in enumerate(
+            tqdm(layers, desc="verify", unit="norm", disable=not progress, leave=False)
+        ):
             pair = blocks.pair(layer.name, layer.sub_block)
             found = estimate(pair, layer.sigma_end, seed=7919 * index)
             target = math.hypot(found.gain * layer.norm_error * layer.output_rms, layer.block_error)
-            fitted = fit_law(law_noise(pair, layer.sigma_end, 7919 * index + 1, layer.law, layer.df))
+            fitted = fit_law(
+                law_noise(pair, layer.sigma_end, 7919 * index + 1, layer.law, layer.df)
+            )
             # the ratio's uncertainty: the induced error's own (the target's norm part moves with the gain)
-            checks.append(VerifyLayer(layer.name, layer.sub_block or layer.name, target, found.induced, found.realized,
-                                      layer.law, fitted.law, fitted.df, draws=found.draws, ratio_se=found.induced_se))
+            checks.append(
+                VerifyLayer(
+                    layer.name,
+                    layer.sub_block or layer.name,
+                    target,
+                    found.induced,
+                    found.realized,
+                    layer.law,
+                    fitted.law,
+                    fitted.df,
+                    draws=found.draws,
+                    ratio_se=found.induced_se,
+                )
+            )
     finally:
         blocks.close()
-    method = (f"sigma_end injected at one norm at a time into float32 copies of the norm and the sub-block it feeds, "
-              f"run on the arguments the reference capture recorded for them (first {PROBE_ROWS} sequences, real "
-              f"tokens); the expected induced error: the {LOUDEST} channels of largest power one at a time, exactly, plus "
-              f"Rademacher draws over the rest until its relative standard error is below {TARGET_SE:.0%} (at least "
-              f"{MIN_DRAWS}, at most {MAX_DRAWS}); induced = relative L2 error at the sub-block output; the law check "
-              "fits 2 draws of the calibrated law")
-    return VerifyResult(tuple(checks), band, max(c.draws for c in checks), method, calibration.unreproduced)
+    method = (
+        f"sigma_end injected at one norm at a time into float32 copies of the norm and the sub-block it feeds, "
+        f"run on the arguments the reference capture recorded for them (first {PROBE_ROWS} sequences, real "
+        f"tokens); the expected induced error: the {LOUDEST} channels of largest power one at a time, exactly, plus "
+        f"Rademacher draws over the rest until its relative standard error is below {TARGET_SE:.0%} (at least "
+        f"{MIN_DRAWS}, at most {MAX_DRAWS}); induced = relative L2 error at the sub-block output; the law check "
+        "fits 2 draws of the calibrated law"
+    )
+    return VerifyResult(
+        tuple(checks), band, max(c.draws for c in checks), method, calibration.unreproduced
+    )
 
 
-def _verify_whole(layers: list, model: Any, seeds: int, band: tuple[float, float], reference: str | None,
-                  unreproduced: tuple[str, ...]) -> VerifyResult:
+def _verify_whole(
+    layers: list,
+    model: Any,
+    seeds: int,
+    band: tuple[float, float],
+    reference: str | None,
+    unreproduced: tuple[str, ...],
+) -> VerifyResult:
     import numpy as np
 
     from ..compare.laws import fit_law
 
-    probe = _Probe(model, [n for l in layers for n in (l.name, l.sub_block) if n], reference, keep_inputs=True)
+    probe = _Probe(
+        model, [n for l in layers for n in (l.name, l.sub_block) if n], reference, keep_inputs=True
+    )
     checks = []
     for index, layer in enumerate(layers):
         where = layer.sub_block or layer.name
         runs, noise = [], []
         for s in range(seeds):
-            runs.append(probe.inject(layer.name, layer.sigma_end, seed=7919 * index + s, law=layer.law, df=layer.df))
+            runs.append(
+                probe.inject(
+                    layer.name, layer.sigma_end, seed=7919 * index + s, law=layer.law, df=layer.df
+                )
+            )
             noise.append(probe.induced_noise(layer.name))
         induced_error, realized = _rms([e[where] for _, e in runs]), _rms([r for r, _ in runs])
-        gain = induced_error / realized if realized else math.nan  # the gain that acted, measured here
+        gain = (
+            induced_error / realized if realized else math.nan
+        )  # the gain that acted, measured here
         target = math.hypot(gain * layer.norm_error * layer.output_rms, layer.block_error)
         fitted = fit_law(np.concatenate(noise))
-        checks.append(VerifyLayer(layer.name, where, target, induced_error, realized, layer.law, fitted.law, fitted.df,
-                                  draws=seeds))
-    method = (f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, the first "
-              f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length; the reference capture was "
-              "not at hand for the sub-block probe); induced = relative L2 error at the sub-block output")
+        checks.append(
+            VerifyLayer(
+                layer.name,
+                where,
+                target,
+                induced_error,
+                realized,
+                layer.law,
+                fitted.law,
+                fitted.df,
+                draws=seeds,
+            )
+        )
+    method = (
+        f"sigma_end injected at one norm at a time into a float32 copy of the model ({seeds} seeds, the first "
+        f"{PROBE_PROMPTS} prompts of the reference capture, cut to a common length; the reference capture was "
+        "not at hand for the sub-block probe); induced = relative L2 error at the sub-block output"
+    )
     return VerifyResult(tuple(checks), band, seeds, method, unreproduced)
 
 
@@ -442,5 +564,9 @@ def reference_model(diff: Any, *, spec: str | None = None, device: str = "cpu") 
     if not model_spec or str(model_spec).startswith("object:"):
         raise HwdiffError("the diff does not name a loadable reference model; pass --model SPEC")
     attn = reference.get("attn_implementation")
-    return load_model(str(model_spec), device=device, dtype=str(reference.get("dtype", "float32")),
-                      attn_implementation=attn if attn and attn != "unknown" else None)
+    return load_model(
+        str(model_spec),
+        device=device,
+        dtype=str(reference.get("dtype", "float32")),
+        attn_implementation=attn if attn and attn != "unknown" else None,
+    )

@@ -1,5 +1,6 @@
 """The report's figures (matplotlib, Agg). Each function draws one PNG and returns its caption, or
 None when it has nothing to draw (a figure is never an empty axis)."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,20 @@ if TYPE_CHECKING:
     from ..compare.results import DiffResult, LayerDiff
     from ..compare.rl import RLImpact
 
-KIND_ORDER = ("embedding", "rmsnorm", "linear", "attention", "activation", "mlp", "moe", "mixer", "decoder_layer", "head", "op",
-              "other")
+KIND_ORDER = (
+    "embedding",
+    "rmsnorm",
+    "linear",
+    "attention",
+    "activation",
+    "mlp",
+    "moe",
+    "mixer",
+    "decoder_layer",
+    "head",
+    "op",
+    "other",
+)
 QERL_DEFAULT = (0.05, 0.0005, 10)
 
 
@@ -80,11 +93,15 @@ def error_vs_depth(diff: DiffResult, path: Path, floor: float) -> str | None:
     plt = _plt()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for kind in KIND_ORDER:
-        points = [(i, m) for i, m in enumerate(modules) if m.kind == kind and _finite(m.metrics.rel_l2)]
+        points = [
+            (i, m) for i, m in enumerate(modules) if m.kind == kind and _finite(m.metrics.rel_l2)
+        ]
         if points:
             x = [i for i, _ in points]
             top.semilogy(x, [m.metrics.rel_l2 for _, m in points], "o-", ms=3, lw=0.8, label=kind)
-            bottom.plot(x, [_finite(m.metrics.sqnr_db) for _, m in points], "o-", ms=3, lw=0.8, label=kind)
+            bottom.plot(
+                x, [_finite(m.metrics.sqnr_db) for _, m in points], "o-", ms=3, lw=0.8, label=kind
+            )
     top.axhline(floor, color="k", ls="--", lw=0.8, label="one rounding of the dtype")
     top.set_ylabel("relative L2 error")
     bottom.set_ylabel("SQNR (dB)")
@@ -93,13 +110,17 @@ def error_vs_depth(diff: DiffResult, path: Path, floor: float) -> str | None:
     top.legend(fontsize=7, ncol=4)
     top.set_title("Error vs depth per module kind (bit-identical modules are not drawn)")
     _save(fig, path)
-    return ("Relative L2 error (log) and SQNR of every module output in forward order, per kind; the dashed line "
-            "is one rounding to the dtype.")
+    return (
+        "Relative L2 error (log) and SQNR of every module output in forward order, per kind; the dashed line "
+        "is one rounding to the dtype."
+    )
 
 
 def one_minus_cos(diff: DiffResult, path: Path) -> str | None:
     modules = _outputs(diff)
-    points = [(i, m.metrics.one_minus_cos) for i, m in enumerate(modules) if m.metrics.one_minus_cos > 0]
+    points = [
+        (i, m.metrics.one_minus_cos) for i, m in enumerate(modules) if m.metrics.one_minus_cos > 0
+    ]
     if not points:
         return None
     plt = _plt()
@@ -133,15 +154,21 @@ def ulp_by_kind(diff: DiffResult, arrays: dict, edges: np.ndarray, path: Path) -
             cumulative = np.cumsum(totals[kind]) / totals[kind].sum()
             ax.step(np.maximum(edges, 1 / 32), cumulative, where="post", label=kind)
     ax.set_xscale("log")
-    ax.set_xlim(1 / 32, max(right, 2.0))  # up to the largest distance measured, not the histogram's last edge
-    ax.set_xlabel(f"ULP distance in {'/'.join(sorted(dtypes))}, the coarser dtype of the pair (0 drawn at 1/32)")
+    ax.set_xlim(
+        1 / 32, max(right, 2.0)
+    )  # up to the largest distance measured, not the histogram's last edge
+    ax.set_xlabel(
+        f"ULP distance in {'/'.join(sorted(dtypes))}, the coarser dtype of the pair (0 drawn at 1/32)"
+    )
     ax.set_ylabel("fraction of elements ≤ x")
     ax.axvline(1, color="k", ls="--", lw=0.8)
     ax.legend(fontsize=7)
     ax.set_title("ULP distance distribution per module kind (modules with an error)")
     _save(fig, path)
-    return ("Cumulative distribution of the ULP distance, in the coarser dtype of the pair, per module kind over the "
-            "modules that are not bit-identical; left of the dashed line: within one ulp.")
+    return (
+        "Cumulative distribution of the ULP distance, in the coarser dtype of the pair, per module kind over the "
+        "modules that are not bit-identical; left of the dashed line: within one ulp."
+    )
 
 
 def error_histogram(module: LayerDiff, arrays: dict, path: Path) -> str | None:
@@ -167,7 +194,11 @@ def error_histogram(module: LayerDiff, arrays: dict, path: Path) -> str | None:
         left.plot(x, total * width * stats.norm.pdf(x, g["mu"], g["sigma"]), label="Gaussian fit")
     if "student_t" in fit.fits:
         t = fit.fits["student_t"].params
-        left.plot(x, total * width * stats.t.pdf(x, t["df"], t["loc"], t["scale"]), label=f"Student-t (df={t['df']:.3g})")
+        left.plot(
+            x,
+            total * width * stats.t.pdf(x, t["df"], t["loc"], t["scale"]),
+            label=f"Student-t (df={t['df']:.3g})",
+        )
     left.set_yscale("log")
     left.set_ylim(0.5, total * 2)
     left.legend(fontsize=7)
@@ -185,12 +216,18 @@ def error_histogram(module: LayerDiff, arrays: dict, path: Path) -> str | None:
         right.set_title("QQ plot against the Gaussian fit", fontsize=9)
     _save(fig, path)
     relative = fit.relative
-    law_text = (f" The relative error e/|r| is best described by a {relative.best} law and describes the error "
-                f"{'better' if fit.law == 'relative' else 'less well'} than the absolute one."
-                if relative is not None and relative.best != "none" else "")
-    return (f"Errors of {module.name} ({module.kind}): histogram of the sampled errors with the fitted Gaussian "
-            "and Student-t of the differing elements (log y)" + (", and a QQ plot against the Gaussian." if quantile_plot
-                                                                   else ".") + law_text)
+    law_text = (
+        f" The relative error e/|r| is best described by a {relative.best} law and describes the error "
+        f"{'better' if fit.law == 'relative' else 'less well'} than the absolute one."
+        if relative is not None and relative.best != "none"
+        else ""
+    )
+    return (
+        f"Errors of {module.name} ({module.kind}): histogram of the sampled errors with the fitted Gaussian "
+        "and Student-t of the differing elements (log y)"
+        + (", and a QQ plot against the Gaussian." if quantile_plot else ".")
+        + law_text
+    )
 
 
 def correlation(diff: DiffResult, path: Path) -> str | None:
@@ -198,14 +235,18 @@ def correlation(diff: DiffResult, path: Path) -> str | None:
     if corr is None:
         return None
     exact = set(corr.exact)
-    keep = [i for i, name in enumerate(corr.names) if name not in exact]  # no error: no correlation to draw
+    keep = [
+        i for i, name in enumerate(corr.names) if name not in exact
+    ]  # no error: no correlation to draw
     if len(keep) < 2:
         return None
     plt = _plt()
     names = [short_name(corr.names[i]) for i in keep]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, values, title in ((axes[0], corr.accumulated, "accumulated error"),
-                              (axes[1], corr.increments, "per-layer increments")):
+    for ax, values, title in (
+        (axes[0], corr.accumulated, "accumulated error"),
+        (axes[1], corr.increments, "per-layer increments"),
+    ):
         matrix = np.where(np.isfinite(values), values, np.nan)[np.ix_(keep, keep)]
         image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
@@ -213,9 +254,15 @@ def correlation(diff: DiffResult, path: Path) -> str | None:
         ax.set_title(f"Pearson correlation: {title}", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.8)
     _save(fig, path, tight=False)
-    left_out = f" Bit-identical positions, which have no correlation, are left out: {', '.join(sorted(exact))}." if exact else ""
-    return ("Correlation of the residual-stream error between layers: accumulated (left) and the increments each "
-            "layer adds (right)." + left_out)
+    left_out = (
+        f" Bit-identical positions, which have no correlation, are left out: {', '.join(sorted(exact))}."
+        if exact
+        else ""
+    )
+    return (
+        "Correlation of the residual-stream error between layers: accumulated (left) and the increments each "
+        "layer adds (right)." + left_out
+    )
 
 
 def local_vs_propagated(diff: DiffResult, path: Path) -> str | None:
@@ -225,23 +272,33 @@ def local_vs_propagated(diff: DiffResult, path: Path) -> str | None:
     if not any(_finite(m.metrics.rel_l2) for m in modules):
         return None
 
-    def positive(values: list[float | None]) -> list[float]:  # zero (bit-identical) is not drawn on a log axis
+    def positive(
+        values: list[float | None],
+    ) -> list[float]:  # zero (bit-identical) is not drawn on a log axis
         return [value if value else np.nan for value in values]
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 4.4))
     x = range(len(modules))
-    ax.semilogy(x, positive([_finite(m.metrics.rel_l2) for m in modules]), ".-", lw=0.6, label="total")
-    ax.semilogy(x, positive([m.local.local_rel_l2 for m in modules]), "o", ms=3, label="local (replay)")
-    ax.semilogy(x, positive([m.local.propagated_rel_l2 for m in modules]), "x", ms=4, label="propagated")
+    ax.semilogy(
+        x, positive([_finite(m.metrics.rel_l2) for m in modules]), ".-", lw=0.6, label="total"
+    )
+    ax.semilogy(
+        x, positive([m.local.local_rel_l2 for m in modules]), "o", ms=3, label="local (replay)"
+    )
+    ax.semilogy(
+        x, positive([m.local.propagated_rel_l2 for m in modules]), "x", ms=4, label="propagated"
+    )
     depth_ticks(ax, [m.name for m in modules])
     ax.set_xlabel("module, in forward order")
     ax.set_ylabel("relative L2")
     ax.legend(fontsize=7)
     ax.set_title("Local vs propagated error (zero — bit-identical — is not drawn)")
     _save(fig, path)
-    return ("Each module's total error, the part it adds itself (local, from a replay) and the part it inherits "
-            "(propagated); a missing marker is zero: a module whose total error is all local has no propagated part.")
+    return (
+        "Each module's total error, the part it adds itself (local, from a replay) and the part it inherits "
+        "(propagated); a missing marker is zero: a module whose total error is all local has no propagated part."
+    )
 
 
 def golden(diff: DiffResult, path: Path) -> str | None:
@@ -253,7 +310,10 @@ def golden(diff: DiffResult, path: Path) -> str | None:
     plt = _plt()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
     x = range(len(modules))
-    for side, label in (("reference_rel_l2", "reference vs golden"), ("target_rel_l2", "target vs golden")):
+    for side, label in (
+        ("reference_rel_l2", "reference vs golden"),
+        ("target_rel_l2", "target vs golden"),
+    ):
         top.semilogy(x, [getattr(m.golden, side) or np.nan for m in modules], ".-", label=label)
     top.legend(fontsize=7)
     top.set_ylabel("relative L2")
@@ -280,14 +340,18 @@ def sigma_schedule(calibration: Any, path: Path) -> str:
     left.set_xlabel("training step (of 1000)")
     left.set_ylabel("σ")
     left.set_title("σ vs training step, one line per norm", fontsize=9)
-    names = [layer.name.replace("model.", "").replace("layers.", "L") for layer in calibration.layers]
+    names = [
+        layer.name.replace("model.", "").replace("layers.", "L") for layer in calibration.layers
+    ]
     right.bar(range(len(names)), [layer.sigma_end for layer in calibration.layers])
     right.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     right.set_ylabel("σ_end")
     right.set_title("Calibrated σ_end per norm", fontsize=9)
     _save(fig, path)
-    return ("The calibrated schedule of every norm over training (stage 0, shaded, has no noise and is not drawn on "
-            "the log axis) and each norm's σ_end.")
+    return (
+        "The calibrated schedule of every norm over training (stage 0, shaded, has no noise and is not drawn on "
+        "the log axis) and each norm's σ_end."
+    )
 
 
 def _noisy(schedule: Any, steps: np.ndarray, total: int = 1000) -> np.ndarray:
@@ -299,11 +363,21 @@ def _noisy(schedule: Any, steps: np.ndarray, total: int = 1000) -> np.ndarray:
 
 def _stage_zero(ax: Any, stages: int, total: int = 1000) -> None:
     ax.axvspan(0, total / stages, color="0.9", zorder=0)
-    ax.text(total / stages / 2, 0.5, "stage 0:\nno noise", transform=ax.get_xaxis_transform(), ha="center",
-            va="center", fontsize=7, color="0.4")
+    ax.text(
+        total / stages / 2,
+        0.5,
+        "stage 0:\nno noise",
+        transform=ax.get_xaxis_transform(),
+        ha="center",
+        va="center",
+        fontsize=7,
+        color="0.4",
+    )
 
 
-def qerl_vs_hardware(levels: dict[str, float], path: Path, pair: str = "GPU-vs-NPU") -> tuple[str, int | None]:
+def qerl_vs_hardware(
+    levels: dict[str, float], path: Path, pair: str = "GPU-vs-NPU"
+) -> tuple[str, int | None]:
     """QeRL's default schedule against each layer's hardware-equivalent σ; returns the caption and the
     first stage at which QeRL's σ is below the median hardware level (None: never). ``pair`` names
     the two sides of the diff in the caption ("cuda:0-vs-npu:0")."""
@@ -321,7 +395,12 @@ def qerl_vs_hardware(levels: dict[str, float], path: Path, pair: str = "GPU-vs-N
             ax.axhline(value, color="tab:red", alpha=0.25, lw=0.8)
     median = float(np.median(values)) if values else math.nan
     if values:
-        ax.axhline(median, color="tab:red", lw=1.8, label=f"hardware error as σ (median {median:.2g}; thin: each norm)")
+        ax.axhline(
+            median,
+            color="tab:red",
+            lw=1.8,
+            label=f"hardware error as σ (median {median:.2g}; thin: each norm)",
+        )
     below = next((i for i, v in enumerate(qerl.values, start=1) if values and v < median), None)
     ax.set_ylim(1e-5, 0.1)
     ax.set_xlabel("training step (of 1000)")
@@ -329,10 +408,15 @@ def qerl_vs_hardware(levels: dict[str, float], path: Path, pair: str = "GPU-vs-N
     ax.legend(fontsize=8)
     ax.set_title("Are QeRL's σ values right for hardware errors?")
     _save(fig, path)
-    text = (f"QeRL's default schedule against the σ that reproduces the measured {pair} error at each norm "
-            "(stage 0, shaded, injects no noise). "
-            + (f"From stage {below} on, the injected noise is below the median hardware error." if below else
-               "The injected noise stays above the median hardware error through every stage."))
+    text = (
+        f"QeRL's default schedule against the σ that reproduces the measured {pair} error at each norm "
+        "(stage 0, shaded, injects no noise). "
+        + (
+            f"From stage {below} on, the injected noise is below the median hardware error."
+            if below
+            else "The injected noise stays above the median hardware error through every stage."
+        )
+    )
     return text, below
 
 
@@ -353,6 +437,8 @@ def rl_histogram(rl: RLImpact, path: Path) -> str:
     ax.set_ylabel("positions")
     ax.set_title(f"Token log-prob mismatch over {rl.positions} next-token positions")
     _save(fig, path)
-    return (f"Distribution of Δlogp of the next input token at every real position; dotted ±1e-3, dashed ±1e-2 "
-            f"(where inside the range). Mean |Δlogp| {rl.mean_abs:.3g}, "
-            f"{rl.frac_above[0]:.1%} of positions above 1e-3.")
+    return (
+        f"Distribution of Δlogp of the next input token at every real position; dotted ±1e-3, dashed ±1e-2 "
+        f"(where inside the range). Mean |Δlogp| {rl.mean_abs:.3g}, "
+        f"{rl.frac_above[0]:.1%} of positions above 1e-3."
+    )

@@ -75,6 +75,7 @@ directory), :mod:`~hwdiff.store.writer`, :mod:`~hwdiff.store.reader`, :mod:`~hwd
 ``hwdiff.store`` itself, loaded on first use, so that importing the package (or its h5py-free
 :mod:`~hwdiff.store.format`) costs nothing until a file is read or written.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -83,14 +84,58 @@ from typing import Any
 
 # name → the submodule that defines it
 _EXPORTS = {
-    **dict.fromkeys(("SCHEMA", "SCHEMA_FAMILY", "SCHEMA_MAJOR", "MODES", "COMPRESSIONS", "PLUGIN_FILTERS",
-                     "GENERATE_MODE", "LOGPROB_FIELDS", "SLOTS", "ROUTED", "FLAT", "EXPERTS", "EXPERT_ROWS",
-                     "CHUNK_BYTES", "STATS_FIELDS", "encode", "decode", "decoded", "nonfinite_counts"), "format"),
-    **dict.fromkeys(("compression_options", "set_attrs", "new_group", "create_checked", "read_checked"), "h5"),
-    **dict.fromkeys(("Record", "LogProbRecord", "Register", "Signature", "Alias", "CaptureWriter",
-                     "_chunk_shape"), "writer"),
-    **dict.fromkeys(("ModuleInfo", "TokenLogProbs", "Generation", "Capture", "open_capture", "plan_blocks",
-                     "_indexed_modules", "_walk_modules"), "reader"),
+    **dict.fromkeys(
+        (
+            "SCHEMA",
+            "SCHEMA_FAMILY",
+            "SCHEMA_MAJOR",
+            "MODES",
+            "COMPRESSIONS",
+            "PLUGIN_FILTERS",
+            "GENERATE_MODE",
+            "LOGPROB_FIELDS",
+            "SLOTS",
+            "ROUTED",
+            "FLAT",
+            "EXPERTS",
+            "EXPERT_ROWS",
+            "CHUNK_BYTES",
+            "STATS_FIELDS",
+            "encode",
+            "decode",
+            "decoded",
+            "nonfinite_counts",
+        ),
+        "format",
+    ),
+    **dict.fromkeys(
+        ("compression_options", "set_attrs", "new_group", "create_checked", "read_checked"), "h5"
+    ),
+    **dict.fromkeys(
+        (
+            "Record",
+            "LogProbRecord",
+            "Register",
+            "Signature",
+            "Alias",
+            "CaptureWriter",
+            "_chunk_shape",
+        ),
+        "writer",
+    ),
+    **dict.fromkeys(
+        (
+            "ModuleInfo",
+            "TokenLogProbs",
+            "Generation",
+            "Capture",
+            "open_capture",
+            "plan_blocks",
+            "_indexed_modules",
+            "_walk_modules",
+        ),
+        "reader",
+    ),
     **dict.fromkeys(("Verification", "verify_file"), "verify"),
 }
 
@@ -102,7 +147,9 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value  # found once: later lookups are plain module attributes
         return value
-    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # hwdiff.store.ranks, .stats, ...
+    if (
+        importlib.util.find_spec(f"{__name__}.{name}") is not None
+    ):  # hwdiff.store.ranks, .stats, ...
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -2,6 +2,7 @@
 a stored array maps to exact values (bfloat16 as its raw uint16 bits). The layout itself is described
 in :mod:`hwdiff.store`. No h5py here: the command line and the capture side read these names cheaply.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,13 +19,21 @@ MODES = ("full", "sample", "stats")
 # from the hdf5plugin package (pip install hdf5plugin), which any reader then needs too.
 COMPRESSIONS = ("gzip", "lzf", "lz4", "zstd")
 PLUGIN_FILTERS = {32001: "blosc", 32026: "blosc2"}  # HDF5 filter id → name, read through hdf5plugin
-GENERATE_MODE = "generate"  # root ``mode`` of a greedy generation file (:mod:`hwdiff.capturing.generate`)
+GENERATE_MODE = (
+    "generate"  # root ``mode`` of a greedy generation file (:mod:`hwdiff.capturing.generate`)
+)
 LOGPROB_FIELDS = ("next_token", "entropy", "topk_ids", "topk_logprobs")
-SLOTS = ("output", "input", "routing")  # routing: a router's chosen experts per token (int64 [sequences, tokens, k])
+SLOTS = (
+    "output",
+    "input",
+    "routing",
+)  # routing: a router's chosen experts per token (int64 [sequences, tokens, k])
 ROUTED = "routed"  # slot attribute ``rows``: rows of the tokens routed to one expert, scattered to their token
 FLAT = "tokens"  # slot attribute ``rows``: the module saw [sequences·tokens, …] rows, stored [sequences, tokens, …]
 EXPERTS = "experts"  # ``rows``: [experts, sequences·tokens, …] (every token at every expert), stored [sequences, tokens, experts, …]
-EXPERT_ROWS = "expert-rows"  # ``rows``: [experts·sequences·tokens, …], stored [sequences, tokens, experts, …]
+EXPERT_ROWS = (
+    "expert-rows"  # ``rows``: [experts·sequences·tokens, …], stored [sequences, tokens, experts, …]
+)
 CHUNK_BYTES = 4 << 20
 STATS_FIELDS = stats.FIELDS
 
@@ -60,4 +69,3 @@ def nonfinite_counts(stored: np.ndarray, dtype: str) -> tuple[int, int]:
     if stored.dtype.kind != "f":
         return 0, 0
     return int(np.count_nonzero(np.isnan(stored))), int(np.count_nonzero(np.isinf(stored)))
-

@@ -23,6 +23,7 @@ source file with the fill value without a word: :func:`check_ranks` opens and ma
 before the manifest is read, and refuses a missing, incomplete or foreign one (the fill value is NaN
 anyway, so a file lost after opening shows as NaN, never as a plausible number).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,13 +42,23 @@ from .tokens import Inputs
 
 MANIFEST = "manifest.h5"
 SHARD_LAST = "Shard(-1)"
-_RANK_KEYS = ("rank", "local_rank", "local_device", "capture_id", "created_utc", "inputs_fingerprint",
-              "inputs_source", "capture_seconds")
+_RANK_KEYS = (
+    "rank",
+    "local_rank",
+    "local_device",
+    "capture_id",
+    "created_utc",
+    "inputs_fingerprint",
+    "inputs_source",
+    "capture_seconds",
+)
 
 
 def capture_file(name: str) -> bool:
     """Whether a directory entry is one of a multi-rank capture's own files (manifest, rank files)."""
-    return name == MANIFEST or (name.startswith("rank") and name.endswith(".h5") and name[4:-3].isdigit())
+    return name == MANIFEST or (
+        name.startswith("rank") and name.endswith(".h5") and name[4:-3].isdigit()
+    )
 
 
 def rank_file(rank: int) -> str:
@@ -60,10 +71,13 @@ def manifest_of(path: str | os.PathLike) -> Path:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         ranks = sorted(p.name for p in folder.glob("rank*.h5"))
-        found = f" (it holds {', '.join(ranks[:4])}{'…' if len(ranks) > 4 else ''})" if ranks else ""
+        found = (
+            f" (it holds {', '.join(ranks[:4])}{'…' if len(ranks) > 4 else ''})" if ranks else ""
+        )
         raise CaptureFormatError(
             f"{folder} is a directory without {MANIFEST}{found}: not a finished multi-rank capture (rank 0 writes "
-            "the manifest last, after every rank committed its file); capture again")
+            "the manifest last, after every rank committed its file); capture again"
+        )
     return manifest
 
 
@@ -71,19 +85,31 @@ def check_target(target: Path) -> None:
     """Refuse, before any work, an output directory that is a file or a folder of something else
     (a capture directory may be replaced; an empty folder may be filled)."""
     if target.exists() and not target.is_dir():
-        raise outputs.OutputError(f"output {target} is an existing file: a multi-rank capture writes a directory; "
-                                  "choose another -o")
+        raise outputs.OutputError(
+            f"output {target} is an existing file: a multi-rank capture writes a directory; "
+            "choose another -o"
+        )
     if target.suffix == ".h5" and not target.is_dir():
-        raise outputs.OutputError(f"output {target}: a multi-rank capture writes a directory (one file per rank and "
-                                  f"{MANIFEST}); give a directory name such as {target.with_suffix('')}/")
+        raise outputs.OutputError(
+            f"output {target}: a multi-rank capture writes a directory (one file per rank and "
+            f"{MANIFEST}); give a directory name such as {target.with_suffix('')}/"
+        )
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise outputs.OutputError(f"output {target} is a non-empty directory that is not a capture; choose another "
-                                  "-o (a multi-rank capture replaces only an earlier capture directory)")
-    others = sorted(path.name for path in target.iterdir() if not capture_file(path.name)) if target.is_dir() else []
+        raise outputs.OutputError(
+            f"output {target} is a non-empty directory that is not a capture; choose another "
+            "-o (a multi-rank capture replaces only an earlier capture directory)"
+        )
+    others = (
+        sorted(path.name for path in target.iterdir() if not capture_file(path.name))
+        if target.is_dir()
+        else []
+    )
     if (target / MANIFEST).is_file() and others:
-        raise outputs.OutputError(f"output {target} is an earlier capture directory that also holds {others[0]}"
-                                  f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}: replacing it would "
-                                  "delete them; move them out or choose another -o")
+        raise outputs.OutputError(
+            f"output {target} is an earlier capture directory that also holds {others[0]}"
+            f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}: replacing it would "
+            "delete them; move them out or choose another -o"
+        )
     outputs.check_outputs([], [], folders=[target])
 
 
@@ -95,23 +121,40 @@ def check_ranks(manifest: Path, meta: dict[str, Any]) -> None:
         path = folder / entry["file"]
         whole = f"a {len(ranks)}-rank capture is read only whole: copy the whole directory again or capture again"
         if not path.is_file():
-            raise CaptureFormatError(f"{folder}: rank {entry['rank']}'s file {entry['file']} is missing; {whole}")
+            raise CaptureFormatError(
+                f"{folder}: rank {entry['rank']}'s file {entry['file']} is missing; {whole}"
+            )
         try:
             with h5py.File(path, "r") as handle:
-                attrs = {key: handle.attrs.get(key) for key in ("capture_id", "run_id", "rank", "complete")}
+                attrs = {
+                    key: handle.attrs.get(key)
+                    for key in ("capture_id", "run_id", "rank", "complete")
+                }
         except OSError as exc:
-            raise CaptureFormatError(f"{folder}: {entry['file']} is not a readable capture ({exc}); {whole}") from exc
-        if str(attrs["capture_id"]) != entry["capture_id"] or str(attrs["run_id"]) != str(meta.get("run_id")):
+            raise CaptureFormatError(
+                f"{folder}: {entry['file']} is not a readable capture ({exc}); {whole}"
+            ) from exc
+        if str(attrs["capture_id"]) != entry["capture_id"] or str(attrs["run_id"]) != str(
+            meta.get("run_id")
+        ):
             raise CaptureFormatError(
                 f"{folder}: {entry['file']} is not the file rank {entry['rank']} wrote in this run (capture id "
                 f"{str(attrs['capture_id'])[:8]}…, the manifest expects {entry['capture_id'][:8]}…): it belongs to "
-                f"another run; {whole}")
+                f"another run; {whole}"
+            )
         if not attrs["complete"]:
             raise CaptureFormatError(f"{folder}: {entry['file']} is incomplete; {whole}")
 
 
-def write_manifest(folder: Path, world_size: int, parallel: str, inputs: Inputs,
-                   positions: np.ndarray | None, meta: dict[str, Any], rows: list[np.ndarray] | None = None) -> Path:
+def write_manifest(
+    folder: Path,
+    world_size: int,
+    parallel: str,
+    inputs: Inputs,
+    positions: np.ndarray | None,
+    meta: dict[str, Any],
+    rows: list[np.ndarray] | None = None,
+) -> Path:
     """Write ``folder/manifest.h5`` over the committed rank files (see the module docstring).
 
     ``rows``: data parallel, each rank's global rows; None for tensor parallel. ``meta``: root
@@ -146,29 +189,49 @@ def write_manifest(folder: Path, world_size: int, parallel: str, inputs: Inputs,
     return folder / MANIFEST
 
 
-def _check_consistent(handles: list[h5py.File], inputs: Inputs, rows: list[np.ndarray] | None) -> None:
+def _check_consistent(
+    handles: list[h5py.File], inputs: Inputs, rows: list[np.ndarray] | None
+) -> None:
     """Every rank ran the same model on its share of the same inputs (a rank given another prompt
     file or checkpoint would make a directory of unrelated pieces)."""
     for rank, handle in enumerate(handles):
         expected = inputs.input_ids if rows is None else inputs.input_ids[rows[rank]]
         if not np.array_equal(handle["inputs/input_ids"][...], expected):
-            raise CaptureFormatError(f"rank {rank} captured other token ids than rank 0 was given for it: every rank "
-                                     "must read the same --inputs with the same tokenizer and --max-tokens/--limit")
+            raise CaptureFormatError(
+                f"rank {rank} captured other token ids than rank 0 was given for it: every rank "
+                "must read the same --inputs with the same tokenizer and --max-tokens/--limit"
+            )
         if handle.attrs.get("model_fingerprint") != handles[0].attrs.get("model_fingerprint"):
-            raise CaptureFormatError(f"rank {rank} loaded other weights than rank 0 (model fingerprints differ): "
-                                     "every rank must load the same checkpoint")
+            raise CaptureFormatError(
+                f"rank {rank} loaded other weights than rank 0 (model fingerprints differ): "
+                "every rank must load the same checkpoint"
+            )
 
 
-def _root(out: h5py.File, handles: list[h5py.File], parallel: str, meta: dict[str, Any],
-          rows: list[np.ndarray] | None) -> None:
+def _root(
+    out: h5py.File,
+    handles: list[h5py.File],
+    parallel: str,
+    meta: dict[str, Any],
+    rows: list[np.ndarray] | None,
+) -> None:
     first = handles[0].attrs
     for key, value in first.items():
         if key not in _RANK_KEYS:
             out.attrs[key] = value
-    entries = [{"rank": rank, "file": rank_file(rank), "capture_id": str(h.attrs["capture_id"]),
-                "local_device": str(h.attrs.get("local_device", "")), "host": str(h.attrs.get("host", "")),
-                "sequences": int(len(rows[rank])) if rows is not None else int(h["inputs/input_ids"].shape[0])}
-               for rank, h in enumerate(handles)]
+    entries = [
+        {
+            "rank": rank,
+            "file": rank_file(rank),
+            "capture_id": str(h.attrs["capture_id"]),
+            "local_device": str(h.attrs.get("local_device", "")),
+            "host": str(h.attrs.get("host", "")),
+            "sequences": int(len(rows[rank]))
+            if rows is not None
+            else int(h["inputs/input_ids"].shape[0]),
+        }
+        for rank, h in enumerate(handles)
+    ]
     out.attrs["rank_files"] = json.dumps(entries)
     out.attrs["devices"] = json.dumps([entry["local_device"] for entry in entries])
     out.attrs["parallel"] = parallel
@@ -202,20 +265,28 @@ def _mirror(handles: list[h5py.File], path: str, parent: h5py.Group, layout: Lay
             _dataset(handles, f"{path}/{key}", group, key, layout)
 
 
-def _dataset(handles: list[h5py.File], path: str, group: h5py.Group, key: str, layout: Layout) -> None:
+def _dataset(
+    handles: list[h5py.File], path: str, group: h5py.Group, key: str, layout: Layout
+) -> None:
     first = handles[0][path]
     per_row = path.startswith("logprobs/") or path.split("/")[-2].isdigit()
     if not per_row or first.ndim == 0:
-        handles[0].copy(first, group, name=key)  # a norm's weight, a statistics record: the same on every rank
+        handles[0].copy(
+            first, group, name=key
+        )  # a norm's weight, a statistics record: the same on every rank
         return
     sources = []
     for rank, handle in enumerate(handles):
         node = handle.get(path)
-        same = (lambda shape: shape[1:]) if layout.parallel == "data" else (lambda shape: shape[:-1])
+        same = (
+            (lambda shape: shape[1:]) if layout.parallel == "data" else (lambda shape: shape[:-1])
+        )
         if node is None or same(node.shape) != same(first.shape):
             found = "nothing" if node is None else f"shape {node.shape}"
-            raise CaptureFormatError(f"rank {rank} stored {found} at /{path} where rank 0 stored {first.shape}: the "
-                                     "ranks recorded different modules (routed experts are not supported here)")
+            raise CaptureFormatError(
+                f"rank {rank} stored {found} at /{path} where rank 0 stored {first.shape}: the "
+                "ranks recorded different modules (routed experts are not supported here)"
+            )
         sources.append(node)
     sharded = str(first.attrs.get("placement", "")) == SHARD_LAST
     vds = _virtual(sources, first, layout, sharded)
@@ -228,7 +299,9 @@ def _dataset(handles: list[h5py.File], path: str, group: h5py.Group, key: str, l
             dataset.attrs[name] = total
 
 
-def _virtual(sources: list[h5py.Dataset], first: h5py.Dataset, layout: Layout, sharded: bool) -> h5py.VirtualLayout:
+def _virtual(
+    sources: list[h5py.Dataset], first: h5py.Dataset, layout: Layout, sharded: bool
+) -> h5py.VirtualLayout:
     def source(rank: int) -> h5py.VirtualSource:
         node = sources[rank]
         return h5py.VirtualSource(rank_file(rank), node.name, shape=node.shape, dtype=node.dtype)
@@ -237,7 +310,7 @@ def _virtual(sources: list[h5py.Dataset], first: h5py.Dataset, layout: Layout, s
         vds = h5py.VirtualLayout(shape=(layout.sequences, *first.shape[1:]), dtype=first.dtype)
         for rank, rows in enumerate(layout.rows or []):
             for start, stop, local in _runs(rows):
-                vds[start:stop] = source(rank)[local: local + stop - start]
+                vds[start:stop] = source(rank)[local : local + stop - start]
         return vds
     if not sharded:
         vds = h5py.VirtualLayout(shape=first.shape, dtype=first.dtype)

@@ -2,6 +2,7 @@
 through its manifest), the module table (:class:`ModuleInfo`), token log-probabilities and
 generations, and :func:`plan_blocks`, the block plan streaming readers share.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ from .h5 import _open_h5, read_checked
 from .tokens import Inputs
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ModuleInfo:
@@ -125,7 +127,11 @@ class Capture:
     @property
     def inputs(self) -> Inputs:
         """The exact inputs of the run, as :class:`~hwdiff.capturing.inputs.Inputs`."""
-        return Inputs(self.input_ids, self.attention_mask, source=str(self.meta.get("inputs_source", self.path)))
+        return Inputs(
+            self.input_ids,
+            self.attention_mask,
+            source=str(self.meta.get("inputs_source", self.path)),
+        )
 
     @property
     def sample_positions(self) -> np.ndarray | None:
@@ -142,26 +148,38 @@ class Capture:
         group = self._file.get("logprobs")
         if group is None:
             return None
-        return TokenLogProbs(*(read_checked(group[name]) for name in LOGPROB_FIELDS),
-                             attrs={key: _plain(value) for key, value in group.attrs.items()})
+        return TokenLogProbs(
+            *(read_checked(group[name]) for name in LOGPROB_FIELDS),
+            attrs={key: _plain(value) for key, value in group.attrs.items()},
+        )
 
     def generation(self) -> Generation:
         """The ``/generation`` group of a greedy generation file."""
         group = self._file.get("generation")
         if group is None:
-            raise CaptureFormatError(f"{self.path} is not a generation file (hwdiff generate); it has no /generation")
+            raise CaptureFormatError(
+                f"{self.path} is not a generation file (hwdiff generate); it has no /generation"
+            )
         attrs = {key: _plain(value) for key, value in group.attrs.items()}
-        logprobs = TokenLogProbs(*(read_checked(group[name]) for name in ("logprobs", "entropy", "topk_ids",
-                                                                           "topk_logprobs")), attrs)
-        return Generation(read_checked(group["ids"]), read_checked(group["lengths"]), logprobs, attrs)
+        logprobs = TokenLogProbs(
+            *(
+                read_checked(group[name])
+                for name in ("logprobs", "entropy", "topk_ids", "topk_logprobs")
+            ),
+            attrs,
+        )
+        return Generation(
+            read_checked(group["ids"]), read_checked(group["lengths"]), logprobs, attrs
+        )
 
     def activation(self, name: str, call: int = 0, slot: str = "output") -> np.ndarray:
         """The whole stored slot, decoded exactly (bfloat16 widened to float32)."""
         dataset = self._dataset(name, call, slot)
         return decode(read_checked(dataset), dataset.attrs["dtype"])
 
-    def iter_chunks(self, name: str, call: int = 0, slot: str = "output",
-                    rows: int | None = None) -> Iterator[np.ndarray]:
+    def iter_chunks(
+        self, name: str, call: int = 0, slot: str = "output", rows: int | None = None
+    ) -> Iterator[np.ndarray]:
         """Decoded blocks of ``rows`` sequences (default: as many as fit in about 16 MiB)."""
         dataset = self._dataset(name, call, slot)
         dtype = dataset.attrs["dtype"]
@@ -170,7 +188,9 @@ class Capture:
         for start in range(0, dataset.shape[0], step):
             yield decode(read_checked(dataset, (slice(start, start + step),)), dtype)
 
-    def read(self, name: str, call: int, slot: str, index: tuple[slice, ...], *, stored: bool = False) -> np.ndarray:
+    def read(
+        self, name: str, call: int, slot: str, index: tuple[slice, ...], *, stored: bool = False
+    ) -> np.ndarray:
         """A decoded block ``dataset[index]`` of a slot (see :func:`plan_blocks`); ``stored``: as
         stored instead (bfloat16 as its uint16 bit patterns, for readers that decode it themselves)."""
         key = (name, call, slot)
@@ -178,7 +198,9 @@ class Capture:
         if opened is None:  # the lookups cost more than reading a small block: once per slot
             dataset = self._dataset(name, call, slot)
             opened = (dataset, str(dataset.attrs["dtype"]))
-            if len(self._opened) >= 64:  # e.g. every residual-stream position of the correlation pass
+            if (
+                len(self._opened) >= 64
+            ):  # e.g. every residual-stream position of the correlation pass
                 del self._opened[next(iter(self._opened))]
             self._opened[key] = opened
         block = read_checked(opened[0], index)
@@ -199,7 +221,9 @@ class Capture:
         """Whether call ``call`` of module ``name`` was stored (a routed expert may never have been hit)."""
         return self._call_group(name, call) is not None
 
-    def slot_info(self, name: str, call: int = 0, slot: str = "output") -> tuple[tuple[int, ...], str]:
+    def slot_info(
+        self, name: str, call: int = 0, slot: str = "output"
+    ) -> tuple[tuple[int, ...], str]:
         """(shape, real dtype) of a stored slot."""
         key = (name, call, slot)
         if key not in self._slot_infos:
@@ -263,7 +287,9 @@ class Capture:
 
     def _dataset(self, name: str, call: int, slot: str) -> h5py.Dataset:
         if self.mode == "stats":
-            raise HwdiffError(f"{self.path} is a 'stats' capture: it holds statistics, not activations")
+            raise HwdiffError(
+                f"{self.path} is a 'stats' capture: it holds statistics, not activations"
+            )
         return self._node(name, call, slot)
 
     def close(self) -> None:
@@ -276,8 +302,10 @@ class Capture:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Capture({str(self.path)!r}, device={self.meta.get('device')!r}, dtype={self.dtype!r}, "
-                f"mode={self.mode!r}, modules={len(self.modules)})")
+        return (
+            f"Capture({str(self.path)!r}, device={self.meta.get('device')!r}, dtype={self.dtype!r}, "
+            f"mode={self.mode!r}, modules={len(self.modules)})"
+        )
 
 
 def _check_parallel(meta: dict[str, Any], file: Path, path: Path) -> None:
@@ -288,8 +316,8 @@ def _check_parallel(meta: dict[str, Any], file: Path, path: Path) -> None:
     elif meta.get("parallel") == "tensor" and "rank" in meta:
         raise CaptureFormatError(
             f"{path} is rank {meta['rank']} of a {meta.get('world_size')}-rank tensor-parallel capture: it holds "
-            f"shards of the column-parallel outputs; open its directory ({path.parent}) to read the whole tensors")
-
+            f"shards of the column-parallel outputs; open its directory ({path.parent}) to read the whole tensors"
+        )
 
 
 def plan_blocks(shape: tuple[int, ...], max_elements: int = 1 << 22) -> list[tuple[slice, ...]]:
@@ -304,8 +332,11 @@ def plan_blocks(shape: tuple[int, ...], max_elements: int = 1 << 22) -> list[tup
         return [(slice(start, min(start + step, shape[0])),) for start in range(0, shape[0], step)]
     per_token = max(1, int(np.prod(shape[2:], dtype=np.int64)))
     tokens = max(1, max_elements // per_token)
-    return [(slice(r, r + 1), slice(t, min(t + tokens, shape[1])))
-            for r in range(shape[0]) for t in range(0, shape[1], tokens)]
+    return [
+        (slice(r, r + 1), slice(t, min(t + tokens, shape[1])))
+        for r in range(shape[0])
+        for t in range(0, shape[1], tokens)
+    ]
 
 
 def open_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) -> Capture:
@@ -319,12 +350,13 @@ def open_capture(path: str | os.PathLike, *, allow_incomplete: bool = False) -> 
     return Capture(path, allow_incomplete=allow_incomplete)
 
 
-
 def _read_meta(handle: h5py.File, path: Path) -> dict[str, Any]:
     meta = {key: _plain(value) for key, value in handle.attrs.items()}
     schema = meta.get("schema")
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_FAMILY + "/"):
-        raise CaptureFormatError(f"{path} is an HDF5 file but not an hwdiff capture (schema {schema!r})")
+        raise CaptureFormatError(
+            f"{path} is an HDF5 file but not an hwdiff capture (schema {schema!r})"
+        )
     if schema.rsplit("/", 1)[1].split(".")[0] != SCHEMA_MAJOR:
         raise CaptureFormatError(
             f"{path} has schema {schema!r}; this hwdiff reads {SCHEMA!r}: upgrade hwdiff to read it"
@@ -340,13 +372,27 @@ def _indexed_modules(handle: h5py.File) -> dict[str, ModuleInfo] | None:
         return None
     index = json.loads(read_checked(node, ()))
     if set(index) != set(handle["modules"]):  # changed after it was written: trust the groups
-        log.warning("%s: /module_index does not list the groups under /modules; reading the groups",
-                    handle.filename)
+        log.warning(
+            "%s: /module_index does not list the groups under /modules; reading the groups",
+            handle.filename,
+        )
         return None
-    modules = [ModuleInfo(name=name, kind=entry["kind"], class_name=entry["class_name"], calls=entry["calls"],
-                          order=entry["order"], shape=tuple(entry["shape"]), dtype=entry["dtype"],
-                          slots=tuple(entry["slots"]), alias_of=entry["alias_of"], has_weight=entry["has_weight"],
-                          weight_offset=entry["weight_offset"]) for name, entry in index.items()]
+    modules = [
+        ModuleInfo(
+            name=name,
+            kind=entry["kind"],
+            class_name=entry["class_name"],
+            calls=entry["calls"],
+            order=entry["order"],
+            shape=tuple(entry["shape"]),
+            dtype=entry["dtype"],
+            slots=tuple(entry["slots"]),
+            alias_of=entry["alias_of"],
+            has_weight=entry["has_weight"],
+            weight_offset=entry["weight_offset"],
+        )
+        for name, entry in index.items()
+    ]
     return {info.name: info for info in sorted(modules, key=lambda info: info.order)}
 
 
@@ -371,16 +417,28 @@ def _walk_modules(handle: h5py.File) -> dict[str, ModuleInfo]:
         first = group.get(str(stored_calls[0])) if stored_calls else None
         inside = set(first) if first is not None else set()
         slots = tuple(slot for slot in SLOTS if slot in inside or f"{slot}_stats" in inside)
-        output = first.get("output", first.get("output_stats")) if inside & {"output", "output_stats"} else None
-        modules.append(ModuleInfo(
-            name=name, kind=str(attrs["kind"]), class_name=str(attrs["class_name"]),
-            calls=int(attrs.get("calls", len(stored_calls))),  # written when the capture finished
-            order=int(attrs["order"]),
-            shape=tuple(output.shape) if output is not None and "output" in inside else (),
-            dtype=str(output.attrs["dtype"]) if output is not None else "",
-            slots=slots,
-            alias_of=_plain(first.attrs.get("output_alias_of")) if first is not None else None,
-            has_weight="weight" in keys,
-            weight_offset=float(attrs.get("weight_offset", offset_from_class(str(attrs["class_name"])) or 0.0)),
-        ))
+        output = (
+            first.get("output", first.get("output_stats"))
+            if inside & {"output", "output_stats"}
+            else None
+        )
+        modules.append(
+            ModuleInfo(
+                name=name,
+                kind=str(attrs["kind"]),
+                class_name=str(attrs["class_name"]),
+                calls=int(
+                    attrs.get("calls", len(stored_calls))
+                ),  # written when the capture finished
+                order=int(attrs["order"]),
+                shape=tuple(output.shape) if output is not None and "output" in inside else (),
+                dtype=str(output.attrs["dtype"]) if output is not None else "",
+                slots=slots,
+                alias_of=_plain(first.attrs.get("output_alias_of")) if first is not None else None,
+                has_weight="weight" in keys,
+                weight_offset=float(
+                    attrs.get("weight_offset", offset_from_class(str(attrs["class_name"])) or 0.0)
+                ),
+            )
+        )
     return {info.name: info for info in sorted(modules, key=lambda info: info.order)}

@@ -8,6 +8,7 @@ batches in float64 on the host. Sums, min and max cover the finite values only; 
 counted. ``std`` is derived as
 sqrt(E[x²] − E[x]²), exact enough in float64 for activations whose mean is not 1e8 times their spread.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -16,10 +17,23 @@ import numpy as np
 
 from ..common import jit
 
-if TYPE_CHECKING:  # torch is imported where a tensor is reduced, so readers of captures never load it
+if (
+    TYPE_CHECKING
+):  # torch is imported where a tensor is reduced, so readers of captures never load it
     import torch
 
-FIELDS = ("count", "mean", "std", "rms", "min", "max", "abs_mean", "abs_max", "nan_count", "inf_count")
+FIELDS = (
+    "count",
+    "mean",
+    "std",
+    "rms",
+    "min",
+    "max",
+    "abs_mean",
+    "abs_max",
+    "nan_count",
+    "inf_count",
+)
 DTYPE = np.dtype([(field, "<f8") for field in FIELDS])
 _FLOAT64_DEVICES = ("cpu", "cuda")
 
@@ -54,9 +68,17 @@ def partial_stats(tensor: "torch.Tensor") -> "torch.Tensor":
         nan = torch.isnan(x).sum().to(acc)
         inf = (x.numel() - is_finite.sum()).to(acc) - nan
     count = x.numel() - nan - inf
-    parts = [count, finite.sum(dtype=acc), torch.linalg.vector_norm(finite, 2, dtype=acc) ** 2,
-             torch.linalg.vector_norm(finite, 1, dtype=acc), low.to(acc), high.to(acc), nan, inf,
-             x.new_zeros((), dtype=acc)]
+    parts = [
+        count,
+        finite.sum(dtype=acc),
+        torch.linalg.vector_norm(finite, 2, dtype=acc) ** 2,
+        torch.linalg.vector_norm(finite, 1, dtype=acc),
+        low.to(acc),
+        high.to(acc),
+        nan,
+        inf,
+        x.new_zeros((), dtype=acc),
+    ]
     return torch.stack([part.to(acc).reshape(()) for part in parts])
 
 
@@ -67,13 +89,28 @@ def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
     if x.dtype == torch.bfloat16:  # its bit patterns: the kernel widens them as it reads
         values = x.contiguous().view(-1).view(torch.int16).numpy().view(np.uint16)
     else:
-        values = (x if x.dtype in (torch.float32, torch.float64) else x.float()).contiguous().view(-1).numpy()
+        values = (
+            (x if x.dtype in (torch.float32, torch.float64) else x.float())
+            .contiguous()
+            .view(-1)
+            .numpy()
+        )
     partial = np.zeros((jit.chunks(values.size), 8))
     compiled = jit.kernels()
     (compiled.stats_parts if len(partial) > 1 else compiled.stats_parts_serial)(values, partial)
     count, total, squares, absolute = partial[:, :4].sum(axis=0)
     nan, inf = partial[:, 6:].sum(axis=0)
-    parts = [count, total, squares, absolute, partial[:, 4].min(), partial[:, 5].max(), nan, inf, 0.0]
+    parts = [
+        count,
+        total,
+        squares,
+        absolute,
+        partial[:, 4].min(),
+        partial[:, 5].max(),
+        nan,
+        inf,
+        0.0,
+    ]
     return torch.tensor(parts, dtype=torch.float64)
 
 
@@ -98,6 +135,16 @@ class RunningStats:
         count, total, squares, abs_total, low, high, nan, inf, _ = self.parts
         n = max(count, 1.0)
         mean = total / n
-        row = (count, mean, max(squares / n - mean * mean, 0.0) ** 0.5, (squares / n) ** 0.5,
-               low, high, abs_total / n, max(abs(low), abs(high)) if count else 0.0, nan, inf)
+        row = (
+            count,
+            mean,
+            max(squares / n - mean * mean, 0.0) ** 0.5,
+            (squares / n) ** 0.5,
+            low,
+            high,
+            abs_total / n,
+            max(abs(low), abs(high)) if count else 0.0,
+            nan,
+            inf,
+        )
         return np.array(row, dtype=DTYPE)

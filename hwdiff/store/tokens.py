@@ -2,6 +2,7 @@
 on creation, with the fingerprint a capture records as ``inputs_fingerprint``. Reading prompts, files
 and arrays into it is :mod:`hwdiff.capturing.inputs`; the writer, the reader and the rank manifest take it here.
 """
+
 from __future__ import annotations
 
 import hashlib

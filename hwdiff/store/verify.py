@@ -1,6 +1,7 @@
 """Verifying a file: :func:`verify_file` reads every dataset of a capture (or a diff.h5, or a
 multi-rank directory) and reports each failed checksum and each changed NaN/Inf count by name.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,12 @@ def verify_file(path: str | os.PathLike, *, block_elements: int = 1 << 22) -> Ve
     problems: list[tuple[str, str]] = []
     try:
         names: list[str] = []
-        handle.visititems(lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None)
-        names = [name for name in names if not handle[name].is_virtual]  # read through their rank files
+        handle.visititems(
+            lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None
+        )
+        names = [
+            name for name in names if not handle[name].is_virtual
+        ]  # read through their rank files
         for name in names:
             problem = _verify_dataset(handle[name], block_elements)
             if problem:
@@ -59,7 +64,9 @@ def verify_file(path: str | os.PathLike, *, block_elements: int = 1 << 22) -> Ve
 def _verify_directory(folder: Path, block_elements: int) -> Verification:
     manifest = ranks.manifest_of(folder)
     with open_capture(folder) as cap:  # refuses a missing or foreign rank file
-        files = [manifest] + [folder / entry["file"] for entry in json.loads(cap.meta["rank_files"])]
+        files = [manifest] + [
+            folder / entry["file"] for entry in json.loads(cap.meta["rank_files"])
+        ]
     datasets, problems = 0, []
     for file in files:
         found = verify_file(file, block_elements=block_elements)
@@ -79,10 +86,17 @@ def _verify_dataset(dataset: h5py.Dataset, block_elements: int) -> str | None:
                 counted[0] += nan
                 counted[1] += inf
     except CorruptDataError as exc:
-        return "crc32 mismatch" if "crc32" in str(exc) else _h5_reason(exc.__cause__) if exc.__cause__ else str(exc)
+        return (
+            "crc32 mismatch"
+            if "crc32" in str(exc)
+            else _h5_reason(exc.__cause__)
+            if exc.__cause__
+            else str(exc)
+        )
     recorded = (int(dataset.attrs.get("nan_count", 0)), int(dataset.attrs.get("inf_count", 0)))
     if dtype and tuple(counted) != recorded and dataset.name.split("/")[-1] in SLOTS:
-        return (f"holds {counted[0]} NaN and {counted[1]} Inf, but {recorded[0]} NaN and {recorded[1]} Inf were "
-                "recorded when it was written: its values were changed afterwards")
+        return (
+            f"holds {counted[0]} NaN and {counted[1]} Inf, but {recorded[0]} NaN and {recorded[1]} Inf were "
+            "recorded when it was written: its values were changed afterwards"
+        )
     return None
-

@@ -2,6 +2,7 @@
 :class:`Alias`, :class:`Signature`, :class:`LogProbRecord`) and :class:`CaptureWriter`, which writes
 them from a background thread (layout: :mod:`hwdiff.store`).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -38,7 +39,9 @@ class Record:
     dtype: str
     event: Any = None  # device event to wait for before the host copy may be read
     reduced: bool = False  # ``array`` is already a stats parts vector (stats mode, accelerators)
-    layout: str = ""  # FLAT or ROUTED when the module's rows were not [sequences, …] (see ``rows`` attribute)
+    layout: str = (
+        ""  # FLAT or ROUTED when the module's rows were not [sequences, …] (see ``rows`` attribute)
+    )
     present: Any = None  # ROUTED: bool [sequences, tokens], True where the token was routed here
     nonfinite: Any = None  # host int64 (NaN count, Inf count), counted on the device, or None
 
@@ -65,7 +68,9 @@ class Register:
     order: int
     weight: Any = None
     weight_dtype: str = ""
-    weight_offset: float = 0.0  # 1.0 for norms computing x̂·(1 + w) (Gemma): the effective scale is 1 + w
+    weight_offset: float = (
+        0.0  # 1.0 for norms computing x̂·(1 + w) (Gemma): the effective scale is 1 + w
+    )
 
 
 @dataclass
@@ -100,11 +105,23 @@ class CaptureWriter:
     thread would compete for the same cores (docs/benchmarks.md).
     """
 
-    def __init__(self, path: str | os.PathLike, *, meta: dict[str, Any], inputs: Inputs, mode: str,
-                 sample_positions: np.ndarray | None = None, compression: str | None = None,
-                 max_bytes: int = 1 << 30, synchronous: bool = False, placements: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        meta: dict[str, Any],
+        inputs: Inputs,
+        mode: str,
+        sample_positions: np.ndarray | None = None,
+        compression: str | None = None,
+        max_bytes: int = 1 << 30,
+        synchronous: bool = False,
+        placements: dict[str, str] | None = None,
+    ) -> None:
         self.path = Path(path)
-        self.placements = placements or {}  # module → placement of its outputs (tensor-parallel shards)
+        self.placements = (
+            placements or {}
+        )  # module → placement of its outputs (tensor-parallel shards)
         self.mode = mode
         self.synchronous = synchronous
         self.rows = inputs.shape[0]
@@ -121,7 +138,9 @@ class CaptureWriter:
         self._modules: dict[str, h5py.Group] = {}  # /modules/<name>, in registration order
         self._root: h5py.Group | None = None  # /modules
         self._index: dict[str, dict[str, Any]] = {}  # what /module_index will say of each module
-        self._inside: dict[tuple[str, int], dict[str, tuple]] = {}  # call group → its slots as written
+        self._inside: dict[
+            tuple[str, int], dict[str, tuple]
+        ] = {}  # call group → its slots as written
         self._calls: dict[str, int] = {}
         self.nonfinite: list[str] = []  # modules with NaN/Inf, in the order they were first seen
         self._thread = None
@@ -140,12 +159,22 @@ class CaptureWriter:
             self._thread = threading.Thread(target=self._run, name="hwdiff-writer", daemon=True)
             self._thread.start()
 
-    def _write_header(self, meta: dict[str, Any], inputs: Inputs, positions: np.ndarray | None) -> None:
-        set_attrs(self._file, {
-            "schema": SCHEMA, "capture_id": uuid.uuid4().hex,
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "mode": self.mode, "inputs_fingerprint": inputs.fingerprint, "inputs_source": inputs.source,
-            **{key: _attr(value) for key, value in meta.items() if value is not None}, "complete": False})
+    def _write_header(
+        self, meta: dict[str, Any], inputs: Inputs, positions: np.ndarray | None
+    ) -> None:
+        set_attrs(
+            self._file,
+            {
+                "schema": SCHEMA,
+                "capture_id": uuid.uuid4().hex,
+                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "mode": self.mode,
+                "inputs_fingerprint": inputs.fingerprint,
+                "inputs_source": inputs.source,
+                **{key: _attr(value) for key, value in meta.items() if value is not None},
+                "complete": False,
+            },
+        )
         group = self._file.create_group("inputs")
         create_checked(group, "input_ids", data=inputs.input_ids.astype(np.int64))
         create_checked(group, "attention_mask", data=inputs.attention_mask.astype(np.int64))
@@ -162,7 +191,11 @@ class CaptureWriter:
             return
         size = _nbytes(item)
         with self._room:
-            while self._queued_bytes and self._queued_bytes + size > self._max_bytes and self._error is None:
+            while (
+                self._queued_bytes
+                and self._queued_bytes + size > self._max_bytes
+                and self._error is None
+            ):
                 self._room.wait(timeout=1.0)
             self._queued_bytes += size
         self._raise_if_failed()
@@ -178,8 +211,12 @@ class CaptureWriter:
                 set_attrs(group, {"calls": self._calls.get(name, 0)})
             for (name, call, slot), running in self._stats.items():
                 dtype = self._stats_dtype[(name, call, slot)]
-                set_attrs(create_checked(self._groups[(name, call)], f"{slot}_stats", data=running.record()),
-                          {"dtype": dtype})
+                set_attrs(
+                    create_checked(
+                        self._groups[(name, call)], f"{slot}_stats", data=running.record()
+                    ),
+                    {"dtype": dtype},
+                )
                 self._inside[(name, call)][f"{slot}_stats"] = ("data", (), dtype)
             create_checked(self._file, "module_index", data=json.dumps(self._module_index()))
             self._file.attrs["complete"] = True
@@ -266,12 +303,19 @@ class CaptureWriter:
             array = item.arrays[name].numpy()
             dataset = group.get(name)
             if dataset is None:
-                dataset = create_checked(group, name, shape=(self.rows, *array.shape[1:]), dtype=array.dtype,
-                                         chunks=_chunk_shape((self.rows, *array.shape[1:]), array.itemsize))
+                dataset = create_checked(
+                    group,
+                    name,
+                    shape=(self.rows, *array.shape[1:]),
+                    dtype=array.dtype,
+                    chunks=_chunk_shape((self.rows, *array.shape[1:]), array.itemsize),
+                )
             if array.shape[1:] != dataset.shape[1:]:
-                raise HwdiffError(f"token log-probabilities changed shape between batches: "
-                                  f"{dataset.shape[1:]} then {array.shape[1:]}")
-            dataset[item.row0: item.row0 + array.shape[0]] = array
+                raise HwdiffError(
+                    f"token log-probabilities changed shape between batches: "
+                    f"{dataset.shape[1:]} then {array.shape[1:]}"
+                )
+            dataset[item.row0 : item.row0 + array.shape[0]] = array
 
     def write_generation(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         """Write the ``/generation`` group of a greedy generation file (see the module docstring)."""
@@ -288,7 +332,9 @@ class CaptureWriter:
         """Every module's :class:`ModuleInfo` fields as :func:`_read_modules` would find them by walking
         the file, from what this writer created (readers then read one dataset instead of ~8 HDF5
         objects per module)."""
-        first: dict[str, int] = {}  # each module's first stored call (one pass: MoE models have thousands)
+        first: dict[
+            str, int
+        ] = {}  # each module's first stored call (one pass: MoE models have thousands)
         for module, call in self._inside:
             first[module] = min(call, first.get(module, call))
         index = {}
@@ -298,21 +344,35 @@ class CaptureWriter:
             if output is not None and output[0] == "alias":
                 target, _, slot = output[1].rpartition("/")
                 module, _, call = target.rpartition("/")
-                output = self._inside.get((module, int(call)), {}).get(slot)  # dangling in stats mode
-            index[name] = {**entry, "calls": self._calls.get(name, 0),
-                           "shape": list(output[1]) if output is not None and "output" in inside else [],
-                           "dtype": output[2] if output is not None else "",
-                           "slots": [slot for slot in SLOTS if slot in inside or f"{slot}_stats" in inside],
-                           "alias_of": inside["output"][1] if inside.get("output", ("",))[0] == "alias" else None}
+                output = self._inside.get((module, int(call)), {}).get(
+                    slot
+                )  # dangling in stats mode
+            index[name] = {
+                **entry,
+                "calls": self._calls.get(name, 0),
+                "shape": list(output[1]) if output is not None and "output" in inside else [],
+                "dtype": output[2] if output is not None else "",
+                "slots": [slot for slot in SLOTS if slot in inside or f"{slot}_stats" in inside],
+                "alias_of": inside["output"][1]
+                if inside.get("output", ("",))[0] == "alias"
+                else None,
+            }
         return index
 
     def _register(self, item: Register) -> None:
-        group = self._module_group(item.name)  # a pre-hook may have stored its inputs already (it registers on return)
+        group = self._module_group(
+            item.name
+        )  # a pre-hook may have stored its inputs already (it registers on return)
         set_attrs(group, {"kind": item.kind, "class_name": item.class_name, "order": item.order})
         self._index[item.name] = {
-            "kind": item.kind, "class_name": item.class_name, "order": item.order, "has_weight": item.weight is not None,
-            "weight_offset": float(item.weight_offset) if item.weight is not None
-            else float(offset_from_class(item.class_name) or 0.0)}
+            "kind": item.kind,
+            "class_name": item.class_name,
+            "order": item.order,
+            "has_weight": item.weight is not None,
+            "weight_offset": float(item.weight_offset)
+            if item.weight is not None
+            else float(offset_from_class(item.class_name) or 0.0),
+        }
         if item.weight is not None:
             data = encode(item.weight)
             set_attrs(create_checked(group, "weight", data=data), {"dtype": item.weight_dtype})
@@ -328,7 +388,9 @@ class CaptureWriter:
 
     def _call_group(self, name: str, call: int) -> h5py.Group:
         group = self._groups.get((name, call))
-        if group is None:  # this writer creates every group once (cached here): no lookups in the file
+        if (
+            group is None
+        ):  # this writer creates every group once (cached here): no lookups in the file
             group = self._groups[(name, call)] = new_group(self._module_group(name), str(call))
             self._inside.setdefault((name, call), {})
             self._calls[name] = max(self._calls.get(name, 0), call + 1)
@@ -342,7 +404,7 @@ class CaptureWriter:
         group = self._groups.get((name, int(call)))
         if not self.synchronous or group is None or slot not in group or self.mode == "stats":
             return None
-        return group[slot][row0: row0 + rows]
+        return group[slot][row0 : row0 + rows]
 
     def _alias(self, item: Alias) -> None:
         group = self._call_group(item.name, item.call)
@@ -363,14 +425,20 @@ class CaptureWriter:
                 f"module {item.name} call {item.call} {item.slot} changed shape between batches: "
                 f"{dataset.shape[1:]} then {stored.shape[1:]}"
             )
-        dataset[item.row0: item.row0 + stored.shape[0]] = stored
+        dataset[item.row0 : item.row0 + stored.shape[0]] = stored
         if item.layout:
             dataset.attrs["rows"] = item.layout
         if item.present is not None:
             self._present(item)
-        nan, inf = item.nonfinite.tolist() if item.nonfinite is not None else nonfinite_counts(stored, item.dtype)
+        nan, inf = (
+            item.nonfinite.tolist()
+            if item.nonfinite is not None
+            else nonfinite_counts(stored, item.dtype)
+        )
         if nan or inf:
-            if item.slot == "output" and item.name not in self.nonfinite:  # -inf in an attention mask is fine
+            if (
+                item.slot == "output" and item.name not in self.nonfinite
+            ):  # -inf in an attention mask is fine
                 self.nonfinite.append(item.name)
             dataset.attrs["nan_count"] = dataset.attrs.get("nan_count", 0) + nan
             dataset.attrs["inf_count"] = dataset.attrs.get("inf_count", 0) + inf
@@ -382,8 +450,12 @@ class CaptureWriter:
         name = f"{item.slot}_present"
         if name not in group:
             create_checked(group, name, shape=(self.rows, present.shape[1]), dtype=bool)
-            self._inside[(item.name, item.call)][name] = ("data", (self.rows, present.shape[1]), "bool")
-        group[name][item.row0: item.row0 + present.shape[0]] = present
+            self._inside[(item.name, item.call)][name] = (
+                "data",
+                (self.rows, present.shape[1]),
+                "bool",
+            )
+        group[name][item.row0 : item.row0 + present.shape[0]] = present
 
     def _add_stats(self, item: Record) -> None:
         key = (item.name, item.call, item.slot)
@@ -399,8 +471,14 @@ class CaptureWriter:
         if item.slot in group:
             return group[item.slot]
         shape = (self.rows, *stored.shape[1:])
-        dataset = create_checked(group, item.slot, shape=shape, dtype=stored.dtype,
-                                 chunks=_chunk_shape(shape, stored.itemsize), **self._filter)
+        dataset = create_checked(
+            group,
+            item.slot,
+            shape=shape,
+            dtype=stored.dtype,
+            chunks=_chunk_shape(shape, stored.itemsize),
+            **self._filter,
+        )
         set_attrs(dataset, {"dtype": item.dtype})
         self._inside[(item.name, item.call)][item.slot] = ("data", shape, item.dtype)
         if item.name in self.placements:
@@ -427,4 +505,3 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | Non
     while len(chunk) > 1 and chunk[1] > 1 and int(np.prod(chunk)) * itemsize > CHUNK_BYTES:
         chunk[1] = (chunk[1] + 1) // 2
     return tuple(chunk)
-

@@ -28,6 +28,7 @@ module instead of keeping its own copy of a rule.
   whether a call overwrote its arguments, measured per call (:func:`writes_into_arguments`).
 
 Importing this module does not import torch (calibration reads diff files without it)."""
+
 from __future__ import annotations
 
 import importlib

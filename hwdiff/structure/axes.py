@@ -1,4 +1,5 @@
 """Axes and attention masks: the token axis of a recorded output, MoE row layouts and routing, each layer's mask type."""
+
 from __future__ import annotations
 
 import re
@@ -47,7 +48,14 @@ def expert_count(output: Any, config: Any = None) -> int | None:
     import torch
 
     items = output if isinstance(output, (tuple, list)) else (output,)
-    scores = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2), None)
+    scores = next(
+        (
+            t
+            for t in items
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2
+        ),
+        None,
+    )
     if scores is not None:
         return int(scores.shape[-1])
     config = getattr(config, "text_config", None) or config
@@ -75,10 +83,24 @@ def routing_indices(output: Any, top_k: int | None) -> Any:
     import torch
 
     items = output if isinstance(output, (tuple, list)) else (output,)
-    chosen = next((t for t in items if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2), None)
+    chosen = next(
+        (
+            t
+            for t in items
+            if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.dim() == 2
+        ),
+        None,
+    )
     if chosen is not None:
         return chosen.long()
-    logits = next((t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2), None)
+    logits = next(
+        (
+            t
+            for t in items
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2
+        ),
+        None,
+    )
     if logits is None or not top_k:
         return None
     return torch.topk(logits.float(), top_k, dim=-1).indices
@@ -122,7 +144,9 @@ def padding_only(config: Any, layer: int | None) -> bool:
     if not layer_types or layer is None or layer >= len(layer_types):
         return False
     kind = str(layer_types[layer])
-    return kind not in _ATTENTION_LAYER_TYPES and (kind == "linear_attention" or "attention" not in kind)
+    return kind not in _ATTENTION_LAYER_TYPES and (
+        kind == "linear_attention" or "attention" not in kind
+    )
 
 
 def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
@@ -135,8 +159,10 @@ def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
         if layer is None:
             kinds = set(layer_types)
             if kinds != {"full_attention"}:
-                raise HwdiffError(f"a module outside the decoder layers takes an attention mask, and the layers mix "
-                                  f"{', '.join(sorted(kinds))}: cannot tell which mask it needs")
+                raise HwdiffError(
+                    f"a module outside the decoder layers takes an attention mask, and the layers mix "
+                    f"{', '.join(sorted(kinds))}: cannot tell which mask it needs"
+                )
             return "full", None
         kind = layer_types[layer]
         if kind == "full_attention":
@@ -145,12 +171,12 @@ def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
             return "sliding", int(window)
         if kind == "chunked_attention":
             return "chunked", int(getattr(config, "attention_chunk_size"))
-        raise HwdiffError(f"layer {layer} uses {kind!r} attention, whose mask hwdiff cannot rebuild")
+        raise HwdiffError(
+            f"layer {layer} uses {kind!r} attention, whose mask hwdiff cannot rebuild"
+        )
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk:
         return "chunked", int(chunk)
     if window is not None and getattr(config, "use_sliding_window", True) is not False:
         return "sliding", int(window)
     return "full", None
-
-

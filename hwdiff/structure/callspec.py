@@ -8,6 +8,7 @@ numbers, strings). A tensor whose first axis is 1 while the batch has more rows 
 position tensor) is stored expanded to the batch. An argument of any other type makes the call
 not replayable, and the spec says why.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -25,10 +26,14 @@ def main_input_path(args: tuple, kwargs: dict) -> tuple | None:
             return ("arg", index)
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return ("kw", "hidden_states")
-    return next((("kw", key) for key, value in kwargs.items() if isinstance(value, torch.Tensor)), None)
+    return next(
+        (("kw", key) for key, value in kwargs.items() if isinstance(value, torch.Tensor)), None
+    )
 
 
-def encode_call(args: tuple, kwargs: dict, main_slot: bool = True) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
+def encode_call(
+    args: tuple, kwargs: dict, main_slot: bool = True
+) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     """(JSON-able spec, [(slot, tensor)]) of one call; the main input's slot is ``input`` unless
     ``main_slot`` is False (the caller stores another tensor there: every argument is then
     ``input.<argument>``, ``input.arg0`` included)."""
@@ -39,19 +44,25 @@ def encode_call(args: tuple, kwargs: dict, main_slot: bool = True) -> tuple[dict
     def encode(value: Any, path: tuple) -> dict:
         if isinstance(value, torch.Tensor):
             if value.dim() == 0 or value.shape[0] not in (rows, 1):
-                return {"unsupported": f"a tensor of shape {tuple(value.shape)} without the batch axis first"}
+                return {
+                    "unsupported": f"a tensor of shape {tuple(value.shape)} without the batch axis first"
+                }
             slot = MAIN if path == main and main_slot else "input." + ".".join(_part(path))
             tensors.append((slot, value))
             return {"slot": slot}
         if isinstance(value, (tuple, list)):
-            return {"seq": [encode(item, (*path, index)) for index, item in enumerate(value)],
-                    "type": type(value).__name__}
+            return {
+                "seq": [encode(item, (*path, index)) for index, item in enumerate(value)],
+                "type": type(value).__name__,
+            }
         if isinstance(value, _PLAIN):
             return {"value": value}
         return {"unsupported": f"an argument of type {type(value).__name__}"}
 
-    spec = {"args": [encode(value, ("arg", index)) for index, value in enumerate(args)],
-            "kwargs": {key: encode(value, ("kw", key)) for key, value in kwargs.items()}}
+    spec = {
+        "args": [encode(value, ("arg", index)) for index, value in enumerate(args)],
+        "kwargs": {key: encode(value, ("kw", key)) for key, value in kwargs.items()},
+    }
     return spec, tensors
 
 
@@ -67,6 +78,7 @@ def _main_tensor(args: tuple, kwargs: dict, path: tuple) -> torch.Tensor:
 
 def unsupported(spec: dict) -> str | None:
     """Why a recorded call cannot be replayed, or None."""
+
     def find(entry: dict) -> str | None:
         if "unsupported" in entry:
             return entry["unsupported"]
@@ -78,6 +90,7 @@ def unsupported(spec: dict) -> str | None:
 
 def decode_call(spec: dict, load: Callable[[str], torch.Tensor]) -> tuple[list, dict]:
     """Rebuild ``(args, kwargs)`` from a spec, reading each stored tensor through ``load(slot)``."""
+
     def decode(entry: dict) -> Any:
         if "slot" in entry:
             return load(entry["slot"])
@@ -86,4 +99,6 @@ def decode_call(spec: dict, load: Callable[[str], torch.Tensor]) -> tuple[list, 
             return tuple(items) if entry.get("type") == "tuple" else items
         return entry["value"]
 
-    return [decode(entry) for entry in spec["args"]], {key: decode(entry) for key, entry in spec["kwargs"].items()}
+    return [decode(entry) for entry in spec["args"]], {
+        key: decode(entry) for key, entry in spec["kwargs"].items()
+    }

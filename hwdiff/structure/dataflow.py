@@ -1,4 +1,5 @@
 """Data flow: every norm's role (pre, post, nested, final, parallel, unresolved), measured on one traced forward."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,7 +50,9 @@ class DataFlow:
 
     norms: tuple[NormRole, ...]
     sub_blocks: dict[str, str]
-    token_major: dict[str, int] = field(default_factory=dict)  # module → k of its [tokens·k, …] rows
+    token_major: dict[str, int] = field(
+        default_factory=dict
+    )  # module → k of its [tokens·k, …] rows
 
     def role(self, name: str) -> NormRole | None:
         return next((n for n in self.norms if n.name == name), None)
@@ -57,10 +60,25 @@ class DataFlow:
     def to_json(self) -> str:
         import json
 
-        return json.dumps({"schema": DATAFLOW_SCHEMA, "sub_blocks": self.sub_blocks, "token_major": self.token_major,
-                           "norms": [{"name": n.name, "role": n.role, "sub_block": n.sub_block, "producer": n.producer,
-                                      "consumers": list(n.consumers), "gated": n.gated, "reason": n.reason}
-                                     for n in self.norms]})
+        return json.dumps(
+            {
+                "schema": DATAFLOW_SCHEMA,
+                "sub_blocks": self.sub_blocks,
+                "token_major": self.token_major,
+                "norms": [
+                    {
+                        "name": n.name,
+                        "role": n.role,
+                        "sub_block": n.sub_block,
+                        "producer": n.producer,
+                        "consumers": list(n.consumers),
+                        "gated": n.gated,
+                        "reason": n.reason,
+                    }
+                    for n in self.norms
+                ],
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str | None) -> "DataFlow | None":
@@ -71,10 +89,26 @@ class DataFlow:
             return None
         data = json.loads(text)
         if data.get("schema") != DATAFLOW_SCHEMA:
-            raise HwdiffError(f"unknown data-flow record schema {data.get('schema')!r} (expected {DATAFLOW_SCHEMA})")
-        norms = tuple(NormRole(n["name"], n["role"], n["sub_block"], n.get("producer"), tuple(n.get("consumers", ())),
-                               bool(n.get("gated")), n.get("reason", "")) for n in data["norms"])
-        return cls(norms, dict(data["sub_blocks"]), {k: int(v) for k, v in (data.get("token_major") or {}).items()})
+            raise HwdiffError(
+                f"unknown data-flow record schema {data.get('schema')!r} (expected {DATAFLOW_SCHEMA})"
+            )
+        norms = tuple(
+            NormRole(
+                n["name"],
+                n["role"],
+                n["sub_block"],
+                n.get("producer"),
+                tuple(n.get("consumers", ())),
+                bool(n.get("gated")),
+                n.get("reason", ""),
+            )
+            for n in data["norms"]
+        )
+        return cls(
+            norms,
+            dict(data["sub_blocks"]),
+            {k: int(v) for k, v in (data.get("token_major") or {}).items()},
+        )
 
 
 class _Tracer:
@@ -84,12 +118,20 @@ class _Tracer:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.keep: list[Any] = []
-        self.produced: dict[tuple[int, int], list[str]] = {}  # value → modules that returned it (in call order)
+        self.produced: dict[
+            tuple[int, int], list[str]
+        ] = {}  # value → modules that returned it (in call order)
         self.consumed: dict[tuple[int, int], list[str]] = {}  # value → modules called with it
-        self.inputs: dict[str, list[tuple[int, int]]] = {}  # module → values of its first call's tensor arguments
+        self.inputs: dict[
+            str, list[tuple[int, int]]
+        ] = {}  # module → values of its first call's tensor arguments
         self.tensor_args: dict[str, int] = {}  # module → tensor arguments of its first call
-        self.row_tensors: dict[str, list] = {}  # module → its first call's [tokens·k, …] tensors (k ≥ 2)
-        self.origin: dict[tuple[int, int], tuple[int, int]] = {}  # value → the value it is a same-size copy of
+        self.row_tensors: dict[
+            str, list
+        ] = {}  # module → its first call's [tokens·k, …] tensors (k ≥ 2)
+        self.origin: dict[
+            tuple[int, int], tuple[int, int]
+        ] = {}  # value → the value it is a same-size copy of
 
     def resolve(self, key: tuple[int, int]) -> tuple[int, int]:
         while key in self.origin:
@@ -112,7 +154,13 @@ class _Tracer:
         import torch
 
         found = []
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else (value,)
+        items = (
+            value.values()
+            if isinstance(value, dict)
+            else value
+            if isinstance(value, (tuple, list))
+            else (value,)
+        )
         for item in items:
             if isinstance(item, torch.Tensor) and item.numel():
                 self.keep.append(item)
@@ -128,12 +176,14 @@ class _Tracer:
             self.tensor_args.setdefault(name, len(storages))
             for storage in storages:
                 self.consumed.setdefault(storage, []).append(name)
+
         return hook
 
     def post(self, name: str):
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
             for storage in self._storages(output):
                 self.produced.setdefault(storage, []).append(name)
+
         return hook
 
 
@@ -152,11 +202,18 @@ def _same_value_mode() -> type:
             import torch
 
             out = func(*args, **(kwargs or {}))
-            flat = [a for arg in (*args, *(kwargs or {}).values())
-                    for a in (arg if isinstance(arg, (tuple, list)) else (arg,))]
+            flat = [
+                a
+                for arg in (*args, *(kwargs or {}).values())
+                for a in (arg if isinstance(arg, (tuple, list)) else (arg,))
+            ]
             tensors = [t for t in flat if isinstance(t, torch.Tensor) and t.numel() > 1]
-            if (len(tensors) == 1 and isinstance(out, torch.Tensor) and out is not tensors[0]
-                    and out.numel() == tensors[0].numel()):
+            if (
+                len(tensors) == 1
+                and isinstance(out, torch.Tensor)
+                and out is not tensors[0]
+                and out.numel() == tensors[0].numel()
+            ):
                 self.tracer.link(out, tensors[0])
             return out
 
@@ -190,7 +247,11 @@ def trace_dataflow(model: Any, input_ids: Any) -> DataFlow:
         for name, module in modules:
             handles.append(module.register_forward_pre_hook(tracer.pre(name), with_kwargs=True))
             handles.append(module.register_forward_hook(tracer.post(name), with_kwargs=True))
-            handles.append(module.register_forward_hook(_row_hook(tracer.row_tensors, name, rows), with_kwargs=True))
+            handles.append(
+                module.register_forward_hook(
+                    _row_hook(tracer.row_tensors, name, rows), with_kwargs=True
+                )
+            )
         # not inference mode: it keeps no version counters
         with torch.no_grad(), _SameValue(tracer):
             model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
@@ -198,11 +259,16 @@ def trace_dataflow(model: Any, input_ids: Any) -> DataFlow:
         for handle in handles:
             handle.remove()
     flow = dataflow_from_trace(tracer, modules)
-    return DataFlow(flow.norms, flow.sub_blocks, _token_major_rows(model, modules, input_ids, tracer.row_tensors))
+    return DataFlow(
+        flow.norms,
+        flow.sub_blocks,
+        _token_major_rows(model, modules, input_ids, tracer.row_tensors),
+    )
 
 
-def _token_major_rows(model: Any, modules: Sequence[tuple[str, Any]], input_ids: Any,
-                      first: dict[str, list]) -> dict[str, int]:
+def _token_major_rows(
+    model: Any, modules: Sequence[tuple[str, Any]], input_ids: Any, first: dict[str, list]
+) -> dict[str, int]:
     """Modules called with ``[sequences·tokens·k, …]`` rows (k ≥ 2: Qwen3-Next's gated norm sees
     ``[b·t·heads, d]``) whose rows provably run token-major: changing the last token of every sequence
     changes exactly rows ``t = T-1`` of ``[b, t, k]`` in every such tensor of the call (the model is
@@ -211,27 +277,39 @@ def _token_major_rows(model: Any, modules: Sequence[tuple[str, Any]], input_ids:
 
     batch, tokens = int(input_ids.shape[0]), int(input_ids.shape[1])
     other = input_ids.clone()
-    other[:, -1] = torch.where(input_ids[:, 0] != input_ids[:, -1], input_ids[:, 0], input_ids[:, -1] ^ 1)
+    other[:, -1] = torch.where(
+        input_ids[:, 0] != input_ids[:, -1], input_ids[:, 0], input_ids[:, -1] ^ 1
+    )
     if not first:  # no module saw such rows: no second forward
         return {}
-    runs = [first, _row_tensors(model, [(n, m) for n, m in modules if n in first], other, batch * tokens)]
+    runs = [
+        first,
+        _row_tensors(model, [(n, m) for n, m in modules if n in first], other, batch * tokens),
+    ]
     found = {}
     for name, first in runs[0].items():
         second = runs[1].get(name)
         if second is None or len(second) != len(first):
             continue
         ks = {t.shape[0] // (batch * tokens) for t in first}
-        if len(ks) == 1 and all(_changed_last_token(a, b, batch, tokens) for a, b in zip(first, second)):
+        if len(ks) == 1 and all(
+            _changed_last_token(a, b, batch, tokens) for a, b in zip(first, second)
+        ):
             found[name] = ks.pop()
     return found
 
 
-def _row_tensors(model: Any, modules: Sequence[tuple[str, Any]], ids: Any, rows: int) -> dict[str, list]:
+def _row_tensors(
+    model: Any, modules: Sequence[tuple[str, Any]], ids: Any, rows: int
+) -> dict[str, list]:
     """Per module, the tensors of its first call (arguments and output) with ``rows·k`` rows, k ≥ 2."""
     import torch
 
     seen: dict[str, list] = {}
-    handles = [module.register_forward_hook(_row_hook(seen, name, rows), with_kwargs=True) for name, module in modules]
+    handles = [
+        module.register_forward_hook(_row_hook(seen, name, rows), with_kwargs=True)
+        for name, module in modules
+    ]
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
@@ -247,15 +325,29 @@ def _row_hook(seen: dict[str, list], name: str, rows: int):
     import torch
 
     def pick(value: Any) -> list:
-        items = value if isinstance(value, (tuple, list)) else tuple(value.values()) if isinstance(value, dict) else (value,)
-        return [t.detach().float().clone() for t in items if isinstance(t, torch.Tensor) and t.dim() >= 2
-                and t.is_floating_point() and t.shape[0] > rows and t.shape[0] % rows == 0]
+        items = (
+            value
+            if isinstance(value, (tuple, list))
+            else tuple(value.values())
+            if isinstance(value, dict)
+            else (value,)
+        )
+        return [
+            t.detach().float().clone()
+            for t in items
+            if isinstance(t, torch.Tensor)
+            and t.dim() >= 2
+            and t.is_floating_point()
+            and t.shape[0] > rows
+            and t.shape[0] % rows == 0
+        ]
 
     def run(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         if name not in seen:
             tensors = pick(args) + pick(kwargs) + pick(output)
             if tensors:
                 seen[name] = tensors
+
     return run
 
 
@@ -303,20 +395,34 @@ def dataflow_from_trace(tracer: _Tracer, modules: Sequence[tuple[str, Any]]) -> 
             sub_blocks[role.sub_block] = _block_kind(role.sub_block, by_name, role.role == "final")
         elif role.sub_block:
             sub_blocks.setdefault(role.sub_block, _block_kind(role.sub_block, by_name, False))
-    outermost = {l for l in layers if not any(a in layers for a in _ancestors(l))}  # decoder layers, not experts
-    for name, module in modules:  # sub-blocks no norm touches: their local error must still be shown
+    outermost = {
+        l for l in layers if not any(a in layers for a in _ancestors(l))
+    }  # decoder layers, not experts
+    for (
+        name,
+        module,
+    ) in modules:  # sub-blocks no norm touches: their local error must still be shown
         parent = name.rpartition(".")[0]
-        if (parent in outermost and name in tracer.inputs and not is_norm(module) and not is_layernorm(module)
-                and any(True for _ in module.parameters())):
+        if (
+            parent in outermost
+            and name in tracer.inputs
+            and not is_norm(module)
+            and not is_layernorm(module)
+            and any(True for _ in module.parameters())
+        ):
             sub_blocks.setdefault(name, _block_kind(name, by_name, False))
     return DataFlow(tuple(roles), sub_blocks)
 
 
-def _norm_role(name: str, module: Any, tracer: _Tracer, layers: set[str], by_name: Mapping[str, Any]) -> NormRole:
+def _norm_role(
+    name: str, module: Any, tracer: _Tracer, layers: set[str], by_name: Mapping[str, Any]
+) -> NormRole:
     ancestors = _ancestors(name)
     gated = tracer.tensor_args.get(name, 0) > 1 and not _takes_residual(module)
     if name not in tracer.inputs:
-        return NormRole(name, "unresolved", None, gated=gated, reason="never called in the traced forward")
+        return NormRole(
+            name, "unresolved", None, gated=gated, reason="never called in the traced forward"
+        )
     container = next((a for a in ancestors if a in layers), None)  # its decoder layer
     inside = [a for a in ancestors if container is not None and a.startswith(container + ".")]
     if inside:  # inside a child of its layer: a nested norm
@@ -324,8 +430,13 @@ def _norm_role(name: str, module: Any, tracer: _Tracer, layers: set[str], by_nam
     exclude = set(ancestors) | {name} | {n for n in by_name if n.startswith(name + ".")}
     own_input = tracer.inputs[name][0]
     producers = _outermost(tracer.produced.get(own_input, []), exclude)
-    siblings = [p for p in producers if _same_level(p, container) and not is_norm(by_name[p])
-                and not any(l == p or l.startswith(p + ".") for l in layers)]  # a decoder layer is no sub-block
+    siblings = [
+        p
+        for p in producers
+        if _same_level(p, container)
+        and not is_norm(by_name[p])
+        and not any(l == p or l.startswith(p + ".") for l in layers)
+    ]  # a decoder layer is no sub-block
     consumers = tuple(_outermost(_consumers_of(name, tracer), exclude))
     producer = siblings[-1] if siblings else None
     if producer is not None:
@@ -334,17 +445,38 @@ def _norm_role(name: str, module: Any, tracer: _Tracer, layers: set[str], by_nam
         heads = [c for c in consumers if not any(c.startswith(l + ".") for l in layers)]
         if len(heads) == 1:
             return NormRole(name, "final", heads[0], None, consumers, gated)
-        return NormRole(name, "unresolved", None, None, consumers, gated,
-                        f"outside the decoder layers and feeding {', '.join(consumers) or 'no module'}, not one head")
+        return NormRole(
+            name,
+            "unresolved",
+            None,
+            None,
+            consumers,
+            gated,
+            f"outside the decoder layers and feeding {', '.join(consumers) or 'no module'}, not one head",
+        )
     blocks = [c for c in consumers if _same_level(c, container)]
     if len(blocks) == 1:
         return NormRole(name, "pre", blocks[0], None, consumers, gated)
     if len(blocks) > 1:
-        return NormRole(name, "parallel", None, None, consumers, gated,
-                        f"feeds {len(blocks)} sub-blocks in parallel ({', '.join(blocks)}): hwdiff does not split one "
-                        "norm's σ between sub-blocks")
-    return NormRole(name, "unresolved", None, None, consumers, gated,
-                    "neither fed by a sub-block's output nor feeding one (a norm between plain tensor operations)")
+        return NormRole(
+            name,
+            "parallel",
+            None,
+            None,
+            consumers,
+            gated,
+            f"feeds {len(blocks)} sub-blocks in parallel ({', '.join(blocks)}): hwdiff does not split one "
+            "norm's σ between sub-blocks",
+        )
+    return NormRole(
+        name,
+        "unresolved",
+        None,
+        None,
+        consumers,
+        gated,
+        "neither fed by a sub-block's output nor feeding one (a norm between plain tensor operations)",
+    )
 
 
 def _consumers_of(name: str, tracer: _Tracer) -> list[str]:
@@ -378,21 +510,33 @@ def _block_kind(name: str, by_name: Mapping[str, Any], head: bool) -> str:
     return "mixer"
 
 
-_NAME_RULE_ROLES = {"pre_attention": "pre", "pre_mlp": "pre", "post_attention": "post", "post_mlp": "post",
-                    "q_norm": "nested", "k_norm": "nested", "final": "final"}
+_NAME_RULE_ROLES = {
+    "pre_attention": "pre",
+    "pre_mlp": "pre",
+    "post_attention": "post",
+    "post_mlp": "post",
+    "q_norm": "nested",
+    "k_norm": "nested",
+    "final": "final",
+}
 
 
 def name_rule_disagreements(flow: DataFlow, module_names: Sequence[str]) -> list[str]:
     """The cross-check: norms whose measured ``(role, sub-block)`` differs from what the name rule
     (:func:`norm_specs_from_names`) says, one line each (the measurement is what hwdiff uses)."""
-    specs = {spec.name: spec for spec in norm_specs_from_names(module_names, {}, norms=[n.name for n in flow.norms])}
+    specs = {
+        spec.name: spec
+        for spec in norm_specs_from_names(module_names, {}, norms=[n.name for n in flow.norms])
+    }
     lines = []
     for role in flow.norms:
         spec = specs[role.name]
         named = (_NAME_RULE_ROLES.get(spec.role, "unknown"), spec.subblock)
         if named != (role.role, role.sub_block):
-            lines.append(f"{role.name}: measured {role.role} of {role.sub_block}, the name rule says {named[0]} of "
-                         f"{named[1]}")
+            lines.append(
+                f"{role.name}: measured {role.role} of {role.sub_block}, the name rule says {named[0]} of "
+                f"{named[1]}"
+            )
     return lines
 
 
@@ -405,5 +549,3 @@ def dataflow_of_capture(model: Any, input_ids: Any) -> DataFlow | None:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.as_tensor(input_ids[:1, :TRACE_TOKENS], dtype=torch.int64, device=device)
     return trace_dataflow(model, ids)
-
-

@@ -1,4 +1,5 @@
 """Module kinds by what a module is (class lineage and shape), never by isinstance against a library's classes."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,7 +39,9 @@ def module_kind(name: str, module: Any) -> str:
         return "layernorm"
     if "router" in cls or (leaf == "gate" and _is_moe_parent(name)):
         return "router"
-    if isinstance(module, torch.nn.Linear) or (cls == "conv1d" and hasattr(module, "nf")):  # GPT-2's Conv1D
+    if isinstance(module, torch.nn.Linear) or (
+        cls == "conv1d" and hasattr(module, "nf")
+    ):  # GPT-2's Conv1D
         return "linear"
     if lineage & _VLLM_LINEARS:  # they return (output, bias): the output is recorded
         return "linear"
@@ -71,13 +74,15 @@ def _is_embedding(module: Any) -> bool:
     if isinstance(module, torch.nn.Embedding):
         return True
     weight = getattr(module, "weight", None)
-    return (isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and isinstance(getattr(module, "num_embeddings", None), int)
-            and isinstance(getattr(module, "embedding_dim", None), int) and weight.shape[-1] == module.embedding_dim)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and isinstance(getattr(module, "num_embeddings", None), int)
+        and isinstance(getattr(module, "embedding_dim", None), int)
+        and weight.shape[-1] == module.embedding_dim
+    )
 
 
 def _is_moe_parent(name: str) -> bool:
     parent = name.rpartition(".")[0].rsplit(".", 1)[-1]
     return parent in ("block_sparse_moe", "mlp", "moe")
-
-

@@ -1,4 +1,5 @@
 """Norms, decoder layers and sub-blocks by name: which modules are norms, their effective scale, layer indices, norm specs and counts."""
+
 from __future__ import annotations
 
 import re
@@ -7,8 +8,21 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import HwdiffError
 
-KINDS = ("embedding", "rmsnorm", "layernorm", "linear", "attention", "mlp", "moe", "mixer", "router", "activation",
-         "decoder_layer", "head", "other")
+KINDS = (
+    "embedding",
+    "rmsnorm",
+    "layernorm",
+    "linear",
+    "attention",
+    "mlp",
+    "moe",
+    "mixer",
+    "router",
+    "activation",
+    "decoder_layer",
+    "head",
+    "other",
+)
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?=\.|$)")
 _LAYER_ITEM = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.\d+$")
 _ACTIVATION_MODULES = ("torch.nn.modules.activation", "transformers.activations")
@@ -17,16 +31,43 @@ _MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "moe")
 # vLLM's linear layers and fused activations, by lineage: a class counts when any class it inherits from
 # has one of these names, so vLLM-Ascend's subclasses (AscendSiluAndMul, AscendSiluAndMul310, Ascend*Linear)
 # and platform variants are known without being listed.
-_VLLM_LINEARS = frozenset(("linearbase", "qkvparallellinear", "mergedcolumnparallellinear", "rowparallellinear",
-                           "columnparallellinear", "replicatedlinear"))
-_VLLM_ACTIVATIONS = frozenset(("siluandmul", "geluandmul", "mulandsilu", "siluandmulwithclamp", "swigluoaiandmul",
-                               "fatreluandmul", "quickgelu", "newgelu", "fastgelu"))
+_VLLM_LINEARS = frozenset(
+    (
+        "linearbase",
+        "qkvparallellinear",
+        "mergedcolumnparallellinear",
+        "rowparallellinear",
+        "columnparallellinear",
+        "replicatedlinear",
+    )
+)
+_VLLM_ACTIVATIONS = frozenset(
+    (
+        "siluandmul",
+        "geluandmul",
+        "mulandsilu",
+        "siluandmulwithclamp",
+        "swigluoaiandmul",
+        "fatreluandmul",
+        "quickgelu",
+        "newgelu",
+        "fastgelu",
+    )
+)
 
 # model_type → norms per decoder layer (plus one final norm): docs/design.md#the-aqn-injector.
 NORMS_PER_LAYER = {
-    "qwen2": 2, "llama": 2, "mistral": 2, "qwen2_moe": 2, "mixtral": 2, "gemma": 2,
-    "qwen3": 4, "qwen3_moe": 4, "gemma2": 4,
-    "gemma3": 6, "gemma3_text": 6,
+    "qwen2": 2,
+    "llama": 2,
+    "mistral": 2,
+    "qwen2_moe": 2,
+    "mixtral": 2,
+    "gemma": 2,
+    "qwen3": 4,
+    "qwen3_moe": 4,
+    "gemma2": 4,
+    "gemma3": 6,
+    "gemma3_text": 6,
 }
 
 
@@ -38,7 +79,11 @@ def is_norm(module: Any) -> bool:
     import torch
 
     weight = getattr(module, "weight", None)
-    return "rmsnorm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    return (
+        "rmsnorm" in type(module).__name__.lower()
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 1
+    )
 
 
 def is_layernorm(module: Any) -> bool:
@@ -46,7 +91,9 @@ def is_layernorm(module: Any) -> bool:
     import torch
 
     name = type(module).__name__.lower()
-    return isinstance(module, torch.nn.LayerNorm) or (name.endswith("layernorm") and "rms" not in name)
+    return isinstance(module, torch.nn.LayerNorm) or (
+        name.endswith("layernorm") and "rms" not in name
+    )
 
 
 def find_norms(model: Any) -> list[tuple[str, Any]]:
@@ -62,8 +109,10 @@ def layernorm_names(model: Any) -> list[str]:
 def aqn_needs_rmsnorm(layernorms: Sequence[str]) -> str:
     """The one wording of "this model normalises with LayerNorm: AQN does not apply (yet)"."""
     shown = ", ".join(layernorms[:3]) + (" …" if len(layernorms) > 3 else "")
-    return (f"the model normalises with LayerNorm ({len(layernorms)} modules: {shown}). AQN (QeRL) is defined on "
-            "RMSNorm weights; noise on LayerNorm weights is a possible later extension that hwdiff does not do")
+    return (
+        f"the model normalises with LayerNorm ({len(layernorms)} modules: {shown}). AQN (QeRL) is defined on "
+        "RMSNorm weights; noise on LayerNorm weights is a possible later extension that hwdiff does not do"
+    )
 
 
 def offset_from_class(class_name: str) -> float | None:
@@ -97,13 +146,17 @@ def _probe_offset(module: Any) -> float:
     weight = module.weight
     zeroed = [t for t in (weight, getattr(module, "bias", None)) if isinstance(t, torch.Tensor)]
     saved = [t.detach().clone() for t in zeroed]
-    probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    probe = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(
+        weight.device, weight.dtype
+    )
     extra = [torch.full_like(probe, 2.0) for _ in range(_required_tensor_arguments(module) - 1)]
     try:
         with torch.no_grad():
             for tensor in zeroed:
                 tensor.zero_()
-            output = module.forward(probe, *extra)  # not __call__: no hooks (the probe may run inside one)
+            output = module.forward(
+                probe, *extra
+            )  # not __call__: no hooks (the probe may run inside one)
     finally:
         with torch.no_grad():
             for tensor, value in zip(zeroed, saved):
@@ -120,7 +173,11 @@ def _required_tensor_arguments(module: Any) -> int:
         parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return 1
-    required = [p for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [
+        p
+        for p in parameters
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     return max(1, len(required))
 
 
@@ -163,7 +220,7 @@ def depth_chains(names: Iterable[str]) -> list[list[str]]:
         if match is None:
             singles.append([name])
         else:
-            chains.setdefault(name[match.end():], []).append((int(match.group(1)), name))
+            chains.setdefault(name[match.end() :], []).append((int(match.group(1)), name))
     return [[name for _, name in sorted(chain)] for chain in chains.values()] + singles
 
 
@@ -174,7 +231,11 @@ def is_decoder_layer_name(name: str) -> bool:
 
 def decoder_layers(model: Any) -> list[tuple[int, str, Any]]:
     """``(index, qualified name, module)`` of every decoder layer, in index order."""
-    found = [(layer_index(name), name, module) for name, module in model.named_modules() if is_decoder_layer_name(name)]
+    found = [
+        (layer_index(name), name, module)
+        for name, module in model.named_modules()
+        if is_decoder_layer_name(name)
+    ]
     return sorted(((i, n, m) for i, n, m in found if i is not None), key=lambda item: item[0])
 
 
@@ -204,19 +265,31 @@ def norm_specs(model: Any) -> list[NormSpec]:
     """A :class:`NormSpec` for every RMSNorm of ``model``, in registration order."""
     names = [name for name, _ in model.named_modules() if name]
     norms = find_norms(model)
-    return norm_specs_from_names(names, {n: type(m).__name__ for n, m in norms},
-                                 offsets={n: norm_offset(m) for n, m in norms}, norms=[n for n, _ in norms])
+    return norm_specs_from_names(
+        names,
+        {n: type(m).__name__ for n, m in norms},
+        offsets={n: norm_offset(m) for n, m in norms},
+        norms=[n for n, _ in norms],
+    )
 
 
-def norm_specs_from_names(names: Sequence[str], class_names: Mapping[str, str], *,
-                          offsets: Mapping[str, float] | None = None,
-                          norms: Iterable[str] | None = None) -> list[NormSpec]:
+def norm_specs_from_names(
+    names: Sequence[str],
+    class_names: Mapping[str, str],
+    *,
+    offsets: Mapping[str, float] | None = None,
+    norms: Iterable[str] | None = None,
+) -> list[NormSpec]:
     """The same as :func:`norm_specs`, from qualified module names (a capture's, in forward or
     registration order) and class names, without the model. ``norms``: which names are RMSNorms
     (default: those whose class name contains ``rmsnorm``). ``offsets``: known offsets (a capture's
     ``weight_offset`` attributes); otherwise the class rule :func:`offset_from_class` decides."""
     present = set(names)
-    chosen = list(norms) if norms is not None else [n for n in names if "rmsnorm" in class_names.get(n, "").lower()]
+    chosen = (
+        list(norms)
+        if norms is not None
+        else [n for n in names if "rmsnorm" in class_names.get(n, "").lower()]
+    )
     specs = []
     for name in chosen:
         cls = class_names.get(name, "")
@@ -233,8 +306,14 @@ def _role(name: str, present: set[str]) -> tuple[str, str | None, tuple[str, str
     sibling = _sibling(parent, present)
     if leaf in ("q_norm", "k_norm", "query_norm", "key_norm"):
         role = "q_norm" if leaf.startswith("q") else "k_norm"
-        core_out = next((f"{parent}.{proj}" for proj in ("o_proj", "out_proj", "dense", "c_proj")
-                         if f"{parent}.{proj}" in present), None)
+        core_out = next(
+            (
+                f"{parent}.{proj}"
+                for proj in ("o_proj", "out_proj", "dense", "c_proj")
+                if f"{parent}.{proj}" in present
+            ),
+            None,
+        )
         return role, parent or None, (core_out, "input") if core_out else None
     if layer_index(name) is None:
         head = next((n for n in ("lm_head", "model.lm_head") if n in present), None)
@@ -256,6 +335,7 @@ def _role(name: str, present: set[str]) -> tuple[str, str | None, tuple[str, str
 def _sibling(parent: str, present: set[str]):
     def find(candidates: Sequence[str]) -> str | None:
         return next((f"{parent}.{c}" for c in candidates if f"{parent}.{c}" in present), None)
+
     return find
 
 
@@ -272,15 +352,19 @@ def expected_norm_count(model_or_config: Any) -> int | None:
     return per_layer * layers + 1 if per_layer is not None and isinstance(layers, int) else None
 
 
-def check_norm_layout(names: Sequence[str], model_or_config: Any = None, *, what: str = "RMSNorm") -> None:
+def check_norm_layout(
+    names: Sequence[str], model_or_config: Any = None, *, what: str = "RMSNorm"
+) -> None:
     """Raise :class:`HwdiffError` unless ``names`` (qualified norm names) has the family's expected
     count, or — for a family hwdiff does not know — the same set of norms in every decoder layer."""
     expected = expected_norm_count(model_or_config) if model_or_config is not None else None
     model_type = getattr(getattr(model_or_config, "config", model_or_config), "model_type", None)
     if expected is not None:
         if len(names) != expected:
-            raise HwdiffError(f"matched {len(names)} {what} layers, expected {expected} for {model_type}: "
-                              f"{', '.join(list(names)[:4])} …")
+            raise HwdiffError(
+                f"matched {len(names)} {what} layers, expected {expected} for {model_type}: "
+                f"{', '.join(list(names)[:4])} …"
+            )
         return
     per_layer: dict[int, set[str]] = {}
     for name in names:
@@ -291,8 +375,10 @@ def check_norm_layout(names: Sequence[str], model_or_config: Any = None, *, what
     layouts = {(kinds.get(index), frozenset(leaves)) for index, leaves in per_layer.items()}
     if len({kind for kind, _ in layouts}) != len(layouts):
         counts = {index: len(leaves) for index, leaves in sorted(per_layer.items())}
-        raise HwdiffError(f"the decoder layers carry different sets of {what} modules ({counts} per layer): "
-                          "an unknown layout, refusing to guess which norms AQN should touch")
+        raise HwdiffError(
+            f"the decoder layers carry different sets of {what} modules ({counts} per layer): "
+            "an unknown layout, refusing to guess which norms AQN should touch"
+        )
 
 
 def _layer_kinds(model: Any) -> dict[int, frozenset]:
@@ -301,7 +387,7 @@ def _layer_kinds(model: Any) -> dict[int, frozenset]:
     model (names only: every layer must then carry the same norms)."""
     if not hasattr(model, "named_modules"):
         return {}
-    return {index: frozenset(type(child).__name__ for child in module.children() if not is_norm(child))
-            for index, _, module in decoder_layers(model)}
-
-
+    return {
+        index: frozenset(type(child).__name__ for child in module.children() if not is_norm(child))
+        for index, _, module in decoder_layers(model)
+    }

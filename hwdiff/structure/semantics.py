@@ -1,4 +1,5 @@
 """Call semantics: tuple outputs and in-place updates of fused norms and decoder layers, by meaning."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ FUSED_NORMS: dict[str, FusedNorm] = {
 def register_fused_norm(class_name: str, *, normed: int = 0, residual: int = 1) -> None:
     """Declare the tuple order of another fused add+norm class, by class name."""
     if {normed, residual} != {0, 1}:
-        raise HwdiffError(f"a fused norm returns (normed, residual) in some order: got elements {normed}, {residual}")
+        raise HwdiffError(
+            f"a fused norm returns (normed, residual) in some order: got elements {normed}, {residual}"
+        )
     FUSED_NORMS[class_name] = FusedNorm(normed, residual)
     _DETECTED.pop(class_name, None)
 
@@ -62,7 +65,10 @@ def _signature(module: Any) -> Any:
                 signature = inspect.signature(function)
             except (TypeError, ValueError):  # a forward without a Python signature
                 continue
-            if any(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in list(signature.parameters.values())[1:]):
+            if any(
+                p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                for p in list(signature.parameters.values())[1:]
+            ):
                 found = signature
                 break
         _PARAMS[cls] = found
@@ -82,7 +88,11 @@ def is_fused_norm(module: Any) -> bool:
 def is_residual_layer(module: Any) -> bool:
     """A decoder layer called ``layer(positions, hidden_states, residual)`` that returns
     ``(sub-block output, residual)`` (vLLM): its residual stream is the sum of the two."""
-    return not is_norm(module) and "decoderlayer" in type(module).__name__.lower() and _takes_residual(module)
+    return (
+        not is_norm(module)
+        and "decoderlayer" in type(module).__name__.lower()
+        and _takes_residual(module)
+    )
 
 
 def _arguments(module: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -106,7 +116,9 @@ def input_by_meaning(module: Any, args: tuple, kwargs: dict) -> Any:
         return None
     if residual is None or x is None:
         return x
-    return residual + x  # as HF adds the stream: residual + sub-block output (exact in the tensors' dtype)
+    return (
+        residual + x
+    )  # as HF adds the stream: residual + sub-block output (exact in the tensors' dtype)
 
 
 def _tensors(value: Any) -> list:
@@ -114,7 +126,13 @@ def _tensors(value: Any) -> list:
 
     if isinstance(value, torch.Tensor):
         return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    items = (
+        value.values()
+        if isinstance(value, dict)
+        else value
+        if isinstance(value, (tuple, list))
+        else ()
+    )
     return [item for item in items if isinstance(item, torch.Tensor)]
 
 
@@ -133,7 +151,10 @@ def _storage(tensor: Any) -> int | None:
     try:
         storage = tensor.untyped_storage()
         return storage.data_ptr() if storage.nbytes() else None
-    except (RuntimeError, NotImplementedError):  # a wrapper tensor subclass without a storage of its own
+    except (
+        RuntimeError,
+        NotImplementedError,
+    ):  # a wrapper tensor subclass without a storage of its own
         return None
 
 
@@ -146,7 +167,13 @@ def output_by_meaning(module: Any, output: Any) -> Any:
 
     if isinstance(output, torch.Tensor):
         return output
-    items = list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, (tuple, list)) else []
+    items = (
+        list(output.values())
+        if isinstance(output, dict)
+        else list(output)
+        if isinstance(output, (tuple, list))
+        else []
+    )
     tensors = [item for item in items if isinstance(item, torch.Tensor)]
     pair = len(items) == 2 and len(tensors) == 2 and tensors[0].shape == tensors[1].shape
     if pair and is_fused_norm(module):
@@ -168,14 +195,17 @@ def _normed_element(module: Any, tensors: list) -> FusedNorm:
     channels = scale.abs() > 1e-6 * float(scale.abs().max())
     unit = []
     for tensor in tensors:
-        rows = (tensor.detach().float()[..., channels] / scale[channels].to(tensor.device)).reshape(-1, int(channels.sum()))
+        rows = (tensor.detach().float()[..., channels] / scale[channels].to(tensor.device)).reshape(
+            -1, int(channels.sum())
+        )
         rms = rows.pow(2).mean(dim=-1).sqrt()
         unit.append(bool(rows.shape[0]) and bool(torch.all((rms - 1).abs() < 0.02)))
     if unit.count(True) != 1:
         raise SemanticsError(
             f"{type(module).__name__} returns two tensors and hwdiff cannot tell which is the normed output "
             f"(unit rms after the weight: {unit}); declare its order with "
-            "hwdiff.structure.register_fused_norm(class_name, normed=..., residual=...)")
+            "hwdiff.structure.register_fused_norm(class_name, normed=..., residual=...)"
+        )
     normed = unit.index(True)
     return FusedNorm(normed, 1 - normed)
 
@@ -190,17 +220,29 @@ def flat_sequences(positions: Any) -> tuple[int, int]:
     import torch
 
     if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
-        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
-        raise SemanticsError(f"positions of shape {shape}, not [num_tokens] (M-RoPE or no positions): the "
-                             "sequences of the batch cannot be told")
+        shape = (
+            tuple(positions.shape)
+            if isinstance(positions, torch.Tensor)
+            else type(positions).__name__
+        )
+        raise SemanticsError(
+            f"positions of shape {shape}, not [num_tokens] (M-RoPE or no positions): the "
+            "sequences of the batch cannot be told"
+        )
     flat = positions.detach().to("cpu", torch.int64)
     starts = torch.nonzero(flat == 0).flatten().tolist()
     if not starts or starts[0] != 0:
-        raise SemanticsError("the batch does not start at position 0 (a decode step, a chunked or prefix-cached "
-                             "prefill): it is not whole prompts")
+        raise SemanticsError(
+            "the batch does not start at position 0 (a decode step, a chunked or prefix-cached "
+            "prefill): it is not whole prompts"
+        )
     tokens = (starts[1] if len(starts) > 1 else len(flat)) - starts[0]
-    if len(flat) % tokens or not torch.equal(flat, torch.arange(tokens).repeat(len(flat) // tokens)):
-        raise SemanticsError(f"the {len(flat)} tokens of the batch are not prompts of one length (positions "
-                             f"{flat[:8].tolist()} …): equal-length prompts make [num_tokens] reshape exactly to "
-                             "[sequences, tokens]; use prompts of one length")
+    if len(flat) % tokens or not torch.equal(
+        flat, torch.arange(tokens).repeat(len(flat) // tokens)
+    ):
+        raise SemanticsError(
+            f"the {len(flat)} tokens of the batch are not prompts of one length (positions "
+            f"{flat[:8].tolist()} …): equal-length prompts make [num_tokens] reshape exactly to "
+            "[sequences, tokens]; use prompts of one length"
+        )
     return len(flat) // tokens, tokens

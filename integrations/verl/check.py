@@ -27,6 +27,7 @@ Not run: Ray's dispatch (the worker's one-line forward of ``update_noise_injecti
 reproduced), vLLM's weight loading (a full sync reloads the clean weights, later syncs take the
 fork's LoRA path: restore from its cache), Hydra's config composition beyond the override rules above.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,10 @@ def override_value(text: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         if text.strip()[:1] in "[{":
-            raise CheckFailed(f"cannot read {text[:60]!r} as Hydra would: check.py reads lists and dicts as Python "
-                              f"literals (quote every string, as hwdiff's ++ lines do)") from None
+            raise CheckFailed(
+                f"cannot read {text[:60]!r} as Hydra would: check.py reads lists and dicts as Python "
+                f"literals (quote every string, as hwdiff's ++ lines do)"
+            ) from None
         return {"true": True, "false": False, "null": None}.get(text.lower(), text)
 
 
@@ -141,7 +144,9 @@ def _tree(verl: Path, name: str) -> tuple[str, ast.Module]:
     return text, ast.parse(text)
 
 
-def _function(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+def _function(
+    tree: ast.Module, cls: str, name: str
+) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
     for item in tree.body:
         if isinstance(item, ast.ClassDef) and item.name == cls:
             for f in item.body:
@@ -153,7 +158,7 @@ def _function(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef | ast.As
 def _mentions(text: str | list[str], stmt: ast.AST, *words: str) -> bool:
     """Whether the source lines of ``stmt`` contain one of ``words`` (``text``: the file or its lines)."""
     lines = text.splitlines() if isinstance(text, str) else text
-    source = "\n".join(lines[stmt.lineno - 1:stmt.end_lineno])
+    source = "\n".join(lines[stmt.lineno - 1 : stmt.end_lineno])
     return any(word in source for word in words)
 
 
@@ -162,7 +167,15 @@ def _code(stmts: list[ast.stmt], filename: str):
     return compile(ast.fix_missing_locations(module), filename, "exec")
 
 
-def _bind(obj, text: str, tree: ast.Module, cls: str, names: tuple[str, ...], namespace: dict, filename: str) -> None:
+def _bind(
+    obj,
+    text: str,
+    tree: ast.Module,
+    cls: str,
+    names: tuple[str, ...],
+    namespace: dict,
+    filename: str,
+) -> None:
     for name in names:
         function = _function(tree, cls, name)
         if function is None:
@@ -189,8 +202,14 @@ def fork_modules(verl: Path):
     profiler.ProfilerConfig = type("ProfilerConfig", (), {})
     verl_pkg, utils = types.ModuleType("verl"), types.ModuleType("verl.utils")
     verl_pkg.utils, utils.noise_injection, utils.profiler = utils, noise, profiler
-    stand_ins = {"verl": verl_pkg, "verl.utils": utils, "verl.utils.noise_injection": noise,
-                 "verl.base_config": base_config, "verl.utils.profiler": profiler, "omegaconf": omegaconf}
+    stand_ins = {
+        "verl": verl_pkg,
+        "verl.utils": utils,
+        "verl.utils.noise_injection": noise,
+        "verl.base_config": base_config,
+        "verl.utils.profiler": profiler,
+        "omegaconf": omegaconf,
+    }
     saved = {name: sys.modules.get(name) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:
@@ -209,13 +228,27 @@ class Trainer:
     def __init__(self, verl: Path, config: Node, steps_per_epoch: int, worker):
         self.verl, self.config = verl, config
         self.train_dataloader = range(steps_per_epoch)
-        self.actor_rollout_wg = types.SimpleNamespace(execute_all_async=lambda method, **kw: getattr(worker, method)(**kw))
+        self.actor_rollout_wg = types.SimpleNamespace(
+            execute_all_async=lambda method, **kw: getattr(worker, method)(**kw)
+        )
         text, self.tree = _tree(verl, TRAINER)
         self.text = text.splitlines()
         self.hooks: dict[str, object] = {}
-        self.namespace = {"ray": types.SimpleNamespace(get=lambda value: value), "print": lambda *a, **k: None,
-                          "OmegaConf": None, "open_dict": lambda config: contextlib.nullcontext(config)}
-        _bind(self, self.text, self.tree, "RayPPOTrainer", ("_aqn_set_rollout_step",), self.namespace, TRAINER)
+        self.namespace = {
+            "ray": types.SimpleNamespace(get=lambda value: value),
+            "print": lambda *a, **k: None,
+            "OmegaConf": None,
+            "open_dict": lambda config: contextlib.nullcontext(config),
+        }
+        _bind(
+            self,
+            self.text,
+            self.tree,
+            "RayPPOTrainer",
+            ("_aqn_set_rollout_step",),
+            self.namespace,
+            TRAINER,
+        )
 
     def run(self, stmts: list[ast.stmt]) -> None:
         exec(_code(stmts, str(self.verl / TRAINER)), {**self.namespace, "self": self})
@@ -229,40 +262,77 @@ class Trainer:
     def setup(self) -> None:
         """``__init__``'s noise statements around ``_create_dataloader``'s total steps, then ``init_workers``' copy."""
         init = _function(self.tree, "RayPPOTrainer", "__init__")
-        split = next(i for i, s in enumerate(init.body) if _mentions(self.text, s, "self._create_dataloader("))
-        noise = [(i, s) for i, s in enumerate(init.body) if _mentions(self.text, s, "noise_injection")]
+        split = next(
+            i
+            for i, s in enumerate(init.body)
+            if _mentions(self.text, s, "self._create_dataloader(")
+        )
+        noise = [
+            (i, s) for i, s in enumerate(init.body) if _mentions(self.text, s, "noise_injection")
+        ]
         self.run([s for i, s in noise if i < split])
         loader = _function(self.tree, "RayPPOTrainer", "_create_dataloader")
-        self.run([s for s in loader.body if isinstance(s, (ast.Assign, ast.If))
-                  and _mentions(self.text, s, "total_training_steps")])
+        self.run(
+            [
+                s
+                for s in loader.body
+                if isinstance(s, (ast.Assign, ast.If))
+                and _mentions(self.text, s, "total_training_steps")
+            ]
+        )
         self.run([s for i, s in noise if i > split])
         workers = _function(self.tree, "RayPPOTrainer", "init_workers")
-        self.run([s for s in workers.body if isinstance(s, ast.If) and _mentions(self.text, s, "noise_injection")])
+        self.run(
+            [
+                s
+                for s in workers.body
+                if isinstance(s, ast.If) and _mentions(self.text, s, "noise_injection")
+            ]
+        )
 
     def _fit_loop(self) -> ast.For:
         fit = _function(self.tree, "RayPPOTrainer", "fit")
-        return next(n for n in ast.walk(fit) if isinstance(n, ast.For) and _mentions(self.text, n.iter, "train_dataloader"))
+        return next(
+            n
+            for n in ast.walk(fit)
+            if isinstance(n, ast.For) and _mentions(self.text, n.iter, "train_dataloader")
+        )
 
     def before_generation(self) -> None:
         """``fit``'s noise statements at the top of a step, before the step's rollout."""
+
         def find():
             body = self._fit_loop().body
-            step = next(i for i, s in enumerate(body) if isinstance(s, ast.With) and _mentions(self.text, s, '"step"'))
+            step = next(
+                i
+                for i, s in enumerate(body)
+                if isinstance(s, ast.With) and _mentions(self.text, s, '"step"')
+            )
             return [s for s in body[:step] if _mentions(self.text, s, "noise", "_aqn")]
+
         self.hook("before_generation", find)
 
     def after_update(self) -> None:
         """``fit``'s block after the actor update that sends the step to the rollout workers."""
-        self.hook("after_update", lambda: [
-            n for n in ast.walk(self._fit_loop()) if isinstance(n, ast.If)
-            and _mentions(self.text, n.test, "noise_injection_enabled") and _mentions(self.text, n, "update_noise_injection_step")])
+        self.hook(
+            "after_update",
+            lambda: [
+                n
+                for n in ast.walk(self._fit_loop())
+                if isinstance(n, ast.If)
+                and _mentions(self.text, n.test, "noise_injection_enabled")
+                and _mentions(self.text, n, "update_noise_injection_step")
+            ],
+        )
 
     def validate(self) -> None:
         """``_validate``'s noise statements before its first validation batch."""
+
         def find():
             body = _function(self.tree, "RayPPOTrainer", "_validate").body
             first_loop = next(i for i, s in enumerate(body) if isinstance(s, ast.For))
             return [s for s in body[:first_loop] if _mentions(self.text, s, "noise", "_aqn")]
+
         self.hook("validate", find)
 
 
@@ -281,8 +351,13 @@ class Worker:
 class Rollout:
     """Stand-in ``vLLMAsyncRollout``: its ``__init__`` noise statements and AQN methods, from vllm_rollout.py."""
 
-    METHODS = ("_parse_layer_sigma_config", "_aqn_cache_clean_weights", "_aqn_restore_clean_weights",
-               "_aqn_apply_noise", "update_noise_injection_step")
+    METHODS = (
+        "_parse_layer_sigma_config",
+        "_aqn_cache_clean_weights",
+        "_aqn_restore_clean_weights",
+        "_aqn_apply_noise",
+        "update_noise_injection_step",
+    )
 
     def __init__(self, verl: Path, config):
         import logging
@@ -290,10 +365,16 @@ class Rollout:
         import torch
 
         text, tree = _tree(verl, ROLLOUT)
-        namespace = {"torch": torch, "logger": logging.getLogger("fork.vllm_rollout"), "print": lambda *a, **k: None}
+        namespace = {
+            "torch": torch,
+            "logger": logging.getLogger("fork.vllm_rollout"),
+            "print": lambda *a, **k: None,
+        }
         _bind(self, text, tree, "vLLMAsyncRollout", self.METHODS, namespace, str(verl / ROLLOUT))
         init = _function(tree, "vLLMAsyncRollout", "__init__")
-        stmts = [s for s in init.body if _mentions(text, s, "noise_injection", "epoch_ranges", "_aqn_")]
+        stmts = [
+            s for s in init.body if _mentions(text, s, "noise_injection", "epoch_ranges", "_aqn_")
+        ]
         exec(_code(stmts, str(verl / ROLLOUT)), {**namespace, "self": self, "config": config})
         self.synced = False
 
@@ -324,7 +405,9 @@ def rollout_config(verl: Path, rollout: Node):
     finally:
         del sys.modules[module.__name__]
     try:
-        return module.RolloutConfig(**{k: v for k, v in rollout.items() if k.startswith("noise_injection")})
+        return module.RolloutConfig(
+            **{k: v for k, v in rollout.items() if k.startswith("noise_injection")}
+        )
     except TypeError as exc:
         raise CheckFailed(f"the fork's RolloutConfig refuses the rollout settings: {exc}") from None
 
@@ -338,11 +421,18 @@ class Sync:
 
 
 def norm_names(model) -> list[str]:
-    return [n for n, m in model.named_modules()
-            if "rmsnorm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1]
+    return [
+        n
+        for n, m in model.named_modules()
+        if "rmsnorm" in type(m).__name__.lower()
+        and getattr(m, "weight", None) is not None
+        and m.weight.dim() == 1
+    ]
 
 
-def simulate(verl: Path, config: Node, model, *, steps_per_epoch: int, test_freq: int, start: int = 0) -> list[Sync]:
+def simulate(
+    verl: Path, config: Node, model, *, steps_per_epoch: int, test_freq: int, start: int = 0
+) -> list[Sync]:
     """One run of the fork's trainer and rollout from ``start`` (a checkpoint's global step, 0: fresh)."""
     model = copy.deepcopy(model).double()
     names = norm_names(model)
@@ -354,12 +444,16 @@ def simulate(verl: Path, config: Node, model, *, steps_per_epoch: int, test_freq
     def sync(phase: str, step: int) -> None:
         worker.rollout.sync(model, clean)
         weights = {n: m.weight.detach() for n, m in model.named_modules() if n in clean}
-        out.append(Sync(phase, step, {n: float((weights[n] - clean[n]).abs().max()) for n in names}))
+        out.append(
+            Sync(phase, step, {n: float((weights[n] - clean[n]).abs().max()) for n in names})
+        )
 
     with fork_modules(verl), contextlib.redirect_stdout(io.StringIO()):
         trainer.setup()
         worker.rollout = Rollout(verl, rollout_config(verl, config.actor_rollout_ref.rollout))
-        trainer.global_steps = start  # fit(): _load_checkpoint sets it, then validation before training
+        trainer.global_steps = (
+            start  # fit(): _load_checkpoint sets it, then validation before training
+        )
         trainer.validate()
         sync("validation", start)
         total = trainer.total_training_steps
@@ -385,58 +479,89 @@ def compare(calibration, runs: list[list[Sync]], total: int, hint: str = "") -> 
     stages: dict[int, float] = {}
     for run in runs:
         for sync in run:
-            stage = min(calibration.schedule.stage(sync.step, total), calibration.schedule.num_stages - 1)
+            stage = min(
+                calibration.schedule.stage(sync.step, total), calibration.schedule.num_stages - 1
+            )
             for name, got in sync.sigmas.items():
                 want = expected(calibration, name, sync.phase, sync.step, total)
                 miss = got != 0 if want == 0 else abs(got / want - 1) > TOLERANCE
                 if miss:
-                    raise CheckFailed(f"{sync.phase} rollout of step {sync.step}/{total} (stage {stage}): {name} gets "
-                                      f"sigma {got:.6g} in the fork, sigma.yaml says {want:.6g}{hint}")
+                    raise CheckFailed(
+                        f"{sync.phase} rollout of step {sync.step}/{total} (stage {stage}): {name} gets "
+                        f"sigma {got:.6g} in the fork, sigma.yaml says {want:.6g}{hint}"
+                    )
                 if want and sync.phase == "train":
                     stages[stage] = max(stages.get(stage, 0.0), abs(got / want - 1))
-    return [f"stage {k}: every norm within {TOLERANCE:g} of sigma.yaml (max |ratio-1| {v:.2g})" for k, v in sorted(stages.items())]
+    return [
+        f"stage {k}: every norm within {TOLERANCE:g} of sigma.yaml (max |ratio-1| {v:.2g})"
+        for k, v in sorted(stages.items())
+    ]
 
 
-def check(verl: Path, calibration, model, overrides: list[str] | None = None, base: dict | None = None) -> list[str]:
+def check(
+    verl: Path, calibration, model, overrides: list[str] | None = None, base: dict | None = None
+) -> list[str]:
     """Rows of a passing check; CheckFailed (one line) otherwise. ``overrides`` None: hwdiff's lines for ``calibration``."""
     from hwdiff.calibration.exporters import hydra_overrides
 
     state = patch_state(verl)
-    hint = {"patched": "", "unpatched": f" ({verl} is not patched: git apply {PATCH})",
-            "modified": f" ({PATCH.name} neither applies to {verl} nor is applied there)"}[state]
+    hint = {
+        "patched": "",
+        "unpatched": f" ({verl} is not patched: git apply {PATCH})",
+        "modified": f" ({PATCH.name} neither applies to {verl} nor is applied there)",
+    }[state]
     config = compose(verl, hydra_overrides(calibration) if overrides is None else overrides, base)
     block = config.trainer.noise_injection
     for key, kind in (("num_stages", int), ("sigma_start", float), ("sigma_end", float)):
         try:
             kind(block.get(key, 10 if key == "num_stages" else 0.0))
         except (TypeError, ValueError):
-            raise CheckFailed(f"trainer.noise_injection.{key} = {block.get(key)!r} is not a number (the fork computes "
-                              f"its schedule from it)") from None
+            raise CheckFailed(
+                f"trainer.noise_injection.{key} = {block.get(key)!r} is not a number (the fork computes "
+                f"its schedule from it)"
+            ) from None
     k = int(block.get("num_stages", 10))
     total = 2 * k
-    config.trainer.total_epochs, config.trainer.total_training_steps = 2, total  # 2 epochs, stopped after one
-    missing = set(norm_names(model)) ^ ({l.name for l in calibration.layers} | set(calibration.skipped))
+    config.trainer.total_epochs, config.trainer.total_training_steps = (
+        2,
+        total,
+    )  # 2 epochs, stopped after one
+    missing = set(norm_names(model)) ^ (
+        {l.name for l in calibration.layers} | set(calibration.skipped)
+    )
     if missing:
-        raise CheckFailed(f"the model's norms differ from sigma.yaml's ({len(missing)}, first {sorted(missing)[0]})")
+        raise CheckFailed(
+            f"the model's norms differ from sigma.yaml's ({len(missing)}, first {sorted(missing)[0]})"
+        )
     fresh = simulate(verl, config, model, steps_per_epoch=total, test_freq=max(k // 2, 1))
-    resumed = simulate(verl, config, model, steps_per_epoch=total, test_freq=max(k // 2, 1), start=total // 2 + 1)
+    resumed = simulate(
+        verl, config, model, steps_per_epoch=total, test_freq=max(k // 2, 1), start=total // 2 + 1
+    )
     rows = compare(calibration, [fresh, resumed], total, hint)
     if state == "unpatched":
-        raise CheckFailed(f"{verl} is not patched (git apply {PATCH}), though this run matched sigma.yaml")
+        raise CheckFailed(
+            f"{verl} is not patched (git apply {PATCH}), though this run matched sigma.yaml"
+        )
     stages = calibration.schedule.num_stages
-    rows.append(f"ok: {verl} gives each of {len(norm_names(model))} norms sigma.yaml's sigma at all {stages} stages "
-                f"({total} steps, validation rollouts noise-free, resume at step {total // 2 + 1})")
+    rows.append(
+        f"ok: {verl} gives each of {len(norm_names(model))} norms sigma.yaml's sigma at all {stages} stages "
+        f"({total} steps, validation rollouts noise-free, resume at step {total // 2 + 1})"
+    )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (HERE.parents[1] / "hwdiff" / "__init__.py").is_file():  # check this checkout's hwdiff, not another install
+    if (
+        HERE.parents[1] / "hwdiff" / "__init__.py"
+    ).is_file():  # check this checkout's hwdiff, not another install
         sys.path.insert(0, str(HERE.parents[1]))
     from hwdiff.errors import HwdiffError
 
     try:
         return _main(argv)
-    except HwdiffError as exc:  # a bad sigma.yaml, model or input file: one line, as hwdiff's CLI says it
+    except (
+        HwdiffError
+    ) as exc:  # a bad sigma.yaml, model or input file: one line, as hwdiff's CLI says it
         raise CheckFailed(" ".join(str(exc).split())) from None
 
 
@@ -457,21 +582,41 @@ def _main(argv: list[str] | None) -> int:
     from hwdiff.errors import HwdiffError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--verl", type=Path, default=HERE / "upstream",
-                        help="checkout of the fork (default: upstream/, the fork's files as published)")
-    parser.add_argument("--sigma", type=Path, help="hwdiff sigma.yaml: the sigma each norm must get")
-    parser.add_argument("--model", default="tiny-qwen2", help="model whose norms sigma.yaml names (default: %(default)s)")
-    parser.add_argument("--overrides", type=Path, help="file with the ++ lines you pass to verl (default: hwdiff's for --sigma)")
-    parser.add_argument("--base-config", type=Path, help="YAML trainer.noise_injection block your runs start from")
+    parser.add_argument(
+        "--verl",
+        type=Path,
+        default=HERE / "upstream",
+        help="checkout of the fork (default: upstream/, the fork's files as published)",
+    )
+    parser.add_argument(
+        "--sigma", type=Path, help="hwdiff sigma.yaml: the sigma each norm must get"
+    )
+    parser.add_argument(
+        "--model",
+        default="tiny-qwen2",
+        help="model whose norms sigma.yaml names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overrides",
+        type=Path,
+        help="file with the ++ lines you pass to verl (default: hwdiff's for --sigma)",
+    )
+    parser.add_argument(
+        "--base-config", type=Path, help="YAML trainer.noise_injection block your runs start from"
+    )
     args = parser.parse_args(argv)
     if args.sigma is None:
         state = patch_state(args.verl)
         if state == "unpatched":
             raise CheckFailed(f"{args.verl} is not patched: git apply {PATCH}")
         if state == "modified":
-            raise CheckFailed(f"{PATCH.name} neither applies to {args.verl} nor is applied there: pass --sigma to check "
-                              f"what this checkout delivers")
-        print(f"ok: {args.verl} is patched ({PATCH.name}); pass --sigma sigma.yaml --model M to check the sigma")
+            raise CheckFailed(
+                f"{PATCH.name} neither applies to {args.verl} nor is applied there: pass --sigma to check "
+                f"what this checkout delivers"
+            )
+        print(
+            f"ok: {args.verl} is patched ({PATCH.name}); pass --sigma sigma.yaml --model M to check the sigma"
+        )
         return 0
     calibration = load_sigma(args.sigma)
     model = hwdiff.load_model(args.model, dtype="float32")
@@ -481,10 +626,16 @@ def _main(argv: list[str] | None) -> int:
         raise HwdiffError(f"cannot read --overrides {args.overrides}: {exc}") from None
     base = (_read_yaml(args.base_config, "--base-config") or {}) if args.base_config else None
     if isinstance(base, dict) and "trainer" in base:
-        base = base["trainer"].get("noise_injection", {}) if isinstance(base["trainer"], dict) else base["trainer"]
+        base = (
+            base["trainer"].get("noise_injection", {})
+            if isinstance(base["trainer"], dict)
+            else base["trainer"]
+        )
     if base is not None and not isinstance(base, dict):
-        raise HwdiffError(f"--base-config {args.base_config}: expected a trainer.noise_injection mapping (or that "
-                          f"block alone), found {type(base).__name__}")
+        raise HwdiffError(
+            f"--base-config {args.base_config}: expected a trainer.noise_injection mapping (or that "
+            f"block alone), found {type(base).__name__}"
+        )
     print("\n".join(check(args.verl, calibration, model, overrides, base)))
     return 0
 
