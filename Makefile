@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hwdiff-installed
 DEMO   ?= demo
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(STAMP)
 
@@ -21,7 +21,14 @@ $(STAMP): requirements/pinned.txt requirements/real-nodeps.txt setup.cfg pyproje
 demo: $(STAMP)
 	$(PY) -m hwdiff.demo --out $(DEMO)
 
-test: $(STAMP)
+# the guardrails: one formatting, the linter, the type check of the torch-free core, the import layers
+lint: $(STAMP)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) tools/check_layers.py
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:
