@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import weakref
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator
@@ -19,12 +18,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..errors import HwdiffError, SelectionError
+from ..errors import HwdiffError
 from ..store.format import EXPERT_ROWS, EXPERTS, FLAT, ROUTED, encode
 from ..store.stats import partial_stats
 from ..store.writer import Alias, Record, Register, Signature
 from ..structure import (
-    KINDS,
     SemanticsError,
     expert_count,
     expert_from_name,
@@ -41,72 +39,10 @@ from ..structure import (
     row_layout,
     writes_into_arguments,
 )
-from ..structure.callspec import encode_call, main_input_path
+from ..structure.callspec import encode_call
 from .models import dtype_name
-
-DEFAULT_KINDS = tuple(kind for kind in KINDS if kind != "other")
-
-
-def select_modules(
-    model: torch.nn.Module,
-    modules: str | Iterable[str] | None = None,
-    kinds: str | Iterable[str] | None = None,
-    sub_blocks: dict[str, str] | None = None,
-) -> list[tuple[str, torch.nn.Module, str]]:
-    """``(name, module, kind)`` of the modules to record, in registration order.
-
-    ``modules``: regexes searched in qualified names (any kind unless ``kinds`` is given too);
-    ``kinds``: kind names from :data:`KINDS`. Neither → every kind but ``other``. ``sub_blocks``:
-    kinds measured by :func:`hwdiff.structure.trace_dataflow` (a mamba mixer, an MoE block of any
-    class) for modules the class rule calls ``other``. A regex or kind that matches nothing raises
-    :class:`SelectionError`.
-    """
-    patterns = [modules] if isinstance(modules, str) else list(modules or [])
-    wanted = (
-        [kinds] if isinstance(kinds, str) else list(kinds or ([] if patterns else DEFAULT_KINDS))
-    )
-    unknown = sorted(set(wanted) - set(KINDS))
-    if unknown:
-        raise SelectionError(
-            f"unknown module kind(s) {', '.join(unknown)}: expected {', '.join(KINDS)}"
-        )
-    compiled = [_compile(pattern) for pattern in patterns]
-    named = [
-        (name, module, _kind(name, module, sub_blocks or {}))
-        for name, module in model.named_modules()
-        if name
-    ]
-    chosen = [
-        item
-        for item in named
-        if (not wanted or item[2] in wanted)
-        and (not compiled or any(p.search(item[0]) for p in compiled))
-    ]
-    for pattern in compiled:
-        if not any(pattern.search(name) for name, _, kind in chosen):
-            raise SelectionError(
-                f"module regex {pattern.pattern!r} matches no module{_kinds_note(wanted, patterns)}; "
-                f"module names look like {named[min(2, len(named) - 1)][0]!r}"
-            )
-    if not chosen:
-        raise SelectionError(f"no module of kind {', '.join(wanted)} in {type(model).__name__}")
-    return chosen
-
-
-def _kind(name: str, module: torch.nn.Module, sub_blocks: dict[str, str]) -> str:
-    kind = module_kind(name, module)
-    return sub_blocks.get(name, kind) if kind == "other" else kind
-
-
-def _compile(pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise SelectionError(f"invalid module regex {pattern!r}: {exc}") from exc
-
-
-def _kinds_note(kinds: list[str], patterns: list[str]) -> str:
-    return f" of kind {', '.join(kinds)}" if kinds and patterns else ""
+from .selection import DEFAULT_KINDS, select_modules  # noqa: F401
+from .tensors import _fingerprint, _first_input, _token_major, _version, first_tensor  # noqa: F401
 
 
 def to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
@@ -622,70 +558,6 @@ def nonfinite_counts(tensor: torch.Tensor) -> torch.Tensor:
         if math.isfinite(low.item()) and math.isfinite(high.item()):
             return torch.zeros(2, dtype=torch.int64)
     return torch.stack([torch.isnan(tensor).sum(), torch.isinf(tensor).sum()])
-
-
-def _token_major(tensor: Any, batch: int, tokens: int) -> int | None:
-    """k when ``tensor`` is a contiguous view of a contiguous ``[batch, tokens, …]`` tensor with the
-    same storage start and size and ``batch·tokens·k`` rows: its rows run token-major."""
-    base = getattr(tensor, "_base", None) if isinstance(tensor, torch.Tensor) else None
-    if base is None or not batch or not tokens or tensor.dim() < 1 or base.dim() < 3:
-        return None
-    rows = tensor.shape[0]
-    if (
-        tuple(base.shape[:2]) != (batch, tokens)
-        or rows % (batch * tokens)
-        or rows == batch * tokens
-        or tensor.numel() != base.numel()
-        or tensor.data_ptr() != base.data_ptr()
-        or not (tensor.is_contiguous() and base.is_contiguous())
-    ):
-        return None
-    return rows // (batch * tokens)
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """The tensor's in-place version counter, or None where torch keeps none (inference tensors)."""
-    if tensor.is_inference():  # asked first: reading _version there raises, and exceptions are slow
-        return None
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
-def _fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of a tensor's values, on its device (float64 on the CPU and CUDA; float32 on others, such
-    as Ascend), kept to tell later whether an inference tensor — which has no version counter — was
-    changed in place. On an accelerator the reduction costs little and is read back only for a candidate
-    link; on the CPU it is taken only where the sink cannot give the stored rows back."""
-    tensor = torch.view_as_real(tensor.detach()) if tensor.is_complex() else tensor.detach()
-    if not tensor.is_floating_point():
-        return tensor.sum(dtype=torch.int64)
-    return tensor.sum(
-        dtype=torch.float64 if tensor.device.type in ("cpu", "cuda") else torch.float32
-    )
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The primary tensor of a module's output: itself, or the first tensor in a tuple / dict."""
-    if isinstance(value, torch.Tensor):
-        return value
-    items: Iterable[Any] = (
-        value.values()
-        if isinstance(value, dict)
-        else value
-        if isinstance(value, (tuple, list))
-        else ()
-    )
-    return next((item for item in items if isinstance(item, torch.Tensor)), None)
-
-
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """A module's main input, found as :func:`hwdiff.structure.callspec.main_input_path` finds it for replay."""
-    path = main_input_path(args, kwargs)
-    if path is None:
-        return None
-    return args[path[1]] if path[0] == "arg" else kwargs[path[1]]
 
 
 @contextlib.contextmanager

@@ -15,24 +15,26 @@ import numpy as np
 from ..common import outputs
 from ..errors import HwdiffError
 from ..store.reader import Capture, open_capture, plan_blocks
-from ..structure import token_axis
 from .align import Pair, Unmatched, align, check_comparable
 from .correlation import correlate, residual_positions
+from .divergence import (
+    _growth,
+    first_difference,
+    first_divergence,
+    with_budgets,
+    with_local_budgets,
+)
 from .fit import fit_both
 from .metrics import Accumulator, UlpStats, ulp_distance, unit_roundoff
 from .results import (
     DiffResult,
-    FirstDifference,
-    FirstDivergence,
     GoldenDiff,
-    Growth,
     LayerDiff,
     LocalDiff,
-    RoutedToken,
-    RoutingDiff,
 )
 from .rl import rl_for
-from .verdict import BUDGET_GAIN, BUDGET_ROUNDINGS, judge, rule_text, with_budget
+from .routing import _nothing_routed, _routed_mask, _token_mask, compare_routing
+from .verdict import BUDGET_ROUNDINGS, judge
 
 _META_KEYS = (
     "device",
@@ -280,61 +282,6 @@ def _alias_key(pair: Pair) -> tuple[str, int, str] | None:
         return None
     name, call, slot = pair.alias_of.rsplit("/", 2)
     return (name, int(call), slot)
-
-
-def _token_mask(pair: Pair, mask: np.ndarray | None) -> np.ndarray | None:
-    """The real-token mask over the slot's leading axes up to its token axis (found by
-    :func:`hwdiff.structure.token_axis`: ``[sequences, tokens, …]``, ``[sequences, heads, tokens, …]``
-    …), or None when the slot has no token axis."""
-    axis = None if mask is None else token_axis(pair.shape, *mask.shape)
-    if axis is None:
-        return None
-    sequences, tokens = mask.shape
-    return np.broadcast_to(
-        mask.reshape(sequences, *([1] * (axis - 1)), tokens), pair.shape[: axis + 1]
-    )
-
-
-def _routed_mask(
-    ref: Capture, tgt: Capture, pair: Pair, token_mask: np.ndarray | None
-) -> np.ndarray | None:
-    """A routed expert's slot compares only the tokens both sides routed to it (the others hold no
-    data); tokens routed on one side only are routing differences, reported by the router."""
-    present = [cap.present(pair.name, pair.call, pair.slot) for cap in (ref, tgt)]
-    if present[0] is None and present[1] is None:
-        return token_mask
-    both = np.logical_and(*[p if p is not None else True for p in present])
-    return (
-        both
-        if token_mask is None
-        else token_mask & both.reshape(both.shape + (1,) * (token_mask.ndim - 2))
-    )
-
-
-def _nothing_routed(ref: Capture, tgt: Capture, pair: Pair, mask: np.ndarray | None) -> bool:
-    token_mask = _routed_mask(ref, tgt, pair, _token_mask(pair, mask))
-    return token_mask is not None and not token_mask.any()
-
-
-def compare_routing(ref: Capture, tgt: Capture, pair: Pair) -> RoutingDiff:
-    """The router's chosen experts per real token, reference against target."""
-    chosen = [
-        np.sort(cap.activation(pair.name, pair.call, "routing").astype(np.int64), axis=-1)
-        for cap in (ref, tgt)
-    ]
-    real = (
-        ref.attention_mask.astype(bool)
-        if ref.mode == "full"
-        else np.ones(chosen[0].shape[:2], dtype=bool)
-    )
-    differs = np.any(chosen[0] != chosen[1], axis=-1) & real
-    changed = tuple(
-        RoutedToken(
-            int(s), int(t), tuple(map(int, chosen[0][s, t])), tuple(map(int, chosen[1][s, t]))
-        )
-        for s, t in zip(*np.nonzero(differs))
-    )
-    return RoutingDiff(pair.name, pair.call, int(real.sum()), changed)
 
 
 def _origin(index: tuple[slice, ...]) -> tuple[int, ...]:
@@ -625,142 +572,6 @@ def _layer_arrays(acc: Accumulator, errors: np.ndarray) -> dict[str, np.ndarray]
         if acc.token_norms
         else np.zeros(0),
     }
-
-
-def with_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
-    """Give each slot of a different-precision pair its rounding budget: its own roundings plus
-    BUDGET_GAIN × the largest error, in roundings, of the module outputs before it (:mod:`.verdict`)."""
-    seen = 0.0
-    out = []
-    for layer in layers:
-        if layer.verdict.rule == "budget":
-            layer = dataclasses.replace(
-                layer, verdict=with_budget(layer.verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * seen)
-            )
-        out.append(layer)
-        if layer.slot == "output" and math.isfinite(layer.verdict.roundings):
-            seen = max(seen, layer.verdict.roundings)
-    return tuple(out)
-
-
-def with_local_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
-    """Give each local error of a different-precision pair the roundings of the ops it contains: a
-    replayed module that holds recorded submodules (a decoder layer, an MLP) carries their local errors
-    too, so its budget is its own :data:`BUDGET_ROUNDINGS` plus BUDGET_GAIN × the largest local error,
-    in roundings, of its submodules (they complete before it in forward order); a leaf keeps its own."""
-    inner: dict[
-        str, float
-    ] = {}  # module name -> the largest local roundings of its submodules so far
-    out = []
-    for layer in layers:
-        verdict = layer.local.verdict if layer.local is not None else None
-        if layer.slot == "output" and verdict is not None:
-            if verdict.rule == "budget" and layer.name in inner:
-                verdict = with_budget(verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * inner[layer.name])
-                layer = dataclasses.replace(
-                    layer, local=dataclasses.replace(layer.local, verdict=verdict)
-                )
-            if math.isfinite(verdict.roundings):
-                parts = layer.name.split(".")
-                for depth in range(1, len(parts)):
-                    parent = ".".join(parts[:depth])
-                    inner[parent] = max(inner.get(parent, 0.0), verdict.roundings)
-        out.append(layer)
-    return tuple(out)
-
-
-def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
-    """The first module output beyond rounding. With local errors (a replay) the first whose local
-    error is (the origin); otherwise the first whose error is (which may be propagated), attributed
-    to its parent when its recorded input already is."""
-    outputs = [layer for layer in layers if layer.slot == "output"]
-    if not outputs:
-        return None
-    rule = rule_text(
-        outputs[0].ref_dtype, outputs[0].target_dtype, local=any(l.local for l in outputs)
-    )
-    if any(layer.local is not None and layer.local.verdict is not None for layer in outputs):
-        for index, layer in enumerate(outputs):
-            verdict = layer.local.verdict if layer.local is not None else None
-            if (
-                verdict is not None
-                and verdict.diverges
-                and not _children_differ(layer, outputs[:index])
-            ):
-                return FirstDivergence(
-                    layer.name,
-                    layer.call,
-                    layer.name,
-                    "output",
-                    verdict.beyond_ulp_frac,
-                    layer.local.local_rel_l2,
-                    rule,
-                    "local",
-                    verdict.describe(),
-                )
-        return None
-    inputs = {(l.name, l.call): l for l in layers if l.slot == "input"}
-    for layer in outputs:
-        if not layer.diverges:
-            continue
-        recorded_input = inputs.get((layer.name, layer.call))
-        if recorded_input is not None and recorded_input.diverges and "." in layer.name:
-            parent = layer.name.rsplit(".", 1)[0]
-            return FirstDivergence(
-                parent,
-                layer.call,
-                layer.name,
-                "input",
-                recorded_input.beyond_rounding_frac,
-                recorded_input.metrics.rel_l2,
-                rule,
-                "total",
-                recorded_input.verdict.describe(),
-            )
-        return FirstDivergence(
-            layer.name,
-            layer.call,
-            layer.name,
-            "output",
-            layer.beyond_rounding_frac,
-            layer.metrics.rel_l2,
-            rule,
-            "total",
-            layer.verdict.describe(),
-        )
-    return None
-
-
-def _children_differ(layer: LayerDiff, before: list[LayerDiff]) -> bool:
-    """Whether a replayed submodule of ``layer`` (completed before it) has a local error: the
-    replay of ``layer`` then carries that error, propagated, and ``layer`` itself is not its origin."""
-    prefix = layer.name + "."
-    return any(
-        other.name.startswith(prefix) and other.local is not None and not other.local.exact
-        for other in before
-    )
-
-
-def first_difference(layers: tuple[LayerDiff, ...]) -> FirstDifference | None:
-    """The first module output (forward order) that is not bit-identical."""
-    for layer in layers:
-        if layer.slot == "output" and not layer.exact and layer.metrics.numel:
-            return FirstDifference(
-                layer.name,
-                layer.call,
-                layer.metrics.rel_l2,
-                layer.metrics.equal_frac,
-                layer.metrics.numel,
-            )
-    return None
-
-
-def _growth(layers: tuple[LayerDiff, ...], positions: list[Pair]) -> Growth | None:
-    if not positions:
-        return None
-    by_key = {layer.key: layer for layer in layers}
-    chosen = [by_key[(p.name, p.call, p.slot)] for p in positions]
-    return Growth(tuple(l.name for l in chosen), tuple(l.metrics.rel_l2 for l in chosen))
 
 
 def _meta(cap: Capture) -> dict[str, Any]:
