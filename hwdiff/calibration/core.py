@@ -258,7 +258,7 @@ def normalised_rms(diff: DiffResult, names: list[str]) -> tuple[dict[str, float]
     notes = (
         [
             f"the input of {len(found)} norm(s) sits near eps (rms of x̂ {min(found.values()):.3g} at "
-            f"{min(found, key=found.get)}): their sigma is divided by rms(x̂)"
+            f"{min(found, key=found.__getitem__)}): their sigma is divided by rms(x̂)"
         ]
         if found
         else []
@@ -368,7 +368,7 @@ def with_rounding(
         }
         if not changed:
             continue
-        weakest = min(changed, key=changed.get)
+        weakest = min(changed, key=changed.__getitem__)
         rows.append(
             StageRounding(
                 stage, value, changed[weakest], statistics.median(changed.values()), weakest

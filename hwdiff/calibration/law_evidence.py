@@ -58,12 +58,12 @@ def law_evidence(diff: DiffResult, names: list[str]) -> LawEvidence:
             noise = {name: _noise(ref, loc, name, mask) for name in names}
     except (HwdiffError, OSError) as exc:
         return LawEvidence(note=f"law: Gaussian assumed — {exc}")
-    noise = {name: z for name, z in noise.items() if z is not None}
-    if not noise:
+    present = {name: z for name, z in noise.items() if z is not None}
+    if not present:
         return LawEvidence(
             note="law: Gaussian assumed — the reference has no recorded norm inputs (--record-inputs)"
         )
-    return _evidence(noise)
+    return _evidence(present)
 
 
 def _noise(ref: Any, loc: Any, name: str, mask: np.ndarray) -> np.ndarray | None:

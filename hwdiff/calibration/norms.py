@@ -284,11 +284,12 @@ def fused_add_norms(diff: DiffResult, names: list[str]) -> list[str] | None:
             specs = {name: cap.call_spec(name, 0) for name in names if name in cap.modules}
     except HwdiffError:
         return None
-    if not specs or any(spec is None for spec in specs.values()):
+    recorded = {name: spec for name, spec in specs.items() if spec is not None}
+    if not specs or len(recorded) != len(specs):
         return None
     return [
         name
-        for name, spec in specs.items()
+        for name, spec in recorded.items()
         if sum(1 for a in spec.get("args", []) if "slot" in a) >= 2
     ]
 
@@ -327,11 +328,12 @@ def _norm_error(
         raise HwdiffError(
             f"the diff has no weight for {norm.name}: diff captures that store norm weights"
         )
+    assert norm.local is not None  # norm_errors keeps only the norms with a local error
     norm_local = float(norm.local.local_rel_l2)
     block = by_name.get(entry.accounts_for) if entry.accounts_for else None
     raw = _local_error(block) if block else 0.0
     block_local = math.sqrt(
-        max(0.0, raw**2 - nested.get(entry.accounts_for, 0.0))
+        max(0.0, raw**2 - (nested.get(entry.accounts_for, 0.0) if entry.accounts_for else 0.0))
     )  # nested norms' share out
     reason = entry.reason or _untrusted(norm) or (_untrusted(block) if block else None)
     if reason:

@@ -66,7 +66,8 @@ def _import_kernels() -> ModuleType:
                 del sys.modules[_BLAS]
             arraymath = sys.modules.get("numba.np.arraymath")
             if arraymath is not None and hasattr(arraymath, "_HAVE_BLAS"):
-                arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
+                # setattr: a module object declares no attributes to the type checker
+                setattr(arraymath, "_HAVE_BLAS", importlib.util.find_spec("scipy") is not None)
     return _numba_kernels
 
 

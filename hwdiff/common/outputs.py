@@ -353,7 +353,7 @@ def discard_h5(handle: Any, temp: Path) -> None:
 # -- 4. leftovers -----------------------------------------------------------------------------
 def remove_stale(folder: Path) -> list[Path]:
     """Remove temporaries in ``folder`` left by processes of this host that no longer run."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(folder.iterdir())
     except OSError:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import HwdiffError
+import numpy as np
+
+from ..errors import CaptureFormatError, HwdiffError
 from ..store.reader import Capture
 
 
@@ -72,13 +74,21 @@ def check_comparable(
         raise HwdiffError(
             f"cannot compare a '{reference.mode}' capture with a '{target.mode}' capture"
         )
-    if (
-        reference.mode == "sample"
-        and not (reference.sample_positions == target.sample_positions).all()
+    if reference.mode == "sample" and not np.array_equal(
+        _sample_positions(reference), _sample_positions(target)
     ):
         raise HwdiffError(
             "the sample captures kept different token positions; capture both with the same --seed and --tokens"
         )
+
+
+def _sample_positions(capture: Capture) -> np.ndarray:
+    positions = capture.sample_positions
+    if positions is None:
+        raise CaptureFormatError(
+            f"{capture.path} is a sample capture without its token positions (/inputs/sample_positions)"
+        )
+    return positions
 
 
 def align(reference: Capture, target: Capture) -> tuple[list[Pair], list[Unmatched]]:

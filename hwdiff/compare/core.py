@@ -110,8 +110,10 @@ def diff(
     rl_csv = rl_csv_path(csv_path) if csv_path is not None else None  # written beside --csv
     outputs.check_outputs((reference, target, golden, local), (out, json_path, csv_path, rl_csv))
     with _Opened(reference, target, golden, local) as (ref, tgt, gold, loc):
+        if ref is None or tgt is None:
+            raise HwdiffError("diff needs a reference and a target capture; one of them is None")
         if opts.layout_map is not None:
-            ref, tgt = _mapped(ref, tgt, gold, loc, opts)
+            ref, tgt = _mapped(ref, tgt, gold, loc, opts.layout_map, opts.allow_model_mismatch)
         elif {str(ref.meta.get("layout", "")), str(tgt.meta.get("layout", ""))} == {"", "vllm"}:
             vllm = ref if ref.meta.get("layout") == "vllm" else tgt
             raise HwdiffError(
@@ -144,7 +146,12 @@ def diff(
 
 
 def _mapped(
-    ref: Capture, tgt: Capture, gold: Capture | None, loc: Capture | None, opts: DiffOptions
+    ref: Capture,
+    tgt: Capture,
+    gold: Capture | None,
+    loc: Capture | None,
+    layout_map: str,
+    allow_model_mismatch: bool,
 ) -> tuple:
     """Both captures read through the layout mapping; the same weights checked by the norm weights
     both store, since across layouts the model fingerprints differ by construction."""
@@ -155,10 +162,10 @@ def _mapped(
             "--map compares two captures of different layouts; --golden and --local are not "
             "supported with it (diff each layout's captures without --map)"
         )
-    ref, tgt = map_captures(ref, tgt, opts.layout_map)
-    if not opts.allow_model_mismatch:
-        check_same_weights(ref, tgt)
-    return ref, tgt
+    mapped_ref, mapped_tgt = map_captures(ref, tgt, layout_map)
+    if not allow_model_mismatch:
+        check_same_weights(mapped_ref, mapped_tgt)
+    return mapped_ref, mapped_tgt
 
 
 def check_replay_of(ref: Capture, loc: Capture) -> None:
@@ -202,7 +209,10 @@ def _compare(
         )
     mask = ref.attention_mask.astype(bool) if ref.mode == "full" else None
     if ref.mode == "sample":
-        mask = np.ones(ref.sample_positions.shape, dtype=bool)
+        sample_positions = ref.sample_positions
+        # check_comparable refused a sample capture without them
+        assert sample_positions is not None
+        mask = np.ones(sample_positions.shape, dtype=bool)
     empty = [pair for pair in pairs if _nothing_routed(ref, tgt, pair, mask)]
     unmatched += [
         Unmatched(
@@ -335,7 +345,11 @@ def _compare_pair(
     local_accs = (
         _side_accumulators(loc, pair, ("local",), fraction, seed) if pair.slot == "output" else []
     )
-    sources = [ref, tgt] + ([gold] if golden_accs else []) + ([loc] if local_accs else [])
+    sources = (
+        [ref, tgt]
+        + ([gold] if gold is not None and golden_accs else [])
+        + ([loc] if loc is not None and local_accs else [])
+    )
     stored = acc.fused  # the compiled kernel decodes bfloat16 bits itself, in the same pass
 
     def read(index: tuple[slice, ...]) -> list[np.ndarray]:
@@ -486,9 +500,10 @@ def _prefetched(blocks, read, reader: ThreadPoolExecutor):
 def _weight_rms(ref: Capture, pair: Pair) -> float | None:
     if pair.slot != "output" or not ref.modules[pair.name].has_weight:
         return None
-    weight = (
-        ref.weight(pair.name).astype(np.float64) + ref.modules[pair.name].weight_offset
-    )  # effective scale
+    stored = ref.weight(pair.name)
+    if stored is None:  # listed with a weight it does not store: no rms to give
+        return None
+    weight = stored.astype(np.float64) + ref.modules[pair.name].weight_offset  # effective scale
     return float(np.sqrt(np.mean(weight * weight)))
 
 
@@ -503,7 +518,7 @@ def _local_only(
         if pair.slot == "output"
         else []
     )
-    if not accs:
+    if not accs or loc is None:
         return None
     for index, block_mask in _blocks(pair, token_mask, opts):
         accs[0].update(
@@ -524,7 +539,9 @@ def _side_accumulators(
 ) -> list[Accumulator]:
     """Light accumulators against a third capture (golden or local) that has this slot, else [];
     ``sample_fraction`` > 0 keeps a sample (for the local error's verdict)."""
-    info = None if extra is None else extra.modules.get(pair.name)
+    if extra is None:
+        return []
+    info = extra.modules.get(pair.name)
     if info is None or pair.slot not in info.slots or pair.call >= info.calls:
         return []
     shape, dtype = extra.slot_info(pair.name, pair.call, pair.slot)
@@ -560,7 +577,7 @@ def _layer_arrays(acc: Accumulator, errors: np.ndarray) -> dict[str, np.ndarray]
     edges = np.linspace(-6 * spread, 6 * spread, 122) if spread else np.array([-1.0, 1.0])
     counts, _ = np.histogram(errors, bins=edges)
     rng = np.random.Generator(np.random.PCG64(0))
-    keep = (
+    keep: np.ndarray | list[int] = (
         rng.choice(errors.size, size=min(4096, errors.size), replace=False) if errors.size else []
     )
     return {

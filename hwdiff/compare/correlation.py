@@ -83,6 +83,7 @@ def correlate(
             errors = _errors(
                 reference, target, pair, index, block_mask, errors, row, len(positions)
             )
+        assert errors is not None  # positions is not empty (positions[0] above)
         if not np.isfinite(errors.sum()):  # rare: NaN/Inf elements count as zero error
             errors = np.nan_to_num(errors, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
         accumulated.add(errors)

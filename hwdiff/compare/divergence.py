@@ -44,12 +44,13 @@ def with_local_budgets(layers: tuple[LayerDiff, ...]) -> tuple[LayerDiff, ...]:
     ] = {}  # module name -> the largest local roundings of its submodules so far
     out = []
     for layer in layers:
-        verdict = layer.local.verdict if layer.local is not None else None
-        if layer.slot == "output" and verdict is not None:
+        local = layer.local
+        verdict = local.verdict if local is not None else None
+        if layer.slot == "output" and local is not None and verdict is not None:
             if verdict.rule == "budget" and layer.name in inner:
                 verdict = with_budget(verdict, BUDGET_ROUNDINGS + BUDGET_GAIN * inner[layer.name])
                 layer = dataclasses.replace(
-                    layer, local=dataclasses.replace(layer.local, verdict=verdict)
+                    layer, local=dataclasses.replace(local, verdict=verdict)
                 )
             if math.isfinite(verdict.roundings):
                 parts = layer.name.split(".")
@@ -72,9 +73,11 @@ def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
     )
     if any(layer.local is not None and layer.local.verdict is not None for layer in outputs):
         for index, layer in enumerate(outputs):
-            verdict = layer.local.verdict if layer.local is not None else None
+            local = layer.local
+            verdict = local.verdict if local is not None else None
             if (
-                verdict is not None
+                local is not None
+                and verdict is not None
                 and verdict.diverges
                 and not _children_differ(layer, outputs[:index])
             ):
@@ -84,7 +87,7 @@ def first_divergence(layers: tuple[LayerDiff, ...]) -> FirstDivergence | None:
                     layer.name,
                     "output",
                     verdict.beyond_ulp_frac,
-                    layer.local.local_rel_l2,
+                    local.local_rel_l2,
                     rule,
                     "local",
                     verdict.describe(),

@@ -108,6 +108,8 @@ def fit_both(r: np.ndarray, t: np.ndarray, *, exact: bool = False) -> FitResult:
     absolute = fit_errors(errors, exact=exact)
     if not absolute.fits:
         return absolute
+    # submitted on the same condition as the absolute fits: not exact, enough differing values
+    assert pending is not None
     relative = pending.result()
     if not relative.fits:
         return dataclasses.replace(absolute, relative=relative, law="absolute")
@@ -303,7 +305,7 @@ def _student_t(sample: _Sample) -> tuple[Fit | None, str]:
     ]
 
     def negative_loglik(log_df: float) -> float:
-        loc, scale, loglik = _t_em(x, math.exp(log_df), *state, tied=tied)
+        loc, scale, loglik = _t_em(x, math.exp(log_df), state[0], state[1], tied=tied)
         if not math.isfinite(loglik):
             return math.inf
         state[:] = [loc, scale]  # warm start: neighbouring df have nearly the same loc and scale
@@ -312,7 +314,7 @@ def _student_t(sample: _Sample) -> tuple[Fit | None, str]:
     # scipy.optimize.minimize_scalar(method="bounded")'s algorithm, without importing scipy.optimize
     bounds = (math.log(max(floor, _DF_BOUNDS[0])), math.log(_DF_BOUNDS[1]))
     df = math.exp(minimize_bounded(negative_loglik, bounds, xatol=1e-2))
-    loc, scale, loglik = _t_em(x, df, *state, tied=tied)
+    loc, scale, loglik = _t_em(x, df, state[0], state[1], tied=tied)
     if not (math.isfinite(loglik) and scale > 0):
         return (
             None,

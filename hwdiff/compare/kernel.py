@@ -55,7 +55,7 @@ class BlockSums:
 
 # Integer view, magnitude mask and shift of the ULP distance, by (dtype, storage): bfloat16 arrives
 # either as stored (uint16 bit patterns) or widened to float32 (its bits << 16).
-_BITS = {
+_BITS: dict[tuple[str, str], tuple[type[np.signedinteger], int, int]] = {
     ("float16", "float16"): (np.int16, 0x7FFF, 0),
     ("float32", "float32"): (np.int32, 0x7FFFFFFF, 0),
     ("bfloat16", "uint16"): (np.int16, 0x7FFF, 0),
@@ -92,11 +92,14 @@ def reduce_block(
     if r.dtype != t.dtype:  # one side as stored, one decoded (uint16 is always bfloat16 bits)
         r, t = decoded(r), decoded(t)
     same = ref_dtype == target_dtype and r.dtype == t.dtype and (ref_dtype, r.dtype.name) in _BITS
-    view, top, shift = _BITS[(ref_dtype, r.dtype.name)] if same else (None, 0, 0)
-    bits = (r.view(view), t.view(view)) if same else None
+    bits, top, shift = None, 0, 0
+    if same:
+        view, top, shift = _BITS[(ref_dtype, r.dtype.name)]
+        bits = (r.view(view), t.view(view))
     # numba's CPU target has no float16 arithmetic; the widening is exact (the bits are viewed before)
     r, t = (x.astype(np.float32) if x.dtype == np.float16 else x for x in (r, t))
-    rbits, tbits = bits if same else (r, t)  # unused unless same: any array of the right length
+    # unused unless same: any array of the right length
+    rbits, tbits = bits if bits is not None else (r, t)
     chunks = jit.chunks(r.size)
     partial = np.zeros((chunks, len(COLUMNS)), dtype=np.float64)
     hist = np.zeros((chunks, bins), dtype=np.int64)

@@ -37,6 +37,7 @@ def _gaussian(rng: np.random.Generator, n: int, df: float | None) -> np.ndarray:
 
 
 def _student_t(rng: np.random.Generator, n: int, df: float | None) -> np.ndarray:
+    assert df is not None  # standardized() checked it (check_law)
     return rng.standard_t(df, n) * math.sqrt((df - 2) / df)
 
 
@@ -120,11 +121,11 @@ def fit_law(z: np.ndarray) -> LawFit:
             f"no fit ({result.reason}): Gaussian assumed",
         )
     aic = {name: fit.aic for name, fit in result.fits.items()}
-    ranked = sorted(aic, key=aic.get)
+    ranked = sorted(aic, key=aic.__getitem__)
     best, second = ranked[0], ranked[1]
     t = result.fits["student_t"].params if "student_t" in result.fits else {}
     df = float(t["df"]) if best == "student_t" else None
-    if best == "student_t" and df <= 2:  # no σ describes it: the closest law with a variance
+    if df is not None and df <= 2:  # no σ describes it: the closest law with a variance
         best, df = "laplace", None
     why = (
         f"{best} has the lowest AIC over {z.size} channels (ΔAIC {aic[second] - aic[best]:.1f} to {second}"

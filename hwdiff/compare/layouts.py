@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -200,12 +200,13 @@ def _sizes(rule: Rule, config: dict[str, Any] | None, width: int, name: str) -> 
             else None,
             "intermediate": config.get("intermediate_size"),
         }
-        if known.get(str(size)) is None:
+        count = known.get(str(size))
+        if count is None:
             raise HwdiffError(
                 f"splitting {name}: size {size!r} is not an integer nor one of q, kv, intermediate "
                 "that the capture's model config defines"
             )
-        return int(known[str(size)])
+        return int(count)
 
     sizes = [value(size) for size in rule.sizes]
     if sum(sizes) != width:
@@ -214,6 +215,17 @@ def _sizes(rule: Rule, config: dict[str, Any] | None, width: int, name: str) -> 
             f"{dict(zip(rule.targets, sizes))} add up to {sum(sizes)}"
         )
     return sizes
+
+
+def _delegate(method: str) -> Callable[..., Any]:
+    """A :class:`MappedCapture` method that calls the capture's ``method`` with the module's
+    original name (a small factory of name-translating methods)."""
+
+    def call(self: MappedCapture, name: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self._capture, method)(self._source.get(name, (name,))[0], *args, **kwargs)
+
+    call.__name__ = method
+    return call
 
 
 class MappedCapture:
@@ -271,7 +283,12 @@ class MappedCapture:
             else info.shape
         )
         self.modules[name] = replace(
-            info, name=name, shape=shape, alias_of=None if cut is not None else info.alias_of
+            info,
+            name=name,
+            shape=shape,
+            alias_of=None if cut is not None else info.alias_of,
+            # a part of a module has no weight of its own (weight() gives None): none to check
+            has_weight=info.has_weight and cut is None,
         )
 
     # -- the reads the diff makes, through the mapping -------------------------------------------
@@ -324,15 +341,6 @@ class MappedCapture:
             target if self._source.get(module, (None, None)) == (module, None) else None
         )  # a mapped target: compare values
 
-    def _delegate(method: str):  # noqa: N805 - a small factory of name-translating methods
-        def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-            return getattr(self._capture, method)(
-                self._source.get(name, (name,))[0], *args, **kwargs
-            )
-
-        call.__name__ = method
-        return call
-
     layout = _delegate("layout")
     present = _delegate("present")
     has_call = _delegate("has_call")
@@ -382,6 +390,12 @@ def check_same_weights(reference: MappedCapture, target: MappedCapture) -> None:
         )
     for name in common:
         mine, theirs = reference.weight(name), target.weight(name)  # both decoded to float32
+        if mine is None or theirs is None:
+            missing = reference.path if mine is None else target.path
+            raise HwdiffError(
+                f"{missing} lists a norm weight for {name} but stores none: hwdiff cannot check that "
+                "the captures are of the same model; pass --allow-model-mismatch to compare anyway"
+            )
         same = reference.weight_dtype(name) == target.weight_dtype(name)
         if mine.shape != theirs.shape or not _equal(mine, theirs, np.float32 if same else None):
             raise HwdiffError(

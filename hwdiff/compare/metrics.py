@@ -270,7 +270,7 @@ class Accumulator:
         r64, t64 = r.astype(np.float64), t.astype(np.float64)
         with np.errstate(invalid="ignore"):  # inf − inf: left out, as counted
             e = t64 - r64
-        flat = e.reshape(e.shape[0], -1) if e.ndim > 1 else e.reshape(-1, 1)
+        flat: np.ndarray = e.reshape(e.shape[0], -1) if e.ndim > 1 else e.reshape(-1, 1)
         squares = np.einsum("ij,ij->i", flat, flat)  # per-token ‖e‖², finite iff every e is
         finite = None
         if not np.isfinite(squares).all():

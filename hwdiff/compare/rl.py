@@ -208,16 +208,17 @@ def top1_agreement(ref: TokenLogProbs, tgt: TokenLogProbs, mask: np.ndarray) -> 
 
 def rl_for(ref: Capture, tgt: Capture) -> tuple[RLImpact | None, str]:
     """The RL block of a diff, or (None, why it is absent)."""
-    sides = [(cap, cap.token_logprobs()) for cap in (ref, tgt)]
-    missing = [str(cap.path) for cap, logprobs in sides if logprobs is None]
-    if missing:
+    ref_logprobs, tgt_logprobs = ref.token_logprobs(), tgt.token_logprobs()
+    if ref_logprobs is None or tgt_logprobs is None:
+        sides = ((ref, ref_logprobs), (tgt, tgt_logprobs))
+        missing = [str(cap.path) for cap, logprobs in sides if logprobs is None]
         return None, (
             f"no token log-probabilities in {', '.join(missing)} (captured by an hwdiff without them, "
             "with logprobs off, or from a model without a head): capture again for the RL block"
         )
     if not real_next_token_mask(ref.attention_mask).any():
         return None, "no real next-token position: every sequence has fewer than two real tokens"
-    return rl_impact(sides[0][1], sides[1][1], ref.attention_mask, ref.input_ids), ""
+    return rl_impact(ref_logprobs, tgt_logprobs, ref.attention_mask, ref.input_ids), ""
 
 
 def published_comparison(rl: RLImpact) -> list[str]:

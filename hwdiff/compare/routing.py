@@ -28,7 +28,9 @@ def _token_mask(pair: Pair, mask: np.ndarray | None) -> np.ndarray | None:
     """The real-token mask over the slot's leading axes up to its token axis (found by
     :func:`hwdiff.structure.token_axis`: ``[sequences, tokens, …]``, ``[sequences, heads, tokens, …]``
     …), or None when the slot has no token axis."""
-    axis = None if mask is None else token_axis(pair.shape, *mask.shape)
+    if mask is None:
+        return None
+    axis = token_axis(pair.shape, *mask.shape)
     if axis is None:
         return None
     sequences, tokens = mask.shape
@@ -42,10 +44,13 @@ def _routed_mask(
 ) -> np.ndarray | None:
     """A routed expert's slot compares only the tokens both sides routed to it (the others hold no
     data); tokens routed on one side only are routing differences, reported by the router."""
-    present = [cap.present(pair.name, pair.call, pair.slot) for cap in (ref, tgt)]
-    if present[0] is None and present[1] is None:
+    ref_present, tgt_present = (cap.present(pair.name, pair.call, pair.slot) for cap in (ref, tgt))
+    if ref_present is None and tgt_present is None:
         return token_mask
-    both = np.logical_and(*[p if p is not None else True for p in present])
+    both = np.logical_and(
+        ref_present if ref_present is not None else True,
+        tgt_present if tgt_present is not None else True,
+    )
     return (
         both
         if token_mask is None

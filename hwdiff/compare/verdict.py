@@ -105,8 +105,8 @@ def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
         return x.astype(np.float16).astype(np.float64)
     if dtype == "bfloat16":
         bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
     if dtype == "float32":
         return x.astype(np.float32).astype(np.float64)
     return np.asarray(x, dtype=np.float64)
@@ -177,8 +177,11 @@ def _with_reasons(verdict: Verdict) -> Verdict:
     reasons = []
     if verdict.rule == "ulp" and verdict.beyond_ulp_frac > ULP_FRACTION:
         reasons.append("ulp")
-    if verdict.rule == "budget" and verdict.roundings > verdict.budget:
-        reasons.append("budget")
+    if verdict.rule == "budget":
+        # the budget rule carries its budget (verdict() and with_budget() set it)
+        assert verdict.budget is not None
+        if verdict.roundings > verdict.budget:
+            reasons.append("budget")
     if abs(verdict.bias_z) > BIAS_Z and verdict.bias_effect >= BIAS_EFFECT:
         reasons.append("bias")
     if verdict.outlier is not None:

@@ -193,6 +193,7 @@ def _fast_dataset(
             if guess is None:
                 return None
             chunks = guess(data.shape, None, dtype.itemsize)
+    assert chunks is not None  # given, or guessed for the data (neither returned above)
     return _new_dataset(group, name, tuple(shape), dtype, tuple(chunks), data)
 
 
@@ -260,7 +261,7 @@ def _source_plugins(dataset: h5py.Dataset) -> list[int]:
         return list(PLUGIN_FILTERS)
 
 
-def _h5_reason(exc: OSError) -> str:
+def _h5_reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return (
         "checksum failed"

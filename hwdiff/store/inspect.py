@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from typing import Any
 
 from .ranks import capture_file
 from .reader import Capture, open_capture
@@ -59,7 +60,7 @@ def _header(cap: Capture) -> list[str]:
     return lines
 
 
-def _dataflow(record: object) -> str:
+def _dataflow(record: Any) -> str:
     """One line for the data-flow record (docs/model-families.md): norms by role, sub-blocks by kind."""
     if not record:
         return (

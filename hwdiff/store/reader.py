@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import h5py
 import numpy as np
@@ -148,10 +148,11 @@ class Capture:
         group = self._file.get("logprobs")
         if group is None:
             return None
-        return TokenLogProbs(
-            *(read_checked(group[name]) for name in LOGPROB_FIELDS),
-            attrs={key: _plain(value) for key, value in group.attrs.items()},
+        next_token, entropy, topk_ids, topk_logprobs = (
+            read_checked(group[name]) for name in LOGPROB_FIELDS
         )
+        attrs = {key: _plain(value) for key, value in group.attrs.items()}
+        return TokenLogProbs(next_token, entropy, topk_ids, topk_logprobs, attrs)
 
     def generation(self) -> Generation:
         """The ``/generation`` group of a greedy generation file."""
@@ -161,13 +162,11 @@ class Capture:
                 f"{self.path} is not a generation file (hwdiff generate); it has no /generation"
             )
         attrs = {key: _plain(value) for key, value in group.attrs.items()}
-        logprobs = TokenLogProbs(
-            *(
-                read_checked(group[name])
-                for name in ("logprobs", "entropy", "topk_ids", "topk_logprobs")
-            ),
-            attrs,
+        next_token, entropy, topk_ids, topk_logprobs = (
+            read_checked(group[name])
+            for name in ("logprobs", "entropy", "topk_ids", "topk_logprobs")
         )
+        logprobs = TokenLogProbs(next_token, entropy, topk_ids, topk_logprobs, attrs)
         return Generation(
             read_checked(group["ids"]), read_checked(group["lengths"]), logprobs, attrs
         )
@@ -252,7 +251,7 @@ class Capture:
         group = self._module_group(name)
         if "weight" not in group:
             return None
-        return decode(read_checked(group["weight"]), self.weight_dtype(name))
+        return decode(read_checked(group["weight"]), str(group["weight"].attrs["dtype"]))
 
     def weight_dtype(self, name: str) -> str | None:
         """The dtype a norm's weight was captured in (:meth:`weight` decodes bfloat16 to float32)."""
@@ -370,7 +369,8 @@ def _indexed_modules(handle: h5py.File) -> dict[str, ModuleInfo] | None:
     node = handle.get("module_index")
     if not isinstance(node, h5py.Dataset):
         return None
-    index = json.loads(read_checked(node, ()))
+    # a scalar string dataset reads as one bytes object, not an array
+    index = json.loads(cast("str | bytes", read_checked(node, ())))
     if set(index) != set(handle["modules"]):  # changed after it was written: trust the groups
         log.warning(
             "%s: /module_index does not list the groups under /modules; reading the groups",
@@ -419,7 +419,7 @@ def _walk_modules(handle: h5py.File) -> dict[str, ModuleInfo]:
         slots = tuple(slot for slot in SLOTS if slot in inside or f"{slot}_stats" in inside)
         output = (
             first.get("output", first.get("output_stats"))
-            if inside & {"output", "output_stats"}
+            if first is not None and inside & {"output", "output_stats"}
             else None
         )
         modules.append(

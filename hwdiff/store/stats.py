@@ -11,7 +11,7 @@ sqrt(E[x²] − E[x]²), exact enough in float64 for activations whose mean is n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -55,7 +55,9 @@ def partial_stats(tensor: "torch.Tensor") -> "torch.Tensor":
     if not x.is_floating_point():
         x = x.to(torch.float64 if x.device.type in _FLOAT64_DEVICES else torch.float32)
     acc = accumulation_dtype(x.device)
-    low = high = None
+    # Any, not Optional: torch is untyped here, and an Optional would not narrow when assigned below
+    low: Any = None
+    high: Any = None
     if x.device.type == "cpu" and x.numel():
         low, high = torch.aminmax(x)  # NaN propagates: both finite means neither NaN nor Inf
     if low is not None and bool(torch.isfinite(low) & torch.isfinite(high)):
@@ -97,6 +99,7 @@ def _compiled_parts(x: "torch.Tensor") -> "torch.Tensor":
         )
     partial = np.zeros((jit.chunks(values.size), 8))
     compiled = jit.kernels()
+    assert compiled is not None  # the caller checked jit.available()
     (compiled.stats_parts if len(partial) > 1 else compiled.stats_parts_serial)(values, partial)
     count, total, squares, absolute = partial[:, :4].sum(axis=0)
     nan, inf = partial[:, 6:].sum(axis=0)

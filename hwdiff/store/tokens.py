@@ -33,7 +33,7 @@ class Inputs:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+        return tuple(self.input_ids.shape)
 
     @property
     def num_real_tokens(self) -> int:

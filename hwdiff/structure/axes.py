@@ -168,6 +168,10 @@ def attention_type(config: Any, layer: int | None) -> tuple[str, int | None]:
         if kind == "full_attention":
             return "full", None
         if kind == "sliding_attention":
+            if window is None:
+                raise HwdiffError(
+                    f"layer {layer} uses sliding attention, but the config has no sliding_window"
+                )
             return "sliding", int(window)
         if kind == "chunked_attention":
             return "chunked", int(getattr(config, "attention_chunk_size"))

@@ -287,13 +287,13 @@ def _token_major_rows(
         _row_tensors(model, [(n, m) for n, m in modules if n in first], other, batch * tokens),
     ]
     found = {}
-    for name, first in runs[0].items():
+    for name, rows in runs[0].items():
         second = runs[1].get(name)
-        if second is None or len(second) != len(first):
+        if second is None or len(second) != len(rows):
             continue
-        ks = {t.shape[0] // (batch * tokens) for t in first}
+        ks = {t.shape[0] // (batch * tokens) for t in rows}
         if len(ks) == 1 and all(
-            _changed_last_token(a, b, batch, tokens) for a, b in zip(first, second)
+            _changed_last_token(a, b, batch, tokens) for a, b in zip(rows, second)
         ):
             found[name] = ks.pop()
     return found

@@ -347,7 +347,7 @@ def expected_norm_count(model_or_config: Any) -> int | None:
     2L+1; Qwen3, Qwen3-MoE, Gemma 2 4L+1; Gemma 3 6L+1; Qwen2.5-1.5B: 57), else None."""
     config = getattr(model_or_config, "config", model_or_config)
     config = getattr(config, "text_config", None) or config
-    per_layer = NORMS_PER_LAYER.get(getattr(config, "model_type", None))
+    per_layer = NORMS_PER_LAYER.get(getattr(config, "model_type", None) or "")
     layers = getattr(config, "num_hidden_layers", None)
     return per_layer * layers + 1 if per_layer is not None and isinstance(layers, int) else None
 
