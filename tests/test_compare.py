@@ -378,6 +378,31 @@ def test_different_inputs_models_truncated_files_and_stats_are_refused(
         hwdiff.diff(captures["fp32"], stats, progress=False)
 
 
+def test_sample_captures_without_or_with_other_positions_are_refused(tmp_path, tiny_fp32):
+    """Sample captures are compared at the positions both kept: a file that lost its
+    /inputs/sample_positions is named as damaged (was AttributeError), and positions of another
+    shape are refused with the reason (was numpy's broadcast error)."""
+    sample = dict(CAP, mode="sample", tokens=4)
+    a = hwdiff.capture(tiny_fp32, tmp_path / "a.h5", **sample).path
+    b = hwdiff.capture(tiny_fp32, tmp_path / "b.h5", **sample).path
+    assert hwdiff.diff(a, b, progress=False).exact
+
+    def drop(handle):
+        del handle["inputs/sample_positions"]
+
+    lost = _copy(b, tmp_path / "lost.h5", drop)
+    with pytest.raises(CaptureFormatError, match="without its token positions"):
+        hwdiff.diff(a, lost, progress=False)
+    fewer = hwdiff.capture(tiny_fp32, tmp_path / "c.h5", **dict(sample, tokens=2)).path
+    with pytest.raises(HwdiffError, match="kept different token positions"):
+        hwdiff.diff(a, fewer, progress=False)
+
+
+def test_diff_of_nothing_is_refused(captures):
+    with pytest.raises(HwdiffError):
+        hwdiff.diff(None, captures["bf16"], progress=False)
+
+
 def test_cli_diff_bad_input_is_one_clear_line(tmp_path, captures):
     (tmp_path / "junk.h5").write_text("junk")
     proc = run_cli("diff", captures["fp32"], tmp_path / "junk.h5")

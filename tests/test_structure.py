@@ -174,6 +174,13 @@ def test_attention_type_per_layer():
     assert structure.attention_type(Qwen2Config(num_hidden_layers=2), 1) == ("full", None)
     with pytest.raises(HwdiffError, match="which mask"):
         structure.attention_type(gemma, None)
+    # a sliding layer whose config names no window: a clear refusal, not int(None)
+    windowless = Gemma3TextConfig(
+        num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"]
+    )
+    windowless.sliding_window = None
+    with pytest.raises(HwdiffError, match="layer 0 uses sliding attention, but the config has no"):
+        structure.attention_type(windowless, 0)
 
 
 def test_effective_scale_of_stored_weights():
