@@ -60,7 +60,7 @@ def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli_args import COUNT
+    from .cli.args import COUNT
 
     parser = argparse.ArgumentParser(
         prog="python -m hwdiff.demo", description=__doc__.splitlines()[0]

@@ -127,11 +127,11 @@ def test_help_is_fast_and_lists_the_commands():
     )  # the parser reads store's names only when parsing
 
 
-# ---- shared options: one validator per option, the same refusal from every subcommand (hwdiff.cli_args) ----
+# ---- shared options: one validator per option, the same refusal from every subcommand (hwdiff.cli.args) ----
 def _subcommands():
     import argparse
 
-    from hwdiff.cli_args import build_parser
+    from hwdiff.cli.parser import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices
@@ -150,7 +150,7 @@ def _typed_options():
 
 
 def _bad_values():
-    from hwdiff import cli_args as a
+    from hwdiff.cli import args as a
 
     missing = "/nonexistent/hwdiff-test.file"
     return {
@@ -178,7 +178,7 @@ OWN_RULE = {
 
 def _refusal(command, action, value, capsys):
     """The one error line of ``hwdiff COMMAND`` given ``value`` for ``action``, without the subcommand's name."""
-    from hwdiff.cli_args import build_parser
+    from hwdiff.cli.parser import build_parser
 
     parser = _subcommands()[command]
     before = [a.dest for a in parser._actions if not a.option_strings and a.dest != "help"]
@@ -229,7 +229,7 @@ def test_every_subcommand_refuses_a_bad_value_of_an_option_the_same_way(option, 
 def test_an_untyped_option_is_untyped_everywhere_and_alike_options_share_a_validator():
     """--dtype, --device, --model ... are checked by the library (one message everywhere); an option that
     some subcommands validate is validated by all; options of one meaning under two names, alike."""
-    from hwdiff import cli_args as a
+    from hwdiff.cli import args as a
 
     typed = _typed_options()
     for command, parser in _subcommands().items():
@@ -268,7 +268,7 @@ def test_generate_refuses_what_capture_refuses(option, capture_option, value, ca
 def test_stages_follow_the_schedule_rule(capsys):
     """calibrate --stages takes what hwdiff.calibration.schedule takes, refused at parse time with its reason."""
     from hwdiff.calibration.schedule import MIN_STAGES, SigmaSchedule
-    from hwdiff.cli_args import build_parser
+    from hwdiff.cli.parser import build_parser
     from hwdiff.errors import HwdiffError
 
     with pytest.raises(
@@ -290,7 +290,7 @@ def test_stages_follow_the_schedule_rule(capsys):
 
 
 def test_capture_takes_the_store_modes_and_compressions_and_its_help_names_them(capsys):
-    from hwdiff.cli_args import build_parser
+    from hwdiff.cli.parser import build_parser
     from hwdiff.store import COMPRESSIONS, MODES
 
     for option, names in (("--mode", MODES), ("--compression", COMPRESSIONS)):
@@ -306,7 +306,7 @@ def test_capture_takes_the_store_modes_and_compressions_and_its_help_names_them(
 @pytest.mark.parametrize("command", sorted(_subcommands()))
 def test_every_command_has_a_handler_and_a_help(command, capsys):
     from hwdiff.cli import HANDLERS
-    from hwdiff.cli_args import build_parser
+    from hwdiff.cli.parser import build_parser
 
     assert set(HANDLERS) == set(_subcommands())
     with pytest.raises(SystemExit) as exit_:

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hwdiff.aqn", "hwdiff.vllm"),
     ("hwdiff.measure",),
     ("hwdiff.reporting",),
-    ("hwdiff.cli", "hwdiff.cli_args", "hwdiff.demo", "hwdiff.__main__"),
+    ("hwdiff.cli", "hwdiff.demo", "hwdiff.__main__"),
 ]
 # The package root only re-exports by name (importlib at first use) and installs the old-path aliases.
 UNLAYERED = ("hwdiff", "hwdiff._moved")

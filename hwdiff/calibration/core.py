@@ -1,4 +1,6 @@
-"""Per-norm sigma schedules from a diff's local errors: calibrate() and the rules it applies (sigma_end from a norm's error and its sub-block's gain, the near-eps correction, the start rule, laws, the rounding check)."""
+"""Per-norm sigma schedules from a diff's local errors: calibrate() and the rules it applies
+(sigma_end from a norm's error and its sub-block's gain, the near-eps correction, the start rule,
+laws, the rounding check)."""
 
 from __future__ import annotations
 

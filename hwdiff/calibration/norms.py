@@ -1,4 +1,5 @@
-"""What a diff says about each norm: its local error, the sub-block it feeds (by data flow, else by name), and which local error no norm's sigma carries."""
+"""What a diff says about each norm: its local error, the sub-block it feeds (by data flow, else by
+name), and which local error no norm's sigma carries."""
 
 from __future__ import annotations
 

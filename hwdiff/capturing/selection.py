@@ -1,4 +1,5 @@
-"""Which modules a capture records: by name pattern and by kind, each named with its kind (sub-blocks by what they hold)."""
+"""Which modules a capture records: by name pattern and by kind, each named with its kind (sub-
+blocks by what they hold)."""
 
 from __future__ import annotations
 

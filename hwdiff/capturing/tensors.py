@@ -1,4 +1,6 @@
-"""What a hook needs to know of a tensor: its first tensor among outputs or arguments, its token-major axis, its in-place version counter, and a cheap fingerprint for telling a changed tensor from the one already written."""
+"""What a hook needs to know of a tensor: its first tensor among outputs or arguments, its token-
+major axis, its in-place version counter, and a cheap fingerprint for telling a changed tensor
+from the one already written."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Per-layer conclusions over a diff's compared slots: each slot's rounding budget, the first difference, the first divergence beyond rounding (by local error where a replay gives it), and the error's growth with depth."""
+"""Per-layer conclusions over a diff's compared slots: each slot's rounding budget, the first
+difference, the first divergence beyond rounding (by local error where a replay gives it), and
+the error's growth with depth."""
 
 from __future__ import annotations
 

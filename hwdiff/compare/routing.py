@@ -1,4 +1,5 @@
-"""MoE routers compared token by token: which real tokens chose other experts in the target than in the reference, and the masks that keep a routed expert's rows to the tokens sent to it."""
+"""MoE routers compared token by token: which real tokens chose other experts in the target than in
+the reference, and the masks that keep a routed expert's rows to the tokens sent to it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Axes and attention masks: the token axis of a recorded output, MoE row layouts and routing, each layer's mask type."""
+"""Axes and attention masks: the token axis of a recorded output, MoE row layouts and routing, each
+layer's mask type."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Data flow: every norm's role (pre, post, nested, final, parallel, unresolved), measured on one traced forward."""
+"""Data flow: every norm's role (pre, post, nested, final, parallel, unresolved), measured on one
+traced forward."""
 
 from __future__ import annotations
 

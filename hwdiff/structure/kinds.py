@@ -1,4 +1,5 @@
-"""Module kinds by what a module is (class lineage and shape), never by isinstance against a library's classes."""
+"""Module kinds by what a module is (class lineage and shape), never by isinstance against a
+library's classes."""
 
 from __future__ import annotations
 

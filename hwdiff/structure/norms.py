@@ -1,4 +1,5 @@
-"""Norms, decoder layers and sub-blocks by name: which modules are norms, their effective scale, layer indices, norm specs and counts."""
+"""Norms, decoder layers and sub-blocks by name: which modules are norms, their effective scale,
+layer indices, norm specs and counts."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The ``hwdiff`` command: a thin shell over the library, one function call per subcommand.
 
-The options and their validation are :mod:`hwdiff.cli_args`; here each subcommand's handler, and :func:`main`."""
+The parser is :mod:`hwdiff.cli.parser`, built from the shared options of :mod:`hwdiff.cli.args`; here
+each subcommand's handler, and :func:`main`."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .cli_args import build_parser
-from .common.outputs import check_outputs
-from .errors import HwdiffError
+from ..common.outputs import check_outputs
+from ..errors import HwdiffError
+from .parser import build_parser
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from .capturing import distributed
+    from ..capturing import distributed
 
     device = distributed.init_from_env(
         args.device
@@ -25,8 +26,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     try:
         ranks = distributed.rank_info()
         _check_capture_args(args, ranks)
-        from .capturing.models import load_model
-        from .capturing.run import capture
+        from ..capturing.models import load_model
+        from ..capturing.run import capture
 
         model = load_model(
             args.model,
@@ -37,7 +38,7 @@ def _cmd_capture(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
         )
         if args.device_map:
-            from .capturing.devicemap import dispatch
+            from ..capturing.devicemap import dispatch
 
             model = dispatch(model)
         if args.tp > 1:
@@ -92,14 +93,14 @@ def _check_capture_args(args: argparse.Namespace, ranks: Any) -> None:
             )
         check_outputs([args.inputs], [args.output])
     else:
-        from .store.ranks import check_target
+        from ..store.ranks import check_target
 
         check_target(Path(args.output))
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     check_outputs([args.reference], [args.output])
-    from .capturing.replaying import model_for, replay
+    from ..capturing.replaying import model_for, replay
 
     model = model_for(
         args.reference,
@@ -124,7 +125,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _cmd_probe_ops(args: argparse.Namespace) -> int:
     check_outputs([], [args.output])
-    from .capturing.probe_ops import probe_ops
+    from ..capturing.probe_ops import probe_ops
 
     print(
         probe_ops(
@@ -140,10 +141,10 @@ def _cmd_probe_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration.exporters import hydra_overrides
-    from .calibration.text import format_calibration
-    from .measure.calibrate_run import calibrate, export_paths, write
-    from .measure.sigma_probe import reference_model
+    from ..calibration.exporters import hydra_overrides
+    from ..calibration.text import format_calibration
+    from ..measure.calibrate_run import calibrate, export_paths, write
+    from ..measure.sigma_probe import reference_model
 
     exports = export_paths(args.output, args.export or [])
     check_outputs(
@@ -191,9 +192,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_aqn_check(args: argparse.Namespace) -> int:
-    from .aqn import AQNInjector, check_effectiveness, format_checks
-    from .calibration.sigmafile import load_sigma
-    from .capturing.models import load_model, resolve_dtype
+    from ..aqn import AQNInjector, check_effectiveness, format_checks
+    from ..calibration.sigmafile import load_sigma
+    from ..capturing.models import load_model, resolve_dtype
 
     sigma = load_sigma(args.sigma)
     model = load_model(
@@ -205,7 +206,7 @@ def _cmd_aqn_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .reporting import report
+    from ..reporting import report
 
     print(report(args.diff, args.output, sigma=args.sigma, robustness=args.robustness))
     return 0
@@ -213,7 +214,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.verify:
-        from .store.verify import verify_file
+        from ..store.verify import verify_file
 
         found = verify_file(args.file)
         print(found)
@@ -223,16 +224,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 f"{args.file}: {len(found.problems)} damaged dataset(s), first {name}: {problem}"
             )
         return 0
-    from .store.inspect import inspect_capture
+    from ..store.inspect import inspect_capture
 
     print(inspect_capture(args.file, allow_incomplete=args.allow_incomplete))
     return 0
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from .compare import diff
-    from .compare.generation import diff_generations, format_generation_diff, is_generation_pair
-    from .compare.output import format_table, rl_csv_path
+    from ..compare import diff
+    from ..compare.generation import diff_generations, format_generation_diff, is_generation_pair
+    from ..compare.output import format_table, rl_csv_path
 
     if is_generation_pair(
         args.reference, args.target, output=args.output, golden=args.golden, local=args.local
@@ -279,8 +280,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     check_outputs([args.inputs], [args.output])
-    from .capturing.generate import generate
-    from .capturing.models import load_model
+    from ..capturing.generate import generate
+    from ..capturing.models import load_model
 
     model = load_model(
         args.model,
@@ -307,7 +308,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 # ---- hwdiff robustness (hwdiff/measure/robustness_run.py, docs/robustness.md) ----------------------------------
 def _cmd_robustness(args: argparse.Namespace) -> int:
-    from .measure import robustness_run as rb
+    from ..measure import robustness_run as rb
 
     if args.compare:
         if args.model or args.sigma or args.pair:
@@ -334,7 +335,7 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
         ],
         [args.output],
     )
-    from .capturing.models import load_model
+    from ..capturing.models import load_model
 
     model = load_model(
         args.model,
@@ -379,7 +380,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": _cmd_report,
     "robustness": _cmd_robustness,
     "inspect": _cmd_inspect,
-}  # subcommand (hwdiff.cli_args.build_parser) → its handler
+}  # subcommand (hwdiff.cli.parser.build_parser) → its handler
 
 
 def _single_process_only(args: argparse.Namespace) -> None:
@@ -394,7 +395,7 @@ def _single_process_only(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .common import outputs
+    from ..common import outputs
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
