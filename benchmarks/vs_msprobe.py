@@ -380,7 +380,7 @@ def process_start(work: Path, repeats: int) -> dict:
         ("compare_modules", "import hwdiff.compare.core"),
         (
             "numba_and_first_kernel",
-            "import numpy as np; from hwdiff import jit; "
+            "import numpy as np; from hwdiff.common import jit; "
             "jit.kernels().t_em(np.arange(9.0), 3.0, 0.0, 1.0, 2)",
         ),
         ("scipy_fit_modules", "import scipy.special"),

@@ -1,9 +1,10 @@
-"""Where the modules of hwdiff's flat layout (up to 0.3) live now.
+"""Where the modules of hwdiff's flat layout (before the packages by stage) live now.
 
 ``import hwdiff.hooks`` (or ``from hwdiff.sigma_probe import verify``) still works: a finder on
 ``sys.meta_path`` answers the old name with the module at its new place — the same module object,
 so a monkeypatch through either name is seen by both — and warns with a :class:`DeprecationWarning`
-naming the new path. The table is the whole story; docs/design.md ("Layout") says why each moved.
+naming the new path. The table is the whole story; docs/design.md ("Layer order and package
+layout") gives the stage each package holds.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 # old name under hwdiff -> new dotted name under hwdiff
 MOVED: dict[str, str] = {
     "_numba_kernels": "common._numba_kernels",
     "ascend": "capturing.ascend",
-    "calibrate_run": "measure.calibrate_run",
-    "calibration_types": "calibration.types",
     "callspec": "structure.callspec",
     "checkpoints": "capturing.checkpoints",
     "devicemap": "capturing.devicemap",
@@ -37,7 +37,6 @@ MOVED: dict[str, str] = {
     "laws": "compare.laws",
     "logprobs": "capturing.logprobs",
     "models": "capturing.models",
-    "numbers": "common.numbers",
     "outputs": "common.outputs",
     "policy_check": "measure.policy_check",
     "probe": "capturing.probe",
@@ -71,16 +70,32 @@ class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         warnings.warn(
             f"{spec.name} moved to {new}: import it from there (the old path goes in a later release)",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=_importer_level(),
         )
         module = importlib.import_module(new)
         self._real_spec = module.__spec__
         return module
 
     def exec_module(self, module: ModuleType) -> None:
-        module.__spec__ = (
-            self._real_spec
-        )  # the import system set the old name's spec on the shared module
+        # the import system set the old name's spec on the shared module: give it back its own
+        module.__spec__ = self._real_spec
+
+
+def _importer_level() -> int:
+    """The ``stacklevel`` that names the code doing the import, so the default filter shows the
+    warning for an import in ``__main__``. ``warnings`` already skips the import system's frozen
+    frames; ``importlib.import_module`` and ``hwdiff.__getattr__`` (``hwdiff.hooks`` as an attribute)
+    are skipped here."""
+    level, frame = 2, sys._getframe(2)  # level 1 is create_module, the caller of warnings.warn
+    passing = (str(Path(importlib.__file__)), str(Path(__file__).with_name("__init__.py")))
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not ("importlib" in name and "_bootstrap" in name):  # frames warnings counts
+            if name not in passing:
+                return level
+            level += 1
+        frame = frame.f_back
+    return level
 
 
 def install() -> None:

@@ -120,6 +120,12 @@ def test_measured_conversion_on_bf16_within_25_percent_of_realized(bf16_plant):
     assert calibrate(root / "diff.h5", gains=gains) == result
 
 
+def test_the_sigma_math_refuses_a_model_and_names_the_call_that_measures(fp32_plant):
+    model, *_, root = fp32_plant
+    with pytest.raises(HwdiffError, match=r"call hwdiff\.calibrate\(diff, model=model\)"):
+        calibrate(root / "diff.h5", model=model)
+
+
 def test_calibrate_asks_for_the_gains_it_uses(fp32_plant):
     *_, root = fp32_plant
     asked = []

@@ -106,6 +106,11 @@ def test_the_documents_name_import_paths():
 
 @pytest.mark.parametrize("where, module, name", PATHS, ids=[f"{w}:{m}:{n}" for w, m, n in PATHS])
 def test_documented_path_imports_without_a_warning(where, module, name):
+    # by the table too: an old path imported earlier in this session would not warn again
+    dotted = f"{module}.{name}" if name else module
+    assert not any(
+        dotted == f"hwdiff.{old}" or dotted.startswith(f"hwdiff.{old}.") for old in MOVED
+    ), f"{where} names the old path {dotted}"
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         if name == "":  # a backticked reference
@@ -164,3 +169,40 @@ def test_no_subpackage_shadows_a_function_of_the_api():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+USER_SCRIPT = """import hwdiff.hooks
+from hwdiff.sigma_probe import verify
+from hwdiff import jit
+from hwdiff.calibration import *
+from hwdiff.structure import *
+import hwdiff
+hwdiff.exporters
+print(load_sigma.__module__, find_norms.__module__, verify.__module__)
+"""
+
+
+def test_an_old_user_script_sees_each_warning_at_its_own_line(tmp_path):
+    """Run as a script (the default warning filter: DeprecationWarning shown for __main__ only), each
+    old path warns at the line that imports it; star imports of the packages give their public names."""
+    script = tmp_path / "old_user.py"
+    script.write_text(USER_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert result.stdout.split() == [
+        "hwdiff.calibration.sigmafile",
+        "hwdiff.structure.norms",
+        "hwdiff.measure.sigma_probe",
+    ]
+    for line, old in ((1, "hooks"), (2, "sigma_probe"), (3, "jit"), (7, "exporters")):
+        assert f"old_user.py:{line}: DeprecationWarning: hwdiff.{old} moved to" in result.stderr, (
+            old
+        )
+
+
+def test_the_command_line_runs_as_a_module_of_its_package():
+    result = subprocess.run(
+        [sys.executable, "-m", "hwdiff.cli", "--version"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0 and result.stdout.startswith("hwdiff ")

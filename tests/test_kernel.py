@@ -165,7 +165,7 @@ def test_a_whole_diff_agrees_with_the_numpy_path(tmp_path, tiny_fp32, tiny_bf16)
     hwdiff.diff(a, b, json_path=tmp_path / "fused.json", progress=False)
     env = {**os.environ, "HWDIFF_JIT": "0", "PYTHONPATH": str(ROOT)}
     script = (
-        "import sys, hwdiff; from hwdiff import jit; assert not jit.available(), 'jit on'; "
+        "import sys, hwdiff; from hwdiff.common import jit; assert not jit.available(), 'jit on'; "
         "print(jit.why_unavailable()); hwdiff.diff(sys.argv[1], sys.argv[2], json_path=sys.argv[3], progress=False)"
     )
     proc = subprocess.run(
@@ -253,7 +253,7 @@ def test_a_missing_numba_is_said_once_and_the_numpy_path_is_used(tmp_path):
     (blocker / "numba.py").write_text("raise ImportError('numba blocked by the test')\n")
     script = (
         "import logging, numpy as np; logging.basicConfig(level=logging.WARNING); "
-        "from hwdiff.compare.metrics import Accumulator; from hwdiff import jit; "
+        "from hwdiff.compare.metrics import Accumulator; from hwdiff.common import jit; "
         "a = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
         "b = Accumulator('float32', 'float32', sample_fraction=0, seed=0); "
         "a.update(np.ones(4, np.float32), np.ones(4, np.float32), None); "

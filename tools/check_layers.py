@@ -1,7 +1,7 @@
 """The import-layer check: hwdiff's packages form a stack, and a module imports only from its own layer or
 below — counting imports inside functions, which run later but still tie the modules together. Also: no
 import cycle between modules at all. Exit 1 with one line per violation. Run by `make test` (docs/design.md,
-"Layers").
+"Layer order and package layout").
 
 usage: python tools/check_layers.py [--graph]
 """

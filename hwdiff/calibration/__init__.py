@@ -103,6 +103,9 @@ _EXPORTS = {
     "reference_weights": "core",
 }
 
+# `from hwdiff.<package> import *` gives the public names, as when it was one module
+__all__ = [name for name in _EXPORTS if not name.startswith("_")]
+
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:

@@ -52,6 +52,8 @@ def calibrate(
     sigma_start: float | None = None,
     weights: Any = None,
     weight_dtype: str | None = None,
+    model: Any = None,
+    progress: bool = False,
 ) -> Calibration:
     """Per-norm σ schedules from a diff with local errors (a DiffResult, a diff.h5 or a diff JSON).
 
@@ -65,8 +67,15 @@ def calibrate(
     ``weights`` ({norm: numpy array}) and ``weight_dtype`` (default: the reference's dtype) feed the
     per-stage rounding check; by default the weights are read from the reference capture when it is
     on disk. Raises :class:`HwdiffError` for a diff without RMSNorm outputs or local errors, a diff
-    with no error at any norm, or an out-of-range schedule.
+    with no error at any norm, or an out-of-range schedule. ``model`` and ``progress`` are refused:
+    they belonged to this function before the measuring moved to :func:`hwdiff.calibrate`.
     """
+    if model is not None or progress:
+        raise HwdiffError(
+            "hwdiff.calibration.calibrate takes measured gains (gains=) and touches no model; to "
+            "measure them on the model call hwdiff.calibrate(diff, model=model) (what "
+            "hwdiff.calibration.calibrate(diff, model=model) did before)"
+        )
     if not (factor >= 1 and math.isfinite(factor)):
         raise HwdiffError(f"factor (σ_start / σ_end) must be ≥ 1, got {factor}")
     from ..compare.io import load_diff

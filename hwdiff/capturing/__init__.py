@@ -45,6 +45,9 @@ _EXPORTS = {
     "capture_metadata": "run",
 }
 
+# `from hwdiff.<package> import *` gives the public names, as when it was one module
+__all__ = [name for name in _EXPORTS if not name.startswith("_")]
+
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:

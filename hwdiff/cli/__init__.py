@@ -447,7 +447,3 @@ def _configure_logging(quiet: bool) -> None:
     if quiet:  # read when those libraries are imported (later, by the handler)
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -132,6 +132,9 @@ _EXPORTS = {
     "writes_into_arguments": "semantics",
 }
 
+# `from hwdiff.<package> import *` gives the public names, as when it was one module
+__all__ = [name for name in _EXPORTS if not name.startswith("_")]
+
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
@@ -140,4 +143,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(_EXPORTS)
+    return sorted({*globals(), *_EXPORTS})
