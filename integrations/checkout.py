@@ -58,3 +58,15 @@ def std_probe_torch() -> types.ModuleType:
             return torch.full(tuple(size), float(std), dtype=torch.float64)
 
     return TorchProbe("torch")
+
+
+def norm_names(model) -> list[str]:
+    """The RMSNorms whose σ a check compares: the class name says RMSNorm and the weight is 1-D (the rule
+    hwdiff's injector matches by; written here so the checks do not take it from hwdiff)."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if "rmsnorm" in type(m).__name__.lower()
+        and getattr(m, "weight", None) is not None
+        and m.weight.dim() == 1
+    ]

@@ -136,7 +136,8 @@ def main() -> int:
     for name, path in paths.items():
         if path.name == "__init__.py" and name != "hwdiff":
             LAZY[name] = lazy_exports(path)
-    graph = {name: {t for t, _ in imports(path, name, modules)} for name, path in paths.items()}
+    found = {name: imports(path, name, modules) for name, path in paths.items()}
+    graph = {name: {target for target, _ in edges} for name, edges in found.items()}
     problems = []
     for name, path in paths.items():
         mine = layer_of(name)
@@ -144,7 +145,7 @@ def main() -> int:
             if name not in UNLAYERED:
                 problems.append(f"{path.relative_to(ROOT)}: module {name} is in no declared layer")
             continue
-        for target, line in sorted(imports(path, name, modules)):
+        for target, line in sorted(found[name]):
             theirs = layer_of(target)
             if target in UNLAYERED and target != "hwdiff":
                 problems.append(

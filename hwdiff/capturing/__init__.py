@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..common.lazy import reexport
 
 # every name the module had before it became a package (defined there or imported into it), and where it is now
 _EXPORTS = {
@@ -45,17 +44,5 @@ _EXPORTS = {
     "capture_metadata": "run",
 }
 
-# `from hwdiff.<package> import *` gives the public names, as when it was one module
-__all__ = [name for name in _EXPORTS if not name.startswith("_")]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # found once: later lookups are plain module attributes
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+# `from hwdiff.capturing import *` gives the public names, as when it was one module
+__all__, __getattr__, __dir__ = reexport(__name__, _EXPORTS)

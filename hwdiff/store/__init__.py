@@ -78,9 +78,7 @@ directory), :mod:`~hwdiff.store.writer`, :mod:`~hwdiff.store.reader`, :mod:`~hwd
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Any
+from ..common.lazy import reexport
 
 # name → the submodule that defines it
 _EXPORTS = {
@@ -139,20 +137,5 @@ _EXPORTS = {
     **dict.fromkeys(("Verification", "verify_file"), "verify"),
 }
 
-__all__ = [name for name in _EXPORTS if not name.startswith("_")]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value  # found once: later lookups are plain module attributes
-        return value
-    if (
-        importlib.util.find_spec(f"{__name__}.{name}") is not None
-    ):  # hwdiff.store.ranks, .stats, ...
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+# `from hwdiff.store import *` gives the public names, as when it was one module
+__all__, __getattr__, __dir__ = reexport(__name__, _EXPORTS)

@@ -31,9 +31,7 @@ Importing this module does not import torch (calibration reads diff files withou
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ..common.lazy import reexport
 from ..errors import SemanticsError  # noqa: F401  (hwdiff.structure.SemanticsError: defined here before errors.py held every exception)
 
 # every name the module had before it became a package, and the part that holds it now
@@ -132,15 +130,5 @@ _EXPORTS = {
     "writes_into_arguments": "semantics",
 }
 
-# `from hwdiff.<package> import *` gives the public names, as when it was one module
-__all__ = [name for name in _EXPORTS if not name.startswith("_")]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+# `from hwdiff.structure import *` gives the public names, as when it was one module
+__all__, __getattr__, __dir__ = reexport(__name__, _EXPORTS)

@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
-from checkout import CheckFailed, std_probe_torch, patch_state as _patch_state  # noqa: E402, I001
+from checkout import CheckFailed, norm_names, std_probe_torch, patch_state as _patch_state  # noqa: E402, I001
 
 UPSTREAM_COMMIT = "e8c6e7979e8aed97ee93eaabeab899ad07fe7040"
 PATCH = HERE / "aqn-delivery.patch"
@@ -173,16 +173,6 @@ class Trainer:
 
     def sync(self) -> None:
         exec(self.block, {**self.namespace, "self": self})
-
-
-def norm_names(model) -> list[str]:
-    return [
-        n
-        for n, m in model.named_modules()
-        if "rmsnorm" in type(m).__name__.lower()
-        and getattr(m, "weight", None) is not None
-        and m.weight.dim() == 1
-    ]
 
 
 def simulate(

@@ -44,7 +44,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # integrations/checkout.py, shared by both checks
-from checkout import CheckFailed, std_probe_torch, patch_state as _patch_state  # noqa: E402, I001
+from checkout import CheckFailed, norm_names, std_probe_torch, patch_state as _patch_state  # noqa: E402, I001
 
 UPSTREAM_COMMIT = "cfb21db5062f6092e70db67f53f77e80cd899cf3"
 PATCH = HERE / "aqn-delivery.patch"
@@ -418,16 +418,6 @@ class Sync:
     phase: str  # "train" or "validation"
     step: int
     sigmas: dict  # norm → σ the fork added
-
-
-def norm_names(model) -> list[str]:
-    return [
-        n
-        for n, m in model.named_modules()
-        if "rmsnorm" in type(m).__name__.lower()
-        and getattr(m, "weight", None) is not None
-        and m.weight.dim() == 1
-    ]
 
 
 def simulate(
