@@ -10,11 +10,10 @@ layout") gives the stage each package holds.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
+import os
 import sys
 import warnings
-from pathlib import Path
 from types import ModuleType
 
 # old name under hwdiff -> new dotted name under hwdiff
@@ -53,7 +52,7 @@ MOVED: dict[str, str] = {
 }
 
 
-class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class _OldPath:  # a meta-path finder and its loader (the protocol, without importlib.abc's import cost)
     """Answers ``hwdiff.<old>`` with ``hwdiff.<new>`` (and warns); everything else passes by."""
 
     def find_spec(
@@ -87,7 +86,7 @@ def _importer_level() -> int:
     frames; ``importlib.import_module`` and ``hwdiff.__getattr__`` (``hwdiff.hooks`` as an attribute)
     are skipped here."""
     level, frame = 2, sys._getframe(2)  # level 1 is create_module, the caller of warnings.warn
-    passing = (str(Path(importlib.__file__)), str(Path(__file__).with_name("__init__.py")))
+    passing = (importlib.__file__, os.path.join(os.path.dirname(__file__), "__init__.py"))
     while frame is not None:
         name = frame.f_code.co_filename
         if not ("importlib" in name and "_bootstrap" in name):  # frames warnings counts
